@@ -1,0 +1,123 @@
+"""Every Prometheus metric the connector exports, in one place under the `connector_` namespace.
+
+Label sets are bounded: mapping names come from configuration, reasons and protocols from enums;
+never a path, a client address or a stream id. Served from the application's own trio HTTP
+handler (see `connector.admin`), not prometheus-client's threaded server.
+"""
+
+from __future__ import annotations
+
+import platform
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+import connector
+
+NS = "connector"
+
+# Request durations through the tunnel: loopback is sub-millisecond, the internal host may be slow.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+FAILOVER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 30)
+
+BUILD_INFO = Info(NS + "_build", "Version of the connector and the Python it runs on")
+BUILD_INFO.info({"version": connector.__version__, "python": platform.python_version()})
+
+# --- cluster role (node) --------------------------------------------------------------------
+NODE_ROLE = Gauge(
+    NS + "_node_role",
+    "1 for the role this node is in now (master, shadow, starting), 0 for the others",
+    ["cluster", "location", "node", "role"],
+)
+NODE_EPOCH = Gauge(
+    NS + "_node_epoch", "Fencing epoch this node holds as master; 0 when not master",
+    ["cluster", "location", "node"],
+)
+LEADER_CHANGES = Counter(
+    NS + "_leader_changes_total", "Times this node saw the master of its cluster change",
+    ["cluster", "location"],
+)
+ETCD_OPERATION_SECONDS = Histogram(
+    NS + "_etcd_operation_duration_seconds", "Latency of etcd operations", ["operation"],
+    buckets=LATENCY_BUCKETS,
+)
+ETCD_ERRORS = Counter(NS + "_etcd_errors_total", "etcd operations that failed", ["operation"])
+ETCD_UP = Gauge(NS + "_etcd_up", "1 if the last etcd operation of this node succeeded")
+LEASE_RENEWAL_FAILURES = Counter(
+    NS + "_lease_renewal_failures_total", "Lease keep-alives that failed or found the lease gone"
+)
+CERT_EXPIRY = Gauge(
+    NS + "_certificate_expiry_timestamp_seconds", "notAfter of a certificate this process uses",
+    ["certificate"],
+)
+
+# --- tunnel (both ends) --------------------------------------------------------------------
+TUNNEL_CONNECTED = Gauge(
+    NS + "_tunnel_connected", "1 while this node's tunnel to the cloud is up (any role)",
+    ["location", "node"],
+)
+TUNNEL_RECONNECTS = Counter(
+    NS + "_tunnel_reconnects_total", "Tunnel connection attempts after the first", ["location", "node"]
+)
+TUNNEL_PING_RTT = Histogram(
+    NS + "_tunnel_ping_rtt_seconds", "Round-trip time of tunnel keepalive pings", ["side"],
+    buckets=LATENCY_BUCKETS,
+)
+STREAMS_OPEN = Gauge(NS + "_streams_open", "Streams currently open on tunnels", ["side"])
+STREAMS_OPENED = Counter(
+    NS + "_streams_opened_total", "Streams opened, by protocol", ["side", "protocol"]
+)
+
+# --- traffic and access control (node) ---------------------------------------------------------
+BYTES = Counter(
+    NS + "_bytes_total", "Payload bytes carried per mapping; direction is in (to the internal host) or out",
+    ["mapping", "direction"],
+)
+REQUEST_SECONDS = Histogram(
+    NS + "_request_duration_seconds", "Duration of requests and TCP sessions per mapping",
+    ["mapping", "protocol"], buckets=LATENCY_BUCKETS,
+)
+REQUESTS = Counter(
+    NS + "_requests_total", "Requests and TCP sessions handled, by decision", ["mapping", "decision"]
+)
+DENIALS = Counter(NS + "_denials_total", "Requests refused by the allow-list, by reason", ["reason"])
+BACKEND_ERRORS = Counter(
+    NS + "_internal_host_errors_total", "Errors reaching the internal host, by reason", ["mapping", "reason"]
+)
+AUDIT_WRITE_ERRORS = Counter(NS + "_audit_write_errors_total", "Audit lines that could not be written")
+
+# --- cloud side ------------------------------------------------------------------------------
+CLOUD_TUNNELS = Gauge(
+    NS + "_cloud_tunnels", "Tunnels connected to the cloud endpoint, by role (master, standby)",
+    ["subaccount", "location", "role"],
+)
+CLOUD_MASTER_EPOCH = Gauge(
+    NS + "_cloud_master_epoch", "Highest fencing epoch the cloud has accepted", ["subaccount", "location"]
+)
+CLOUD_REGISTRATIONS = Counter(
+    NS + "_cloud_registrations_total", "Master registrations, by result (accepted, stale_epoch)",
+    ["subaccount", "location", "result"],
+)
+CLOUD_NO_MASTER_SECONDS = Counter(
+    NS + "_cloud_no_master_seconds_total", "Seconds a known location spent with no master tunnel",
+    ["subaccount", "location"],
+)
+CLOUD_HAS_MASTER = Gauge(
+    NS + "_cloud_location_has_master", "1 while a known location has a master tunnel", ["subaccount", "location"]
+)
+PROXY_REQUESTS = Counter(
+    NS + "_proxy_requests_total", "Requests and connections through the connectivity proxy, by status",
+    ["proxy", "status"],
+)
+PROXY_REQUEST_SECONDS = Histogram(
+    NS + "_proxy_request_duration_seconds", "Duration of proxied requests as the application sees it",
+    ["proxy"], buckets=LATENCY_BUCKETS,
+)
+HELD_REQUESTS = Gauge(NS + "_held_requests_waiting", "Requests waiting for a master right now")
+HELD_TOTAL = Counter(
+    NS + "_held_requests_total", "Requests held while no master was connected, by outcome (released, timeout, overflow)",
+    ["outcome"],
+)
+HELD_SECONDS = Histogram(
+    NS + "_held_request_duration_seconds", "How long requests were held waiting for a master",
+    buckets=FAILOVER_BUCKETS,
+)
