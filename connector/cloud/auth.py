@@ -1,0 +1,128 @@
+"""Bearer tokens of cloud applications, mapped to the subaccount they act for.
+
+Theory of operation: configuration names, per subaccount, the SHA-256 hex digests of the tokens
+that subaccount's applications may present; plaintext tokens are never stored. To authenticate,
+the presented token is hashed and compared against every configured digest with
+`hmac.compare_digest` and no early exit, so the time taken does not depend on which digest (if
+any) matched. Tokens are minted with `new_token()` and configured with `hash_token(token)`.
+
+Applications present a token as `Proxy-Authorization: Bearer <token>` (SAP's connectivity proxy
+style), `Authorization: Bearer <token>` (destination service), or HTTP Basic with user =
+subaccount and password = token; with Basic the token must belong to the named subaccount.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Iterable, Mapping
+
+import attrs
+
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def hash_token(token: str) -> str:
+    """The SHA-256 hex digest of a token, as it appears in configuration."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def new_token() -> str:
+    """A fresh random bearer token (256 bits, URL-safe)."""
+    return secrets.token_urlsafe(32)
+
+
+@attrs.frozen
+class Credentials:
+    """What an Authorization-style header carried: a token, and the subaccount named by Basic."""
+
+    token: str
+    subaccount: str | None = None
+
+
+def parse_authorization(value: bytes | str | None) -> Credentials | None:
+    """Parse `Bearer <token>` or `Basic base64(subaccount:token)`; None if absent or malformed."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+    scheme, _, rest = value.strip().partition(" ")
+    rest = rest.strip()
+    if not rest:
+        return None
+    if scheme.lower() == "bearer":
+        return Credentials(token=rest)
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(rest, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        user, sep, password = decoded.partition(":")
+        if not sep or not user or not password:
+            return None
+        return Credentials(token=password, subaccount=user)
+    return None
+
+
+class Authenticator:
+    """Maps bearer tokens to subaccounts; immutable, replace it as a whole on configuration change."""
+
+    def __init__(self, digests_by_subaccount: Mapping[str, Iterable[str]]) -> None:
+        entries: list[tuple[bytes, str]] = []
+        seen: dict[str, str] = {}
+        for subaccount, digests in digests_by_subaccount.items():
+            if not subaccount:
+                raise ValueError("subaccount names must not be empty")
+            if isinstance(digests, str):
+                raise ValueError(f"subaccount {subaccount!r}: expected a list of token digests")
+            for digest in digests:
+                digest = digest.strip().lower()
+                if not _DIGEST.fullmatch(digest):
+                    raise ValueError(
+                        f"subaccount {subaccount!r}: {digest[:8]!r}... is not a SHA-256 hex digest "
+                        "(configure hash_token(token), never the token itself)"
+                    )
+                if digest in seen and seen[digest] != subaccount:
+                    raise ValueError(
+                        f"one token digest is configured for both {seen[digest]!r} and {subaccount!r}"
+                    )
+                seen[digest] = subaccount
+                entries.append((bytes.fromhex(digest), subaccount))
+        self._entries = tuple(entries)
+
+    @property
+    def subaccounts(self) -> frozenset[str]:
+        return frozenset(subaccount for _, subaccount in self._entries)
+
+    def authenticate(self, token: str) -> str | None:
+        """The subaccount this token belongs to, or None. Constant time in which digest matched."""
+        presented = hashlib.sha256(token.encode("utf-8")).digest()
+        found: str | None = None
+        for digest, subaccount in self._entries:
+            if hmac.compare_digest(presented, digest):
+                found = subaccount
+        return found
+
+    def authenticate_credentials(self, credentials: Credentials | None) -> str | None:
+        """Authenticate parsed credentials; a Basic user must name the token's own subaccount."""
+        if credentials is None:
+            return None
+        subaccount = self.authenticate(credentials.token)
+        if subaccount is None:
+            return None
+        if credentials.subaccount is not None and not hmac.compare_digest(
+            credentials.subaccount.encode("utf-8"), subaccount.encode("utf-8")
+        ):
+            return None
+        return subaccount
+
+    def authenticate_header(self, value: bytes | str | None) -> str | None:
+        """Authenticate an Authorization / Proxy-Authorization header value."""
+        return self.authenticate_credentials(parse_authorization(value))
