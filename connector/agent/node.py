@@ -1,0 +1,337 @@
+"""A connector node: dials the cloud, serves allow-listed resources while it is the fenced master.
+
+Theory of operation
+-------------------
+The node always keeps one tunnel to the cloud (reconnecting with full-jitter backoff). While the
+HA layer says it is master, it *registers* that tunnel with its fencing epoch; the cloud accepts the
+highest epoch only. A shadow's tunnel is a standby connection: promotion is one ``register``
+message, and the cloud tells standbys at once when the master's tunnel drops (``master_lost``),
+which the node passes to the elector as a hint. Streams are served only while the cloud has
+confirmed our registration (``registered_epoch``); anything else is reset with NOT_MASTER.
+
+Without a ``[cluster]`` section the node runs standalone: always master, epoch 0.
+
+Shutdown (SIGTERM) is a graceful handover: tell the cloud we drain (new requests are held there),
+resign the leader key so a shadow takes over at once, let in-flight streams finish (bounded by
+``drain_seconds``), then close.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+from typing import Any
+
+import trio
+import trio_websocket
+
+import connector
+from connector import metrics, pki
+from connector.admin import AdminRequest, AdminServer, Reply
+from connector.agent.acl import AccessControl
+from connector.agent.audit import AuditLog
+from connector.agent.forward import ForwardSettings, StreamContext, serve_stream
+from connector.backoff import Backoff
+from connector.config import NodeConfig
+from connector.readiness import NodeState, readiness
+from connector.tunnel.session import TunnelError, TunnelSession, TunnelSettings
+from connector.tunnel.streams import TunnelStream
+from connector.tunnel.types import ErrorCode
+
+log = logging.getLogger(__name__)
+
+WS_RECEIVE_BUFFER = 262144
+WS_MAX_MESSAGE = 4 << 20
+REGISTER_TIMEOUT = 2.0
+
+
+class Node:
+    def __init__(self, config: NodeConfig, *, elector: Any = None, config_source: Any = None) -> None:
+        self.config = config
+        self.elector = elector  # ha.election.Elector, or None when standalone
+        self.config_source = config_source  # shared configuration from etcd, or None
+        self.acl = AccessControl(config.mappings)
+        self.audit = AuditLog(str(config.audit_log) if config.audit_log else None)
+        self.forward_settings = ForwardSettings(
+            connect_timeout=config.connect_timeout, response_timeout=config.response_timeout
+        )
+        self.tunnel_settings = TunnelSettings(ping_interval=config.ping_interval, ping_timeout=config.ping_timeout)
+        self.session: TunnelSession | None = None
+        self.registered_epoch: int | None = None
+        self.admin_port: int | None = None
+        self.stopping = False
+        self._handing_over = False
+        self._changed = trio.Event()
+        self._ssl = pki.client_context(config.tunnel_ca, config.tunnel_cert, config.tunnel_key)
+        self._labels = (config.location_id, config.node_id)
+        self._cluster = config.cluster.name if config.cluster else "standalone"
+
+    # --- role ------------------------------------------------------------------------------
+
+    @property
+    def role(self) -> str:
+        if self.elector is None:
+            return "master"
+        return str(self.elector.role)
+
+    @property
+    def desired_epoch(self) -> int | None:
+        """The epoch to register with the cloud, or None when this node must not serve."""
+        if self.stopping or self._handing_over:
+            return None
+        if self.elector is None:
+            return 0
+        return self.elector.epoch if self.elector.role == "master" else None
+
+    def poke(self) -> None:
+        """Something changed (role, tunnel, registration): wake the reconciler."""
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def state(self) -> NodeState:
+        return NodeState(
+            role=self.role,
+            tunnel_connected=self.session is not None,
+            tunnel_registered=self.registered_epoch is not None,
+            etcd_reachable=bool(getattr(self.elector, "etcd_reachable", True)),
+            config_loaded=True,
+        )
+
+    # --- main ------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        cert_expiry = pki.expiry_timestamp(self.config.tunnel_cert)
+        metrics.CERT_EXPIRY.labels("tunnel-client").set(cert_expiry)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            admin = AdminServer(self._admin_routes())
+            self.admin_port = await nursery.start(admin.run, self.config.admin_listen.host, self.config.admin_listen.port)
+            if self.elector is not None:
+                await nursery.start(self.elector.run)
+                nursery.start_soon(self._follow_elector)
+            if self.config_source is not None:
+                await nursery.start(self.config_source.run, self._apply_mappings)
+            nursery.start_soon(self._tunnel_loop)
+            nursery.start_soon(self._reconcile_loop)
+            nursery.start_soon(self._export_role)
+            task_status.started(self.admin_port)
+
+    async def shutdown(self) -> None:
+        """Graceful handover: drain at the cloud, resign, finish in-flight streams, close."""
+        was_master = self.registered_epoch is not None
+        self.stopping = True
+        session = self.session
+        if was_master and session is not None:
+            log.info("handing over: draining at the cloud and resigning the leader key")
+            with trio.move_on_after(REGISTER_TIMEOUT):
+                try:
+                    await session.send_control("drain", {})
+                except TunnelError:
+                    pass
+            self.registered_epoch = None
+        if self.elector is not None:
+            with trio.move_on_after(2.0):
+                await self.elector.resign(hold_off=60.0)
+        if session is not None:
+            with trio.move_on_after(self.config.drain_seconds):
+                await session.wait_no_streams()
+            with trio.move_on_after(1.0):
+                await session.aclose(ErrorCode.GOING_AWAY, "node shutting down")
+        if self.elector is not None and hasattr(self.elector, "leave"):
+            with trio.move_on_after(1.0):
+                await self.elector.leave()
+        self._nursery.cancel_scope.cancel()
+
+    # --- tunnel ----------------------------------------------------------------------------
+
+    async def _tunnel_loop(self) -> None:
+        backoff = Backoff(base=0.1, cap=5.0)
+        first = True
+        while not self.stopping:
+            if not first:
+                metrics.TUNNEL_RECONNECTS.labels(*self._labels).inc()
+            first = False
+            try:
+                await self._connect_once(backoff)
+            except (OSError, ssl.SSLError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed,
+                    TunnelError, trio.BrokenResourceError) as exc:
+                log.warning("tunnel to %s failed: %s", self.config.tunnel_url, exc)
+            if self.stopping:
+                return
+            delay = backoff.next_delay()
+            log.info("reconnecting in %.2f s", delay)
+            await trio.sleep(delay)
+
+    async def _connect_once(self, backoff: Backoff) -> None:
+        async with trio.open_nursery() as nursery:
+            ws = await trio_websocket.connect_websocket_url(
+                nursery, self.config.tunnel_url, ssl_context=self._ssl,
+                max_message_size=WS_MAX_MESSAGE, receive_buffer_size=WS_RECEIVE_BUFFER,
+            )
+            session = TunnelSession(
+                ws, client=True, settings=self.tunnel_settings,
+                hello_info={
+                    "node": self.config.node_id,
+                    "location_id": self.config.location_id,
+                    "version": connector.__version__,
+                    "pid": os.getpid(),
+                },
+            )
+            await session.handshake()
+            backoff.reset()
+            self.session = session
+            self.registered_epoch = None
+            metrics.TUNNEL_CONNECTED.labels(*self._labels).set(1)
+            log.info("tunnel up to %s", self.config.tunnel_url)
+            self.poke()
+            try:
+                await session.run(stream_handler=self._serve_stream, control_handler=self._on_control)
+            finally:
+                self.session = None
+                self.registered_epoch = None
+                metrics.TUNNEL_CONNECTED.labels(*self._labels).set(0)
+                self.poke()
+                nursery.cancel_scope.cancel()
+            log.warning("tunnel closed: %s", session.close_reason)
+
+    async def _on_control(self, op: str, body: dict[str, Any]) -> None:
+        if op == "registered":
+            self.registered_epoch = int(body["epoch"])
+            log.info("cloud accepted registration with epoch %d", self.registered_epoch)
+            self.poke()
+        elif op in ("refused", "fenced"):
+            self.registered_epoch = None
+            log.warning("cloud %s us: %s (highest epoch %s)", op, body.get("reason"), body.get("highest_epoch", body.get("epoch")))
+            if self.elector is not None:
+                self.elector.fenced(int(body.get("highest_epoch", body.get("epoch")) or 0))
+            self.poke()
+        elif op == "master_lost":
+            if self.elector is not None and body.get("epoch") is not None:
+                self.elector.hint_master_lost(int(body["epoch"]), "cloud")
+        elif op == "drained":
+            pass
+        else:
+            log.warning("unknown control op %r from the cloud", op)
+
+    async def _reconcile_loop(self) -> None:
+        """Keep the cloud's view of us equal to the elector's: register, or unregister."""
+        while True:
+            changed = self._changed
+            session = self.session
+            desired = self.desired_epoch
+            if session is not None and desired != self.registered_epoch:
+                try:
+                    if desired is not None:
+                        await session.send_control("register", {"epoch": desired})
+                    else:
+                        self.registered_epoch = None
+                        await session.send_control("unregister", {})
+                except TunnelError:
+                    pass
+                # wait for the reply (or any change) but retry if the cloud never answers
+                with trio.move_on_after(REGISTER_TIMEOUT):
+                    await changed.wait()
+                continue
+            await changed.wait()
+
+    async def _follow_elector(self) -> None:
+        version = 0
+        while True:
+            version = await self.elector.wait_role_change(version)
+            log.info("role is now %s (epoch %s)", self.elector.role, self.elector.epoch)
+            metrics.LEADER_CHANGES.labels(self._cluster, self.config.location_id).inc()
+            self.poke()
+
+    async def _export_role(self) -> None:
+        node = self.config.node_id
+        while True:
+            role = self.role
+            for candidate in ("master", "shadow", "starting"):
+                metrics.NODE_ROLE.labels(self._cluster, self.config.location_id, node, candidate).set(
+                    1 if role == candidate else 0
+                )
+            metrics.NODE_EPOCH.labels(self._cluster, self.config.location_id, node).set(self.registered_epoch or 0)
+            changed = self._changed
+            with trio.move_on_after(1.0):
+                await changed.wait()
+
+    # --- streams ---------------------------------------------------------------------------
+
+    async def _serve_stream(self, stream: TunnelStream) -> None:
+        if self.registered_epoch is None:
+            await stream.reset(ErrorCode.NOT_MASTER, f"node {self.config.node_id} is not the master")
+            return
+        context = StreamContext(
+            subaccount=self.config.subaccount,
+            location_id=self.config.location_id,
+            audit=self.audit,
+            settings=self.forward_settings,
+        )
+        await serve_stream(stream, self.acl, context)
+
+    def _apply_mappings(self, mappings: Any, revision: int) -> None:
+        self.acl = AccessControl(mappings)
+        self.audit.config_change(action="apply", revision=revision, mappings=[m.name for m in mappings])
+        log.info("applied shared configuration revision %d: %d mappings", revision, len(mappings))
+
+    # --- admin -----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        session = self.session
+        stats = session.statistics() if session is not None else None
+        return {
+            "node": self.config.node_id,
+            "cluster": self._cluster,
+            "subaccount": self.config.subaccount,
+            "location_id": self.config.location_id,
+            "role": self.role,
+            "epoch": self.registered_epoch,
+            "elected_epoch": getattr(self.elector, "epoch", 0) if self.elector else 0,
+            "pid": os.getpid(),
+            "tunnel": "registered" if self.registered_epoch is not None else ("standby" if session else "down"),
+            "streams_open": stats.streams_open if stats else 0,
+            "mappings": [m.name for m in self.acl.mappings] if hasattr(self.acl, "mappings") else [],
+            "ready": readiness(self.state()).ready,
+        }
+
+    def _admin_routes(self) -> dict[tuple[str, str], Any]:
+        async def readyz(request: AdminRequest) -> Reply:
+            result = readiness(self.state(), want=request.query.get("want", "master"))
+            return Reply.json(200 if result.ready else 503, {"ready": result.ready, "reason": result.reason})
+
+        async def status(request: AdminRequest) -> Reply:
+            return Reply.json(200, self.status())
+
+        async def switch(request: AdminRequest) -> Reply:
+            if self.registered_epoch is None or self.elector is None:
+                return Reply.json(409, {"error": "not_master", "message": "only the master can hand over"})
+            await self.handover()
+            return Reply.json(200, {"status": "handed_over", "node": self.config.node_id})
+
+        async def recent_audit(request: AdminRequest) -> Reply:
+            return Reply.json(200, list(getattr(self.audit, "recent", [])))
+
+        return {
+            ("GET", "/readyz"): readyz,
+            ("GET", "/status"): status,
+            ("POST", "/switch"): switch,
+            ("GET", "/audit"): recent_audit,
+        }
+
+    async def handover(self) -> None:
+        """`connector switch`: stop serving, let a shadow take over, stay in the cluster as shadow."""
+        self._handing_over = True
+        try:
+            session = self.session
+            if session is not None:
+                with trio.move_on_after(REGISTER_TIMEOUT):
+                    try:
+                        await session.send_control("drain", {})
+                    except TunnelError:
+                        pass
+            self.registered_epoch = None
+            await self.elector.resign(hold_off=5.0)
+        finally:
+            self._handing_over = False
+            self.poke()

@@ -1,0 +1,257 @@
+"""The `connector` command: certs, token, cloud, node, demo, status, acl, secret, switch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import connector
+
+log = logging.getLogger("connector")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+# --- certs and tokens ---------------------------------------------------------------------------
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from connector import pki
+
+    directory = Path(args.dir)
+    if args.certs_command == "ca":
+        if args.subaccount:
+            issued = pki.create_ca(directory, f"{args.subaccount}-ca", f"{args.subaccount} connector CA", force=args.force)
+        else:
+            issued = pki.create_ca(directory, "cloud-ca", "cloud tunnel endpoint CA", force=args.force)
+        print(f"CA: {issued.cert_path} (key {issued.key_path}, mode 0600)")
+    elif args.certs_command == "server":
+        ca = pki.Issued(directory / "cloud-ca.pem", directory / "cloud-ca.key")
+        issued = pki.issue(ca, directory, "tunnel-server", common_name=args.host[0], server_names=args.host, force=args.force)
+        print(f"server certificate: {issued.cert_path} for {', '.join(args.host)}")
+    elif args.certs_command == "client":
+        ca = pki.Issued(directory / f"{args.subaccount}-ca.pem", directory / f"{args.subaccount}-ca.key")
+        issued = pki.issue(
+            ca, directory, f"node-{args.node}", common_name=args.node, organization=args.subaccount,
+            client=True, force=args.force,
+        )
+        print(f"client certificate: {issued.cert_path} for node {args.node} of subaccount {args.subaccount}")
+    elif args.certs_command == "init":
+        issued = init_certs(directory, args.subaccount, args.node, args.host, force=args.force)
+        for name, path in issued.items():
+            print(f"{name}: {path}")
+    return 0
+
+
+def init_certs(directory: Path, subaccount: str, nodes: list[str], hosts: list[str], *, force: bool = False) -> dict[str, Path]:
+    """Everything a demo or a first install needs: cloud CA + server cert, subaccount CA + node certs."""
+    from connector import pki
+
+    cloud_ca = pki.create_ca(directory, "cloud-ca", "cloud tunnel endpoint CA", force=force)
+    server = pki.issue(cloud_ca, directory, "tunnel-server", common_name=hosts[0], server_names=hosts, force=force)
+    sub_ca = pki.create_ca(directory, f"{subaccount}-ca", f"{subaccount} connector CA", force=force)
+    result = {"cloud_ca": cloud_ca.cert_path, "server_cert": server.cert_path, "server_key": server.key_path,
+              "subaccount_ca": sub_ca.cert_path}
+    for node in nodes:
+        client = pki.issue(sub_ca, directory, f"node-{node}", common_name=node, organization=subaccount, client=True, force=force)
+        result[f"node_{node}_cert"] = client.cert_path
+        result[f"node_{node}_key"] = client.key_path
+    return result
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from connector.cloud.auth import hash_token, new_token
+
+    token = args.value or new_token()
+    print(json.dumps({"token": token, "token_sha256": hash_token(token)}))
+    return 0
+
+
+# --- long-running processes ----------------------------------------------------------------------
+
+async def _run_until_signal(service_run: Any, on_stop: Any = None) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service_run)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("received %s, stopping", signal.Signals(signum).name)
+                if on_stop is not None:
+                    await on_stop()
+                nursery.cancel_scope.cancel()
+                break
+
+
+def cmd_cloud(args: argparse.Namespace) -> int:
+    from connector.cloud.server import CloudServer
+    from connector.config import load_cloud_config
+
+    config = load_cloud_config(args.config)
+    server = CloudServer(config)
+    trio.run(_run_until_signal, server.run)
+    return 0
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from connector.agent.runtime import build_node
+    from connector.config import load_node_config
+
+    config = load_node_config(args.config)
+    node = build_node(config)
+    trio.run(_run_until_signal, node.run, node.shutdown)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from connector.demo import run_demo
+
+    return run_demo(state_file=Path(args.state_file) if args.state_file else None, workdir=Path(args.dir) if args.dir else None,
+                    http_port=args.http_port, socks5_port=args.socks5_port)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from connector.clusterctl import status
+
+    return status(config=args.config, as_json=args.json)
+
+
+def cmd_switch(args: argparse.Namespace) -> int:
+    from connector.clusterctl import switch
+
+    return switch(config=args.config)
+
+
+def cmd_acl(args: argparse.Namespace) -> int:
+    from connector.clusterctl import acl
+
+    return acl(args)
+
+
+def cmd_secret(args: argparse.Namespace) -> int:
+    from connector.clusterctl import secret
+
+    return secret(args)
+
+
+# --- parser ------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="connector",
+        description="Open cloud connector: tunnel, connectivity proxy, destination service, HA cluster.",
+    )
+    parser.add_argument("--version", action="version", version=f"connector {connector.__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    certs = sub.add_parser("certs", help="create CAs and certificates (keys are written 0600)")
+    certs_sub = certs.add_subparsers(dest="certs_command", required=True, metavar="WHAT")
+    for name, help_text in (
+        ("init", "cloud CA, tunnel server certificate, subaccount CA and node client certificates"),
+        ("ca", "a CA: the cloud CA, or with --subaccount a subaccount's CA"),
+        ("server", "the tunnel endpoint's server certificate, signed by the cloud CA"),
+        ("client", "a node's client certificate, signed by its subaccount's CA"),
+    ):
+        p = certs_sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--dir", required=True, help="directory holding the CA files and receiving the new ones")
+        p.add_argument("--force", action="store_true", help="overwrite existing keys")
+        if name in ("init", "ca", "client"):
+            p.add_argument("--subaccount", required=name != "ca", help="subaccount id (goes into O=)")
+        if name in ("init", "server"):
+            p.add_argument("--host", action="append", default=None, help="server name or IP (repeatable)")
+        if name == "init":
+            p.add_argument("--node", action="append", default=None, help="node id to issue a client cert for (repeatable)")
+        if name == "client":
+            p.add_argument("--node", required=True, help="node id (goes into CN=)")
+    certs.set_defaults(func=cmd_certs)
+
+    token = sub.add_parser("token", help="create a proxy bearer token and print it with its SHA-256 for cloud.toml")
+    token.add_argument("--value", help="use this token instead of a random one")
+    token.set_defaults(func=cmd_token)
+
+    cloud = sub.add_parser("cloud", help="run the cloud side: tunnel endpoint, HTTP and SOCKS5 proxies, destinations")
+    cloud.add_argument("--config", required=True, help="cloud.toml")
+    cloud.set_defaults(func=cmd_cloud)
+
+    node = sub.add_parser("node", help="run an on-premise connector node")
+    node.add_argument("--config", required=True, help="node.toml")
+    node.set_defaults(func=cmd_node)
+
+    demo = sub.add_parser("demo", help="run a local demo cluster on 127.0.0.1 until Ctrl-C")
+    demo.add_argument("--state-file", help="write JSON with every component's ports, pids and URLs here")
+    demo.add_argument("--dir", help="working directory for certs, configs and logs (default: a temporary one)")
+    demo.add_argument("--http-port", type=int, default=20003, help="HTTP proxy port (0 = any free port)")
+    demo.add_argument("--socks5-port", type=int, default=20004, help="SOCKS5 proxy port (0 = any free port)")
+    demo.set_defaults(func=cmd_demo)
+
+    status = sub.add_parser("status", help="the cluster at a glance; exit 1 when there is no master")
+    status.add_argument("--config", help="a node.toml of the cluster (default: the running demo's)")
+    status.add_argument("--json", action="store_true", help="one JSON object per node")
+    status.set_defaults(func=cmd_status)
+
+    switch = sub.add_parser("switch", help="graceful handover: the master resigns, a shadow takes over")
+    switch.add_argument("--config", help="a node.toml of the cluster (default: the running demo's)")
+    switch.set_defaults(func=cmd_switch)
+
+    acl = sub.add_parser("acl", help="edit the shared allow-list in etcd (validated, audited, versioned)")
+    acl.add_argument("--config", help="a node.toml of the cluster (default: the running demo's)")
+    acl_sub = acl.add_subparsers(dest="acl_command", required=True, metavar="ACTION")
+    acl_list = acl_sub.add_parser("list", help="list mappings with their revisions")
+    acl_list.add_argument("--json", action="store_true")
+    acl_add = acl_sub.add_parser("add", help="add or replace a mapping (JSON or flags)")
+    acl_add.add_argument("--virtual", required=True, help="virtual host:port")
+    acl_add.add_argument("--internal", required=True, help="internal host:port")
+    acl_add.add_argument("--protocol", default="HTTP", choices=["HTTP", "HTTPS", "TCP", "TCP-TLS"])
+    acl_add.add_argument("--host-in-header", default="virtual", choices=["virtual", "internal"])
+    acl_add.add_argument("--path", action="append", default=[], help="allowed path prefix (repeatable); "
+                         "suffix with '=' for an exact path, '+ws' to allow websocket upgrade")
+    acl_add.add_argument("--trust-store", help="CA bundle for HTTPS/TCP-TLS backends")
+    acl_add.add_argument("--expect-revision", type=int, help="fail unless the mapping is at this revision (CAS)")
+    acl_remove = acl_sub.add_parser("remove", help="remove a mapping")
+    acl_remove.add_argument("--virtual", required=True, help="virtual host:port")
+    acl_sub.add_parser("history", help="configuration changes, newest last")
+    acl.set_defaults(func=cmd_acl)
+
+    secret = sub.add_parser("secret", help="store secrets in etcd, encrypted with the cluster key")
+    secret.add_argument("--config", help="a node.toml of the cluster (default: the running demo's)")
+    secret_sub = secret.add_subparsers(dest="secret_command", required=True, metavar="ACTION")
+    secret_set = secret_sub.add_parser("set", help="store a secret (value read from stdin)")
+    secret_set.add_argument("name")
+    secret_get = secret_sub.add_parser("get", help="print a secret")
+    secret_get.add_argument("name")
+    secret_sub.add_parser("list", help="list secret names")
+    secret.set_defaults(func=cmd_secret)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    if getattr(args, "host", "unset") is None:
+        args.host = ["127.0.0.1", "localhost"]
+    if getattr(args, "node", "unset") is None:
+        args.node = ["node-a"]
+    from connector.config import ConfigError
+
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"connector: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""The tunnel endpoint: where connector nodes dial in (WebSocket over mutual TLS).
+
+Theory of operation: a TCP listener; each connection gets a TLS handshake that requires a client
+certificate chaining to one of the configured subaccount CAs. On top of the handshake's chain check,
+the certificate must name (in O=) a configured subaccount and be issued by *that* subaccount's CA,
+so one subaccount's CA can never vouch for another's nodes. Then a WebSocket on path ``/tunnel``,
+the tunnel handshake (version negotiation; the node announces its id and location), and the session
+runs with the registry as its control handler: ``register`` (with the fencing epoch), ``drain``
+(graceful handover) and ``unregister`` (lost leadership). Wrong certificates are refused during the
+TLS handshake or right after it with a log line naming the reason; nothing else is affected.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import ssl
+from pathlib import Path
+from typing import Any
+
+import trio
+import trio_websocket
+from cryptography import x509
+
+from connector import pki
+from connector.cloud.registry import Registry, TunnelHandle
+from connector.tunnel.session import TunnelError, TunnelSession, TunnelSettings
+from connector.tunnel.types import ErrorCode
+
+log = logging.getLogger(__name__)
+
+TLS_HANDSHAKE_TIMEOUT = 10.0
+WS_RECEIVE_BUFFER = 262144  # trio-websocket's default 4 KiB halves throughput (see ARCHITECTURE.md)
+WS_MAX_MESSAGE = 4 << 20
+TUNNEL_PATH = "/tunnel"
+
+
+class TunnelEndpoint:
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        cert: Path,
+        key: Path,
+        subaccount_cas: dict[str, Path],
+        settings: TunnelSettings = TunnelSettings(),
+    ) -> None:
+        self.registry = registry
+        self.settings = settings
+        self._cas = {sub: pki.load_certificate(path) for sub, path in subaccount_cas.items()}
+        self._ssl = pki.server_context(cert, key, list(subaccount_cas.values()))
+        self.refused = 0  # connections refused for certificate reasons (tests and status read it)
+
+    async def run(self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        bound = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            task_status.started(bound)
+            await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
+
+    async def _handle(self, tcp: trio.SocketStream) -> None:
+        tls = trio.SSLStream(tcp, self._ssl, server_side=True, https_compatible=True)
+        try:
+            with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
+                await tls.do_handshake()
+            subaccount, node_cn = self._identify(tls)
+        except (trio.BrokenResourceError, ssl.SSLError, trio.TooSlowError, pki.CertificateError) as exc:
+            self.refused += 1
+            log.warning("tunnel connection refused: %s", _describe(exc))
+            await trio.aclose_forcefully(tls)
+            return
+        try:
+            async with trio.open_nursery() as nursery:
+                request = await trio_websocket.wrap_server_stream(
+                    nursery, tls, max_message_size=WS_MAX_MESSAGE, receive_buffer_size=WS_RECEIVE_BUFFER
+                )
+                if request.path != TUNNEL_PATH:
+                    await request.reject(404, body=b"unknown path")
+                    return
+                ws = await request.accept()
+                await self._serve(ws, subaccount, node_cn)
+                nursery.cancel_scope.cancel()
+        except (trio_websocket.ConnectionClosed, trio_websocket.HandshakeError, trio.BrokenResourceError) as exc:
+            log.info("tunnel connection of %s ended: %s", subaccount, exc)
+        finally:
+            await trio.aclose_forcefully(tls)
+
+    def _identify(self, tls: trio.SSLStream[Any]) -> tuple[str, str]:
+        der = tls.getpeercert(binary_form=True)
+        if not der:
+            raise pki.CertificateError("no client certificate")
+        cert = x509.load_der_x509_certificate(der)
+        subaccount = pki.subaccount_of(cert)
+        ca = self._cas.get(subaccount)
+        if ca is None:
+            raise pki.CertificateError(f"certificate names unknown subaccount {subaccount!r}")
+        pki.verify_issued_by(cert, ca)
+        return subaccount, pki.common_name_of(cert)
+
+    async def _serve(self, ws: trio_websocket.WebSocketConnection, subaccount: str, node_cn: str) -> None:
+        session = TunnelSession(ws, client=False, settings=self.settings, hello_info={"role": "cloud"})
+        try:
+            peer = await session.handshake()
+        except TunnelError as exc:
+            log.warning("tunnel handshake with %s/%s failed: %s", subaccount, node_cn, exc)
+            return
+        location_id = str(peer.get("location_id", ""))
+        node = str(peer.get("node") or node_cn)
+        handle = TunnelHandle(session, subaccount, location_id, node)
+        self.registry.add(handle)
+        log.info("tunnel up: node %s of %s/%r", node, subaccount, location_id)
+        try:
+            await session.run(control_handler=functools.partial(self._on_control, handle))
+        finally:
+            self.registry.remove(handle)
+            log.info("tunnel down: node %s of %s/%r (%s)", node, subaccount, location_id, session.close_reason)
+
+    async def _on_control(self, handle: TunnelHandle, op: str, body: dict[str, Any]) -> None:
+        if op == "register":
+            epoch = body.get("epoch")
+            if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+                await handle.session.send_control("refused", {"reason": "bad_epoch", "epoch": epoch})
+                return
+            result = self.registry.register(handle, epoch)
+            reply = "registered" if result.accepted else "refused"
+            await handle.session.send_control(
+                reply, {"epoch": epoch, "reason": result.reason, "highest_epoch": result.highest_epoch}
+            )
+        elif op == "drain":
+            self.registry.unregister(handle, draining=True)
+            await handle.session.send_control("drained", {})
+        elif op == "unregister":
+            self.registry.unregister(handle, draining=False)
+        else:
+            log.warning("unknown control op %r from %s", op, handle.node)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, trio.BrokenResourceError) and exc.__cause__ is not None:
+        return f"TLS handshake failed: {exc.__cause__}"
+    if isinstance(exc, trio.TooSlowError):
+        return "TLS handshake timed out"
+    return str(exc)
+
+

@@ -1,0 +1,331 @@
+"""Which node serves which (subaccount, location): the cloud side's fence and failover hold.
+
+Theory of operation
+-------------------
+Every node of a location keeps one tunnel to the cloud. A tunnel starts as a *standby*; it becomes
+the location's *master* by registering with a fencing epoch (the create_revision of its etcd leader
+key). The registry keeps, per (subaccount, location), the highest epoch it ever accepted:
+
+* a registration with a lower epoch is refused (``stale_epoch``): a master that was frozen or cut
+  off from etcd cannot come back and serve once a newer one registered;
+* a higher epoch replaces the current master, whose tunnel is closed at once (unless it announced a
+  graceful drain: then its in-flight streams finish, but it gets no new ones);
+* the same epoch from a new tunnel is the same master reconnecting after a blip.
+
+While a known location has no master (failover, handover), `open_stream` *holds* the request:
+it waits for a registration for at most ``hold_seconds``, with at most ``hold_max`` requests
+waiting, then fails with `NoConnectorError` (503). A failover therefore costs latency, not errors.
+When a master's tunnel drops, the standbys of its location are told at once (``master_lost``), which
+is the fastest signal a shadow node can get that the master process died.
+
+Highest epochs are persisted to ``state_file`` (when configured) so a restarted cloud keeps fencing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from connector import metrics
+from connector.cloud.router import NoConnectorError
+from connector.tunnel.session import TunnelError, TunnelSession
+from connector.tunnel.streams import TunnelStream
+from connector.tunnel.types import ErrorCode, Target
+
+log = logging.getLogger(__name__)
+
+LocationKey = tuple[str, str]  # (subaccount, location_id)
+
+
+@attrs.define(eq=False)
+class TunnelHandle:
+    """One connected node tunnel as the registry sees it."""
+
+    session: TunnelSession
+    subaccount: str
+    location_id: str
+    node: str
+    epoch: int | None = None  # set once registered as master
+    draining: bool = False
+
+    @property
+    def key(self) -> LocationKey:
+        return (self.subaccount, self.location_id)
+
+
+@attrs.define(eq=False)
+class _Location:
+    key: LocationKey
+    known: bool = False
+    master: TunnelHandle | None = None
+    highest_epoch: int = -1
+    tunnels: set[TunnelHandle] = attrs.Factory(set)
+    master_changed: trio.Event = attrs.Factory(trio.Event)
+    no_master_since: float | None = None
+
+    def signal(self) -> None:
+        self.master_changed.set()
+        self.master_changed = trio.Event()
+
+
+@attrs.frozen
+class RegistrationResult:
+    accepted: bool
+    reason: str
+    highest_epoch: int
+
+
+class Registry:
+    """Implements `connector.cloud.router.Router` over the registered tunnels."""
+
+    def __init__(
+        self,
+        *,
+        hold_seconds: float = 5.0,
+        hold_max: int = 1000,
+        known_locations: Iterable[LocationKey] = (),
+        state_file: Path | None = None,
+    ) -> None:
+        self.hold_seconds = hold_seconds
+        self.hold_max = hold_max
+        self.state_file = state_file
+        self._locations: dict[LocationKey, _Location] = {}
+        self._held = 0
+        self._nursery: trio.Nursery | None = None
+        for key in known_locations:
+            self._location(key).known = True
+        for key, epoch in self._load_epochs().items():
+            location = self._location(key)
+            location.highest_epoch = epoch
+            location.known = True
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the tasks that notify standbys and close replaced tunnels; account no-master time."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            now = trio.current_time()
+            for location in self._locations.values():
+                if location.known and location.master is None:
+                    location.no_master_since = now
+                    self._export(location)
+            task_status.started()
+            while True:
+                await trio.sleep(1.0)
+                self._account_no_master()
+
+    def _spawn(self, fn: Any, *args: Any) -> None:
+        if self._nursery is None:
+            raise RuntimeError("Registry.run() is not running")
+        self._nursery.start_soon(fn, *args)
+
+    # --- tunnels -------------------------------------------------------------------------
+
+    def add(self, handle: TunnelHandle) -> None:
+        location = self._location(handle.key)
+        location.known = True
+        location.tunnels.add(handle)
+        if location.master is None and location.no_master_since is None:
+            location.no_master_since = trio.current_time()
+        self._export(location)
+
+    def remove(self, handle: TunnelHandle) -> None:
+        """The tunnel closed. If it was the master, tell the standbys at once."""
+        location = self._location(handle.key)
+        location.tunnels.discard(handle)
+        if location.master is handle:
+            self._set_master(location, None)
+            if not handle.draining:
+                log.warning("master %s of %s lost its tunnel (epoch %s)", handle.node, handle.key, handle.epoch)
+                self._broadcast(location, "master_lost", {"epoch": handle.epoch, "node": handle.node})
+        self._export(location)
+
+    def register(self, handle: TunnelHandle, epoch: int) -> RegistrationResult:
+        """Apply the fencing rule to a master registration (see module docstring)."""
+        location = self._location(handle.key)
+        sub, loc = handle.key
+        if epoch < location.highest_epoch:
+            metrics.CLOUD_REGISTRATIONS.labels(sub, loc, "stale_epoch").inc()
+            log.warning(
+                "refused %s for %s: epoch %d is lower than %d", handle.node, handle.key, epoch, location.highest_epoch
+            )
+            return RegistrationResult(False, "stale_epoch", location.highest_epoch)
+        previous = location.master
+        if previous is not None and previous is not handle:
+            # A newer (or the same, reconnected) master: the old tunnel must never carry traffic again.
+            previous.epoch = None
+            if not previous.draining:
+                self._spawn(self._fence, previous, epoch)
+        handle.epoch = epoch
+        handle.draining = False
+        if epoch > location.highest_epoch:
+            location.highest_epoch = epoch
+            self._save_epochs()
+        self._set_master(location, handle)
+        metrics.CLOUD_REGISTRATIONS.labels(sub, loc, "accepted").inc()
+        metrics.CLOUD_MASTER_EPOCH.labels(sub, loc).set(epoch)
+        log.info("%s is master of %s with epoch %d", handle.node, handle.key, epoch)
+        self._export(location)
+        return RegistrationResult(True, "accepted", epoch)
+
+    def unregister(self, handle: TunnelHandle, *, draining: bool) -> None:
+        """The master stops taking new streams (graceful drain, or it lost leadership)."""
+        location = self._location(handle.key)
+        handle.draining = draining
+        if location.master is handle:
+            self._set_master(location, None)
+            handle.epoch = None
+            log.info("%s of %s unregistered (draining=%s)", handle.node, handle.key, draining)
+        self._export(location)
+
+    async def _fence(self, handle: TunnelHandle, new_epoch: int) -> None:
+        with trio.move_on_after(1.0):
+            try:
+                await handle.session.send_control("fenced", {"epoch": new_epoch})
+            except TunnelError:
+                pass
+        await handle.session.aclose(ErrorCode.STALE_EPOCH, f"replaced by a master with epoch {new_epoch}")
+
+    def _broadcast(self, location: _Location, op: str, body: dict[str, Any]) -> None:
+        for tunnel in list(location.tunnels):
+            self._spawn(self._send_quietly, tunnel, op, body)
+
+    @staticmethod
+    async def _send_quietly(tunnel: TunnelHandle, op: str, body: dict[str, Any]) -> None:
+        with trio.move_on_after(1.0):
+            try:
+                await tunnel.session.send_control(op, body)
+            except TunnelError:
+                pass
+
+    # --- routing (Router protocol) ----------------------------------------------------------
+
+    async def open_stream(self, subaccount: str, location_id: str, target: Target) -> TunnelStream:
+        location = self._locations.get((subaccount, location_id))
+        if location is None or not location.known:
+            raise NoConnectorError(f"no connector is connected for location {location_id!r} of subaccount {subaccount!r}")
+        deadline = trio.current_time() + self.hold_seconds
+        held_since: float | None = None
+        try:
+            while True:
+                master = location.master
+                if master is not None:
+                    try:
+                        stream = await master.session.open_stream(target)
+                    except TunnelError:
+                        # The tunnel died before this request was sent: safe to wait for the next master.
+                        if location.master is master:
+                            self.remove(master)
+                        continue
+                    if held_since is not None:
+                        metrics.HELD_TOTAL.labels("released").inc()
+                        metrics.HELD_SECONDS.observe(trio.current_time() - held_since)
+                    return stream
+                if held_since is None:
+                    if self._held >= self.hold_max:
+                        metrics.HELD_TOTAL.labels("overflow").inc()
+                        raise NoConnectorError("no master connected and the failover hold is full")
+                    held_since = trio.current_time()
+                    self._held += 1
+                    metrics.HELD_REQUESTS.set(self._held)
+                changed = location.master_changed
+                with trio.move_on_at(deadline):
+                    await changed.wait()
+                    continue
+                metrics.HELD_TOTAL.labels("timeout").inc()
+                metrics.HELD_SECONDS.observe(trio.current_time() - held_since)
+                raise NoConnectorError(
+                    f"no master registered for location {location_id!r} within {self.hold_seconds:g} s"
+                )
+        finally:
+            if held_since is not None:
+                self._held -= 1
+                metrics.HELD_REQUESTS.set(self._held)
+
+    # --- introspection ---------------------------------------------------------------------
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """JSON-able view for the admin API: per location, master, epoch and tunnels."""
+        result = []
+        for (sub, loc), location in sorted(self._locations.items()):
+            result.append(
+                {
+                    "subaccount": sub,
+                    "location_id": loc,
+                    "master": location.master.node if location.master else None,
+                    "epoch": location.master.epoch if location.master else None,
+                    "highest_epoch": location.highest_epoch,
+                    "tunnels": [
+                        {"node": t.node, "role": "master" if t is location.master else "standby", "draining": t.draining}
+                        for t in sorted(location.tunnels, key=lambda t: t.node)
+                    ],
+                }
+            )
+        return result
+
+    def master_of(self, subaccount: str, location_id: str) -> TunnelHandle | None:
+        location = self._locations.get((subaccount, location_id))
+        return location.master if location else None
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _location(self, key: LocationKey) -> _Location:
+        location = self._locations.get(key)
+        if location is None:
+            location = self._locations[key] = _Location(key)
+        return location
+
+    def _set_master(self, location: _Location, handle: TunnelHandle | None) -> None:
+        now = trio.current_time()
+        if handle is None and location.master is not None:
+            location.no_master_since = now
+        elif handle is not None and location.no_master_since is not None:
+            metrics.CLOUD_NO_MASTER_SECONDS.labels(*location.key).inc(now - location.no_master_since)
+            location.no_master_since = None
+        location.master = handle
+        location.signal()
+
+    def _account_no_master(self) -> None:
+        now = trio.current_time()
+        for location in self._locations.values():
+            if location.known and location.master is None and location.no_master_since is not None:
+                metrics.CLOUD_NO_MASTER_SECONDS.labels(*location.key).inc(now - location.no_master_since)
+                location.no_master_since = now
+            self._export(location)
+
+    def _export(self, location: _Location) -> None:
+        sub, loc = location.key
+        metrics.CLOUD_HAS_MASTER.labels(sub, loc).set(1 if location.master else 0)
+        masters = 1 if location.master else 0
+        metrics.CLOUD_TUNNELS.labels(sub, loc, "master").set(masters)
+        metrics.CLOUD_TUNNELS.labels(sub, loc, "standby").set(len(location.tunnels) - masters)
+        if location.highest_epoch >= 0:
+            metrics.CLOUD_MASTER_EPOCH.labels(sub, loc).set(location.highest_epoch)
+
+    def _load_epochs(self) -> dict[LocationKey, int]:
+        if self.state_file is None or not self.state_file.exists():
+            return {}
+        data = json.loads(self.state_file.read_text())
+        return {(entry["subaccount"], entry["location_id"]): int(entry["epoch"]) for entry in data["epochs"]}
+
+    def _save_epochs(self) -> None:
+        if self.state_file is None:
+            return
+        data = {
+            "epochs": [
+                {"subaccount": s, "location_id": loc, "epoch": location.highest_epoch}
+                for (s, loc), location in sorted(self._locations.items())
+                if location.highest_epoch >= 0
+            ]
+        }
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self.state_file)

@@ -1,0 +1,91 @@
+"""`connector cloud`: the cloud side as one process: tunnel endpoint, proxies, destinations, admin.
+
+Each service is a `run(host, port, *, task_status)` started in one nursery; `CloudServer.run`
+reports the bound ports (so tests and the demo can use port 0).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import attrs
+import trio
+
+from connector import metrics, pki
+from connector.admin import AdminRequest, AdminServer, Reply
+from connector.cloud.auth import Authenticator
+from connector.cloud.destinations import DestinationService
+from connector.cloud.endpoint import TunnelEndpoint
+from connector.cloud.proxy import HttpProxy
+from connector.cloud.registry import Registry
+from connector.cloud.socks5 import Socks5Proxy
+from connector.config import CloudConfig
+from connector.tunnel.session import TunnelSettings
+
+log = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class CloudPorts:
+    tunnel: int
+    http_proxy: int
+    socks5_proxy: int
+    admin: int
+    destinations: int | None
+
+
+class CloudServer:
+    def __init__(self, config: CloudConfig) -> None:
+        self.config = config
+        self.registry = Registry(
+            hold_seconds=config.hold_seconds,
+            hold_max=config.hold_max,
+            known_locations=[(s.id, loc) for s in config.subaccounts for loc in s.locations],
+            state_file=config.state_file,
+        )
+        self.authenticator = Authenticator({s.id: s.token_sha256 for s in config.subaccounts})
+        self.endpoint = TunnelEndpoint(
+            self.registry,
+            cert=config.tunnel_cert,
+            key=config.tunnel_key,
+            subaccount_cas={s.id: s.ca for s in config.subaccounts},
+            settings=TunnelSettings(ping_interval=config.ping_interval, ping_timeout=config.ping_timeout),
+        )
+        self.ports: CloudPorts | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[CloudPorts] = trio.TASK_STATUS_IGNORED) -> None:
+        config = self.config
+        metrics.CERT_EXPIRY.labels("tunnel-server").set(pki.expiry_timestamp(config.tunnel_cert))
+        for sub in config.subaccounts:
+            metrics.CERT_EXPIRY.labels(f"ca-{sub.id}").set(pki.expiry_timestamp(sub.ca))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.registry.run)
+            tunnel = await nursery.start(self.endpoint.run, config.tunnel_listen.host, config.tunnel_listen.port)
+            http = await nursery.start(
+                HttpProxy(self.registry, self.authenticator).run, config.http_listen.host, config.http_listen.port
+            )
+            socks = await nursery.start(
+                Socks5Proxy(self.registry, self.authenticator).run, config.socks5_listen.host, config.socks5_listen.port
+            )
+            destinations = None
+            if config.destinations_listen is not None:
+                service = DestinationService(self.authenticator, store_path=config.destinations_store)
+                destinations = await nursery.start(
+                    service.run, config.destinations_listen.host, config.destinations_listen.port
+                )
+            admin = await nursery.start(
+                AdminServer(self._admin_routes()).run, config.admin_listen.host, config.admin_listen.port
+            )
+            self.ports = CloudPorts(tunnel, http, socks, admin, destinations)
+            log.info("cloud side up: %s", self.ports)
+            task_status.started(self.ports)
+
+    def _admin_routes(self) -> dict[tuple[str, str], Any]:
+        async def locations(request: AdminRequest) -> Reply:
+            return Reply.json(200, {"locations": self.registry.snapshot(), "refused_connections": self.endpoint.refused})
+
+        async def readyz(request: AdminRequest) -> Reply:
+            return Reply.json(200, {"ready": True})
+
+        return {("GET", "/status"): locations, ("GET", "/readyz"): readyz}

@@ -1,0 +1,351 @@
+"""TOML configuration for `connector cloud` and `connector node`, validated at load.
+
+Theory of operation: `load_cloud_config` / `load_node_config` read a TOML file with `tomllib` and
+build frozen attrs records. Every problem raises `ConfigError` naming the file, the dotted key and
+what is wrong; nothing is defaulted silently where a typo is likelier than intent (unknown keys are
+errors too). Relative paths are resolved against the directory of the file, so a config directory
+can be moved as a whole.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+
+from connector.agent.acl import Mapping
+from ha.timing import HATiming
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """A configuration file is unreadable or invalid; the message names file and key."""
+
+    def __init__(self, file: str | Path, key: str, message: str) -> None:
+        super().__init__(f"{file}: {key}: {message}" if key else f"{file}: {message}")
+        self.file = str(file)
+        self.key = key
+
+
+@attrs.frozen
+class Listen:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class _Section:
+    """Typed reads from one TOML table, each error naming file and dotted key."""
+
+    def __init__(self, file: Path, prefix: str, table: Any) -> None:
+        if not isinstance(table, dict):
+            raise ConfigError(file, prefix, "must be a table")
+        self.file, self.prefix, self.table = file, prefix, table
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def _get(self, name: str, kind: type | tuple[type, ...], default: Any, required: bool) -> Any:
+        self.seen.add(name)
+        if name not in self.table:
+            if required:
+                raise ConfigError(self.file, self.key(name), "is required")
+            return default
+        value = self.table[name]
+        if isinstance(value, bool) and kind is not bool and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise ConfigError(self.file, self.key(name), f"must be {_kind_name(kind)}, not a boolean")
+        if not isinstance(value, kind):
+            raise ConfigError(self.file, self.key(name), f"must be {_kind_name(kind)}, got {type(value).__name__}")
+        return value
+
+    def str(self, name: str, default: str | None = None, *, required: bool = False) -> Any:
+        return self._get(name, str, default, required)
+
+    def int(self, name: str, default: int | None = None, *, required: bool = False, minimum: int | None = None) -> Any:
+        value = self._get(name, int, default, required)
+        if value is not None and minimum is not None and value < minimum:
+            raise ConfigError(self.file, self.key(name), f"must be at least {minimum}, got {value}")
+        return value
+
+    def float(self, name: str, default: float | None = None, *, required: bool = False, positive: bool = True) -> Any:
+        value = self._get(name, (int, float), default, required)
+        if value is not None and positive and value <= 0:
+            raise ConfigError(self.file, self.key(name), f"must be positive, got {value}")
+        return float(value) if value is not None else None
+
+    def bool(self, name: str, default: bool) -> bool:
+        return bool(self._get(name, bool, default, False))
+
+    def str_list(self, name: str, default: list[str] | None = None) -> list[str]:
+        value = self._get(name, list, default if default is not None else [], False)
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise ConfigError(self.file, f"{self.key(name)}[{i}]", "must be a string")
+        return list(value)
+
+    def path(self, name: str, *, required: bool = False, must_exist: bool = True) -> Path | None:
+        value = self.str(name, required=required)
+        if value is None:
+            return None
+        path = Path(value)
+        if not path.is_absolute():
+            path = self.file.parent / path
+        if must_exist and not path.exists():
+            raise ConfigError(self.file, self.key(name), f"file {path} does not exist")
+        return path
+
+    def listen(self, name: str, default: str | None, *, required: bool = False) -> Listen | None:
+        value = self.str(name, default, required=required)
+        if value is None:
+            return None
+        return parse_listen(value, lambda msg: ConfigError(self.file, self.key(name), msg))
+
+    def sub(self, name: str, *, required: bool = False) -> _Section | None:
+        self.seen.add(name)
+        if name not in self.table:
+            if required:
+                raise ConfigError(self.file, self.key(name), "section is required")
+            return None
+        return _Section(self.file, self.key(name), self.table[name])
+
+    def subs(self, name: str) -> list[_Section]:
+        self.seen.add(name)
+        value = self.table.get(name, [])
+        if not isinstance(value, list):
+            raise ConfigError(self.file, self.key(name), "must be an array of tables ([[...]])")
+        return [_Section(self.file, f"{self.key(name)}[{i}]", item) for i, item in enumerate(value)]
+
+    def done(self) -> None:
+        unknown = sorted(set(self.table) - self.seen)
+        if unknown:
+            raise ConfigError(self.file, self.key(unknown[0]), "unknown key (typo?)")
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list", dict: "a table"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def parse_listen(value: str, error: Callable[[str], Exception]) -> Listen:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise error(f"must be HOST:PORT, got {value!r}")
+    return Listen(host.strip("[]"), int(port))
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(path, "", "no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "", f"not valid TOML: {exc}") from None
+
+
+# --- cloud side -------------------------------------------------------------------------------
+
+@attrs.frozen
+class SubaccountConfig:
+    id: str
+    ca: Path  # client certificates of this subaccount's nodes must chain to it
+    token_sha256: tuple[str, ...]
+    locations: tuple[str, ...]  # locations held for during failover even before first seen
+
+
+@attrs.frozen
+class CloudConfig:
+    file: Path
+    tunnel_listen: Listen
+    tunnel_cert: Path
+    tunnel_key: Path
+    http_listen: Listen
+    socks5_listen: Listen
+    admin_listen: Listen
+    destinations_listen: Listen | None
+    destinations_store: Path | None
+    hold_seconds: float
+    hold_max: int
+    ping_interval: float
+    ping_timeout: float
+    state_file: Path | None  # highest epochs, so a restarted cloud keeps fencing
+    subaccounts: tuple[SubaccountConfig, ...]
+
+
+def load_cloud_config(path: str | Path) -> CloudConfig:
+    file = Path(path).resolve()
+    root = _Section(file, "", _read(file))
+    tunnel = root.sub("tunnel", required=True)
+    proxy = root.sub("proxy") or _Section(file, "proxy", {})
+    admin = root.sub("admin") or _Section(file, "admin", {})
+    dest = root.sub("destinations")
+    subaccounts = []
+    for section in root.subs("subaccounts"):
+        tokens = section.str_list("token_sha256")
+        for i, token in enumerate(tokens):
+            if len(token) != 64 or any(c not in "0123456789abcdef" for c in token):
+                raise ConfigError(file, f"{section.key('token_sha256')}[{i}]", "must be a lowercase SHA-256 hex digest")
+        subaccounts.append(
+            SubaccountConfig(
+                id=section.str("id", required=True),
+                ca=section.path("ca", required=True),  # type: ignore[arg-type]
+                token_sha256=tuple(tokens),
+                locations=tuple(section.str_list("locations", [""])),
+            )
+        )
+        section.done()
+    if not subaccounts:
+        raise ConfigError(file, "subaccounts", "at least one [[subaccounts]] is required")
+    ids = [s.id for s in subaccounts]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(file, "subaccounts", "duplicate subaccount id")
+    config = CloudConfig(
+        file=file,
+        tunnel_listen=tunnel.listen("listen", "127.0.0.1:8443"),  # type: ignore[arg-type]
+        tunnel_cert=tunnel.path("cert", required=True),  # type: ignore[arg-type]
+        tunnel_key=tunnel.path("key", required=True),  # type: ignore[arg-type]
+        ping_interval=tunnel.float("ping_interval", 1.0),
+        ping_timeout=tunnel.float("ping_timeout", 3.0),
+        http_listen=proxy.listen("http_listen", "127.0.0.1:20003"),  # type: ignore[arg-type]
+        socks5_listen=proxy.listen("socks5_listen", "127.0.0.1:20004"),  # type: ignore[arg-type]
+        hold_seconds=proxy.float("hold_seconds", 5.0),
+        hold_max=proxy.int("hold_max", 1000, minimum=0),
+        admin_listen=admin.listen("listen", "127.0.0.1:20006"),  # type: ignore[arg-type]
+        destinations_listen=dest.listen("listen", "127.0.0.1:20005") if dest else None,
+        destinations_store=dest.path("store", must_exist=False) if dest else None,
+        state_file=root.path("state_file", must_exist=False),
+        subaccounts=tuple(subaccounts),
+    )
+    for section in (tunnel, proxy, admin, *( [dest] if dest else [] )):
+        section.done()
+    root.done()
+    if config.ping_timeout <= config.ping_interval:
+        raise ConfigError(file, "tunnel.ping_timeout", "must be longer than tunnel.ping_interval")
+    return config
+
+
+# --- node side --------------------------------------------------------------------------------
+
+@attrs.frozen
+class EtcdConfig:
+    endpoints: tuple[str, ...]
+    ca: Path | None
+    cert: Path | None
+    key: Path | None
+    user: str | None
+    password: str | None
+    timeout: float
+
+
+@attrs.frozen
+class ClusterConfig:
+    name: str
+    etcd: EtcdConfig
+    timing: HATiming
+    secrets_key: Path | None  # cluster key encrypting /<cluster>/secrets/
+
+
+@attrs.frozen
+class NodeConfig:
+    file: Path
+    node_id: str
+    subaccount: str
+    location_id: str
+    priority: int
+    tunnel_url: str
+    tunnel_ca: Path | None
+    tunnel_cert: Path
+    tunnel_key: Path
+    ping_interval: float
+    ping_timeout: float
+    admin_listen: Listen
+    audit_log: Path | None
+    connect_timeout: float
+    response_timeout: float
+    drain_seconds: float
+    mappings: tuple[Mapping, ...]
+    cluster: ClusterConfig | None
+
+
+def load_node_config(path: str | Path) -> NodeConfig:
+    file = Path(path).resolve()
+    root = _Section(file, "", _read(file))
+    node = root.sub("node", required=True)
+    tunnel = root.sub("tunnel", required=True)
+    admin = root.sub("admin") or _Section(file, "admin", {})
+    forward = root.sub("forward") or _Section(file, "forward", {})
+    mappings = []
+    for section in root.subs("mappings"):
+        try:
+            mappings.append(Mapping.from_dict(section.table))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(file, section.prefix, str(exc)) from None
+    names = [m.name for m in mappings]
+    if len(set(names)) != len(names):
+        raise ConfigError(file, "mappings", "two mappings share a virtual host:port")
+    url = tunnel.str("url", required=True)
+    if not url.startswith("wss://"):
+        raise ConfigError(file, "tunnel.url", "must start with wss:// (the tunnel is always TLS)")
+    cluster = None
+    cluster_section = root.sub("cluster")
+    if cluster_section is not None:
+        etcd = EtcdConfig(
+            endpoints=tuple(cluster_section.str_list("etcd", ["http://127.0.0.1:2379"])),
+            ca=cluster_section.path("etcd_ca"),
+            cert=cluster_section.path("etcd_cert"),
+            key=cluster_section.path("etcd_key"),
+            user=cluster_section.str("etcd_user"),
+            password=cluster_section.str("etcd_password"),
+            timeout=cluster_section.float("etcd_timeout", 1.0),
+        )
+        if not etcd.endpoints:
+            raise ConfigError(file, "cluster.etcd", "needs at least one endpoint")
+        try:
+            timing = HATiming(
+                ttl=cluster_section.float("ttl", HATiming().ttl),
+                loop_wait=cluster_section.float("loop_wait", HATiming().loop_wait),
+                retry_timeout=cluster_section.float("retry_timeout", HATiming().retry_timeout),
+            )
+        except ValueError as exc:
+            raise ConfigError(file, "cluster", str(exc)) from None
+        cluster = ClusterConfig(
+            name=cluster_section.str("name", required=True),
+            etcd=etcd,
+            timing=timing,
+            secrets_key=cluster_section.path("secrets_key", must_exist=False),
+        )
+        cluster_section.done()
+    config = NodeConfig(
+        file=file,
+        node_id=node.str("id", required=True),
+        subaccount=node.str("subaccount", required=True),
+        location_id=node.str("location_id", ""),
+        priority=node.int("priority", 100, minimum=0),
+        audit_log=node.path("audit_log", must_exist=False),
+        tunnel_url=url,
+        tunnel_ca=tunnel.path("ca"),
+        tunnel_cert=tunnel.path("cert", required=True),  # type: ignore[arg-type]
+        tunnel_key=tunnel.path("key", required=True),  # type: ignore[arg-type]
+        ping_interval=tunnel.float("ping_interval", 1.0),
+        ping_timeout=tunnel.float("ping_timeout", 3.0),
+        admin_listen=admin.listen("listen", "127.0.0.1:0"),  # type: ignore[arg-type]
+        connect_timeout=forward.float("connect_timeout", 5.0),
+        response_timeout=forward.float("response_timeout", 30.0),
+        drain_seconds=forward.float("drain_seconds", 10.0),
+        mappings=tuple(mappings),
+        cluster=cluster,
+    )
+    for section in (node, tunnel, admin, forward):
+        section.done()
+    root.done()
+    if config.ping_timeout <= config.ping_interval:
+        raise ConfigError(file, "tunnel.ping_timeout", "must be longer than tunnel.ping_interval")
+    return config

@@ -1,0 +1,219 @@
+"""Certificates for the tunnel: a CA per subaccount, the endpoint's server certificate, node clients.
+
+Theory of operation: the cloud side has its own CA ("cloud CA") that signs the tunnel endpoint's
+server certificate; nodes verify the endpoint against it. Each subaccount has a CA of its own that
+signs the client certificates of its connector nodes; the client certificate names the subaccount
+in its Organization (O) and the node in its Common Name (CN). The endpoint accepts a client only if
+the certificate chains to the CA configured for the subaccount it names (see `subaccount_of`).
+
+Private keys are written 0600 and never overwritten silently.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import ssl
+from pathlib import Path
+
+import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CA_DAYS = 3650
+LEAF_DAYS = 365
+
+
+class CertificateError(Exception):
+    """A certificate is missing, malformed, or does not name/chain to what it must."""
+
+
+@attrs.frozen
+class Issued:
+    cert_path: Path
+    key_path: Path
+
+
+def _write_private(path: Path, data: bytes, *, overwrite: bool) -> None:
+    """Write key material with mode 0600 from the first byte on (no window with wider permissions)."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise CertificateError(f"{path} exists; refusing to overwrite a private key (use --force)") from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o600)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+    os.chmod(path, 0o644)
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def create_ca(directory: Path, name: str, common_name: str, *, force: bool = False) -> Issued:
+    """Create `<name>.pem` and `<name>.key` in `directory`: a self-signed CA valid for 10 years."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key = _new_key()
+    subject = x509.Name(
+        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, name), x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    )
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    issued = Issued(directory / f"{name}.pem", directory / f"{name}.key")
+    _write_private(issued.key_path, _key_pem(key), overwrite=force)
+    _write_public(issued.cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    return issued
+
+
+def load_ca(ca: Issued) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    cert = load_certificate(ca.cert_path)
+    key = serialization.load_pem_private_key(ca.key_path.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise CertificateError(f"{ca.key_path}: expected an EC private key")
+    return cert, key
+
+
+def load_certificate(path: Path) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(Path(path).read_bytes())
+    except FileNotFoundError:
+        raise CertificateError(f"{path}: no such certificate file") from None
+    except ValueError as exc:
+        raise CertificateError(f"{path}: not a PEM certificate ({exc})") from None
+
+
+def issue(
+    ca: Issued,
+    directory: Path,
+    name: str,
+    *,
+    common_name: str,
+    organization: str | None = None,
+    server_names: list[str] | None = None,
+    client: bool = False,
+    force: bool = False,
+) -> Issued:
+    """Issue a leaf certificate signed by `ca`: a server certificate when `server_names` is given
+    (DNS names or IP addresses as SubjectAltName), a client certificate when `client` is true."""
+    ca_cert, ca_key = load_ca(ca)
+    directory.mkdir(parents=True, exist_ok=True)
+    key = _new_key()
+    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    if organization:
+        attributes.insert(0, x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
+    now = _now()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name(attributes))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=LEAF_DAYS))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+    )
+    usages = []
+    if server_names:
+        alt: list[x509.GeneralName] = []
+        for server_name in server_names:
+            try:
+                alt.append(x509.IPAddress(ipaddress.ip_address(server_name)))
+            except ValueError:
+                alt.append(x509.DNSName(server_name))
+        builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
+        usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
+    if client:
+        usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
+    if usages:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    issued = Issued(directory / f"{name}.pem", directory / f"{name}.key")
+    _write_private(issued.key_path, _key_pem(key), overwrite=force)
+    _write_public(issued.cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    return issued
+
+
+def subaccount_of(cert: x509.Certificate) -> str:
+    """The subaccount a client certificate names (its Organization attribute)."""
+    names = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    if len(names) != 1 or not str(names[0].value):
+        raise CertificateError("client certificate must name exactly one subaccount in O=")
+    return str(names[0].value)
+
+
+def common_name_of(cert: x509.Certificate) -> str:
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else ""
+
+
+def verify_issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> None:
+    """Raise CertificateError unless `cert` was signed by `ca_cert` (used on top of the TLS
+    handshake's own chain check, to bind the subaccount named in the certificate to *its* CA)."""
+    try:
+        cert.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, Exception) as exc:  # InvalidSignature has no common base
+        raise CertificateError(f"certificate is not issued by the subaccount's CA: {exc}") from None
+
+
+def expiry_timestamp(path: Path) -> float:
+    return load_certificate(path).not_valid_after_utc.timestamp()
+
+
+def server_context(cert: Path, key: Path, client_cas: list[Path]) -> ssl.SSLContext:
+    """TLS server context requiring a client certificate that chains to one of `client_cas`."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    for ca in client_cas:
+        ctx.load_verify_locations(cafile=str(ca))
+    return ctx
+
+
+def client_context(ca: Path | None, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+    """TLS client context verifying the server against `ca` (system store if None), hostname checked."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca) if ca else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert is not None and key is not None:
+        ctx.load_cert_chain(cert, key)
+    return ctx
