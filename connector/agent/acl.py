@@ -1,0 +1,508 @@
+"""Access control on the node: which virtual endpoints exist, and which paths on them may be called.
+
+Theory of operation. The node is default deny. A stream from the cloud names a `Target`
+(virtual host, port, protocol); `AccessControl.find_mapping` looks up the `Mapping` for it, or
+returns None (nothing is reachable that was not configured). HTTP streams carry requests that are
+each checked by `AccessControl.check_request` against the mapping's resources (an allow-list of
+exact paths and path prefixes; the longest matching resource decides). TCP mappings have no paths:
+the mapping admits the whole connection.
+
+Paths are checked in one canonical form, and the forwarder sends that same form to the internal
+host, so the path that was checked is the path that is served. Canonicalisation decodes
+percent-escapes of unreserved characters, removes dot segments (RFC 3986 section 5.2.4) and
+collapses repeated slashes. Anything a backend might interpret differently from us is refused
+rather than guessed at: encoded slashes, backslashes, NUL, encoded dots forming dot segments,
+"..;" path-parameter tricks, climbing above the root, invalid escapes.
+
+`Decision.reason` is one of `REASONS`: a small fixed set, because it becomes a metrics label.
+`AccessControl` is immutable; configuration changes replace it as a whole, so a request is
+checked against one consistent configuration.
+"""
+
+from __future__ import annotations
+
+import enum
+import string
+from collections.abc import Iterable, Mapping as AbcMapping
+from typing import Any
+
+import attrs
+
+from connector.tunnel.types import StreamProtocol, Target
+
+# --- decision reasons (metrics label values) ---------------------------------------------------
+ALLOWED = "allowed"
+NO_MAPPING = "no_mapping"
+NO_RESOURCE = "no_resource"
+RESOURCE_DISABLED = "resource_disabled"
+WEBSOCKET_NOT_ALLOWED = "websocket_not_allowed"
+AMBIGUOUS_PATH = "ambiguous_path"
+HOST_MISMATCH = "host_mismatch"
+BAD_REQUEST = "bad_request"
+
+REASONS: frozenset[str] = frozenset(
+    {
+        ALLOWED,
+        NO_MAPPING,
+        NO_RESOURCE,
+        RESOURCE_DISABLED,
+        WEBSOCKET_NOT_ALLOWED,
+        AMBIGUOUS_PATH,
+        HOST_MISMATCH,
+        BAD_REQUEST,
+    }
+)
+
+
+class BackendProtocol(enum.StrEnum):
+    """How the node speaks to the internal host."""
+
+    HTTP = "HTTP"
+    HTTPS = "HTTPS"
+    TCP = "TCP"
+    TCP_TLS = "TCP-TLS"
+
+    @property
+    def is_http(self) -> bool:
+        return self in (BackendProtocol.HTTP, BackendProtocol.HTTPS)
+
+    @property
+    def uses_tls(self) -> bool:
+        return self in (BackendProtocol.HTTPS, BackendProtocol.TCP_TLS)
+
+
+class HostInHeader(enum.StrEnum):
+    """Which Host header the internal host sees: the virtual one, or its own name."""
+
+    VIRTUAL = "virtual"
+    INTERNAL = "internal"
+
+
+class PathRejected(ValueError):
+    """A request path that cannot be checked unambiguously; `.reason` is one of `REASONS`."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
+_HEXDIGITS = frozenset(string.hexdigits)
+_VCHAR = frozenset(chr(c) for c in range(0x21, 0x7F))
+
+
+def _decode_segment(segment: str) -> str:
+    """Decode escapes of unreserved characters in one path segment; keep the others (upper-cased)."""
+    if "%" not in segment:
+        return segment
+    out: list[str] = []
+    encoded_dot = False
+    i = 0
+    while i < len(segment):
+        ch = segment[i]
+        if ch != "%":
+            out.append(ch)
+            i += 1
+            continue
+        hexpair = segment[i + 1 : i + 3]
+        if len(hexpair) != 2 or not set(hexpair) <= _HEXDIGITS:
+            raise PathRejected(AMBIGUOUS_PATH, "invalid percent escape")
+        decoded = chr(int(hexpair, 16))
+        if decoded == "/":
+            raise PathRejected(AMBIGUOUS_PATH, "encoded slash")
+        if decoded == "\\":
+            raise PathRejected(AMBIGUOUS_PATH, "encoded backslash")
+        if decoded == "\x00":
+            raise PathRejected(AMBIGUOUS_PATH, "encoded NUL")
+        if decoded in _UNRESERVED:
+            out.append(decoded)
+            encoded_dot = encoded_dot or decoded == "."
+        else:
+            out.append("%" + hexpair.upper())
+        i += 3
+    result = "".join(out)
+    if encoded_dot and result.split(";", 1)[0] in (".", ".."):
+        raise PathRejected(AMBIGUOUS_PATH, "encoded dot segment")
+    return result
+
+
+def normalise_path(path: str) -> str:
+    """Return the canonical form of an origin-form path (no query); raise `PathRejected`.
+
+    The result starts with "/", has no "." or ".." segments, no "//", no backslash, and
+    `normalise_path(normalise_path(p)) == normalise_path(p)`. A trailing slash is kept.
+    """
+    if not path.startswith("/"):
+        raise PathRejected(BAD_REQUEST, "path must start with '/'")
+    if "\x00" in path:
+        raise PathRejected(AMBIGUOUS_PATH, "NUL in path")
+    if "\\" in path:
+        raise PathRejected(AMBIGUOUS_PATH, "backslash in path")
+    if not set(path) <= _VCHAR:
+        raise PathRejected(BAD_REQUEST, "path has characters outside visible ASCII")
+    if "#" in path:
+        raise PathRejected(BAD_REQUEST, "fragment in request target")
+    segments = path.split("/")[1:]
+    kept: list[str] = []
+    trailing_slash = False
+    last = len(segments) - 1
+    for index, raw in enumerate(segments):
+        segment = _decode_segment(raw)
+        bare = segment.split(";", 1)[0]
+        if bare in (".", "..") and ";" in segment:
+            # Servlet containers treat "..;x" as ".."; we would not: refuse the difference.
+            raise PathRejected(AMBIGUOUS_PATH, "dot segment with parameters")
+        if segment in ("", ".", ".."):
+            if segment == "..":
+                if not kept:
+                    raise PathRejected(AMBIGUOUS_PATH, "path climbs above the root")
+                kept.pop()
+            trailing_slash = index == last
+            continue
+        kept.append(segment)
+    if not kept:
+        return "/"
+    return "/" + "/".join(kept) + ("/" if trailing_slash else "")
+
+
+def _header_tokens(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> set[bytes]:
+    tokens: set[bytes] = set()
+    for key, value in headers:
+        if key.lower() == name:
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    tokens.discard(b"")
+    return tokens
+
+
+def is_websocket_upgrade(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """True if the request asks to upgrade to WebSocket (Upgrade: websocket)."""
+    return b"websocket" in _header_tokens(headers, b"upgrade")
+
+
+# --- configuration objects ---------------------------------------------------------------------
+
+
+def _check_resource_path(_instance: object, _attribute: object, value: str) -> None:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ValueError("path: must be a string starting with '/'")
+    try:
+        canonical = normalise_path(value)
+    except PathRejected as exc:
+        raise ValueError(f"path: {exc.detail}") from None
+    if canonical != value:
+        raise ValueError(f"path: not in canonical form (would be {canonical!r})")
+
+
+@attrs.frozen
+class Resource:
+    """A path on a mapping that may be called: exactly, or as a prefix of whole segments."""
+
+    path: str = attrs.field(validator=_check_resource_path)
+    prefix: bool = True
+    enabled: bool = True
+    websocket_upgrade: bool = False
+
+    def matches(self, path: str) -> bool:
+        """Exact match, or (prefix) `path` lies under this path on a segment boundary."""
+        if path == self.path:
+            return True
+        if not self.prefix:
+            return False
+        base = self.path if self.path.endswith("/") else self.path + "/"
+        return path.startswith(base)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "prefix": self.prefix,
+            "enabled": self.enabled,
+            "websocket_upgrade": self.websocket_upgrade,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Resource:
+        """Build from JSON/TOML data; ValueError names the bad key ("path: ...")."""
+        if not isinstance(data, AbcMapping):
+            raise ValueError(f"must be a table/object, not {type(data).__name__}")
+        unknown = set(data) - {"path", "prefix", "enabled", "websocket_upgrade"}
+        if unknown:
+            raise ValueError(f"{sorted(unknown)[0]}: unknown key")
+        if "path" not in data:
+            raise ValueError("path: missing")
+        kwargs: dict[str, Any] = {"path": data["path"]}
+        for key in ("prefix", "enabled", "websocket_upgrade"):
+            if key in data:
+                if not isinstance(data[key], bool):
+                    raise ValueError(f"{key}: must be true or false")
+                kwargs[key] = data[key]
+        return cls(**kwargs)
+
+
+_HOST_CHARS = frozenset(string.ascii_letters + string.digits + "-._:[]")
+
+
+def _check_host(attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{attribute.name}: must be a non-empty string")
+    if not set(value) <= _HOST_CHARS or len(value) > 253:
+        raise ValueError(f"{attribute.name}: {value!r} is not a valid host name or address")
+
+
+def _check_port(attribute: attrs.Attribute[Any], value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ValueError(f"{attribute.name}: must be an integer port 1..65535, not {value!r}")
+
+
+def _validate_host(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    _check_host(attribute, value)
+
+
+def _validate_port(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    _check_port(attribute, value)
+
+
+@attrs.frozen
+class Mapping:
+    """A virtual endpoint the cloud may call, and the internal host that serves it."""
+
+    virtual_host: str = attrs.field(validator=_validate_host)
+    virtual_port: int = attrs.field(validator=_validate_port)
+    internal_host: str = attrs.field(validator=_validate_host)
+    internal_port: int = attrs.field(validator=_validate_port)
+    protocol: BackendProtocol = BackendProtocol.HTTP
+    host_in_header: HostInHeader = HostInHeader.VIRTUAL
+    resources: tuple[Resource, ...] = ()
+    trust_store: str | None = None  # CA bundle for HTTPS / TCP-TLS backends; None = system default
+
+    def __attrs_post_init__(self) -> None:
+        if not isinstance(self.protocol, BackendProtocol):
+            raise ValueError(f"protocol: must be a BackendProtocol, not {self.protocol!r}")
+        if not isinstance(self.host_in_header, HostInHeader):
+            raise ValueError(f"host_in_header: must be a HostInHeader, not {self.host_in_header!r}")
+        if not self.protocol.is_http and self.resources:
+            raise ValueError("resources: TCP and TCP-TLS mappings have no paths; remove resources")
+        seen: set[tuple[str, bool]] = set()
+        for index, resource in enumerate(self.resources):
+            if not isinstance(resource, Resource):
+                raise ValueError(f"resources[{index}]: must be a Resource")
+            key = (resource.path, resource.prefix)
+            if key in seen:
+                raise ValueError(f"resources[{index}].path: duplicate resource {resource.path!r}")
+            seen.add(key)
+        if self.trust_store is not None and (
+            not isinstance(self.trust_store, str) or not self.trust_store
+        ):
+            raise ValueError("trust_store: must be a file path or absent")
+
+    @property
+    def name(self) -> str:
+        """The mapping's name as operators and metrics see it: "virtual_host:virtual_port"."""
+        return f"{self.virtual_host}:{self.virtual_port}"
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "virtual_host": self.virtual_host,
+            "virtual_port": self.virtual_port,
+            "internal_host": self.internal_host,
+            "internal_port": self.internal_port,
+            "protocol": str(self.protocol),
+            "host_in_header": str(self.host_in_header),
+            "resources": [r.to_dict() for r in self.resources],
+        }
+        if self.trust_store is not None:
+            data["trust_store"] = self.trust_store
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Mapping:
+        """Build from JSON/TOML data; ValueError names the bad key and why (e.g. "internal_port: ...")."""
+        if not isinstance(data, AbcMapping):
+            raise ValueError(f"mapping must be a table/object, not {type(data).__name__}")
+        fields = {f.name for f in attrs.fields(cls)}
+        unknown = set(data) - fields
+        if unknown:
+            raise ValueError(f"{sorted(unknown)[0]}: unknown key")
+        for key in ("virtual_host", "virtual_port", "internal_host", "internal_port"):
+            if key not in data:
+                raise ValueError(f"{key}: missing")
+        kwargs: dict[str, Any] = {
+            key: data[key] for key in ("virtual_host", "virtual_port", "internal_host", "internal_port")
+        }
+        if "protocol" in data:
+            try:
+                kwargs["protocol"] = BackendProtocol(data["protocol"])
+            except ValueError:
+                allowed = ", ".join(p.value for p in BackendProtocol)
+                raise ValueError(f"protocol: {data['protocol']!r} is not one of {allowed}") from None
+        if "host_in_header" in data:
+            try:
+                kwargs["host_in_header"] = HostInHeader(data["host_in_header"])
+            except ValueError:
+                raise ValueError(
+                    f"host_in_header: {data['host_in_header']!r} is not 'virtual' or 'internal'"
+                ) from None
+        if "resources" in data:
+            raw = data["resources"]
+            if not isinstance(raw, list | tuple):
+                raise ValueError("resources: must be a list")
+            resources = []
+            for index, item in enumerate(raw):
+                try:
+                    resources.append(Resource.from_dict(item))
+                except ValueError as exc:
+                    raise ValueError(f"resources[{index}].{exc}") from None
+            kwargs["resources"] = tuple(resources)
+        if "trust_store" in data and data["trust_store"] is not None:
+            if not isinstance(data["trust_store"], str):
+                raise ValueError("trust_store: must be a file path string")
+            kwargs["trust_store"] = data["trust_store"]
+        return cls(**kwargs)
+
+
+@attrs.frozen
+class Decision:
+    """The verdict on one request. `reason` is one of `REASONS` ("allowed" when allowed).
+
+    `path` is the canonical path that was checked (None if none could be derived);
+    `forward_target` is the request target to send to the internal host (canonical path plus the
+    original query); `websocket` is True for an allowed WebSocket upgrade.
+    """
+
+    allowed: bool
+    reason: str
+    path: str | None
+    forward_target: bytes | None = None
+    websocket: bool = False
+    resource: Resource | None = None
+
+
+def _deny(reason: str, path: str | None = None) -> Decision:
+    return Decision(allowed=False, reason=reason, path=path)
+
+
+def _split_host_port(authority: str) -> tuple[str, int | None]:
+    """Split "host[:port]" / "[v6][:port]"; raise PathRejected(BAD_REQUEST) if malformed."""
+    if authority.startswith("["):
+        end = authority.find("]")
+        if end < 0:
+            raise PathRejected(BAD_REQUEST, "malformed authority")
+        host, rest = authority[: end + 1], authority[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise PathRejected(BAD_REQUEST, "malformed authority")
+        port_text = rest[1:] if rest else ""
+    else:
+        host, _, port_text = authority.partition(":")
+    if not host:
+        raise PathRejected(BAD_REQUEST, "empty host")
+    if not port_text:
+        return host, None
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise PathRejected(BAD_REQUEST, "bad port in authority")
+    return host, int(port_text)
+
+
+class AccessControl:
+    """The node's allow-list: mappings by virtual endpoint. Immutable; replace it as a whole."""
+
+    def __init__(self, mappings: Iterable[Mapping]) -> None:
+        by_endpoint: dict[tuple[str, int], Mapping] = {}
+        for mapping in mappings:
+            key = (mapping.virtual_host.lower(), mapping.virtual_port)
+            if key in by_endpoint:
+                raise ValueError(f"virtual_host: duplicate mapping {mapping.name!r}")
+            by_endpoint[key] = mapping
+        self._by_endpoint = by_endpoint
+
+    @property
+    def mappings(self) -> tuple[Mapping, ...]:
+        return tuple(self._by_endpoint.values())
+
+    def find_mapping(self, target: Target) -> Mapping | None:
+        """The mapping serving `target`, or None. HTTP targets only reach HTTP/HTTPS mappings,
+        TCP targets only TCP/TCP-TLS ones; the virtual host compares case-insensitively."""
+        mapping = self._by_endpoint.get((target.virtual_host.lower(), target.port))
+        if mapping is None:
+            return None
+        wants_http = target.protocol == StreamProtocol.HTTP
+        if mapping.protocol.is_http != wants_http:
+            return None
+        return mapping
+
+    def check_request(
+        self,
+        mapping: Mapping,
+        method: bytes,
+        raw_target: bytes,
+        headers: Iterable[tuple[bytes, bytes]],
+    ) -> Decision:
+        """Decide one HTTP request on `mapping` (a mapping from `find_mapping`)."""
+        if not mapping.protocol.is_http:
+            return _deny(BAD_REQUEST)
+        headers = list(headers)
+        try:
+            target = raw_target.decode("ascii")
+        except UnicodeDecodeError:
+            return _deny(BAD_REQUEST)
+        if method.upper() == b"CONNECT" or "#" in target or not target:
+            return _deny(BAD_REQUEST)
+        if target == "*":
+            if method != b"OPTIONS":
+                return _deny(BAD_REQUEST)
+            if any(r.enabled for r in mapping.resources):
+                return Decision(True, ALLOWED, "*", forward_target=b"*")
+            return _deny(NO_RESOURCE, "*")
+        try:
+            path, query = self._origin_parts(mapping, target)
+            path = normalise_path(path)
+        except PathRejected as exc:
+            return _deny(exc.reason)
+        resource = self._best_resource(mapping, path)
+        if resource is None:
+            return _deny(NO_RESOURCE, path)
+        if not resource.enabled:
+            return _deny(RESOURCE_DISABLED, path)
+        websocket = is_websocket_upgrade(headers)
+        if websocket and not resource.websocket_upgrade:
+            return _deny(WEBSOCKET_NOT_ALLOWED, path)
+        forward = path if query is None else f"{path}?{query}"
+        return Decision(
+            True, ALLOWED, path, forward_target=forward.encode("ascii"), websocket=websocket,
+            resource=resource,
+        )
+
+    @staticmethod
+    def _origin_parts(mapping: Mapping, target: str) -> tuple[str, str | None]:
+        """Split a request target into (raw path, query); absolute-form must name the mapping."""
+        lowered = target[:8].lower()
+        if lowered.startswith(("http://", "https://")):
+            rest = target.split("://", 1)[1]
+            cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+            authority, target = rest[:cut], rest[cut:]
+            if "@" in authority:
+                raise PathRejected(BAD_REQUEST, "userinfo in absolute-form target")
+            host, port = _split_host_port(authority)
+            if host.lower() != mapping.virtual_host.lower() or (
+                port is not None and port != mapping.virtual_port
+            ):
+                raise PathRejected(HOST_MISMATCH, "absolute-form host is not the virtual host")
+            if not target or target.startswith("?"):
+                target = "/" + target
+        elif not target.startswith("/"):
+            raise PathRejected(BAD_REQUEST, "request target is not origin-form")
+        path, sep, query = target.partition("?")
+        return path, (query if sep else None)
+
+    @staticmethod
+    def _best_resource(mapping: Mapping, path: str) -> Resource | None:
+        """Longest matching resource; at equal length an exact resource beats a prefix one."""
+        best: Resource | None = None
+        for resource in mapping.resources:
+            if not resource.matches(path):
+                continue
+            if best is None or (len(resource.path), not resource.prefix) > (
+                len(best.path),
+                not best.prefix,
+            ):
+                best = resource
+        return best
