@@ -1,0 +1,570 @@
+"""The HTTP connectivity proxy: cloud applications send plain HTTP requests here (SAP's port 20003).
+
+Theory of operation. An application connects and sends requests in absolute-form
+(`GET http://erp.virtual:8000/path HTTP/1.1`) with `Proxy-Authorization: Bearer <token>` and,
+optionally, `SAP-Connectivity-SCC-Location_ID: <id>` (default location id ""). The token names the
+subaccount (`Authenticator`); the URL names the virtual host and port. h11 parses the application
+side (server role). For each request the proxy needs a tunnel stream to
+Target(virtual_host, port, HTTP) from the `Router`; one stream is kept per application connection
+and reused for the next request while (subaccount, location_id, host, port) stay the same, and
+replaced when they change. On the stream a second h11 connection (client role) writes the request
+in origin-form, without the proxy's own headers (Proxy-Authorization, the location header,
+hop-by-hop headers; Host is kept), and parses the response, which is relayed back.
+
+Bodies stream both ways at the same time (two tasks: request body up, response down), one chunk
+at a time, so memory per connection is bounded by the chunk size and the stream's window, never
+by the body size; a backend may answer before the request body is complete.
+
+Errors are short JSON bodies from `connector.httperrors.error_parts`: 407 missing or bad
+credentials, 400 malformed or origin-form requests, 405 CONNECT (SAP's proxy does not tunnel
+HTTPS: the node speaks TLS to the internal host when its mapping says HTTPS), 503 no connector,
+403 refused by the node's allow-list, 504 connect timeout, 502 other stream failures. A TLS
+ClientHello on this port (HTTPS *to the proxy*) is logged and the connection closed. Once a
+response has started, a failure can only be reported by closing the application connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+
+import attrs
+import h11
+import trio
+
+from connector.cloud.auth import Authenticator
+from connector.cloud.router import NoConnectorError, Router
+from connector.httperrors import REASON_PHRASES, error_parts
+from connector.metrics import PROXY_REQUEST_SECONDS, PROXY_REQUESTS
+from connector.tunnel.streams import TunnelStream
+from connector.tunnel.types import ErrorCode, StreamProtocol, StreamResetError, Target
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HTTP_PROXY_PORT = 20003
+LOCATION_HEADER = b"sap-connectivity-scc-location_id"
+TLS_HANDSHAKE_RECORD = 0x16
+
+# Headers that belong to one hop (RFC 9110 section 7.6.1) or to the proxy itself; never forwarded.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        LOCATION_HEADER,
+    }
+)
+
+_HOST = re.compile(rb"[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\]")
+
+
+@attrs.frozen
+class ProxySettings:
+    """Limits of the HTTP proxy; times in seconds of trio time."""
+
+    max_header_bytes: int = 65536
+    chunk: int = 65536
+    header_timeout: float = 30.0  # to receive a complete request head once bytes started arriving
+    idle_timeout: float = 120.0  # keep-alive connection with no request
+    linger_timeout: float = 2.0  # reading what the client still sends after a final error
+    linger_bytes: int = 1 << 20
+
+
+class BadTargetError(ValueError):
+    """The request line does not name an http:// URL the proxy can route."""
+
+
+def parse_proxy_target(raw: bytes) -> tuple[str, int, bytes]:
+    """Split an absolute-form target into (virtual_host, port, origin-form target)."""
+    if raw.startswith(b"/") or raw == b"*":
+        raise BadTargetError(
+            "origin-form request sent to the proxy: send the absolute URL "
+            "(GET http://virtual-host:port/path) as HTTP proxy clients do"
+        )
+    scheme, sep, rest = raw.partition(b"://")
+    if not sep:
+        raise BadTargetError("request target is not an absolute http:// URL")
+    if scheme.lower() == b"https":
+        raise BadTargetError(
+            "https:// URLs are not proxied: send http://virtual-host:port/...; the connector node "
+            "uses TLS to the internal host when its mapping says HTTPS"
+        )
+    if scheme.lower() != b"http":
+        raise BadTargetError(f"unsupported URL scheme {scheme.decode('latin-1')!r}")
+    split = len(rest)
+    for delimiter in (b"/", b"?", b"#"):
+        index = rest.find(delimiter)
+        if index != -1:
+            split = min(split, index)
+    authority, path = rest[:split], rest[split:]
+    path = path.partition(b"#")[0]
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    if b"@" in authority:
+        raise BadTargetError("user information in the URL is not allowed")
+    if authority.startswith(b"["):
+        host, _, port_part = authority.partition(b"]")
+        host += b"]"
+        if port_part and not port_part.startswith(b":"):
+            raise BadTargetError("malformed IPv6 authority")
+        port_text = port_part[1:]
+    else:
+        host, _, port_text = authority.partition(b":")
+    if not host:
+        raise BadTargetError("the URL names no host")
+    if not _HOST.fullmatch(host):
+        raise BadTargetError("the URL host contains characters not allowed in a host name")
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise BadTargetError("the URL port is not a number between 1 and 65535")
+        port = int(port_text)
+    else:
+        port = 80
+    return host.decode("ascii").lower(), port, path
+
+
+def forwarded_headers(headers: Sequence[tuple[bytes, bytes]], host: str, port: int) -> list[tuple[bytes, bytes]]:
+    """Request headers to send to the node: proxy and hop-by-hop headers removed, Host kept."""
+    listed = {
+        token.strip().lower()
+        for name, value in headers
+        if name == b"connection"
+        for token in value.split(b",")
+    }
+    result = [(name, value) for name, value in headers if name not in HOP_BY_HOP and name not in listed]
+    if not any(name == b"host" for name, _ in result):
+        authority = host if port == 80 else f"{host}:{port}"
+        result.insert(0, (b"host", authority.encode("ascii")))
+    return result
+
+
+def response_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Response headers to relay to the application: hop-by-hop headers removed."""
+    listed = {
+        token.strip().lower()
+        for name, value in headers
+        if name == b"connection"
+        for token in value.split(b",")
+    }
+    return [(name, value) for name, value in headers if name not in HOP_BY_HOP and name not in listed]
+
+
+def reset_status(error: StreamResetError) -> tuple[int, str, str]:
+    """(status, reason token, message) for a stream the node reset or the tunnel lost."""
+    detail = f": {error.reason}" if error.reason else ""
+    match error.code:
+        case ErrorCode.NO_MAPPING:
+            return 403, "no_mapping", "the connector has no mapping for this virtual host and port" + detail
+        case ErrorCode.DENIED:
+            return 403, "denied_by_allowlist", "the connector's access control denied this request" + detail
+        case ErrorCode.CONNECT_TIMEOUT:
+            return 504, "internal_host_timeout", "the internal host did not answer in time" + detail
+        case ErrorCode.CONNECT_FAILED:
+            return 502, "internal_host_unreachable", "the internal host refused or is unreachable" + detail
+        case ErrorCode.BACKEND_RESET:
+            return 502, "backend_reset", "the internal host reset the connection" + detail
+        case ErrorCode.TUNNEL_LOST:
+            return 502, "connector_connection_lost", "connector connection lost" + detail
+        case ErrorCode.BACKEND_TLS_ERROR:
+            return 502, "backend_tls_error", "TLS to the internal host failed" + detail
+        case _:
+            return 502, error.code.name.lower(), f"stream to the connector failed ({error.code.name})" + detail
+
+
+class _ClientGone(Exception):
+    """The application closed or broke its connection; nothing more can be told to it."""
+
+
+@attrs.define
+class _Upstream:
+    key: tuple[str, str, str, int]
+    stream: TunnelStream
+    conn: h11.Connection
+
+
+class HttpProxy:
+    """Serves the HTTP connectivity proxy; one `_ProxyConnection` per application connection."""
+
+    def __init__(
+        self, router: Router, authenticator: Authenticator, *, settings: ProxySettings = ProxySettings()
+    ) -> None:
+        self.router = router
+        self.authenticator = authenticator
+        self.settings = settings
+
+    async def run(
+        self,
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_HTTP_PROXY_PORT,
+        *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        bound_port: int = listeners[0].socket.getsockname()[1]
+        log.info("HTTP connectivity proxy listening on %s:%d", host, bound_port)
+        task_status.started(bound_port)
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, sock: trio.SocketStream) -> None:
+        connection = _ProxyConnection(self, sock)
+        try:
+            await connection.serve()
+        except Exception:
+            log.exception("HTTP proxy connection from %s failed", connection.peer)
+        finally:
+            await connection.close()
+
+
+class _ProxyConnection:
+    def __init__(self, proxy: HttpProxy, sock: trio.SocketStream) -> None:
+        self.proxy = proxy
+        self.settings = proxy.settings
+        self.sock = sock
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.settings.max_header_bytes)
+        self.upstream: _Upstream | None = None
+        try:
+            host, port = sock.socket.getpeername()[:2]
+            self.peer = f"{host}:{port}"
+        except OSError:
+            self.peer = "?"
+
+    # --- application side -------------------------------------------------------------------
+    async def _receive_client(self) -> bytes:
+        try:
+            return await self.sock.receive_some(self.settings.chunk)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise _ClientGone() from exc
+
+    async def _send_client(self, event: h11.Event) -> None:
+        data = self.conn.send(event)
+        if data:
+            try:
+                await self.sock.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise _ClientGone() from exc
+
+    async def _next_client_event(self) -> h11.Event:
+        while True:
+            event = self.conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event  # type: ignore[return-value]
+            self.conn.receive_data(await self._receive_client())
+
+    async def serve(self) -> None:
+        with trio.move_on_after(self.settings.idle_timeout):
+            first = await self._receive_client()
+        if not first:
+            return
+        if first[0] == TLS_HANDSHAKE_RECORD:
+            log.warning(
+                "TLS ClientHello from %s on the HTTP proxy port: HTTPS to the proxy itself is refused; "
+                "use a plain http:// proxy URL (the connector protects the hop to the internal host)",
+                self.peer,
+            )
+            PROXY_REQUESTS.labels("http", "tls_refused").inc()
+            return
+        self.conn.receive_data(first)
+        while True:
+            try:
+                with trio.move_on_after(self.settings.idle_timeout) as idle:
+                    event = await self._next_client_event()
+                if idle.cancelled_caught:
+                    return
+            except h11.RemoteProtocolError as exc:
+                await self._reject_malformed(exc)
+                return
+            except _ClientGone:
+                return
+            if isinstance(event, h11.ConnectionClosed):
+                return
+            if not isinstance(event, h11.Request):
+                return
+            try:
+                await self._handle_request(event)
+            except _ClientGone:
+                return
+            if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+                self.conn.start_next_cycle()
+            else:
+                if self.conn.our_state in (h11.DONE, h11.MUST_CLOSE):
+                    await self._linger()
+                return
+
+    async def _reject_malformed(self, exc: h11.RemoteProtocolError) -> None:
+        status = exc.error_status_hint
+        PROXY_REQUESTS.labels("http", str(status)).inc()
+        if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        reason = "request_header_too_large" if status == 431 else "malformed_request"
+        try:
+            await self._send_error(status, reason, f"malformed HTTP request: {exc}", close=True)
+            await self._linger()
+        except _ClientGone:
+            pass
+
+    async def _send_error(
+        self,
+        status: int,
+        reason: str,
+        message: str,
+        *,
+        extra: list[tuple[bytes, bytes]] | None = None,
+        close: bool = False,
+    ) -> None:
+        status, headers, body = error_parts(status, reason, message, extra)
+        self._discard_buffered_body()
+        if close or self.conn.their_state is not h11.DONE:
+            # the rest of the request body is not read: the connection cannot be reused
+            headers.append((b"connection", b"close"))
+        await self._send_client(
+            h11.Response(status_code=status, headers=headers, reason=REASON_PHRASES.get(status, b""))
+        )
+        await self._send_client(h11.Data(data=body))
+        await self._send_client(h11.EndOfMessage())
+
+    def _discard_buffered_body(self) -> None:
+        """Consume a request body that is already fully buffered (typically: none), no I/O.
+
+        An error answered before the body was read can keep the connection alive only if the
+        whole request has been read; otherwise the response says `Connection: close`.
+        """
+        while self.conn.their_state is h11.SEND_BODY:
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError:
+                return
+            if event is h11.NEED_DATA or not isinstance(event, (h11.Data, h11.EndOfMessage)):
+                return
+
+    async def _linger(self) -> None:
+        """Half-close, then read what the client still sends, so closing does not reset the response."""
+        try:
+            await self.sock.send_eof()
+            received = 0
+            with trio.move_on_after(self.settings.linger_timeout):
+                while received < self.settings.linger_bytes:
+                    data = await self.sock.receive_some(self.settings.chunk)
+                    if not data:
+                        break
+                    received += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+    async def close(self) -> None:
+        await self._drop_upstream(clean=False)
+        with trio.CancelScope(shield=True):
+            await self.sock.aclose()
+
+    # --- one request ------------------------------------------------------------------------
+    async def _handle_request(self, request: h11.Request) -> None:
+        started = trio.current_time()
+        status = await self._proxy_request(request)
+        PROXY_REQUESTS.labels("http", str(status) if status else "aborted").inc()
+        PROXY_REQUEST_SECONDS.labels("http").observe(trio.current_time() - started)
+
+    async def _proxy_request(self, request: h11.Request) -> int | None:
+        """Answer one request; return the status sent to the application (None if aborted)."""
+        if request.method == b"CONNECT":
+            await self._send_error(
+                405,
+                "connect_not_supported",
+                "CONNECT is not supported: the connectivity proxy does not tunnel HTTPS. Send plain "
+                "http:// requests; the connector node uses TLS to the internal host when its mapping "
+                "says HTTPS",
+                extra=[(b"allow", b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")],
+                close=True,
+            )
+            return 405
+        headers = list(request.headers)
+        authorization = next((v for n, v in headers if n == b"proxy-authorization"), None)
+        challenge = [(b"proxy-authenticate", b'Bearer realm="connectivity-proxy"')]
+        if authorization is None:
+            await self._send_error(
+                407, "proxy_authentication_required",
+                "send Proxy-Authorization: Bearer <token>", extra=challenge,
+            )
+            return 407
+        subaccount = self.proxy.authenticator.authenticate_header(authorization)
+        if subaccount is None:
+            await self._send_error(
+                407, "invalid_proxy_credentials", "the proxy credentials were not accepted", extra=challenge
+            )
+            return 407
+        try:
+            host, port, origin_target = parse_proxy_target(request.target)
+        except BadTargetError as exc:
+            await self._send_error(400, "bad_request_target", str(exc))
+            return 400
+        location_raw = next((v for n, v in headers if n == LOCATION_HEADER), b"")
+        try:
+            location_id = location_raw.decode("ascii").strip()
+        except UnicodeDecodeError:
+            await self._send_error(400, "bad_location_id", "the location id header must be ASCII")
+            return 400
+
+        key = (subaccount, location_id, host, port)
+        if self.upstream is not None and (
+            self.upstream.key != key or self.upstream.conn.our_state is not h11.IDLE
+        ):
+            await self._drop_upstream(clean=True)
+        if self.upstream is None:
+            try:
+                stream = await self.proxy.router.open_stream(
+                    subaccount, location_id, Target(host, port, StreamProtocol.HTTP)
+                )
+            except NoConnectorError as exc:
+                await self._send_error(503, "no_connector", exc.reason)
+                return 503
+            except StreamResetError as exc:
+                status, reason, message = reset_status(exc)
+                await self._send_error(status, reason, message)
+                return status
+            self.upstream = _Upstream(
+                key, stream, h11.Connection(h11.CLIENT, max_incomplete_event_size=self.settings.max_header_bytes)
+            )
+        upstream = self.upstream
+        outgoing = h11.Request(
+            method=request.method,
+            target=origin_target,
+            headers=forwarded_headers(headers, host, port),
+        )
+        return await self._exchange(upstream, outgoing)
+
+    async def _exchange(self, upstream: _Upstream, outgoing: h11.Request) -> int | None:
+        body_scope = trio.CancelScope()
+        state: dict[str, object] = {"status": None, "client_error": None, "body_scope": body_scope}
+
+        async def send_upstream(event: h11.Event) -> None:
+            data = upstream.conn.send(event)
+            if data:
+                await upstream.stream.send_all(data)
+
+        async def pump_request_body() -> None:
+            try:
+                await send_upstream(outgoing)
+                while True:
+                    event = await self._next_client_event()
+                    if isinstance(event, h11.Data):
+                        await send_upstream(event)
+                    elif isinstance(event, h11.EndOfMessage):
+                        await send_upstream(event)
+                        return
+                    elif isinstance(event, h11.ConnectionClosed):  # in the middle of a body
+                        raise _ClientGone()
+                    else:
+                        return
+            except (StreamResetError, trio.BrokenResourceError, trio.ClosedResourceError):
+                # the node stopped reading; the response side reports why (or relays its answer)
+                return
+            except (h11.RemoteProtocolError, _ClientGone) as exc:
+                state["client_error"] = exc
+                with trio.CancelScope(shield=True):
+                    await upstream.stream.reset(ErrorCode.CANCEL, "client request broken")
+                nursery.cancel_scope.cancel()
+
+        async def relay_response() -> None:
+            try:
+                await relay_response_events()
+            except _ClientGone as exc:
+                state["client_error"] = exc
+                await self._drop_upstream(clean=False)
+
+        async def relay_response_events() -> None:
+            try:
+                while True:
+                    event = upstream.conn.next_event()
+                    if event is h11.NEED_DATA:
+                        upstream.conn.receive_data(await upstream.stream.receive_some(self.settings.chunk))
+                        continue
+                    if isinstance(event, h11.InformationalResponse):
+                        if event.status_code != 101:
+                            await self._send_client(event)
+                    elif isinstance(event, h11.Response):
+                        relayed = h11.Response(
+                            status_code=event.status_code,
+                            headers=response_headers(event.headers),
+                            reason=event.reason,
+                        )
+                        await self._send_client(relayed)
+                        state["status"] = event.status_code
+                    elif isinstance(event, h11.Data):
+                        await self._send_client(event)
+                    elif isinstance(event, h11.EndOfMessage):
+                        await self._send_client(h11.EndOfMessage())
+                        return
+                    else:
+                        raise StreamResetError(
+                            ErrorCode.BACKEND_RESET, "the stream ended before the response was complete"
+                        )
+            except h11.RemoteProtocolError as exc:
+                await self._upstream_failed(
+                    state, 502, "bad_response", f"the internal host sent a malformed response: {exc}"
+                )
+            except StreamResetError as exc:
+                await self._upstream_failed(state, *reset_status(exc))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._upstream_failed(state, *reset_status(StreamResetError(ErrorCode.TUNNEL_LOST)))
+
+        async with trio.open_nursery() as nursery:
+
+            async def body_task() -> None:
+                with body_scope:
+                    await pump_request_body()
+
+            nursery.start_soon(body_task)
+            await relay_response()
+            # a response that finished before the request body did: stop reading the body;
+            # the application connection then closes (its state is not DONE)
+            body_scope.cancel()
+
+        client_error = state["client_error"]
+        if isinstance(client_error, _ClientGone):
+            await self._drop_upstream(clean=False)
+            raise client_error
+        if isinstance(client_error, h11.RemoteProtocolError) and state["status"] is None:
+            await self._drop_upstream(clean=False)
+            if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                await self._send_error(400, "malformed_request", f"malformed request body: {client_error}", close=True)
+                return 400
+            return None
+        if upstream.conn.our_state is h11.DONE and upstream.conn.their_state is h11.DONE:
+            upstream.conn.start_next_cycle()
+        else:
+            await self._drop_upstream(clean=upstream.conn.their_state is h11.DONE)
+        status = state["status"]
+        return status if isinstance(status, int) else None
+
+    async def _upstream_failed(self, state: dict[str, object], status: int, reason: str, message: str) -> None:
+        # Stop the request-body pump first (it is suspended: cancelling it loses no client bytes),
+        # so that an already-buffered end of request can be consumed here and keep-alive survives.
+        body_scope = state["body_scope"]
+        assert isinstance(body_scope, trio.CancelScope)
+        body_scope.cancel()
+        await self._drop_upstream(clean=False)
+        if state["status"] is None and self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            log.info("HTTP proxy: %s for %s: %s", status, self.peer, message)
+            await self._send_error(status, reason, message)
+            state["status"] = status
+        else:
+            # the response had started: the only way to tell the application is to break the connection
+            log.info("HTTP proxy: response to %s aborted: %s", self.peer, message)
+            raise _ClientGone()
+
+    async def _drop_upstream(self, *, clean: bool) -> None:
+        upstream, self.upstream = self.upstream, None
+        if upstream is None:
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(self.settings.linger_timeout):
+            try:
+                if clean:
+                    await upstream.stream.aclose()
+                else:
+                    await upstream.stream.reset(ErrorCode.CANCEL, "proxy client connection ended")
+            except (StreamResetError, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass

@@ -1,0 +1,464 @@
+"""HTTP connectivity proxy over real loopback sockets, with a fake Router of in-memory streams.
+
+The "node" at the far end of each stream is a tiny h11 server: it echoes the request (method,
+target and headers in response headers, the body streamed back as it arrives), or resets the
+stream with the code named in the path (/reset/<CODE>) to exercise the error mapping.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from collections.abc import AsyncIterator
+
+import h11
+import pytest
+import trio
+from prometheus_client import REGISTRY
+
+from connector.cloud.auth import Authenticator, hash_token
+from connector.cloud.proxy import BadTargetError, HttpProxy, ProxySettings, parse_proxy_target
+from connector.cloud.router import NoConnectorError
+from connector.tunnel.streams import TunnelStream
+from connector.tunnel.testing import memory_stream_pair
+from connector.tunnel.types import ErrorCode, StreamResetError, Target
+
+TOKEN = "app-token-sub1"
+OTHER_TOKEN = "app-token-sub2"
+AUTH = (b"proxy-authorization", b"Bearer " + TOKEN.encode())
+TEST_TIMEOUT = 20.0
+
+
+class FakeRouter:
+    """Routes (subaccount, location_id) pairs it knows to an in-memory node; others get 503."""
+
+    def __init__(self, nursery: trio.Nursery, locations: set[tuple[str, str]]) -> None:
+        self.nursery = nursery
+        self.locations = locations
+        self.opened: list[tuple[str, str, Target]] = []
+        self.gate = trio.Event()
+        self.gate.set()
+
+    async def open_stream(self, subaccount: str, location_id: str, target: Target) -> TunnelStream:
+        self.opened.append((subaccount, location_id, target))
+        if (subaccount, location_id) not in self.locations:
+            raise NoConnectorError(f"no connector connected for location {location_id!r}")
+        if target.virtual_host == "refused.virtual":
+            raise StreamResetError(ErrorCode.TUNNEL_LOST, "master went away while opening")
+        opener, acceptor = memory_stream_pair(target)
+        self.nursery.start_soon(self.echo_node, acceptor)
+        return opener
+
+    async def echo_node(self, stream: TunnelStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+
+        async def send(event: h11.Event) -> None:
+            await stream.send_all(conn.send(event) or b"")
+
+        async def next_event() -> h11.Event:
+            while True:
+                event = conn.next_event()
+                if event is not h11.NEED_DATA:
+                    return event  # type: ignore[return-value]
+                conn.receive_data(await stream.receive_some(65536))
+
+        try:
+            while True:
+                request = await next_event()
+                if not isinstance(request, h11.Request):
+                    return
+                path = request.target.decode()
+                if path.startswith("/reset/"):
+                    await stream.reset(ErrorCode[path.split("/")[2]], "test reset")
+                    return
+                if path == "/gate":
+                    await self.gate.wait()
+                headers = [
+                    (b"x-echo-method", request.method),
+                    (b"x-echo-target", request.target),
+                    (b"x-echo-headers", json.dumps([[n.decode(), v.decode()] for n, v in request.headers]).encode()),
+                    (b"x-stream-id", str(id(stream)).encode()),
+                    (b"transfer-encoding", b"chunked"),
+                    (b"connection", b"keep-alive"),
+                ]
+                await send(h11.Response(status_code=200, headers=headers))
+                if path == "/half-then-reset":
+                    await send(h11.Data(data=b"partial"))
+                    await stream.reset(ErrorCode.BACKEND_RESET, "backend died")
+                    return
+                while True:
+                    event = await next_event()
+                    if isinstance(event, h11.Data):
+                        await send(h11.Data(data=event.data))
+                    elif isinstance(event, h11.EndOfMessage):
+                        await send(h11.EndOfMessage())
+                        break
+                    else:
+                        return
+                conn.start_next_cycle()
+        except (StreamResetError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+            return
+
+
+class Client:
+    """A minimal HTTP/1.1 client on a real socket, keep-alive across requests."""
+
+    def __init__(self, sock: trio.SocketStream) -> None:
+        self.sock = sock
+        self.conn = h11.Connection(h11.CLIENT)
+
+    @classmethod
+    async def connect(cls, port: int) -> Client:
+        return cls(await trio.open_tcp_stream("127.0.0.1", port))
+
+    async def send(self, event: h11.Event) -> None:
+        await self.sock.send_all(self.conn.send(event) or b"")
+
+    async def next_event(self) -> h11.Event:
+        while True:
+            event = self.conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event  # type: ignore[return-value]
+            self.conn.receive_data(await self.sock.receive_some(65536))
+
+    async def read_response(self) -> tuple[h11.Response, bytes]:
+        response = await self.next_event()
+        while isinstance(response, h11.InformationalResponse):
+            response = await self.next_event()
+        assert isinstance(response, h11.Response), response
+        body = bytearray()
+        while True:
+            event = await self.next_event()
+            if isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            else:
+                raise AssertionError(f"unexpected {event!r}")
+        return response, bytes(body)
+
+    async def request(
+        self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes = b""
+    ) -> tuple[h11.Response, bytes]:
+        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+            self.conn.start_next_cycle()
+        if body and not any(n.lower() in (b"content-length", b"transfer-encoding") for n, _ in headers):
+            headers = headers + [(b"content-length", str(len(body)).encode())]
+        await self.send(h11.Request(method=method, target=target, headers=headers))
+        if body:
+            await self.send(h11.Data(data=body))
+        await self.send(h11.EndOfMessage())
+        return await self.read_response()
+
+
+def header(response: h11.Response, name: bytes) -> bytes | None:
+    return next((v for n, v in response.headers if n == name), None)
+
+
+@pytest.fixture
+async def proxy_env() -> AsyncIterator[tuple[int, FakeRouter]]:
+    async with trio.open_nursery() as nursery:
+        router = FakeRouter(nursery, {("sub1", ""), ("sub1", "loc2")})
+        authenticator = Authenticator({"sub1": [hash_token(TOKEN)], "sub2": [hash_token(OTHER_TOKEN)]})
+        proxy = HttpProxy(router, authenticator, settings=ProxySettings(linger_timeout=0.5))
+        port = await nursery.start(proxy.run, "127.0.0.1", 0)
+        with trio.fail_after(TEST_TIMEOUT):
+            yield port, router
+        nursery.cancel_scope.cancel()
+
+
+def sample(status: str) -> float:
+    return REGISTRY.get_sample_value("connector_proxy_requests_total", {"proxy": "http", "status": status}) or 0.0
+
+
+async def test_get_is_forwarded_in_origin_form_without_proxy_headers(proxy_env: tuple[int, FakeRouter]) -> None:
+    port, router = proxy_env
+    before = sample("200")
+    client = await Client.connect(port)
+    response, body = await client.request(
+        b"GET",
+        b"http://ERP.virtual:8000/sap/opu?x=1",
+        [
+            (b"host", b"erp.virtual:8000"),
+            AUTH,
+            (b"SAP-Connectivity-SCC-Location_ID", b"loc2"),
+            (b"proxy-connection", b"keep-alive"),
+            (b"x-app", b"kept"),
+        ],
+    )
+    assert response.status_code == 200
+    assert body == b""
+    assert header(response, b"x-echo-method") == b"GET"
+    assert header(response, b"x-echo-target") == b"/sap/opu?x=1"
+    forwarded = dict(json.loads(header(response, b"x-echo-headers") or b"[]"))
+    assert forwarded["host"] == "erp.virtual:8000"
+    assert forwarded["x-app"] == "kept"
+    assert not {"proxy-authorization", "sap-connectivity-scc-location_id", "proxy-connection"} & set(forwarded)
+    assert header(response, b"connection") is None  # hop-by-hop header of the node is not relayed
+    assert router.opened == [("sub1", "loc2", Target("erp.virtual", 8000))]
+    for _ in range(100):  # the proxy counts just after the last byte went out
+        if sample("200") == before + 1:
+            break
+        await trio.sleep(0.01)
+    assert sample("200") == before + 1
+
+
+async def test_post_with_body_and_basic_auth(proxy_env: tuple[int, FakeRouter]) -> None:
+    port, router = proxy_env
+    import base64
+
+    client = await Client.connect(port)
+    basic = b"Basic " + base64.b64encode(f"sub1:{TOKEN}".encode())
+    response, body = await client.request(
+        b"POST", b"http://erp.virtual/orders", [(b"host", b"erp.virtual"), (b"proxy-authorization", basic)],
+        body=b'{"order": 1}',
+    )
+    assert response.status_code == 200
+    assert body == b'{"order": 1}'
+    assert header(response, b"x-echo-method") == b"POST"
+    assert router.opened[-1] == ("sub1", "", Target("erp.virtual", 80))
+
+
+async def test_chunked_request_body(proxy_env: tuple[int, FakeRouter]) -> None:
+    port, _ = proxy_env
+    client = await Client.connect(port)
+    await client.send(h11.Request(
+        method=b"PUT", target=b"http://erp.virtual:8000/upload",
+        headers=[(b"host", b"erp.virtual:8000"), AUTH, (b"transfer-encoding", b"chunked")],
+    ))
+    parts = [b"alpha-", b"beta-", b"gamma"]
+    for part in parts:
+        await client.send(h11.Data(data=part))
+    await client.send(h11.EndOfMessage())
+    response, body = await client.read_response()
+    assert response.status_code == 200
+    assert body == b"".join(parts)
+    forwarded = dict(json.loads(header(response, b"x-echo-headers") or b"[]"))
+    assert forwarded["transfer-encoding"] == "chunked"
+
+
+async def test_large_body_streams_with_bounded_buffering(proxy_env: tuple[int, FakeRouter]) -> None:
+    """64 MiB up while the node does not read: the proxy stalls the client instead of buffering."""
+    port, router = proxy_env
+    router.gate = trio.Event()
+    total = 64 * 1024 * 1024
+    piece = bytes(range(256)) * 256  # 64 KiB
+    sent = 0
+    client = await Client.connect(port)
+    await client.send(h11.Request(
+        method=b"POST", target=b"http://erp.virtual:8000/gate",
+        headers=[(b"host", b"erp.virtual:8000"), AUTH, (b"content-length", str(total).encode())],
+    ))
+    digest_up = hashlib.sha256()
+    digest_down = hashlib.sha256()
+    received = 0
+
+    async def upload() -> None:
+        nonlocal sent
+        while sent < total:
+            await client.send(h11.Data(data=piece))
+            digest_up.update(piece)
+            sent += len(piece)
+        await client.send(h11.EndOfMessage())
+
+    async def download() -> None:
+        nonlocal received
+        response = await client.next_event()
+        assert isinstance(response, h11.Response) and response.status_code == 200
+        while True:
+            event = await client.next_event()
+            if isinstance(event, h11.EndOfMessage):
+                return
+            assert isinstance(event, h11.Data)
+            digest_down.update(event.data)
+            received += len(event.data)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(upload)
+        # wait until the upload stalls (bounded number of polls)
+        last = -1
+        for _ in range(100):
+            await trio.sleep(0.05)
+            if sent == last and sent > 0:
+                break
+            last = sent
+        stalled_at = sent
+        # kernel socket buffers on both loopback hops plus a few chunks in the proxy; never the body
+        assert 0 < stalled_at < 24 * 1024 * 1024, stalled_at
+        nursery.start_soon(download)
+        router.gate.set()
+    assert received == total
+    assert digest_down.digest() == digest_up.digest()
+
+
+async def test_keep_alive_reuses_stream_and_switches_target(proxy_env: tuple[int, FakeRouter]) -> None:
+    port, router = proxy_env
+    client = await Client.connect(port)
+    ids = []
+    for url, host in [
+        (b"http://erp.virtual:8000/a", b"erp.virtual:8000"),
+        (b"http://erp.virtual:8000/b", b"erp.virtual:8000"),
+        (b"http://crm.virtual:9000/c", b"crm.virtual:9000"),
+        (b"http://crm.virtual:9000/d", b"crm.virtual:9000"),
+    ]:
+        response, _ = await client.request(b"GET", url, [(b"host", host), AUTH])
+        assert response.status_code == 200
+        ids.append(header(response, b"x-stream-id"))
+    assert ids[0] == ids[1] and ids[2] == ids[3] and ids[0] != ids[2]
+    assert [t for _, _, t in router.opened] == [Target("erp.virtual", 8000), Target("crm.virtual", 9000)]
+
+
+async def test_missing_and_bad_credentials_get_407(proxy_env: tuple[int, FakeRouter]) -> None:
+    port, router = proxy_env
+    client = await Client.connect(port)
+    response, body = await client.request(b"GET", b"http://erp.virtual/", [(b"host", b"erp.virtual")])
+    assert response.status_code == 407
+    assert header(response, b"proxy-authenticate") == b'Bearer realm="connectivity-proxy"'
+    assert json.loads(body)["error"] == "proxy_authentication_required"
+    # the same connection continues (the request had no body)
+    response, body = await client.request(
+        b"GET", b"http://erp.virtual/", [(b"host", b"erp.virtual"), (b"proxy-authorization", b"Bearer nope")]
+    )
+    assert response.status_code == 407
+    assert json.loads(body)["error"] == "invalid_proxy_credentials"
+    assert router.opened == []
+
+
+async def test_connect_is_refused_with_405(proxy_env: tuple[int, FakeRouter]) -> None:
+    port, _ = proxy_env
+    client = await Client.connect(port)
+    await client.send(h11.Request(method=b"CONNECT", target=b"erp.virtual:443", headers=[(b"host", b"erp.virtual:443"), AUTH]))
+    await client.send(h11.EndOfMessage())
+    response, body = await client.read_response()
+    assert response.status_code == 405
+    assert "does not tunnel HTTPS" in json.loads(body)["message"]
+
+
+@pytest.mark.parametrize(
+    ("target", "fragment"),
+    [
+        (b"/path", "origin-form"),
+        (b"https://erp.virtual/", "https://"),
+        (b"ftp://erp.virtual/", "scheme"),
+        (b"http:///nohost", "no host"),
+        (b"http://erp.virtual:99999/", "port"),
+        (b"http://user@erp.virtual/", "user information"),
+    ],
+)
+async def test_bad_targets_get_400(proxy_env: tuple[int, FakeRouter], target: bytes, fragment: str) -> None:
+    port, _ = proxy_env
+    client = await Client.connect(port)
+    response, body = await client.request(b"GET", target, [(b"host", b"erp.virtual"), AUTH])
+    assert response.status_code == 400
+    assert fragment in json.loads(body)["message"]
+
+
+async def test_malformed_request_gets_400(proxy_env: tuple[int, FakeRouter]) -> None:
+    port, _ = proxy_env
+    sock = await trio.open_tcp_stream("127.0.0.1", port)
+    await sock.send_all(b"THIS IS NOT HTTP\r\n\r\n")
+    data = b""
+    while chunk := await sock.receive_some(65536):
+        data += chunk
+    assert data.startswith(b"HTTP/1.1 400 ")
+    assert b'"malformed_request"' in data
+
+
+async def test_tls_client_hello_is_refused(proxy_env: tuple[int, FakeRouter], caplog: pytest.LogCaptureFixture) -> None:
+    port, _ = proxy_env
+    caplog.set_level(logging.WARNING, logger="connector.cloud.proxy")
+    sock = await trio.open_tcp_stream("127.0.0.1", port)
+    await sock.send_all(bytes([0x16, 0x03, 0x01, 0x00, 0x05]) + b"\x01\x00\x00\x01\x03")
+    assert await sock.receive_some(100) == b""
+    assert "HTTPS to the proxy itself is refused" in caplog.text
+
+
+async def test_unknown_location_gets_503(proxy_env: tuple[int, FakeRouter]) -> None:
+    port, _ = proxy_env
+    client = await Client.connect(port)
+    response, body = await client.request(
+        b"GET", b"http://erp.virtual/", [(b"host", b"erp.virtual"), AUTH, (b"sap-connectivity-scc-location_id", b"nowhere")]
+    )
+    assert response.status_code == 503
+    assert json.loads(body) == {"error": "no_connector", "message": "no connector connected for location 'nowhere'"}
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "reason"),
+    [
+        ("CONNECT_FAILED", 502, "internal_host_unreachable"),
+        ("BACKEND_RESET", 502, "backend_reset"),
+        ("TUNNEL_LOST", 502, "connector_connection_lost"),
+        ("INTERNAL_ERROR", 502, "internal_error"),
+        ("NO_MAPPING", 403, "no_mapping"),
+        ("DENIED", 403, "denied_by_allowlist"),
+        ("CONNECT_TIMEOUT", 504, "internal_host_timeout"),
+    ],
+)
+async def test_stream_resets_map_to_statuses(
+    proxy_env: tuple[int, FakeRouter], code: str, status: int, reason: str
+) -> None:
+    port, _ = proxy_env
+    client = await Client.connect(port)
+    response, body = await client.request(b"GET", f"http://erp.virtual/reset/{code}".encode(), [(b"host", b"erp.virtual"), AUTH])
+    assert response.status_code == status
+    assert json.loads(body)["error"] == reason
+    if code == "TUNNEL_LOST":
+        assert json.loads(body)["message"].startswith("connector connection lost")
+    # the connection stays usable and the next request gets a fresh stream
+    response, _ = await client.request(b"GET", b"http://erp.virtual/ok", [(b"host", b"erp.virtual"), AUTH])
+    assert response.status_code == 200
+
+
+async def test_reset_while_opening_maps_to_502(proxy_env: tuple[int, FakeRouter]) -> None:
+    port, _ = proxy_env
+    client = await Client.connect(port)
+    response, body = await client.request(b"GET", b"http://refused.virtual/", [(b"host", b"refused.virtual"), AUTH])
+    assert response.status_code == 502
+    assert json.loads(body)["error"] == "connector_connection_lost"
+
+
+async def test_reset_after_response_started_breaks_the_connection(proxy_env: tuple[int, FakeRouter]) -> None:
+    port, _ = proxy_env
+    client = await Client.connect(port)
+    await client.send(h11.Request(method=b"GET", target=b"http://erp.virtual/half-then-reset", headers=[(b"host", b"erp.virtual"), AUTH]))
+    await client.send(h11.EndOfMessage())
+    response = await client.next_event()
+    assert isinstance(response, h11.Response) and response.status_code == 200
+    with pytest.raises(h11.RemoteProtocolError):  # peer closed in the middle of a chunked body
+        while True:
+            event = await client.next_event()
+            assert not isinstance(event, h11.EndOfMessage)
+
+
+def test_parse_proxy_target() -> None:
+    assert parse_proxy_target(b"http://Erp.Virtual:8000") == ("erp.virtual", 8000, b"/")
+    assert parse_proxy_target(b"http://erp.virtual?x=1#frag") == ("erp.virtual", 80, b"/?x=1")
+    assert parse_proxy_target(b"http://[::1]:81/p") == ("[::1]", 81, b"/p")
+    with pytest.raises(BadTargetError):
+        parse_proxy_target(b"http://erp virtual/")
+
+
+CURL = shutil.which("curl")
+
+
+@pytest.mark.skipif(CURL is None, reason="curl not installed")
+async def test_curl_through_the_proxy(proxy_env: tuple[int, FakeRouter]) -> None:
+    port, router = proxy_env
+    assert CURL is not None
+    result = await trio.run_process(
+        [CURL, "-sS", "-x", f"http://127.0.0.1:{port}", "--proxy-header", f"Proxy-Authorization: Bearer {TOKEN}",
+         "--proxy-header", "SAP-Connectivity-SCC-Location_ID: loc2", "-d", "hello=world",
+         "http://erp.virtual:8000/curl", "http://erp.virtual:8000/curl2"],
+        capture_stdout=True, capture_stderr=True, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"hello=worldhello=world"
+    assert router.opened == [("sub1", "loc2", Target("erp.virtual", 8000))]  # one stream, keep-alive
+    result = await trio.run_process(
+        [CURL, "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-x", f"http://127.0.0.1:{port}", "http://erp.virtual:8000/"],
+        capture_stdout=True, capture_stderr=True, check=False,
+    )
+    assert result.stdout == b"407"
