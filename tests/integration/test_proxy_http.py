@@ -40,6 +40,7 @@ class FakeRouter:
         self.opened: list[tuple[str, str, Target]] = []
         self.gate = trio.Event()
         self.gate.set()
+        self.node_saw_reset: list[ErrorCode] = []
 
     async def open_stream(self, subaccount: str, location_id: str, target: Target) -> TunnelStream:
         self.opened.append((subaccount, location_id, target))
@@ -98,7 +99,9 @@ class FakeRouter:
                     else:
                         return
                 conn.start_next_cycle()
-        except (StreamResetError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+        except StreamResetError as exc:
+            self.node_saw_reset.append(exc.code)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
             return
 
 
@@ -431,6 +434,25 @@ async def test_reset_after_response_started_breaks_the_connection(proxy_env: tup
         while True:
             event = await client.next_event()
             assert not isinstance(event, h11.EndOfMessage)
+
+
+async def test_client_gone_mid_body_cancels_the_stream(proxy_env: tuple[int, FakeRouter]) -> None:
+    port, router = proxy_env
+    router.gate = trio.Event()
+    client = await Client.connect(port)
+    await client.send(h11.Request(
+        method=b"POST", target=b"http://erp.virtual/gate",
+        headers=[(b"host", b"erp.virtual"), AUTH, (b"content-length", b"1000")],
+    ))
+    await client.send(h11.Data(data=b"x" * 10))
+    await client.sock.aclose()
+    await trio.sleep(0.1)  # let the proxy notice; the node is parked on the gate
+    router.gate.set()
+    for _ in range(100):
+        if router.node_saw_reset:
+            break
+        await trio.sleep(0.01)
+    assert router.node_saw_reset == [ErrorCode.CANCEL]
 
 
 def test_parse_proxy_target() -> None:
