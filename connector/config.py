@@ -220,7 +220,7 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
         hold_max=proxy.int("hold_max", 1000, minimum=0),
         admin_listen=admin.listen("listen", "127.0.0.1:20006"),  # type: ignore[arg-type]
         destinations_listen=dest.listen("listen", "127.0.0.1:20005") if dest else None,
-        destinations_store=dest.path("store", must_exist=False) if dest else None,
+        destinations_store=(dest.path("store", must_exist=False) or file.parent / "destinations.json") if dest else None,
         state_file=root.path("state_file", must_exist=False),
         subaccounts=tuple(subaccounts),
     )
@@ -308,13 +308,13 @@ def load_node_config(path: str | Path) -> NodeConfig:
         )
         if not etcd.endpoints:
             raise ConfigError(file, "cluster.etcd", "needs at least one endpoint")
+        timing_keys = {"ttl", "loop_wait", "retry_timeout", "probe_interval", "probe_failures",
+                       "priority_step", "keep_serving_without_store"}
+        raw_timing = {k: v for k, v in cluster_section.table.items() if k in timing_keys}
+        cluster_section.seen.update(timing_keys)
         try:
-            timing = HATiming(
-                ttl=cluster_section.float("ttl", HATiming().ttl),
-                loop_wait=cluster_section.float("loop_wait", HATiming().loop_wait),
-                retry_timeout=cluster_section.float("retry_timeout", HATiming().retry_timeout),
-            )
-        except ValueError as exc:
+            timing = HATiming.from_dict(raw_timing)
+        except (ValueError, TypeError) as exc:
             raise ConfigError(file, "cluster", str(exc)) from None
         cluster = ClusterConfig(
             name=cluster_section.str("name", required=True),

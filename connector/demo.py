@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 
 from connector.admin import http_request
@@ -84,7 +85,23 @@ def _pdeathsig() -> None:
         pass
 
 
-def write_configs(workdir: Path, certs: dict[str, Path], ports: dict[str, int], token_sha256: str) -> dict[str, Path]:
+@attrs.frozen
+class DemoSpec:
+    """What to start. The defaults are `connector demo`'s; the failover tests vary them."""
+
+    nodes: tuple[str, ...] = NODES
+    http_port: int = 20003
+    socks5_port: int = 20004
+    hold_seconds: float = 5.0
+    cluster_extra: str = ""  # extra TOML lines for each node's [cluster] table (ttl, loop_wait...)
+    tunnel_extra: str = ""  # extra TOML lines for each node's [tunnel] table (ping_interval...)
+    etcd_endpoints: dict[str, list[str]] | None = None  # per-node etcd endpoints; None: the demo's own etcd
+    start_etcd: bool = True
+
+
+def write_configs(
+    workdir: Path, certs: dict[str, Path], ports: dict[str, int], token_sha256: str, spec: DemoSpec = DemoSpec()
+) -> dict[str, Path]:
     cloud = workdir / "cloud.toml"
     cloud.write_text(f"""\
 state_file = "state/cloud-epochs.json"
@@ -97,7 +114,7 @@ key = "{certs['server_key']}"
 [proxy]
 http_listen = "127.0.0.1:{ports['http_proxy']}"
 socks5_listen = "127.0.0.1:{ports['socks5_proxy']}"
-hold_seconds = 5.0
+hold_seconds = {spec.hold_seconds}
 
 [admin]
 listen = "127.0.0.1:{ports['cloud_admin']}"
@@ -113,8 +130,9 @@ token_sha256 = ["{token_sha256}"]
 locations = ["{LOCATION}"]
 """)
     result = {"cloud": cloud}
-    for index, node in enumerate(NODES):
+    for index, node in enumerate(spec.nodes):
         path = workdir / f"{node}.toml"
+        endpoints = (spec.etcd_endpoints or {}).get(node) or [f"http://127.0.0.1:{ports['etcd_client']}"]
         path.write_text(f"""\
 [node]
 id = "{node}"
@@ -128,14 +146,16 @@ url = "wss://127.0.0.1:{ports['tunnel']}/tunnel"
 ca = "{certs['cloud_ca']}"
 cert = "{certs[f'node_{node}_cert']}"
 key = "{certs[f'node_{node}_key']}"
+{spec.tunnel_extra}
 
 [admin]
 listen = "127.0.0.1:{ports[f'{node}_admin']}"
 
 [cluster]
 name = "demo"
-etcd = ["http://127.0.0.1:{ports['etcd_client']}"]
+etcd = {json.dumps(endpoints)}
 secrets_key = "state/cluster.key"
+{spec.cluster_extra}
 
 [[mappings]]
 virtual_host = "erp.virtual"
@@ -161,12 +181,15 @@ protocol = "TCP"
 
 
 class Demo:
-    def __init__(self, workdir: Path, http_port: int, socks5_port: int) -> None:
+    """Starts and stops the demo's processes; the failover tests drive one directly."""
+
+    def __init__(self, workdir: Path, spec: DemoSpec = DemoSpec()) -> None:
         self.workdir = workdir
-        self.http_port = http_port
-        self.socks5_port = socks5_port
+        self.spec = spec
         self.processes: dict[str, trio.Process] = {}
         self.state: dict[str, Any] = {}
+        self.configs: dict[str, Path] = {}
+        self.ports: dict[str, int] = {}
 
     async def start_process(self, name: str, argv: list[str]) -> trio.Process:
         logfile = open(self.workdir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
@@ -199,29 +222,33 @@ class Demo:
 
         for sub in ("logs", "state", "certs"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
-        certs = init_certs(self.workdir / "certs", SUBACCOUNT, list(NODES), ["127.0.0.1", "localhost"], force=True)
+        spec = self.spec
+        certs = init_certs(self.workdir / "certs", SUBACCOUNT, list(spec.nodes), ["127.0.0.1", "localhost"], force=True)
         token = new_token()
-        ports = {name: free_port() for name in (
+        ports = self.ports = {name: free_port() for name in (
             "tunnel", "cloud_admin", "destinations", "etcd_client", "etcd_peer", "backend_http", "backend_tcp",
-            *(f"{n}_admin" for n in NODES))}
-        ports["http_proxy"] = self.http_port or free_port()
-        ports["socks5_proxy"] = self.socks5_port or free_port()
-        configs = write_configs(self.workdir, certs, ports, hash_token(token))
+            *(f"{n}_admin" for n in spec.nodes))}
+        ports["http_proxy"] = spec.http_port or free_port()
+        ports["socks5_proxy"] = spec.socks5_port or free_port()
+        configs = self.configs = write_configs(self.workdir, certs, ports, hash_token(token), spec)
         python = sys.executable
 
-        etcd = await self.start_process("etcd", etcd_command(
-            find_etcd(), self.workdir / "state" / "etcd", ports["etcd_client"], ports["etcd_peer"]))
-        await self.wait_http("etcd", ports["etcd_client"], "/health")
+        etcd_info: dict[str, Any] = {}
+        if spec.start_etcd:
+            etcd = await self.start_process("etcd", etcd_command(
+                find_etcd(), self.workdir / "state" / "etcd", ports["etcd_client"], ports["etcd_peer"]))
+            await self.wait_http("etcd", ports["etcd_client"], "/health")
+            etcd_info = {"pid": etcd.pid, "client_url": f"http://127.0.0.1:{ports['etcd_client']}"}
         backend = await self.start_process("backend", [
             python, "-m", "connector.demo_backend", "--http-port", str(ports["backend_http"]),
             "--tcp-port", str(ports["backend_tcp"])])
         cloud = await self.start_process("cloud", [python, "-m", "connector", "cloud", "--config", str(configs["cloud"])])
         await self.wait_http("cloud", ports["cloud_admin"], "/healthz")
-        for node in NODES:
-            await self.start_process(node, [python, "-m", "connector", "node", "--config", str(configs[node])])
+        for node in spec.nodes:
+            await self.start_node(node)
         await self.wait_http(
             "cloud", ports["cloud_admin"], "/status",
-            lambda v: any(loc["master"] and len(loc["tunnels"]) == len(NODES) for loc in v["locations"]),
+            lambda v: any(loc["master"] and len(loc["tunnels"]) == len(spec.nodes) for loc in v["locations"]),
         )
         self.state = {
             "workdir": str(self.workdir),
@@ -229,7 +256,7 @@ class Demo:
             "subaccount": SUBACCOUNT,
             "location_id": LOCATION,
             "token": token,
-            "etcd": {"pid": etcd.pid, "client_url": f"http://127.0.0.1:{ports['etcd_client']}"},
+            "etcd": etcd_info,
             "backend": {"pid": backend.pid, "http_port": ports["backend_http"], "tcp_port": ports["backend_tcp"]},
             "cloud": {
                 "pid": cloud.pid,
@@ -248,14 +275,20 @@ class Demo:
                     "admin_port": ports[f"{node}_admin"],
                     "metrics_url": f"http://127.0.0.1:{ports[f'{node}_admin']}/metrics",
                 }
-                for node in NODES
+                for node in spec.nodes
             },
         }
         return self.state
 
+    async def start_node(self, node: str) -> trio.Process:
+        """Start (or restart, after a drill killed it) one node process."""
+        return await self.start_process(
+            node, [sys.executable, "-m", "connector", "node", "--config", str(self.configs[node])]
+        )
+
     async def stop(self) -> None:
         """SIGTERM nodes first (graceful handover), then the rest; SIGKILL whatever lingers."""
-        order = [*NODES, "cloud", "backend", "etcd"]
+        order = [*self.spec.nodes, "cloud", "backend", "etcd"]
         for name in order:
             process = self.processes.get(name)
             if process is None or process.poll() is not None:
@@ -280,7 +313,7 @@ def print_banner(state: dict[str, Any]) -> None:
     lines = [
         "connector demo is running (Ctrl-C stops everything)",
         f"  workdir           {state['workdir']}",
-        f"  etcd              {state['etcd']['client_url']}",
+        f"  etcd              {state['etcd'].get('client_url')}",
         f"  tunnel endpoint   wss://127.0.0.1:{cloud['tunnel_port']}/tunnel",
         f"  HTTP proxy        http://127.0.0.1:{cloud['http_proxy_port']}",
         f"  SOCKS5 proxy      127.0.0.1:{cloud['socks5_port']}",
@@ -308,13 +341,19 @@ def run_demo(*, state_file: Path | None, workdir: Path | None, http_port: int = 
     workdir.mkdir(parents=True, exist_ok=True)
 
     async def main() -> int:
-        demo = Demo(workdir.resolve(), http_port, socks5_port)
+        demo = Demo(workdir.resolve(), DemoSpec(http_port=http_port, socks5_port=socks5_port))
         pointer = pointer_file()
         try:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async with trio.open_nursery() as nursery:
                     async def _start() -> None:
-                        state = await demo.start()
+                        try:
+                            state = await demo.start()
+                        except (RuntimeError, trio.TooSlowError) as exc:
+                            print(f"connector demo failed to start: {exc}", file=sys.stderr, flush=True)
+                            failed.append(exc)
+                            nursery.cancel_scope.cancel()
+                            return
                         state_text = json.dumps(state, indent=2)
                         if state_file is not None:
                             state_file.write_text(state_text)
@@ -329,9 +368,6 @@ def run_demo(*, state_file: Path | None, workdir: Path | None, http_port: int = 
                         print(f"\nreceived {signal.Signals(signum).name}, stopping the demo", flush=True)
                         nursery.cancel_scope.cancel()
                         break
-        except RuntimeError as exc:
-            print(f"connector demo failed: {exc}", file=sys.stderr)
-            return 1
         finally:
             with trio.CancelScope(shield=True):
                 await demo.stop()
@@ -339,6 +375,7 @@ def run_demo(*, state_file: Path | None, workdir: Path | None, http_port: int = 
                 pointer.unlink()
             if owned:
                 shutil.rmtree(workdir, ignore_errors=True)
-        return 0
+        return 1 if failed else 0
 
+    failed: list[BaseException] = []
     return trio.run(main)

@@ -28,7 +28,7 @@ import trio_websocket
 
 import connector
 from connector import metrics, pki
-from connector.admin import AdminRequest, AdminServer, Reply
+from connector.admin import AdminRequest, AdminServer, Reply, http_request
 from connector.agent.acl import AccessControl
 from connector.agent.audit import AuditLog
 from connector.agent.forward import ForwardSettings, StreamContext, serve_stream
@@ -38,6 +38,7 @@ from connector.readiness import NodeState, readiness
 from connector.tunnel.session import TunnelError, TunnelSession, TunnelSettings
 from connector.tunnel.streams import TunnelStream
 from connector.tunnel.types import ErrorCode
+from ha.store import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +109,19 @@ class Node:
             admin = AdminServer(self._admin_routes())
             self.admin_port = await nursery.start(admin.run, self.config.admin_listen.host, self.config.admin_listen.port)
             if self.elector is not None:
+                self.elector.update_member_data(
+                    admin_url=f"http://{self.config.admin_listen.host}:{self.admin_port}",
+                    subaccount=self.config.subaccount,
+                )
                 await nursery.start(self.elector.run)
                 nursery.start_soon(self._follow_elector)
+                nursery.start_soon(self._probe_master)
+            else:
+                nursery.start_soon(self._export_role)
             if self.config_source is not None:
                 await nursery.start(self.config_source.run, self._apply_mappings)
             nursery.start_soon(self._tunnel_loop)
             nursery.start_soon(self._reconcile_loop)
-            nursery.start_soon(self._export_role)
             task_status.started(self.admin_port)
 
     async def shutdown(self) -> None:
@@ -138,9 +145,12 @@ class Node:
                 await session.wait_no_streams()
             with trio.move_on_after(1.0):
                 await session.aclose(ErrorCode.GOING_AWAY, "node shutting down")
-        if self.elector is not None and hasattr(self.elector, "leave"):
+        if self.elector is not None and self.elector.lease is not None:
             with trio.move_on_after(1.0):
-                await self.elector.leave()
+                try:  # leave the member list now rather than when the lease expires
+                    await self.elector.store.revoke_lease(self.elector.lease)
+                except StoreError as exc:
+                    log.info("could not revoke our lease on the way out: %s", exc)
         self._nursery.cancel_scope.cancel()
 
     # --- tunnel ----------------------------------------------------------------------------
@@ -204,7 +214,7 @@ class Node:
             self.registered_epoch = None
             log.warning("cloud %s us: %s (highest epoch %s)", op, body.get("reason"), body.get("highest_epoch", body.get("epoch")))
             if self.elector is not None:
-                self.elector.fenced(int(body.get("highest_epoch", body.get("epoch")) or 0))
+                self.elector.force_shadow(f"cloud {op} our registration: {body.get('reason', 'newer epoch')}")
             self.poke()
         elif op == "master_lost":
             if self.elector is not None and body.get("epoch") is not None:
@@ -238,10 +248,47 @@ class Node:
     async def _follow_elector(self) -> None:
         version = 0
         while True:
-            version = await self.elector.wait_role_change(version)
-            log.info("role is now %s (epoch %s)", self.elector.role, self.elector.epoch)
-            metrics.LEADER_CHANGES.labels(self._cluster, self.config.location_id).inc()
+            change = await self.elector.wait_role_change(version)
+            version = change.version
+            log.info("role is now %s (epoch %s): %s", change.role, change.epoch, change.reason)
             self.poke()
+
+    async def _probe_master(self) -> None:
+        """Shadows probe the master's admin /healthz; `probe_failures` misses in a row (a crashed
+        or frozen process) tell the elector the master is lost, well before its lease expires."""
+        timing = self.elector.timing
+        misses = 0
+        probed: tuple[str, int] | None = None
+        while True:
+            await trio.sleep(timing.probe_interval)
+            if self.elector.role != "shadow":
+                misses = 0
+                continue
+            try:
+                snapshot = await self.elector.store.get_cluster()
+            except StoreError:  # etcd trouble is the elector's business; probing just pauses
+                continue
+            leader = snapshot.leader
+            if leader is None or leader.node == self.config.node_id:
+                misses = 0
+                continue
+            url = leader.data.get("admin_url") or (
+                snapshot.members[leader.node].data.get("admin_url") if leader.node in snapshot.members else None
+            )
+            if not url:
+                continue
+            if probed != (leader.node, leader.epoch):
+                probed, misses = (leader.node, leader.epoch), 0
+            host, _, port = str(url).removeprefix("http://").partition(":")
+            try:
+                status, _ = await http_request(host, int(port), "/healthz", timeout=timing.probe_interval)
+                misses = 0 if status == 200 else misses + 1
+            except (OSError, trio.TooSlowError, ValueError):
+                misses += 1
+            if misses >= timing.probe_failures:
+                log.warning("master %s (epoch %d) missed %d probes", leader.node, leader.epoch, misses)
+                self.elector.hint_master_lost(leader.epoch, "probe")
+                misses = 0
 
     async def _export_role(self) -> None:
         node = self.config.node_id
@@ -297,7 +344,10 @@ class Node:
 
     def _admin_routes(self) -> dict[tuple[str, str], Any]:
         async def readyz(request: AdminRequest) -> Reply:
-            result = readiness(self.state(), want=request.query.get("want", "master"))
+            try:
+                result = readiness(self.state(), want=request.query.get("want", "master"))
+            except ValueError as exc:
+                return Reply.json(400, {"error": "bad_request", "message": str(exc)})
             return Reply.json(200 if result.ready else 503, {"ready": result.ready, "reason": result.reason})
 
         async def status(request: AdminRequest) -> Reply:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,18 @@ class _Location:
     tunnels: set[TunnelHandle] = attrs.Factory(set)
     master_changed: trio.Event = attrs.Factory(trio.Event)
     no_master_since: float | None = None
+    # Who carried this location's streams, run-length encoded: the drills check from this that
+    # epochs never go backwards, i.e. that no two masters ever served at once.
+    routing: deque[dict[str, Any]] = attrs.Factory(lambda: deque(maxlen=1000))
+
+    def record_stream(self, handle: TunnelHandle) -> None:
+        last = self.routing[-1] if self.routing else None
+        if last is not None and last["node"] == handle.node and last["epoch"] == handle.epoch:
+            last["streams"] += 1
+            last["last"] = trio.current_time()
+        else:
+            now = trio.current_time()
+            self.routing.append({"node": handle.node, "epoch": handle.epoch, "first": now, "last": now, "streams": 1})
 
     def signal(self) -> None:
         self.master_changed.set()
@@ -225,6 +238,7 @@ class Registry:
                         if location.master is master:
                             self.remove(master)
                         continue
+                    location.record_stream(master)
                     if held_since is not None:
                         metrics.HELD_TOTAL.labels("released").inc()
                         metrics.HELD_SECONDS.observe(trio.current_time() - held_since)
@@ -267,6 +281,7 @@ class Registry:
                         {"node": t.node, "role": "master" if t is location.master else "standby", "draining": t.draining}
                         for t in sorted(location.tunnels, key=lambda t: t.node)
                     ],
+                    "routing": list(location.routing),
                 }
             )
         return result

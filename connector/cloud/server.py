@@ -15,7 +15,7 @@ import trio
 from connector import metrics, pki
 from connector.admin import AdminRequest, AdminServer, Reply
 from connector.cloud.auth import Authenticator
-from connector.cloud.destinations import DestinationService
+from connector.cloud.destinations import DestinationService, DestinationSettings
 from connector.cloud.endpoint import TunnelEndpoint
 from connector.cloud.proxy import HttpProxy
 from connector.cloud.registry import Registry
@@ -69,8 +69,12 @@ class CloudServer:
                 Socks5Proxy(self.registry, self.authenticator).run, config.socks5_listen.host, config.socks5_listen.port
             )
             destinations = None
-            if config.destinations_listen is not None:
-                service = DestinationService(self.authenticator, store_path=config.destinations_store)
+            if config.destinations_listen is not None and config.destinations_store is not None:
+                store = config.destinations_store
+                service = DestinationService(
+                    self.authenticator,
+                    settings=DestinationSettings(path=store, key_path=store.with_name(store.name + ".key")),
+                )
                 destinations = await nursery.start(
                     service.run, config.destinations_listen.host, config.destinations_listen.port
                 )

@@ -1,0 +1,45 @@
+"""Assemble a `Node` from its configuration: standalone, or clustered over etcd."""
+
+from __future__ import annotations
+
+from connector.agent.node import Node
+from connector.agent.sharedconfig import SharedConfig
+from connector.config import NodeConfig
+from ha.election import Elector
+
+
+def open_store(config: NodeConfig):  # type: ignore[no-untyped-def]
+    """The etcd store of the node's cluster (None when standalone)."""
+    if config.cluster is None:
+        return None
+    from ha.etcd import EtcdStore
+
+    etcd = config.cluster.etcd
+    return EtcdStore(
+        config.cluster.name,
+        list(etcd.endpoints),
+        timeout=etcd.timeout,
+        ca_cert=str(etcd.ca) if etcd.ca else None,
+        cert_cert=str(etcd.cert) if etcd.cert else None,
+        cert_key=str(etcd.key) if etcd.key else None,
+        user=etcd.user,
+        password=etcd.password,
+    )
+
+
+def build_node(config: NodeConfig) -> Node:
+    store = open_store(config)
+    if store is None:
+        return Node(config)
+    assert config.cluster is not None
+    elector = Elector(
+        store,
+        config.node_id,
+        timing=config.cluster.timing,
+        priority=config.priority,
+        member_data={"address": config.admin_listen.host, "location_id": config.location_id},
+        location=config.location_id,
+    )
+    node = Node(config, elector=elector)
+    node.config_source = SharedConfig(store, config.mappings, on_error=lambda e: node.audit.config_change(action="invalid", error=e))
+    return node

@@ -1,0 +1,196 @@
+"""Fencing and failover-hold decisions of the cloud registry, on trio's virtual clock.
+
+The sessions here are recording fakes: these tests are about the registry's decisions; the real
+tunnel under the real registry is exercised by the integration and failover tests.
+"""
+
+import pytest
+import trio
+
+from connector.cloud.registry import Registry, TunnelHandle
+from connector.cloud.router import NoConnectorError
+from connector.tunnel.session import TunnelError
+from connector.tunnel.types import ErrorCode, Target
+
+TARGET = Target("erp.virtual", 8000)
+HOLD = 5.0
+
+
+class FakeSession:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.controls: list[tuple[str, dict]] = []
+        self.closed: tuple[ErrorCode, str] | None = None
+        self.opened: list[Target] = []
+
+    async def open_stream(self, target):
+        if self.closed:
+            raise TunnelError(ErrorCode.TUNNEL_LOST, "closed")
+        self.opened.append(target)
+        return (self.name, target)
+
+    async def send_control(self, op, body):
+        self.controls.append((op, body))
+
+    async def aclose(self, code=ErrorCode.NO_ERROR, reason=""):
+        self.closed = (code, reason)
+
+
+def handle(name: str, location: str = "") -> TunnelHandle:
+    return TunnelHandle(FakeSession(name), "acme", location, name)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def registry(nursery):
+    reg = Registry(hold_seconds=HOLD, hold_max=3, known_locations=[("acme", "")])
+    await nursery.start(reg.run)
+    return reg
+
+
+async def test_routes_to_registered_master(registry):
+    a = handle("a")
+    registry.add(a)
+    assert registry.register(a, 7).accepted
+    assert await registry.open_stream("acme", "", TARGET) == ("a", TARGET)
+
+
+async def test_lower_epoch_is_refused_and_current_master_kept(registry):
+    a, b = handle("a"), handle("b")
+    registry.add(a)
+    registry.add(b)
+    assert registry.register(a, 10).accepted
+    result = registry.register(b, 9)
+    assert (result.accepted, result.reason, result.highest_epoch) == (False, "stale_epoch", 10)
+    assert registry.master_of("acme", "") is a
+
+
+async def test_higher_epoch_replaces_and_fences_old_master(registry):
+    a, b = handle("a"), handle("b")
+    registry.add(a)
+    registry.add(b)
+    registry.register(a, 10)
+    assert registry.register(b, 11).accepted
+    await trio.testing.wait_all_tasks_blocked()
+    assert a.session.controls == [("fenced", {"epoch": 11})]
+    assert a.session.closed[0] == ErrorCode.STALE_EPOCH
+    assert await registry.open_stream("acme", "", TARGET) == ("b", TARGET)
+    # the fenced master, reconnected, cannot come back with its old epoch
+    a2 = handle("a")
+    registry.add(a2)
+    assert not registry.register(a2, 10).accepted
+
+
+async def test_draining_master_is_not_closed_when_replaced(registry):
+    a, b = handle("a"), handle("b")
+    registry.add(a)
+    registry.add(b)
+    registry.register(a, 10)
+    registry.unregister(a, draining=True)
+    registry.register(b, 11)
+    await trio.testing.wait_all_tasks_blocked()
+    assert a.session.closed is None
+
+
+async def test_unknown_location_fails_at_once(registry, autojump_clock):
+    start = trio.current_time()
+    with pytest.raises(NoConnectorError, match="no connector is connected"):
+        await registry.open_stream("acme", "elsewhere", TARGET)
+    assert trio.current_time() == start
+
+
+async def test_hold_times_out_after_hold_seconds(registry, autojump_clock):
+    start = trio.current_time()
+    with pytest.raises(NoConnectorError, match="within 5 s"):
+        await registry.open_stream("acme", "", TARGET)
+    assert trio.current_time() - start == HOLD
+
+
+async def test_held_request_released_when_a_master_registers(registry, nursery, autojump_clock):
+    results = []
+
+    async def request():
+        results.append((await registry.open_stream("acme", "", TARGET), trio.current_time()))
+
+    start = trio.current_time()
+    nursery.start_soon(request)
+    await trio.sleep(1.5)
+    b = handle("b")
+    registry.add(b)
+    registry.register(b, 3)
+    await trio.testing.wait_all_tasks_blocked()
+    assert results == [(("b", TARGET), start + 1.5)]
+
+
+async def test_hold_is_bounded_in_count(registry, nursery, autojump_clock):
+    for _ in range(3):
+        nursery.start_soon(registry.open_stream, "acme", "", TARGET)
+    await trio.testing.wait_all_tasks_blocked()
+    with pytest.raises(NoConnectorError, match="hold is full"):
+        await registry.open_stream("acme", "", TARGET)
+    nursery.cancel_scope.cancel()
+
+
+async def test_master_tunnel_loss_tells_standbys_and_holds(registry, nursery, autojump_clock):
+    a, b = handle("a"), handle("b")
+    registry.add(a)
+    registry.add(b)
+    registry.register(a, 4)
+    registry.remove(a)
+    await trio.testing.wait_all_tasks_blocked()
+    assert b.session.controls == [("master_lost", {"epoch": 4, "node": "a"})]
+    results = []
+
+    async def request():
+        results.append(await registry.open_stream("acme", "", TARGET))
+
+    nursery.start_soon(request)
+    await trio.sleep(0.2)
+    registry.register(b, 5)
+    await trio.testing.wait_all_tasks_blocked()
+    assert results == [("b", TARGET)]
+
+
+async def test_tunnel_dying_under_open_stream_waits_for_next_master(registry, nursery, autojump_clock):
+    a, b = handle("a"), handle("b")
+    registry.add(a)
+    registry.add(b)
+    registry.register(a, 1)
+    a.session.closed = (ErrorCode.TUNNEL_LOST, "gone")  # died, but the endpoint has not noticed yet
+    results = []
+
+    async def request():
+        results.append(await registry.open_stream("acme", "", TARGET))
+
+    nursery.start_soon(request)
+    await trio.sleep(0.3)
+    registry.register(b, 2)
+    await trio.testing.wait_all_tasks_blocked()
+    assert results == [("b", TARGET)]
+
+
+async def test_routing_log_records_epochs_in_order(registry):
+    a, b = handle("a"), handle("b")
+    registry.add(a)
+    registry.add(b)
+    registry.register(a, 1)
+    for _ in range(3):
+        await registry.open_stream("acme", "", TARGET)
+    registry.register(b, 2)
+    await registry.open_stream("acme", "", TARGET)
+    routing = registry.snapshot()[0]["routing"]
+    assert [(r["node"], r["epoch"], r["streams"]) for r in routing] == [("a", 1, 3), ("b", 2, 1)]
+
+
+async def test_epochs_survive_a_cloud_restart(tmp_path, nursery):
+    state = tmp_path / "epochs.json"
+    first = Registry(state_file=state)
+    await nursery.start(first.run)
+    a = handle("a")
+    first.add(a)
+    first.register(a, 42)
+    second = Registry(state_file=state)
+    await nursery.start(second.run)
+    stale = handle("old")
+    second.add(stale)
+    assert not second.register(stale, 41).accepted
+    assert second.register(handle("a"), 42).accepted
