@@ -37,16 +37,16 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import attrs
-import grpc
-import trio
-
 import etcd3
 import etcd3.etcdrpc as etcdrpc
 import etcd3.events
 import etcd3.exceptions as etcd_exc
 import etcd3.transactions as tx
-from connector import metrics
+import grpc
+import trio
 from etcd3 import utils as etcd_utils
+
+from connector import metrics
 from ha.store import (
     LEADER_KEY,
     MEMBERS_PREFIX,
@@ -434,11 +434,12 @@ class _EtcdWatch(Watch):
         self._pending: deque[WatchEvent] = deque()
         self._closed = False
         self._retry = WATCH_RETRY_MIN
+        self.restarts = 0  # re-creations after the first (etcd restart, overflow)
 
     # called in the trio thread (via from_thread.run_sync): never blocks
     def _deliver(self, generation: int, item: Any) -> None:
-        if generation != self._generation or self._closed:
-            return  # a superseded watch
+        if generation != self._generation or self._closed or self._overflowed:
+            return  # a superseded watch, or dropping until the re-creation replays from here
         try:
             self._send.send_nowait((generation, item))
         except trio.WouldBlock:
@@ -474,6 +475,8 @@ class _EtcdWatch(Watch):
             return client, watch_id
 
         self._client, self._watch_id = await self._store._call("watch", add)
+        if self._generation > 1:
+            self.restarts += 1
 
     async def _cancel_current(self) -> None:
         self._generation += 1
@@ -490,6 +493,10 @@ class _EtcdWatch(Watch):
         with trio.move_on_after(self._store.settings.timeout):
             await trio.to_thread.run_sync(cancel, abandon_on_cancel=True,
                                           limiter=self._store._limiter)
+
+    async def begin(self) -> None:
+        if self._watch_id is None:
+            await self._start()
 
     async def __anext__(self) -> WatchEvent:
         while True:
@@ -510,6 +517,8 @@ class _EtcdWatch(Watch):
                 continue
             if self._overflowed and self._receive.statistics().current_buffer_used == 0:
                 self._overflowed = False
+                log.debug("watch %s overflowed; resuming from revision %s",
+                          self._full_prefix, self._next_revision)
                 await self._cancel_current()  # re-create from _next_revision: etcd replays
                 continue
             generation, item = await self._receive.receive()

@@ -115,7 +115,11 @@ class _MemoryWatch(Watch):
         self._position: int | None = None  # index into the append-only history
         self._closed = False
 
-    async def __anext__(self) -> WatchEvent:
+    async def begin(self) -> None:
+        await self._store._enter()
+        self._pin()
+
+    def _pin(self) -> None:
         backend = self._store.backend
         if self._position is None:
             start = self._start_revision or backend.revision + 1
@@ -123,6 +127,11 @@ class _MemoryWatch(Watch):
                 (i for i, e in enumerate(backend.history) if e.revision >= start),
                 len(backend.history),
             )
+
+    async def __anext__(self) -> WatchEvent:
+        backend = self._store.backend
+        self._pin()
+        assert self._position is not None
         while not self._closed:
             if self._store.fault is not None:
                 await self._store.wait_fault_cleared()

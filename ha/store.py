@@ -186,11 +186,18 @@ class Watch(abc.ABC):
 
     Events arrive in revision order, each once. If the store restarts, the watch resumes from
     the last delivered revision + 1, so nothing is lost. ``RevisionCompacted`` is raised from
-    iteration if that revision is gone.
+    iteration if that revision is gone. With no start_revision, "now" is when the watch is
+    entered (``begin``), so writes made after ``async with`` are always seen.
     """
 
     async def __aenter__(self) -> Watch:
+        await self.begin()
         return self
+
+    @abc.abstractmethod
+    async def begin(self) -> None:
+        """Pin the start ("now" when no start_revision was given) and start watching; entering
+        the context does this. Raises StoreUnavailable if the store cannot be reached."""
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
@@ -287,3 +294,4 @@ class Store(abc.ABC):
 
     async def aclose(self) -> None:
         """Release connections. Default: nothing to release."""
+        return None
