@@ -266,6 +266,7 @@ class NodeConfig:
     tunnel_key: Path
     ping_interval: float
     ping_timeout: float
+    tunnel_connect_timeout: float  # TLS + WebSocket + tunnel handshake, as one deadline
     admin_listen: Listen
     audit_log: Path | None
     connect_timeout: float
@@ -336,6 +337,7 @@ def load_node_config(path: str | Path) -> NodeConfig:
         tunnel_key=tunnel.path("key", required=True),  # type: ignore[arg-type]
         ping_interval=tunnel.float("ping_interval", 1.0),
         ping_timeout=tunnel.float("ping_timeout", 3.0),
+        tunnel_connect_timeout=tunnel.float("connect_timeout", 5.0),
         admin_listen=admin.listen("listen", "127.0.0.1:0"),  # type: ignore[arg-type]
         connect_timeout=forward.float("connect_timeout", 5.0),
         response_timeout=forward.float("response_timeout", 30.0),

@@ -8,6 +8,7 @@ WebSocket upgrade and then echoes raw bytes. TCP: every byte is echoed until the
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 
@@ -98,8 +99,8 @@ async def run_backend(
     host: str, http_port: int, tcp_port: int, *, task_status: trio.TaskStatus[tuple[int, int]] = trio.TASK_STATUS_IGNORED
 ) -> None:
     async with trio.open_nursery() as nursery:
-        http = await nursery.start(trio.serve_tcp, serve_http, http_port, host=host)  # type: ignore[arg-type]
-        tcp = await nursery.start(trio.serve_tcp, serve_echo, tcp_port, host=host)  # type: ignore[arg-type]
+        http = await nursery.start(functools.partial(trio.serve_tcp, serve_http, http_port, host=host))
+        tcp = await nursery.start(functools.partial(trio.serve_tcp, serve_echo, tcp_port, host=host))
         task_status.started((http[0].socket.getsockname()[1], tcp[0].socket.getsockname()[1]))
 
 

@@ -87,8 +87,13 @@ class AuditLog:
         self._write(record)
         return record
 
-    def recent(self, kind: str | None = None) -> list[dict[str, Any]]:
-        """The last records kept in memory, oldest first, optionally of one kind."""
+    @property
+    def recent(self) -> list[dict[str, Any]]:
+        """The last records kept in memory, oldest first (served by the admin API)."""
+        return list(self._recent)
+
+    def records(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """Like `recent`, optionally only the records of one kind ("request" or "config")."""
         return [r for r in self._recent if kind is None or r["kind"] == kind]
 
     def close(self) -> None:

@@ -164,9 +164,10 @@ class Node:
             first = False
             try:
                 await self._connect_once(backoff)
-            except (OSError, ssl.SSLError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed,
-                    TunnelError, trio.BrokenResourceError) as exc:
-                log.warning("tunnel to %s failed: %s", self.config.tunnel_url, exc)
+            except* (OSError, ssl.SSLError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed,
+                     TunnelError, trio.BrokenResourceError, trio.TooSlowError) as group:
+                reasons = "; ".join(str(e) or type(e).__name__ for e in group.exceptions)
+                log.warning("tunnel to %s failed: %s", self.config.tunnel_url, reasons)
             if self.stopping:
                 return
             delay = backoff.next_delay()
@@ -175,20 +176,24 @@ class Node:
 
     async def _connect_once(self, backoff: Backoff) -> None:
         async with trio.open_nursery() as nursery:
-            ws = await trio_websocket.connect_websocket_url(
-                nursery, self.config.tunnel_url, ssl_context=self._ssl,
-                max_message_size=WS_MAX_MESSAGE, receive_buffer_size=WS_RECEIVE_BUFFER,
-            )
-            session = TunnelSession(
-                ws, client=True, settings=self.tunnel_settings,
-                hello_info={
-                    "node": self.config.node_id,
-                    "location_id": self.config.location_id,
-                    "version": connector.__version__,
-                    "pid": os.getpid(),
-                },
-            )
-            await session.handshake()
+            # One deadline over TLS, WebSocket and tunnel handshakes: trio-websocket's connect
+            # never returns if the server drops the connection mid-handshake (as it does for a
+            # refused client certificate under TLS 1.3).
+            with trio.fail_after(self.config.tunnel_connect_timeout):
+                ws = await trio_websocket.connect_websocket_url(
+                    nursery, self.config.tunnel_url, ssl_context=self._ssl,
+                    max_message_size=WS_MAX_MESSAGE, receive_buffer_size=WS_RECEIVE_BUFFER,
+                )
+                session = TunnelSession(
+                    ws, client=True, settings=self.tunnel_settings,
+                    hello_info={
+                        "node": self.config.node_id,
+                        "location_id": self.config.location_id,
+                        "version": connector.__version__,
+                        "pid": os.getpid(),
+                    },
+                )
+                await session.handshake()
             backoff.reset()
             self.session = session
             self.registered_epoch = None

@@ -12,18 +12,20 @@ def open_store(config: NodeConfig):  # type: ignore[no-untyped-def]
     """The etcd store of the node's cluster (None when standalone)."""
     if config.cluster is None:
         return None
-    from ha.etcd import EtcdStore
+    from ha.etcd import EtcdSettings, EtcdStore
 
     etcd = config.cluster.etcd
     return EtcdStore(
         config.cluster.name,
-        list(etcd.endpoints),
-        timeout=etcd.timeout,
-        ca_cert=str(etcd.ca) if etcd.ca else None,
-        cert_cert=str(etcd.cert) if etcd.cert else None,
-        cert_key=str(etcd.key) if etcd.key else None,
-        user=etcd.user,
-        password=etcd.password,
+        EtcdSettings(
+            endpoints=tuple(etcd.endpoints),
+            ca_file=str(etcd.ca) if etcd.ca else None,
+            cert_file=str(etcd.cert) if etcd.cert else None,
+            key_file=str(etcd.key) if etcd.key else None,
+            user=etcd.user,
+            password=etcd.password,
+            timeout=etcd.timeout,
+        ),
     )
 
 

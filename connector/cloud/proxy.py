@@ -129,30 +129,59 @@ def parse_proxy_target(raw: bytes) -> tuple[str, int, bytes]:
     return host.decode("ascii").lower(), port, path
 
 
-def forwarded_headers(headers: Sequence[tuple[bytes, bytes]], host: str, port: int) -> list[tuple[bytes, bytes]]:
-    """Request headers to send to the node: proxy and hop-by-hop headers removed, Host kept."""
-    listed = {
+def header_tokens(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> set[bytes]:
+    """Lower-cased comma-separated tokens of every `name` header (Connection, Upgrade, ...)."""
+    return {
         token.strip().lower()
-        for name, value in headers
-        if name == b"connection"
+        for header_name, value in headers
+        if header_name.lower() == name
         for token in value.split(b",")
+        if token.strip()
     }
+
+
+def is_websocket_upgrade(request: h11.Request) -> bool:
+    """True for an HTTP/1.1 GET with `Connection: Upgrade` and `Upgrade: websocket` (RFC 6455 4.1)."""
+    return (
+        request.method == b"GET"
+        and request.http_version == b"1.1"
+        and b"upgrade" in header_tokens(request.headers, b"connection")
+        and b"websocket" in header_tokens(request.headers, b"upgrade")
+    )
+
+
+def forwarded_headers(
+    headers: Sequence[tuple[bytes, bytes]], host: str, port: int, *, websocket: bool = False
+) -> list[tuple[bytes, bytes]]:
+    """Request headers to send to the node: proxy and hop-by-hop headers removed, Host kept.
+
+    With `websocket` the upgrade is forwarded (`Connection: upgrade`, `Upgrade: websocket`) and
+    the Sec-WebSocket-* headers are kept even if the application listed them in Connection; every
+    other upgrade (h2c, ...) is stripped like any hop-by-hop header.
+    """
+    listed = header_tokens(headers, b"connection")
+    if websocket:
+        listed = {token for token in listed if not token.startswith(b"sec-websocket-")}
     result = [(name, value) for name, value in headers if name not in HOP_BY_HOP and name not in listed]
     if not any(name == b"host" for name, _ in result):
         authority = host if port == 80 else f"{host}:{port}"
         result.insert(0, (b"host", authority.encode("ascii")))
+    if websocket:
+        result += [(b"connection", b"upgrade"), (b"upgrade", b"websocket")]
     return result
 
 
 def response_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """Response headers to relay to the application: hop-by-hop headers removed."""
-    listed = {
-        token.strip().lower()
-        for name, value in headers
-        if name == b"connection"
-        for token in value.split(b",")
-    }
+    listed = header_tokens(headers, b"connection")
     return [(name, value) for name, value in headers if name not in HOP_BY_HOP and name not in listed]
+
+
+def switching_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Headers of a relayed `101 Switching Protocols` to a WebSocket upgrade (Sec-WebSocket-* kept)."""
+    listed = {t for t in header_tokens(headers, b"connection") if not t.startswith(b"sec-websocket-")}
+    kept = [(name, value) for name, value in headers if name not in HOP_BY_HOP and name not in listed]
+    return [(b"connection", b"upgrade"), (b"upgrade", b"websocket"), *kept]
 
 
 def reset_status(error: StreamResetError) -> tuple[int, str, str]:

@@ -1,0 +1,780 @@
+"""Forwarding on the node: serve one tunnel stream the cloud opened, against the internal host.
+
+Theory of operation. `serve_stream` looks up the stream's mapping (none: reset NO_MAPPING) and
+then either
+- relays raw bytes (TCP / TCP-TLS mappings): connect first, `accept()` the stream only once the
+  internal host answered (so SOCKS5 clients get a real connect result), then copy both ways in
+  chunks of `settings.chunk`, propagating half-close; or
+- speaks HTTP/1.1 (HTTP / HTTPS mappings): an h11 server on the stream, an h11 client on a lazily
+  opened backend connection that is reused across the keep-alive requests of the stream. Every
+  request is checked by the access control; a denied request gets a JSON error and, when its body
+  can be drained within `max_drain_bytes`, the connection continues. The request is sent with the
+  canonical path the access control checked (so the path checked is the path served) and a
+  rewritten Host header. Request and response bodies are streamed event by event, never buffered:
+  memory per stream is a few chunks whatever the body size.
+
+Request body and response run concurrently (a backend may answer before it read the whole body).
+The response head must arrive within `response_timeout` after the request body was sent.
+Failures talking to the internal host become 502/504 JSON responses while no response byte was
+sent, and a BACKEND_RESET stream reset afterwards. Each request (or TCP session) produces one audit
+line and the metrics of `connector.metrics`.
+
+`serve_stream` never raises (except cancellation): it runs as a task inside the tunnel session,
+where an exception would take down every other stream.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import h11
+import trio
+
+from connector import metrics
+from connector.agent import acl as acl_mod
+from connector.agent.acl import AccessControl, Decision, Mapping
+from connector.agent.audit import AuditLog
+from connector.httperrors import REASON_PHRASES, error_parts
+from connector.tunnel.streams import TunnelStream
+from connector.tunnel.types import ErrorCode, StreamResetError
+
+log = logging.getLogger(__name__)
+
+NO_MAPPING_LABEL = "-"  # mapping label when no mapping matched (virtual names are caller-chosen)
+
+# Headers that belong to one hop (RFC 9110 section 7.6.1); never forwarded. Framing headers
+# (content-length, transfer-encoding) are kept: h11 frames the next hop from them.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+        b"te",
+        b"trailer",
+        b"upgrade",
+    }
+)
+
+
+@attrs.frozen
+class ForwardSettings:
+    connect_timeout: float = 5.0
+    response_timeout: float = 30.0
+    max_header_bytes: int = 65536
+    chunk: int = 65536
+    max_drain_bytes: int = 1 << 20  # body of a denied request read and dropped to keep the connection
+
+
+@attrs.frozen
+class StreamContext:
+    subaccount: str
+    location_id: str
+    audit: AuditLog
+    settings: ForwardSettings = ForwardSettings()
+
+
+class BackendError(Exception):
+    """The internal host could not be reached; `code` for a reset, `reason` a metrics label."""
+
+    def __init__(self, code: ErrorCode, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+        self.message = message
+
+
+class _TunnelGone(Exception):
+    """The stream to the cloud was reset or closed: nobody is left to answer."""
+
+
+class _BackendGone(Exception):
+    """The backend connection failed (reset, closed, broke the protocol) after it was open."""
+
+
+_TUNNEL_ERRORS = (StreamResetError, trio.BrokenResourceError, trio.ClosedResourceError)
+_BACKEND_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+# --- connecting to the internal host ----------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+def _ssl_context(trust_store: str | None, _mtime_ns: int) -> ssl.SSLContext:
+    # Verification on: CERT_REQUIRED and hostname checking are create_default_context defaults.
+    return ssl.create_default_context(cafile=trust_store)
+
+
+def client_ssl_context(trust_store: str | None) -> ssl.SSLContext:
+    """Verifying client context for `trust_store` (None: system CAs), reloaded when the file changes."""
+    mtime = os.stat(trust_store).st_mtime_ns if trust_store else 0
+    return _ssl_context(trust_store, mtime)
+
+
+async def open_backend(mapping: Mapping, settings: ForwardSettings) -> trio.abc.Stream:
+    """Connect (and for HTTPS/TCP-TLS verify TLS) to the internal host; raise BackendError."""
+    host, port = mapping.internal_host, mapping.internal_port
+    tcp: trio.SocketStream | None = None
+    try:
+        with trio.fail_after(settings.connect_timeout):
+            tcp = await trio.open_tcp_stream(host, port)
+            if not mapping.protocol.uses_tls:
+                return tcp
+            try:
+                context = client_ssl_context(mapping.trust_store)
+            except (OSError, ssl.SSLError) as exc:
+                raise BackendError(
+                    ErrorCode.BACKEND_TLS_ERROR, "tls_error", f"trust store unusable: {exc}"
+                ) from None
+            tls = trio.SSLStream(tcp, context, server_hostname=host)
+            try:
+                await tls.do_handshake()
+            except trio.BrokenResourceError as exc:
+                cause = exc.__cause__ or exc
+                raise BackendError(
+                    ErrorCode.BACKEND_TLS_ERROR, "tls_error", f"TLS to {host}:{port} failed: {cause}"
+                ) from None
+            return tls
+    except trio.TooSlowError:
+        if tcp is not None:
+            await trio.aclose_forcefully(tcp)
+        raise BackendError(
+            ErrorCode.CONNECT_TIMEOUT, "connect_timeout",
+            f"{host}:{port} did not answer within {settings.connect_timeout} s",
+        ) from None
+    except BackendError:
+        if tcp is not None:
+            await trio.aclose_forcefully(tcp)
+        raise
+    except OSError as exc:
+        if tcp is not None:
+            await trio.aclose_forcefully(tcp)
+        raise BackendError(
+            ErrorCode.CONNECT_FAILED, "connect_failed", f"{host}:{port} unreachable: {exc}"
+        ) from None
+
+
+# --- entry point --------------------------------------------------------------------------------
+
+
+async def serve_stream(stream: TunnelStream, acl: AccessControl, ctx: StreamContext) -> None:
+    """Serve one stream the cloud opened, until it or the backend is done. Never raises."""
+    try:
+        mapping = acl.find_mapping(stream.target)
+        if mapping is None:
+            metrics.REQUESTS.labels(NO_MAPPING_LABEL, "denied").inc()
+            metrics.DENIALS.labels(acl_mod.NO_MAPPING).inc()
+            ctx.audit.request(
+                subaccount=ctx.subaccount, location=ctx.location_id,
+                virtual_target=str(stream.target), mapping=None, decision="denied",
+                reason=acl_mod.NO_MAPPING, duration_seconds=0.0,
+            )
+            await stream.reset(ErrorCode.NO_MAPPING, f"no mapping for {stream.target}")
+            return
+        if mapping.protocol.is_http:
+            await _HttpSession(stream, acl, mapping, ctx).run()
+        else:
+            await _serve_tcp(stream, mapping, ctx)
+    except Exception:
+        log.exception("forwarding stream %s to %s failed", stream.stream_id, stream.target)
+        with trio.CancelScope(shield=True):
+            try:
+                await stream.reset(ErrorCode.INTERNAL_ERROR, "internal error in the connector")
+            except Exception:
+                pass
+
+
+# --- raw byte relay (TCP mappings, WebSocket after 101) --------------------------------------
+
+
+async def _copy(
+    source: trio.abc.ReceiveStream,
+    sink: trio.abc.SendStream,
+    chunk: int,
+    count: Callable[[int], None],
+    source_is_tunnel: bool,
+) -> None:
+    """Copy until EOF, then half-close `sink` if it can; raise _TunnelGone / _BackendGone."""
+    source_error, sink_error = (_TunnelGone, _BackendGone) if source_is_tunnel else (_BackendGone, _TunnelGone)
+    while True:
+        try:
+            data = await source.receive_some(chunk)
+        except _TUNNEL_ERRORS + _BACKEND_ERRORS as exc:
+            raise source_error(str(exc)) from exc
+        if not data:
+            break
+        try:
+            await sink.send_all(data)
+        except _TUNNEL_ERRORS + _BACKEND_ERRORS as exc:
+            raise sink_error(str(exc)) from exc
+        count(len(data))
+    if isinstance(sink, trio.abc.HalfCloseableStream):
+        try:
+            await sink.send_eof()
+        except _TUNNEL_ERRORS + _BACKEND_ERRORS as exc:
+            raise sink_error(str(exc)) from exc
+
+
+@attrs.define
+class _Relay:
+    bytes_in: int = 0  # towards the internal host
+    bytes_out: int = 0
+    failure: Exception | None = None
+
+
+async def _relay_both_ways(
+    stream: TunnelStream, backend: trio.abc.Stream, chunk: int, mapping: Mapping
+) -> _Relay:
+    """Pump bytes both ways until both directions ended or one side failed; then close both."""
+    relay = _Relay()
+    bytes_in = metrics.BYTES.labels(mapping.name, "in")
+    bytes_out = metrics.BYTES.labels(mapping.name, "out")
+
+    def count_in(n: int) -> None:
+        relay.bytes_in += n
+        bytes_in.inc(n)
+
+    def count_out(n: int) -> None:
+        relay.bytes_out += n
+        bytes_out.inc(n)
+
+    async with trio.open_nursery() as nursery:
+
+        async def one_way(source: Any, sink: Any, count: Callable[[int], None], from_tunnel: bool) -> None:
+            try:
+                await _copy(source, sink, chunk, count, from_tunnel)
+            except (_TunnelGone, _BackendGone) as exc:
+                relay.failure = relay.failure or exc
+                nursery.cancel_scope.cancel()
+
+        nursery.start_soon(one_way, stream, backend, count_in, True)
+        nursery.start_soon(one_way, backend, stream, count_out, False)
+
+    with trio.CancelScope(shield=True):
+        if relay.failure is None:
+            await _aclose_quietly(backend)
+        else:
+            await trio.aclose_forcefully(backend)
+        if isinstance(relay.failure, _BackendGone):
+            await _reset_quietly(stream, ErrorCode.BACKEND_RESET, "internal host reset the connection")
+        elif relay.failure is None:
+            await _aclose_quietly(stream)
+    return relay
+
+
+async def _aclose_quietly(resource: trio.abc.AsyncResource) -> None:
+    try:
+        await resource.aclose()
+    except _TUNNEL_ERRORS + _BACKEND_ERRORS:
+        pass
+
+
+async def _reset_quietly(stream: TunnelStream, code: ErrorCode, reason: str) -> None:
+    try:
+        await stream.reset(code, reason)
+    except _TUNNEL_ERRORS:
+        pass
+
+
+async def _serve_tcp(stream: TunnelStream, mapping: Mapping, ctx: StreamContext) -> None:
+    started = trio.current_time()
+    audit: dict[str, Any] = {
+        "subaccount": ctx.subaccount, "location": ctx.location_id,
+        "virtual_target": str(stream.target), "mapping": mapping.name, "decision": "allowed",
+    }
+    metrics.REQUESTS.labels(mapping.name, "allowed").inc()
+    try:
+        backend = await open_backend(mapping, ctx.settings)
+    except BackendError as exc:
+        metrics.BACKEND_ERRORS.labels(mapping.name, exc.reason).inc()
+        ctx.audit.request(**audit, reason=exc.reason, message=exc.message,
+                          duration_seconds=trio.current_time() - started)
+        await _reset_quietly(stream, exc.code, exc.message)
+        return
+    try:
+        await stream.accept()
+    except _TUNNEL_ERRORS:
+        await trio.aclose_forcefully(backend)
+        return
+    relay = await _relay_both_ways(stream, backend, ctx.settings.chunk, mapping)
+    duration = trio.current_time() - started
+    metrics.REQUEST_SECONDS.labels(mapping.name, str(mapping.protocol)).observe(duration)
+    reason = "allowed"
+    if isinstance(relay.failure, _BackendGone):
+        reason = "backend_reset"
+        metrics.BACKEND_ERRORS.labels(mapping.name, reason).inc()
+    elif isinstance(relay.failure, _TunnelGone):
+        reason = "client_gone"
+    ctx.audit.request(**audit, reason=reason, bytes_in=relay.bytes_in, bytes_out=relay.bytes_out,
+                      duration_seconds=duration)
+
+
+# --- HTTP ------------------------------------------------------------------------------------------
+
+
+def _header_tokens(headers: list[tuple[bytes, bytes]], name: bytes) -> set[bytes]:
+    tokens: set[bytes] = set()
+    for key, value in headers:
+        if key == name:
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    tokens.discard(b"")
+    return tokens
+
+
+def _strip_hop_by_hop(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    listed = _header_tokens(headers, b"connection")
+    return [(k, v) for k, v in headers if k not in HOP_BY_HOP and k not in listed]
+
+
+def _printable_target(raw: bytes) -> str:
+    return raw[:2048].decode("ascii", "backslashreplace")
+
+
+@attrs.define
+class _Exchange:
+    """Book-keeping for one request on the stream."""
+
+    method: bytes
+    target: str
+    started: float
+    status: int | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    head_sent: bool = False
+    request_done: bool = False
+    client_error: h11.RemoteProtocolError | None = None
+    client_gone: bool = False
+
+
+class _HttpSession:
+    """One stream carrying HTTP/1.1 requests for one HTTP/HTTPS mapping."""
+
+    def __init__(self, stream: TunnelStream, acl: AccessControl, mapping: Mapping, ctx: StreamContext) -> None:
+        self.stream = stream
+        self.acl = acl
+        self.mapping = mapping
+        self.ctx = ctx
+        self.settings = ctx.settings
+        self.client = h11.Connection(h11.SERVER, max_incomplete_event_size=ctx.settings.max_header_bytes)
+        self.backend: trio.abc.Stream | None = None
+        self.backend_conn: h11.Connection | None = None
+        self._bytes_in = metrics.BYTES.labels(mapping.name, "in")
+        self._bytes_out = metrics.BYTES.labels(mapping.name, "out")
+
+    # --- loop over the requests of the stream ---------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            await self.stream.accept()
+            while True:
+                try:
+                    event = await self._next_client_event()
+                except h11.RemoteProtocolError as exc:
+                    await self._malformed(exc, None)
+                    return
+                if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                    break
+                assert isinstance(event, h11.Request), event
+                keep_going = await self._handle(event)
+                if not keep_going or not self._start_next_cycle():
+                    break
+            await self._close_client()
+        except _TunnelGone:
+            with trio.CancelScope(shield=True):
+                await _reset_quietly(self.stream, ErrorCode.CANCEL, "stream broken")
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._drop_backend()
+
+    def _start_next_cycle(self) -> bool:
+        if self.client.our_state is h11.DONE and self.client.their_state is h11.DONE:
+            self.client.start_next_cycle()
+            return True
+        return False
+
+    async def _close_client(self) -> None:
+        with trio.CancelScope(shield=True):
+            await _aclose_quietly(self.stream)
+
+    # --- tunnel I/O -----------------------------------------------------------------------------
+
+    async def _next_client_event(self) -> Any:
+        while True:
+            event = self.client.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            try:
+                data = await self.stream.receive_some(self.settings.chunk)
+            except _TUNNEL_ERRORS as exc:
+                raise _TunnelGone(str(exc)) from exc
+            self.client.receive_data(data)
+
+    async def _to_client(self, event: Any) -> None:
+        data = self.client.send(event)
+        if data:
+            try:
+                await self.stream.send_all(data)
+            except _TUNNEL_ERRORS as exc:
+                raise _TunnelGone(str(exc)) from exc
+
+    # --- backend I/O ----------------------------------------------------------------------------
+
+    async def _ensure_backend(self) -> bool:
+        """Connect if needed; return True if the connection was reused."""
+        if self.backend is not None:
+            return True
+        self.backend = await open_backend(self.mapping, self.settings)
+        self.backend_conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=self.settings.max_header_bytes)
+        return False
+
+    async def _drop_backend(self) -> None:
+        backend, self.backend, self.backend_conn = self.backend, None, None
+        if backend is not None:
+            await trio.aclose_forcefully(backend)
+
+    async def _to_backend(self, event: Any) -> None:
+        assert self.backend is not None and self.backend_conn is not None
+        data = self.backend_conn.send(event)
+        if data:
+            try:
+                await self.backend.send_all(data)
+            except _BACKEND_ERRORS as exc:
+                raise _BackendGone(str(exc)) from exc
+
+    async def _next_backend_event(self) -> Any:
+        assert self.backend is not None and self.backend_conn is not None
+        while True:
+            try:
+                event = self.backend_conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise _BackendGone(f"internal host broke HTTP: {exc}") from exc
+            if event is not h11.NEED_DATA:
+                return event
+            try:
+                data = await self.backend.receive_some(self.settings.chunk)
+            except _BACKEND_ERRORS as exc:
+                raise _BackendGone(str(exc)) from exc
+            self.backend_conn.receive_data(data)
+
+    # --- one request --------------------------------------------------------------------------------
+
+    async def _handle(self, request: h11.Request) -> bool:
+        """Answer one request; return False if the connection must close afterwards."""
+        exchange = _Exchange(request.method, _printable_target(request.target), trio.current_time())
+        headers = list(request.headers)
+        names = [k for k, _ in headers]
+        if b"content-length" in names and b"transfer-encoding" in names:
+            await self._refuse(exchange, 400, acl_mod.BAD_REQUEST,
+                               "both Content-Length and Transfer-Encoding", close=True)
+            return False
+        decision = self.acl.check_request(self.mapping, request.method, request.target, headers)
+        if not decision.allowed:
+            return await self._deny(request, exchange, decision)
+        return await self._forward(request, exchange, decision)
+
+    def _request_has_body(self, request: h11.Request) -> bool:
+        for key, value in request.headers:
+            if key == b"transfer-encoding":
+                return True
+            if key == b"content-length" and value.strip() != b"0":
+                return True
+        return False
+
+    async def _drain_body(self, limit: int) -> bool:
+        """Read and drop the rest of the request body; False if it is over `limit` or unsafe."""
+        if self.client.they_are_waiting_for_100_continue:
+            return False  # the client waits for us: reading would hang, answering is enough
+        seen = 0
+        while True:
+            try:
+                event = await self._next_client_event()
+            except h11.RemoteProtocolError:
+                return False
+            if isinstance(event, h11.Data):
+                seen += len(event.data)
+                if seen > limit:
+                    return False
+            elif isinstance(event, h11.EndOfMessage):
+                return True
+            else:
+                return False
+
+    async def _deny(self, request: h11.Request, exchange: _Exchange, decision: Decision) -> bool:
+        exchange.target = decision.path or exchange.target
+        status = 400 if decision.reason in (acl_mod.BAD_REQUEST, acl_mod.AMBIGUOUS_PATH, acl_mod.HOST_MISMATCH) else 403
+        keep = await self._drain_body(self.settings.max_drain_bytes)
+        message = f"the connector's access control denied this request ({decision.reason})"
+        await self._refuse(exchange, status, decision.reason, message, close=not keep)
+        return keep
+
+    async def _refuse(self, exchange: _Exchange, status: int, reason: str, message: str, *, close: bool) -> None:
+        """Answer with an access-control refusal: metrics, audit, JSON error."""
+        metrics.REQUESTS.labels(self.mapping.name, "denied").inc()
+        metrics.DENIALS.labels(reason).inc()
+        await self._send_error(exchange, status, reason, message, close=close)
+        self._audit(exchange, "denied", reason)
+
+    async def _send_error(self, exchange: _Exchange, status: int, reason: str, message: str, *, close: bool) -> None:
+        extra = [(b"connection", b"close")] if close else None
+        status, headers, body = error_parts(status, reason, message, extra)
+        exchange.status = status
+        if exchange.method == b"HEAD":
+            body = b""
+        phrase = REASON_PHRASES.get(status, b"")
+        try:
+            data = self.client.send(h11.Response(status_code=status, headers=headers, reason=phrase))
+            data += self.client.send(h11.Data(data=body)) if body else b""
+            data += self.client.send(h11.EndOfMessage())
+        except h11.LocalProtocolError:
+            # the h11 state does not allow a response (e.g. after a malformed request): write it raw
+            lines = [b"HTTP/1.1 %d %s" % (status, phrase)] + [k + b": " + v for k, v in headers]
+            if not close:
+                lines.append(b"connection: close")
+            data = b"\r\n".join(lines) + b"\r\n\r\n" + body
+        exchange.bytes_out += len(body)
+        try:
+            await self.stream.send_all(data)
+        except _TUNNEL_ERRORS as exc:
+            raise _TunnelGone(str(exc)) from exc
+
+    async def _malformed(self, exc: h11.RemoteProtocolError, exchange: _Exchange | None) -> None:
+        """The client broke HTTP: answer 400/431 if we still can, then close."""
+        status = 431 if exc.error_status_hint == 431 else 400
+        exchange = exchange or _Exchange(b"-", "-", trio.current_time())
+        if self.client.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            await self._refuse(exchange, status, acl_mod.BAD_REQUEST, f"malformed request: {exc}", close=True)
+            await self._close_client()
+        else:
+            metrics.REQUESTS.labels(self.mapping.name, "denied").inc()
+            metrics.DENIALS.labels(acl_mod.BAD_REQUEST).inc()
+            self._audit(exchange, "denied", acl_mod.BAD_REQUEST)
+            await _reset_quietly(self.stream, ErrorCode.CANCEL, "malformed request body")
+
+    def _audit(self, exchange: _Exchange, decision: str, reason: str) -> None:
+        self.ctx.audit.request(
+            subaccount=self.ctx.subaccount, location=self.ctx.location_id,
+            virtual_target=str(self.stream.target), mapping=self.mapping.name,
+            method=exchange.method.decode("ascii", "replace"), path=exchange.target,
+            decision=decision, reason=reason, status=exchange.status,
+            bytes_in=exchange.bytes_in, bytes_out=exchange.bytes_out,
+            duration_seconds=round(trio.current_time() - exchange.started, 6),
+        )
+
+    def _backend_request(self, request: h11.Request, decision: Decision) -> h11.Request:
+        m = self.mapping
+        headers = [(k, v) for k, v in _strip_hop_by_hop(list(request.headers))
+                   if k not in (b"host", b"x-forwarded-host")]
+        if m.host_in_header is acl_mod.HostInHeader.INTERNAL:
+            host = f"{m.internal_host}:{m.internal_port}".encode()
+            headers.append((b"x-forwarded-host", f"{m.virtual_host}:{m.virtual_port}".encode()))
+        else:
+            host = f"{m.virtual_host}:{m.virtual_port}".encode()
+        if decision.websocket:
+            headers += [(b"connection", b"upgrade"), (b"upgrade", b"websocket")]
+        assert decision.forward_target is not None
+        return h11.Request(method=request.method, target=decision.forward_target,
+                           headers=[(b"host", host), *headers])
+
+    async def _backend_failed(self, exchange: _Exchange, status: int, reason: str, message: str,
+                              label: str) -> bool:
+        """Report a backend failure: 502/504 if no response byte went out yet, else reset."""
+        metrics.BACKEND_ERRORS.labels(self.mapping.name, label).inc()
+        await self._drop_backend()
+        if exchange.head_sent:
+            self._audit(exchange, "allowed", label)
+            await _reset_quietly(self.stream, ErrorCode.BACKEND_RESET, message)
+            raise _TunnelGone("stream reset after backend failure")
+        keep = exchange.request_done or await self._drain_body(self.settings.max_drain_bytes)
+        await self._send_error(exchange, status, reason, message, close=not keep)
+        self._audit(exchange, "allowed", reason)
+        return keep
+
+    async def _forward(self, request: h11.Request, exchange: _Exchange, decision: Decision) -> bool:
+        """Send an allowed request to the internal host and relay its answer."""
+        exchange.target = decision.path or exchange.target
+        metrics.REQUESTS.labels(self.mapping.name, "allowed").inc()
+        backend_request = self._backend_request(request, decision)
+        replayable = not self._request_has_body(request)
+        for attempt in (1, 2):
+            try:
+                reused = await self._ensure_backend()
+            except BackendError as exc:
+                if exc.code is ErrorCode.CONNECT_TIMEOUT:
+                    status, reason = 504, "internal_host_timeout"
+                elif exc.code is ErrorCode.BACKEND_TLS_ERROR:
+                    status, reason = 502, "backend_tls_error"
+                else:
+                    status, reason = 502, "internal_host_unreachable"
+                return await self._backend_failed(exchange, status, reason, exc.message, exc.reason)
+            may_retry = reused and attempt == 1 and replayable
+            try:
+                await self._to_backend(backend_request)
+                return await self._exchange(request, exchange, decision)
+            except _ResponseTimeout:
+                return await self._backend_failed(
+                    exchange, 504, "internal_host_timeout",
+                    f"no response within {self.settings.response_timeout} s", "response_timeout")
+            except _BackendGone as exc:
+                if may_retry and not exchange.head_sent:
+                    # a kept-alive connection the internal host had closed meanwhile: reconnect
+                    await self._drop_backend()
+                    continue
+                label = "backend_reset" if exchange.head_sent else "connect_failed"
+                return await self._backend_failed(
+                    exchange, 502, "backend_reset" if exchange.head_sent else "internal_host_unreachable",
+                    f"internal host connection failed: {exc}", label)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _pump_request_body(self, exchange: _Exchange, head_scope: trio.CancelScope,
+                                 nursery: trio.Nursery) -> None:
+        """Client request body -> backend, event by event; then start the response deadline.
+
+        Never raises: failures are recorded on `exchange` for `_exchange` to act on.
+        """
+        try:
+            if exchange.request_done:  # resending a body-less request on a fresh connection
+                await self._to_backend(h11.EndOfMessage())
+            else:
+                while True:
+                    event = await self._next_client_event()
+                    if isinstance(event, h11.Data):
+                        exchange.bytes_in += len(event.data)
+                        self._bytes_in.inc(len(event.data))
+                    await self._to_backend(event)
+                    if isinstance(event, h11.EndOfMessage):
+                        break
+                exchange.request_done = True
+        except h11.RemoteProtocolError as exc:
+            exchange.client_error = exc
+            nursery.cancel_scope.cancel()
+            return
+        except _TunnelGone:
+            exchange.client_gone = True
+            nursery.cancel_scope.cancel()
+            return
+        except _BackendGone:
+            return  # the internal host stopped reading; the response side reports why
+        head_scope.deadline = trio.current_time() + self.settings.response_timeout
+
+    async def _exchange(self, request: h11.Request, exchange: _Exchange, decision: Decision) -> bool:
+        """Request body and response concurrently; return False if the stream must close."""
+        head_scope = trio.CancelScope(deadline=math.inf)
+        failure: Exception | None = None
+        keep = False
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._pump_request_body, exchange, head_scope, nursery)
+            try:
+                keep = await self._relay_response(request, exchange, decision, head_scope)
+            except (_BackendGone, _TunnelGone, _ResponseTimeout) as exc:
+                failure = exc
+            nursery.cancel_scope.cancel()
+        if exchange.client_gone:
+            raise _TunnelGone("client stream broken during the request body")
+        if exchange.client_error is not None:
+            await self._drop_backend()
+            if exchange.head_sent:
+                await _reset_quietly(self.stream, ErrorCode.CANCEL, "malformed request body")
+                raise _TunnelGone("malformed request body")
+            await self._malformed(exchange.client_error, exchange)
+            return False
+        if failure is not None:
+            raise failure
+        if not exchange.request_done:
+            # the internal host answered before reading the whole body: neither side can continue
+            await self._drop_backend()
+            return False
+        return keep
+
+    async def _relay_response(self, request: h11.Request, exchange: _Exchange, decision: Decision,
+                              head_scope: trio.CancelScope) -> bool:
+        with head_scope:
+            while True:
+                event = await self._next_backend_event()
+                if isinstance(event, h11.ConnectionClosed):
+                    raise _BackendGone("internal host closed the connection without a response")
+                if isinstance(event, h11.InformationalResponse):
+                    if event.status_code == 101:
+                        if decision.websocket:
+                            return await self._switch_to_websocket(exchange, event)
+                        raise _BackendGone("internal host switched protocols unasked")
+                    if self.client.their_http_version == b"1.1":
+                        await self._to_client(event)
+                    continue
+                break
+        if head_scope.cancelled_caught:
+            raise _ResponseTimeout()
+        assert isinstance(event, h11.Response)
+        backend_headers = list(event.headers)
+        chunked = b"chunked" in _header_tokens(backend_headers, b"transfer-encoding")
+        await self._to_client(h11.Response(status_code=event.status_code,
+                                           headers=_strip_hop_by_hop(backend_headers),
+                                           reason=event.reason))
+        exchange.status = event.status_code
+        exchange.head_sent = True
+        keep_trailers = chunked and self.client.their_http_version == b"1.1" and request.method != b"HEAD"
+        while True:
+            event = await self._next_backend_event()
+            if isinstance(event, h11.Data):
+                await self._to_client(event)
+                exchange.bytes_out += len(event.data)
+                self._bytes_out.inc(len(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            else:
+                raise _BackendGone(f"unexpected {type(event).__name__} in the response body")
+        # Book-keeping before the last bytes go out, so the audit line exists once the client has
+        # the whole response.
+        await self._finish_backend_cycle()
+        self._audit(exchange, "allowed", acl_mod.ALLOWED)
+        metrics.REQUEST_SECONDS.labels(self.mapping.name, str(self.mapping.protocol)).observe(
+            trio.current_time() - exchange.started)
+        await self._to_client(h11.EndOfMessage(headers=list(event.headers) if keep_trailers else []))
+        return True
+
+    async def _finish_backend_cycle(self) -> None:
+        """Keep the backend connection for the next request if both sides may, else close it."""
+        conn = self.backend_conn
+        if conn is not None and conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+        else:
+            await self._drop_backend()
+
+    async def _switch_to_websocket(self, exchange: _Exchange, response: h11.InformationalResponse) -> bool:
+        """Relay the 101, then bytes both ways until both sides closed; the stream ends after."""
+        assert self.backend is not None and self.backend_conn is not None
+        await self._to_client(h11.InformationalResponse(status_code=101, headers=list(response.headers),
+                                                        reason=response.reason))
+        exchange.status = 101
+        exchange.head_sent = True
+        backend_leftover = bytes(self.backend_conn.trailing_data[0])
+        client_leftover = bytes(self.client.trailing_data[0])
+        backend, self.backend, self.backend_conn = self.backend, None, None
+        try:
+            if backend_leftover:
+                await self.stream.send_all(backend_leftover)
+            if client_leftover:
+                await backend.send_all(client_leftover)
+        except _TUNNEL_ERRORS + _BACKEND_ERRORS:
+            await trio.aclose_forcefully(backend)
+            raise _TunnelGone("websocket start failed") from None
+        exchange.request_done = True
+        relay = await _relay_both_ways(self.stream, backend, self.settings.chunk, self.mapping)
+        exchange.bytes_in += relay.bytes_in + len(client_leftover)
+        exchange.bytes_out += relay.bytes_out + len(backend_leftover)
+        reason = "backend_reset" if isinstance(relay.failure, _BackendGone) else acl_mod.ALLOWED
+        self._audit(exchange, "allowed", reason)
+        metrics.REQUEST_SECONDS.labels(self.mapping.name, "websocket").observe(
+            trio.current_time() - exchange.started)
+        return False  # the relay closed (or reset) the stream
+
+
+class _ResponseTimeout(Exception):
+    """No response head from the internal host within response_timeout after the request."""

@@ -1,0 +1,306 @@
+"""Operator commands against a running cluster: status, switch, acl, secret.
+
+They find the cluster from a node's configuration (`--config node.toml`), or, with no argument,
+from the running `connector demo` (its pointer file names the state file and the node configs).
+They talk to etcd through the same `Store` the nodes use, and to nodes through their admin API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+from cryptography.fernet import Fernet, InvalidToken
+
+from connector.admin import http_request
+from connector.agent.acl import Mapping
+from connector.agent.runtime import open_store
+from connector.agent.sharedconfig import HISTORY_PREFIX, MAPPINGS_PREFIX, mapping_key, record_history
+from connector.config import ConfigError, NodeConfig, load_node_config
+from ha.store import SECRETS_PREFIX, Store, StoreError
+
+ADMIN_TIMEOUT = 1.0
+
+
+class UsageError(Exception):
+    pass
+
+
+def find_config(config: str | None) -> NodeConfig:
+    if config:
+        return load_node_config(config)
+    from connector.demo import pointer_file
+
+    pointer = pointer_file()
+    if not pointer.exists():
+        raise UsageError("no --config given and no running `connector demo` found")
+    state = json.loads(pointer.read_text())
+    first = next(iter(state["nodes"].values()))
+    return load_node_config(first["config"])
+
+
+def _cluster_store(config: NodeConfig) -> Store:
+    store = open_store(config)
+    if store is None:
+        raise UsageError(f"{config.file} has no [cluster] section: this node runs standalone")
+    return store
+
+
+def _run(fn: Any, *args: Any) -> int:
+    try:
+        return int(trio.run(fn, *args))
+    except UsageError as exc:
+        print(f"connector: {exc}", file=sys.stderr)
+        return 2
+    except StoreError as exc:
+        print(f"connector: etcd is not reachable: {exc}", file=sys.stderr)
+        return 3
+
+
+# --- status ------------------------------------------------------------------------------------
+
+async def _node_status(admin_url: str | None) -> dict[str, Any] | None:
+    if not admin_url:
+        return None
+    host, _, port = admin_url.removeprefix("http://").partition(":")
+    try:
+        status, body = await http_request(host, int(port), "/status", timeout=ADMIN_TIMEOUT)
+        return json.loads(body) if status == 200 else None
+    except (OSError, trio.TooSlowError, ValueError):
+        return None
+
+
+async def collect_status(config: NodeConfig) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    store = _cluster_store(config)
+    try:
+        snapshot = await store.get_cluster()
+    finally:
+        await store.aclose()
+    leader = snapshot.leader
+    rows = []
+    for name, member in sorted(snapshot.members.items()):
+        live = await _node_status(member.data.get("admin_url"))
+        is_leader = leader is not None and leader.node == name
+        rows.append({
+            "node": name,
+            "role": "master" if is_leader else str(member.data.get("role", "?")),
+            "epoch": leader.epoch if is_leader else None,
+            "priority": member.priority,
+            "health": member.data.get("health", "ok"),
+            "pid": member.data.get("pid"),
+            "tunnel": live["tunnel"] if live else "unknown",
+            "admin_url": member.data.get("admin_url"),
+            "last_seen": "now" if live else f"member key revision {member.mod_revision}",
+        })
+    leader_info = {"node": leader.node, "epoch": leader.epoch} if leader else None
+    return rows, leader_info
+
+
+async def _status(config: NodeConfig, as_json: bool) -> int:
+    rows, leader = await collect_status(config)
+    cluster = config.cluster.name if config.cluster else "?"
+    if as_json:
+        for row in rows:
+            print(json.dumps(row, sort_keys=True))
+    else:
+        print(f"cluster {cluster}, location {config.location_id!r}: "
+              + (f"master {leader['node']} (epoch {leader['epoch']})" if leader else "NO MASTER"))
+        print(f"{'NODE':<12} {'ROLE':<8} {'EPOCH':>6} {'HEALTH':<8} {'TUNNEL':<11} {'PID':>7}  LAST SEEN")
+        for row in rows:
+            print(f"{row['node']:<12} {row['role']:<8} {str(row['epoch'] or '-'):>6} {row['health']:<8} "
+                  f"{row['tunnel']:<11} {str(row['pid']):>7}  {row['last_seen']}")
+    return 0 if leader else 1
+
+
+def status(config: str | None, as_json: bool) -> int:
+    try:
+        node_config = find_config(config)
+    except (UsageError, ConfigError) as exc:
+        print(f"connector: {exc}", file=sys.stderr)
+        return 2
+    return _run(_status, node_config, as_json)
+
+
+# --- switch ------------------------------------------------------------------------------------
+
+async def _switch(config: NodeConfig) -> int:
+    rows, leader = await collect_status(config)
+    if leader is None:
+        print("connector: the cluster has no master to hand over from", file=sys.stderr)
+        return 1
+    url = next((r["admin_url"] for r in rows if r["node"] == leader["node"]), None)
+    if not url:
+        raise UsageError(f"master {leader['node']} does not publish an admin URL")
+    host, _, port = url.removeprefix("http://").partition(":")
+    status_code, body = await http_request(host, int(port), "/switch", method="POST", timeout=10.0)
+    if status_code != 200:
+        print(f"connector: switch refused by {leader['node']}: {body.decode(errors='replace')}", file=sys.stderr)
+        return 1
+    with trio.move_on_after(10.0):
+        while True:
+            _, new = await collect_status(config)
+            if new is not None and new["node"] != leader["node"]:
+                print(f"switched: {leader['node']} (epoch {leader['epoch']}) -> {new['node']} (epoch {new['epoch']})")
+                return 0
+            await trio.sleep(0.1)
+    print("connector: the old master resigned but no new master appeared within 10 s", file=sys.stderr)
+    return 1
+
+
+def switch(config: str | None) -> int:
+    try:
+        node_config = find_config(config)
+    except (UsageError, ConfigError) as exc:
+        print(f"connector: {exc}", file=sys.stderr)
+        return 2
+    return _run(_switch, node_config)
+
+
+# --- acl ---------------------------------------------------------------------------------------
+
+def mapping_from_args(args: argparse.Namespace) -> Mapping:
+    virtual_host, _, virtual_port = args.virtual.rpartition(":")
+    internal_host, _, internal_port = args.internal.rpartition(":")
+    resources = []
+    for spec in args.path:
+        websocket = spec.endswith("+ws")
+        spec = spec.removesuffix("+ws")
+        exact = spec.endswith("=")
+        resources.append({"path": spec.removesuffix("="), "prefix": not exact, "websocket_upgrade": websocket})
+    raw: dict[str, Any] = {
+        "virtual_host": virtual_host,
+        "virtual_port": int(virtual_port) if virtual_port.isdigit() else virtual_port,
+        "internal_host": internal_host,
+        "internal_port": int(internal_port) if internal_port.isdigit() else internal_port,
+        "protocol": args.protocol,
+        "host_in_header": args.host_in_header,
+        "resources": resources,
+    }
+    if args.trust_store:
+        raw["trust_store"] = args.trust_store
+    return Mapping.from_dict(raw)  # validates; ValueError names the key
+
+
+async def _acl(config: NodeConfig, args: argparse.Namespace) -> int:
+    store = _cluster_store(config)
+    try:
+        if args.acl_command == "list":
+            snapshot = await store.get_prefix(MAPPINGS_PREFIX)
+            entries = []
+            for key, kv in sorted(snapshot.kvs.items()):
+                entries.append({"key": key, "revision": kv.mod_revision, "mapping": kv.json()})
+            if getattr(args, "json", False):
+                print(json.dumps({"revision": snapshot.revision, "mappings": entries}, indent=2))
+            else:
+                for entry in entries:
+                    m = entry["mapping"]
+                    paths = ", ".join(
+                        r["path"] + ("*" if r.get("prefix", True) else "") + (" (ws)" if r.get("websocket_upgrade") else "")
+                        for r in m.get("resources", [])
+                    ) or "-"
+                    print(f"{m['virtual_host']}:{m['virtual_port']} -> {m['internal_host']}:{m['internal_port']} "
+                          f"{m['protocol']} rev {entry['revision']}  {paths}")
+            return 0
+        if args.acl_command == "add":
+            mapping = mapping_from_args(args)
+            key = mapping_key(mapping)
+            revision = await store.put(key, json.dumps(mapping.to_dict()), prev_revision=args.expect_revision)
+            if revision is None:
+                print(f"connector: {key} is not at revision {args.expect_revision}; nothing written", file=sys.stderr)
+                return 1
+            await record_history(store, "add", key, revision, mapping.to_dict())
+            print(f"added {mapping.name} at revision {revision}")
+            return 0
+        if args.acl_command == "remove":
+            key = MAPPINGS_PREFIX + args.virtual.lower()
+            current = await store.get(key)
+            if current is None or not await store.delete(key, prev_revision=current.mod_revision):
+                print(f"connector: no mapping {args.virtual}", file=sys.stderr)
+                return 1
+            await record_history(store, "remove", key, current.mod_revision, current.json())
+            print(f"removed {args.virtual}")
+            return 0
+        if args.acl_command == "history":
+            snapshot = await store.get_prefix(HISTORY_PREFIX)
+            for _, kv in sorted(snapshot.kvs.items()):
+                print(kv.value.decode())
+            return 0
+        raise UsageError(f"unknown acl action {args.acl_command}")
+    finally:
+        await store.aclose()
+
+
+def acl(args: argparse.Namespace) -> int:
+    try:
+        node_config = find_config(args.config)
+        if args.acl_command == "add":
+            mapping_from_args(args)  # validate before touching etcd
+    except (UsageError, ConfigError) as exc:
+        print(f"connector: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"connector: invalid mapping: {exc}", file=sys.stderr)
+        return 2
+    return _run(_acl, node_config, args)
+
+
+# --- secrets -----------------------------------------------------------------------------------
+
+def cluster_fernet(config: NodeConfig, *, create: bool) -> Fernet:
+    """The cluster key encrypting secrets at rest in etcd (a Fernet key file, mode 0600)."""
+    if config.cluster is None or config.cluster.secrets_key is None:
+        raise UsageError(f"{config.file}: [cluster] secrets_key is not set")
+    path = config.cluster.secrets_key
+    if not path.exists():
+        if not create:
+            raise UsageError(f"cluster key {path} does not exist")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(Fernet.generate_key())
+    if path.stat().st_mode & 0o077:
+        raise UsageError(f"cluster key {path} is readable by group or others; chmod 600 it")
+    return Fernet(path.read_bytes().strip())
+
+
+async def _secret(config: NodeConfig, args: argparse.Namespace, value: bytes | None) -> int:
+    store = _cluster_store(config)
+    try:
+        if args.secret_command == "set":
+            fernet = cluster_fernet(config, create=True)
+            revision = await store.put(SECRETS_PREFIX + args.name, fernet.encrypt(value or b""))
+            await record_history(store, "secret-set", SECRETS_PREFIX + args.name, revision, None)
+            print(f"stored secret {args.name} (encrypted) at revision {revision}")
+        elif args.secret_command == "get":
+            fernet = cluster_fernet(config, create=False)
+            kv = await store.get(SECRETS_PREFIX + args.name)
+            if kv is None:
+                print(f"connector: no secret {args.name}", file=sys.stderr)
+                return 1
+            try:
+                sys.stdout.buffer.write(fernet.decrypt(kv.value))
+            except InvalidToken:
+                print("connector: the secret does not decrypt with this cluster key", file=sys.stderr)
+                return 1
+        else:
+            snapshot = await store.get_prefix(SECRETS_PREFIX)
+            for key in sorted(snapshot.kvs):
+                print(key.removeprefix(SECRETS_PREFIX))
+        return 0
+    finally:
+        await store.aclose()
+
+
+def secret(args: argparse.Namespace) -> int:
+    try:
+        node_config = find_config(args.config)
+    except (UsageError, ConfigError) as exc:
+        print(f"connector: {exc}", file=sys.stderr)
+        return 2
+    value = sys.stdin.buffer.read() if args.secret_command == "set" else None
+    return _run(_secret, node_config, args, value)
