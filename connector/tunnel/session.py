@@ -641,6 +641,8 @@ class TunnelSession:
 
         Raises TunnelError if the tunnel is closed, ValueError for an unusable target.
         """
+        if not self._conn.handshake_complete and not self._closing:
+            raise RuntimeError("handshake() must complete before open_stream()")
         await trio.lowlevel.checkpoint()
         while True:
             if self._closing:
@@ -656,7 +658,12 @@ class TunnelSession:
         return self._register(stream_id, target, opener=True)
 
     async def send_control(self, op: str, body: dict[str, Any]) -> None:
-        """Send a CONTROL message; the peer's control_handler sees them in order."""
+        """Send a CONTROL message; the peer's control_handler sees them in order.
+
+        Raises TunnelError if the tunnel is closed, ValueError if `body` is not JSON-able.
+        """
+        if not self._conn.handshake_complete and not self._closing:
+            raise RuntimeError("handshake() must complete before send_control()")
         await self._wait_writable()
         if self._closing:
             raise self._tunnel_error()

@@ -161,8 +161,7 @@ async def test_thousand_concurrent_streams_on_one_tunnel() -> None:
             assert pair.cloud.statistics().streams_opened == n_streams
             with trio.fail_after(5):
                 await pair.cloud.wait_no_streams()
-                while pair.node.statistics().streams_open:
-                    await trio.sleep(0.01)
+                await pair.node.wait_no_streams()
             nursery.cancel_scope.cancel()
 
 
@@ -172,6 +171,7 @@ async def test_slow_reader_does_not_stall_another_stream_and_buffers_stay_bounde
     release = trio.Event()
     slow_streams: list[SessionStream] = []
     slow_received = bytearray()
+    slow_done = trio.Event()
 
     async def handler(stream: SessionStream) -> None:
         await stream.accept()
@@ -179,6 +179,7 @@ async def test_slow_reader_does_not_stall_another_stream_and_buffers_stay_bounde
             slow_streams.append(stream)
             await release.wait()  # the application does not read for a while
             slow_received.extend(await read_all(stream))
+            slow_done.set()
         else:
             await echo(stream)
 
@@ -211,8 +212,7 @@ async def test_slow_reader_does_not_stall_another_stream_and_buffers_stay_bounde
             assert slow_streams[0].statistics().max_buffered <= window
             release.set()
             await sender_done.wait()
-            while len(slow_received) < len(big):
-                await trio.sleep(0.01)
+            await slow_done.wait()
             assert bytes(slow_received) == big
             assert slow.statistics().max_unacknowledged <= window
             assert slow_streams[0].statistics().max_buffered <= window
@@ -294,6 +294,7 @@ async def test_ping_timeout_when_the_peer_stops_reading() -> None:
 
 async def test_handshake_version_mismatch_is_a_tunnel_error_on_both_ends() -> None:
     outcome: list[TunnelError] = []
+    server_done = trio.Event()
 
     async def serve(request: trio_websocket.WebSocketRequest) -> None:
         ws = await request.accept()
@@ -302,6 +303,7 @@ async def test_handshake_version_mismatch_is_a_tunnel_error_on_both_ends() -> No
             await session.handshake()
         outcome.append(info.value)
         assert session.closed
+        server_done.set()
 
     with trio.fail_after(TEST_DEADLINE):
         async with trio.open_nursery() as nursery:
@@ -315,8 +317,7 @@ async def test_handshake_version_mismatch_is_a_tunnel_error_on_both_ends() -> No
             assert info.value.code == ErrorCode.UNSUPPORTED_VERSION
             assert "no common protocol version" in info.value.reason
             assert node.closed and node.close_reason is not None
-            while not outcome:
-                await trio.sleep(0.01)
+            await server_done.wait()
             assert outcome[0].code == ErrorCode.UNSUPPORTED_VERSION
             with pytest.raises(RuntimeError):
                 await node.run()
@@ -344,11 +345,13 @@ async def test_tunnel_death_makes_open_streams_raise_tunnel_lost() -> None:
             await idle.wait_accepted()
             await idle.send_all(b"x")
             failures: list[StreamResetError] = []
+            reader_failed = trio.Event()
 
             async def blocked_reader() -> None:
                 with pytest.raises(StreamResetError) as info:
                     await reading.receive_some()
                 failures.append(info.value)
+                reader_failed.set()
 
             nursery.start_soon(blocked_reader)
             await trio.sleep(0.05)
@@ -357,8 +360,7 @@ async def test_tunnel_death_makes_open_streams_raise_tunnel_lost() -> None:
                 await pair.cloud.wait_closed()
             assert pair.cloud.close_reason is not None
             assert pair.cloud.close_reason[0] == ErrorCode.TUNNEL_LOST
-            while not failures:
-                await trio.sleep(0.01)
+            await reader_failed.wait()
             assert failures[0].code == ErrorCode.TUNNEL_LOST
             for op in (idle.receive_some(), idle.send_all(b"y")):
                 with pytest.raises(StreamResetError) as info:
@@ -392,13 +394,18 @@ async def test_goaway_closes_the_peer_with_its_code_and_fails_its_streams() -> N
 async def test_control_messages_are_delivered_in_order_both_ways() -> None:
     to_node: list[tuple[str, dict[str, Any]]] = []
     to_cloud: list[tuple[str, dict[str, Any]]] = []
+    all_in = trio.Event()
+    cloud_got = trio.Event()
 
     async def on_node(op: str, body: dict[str, Any]) -> None:
         to_node.append((op, body))
-        await trio.sleep(0)  # a handler that yields must still see them in order
+        await trio.lowlevel.checkpoint()  # a handler that yields must still see them in order
+        if len(to_node) == 200:
+            all_in.set()
 
     async def on_cloud(op: str, body: dict[str, Any]) -> None:
         to_cloud.append((op, body))
+        cloud_got.set()
 
     with trio.fail_after(TEST_DEADLINE):
         async with trio.open_nursery() as nursery:
@@ -408,8 +415,8 @@ async def test_control_messages_are_delivered_in_order_both_ways() -> None:
                 await pair.cloud.send_control("drain" if i % 2 else "master-lost", {"seq": i})
             with pytest.raises(ValueError):
                 await pair.cloud.send_control("bad", {"x": object()})
-            while len(to_node) < 200 or not to_cloud:
-                await trio.sleep(0.01)
+            await all_in.wait()
+            await cloud_got.wait()
             assert [body["seq"] for _, body in to_node] == list(range(200))
             assert to_node[0][0] == "master-lost" and to_node[1][0] == "drain"
             assert to_cloud == [("register", {"epoch": 41, "node": "n1"})]
