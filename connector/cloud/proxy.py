@@ -215,6 +215,46 @@ class _Upstream:
     key: tuple[str, str, str, int]
     stream: TunnelStream
     conn: h11.Connection
+    exchanges: int = 0  # completed request/response cycles: > 0 means a kept-alive, reused stream
+    closed_by_node: bool = False  # seen while idle: EOF or reset; never reused
+    unsolicited: bool = False  # the node sent bytes while idle: the stream is out of step
+
+
+@attrs.define
+class _Progress:
+    """What one request has taken from the application so far; carried across a retry."""
+
+    request_done: bool = False  # the application's EndOfMessage was consumed
+    body_consumed: bool = False  # body bytes were read from the application: not replayable
+    retried: bool = False
+
+
+@attrs.define
+class _Attempt:
+    """One try of a request on one tunnel stream."""
+
+    body_scope: trio.CancelScope
+    pump_done: trio.Event = attrs.Factory(trio.Event)
+    status: int | None = None
+    client_error: Exception | None = None
+    response_started: bool = False  # a byte of the response arrived from the node
+    retry: bool = False
+    switched: h11.InformationalResponse | None = None
+
+
+@attrs.define
+class _Switched:
+    """A WebSocket connection after its `101`: the stream and the bytes h11 had already read."""
+
+    stream: TunnelStream
+    to_node: bytes  # sent by the application right after its request head
+    to_client: bytes  # sent by the node right after its 101 head
+    client_eof: bool
+    node_eof: bool
+
+
+_RETRY = object()  # _exchange's answer when the request may be sent again on a fresh stream
+_STREAM_ERRORS = (StreamResetError, trio.BrokenResourceError, trio.ClosedResourceError)
 
 
 class HttpProxy:
@@ -257,6 +297,7 @@ class _ProxyConnection:
         self.sock = sock
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.settings.max_header_bytes)
         self.upstream: _Upstream | None = None
+        self.switched: _Switched | None = None
         try:
             host, port = sock.socket.getpeername()[:2]
             self.peer = f"{host}:{port}"
@@ -285,6 +326,41 @@ class _ProxyConnection:
                 return event  # type: ignore[return-value]
             self.conn.receive_data(await self._receive_client())
 
+    async def _next_request_event(self) -> h11.Event:
+        """The application's next event between requests, watching a kept-alive stream meanwhile.
+
+        The node may close an idle stream (FIN or reset); seeing that before the next request
+        arrives lets that request go to a fresh stream with nothing sent on the dead one.
+        """
+        upstream = self.upstream
+        if upstream is None:
+            return await self._next_client_event()
+        error: Exception | None = None
+        event: h11.Event | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_idle_upstream, upstream)
+            try:
+                event = await self._next_client_event()
+            except (h11.RemoteProtocolError, _ClientGone) as exc:
+                error = exc  # raised below, outside the nursery (no exception group)
+            nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        assert event is not None
+        return event
+
+    async def _watch_idle_upstream(self, upstream: _Upstream) -> None:
+        # Cancelled as soon as the next request arrives; a receive_some cancelled while waiting
+        # loses no bytes (memory channel / tunnel stream buffer).
+        try:
+            data = await upstream.stream.receive_some(self.settings.chunk)
+        except _STREAM_ERRORS:
+            data = b""
+        upstream.closed_by_node = True
+        upstream.unsolicited = bool(data)
+        if data:
+            log.warning("HTTP proxy: the node sent %d bytes on an idle stream; dropping it", len(data))
+
     async def serve(self) -> None:
         with trio.move_on_after(self.settings.idle_timeout):
             first = await self._receive_client()
@@ -302,7 +378,7 @@ class _ProxyConnection:
         while True:
             try:
                 with trio.move_on_after(self.settings.idle_timeout) as idle:
-                    event = await self._next_client_event()
+                    event = await self._next_request_event()
                 if idle.cancelled_caught:
                     return
             except h11.RemoteProtocolError as exc:
@@ -318,6 +394,8 @@ class _ProxyConnection:
                 await self._handle_request(event)
             except _ClientGone:
                 return
+            if self.conn.our_state is h11.SWITCHED_PROTOCOL:
+                return  # the WebSocket relay ran to its end; the connection is done
             if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
                 self.conn.start_next_cycle()
             else:
@@ -348,7 +426,7 @@ class _ProxyConnection:
     ) -> None:
         status, headers, body = error_parts(status, reason, message, extra)
         self._discard_buffered_body()
-        if close or self.conn.their_state is not h11.DONE:
+        if close or self.conn.their_state not in (h11.DONE, h11.MIGHT_SWITCH_PROTOCOL):
             # the rest of the request body is not read: the connection cannot be reused
             headers.append((b"connection", b"close"))
         await self._send_client(
@@ -387,6 +465,10 @@ class _ProxyConnection:
 
     async def close(self) -> None:
         await self._drop_upstream(clean=False)
+        if self.switched is not None:
+            switched, self.switched = self.switched, None
+            with trio.CancelScope(shield=True):
+                await self._reset_quietly(switched.stream, "proxy client connection ended")
         with trio.CancelScope(shield=True):
             await self.sock.aclose()
 
@@ -395,7 +477,10 @@ class _ProxyConnection:
         started = trio.current_time()
         status = await self._proxy_request(request)
         PROXY_REQUESTS.labels("http", str(status) if status else "aborted").inc()
+        # for a WebSocket this is the time to its 101, not the life of the connection
         PROXY_REQUEST_SECONDS.labels("http").observe(trio.current_time() - started)
+        if self.switched is not None:
+            await self._relay_switched(self.switched)
 
     async def _proxy_request(self, request: h11.Request) -> int | None:
         """Answer one request; return the status sent to the application (None if aborted)."""
@@ -438,36 +523,62 @@ class _ProxyConnection:
             return 400
 
         key = (subaccount, location_id, host, port)
-        if self.upstream is not None and (
-            self.upstream.key != key or self.upstream.conn.our_state is not h11.IDLE
-        ):
-            await self._drop_upstream(clean=True)
-        if self.upstream is None:
-            try:
-                stream = await self.proxy.router.open_stream(
-                    subaccount, location_id, Target(host, port, StreamProtocol.HTTP)
-                )
-            except NoConnectorError as exc:
-                await self._send_error(503, "no_connector", exc.reason)
-                return 503
-            except StreamResetError as exc:
-                status, reason, message = reset_status(exc)
-                await self._send_error(status, reason, message)
-                return status
-            self.upstream = _Upstream(
-                key, stream, h11.Connection(h11.CLIENT, max_incomplete_event_size=self.settings.max_header_bytes)
-            )
-        upstream = self.upstream
         outgoing = h11.Request(
             method=request.method,
             target=origin_target,
-            headers=forwarded_headers(headers, host, port),
+            headers=forwarded_headers(headers, host, port, websocket=is_websocket_upgrade(request)),
         )
-        return await self._exchange(upstream, outgoing)
+        progress = _Progress()
+        while True:
+            upstream = self.upstream
+            if upstream is not None and (
+                upstream.key != key or upstream.conn.our_state is not h11.IDLE or upstream.closed_by_node
+            ):
+                await self._drop_upstream(clean=not upstream.unsolicited)
+            if self.upstream is None:
+                try:
+                    stream = await self.proxy.router.open_stream(
+                        subaccount, location_id, Target(host, port, StreamProtocol.HTTP)
+                    )
+                except NoConnectorError as exc:
+                    await self._send_error(503, "no_connector", exc.reason)
+                    return 503
+                except StreamResetError as exc:
+                    status, reason, message = reset_status(exc)
+                    await self._send_error(status, reason, message)
+                    return status
+                self.upstream = _Upstream(
+                    key, stream, h11.Connection(h11.CLIENT, max_incomplete_event_size=self.settings.max_header_bytes)
+                )
+            result = await self._exchange(self.upstream, outgoing, progress)
+            if result is not _RETRY:
+                assert result is None or isinstance(result, int)
+                return result
+            log.info(
+                "HTTP proxy: the node closed a kept-alive stream before taking the request from %s; "
+                "sending it once more on a fresh stream", self.peer,
+            )
+            progress.retried = True
 
-    async def _exchange(self, upstream: _Upstream, outgoing: h11.Request) -> int | None:
-        body_scope = trio.CancelScope()
-        state: dict[str, object] = {"status": None, "client_error": None, "body_scope": body_scope}
+    async def _exchange(self, upstream: _Upstream, outgoing: h11.Request, progress: _Progress) -> object:
+        """Send the request on `upstream` and relay the answer: the status sent, None, or _RETRY.
+
+        _RETRY only when the node provably took nothing of the request: the stream was reused
+        (the node may close idle streams), no response byte came, no body byte was read from the
+        application (so the request can be sent again as it was), and either the stream refused
+        the request head outright (send_all raised: the head never arrived whole) or ended with a
+        clean FIN and no response (the node answers or resets every request it reads; a FIN
+        without an answer is the node closing a stream on which it read nothing).
+        """
+        attempt = _Attempt(body_scope=trio.CancelScope())
+
+        def may_retry() -> bool:
+            return (
+                upstream.exchanges > 0
+                and not progress.retried
+                and not progress.body_consumed
+                and not attempt.response_started
+            )
 
         async def send_upstream(event: h11.Event) -> None:
             data = upstream.conn.send(event)
@@ -476,23 +587,34 @@ class _ProxyConnection:
 
         async def pump_request_body() -> None:
             try:
-                await send_upstream(outgoing)
+                try:
+                    await send_upstream(outgoing)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    if may_retry():
+                        attempt.retry = True
+                        nursery.cancel_scope.cancel()
+                    return
+                if progress.request_done:  # a retry of a request whose end was already read
+                    await send_upstream(h11.EndOfMessage())
+                    return
                 while True:
                     event = await self._next_client_event()
                     if isinstance(event, h11.Data):
+                        progress.body_consumed = True
                         await send_upstream(event)
                     elif isinstance(event, h11.EndOfMessage):
+                        progress.request_done = True
                         await send_upstream(event)
                         return
                     elif isinstance(event, h11.ConnectionClosed):  # in the middle of a body
                         raise _ClientGone()
                     else:
                         return
-            except (StreamResetError, trio.BrokenResourceError, trio.ClosedResourceError):
+            except _STREAM_ERRORS:
                 # the node stopped reading; the response side reports why (or relays its answer)
                 return
             except (h11.RemoteProtocolError, _ClientGone) as exc:
-                state["client_error"] = exc
+                attempt.client_error = exc
                 with trio.CancelScope(shield=True):
                     await upstream.stream.reset(ErrorCode.CANCEL, "client request broken")
                 nursery.cancel_scope.cancel()
@@ -501,7 +623,7 @@ class _ProxyConnection:
             try:
                 await relay_response_events()
             except _ClientGone as exc:
-                state["client_error"] = exc
+                attempt.client_error = exc
                 await self._drop_upstream(clean=False)
 
         async def relay_response_events() -> None:
@@ -509,11 +631,28 @@ class _ProxyConnection:
                 while True:
                     event = upstream.conn.next_event()
                     if event is h11.NEED_DATA:
-                        upstream.conn.receive_data(await upstream.stream.receive_some(self.settings.chunk))
+                        data = await upstream.stream.receive_some(self.settings.chunk)
+                        if not data and not attempt.response_started:
+                            if may_retry():
+                                attempt.retry = True
+                                attempt.body_scope.cancel()
+                                return
+                            await self._upstream_failed(
+                                attempt, 502, "no_response", "the connector closed the stream without a response"
+                            )
+                            return
+                        attempt.response_started = attempt.response_started or bool(data)
+                        upstream.conn.receive_data(data)
                         continue
                     if isinstance(event, h11.InformationalResponse):
-                        if event.status_code != 101:
-                            await self._send_client(event)
+                        if event.status_code == 101:
+                            # h11 accepts a 101 only to a request that asked to upgrade, and
+                            # only WebSocket upgrades are forwarded: switch once the request
+                            # has been sent whole
+                            await attempt.pump_done.wait()
+                            attempt.switched = event
+                            return
+                        await self._send_client(event)
                     elif isinstance(event, h11.Response):
                         relayed = h11.Response(
                             status_code=event.status_code,
@@ -521,7 +660,7 @@ class _ProxyConnection:
                             reason=event.reason,
                         )
                         await self._send_client(relayed)
-                        state["status"] = event.status_code
+                        attempt.status = event.status_code
                     elif isinstance(event, h11.Data):
                         await self._send_client(event)
                     elif isinstance(event, h11.EndOfMessage):
@@ -533,57 +672,142 @@ class _ProxyConnection:
                         )
             except h11.RemoteProtocolError as exc:
                 await self._upstream_failed(
-                    state, 502, "bad_response", f"the internal host sent a malformed response: {exc}"
+                    attempt, 502, "bad_response", f"the internal host sent a malformed response: {exc}"
                 )
             except StreamResetError as exc:
-                await self._upstream_failed(state, *reset_status(exc))
+                await self._upstream_failed(attempt, *reset_status(exc))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                await self._upstream_failed(state, *reset_status(StreamResetError(ErrorCode.TUNNEL_LOST)))
+                await self._upstream_failed(attempt, *reset_status(StreamResetError(ErrorCode.TUNNEL_LOST)))
 
         async with trio.open_nursery() as nursery:
 
             async def body_task() -> None:
-                with body_scope:
-                    await pump_request_body()
+                try:
+                    with attempt.body_scope:
+                        await pump_request_body()
+                finally:
+                    attempt.pump_done.set()
 
             nursery.start_soon(body_task)
             await relay_response()
             # a response that finished before the request body did: stop reading the body;
             # the application connection then closes (its state is not DONE)
-            body_scope.cancel()
+            attempt.body_scope.cancel()
 
-        client_error = state["client_error"]
+        client_error = attempt.client_error
         if isinstance(client_error, _ClientGone):
             await self._drop_upstream(clean=False)
             raise client_error
-        if isinstance(client_error, h11.RemoteProtocolError) and state["status"] is None:
+        if isinstance(client_error, h11.RemoteProtocolError) and attempt.status is None:
             await self._drop_upstream(clean=False)
             if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                 await self._send_error(400, "malformed_request", f"malformed request body: {client_error}", close=True)
                 return 400
             return None
+        if attempt.retry:
+            await self._drop_upstream(clean=False)
+            if not progress.body_consumed:
+                return _RETRY
+            # the body pump had already taken body bytes when it was stopped: not replayable
+            await self._upstream_failed(
+                attempt, 502, "no_response", "the connector closed the stream without a response"
+            )
+            return attempt.status
+        if attempt.switched is not None:
+            return await self._switch_protocols(upstream, attempt.switched)
         if upstream.conn.our_state is h11.DONE and upstream.conn.their_state is h11.DONE:
             upstream.conn.start_next_cycle()
+            upstream.exchanges += 1
         else:
             await self._drop_upstream(clean=upstream.conn.their_state is h11.DONE)
-        status = state["status"]
-        return status if isinstance(status, int) else None
+        return attempt.status
 
-    async def _upstream_failed(self, state: dict[str, object], status: int, reason: str, message: str) -> None:
+    async def _upstream_failed(self, attempt: _Attempt, status: int, reason: str, message: str) -> None:
         # Stop the request-body pump first (it is suspended: cancelling it loses no client bytes),
         # so that an already-buffered end of request can be consumed here and keep-alive survives.
-        body_scope = state["body_scope"]
-        assert isinstance(body_scope, trio.CancelScope)
-        body_scope.cancel()
+        attempt.body_scope.cancel()
         await self._drop_upstream(clean=False)
-        if state["status"] is None and self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+        if attempt.status is None and self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             log.info("HTTP proxy: %s for %s: %s", status, self.peer, message)
             await self._send_error(status, reason, message)
-            state["status"] = status
+            attempt.status = status
         else:
             # the response had started: the only way to tell the application is to break the connection
             log.info("HTTP proxy: response to %s aborted: %s", self.peer, message)
             raise _ClientGone()
+
+    # --- WebSocket ------------------------------------------------------------------------------
+    async def _switch_protocols(self, upstream: _Upstream, response: h11.InformationalResponse) -> int | None:
+        """Relay the node's 101 and hand the stream to `_relay_switched`; return 101."""
+        if self.conn.their_state is not h11.MIGHT_SWITCH_PROTOCOL or upstream.conn.our_state is not h11.SWITCHED_PROTOCOL:
+            await self._drop_upstream(clean=False)
+            await self._send_error(
+                502, "bad_response", "the internal host switched protocols before the request was complete",
+                close=True,
+            )
+            return 502
+        self.upstream = None  # the stream now carries raw bytes, owned by self.switched
+        to_client, node_eof = upstream.conn.trailing_data
+        to_node, client_eof = self.conn.trailing_data
+        self.switched = _Switched(upstream.stream, bytes(to_node), bytes(to_client), client_eof, node_eof)
+        await self._send_client(
+            h11.InformationalResponse(
+                status_code=101,
+                headers=switching_headers(response.headers),
+                reason=response.reason or b"Switching Protocols",
+            )
+        )
+        return 101
+
+    async def _relay_switched(self, switched: _Switched) -> None:
+        """Pump raw bytes both ways, one chunk at a time, half-closing each way at its EOF.
+
+        Ends when both directions reached EOF (the stream is then closed gracefully) or either
+        side failed (the stream is reset and the application connection closed).
+        """
+        stream = switched.stream
+        failed: list[str] = []
+
+        async def one_way(
+            source: trio.abc.ReceiveStream,
+            sink: trio.abc.HalfCloseableStream,
+            leftover: bytes,
+            source_eof: bool,
+            direction: str,
+        ) -> None:
+            try:
+                if leftover:
+                    await sink.send_all(leftover)
+                while not source_eof:
+                    data = await source.receive_some(self.settings.chunk)
+                    if not data:
+                        break
+                    await sink.send_all(data)
+                await sink.send_eof()
+            except (*_STREAM_ERRORS, OSError) as exc:
+                failed.append(f"{direction}: {exc!r}")
+                nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one_way, self.sock, stream, switched.to_node, switched.client_eof, "to node")
+            nursery.start_soon(one_way, stream, self.sock, switched.to_client, switched.node_eof, "to application")
+        self.switched = None
+        with trio.CancelScope(shield=True):
+            if failed:
+                log.info("HTTP proxy: WebSocket of %s ended abruptly (%s)", self.peer, failed[0])
+                await self._reset_quietly(stream, "WebSocket relay failed")
+            else:
+                try:
+                    await stream.aclose()
+                except _STREAM_ERRORS:
+                    pass
+
+    async def _reset_quietly(self, stream: TunnelStream, reason: str) -> None:
+        with trio.move_on_after(self.settings.linger_timeout):
+            try:
+                await stream.reset(ErrorCode.CANCEL, reason)
+            except _STREAM_ERRORS:
+                pass
 
     async def _drop_upstream(self, *, clean: bool) -> None:
         upstream, self.upstream = self.upstream, None
@@ -595,5 +819,6 @@ class _ProxyConnection:
                     await upstream.stream.aclose()
                 else:
                     await upstream.stream.reset(ErrorCode.CANCEL, "proxy client connection ended")
-            except (StreamResetError, trio.BrokenResourceError, trio.ClosedResourceError):
+            except _STREAM_ERRORS:
                 pass
+
