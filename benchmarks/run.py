@@ -1,0 +1,409 @@
+#!/usr/bin/env python3
+"""Benchmark entry point: `python3 benchmarks/run.py [--quick]` (what `scripts/dev bench` runs).
+
+Theory of operation. One run measures the same work over every path, against the same internal
+host process, and reports each path relative to `ssh -N -R` with OpenSSH's default cipher:
+
+1. Start the demo cluster (`connector.demo.Demo`: etcd, cloud side, two nodes, demo backend) in a
+   temporary directory. If it does not start, the report says why (with the log tails) and the
+   run continues with direct and ssh only, against our launcher of the same backend handlers.
+2. Start one private sshd + `ssh -N -R` per cipher (benchmarks/sshtunnel.py).
+3. Throughput, then request rate, path after path, for `rounds` rounds (median kept), so slow
+   drifts of the shared machine spread over all paths. Latency: one loop with paths interleaved.
+   Memory: per path, 1,000 idle streams held open while VmRSS is read.
+   Each measurement is a separate generator process (benchmarks/load.py) with a count bound, a
+   time bound inside, and a kill deadline outside.
+4. Stop everything it started, print the table, write docs/benchmarks.md (unless --no-write).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+
+from benchmarks import procs, report  # noqa: E402
+from benchmarks.load import raise_fd_limit  # noqa: E402
+from benchmarks.sshtunnel import SshTunnel  # noqa: E402
+from benchmarks.stats import PathResult, check_goals, median, percentile, render_table  # noqa: E402
+
+DEFAULT_CIPHERS = ("default", "aes256-gcm@openssh.com")
+PROJECT = "connector"
+DIRECT = "direct"
+LOAD_SLACK = 30.0  # seconds a generator may exceed its own time bound before it is killed
+
+
+@attrs.frozen
+class Settings:
+    rounds: int
+    throughput_bytes: int
+    throughput_max_seconds: float
+    rate_seconds: float
+    rate_warmup: float
+    connections: int
+    latency_requests: int
+    latency_max_seconds: float
+    idle_streams: int
+    hold_max_seconds: float
+
+
+QUICK = Settings(1, 64 << 20, 8.0, 3.0, 0.5, 16, 300, 20.0, 1000, 60.0)
+FULL = Settings(3, 512 << 20, 30.0, 8.0, 1.0, 16, 2000, 60.0, 1000, 120.0)
+
+
+@attrs.define
+class BenchPath:
+    """One way to reach the internal host, and the processes whose memory it costs."""
+
+    name: str
+    http: dict[str, Any]
+    tcp: dict[str, Any] | None
+    processes: dict[str, int] = attrs.Factory(dict)  # label -> pid (tree) whose RSS counts
+    note: str = ""
+    throughput: list[float] = attrs.Factory(list)
+    rates: list[float] = attrs.Factory(list)
+    errors: list[str] = attrs.Factory(list)
+    rss_idle: dict[str, float] = attrs.Factory(dict)
+    rss_loaded: dict[str, float] = attrs.Factory(dict)
+    opened: int = 0
+
+
+class Bench:
+    def __init__(self, settings: Settings, ciphers: list[str], workdir: Path) -> None:
+        self.settings = settings
+        self.ciphers = ciphers
+        self.workdir = workdir
+        self.paths: list[BenchPath] = []
+        self.commands: list[str] = []
+        self.project_error = ""
+        self.latencies: dict[str, list[float]] = {}
+        self.baseline = ""
+
+    # --- running one generator ----------------------------------------------------------------
+
+    def _load_argv(self, mode: str, spec: dict[str, Any]) -> list[str]:
+        return [sys.executable, "-m", "benchmarks.load", mode, json.dumps(spec)]
+
+    def _record(self, mode: str, spec: dict[str, Any]) -> None:
+        text = json.dumps(spec)
+        for path in self.paths:
+            token = (path.http or {}).get("proxy_token")
+            if token:
+                text = text.replace(token, "<token>")
+        command = f"python3 -m benchmarks.load {mode} {shlex.quote(text)}"
+        if command not in self.commands:
+            self.commands.append(command)
+
+    async def load(self, mode: str, spec: dict[str, Any], bound: float) -> dict[str, Any]:
+        self._record(mode, spec)
+        with trio.move_on_after(bound + LOAD_SLACK) as scope:
+            done = await trio.run_process(
+                self._load_argv(mode, spec), capture_stdout=True, capture_stderr=True, check=False, cwd=REPO
+            )
+        if scope.cancelled_caught:
+            return {"error": f"load generator killed after {bound + LOAD_SLACK:.0f} s"}
+        lines = done.stdout.decode().strip().splitlines()
+        try:
+            return dict(json.loads(lines[-1]))
+        except (IndexError, ValueError):
+            return {"error": f"generator exited {done.returncode}: {done.stderr.decode()[-500:]}"}
+
+    # --- measurements -------------------------------------------------------------------------
+
+    async def measure_throughput(self, path: BenchPath) -> None:
+        s = self.settings
+        if path.tcp is None:
+            return
+        result = await self.load(
+            "throughput", {"tcp": path.tcp, "bytes": s.throughput_bytes, "max_seconds": s.throughput_max_seconds},
+            s.throughput_max_seconds,
+        )
+        if "error" in result:
+            path.errors.append(f"throughput: {result['error']}")
+        else:
+            path.throughput.append(result["mb_s"])
+        print(f"  throughput {path.name:<40} {result}", flush=True)
+
+    async def measure_rate(self, path: BenchPath) -> None:
+        s = self.settings
+        result = await self.load(
+            "rate", {"http": path.http, "connections": s.connections, "seconds": s.rate_seconds,
+                     "warmup": s.rate_warmup}, s.rate_seconds + s.rate_warmup,
+        )
+        if "error" in result:
+            path.errors.append(f"rate: {result['error']}")
+        else:
+            path.rates.append(result["requests_per_s"])
+        print(f"  rate       {path.name:<40} {result}", flush=True)
+
+    async def measure_latency(self) -> None:
+        s = self.settings
+        spec = {"paths": [{"name": p.name, "http": p.http} for p in self.paths],
+                "requests": s.latency_requests, "max_seconds": s.latency_max_seconds}
+        result = await self.load("latency", spec, s.latency_max_seconds)
+        if "error" in result:
+            for path in self.paths:
+                path.errors.append(f"latency: {result['error']}")
+            print(f"  latency    {result}", flush=True)
+            return
+        self.latencies = result["latencies_ms"]
+        for name, values in self.latencies.items():
+            print(f"  latency    {name:<40} n={len(values)} p50={percentile(values, 50):.3f} "
+                  f"p99={percentile(values, 99):.3f} ms", flush=True)
+
+    def _read_rss(self, path: BenchPath) -> dict[str, float]:
+        return {label: procs.tree_rss_mib(pid) for label, pid in path.processes.items()}
+
+    async def measure_memory(self, path: BenchPath) -> None:
+        s = self.settings
+        if path.tcp is None or not path.processes:
+            return
+        spec = {"tcp": path.tcp, "count": s.idle_streams, "max_seconds": s.hold_max_seconds,
+                "hold_seconds": s.hold_max_seconds}
+        self._record("hold", spec)
+        path.rss_idle = self._read_rss(path)
+        process = await trio.lowlevel.open_process(
+            self._load_argv("hold", spec), stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO
+        )
+        assert process.stdout is not None and process.stdin is not None
+        try:
+            with trio.move_on_after(s.hold_max_seconds + 5.0):
+                line = b""
+                while not line.endswith(b"\n"):
+                    chunk = await process.stdout.receive_some(4096)
+                    if not chunk:
+                        break
+                    line += chunk
+            reply = json.loads(line.decode().splitlines()[0]) if line.strip() else {"error": "no answer"}
+            if "opened" in reply:
+                path.opened = reply["opened"]
+                await trio.sleep(0.5)  # let buffers settle before reading
+                path.rss_loaded = self._read_rss(path)
+            else:
+                path.errors.append(f"memory: {reply.get('error')}")
+            print(f"  memory     {path.name:<40} {reply} idle={path.rss_idle} loaded={path.rss_loaded}", flush=True)
+            await process.stdin.send_all(b"close\n")
+        finally:
+            with trio.move_on_after(10.0):
+                await process.wait()
+            if process.poll() is None:
+                process.kill()
+                await process.wait()
+
+    # --- the run ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        s = self.settings
+        for r in range(s.rounds):
+            print(f"round {r + 1}/{s.rounds}", flush=True)
+            for path in self.paths:
+                await self.measure_throughput(path)
+            for path in self.paths:
+                await self.measure_rate(path)
+        await self.measure_latency()
+        for path in self.paths:
+            await self.measure_memory(path)
+
+    def results(self) -> list[PathResult]:
+        direct = self.latencies.get(DIRECT)
+        rows = []
+        for path in self.paths:
+            p50 = p99 = None
+            own = self.latencies.get(path.name)
+            if direct and own and path.name != DIRECT:
+                p50 = percentile(own, 50) - percentile(direct, 50)
+                p99 = percentile(own, 99) - percentile(direct, 99)
+            rss = sum(path.rss_loaded.values()) if path.rss_loaded else None
+            detail = " + ".join(f"{label} {value:.1f}" for label, value in path.rss_loaded.items())
+            rows.append(PathResult(
+                path=path.name,
+                throughput_mb_s=median(path.throughput) if path.throughput else None,
+                requests_per_s=median(path.rates) if path.rates else None,
+                p50_added_ms=p50, p99_added_ms=p99, rss_mib=rss,
+                rss_detail=detail if len(path.rss_loaded) > 1 else "", note=path.note,
+            ))
+        return rows
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+async def start_demo(workdir: Path) -> tuple[Any, dict[str, Any] | None, str]:
+    from connector.demo import Demo, DemoSpec
+
+    demo = Demo(workdir, DemoSpec(http_port=0, socks5_port=0))
+    try:
+        with trio.fail_after(60.0):
+            state = await demo.start()
+        return demo, state, ""
+    except BaseException as exc:  # noqa: BLE001 - any failure: report it, measure the rest
+        with trio.CancelScope(shield=True):
+            await demo.stop()
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        logs = ""
+        for log in sorted((workdir / "logs").glob("*.log")):
+            logs += f"\n--- {log.name} (last lines)\n{_tail(log)}\n"
+        return None, None, f"{type(exc).__name__}: {exc}\n{logs}"
+
+
+async def master_node(state: dict[str, Any]) -> str | None:
+    from connector.admin import http_request
+
+    status, body = await http_request("127.0.0.1", state["cloud"]["admin_port"], "/status", timeout=2.0)
+    if status != 200:
+        return None
+    for location in json.loads(body).get("locations", []):
+        if location.get("master"):
+            return str(location["master"])
+    return None
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    settings = QUICK if args.quick else FULL
+    if args.rounds:
+        settings = attrs.evolve(settings, rounds=args.rounds)
+    raise_fd_limit()  # children (demo, sshd, ssh) inherit it: 1,000 streams need 2,000+ descriptors
+    workdir = Path(tempfile.mkdtemp(prefix="connector-bench-"))
+    print(f"workdir {workdir}", flush=True)
+    bench = Bench(settings, args.ciphers, workdir)
+    demo, state, bench.project_error = await start_demo(workdir / "demo")
+    backend: trio.Process | None = None
+    tunnels: list[SshTunnel] = []
+    try:
+        if state is not None:
+            http_port, tcp_port = state["backend"]["http_port"], state["backend"]["tcp_port"]
+        else:
+            print(f"connector path unavailable:\n{bench.project_error}", flush=True)
+            backend = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "benchmarks.backend"], stdout=subprocess.PIPE, cwd=REPO)
+            assert backend.stdout is not None
+            with trio.fail_after(15.0):
+                ports = json.loads((await backend.stdout.receive_some(4096)).decode())
+            http_port, tcp_port = ports["http_port"], ports["tcp_port"]
+        bench.paths.append(BenchPath(
+            DIRECT, {"host": "127.0.0.1", "port": http_port}, {"host": "127.0.0.1", "port": tcp_port}))
+        if state is not None:
+            master = await master_node(state)
+            processes = {"cloud": state["cloud"]["pid"]}
+            if master:
+                processes[f"node ({master}, master)"] = state["nodes"][master]["pid"]
+            bench.paths.append(BenchPath(
+                PROJECT,
+                {"host": "127.0.0.1", "port": state["cloud"]["http_proxy_port"], "proxy_token": state["token"],
+                 "virtual_host": "erp.virtual:8000"},
+                {"host": "127.0.0.1", "port": state["cloud"]["socks5_port"],
+                 "socks5": {"username": state["subaccount"], "password": state["token"],
+                            "target_host": "echo.virtual", "target_port": 7000}},
+                processes, note="proxy + tunnel + node"))
+        for index, cipher in enumerate(args.ciphers):
+            tunnel = SshTunnel(workdir / f"ssh-{index}", http_port, tcp_port, None if cipher == "default" else cipher)
+            await tunnel.start()
+            tunnels.append(tunnel)
+            name = f"ssh -R, {tunnel.negotiated_cipher}" + (" (default)" if cipher == "default" else "")
+            if not bench.baseline:
+                bench.baseline = name
+            bench.paths.append(BenchPath(
+                name, {"host": "127.0.0.1", "port": tunnel.http_port}, {"host": "127.0.0.1", "port": tunnel.tcp_port},
+                {"sshd": tunnel.sshd_pid(), "ssh": tunnel.ssh_pid()}))
+            bench.commands.append(f"/usr/sbin/sshd -D -e -f {tunnel.directory}/sshd_config")
+            bench.commands.append(shlex.join(tunnel.ssh.args) if tunnel.ssh else "")  # type: ignore[arg-type]
+        await bench.run()
+    finally:
+        with trio.CancelScope(shield=True):
+            for tunnel in tunnels:
+                await tunnel.stop()
+            if demo is not None:
+                await demo.stop()
+            if backend is not None:
+                backend.kill()
+                await backend.wait()
+    body = render(bench, args)
+    print("\n" + body, flush=True)
+    if not args.no_write:
+        report.write(args.output, body)
+        print(f"\nwrote {args.output}", flush=True)
+    failed = any(p.errors for p in bench.paths)
+    return 1 if failed or not bench.paths else 0
+
+
+def render(bench: Bench, args: argparse.Namespace) -> str:
+    rows = bench.results()
+    mode = "--quick" if args.quick else "default"
+    out = [f"## Results ({mode} mode, {bench.settings.rounds} round(s), ratios to `{bench.baseline}`)", ""]
+    out.append(render_table(rows, bench.baseline) if bench.baseline else "(no ssh baseline)")
+    out.append("")
+    for goal in check_goals(rows, project=PROJECT, baseline=bench.baseline):
+        verdict = {True: "met", False: "**not met**", None: "not measured"}[goal.met]
+        out.append(f"- Aim: {goal.text}: {verdict}.")
+    if bench.project_error:
+        out += ["", "### The connector path did not run", "",
+                "The demo cluster did not start, so only direct and ssh were measured:", "", "```",
+                bench.project_error.strip(), "```"]
+    for path in bench.paths:
+        for error in path.errors:
+            out.append(f"- Error on {path.name}: {error}")
+    out += ["", "### Memory detail (VmRSS, MiB)", "",
+            "| path | process | idle | with 1k streams | per stream KiB |", "|---|---|---:|---:|---:|"]
+    for path in bench.paths:
+        for label, loaded in path.rss_loaded.items():
+            idle = path.rss_idle.get(label, 0.0)
+            per = (loaded - idle) * 1024 / path.opened if path.opened else 0.0
+            out.append(f"| {path.name} | {label} | {idle:.1f} | {loaded:.1f} | {per:.1f} |")
+    s = bench.settings
+    out += ["", "### Raw samples", ""]
+    for path in bench.paths:
+        tput = ", ".join(f"{v:.1f}" for v in path.throughput) or "—"
+        rates = ", ".join(f"{v:.0f}" for v in path.rates) or "—"
+        lat = bench.latencies.get(path.name)
+        lat_text = f"p50 {percentile(lat, 50):.3f} ms, p99 {percentile(lat, 99):.3f} ms, n={len(lat)}" if lat else "—"
+        out.append(f"- {path.name}: throughput MB/s [{tput}]; requests/s [{rates}]; latency {lat_text}")
+    out += ["", "### Machine", ""]
+    out += [f"- {key}: {value}" for key, value in report.machine_facts(REPO)]
+    out += ["", "### Settings and exact commands", "",
+            f"`{' '.join(['python3', 'benchmarks/run.py', *sys.argv[1:]])}`: {s.rounds} round(s); throughput "
+            f"{s.throughput_bytes >> 20} MiB echoed (at most {s.throughput_max_seconds:g} s); request rate "
+            f"{s.connections} connections for {s.rate_seconds:g} s after {s.rate_warmup:g} s warm-up; latency "
+            f"{s.latency_requests} requests per path; memory {s.idle_streams} idle streams.", "", "```"]
+    out += bench.commands
+    out += ["```"]
+    return "\n".join(out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="direct vs connector vs ssh -R, written to docs/benchmarks.md")
+    parser.add_argument("--quick", action="store_true", help="small sizes, about a minute")
+    parser.add_argument("--rounds", type=int, default=0, help="override the number of rounds")
+    parser.add_argument("--ciphers", type=lambda v: [c for c in v.split(",") if c], default=list(DEFAULT_CIPHERS),
+                        help="ssh ciphers to measure, comma-separated; the first is the baseline (default: %(default)s)")
+    parser.add_argument("--output", type=Path, default=REPO / "docs" / "benchmarks.md")
+    parser.add_argument("--no-write", action="store_true", help="print only, do not write the report")
+    args = parser.parse_args()
+    try:
+        return trio.run(main_async, args)
+    except Exception:
+        traceback.print_exc()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
