@@ -19,9 +19,16 @@ from connector.demo_backend import serve_echo, serve_http
 
 async def _main() -> None:
     async with trio.open_nursery() as nursery:
-        http = await nursery.start(functools.partial(trio.serve_tcp, serve_http, 0, host="127.0.0.1"))
-        tcp = await nursery.start(functools.partial(trio.serve_tcp, serve_echo, 0, host="127.0.0.1"))
-        ports = {"http_port": http[0].socket.getsockname()[1], "tcp_port": tcp[0].socket.getsockname()[1]}
+        http = await nursery.start(
+            functools.partial(trio.serve_tcp, serve_http, 0, host="127.0.0.1")
+        )
+        tcp = await nursery.start(
+            functools.partial(trio.serve_tcp, serve_echo, 0, host="127.0.0.1")
+        )
+        ports = {
+            "http_port": http[0].socket.getsockname()[1],
+            "tcp_port": tcp[0].socket.getsockname()[1],
+        }
         print(json.dumps(ports), flush=True)
 
 

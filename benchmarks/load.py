@@ -61,7 +61,9 @@ async def _socks5_connect(stream: trio.SocketStream, socks5: dict[str, Any]) -> 
     if await _read_exactly(stream, 2) != b"\x01\x00":
         raise LoadError("SOCKS5 authentication failed")
     host = socks5["target_host"].encode()
-    await stream.send_all(b"\x05\x01\x00\x03" + bytes([len(host)]) + host + struct.pack("!H", socks5["target_port"]))
+    await stream.send_all(
+        b"\x05\x01\x00\x03" + bytes([len(host)]) + host + struct.pack("!H", socks5["target_port"])
+    )
     reply = await _read_exactly(stream, 4)
     if reply[1] != 0:
         raise LoadError(f"SOCKS5 CONNECT refused with reply code {reply[1]:#04x}")
@@ -148,7 +150,9 @@ class HttpClient:
 
 
 async def open_http(spec: dict[str, Any]) -> HttpClient:
-    return HttpClient(await trio.open_tcp_stream(spec["host"], spec["port"]), http_request_bytes(spec))
+    return HttpClient(
+        await trio.open_tcp_stream(spec["host"], spec["port"]), http_request_bytes(spec)
+    )
 
 
 # --- modes -----------------------------------------------------------------------------------
@@ -179,11 +183,20 @@ async def throughput(spec: dict[str, Any]) -> dict[str, Any]:
             nursery.cancel_scope.cancel()
     elapsed = trio.current_time() - start
     await trio.aclose_forcefully(stream)
-    return {"bytes": received, "seconds": elapsed, "mb_s": received / elapsed / 1e6, "timed_out": scope.cancelled_caught}
+    return {
+        "bytes": received,
+        "seconds": elapsed,
+        "mb_s": received / elapsed / 1e6,
+        "timed_out": scope.cancelled_caught,
+    }
 
 
 async def rate(spec: dict[str, Any]) -> dict[str, Any]:
-    connections, warmup, seconds = int(spec["connections"]), float(spec["warmup"]), float(spec["seconds"])
+    connections, warmup, seconds = (
+        int(spec["connections"]),
+        float(spec["warmup"]),
+        float(spec["seconds"]),
+    )
     max_requests = int(spec.get("max_requests", 10_000_000))
     clients = [await open_http(spec["http"]) for _ in range(connections)]
     counted = 0

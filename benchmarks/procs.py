@@ -6,6 +6,7 @@ slightly over-counts; the same rule applies to every path, so ratios stay fair.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -45,3 +46,17 @@ def tree_rss_mib(pid: int) -> float:
         except OSError:
             pass
     return total / 1024.0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of pid's tree (live members only), in seconds."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for member in descendants(pid):
+        try:
+            stat = Path(f"/proc/{member}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / ticks

@@ -13,7 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-MARKER = "<!-- everything below this line is written by benchmarks/run.py; edit the text above it -->"
+MARKER = (
+    "<!-- everything below this line is written by benchmarks/run.py; edit the text above it -->"
+)
 
 DEFAULT_PREAMBLE = """\
 # Benchmarks

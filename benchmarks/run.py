@@ -35,7 +35,9 @@ import trio
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
+)
 
 from benchmarks import procs, report  # noqa: E402
 from benchmarks.load import raise_fd_limit  # noqa: E402
@@ -62,8 +64,8 @@ class Settings:
     hold_max_seconds: float
 
 
-QUICK = Settings(1, 64 << 20, 8.0, 3.0, 0.5, 16, 300, 20.0, 1000, 60.0)
-FULL = Settings(3, 512 << 20, 30.0, 8.0, 1.0, 16, 2000, 60.0, 1000, 120.0)
+QUICK = Settings(1, 256 << 20, 3.0, 3.0, 0.5, 16, 300, 20.0, 1000, 60.0)
+FULL = Settings(3, 512 << 20, 10.0, 8.0, 1.0, 16, 2000, 60.0, 1000, 120.0)
 
 
 @attrs.define
@@ -81,6 +83,7 @@ class BenchPath:
     rss_idle: dict[str, float] = attrs.Factory(dict)
     rss_loaded: dict[str, float] = attrs.Factory(dict)
     opened: int = 0
+    cpu_us_per_request: dict[str, list[float]] = attrs.Factory(dict)
 
 
 class Bench:
@@ -93,6 +96,7 @@ class Bench:
         self.project_error = ""
         self.latencies: dict[str, list[float]] = {}
         self.baseline = ""
+        self.backend_pid = 0
 
     # --- running one generator ----------------------------------------------------------------
 
@@ -113,7 +117,11 @@ class Bench:
         self._record(mode, spec)
         with trio.move_on_after(bound + LOAD_SLACK) as scope:
             done = await trio.run_process(
-                self._load_argv(mode, spec), capture_stdout=True, capture_stderr=True, check=False, cwd=REPO
+                self._load_argv(mode, spec),
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+                cwd=REPO,
             )
         if scope.cancelled_caught:
             return {"error": f"load generator killed after {bound + LOAD_SLACK:.0f} s"}
@@ -130,7 +138,8 @@ class Bench:
         if path.tcp is None:
             return
         result = await self.load(
-            "throughput", {"tcp": path.tcp, "bytes": s.throughput_bytes, "max_seconds": s.throughput_max_seconds},
+            "throughput",
+            {"tcp": path.tcp, "bytes": s.throughput_bytes, "max_seconds": s.throughput_max_seconds},
             s.throughput_max_seconds,
         )
         if "error" in result:
@@ -139,22 +148,41 @@ class Bench:
             path.throughput.append(result["mb_s"])
         print(f"  throughput {path.name:<40} {result}", flush=True)
 
+    def _cpu(self, path: BenchPath) -> dict[str, float]:
+        watched = {**path.processes, "backend": self.backend_pid}
+        return {label: procs.cpu_seconds(pid) for label, pid in watched.items() if pid}
+
     async def measure_rate(self, path: BenchPath) -> None:
         s = self.settings
+        cpu_before = self._cpu(path)
         result = await self.load(
-            "rate", {"http": path.http, "connections": s.connections, "seconds": s.rate_seconds,
-                     "warmup": s.rate_warmup}, s.rate_seconds + s.rate_warmup,
+            "rate",
+            {
+                "http": path.http,
+                "connections": s.connections,
+                "seconds": s.rate_seconds,
+                "warmup": s.rate_warmup,
+            },
+            s.rate_seconds + s.rate_warmup,
         )
         if "error" in result:
             path.errors.append(f"rate: {result['error']}")
         else:
             path.rates.append(result["requests_per_s"])
+            # CPU over warm-up and measurement, per request of the measured part: an upper bound
+            requests = result["requests"] * (s.rate_seconds + s.rate_warmup) / s.rate_seconds
+            for label, seconds in self._cpu(path).items():
+                used = seconds - cpu_before.get(label, seconds)
+                path.cpu_us_per_request.setdefault(label, []).append(used / requests * 1e6)
         print(f"  rate       {path.name:<40} {result}", flush=True)
 
     async def measure_latency(self) -> None:
         s = self.settings
-        spec = {"paths": [{"name": p.name, "http": p.http} for p in self.paths],
-                "requests": s.latency_requests, "max_seconds": s.latency_max_seconds}
+        spec = {
+            "paths": [{"name": p.name, "http": p.http} for p in self.paths],
+            "requests": s.latency_requests,
+            "max_seconds": s.latency_max_seconds,
+        }
         result = await self.load("latency", spec, s.latency_max_seconds)
         if "error" in result:
             for path in self.paths:
@@ -163,8 +191,11 @@ class Bench:
             return
         self.latencies = result["latencies_ms"]
         for name, values in self.latencies.items():
-            print(f"  latency    {name:<40} n={len(values)} p50={percentile(values, 50):.3f} "
-                  f"p99={percentile(values, 99):.3f} ms", flush=True)
+            print(
+                f"  latency    {name:<40} n={len(values)} p50={percentile(values, 50):.3f} "
+                f"p99={percentile(values, 99):.3f} ms",
+                flush=True,
+            )
 
     def _read_rss(self, path: BenchPath) -> dict[str, float]:
         return {label: procs.tree_rss_mib(pid) for label, pid in path.processes.items()}
@@ -173,8 +204,12 @@ class Bench:
         s = self.settings
         if path.tcp is None or not path.processes:
             return
-        spec = {"tcp": path.tcp, "count": s.idle_streams, "max_seconds": s.hold_max_seconds,
-                "hold_seconds": s.hold_max_seconds}
+        spec = {
+            "tcp": path.tcp,
+            "count": s.idle_streams,
+            "max_seconds": s.hold_max_seconds,
+            "hold_seconds": s.hold_max_seconds,
+        }
         self._record("hold", spec)
         path.rss_idle = self._read_rss(path)
         process = await trio.lowlevel.open_process(
@@ -189,14 +224,21 @@ class Bench:
                     if not chunk:
                         break
                     line += chunk
-            reply = json.loads(line.decode().splitlines()[0]) if line.strip() else {"error": "no answer"}
+            reply = (
+                json.loads(line.decode().splitlines()[0])
+                if line.strip()
+                else {"error": "no answer"}
+            )
             if "opened" in reply:
                 path.opened = reply["opened"]
                 await trio.sleep(0.5)  # let buffers settle before reading
                 path.rss_loaded = self._read_rss(path)
             else:
                 path.errors.append(f"memory: {reply.get('error')}")
-            print(f"  memory     {path.name:<40} {reply} idle={path.rss_idle} loaded={path.rss_loaded}", flush=True)
+            print(
+                f"  memory     {path.name:<40} {reply} idle={path.rss_idle} loaded={path.rss_loaded}",
+                flush=True,
+            )
             await process.stdin.send_all(b"close\n")
         finally:
             with trio.move_on_after(10.0):
@@ -230,13 +272,18 @@ class Bench:
                 p99 = percentile(own, 99) - percentile(direct, 99)
             rss = sum(path.rss_loaded.values()) if path.rss_loaded else None
             detail = " + ".join(f"{label} {value:.1f}" for label, value in path.rss_loaded.items())
-            rows.append(PathResult(
-                path=path.name,
-                throughput_mb_s=median(path.throughput) if path.throughput else None,
-                requests_per_s=median(path.rates) if path.rates else None,
-                p50_added_ms=p50, p99_added_ms=p99, rss_mib=rss,
-                rss_detail=detail if len(path.rss_loaded) > 1 else "", note=path.note,
-            ))
+            rows.append(
+                PathResult(
+                    path=path.name,
+                    throughput_mb_s=median(path.throughput) if path.throughput else None,
+                    requests_per_s=median(path.rates) if path.rates else None,
+                    p50_added_ms=p50,
+                    p99_added_ms=p99,
+                    rss_mib=rss,
+                    rss_detail=detail if len(path.rss_loaded) > 1 else "",
+                    note=path.note,
+                )
+            )
         return rows
 
 
@@ -269,7 +316,9 @@ async def start_demo(workdir: Path) -> tuple[Any, dict[str, Any] | None, str]:
 async def master_node(state: dict[str, Any]) -> str | None:
     from connector.admin import http_request
 
-    status, body = await http_request("127.0.0.1", state["cloud"]["admin_port"], "/status", timeout=2.0)
+    status, body = await http_request(
+        "127.0.0.1", state["cloud"]["admin_port"], "/status", timeout=2.0
+    )
     if status != 200:
         return None
     for location in json.loads(body).get("locations", []):
@@ -292,39 +341,74 @@ async def main_async(args: argparse.Namespace) -> int:
     try:
         if state is not None:
             http_port, tcp_port = state["backend"]["http_port"], state["backend"]["tcp_port"]
+            bench.backend_pid = state["backend"]["pid"]
         else:
             print(f"connector path unavailable:\n{bench.project_error}", flush=True)
             backend = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "benchmarks.backend"], stdout=subprocess.PIPE, cwd=REPO)
+                [sys.executable, "-m", "benchmarks.backend"], stdout=subprocess.PIPE, cwd=REPO
+            )
             assert backend.stdout is not None
             with trio.fail_after(15.0):
                 ports = json.loads((await backend.stdout.receive_some(4096)).decode())
             http_port, tcp_port = ports["http_port"], ports["tcp_port"]
-        bench.paths.append(BenchPath(
-            DIRECT, {"host": "127.0.0.1", "port": http_port}, {"host": "127.0.0.1", "port": tcp_port}))
+            bench.backend_pid = backend.pid
+        bench.paths.append(
+            BenchPath(
+                DIRECT,
+                {"host": "127.0.0.1", "port": http_port},
+                {"host": "127.0.0.1", "port": tcp_port},
+            )
+        )
         if state is not None:
             master = await master_node(state)
             processes = {"cloud": state["cloud"]["pid"]}
             if master:
                 processes[f"node ({master}, master)"] = state["nodes"][master]["pid"]
-            bench.paths.append(BenchPath(
-                PROJECT,
-                {"host": "127.0.0.1", "port": state["cloud"]["http_proxy_port"], "proxy_token": state["token"],
-                 "virtual_host": "erp.virtual:8000"},
-                {"host": "127.0.0.1", "port": state["cloud"]["socks5_port"],
-                 "socks5": {"username": state["subaccount"], "password": state["token"],
-                            "target_host": "echo.virtual", "target_port": 7000}},
-                processes, note="proxy + tunnel + node"))
+            bench.paths.append(
+                BenchPath(
+                    PROJECT,
+                    {
+                        "host": "127.0.0.1",
+                        "port": state["cloud"]["http_proxy_port"],
+                        "proxy_token": state["token"],
+                        "virtual_host": "erp.virtual:8000",
+                    },
+                    {
+                        "host": "127.0.0.1",
+                        "port": state["cloud"]["socks5_port"],
+                        "socks5": {
+                            "username": state["subaccount"],
+                            "password": state["token"],
+                            "target_host": "echo.virtual",
+                            "target_port": 7000,
+                        },
+                    },
+                    processes,
+                    note="proxy + tunnel + node",
+                )
+            )
         for index, cipher in enumerate(args.ciphers):
-            tunnel = SshTunnel(workdir / f"ssh-{index}", http_port, tcp_port, None if cipher == "default" else cipher)
+            tunnel = SshTunnel(
+                workdir / f"ssh-{index}",
+                http_port,
+                tcp_port,
+                None if cipher == "default" else cipher,
+            )
             await tunnel.start()
             tunnels.append(tunnel)
-            name = f"ssh -R, {tunnel.negotiated_cipher}" + (" (default)" if cipher == "default" else "")
+            name = f"ssh -R, {tunnel.negotiated_cipher}" + (
+                " (default)" if cipher == "default" else ""
+            )
             if not bench.baseline:
                 bench.baseline = name
-            bench.paths.append(BenchPath(
-                name, {"host": "127.0.0.1", "port": tunnel.http_port}, {"host": "127.0.0.1", "port": tunnel.tcp_port},
-                {"sshd": tunnel.sshd_pid(), "ssh": tunnel.ssh_pid()}))
+            bench.paths.append(
+                BenchPath(
+                    name,
+                    {"host": "127.0.0.1", "port": tunnel.http_port},
+                    {"host": "127.0.0.1", "port": tunnel.tcp_port},
+                    {"sshd": tunnel.sshd_pid(), "ssh": tunnel.ssh_pid()},
+                )
+            )
             bench.commands.append(f"/usr/sbin/sshd -D -e -f {tunnel.directory}/sshd_config")
             bench.commands.append(shlex.join(tunnel.ssh.args) if tunnel.ssh else "")  # type: ignore[arg-type]
         await bench.run()
@@ -349,54 +433,102 @@ async def main_async(args: argparse.Namespace) -> int:
 def render(bench: Bench, args: argparse.Namespace) -> str:
     rows = bench.results()
     mode = "--quick" if args.quick else "default"
-    out = [f"## Results ({mode} mode, {bench.settings.rounds} round(s), ratios to `{bench.baseline}`)", ""]
+    out = [
+        f"## Results ({mode} mode, {bench.settings.rounds} round(s), ratios to `{bench.baseline}`)",
+        "",
+    ]
     out.append(render_table(rows, bench.baseline) if bench.baseline else "(no ssh baseline)")
     out.append("")
     for goal in check_goals(rows, project=PROJECT, baseline=bench.baseline):
         verdict = {True: "met", False: "**not met**", None: "not measured"}[goal.met]
         out.append(f"- Aim: {goal.text}: {verdict}.")
     if bench.project_error:
-        out += ["", "### The connector path did not run", "",
-                "The demo cluster did not start, so only direct and ssh were measured:", "", "```",
-                bench.project_error.strip(), "```"]
+        out += [
+            "",
+            "### The connector path did not run",
+            "",
+            "The demo cluster did not start, so only direct and ssh were measured:",
+            "",
+            "```",
+            bench.project_error.strip(),
+            "```",
+        ]
     for path in bench.paths:
         for error in path.errors:
             out.append(f"- Error on {path.name}: {error}")
-    out += ["", "### Memory detail (VmRSS, MiB)", "",
-            "| path | process | idle | with 1k streams | per stream KiB |", "|---|---|---:|---:|---:|"]
+    out += [
+        "",
+        "### Memory detail (VmRSS, MiB)",
+        "",
+        "| path | process | idle | with 1k streams | per stream KiB |",
+        "|---|---|---:|---:|---:|",
+    ]
     for path in bench.paths:
         for label, loaded in path.rss_loaded.items():
             idle = path.rss_idle.get(label, 0.0)
             per = (loaded - idle) * 1024 / path.opened if path.opened else 0.0
             out.append(f"| {path.name} | {label} | {idle:.1f} | {loaded:.1f} | {per:.1f} |")
+    out += [
+        "",
+        "### CPU per request during the request-rate test (µs, median of rounds)",
+        "",
+        "CPU time of each process over warm-up and measurement, divided by the requests of both;",
+        "it shows where the time goes (the generator's own share is not included).",
+        "",
+        "| path | process | CPU µs per request |",
+        "|---|---|---:|",
+    ]
+    for path in bench.paths:
+        for label, values in path.cpu_us_per_request.items():
+            out.append(f"| {path.name} | {label} | {median(values):.0f} |")
     s = bench.settings
     out += ["", "### Raw samples", ""]
     for path in bench.paths:
         tput = ", ".join(f"{v:.1f}" for v in path.throughput) or "—"
         rates = ", ".join(f"{v:.0f}" for v in path.rates) or "—"
         lat = bench.latencies.get(path.name)
-        lat_text = f"p50 {percentile(lat, 50):.3f} ms, p99 {percentile(lat, 99):.3f} ms, n={len(lat)}" if lat else "—"
-        out.append(f"- {path.name}: throughput MB/s [{tput}]; requests/s [{rates}]; latency {lat_text}")
+        lat_text = (
+            f"p50 {percentile(lat, 50):.3f} ms, p99 {percentile(lat, 99):.3f} ms, n={len(lat)}"
+            if lat
+            else "—"
+        )
+        out.append(
+            f"- {path.name}: throughput MB/s [{tput}]; requests/s [{rates}]; latency {lat_text}"
+        )
     out += ["", "### Machine", ""]
     out += [f"- {key}: {value}" for key, value in report.machine_facts(REPO)]
-    out += ["", "### Settings and exact commands", "",
-            f"`{' '.join(['python3', 'benchmarks/run.py', *sys.argv[1:]])}`: {s.rounds} round(s); throughput "
-            f"{s.throughput_bytes >> 20} MiB echoed (at most {s.throughput_max_seconds:g} s); request rate "
-            f"{s.connections} connections for {s.rate_seconds:g} s after {s.rate_warmup:g} s warm-up; latency "
-            f"{s.latency_requests} requests per path; memory {s.idle_streams} idle streams.", "", "```"]
+    out += [
+        "",
+        "### Settings and exact commands",
+        "",
+        f"`{' '.join(['python3', 'benchmarks/run.py', *sys.argv[1:]])}`: {s.rounds} round(s); throughput "
+        f"{s.throughput_bytes >> 20} MiB echoed (at most {s.throughput_max_seconds:g} s); request rate "
+        f"{s.connections} connections for {s.rate_seconds:g} s after {s.rate_warmup:g} s warm-up; latency "
+        f"{s.latency_requests} requests per path; memory {s.idle_streams} idle streams.",
+        "",
+        "```",
+    ]
     out += bench.commands
     out += ["```"]
     return "\n".join(out)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description="direct vs connector vs ssh -R, written to docs/benchmarks.md")
+    parser = argparse.ArgumentParser(
+        description="direct vs connector vs ssh -R, written to docs/benchmarks.md"
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes, about a minute")
     parser.add_argument("--rounds", type=int, default=0, help="override the number of rounds")
-    parser.add_argument("--ciphers", type=lambda v: [c for c in v.split(",") if c], default=list(DEFAULT_CIPHERS),
-                        help="ssh ciphers to measure, comma-separated; the first is the baseline (default: %(default)s)")
+    parser.add_argument(
+        "--ciphers",
+        type=lambda v: [c for c in v.split(",") if c],
+        default=list(DEFAULT_CIPHERS),
+        help="ssh ciphers to measure, comma-separated; the first is the baseline (default: %(default)s)",
+    )
     parser.add_argument("--output", type=Path, default=REPO / "docs" / "benchmarks.md")
-    parser.add_argument("--no-write", action="store_true", help="print only, do not write the report")
+    parser.add_argument(
+        "--no-write", action="store_true", help="print only, do not write the report"
+    )
     args = parser.parse_args()
     try:
         return trio.run(main_async, args)

@@ -67,40 +67,60 @@ class SshTunnel:
     sshd: trio.Process | None = None
     ssh: trio.Process | None = None
 
-    async def start(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+    def _prepare(self) -> int:
+        """Blocking set-up (keys, config, `sshd -t`), run in a thread; returns sshd's port."""
         d = self.directory
+        d.mkdir(parents=True, exist_ok=True)
         for key in ("host_ed25519", "client_ed25519"):
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True)
+            command = ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)]
+            subprocess.run(command, check=True)
         (d / "authorized_keys").write_text((d / "client_ed25519.pub").read_text())
         os.chmod(d / "authorized_keys", 0o600)
-        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
         sshd_port = free_port()
         (d / "sshd_config").write_text(sshd_config(d, sshd_port))
         subprocess.run([SSHD, "-t", "-f", str(d / "sshd_config")], check=True)
-        self.sshd = await trio.lowlevel.open_process(
-            [SSHD, "-D", "-e", "-f", str(d / "sshd_config")],
-            stdout=open(d / "sshd.log", "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
-        )
-        await _wait_listening(sshd_port, self.sshd, d / "sshd.log")
-        self.http_port, self.tcp_port = free_port(), free_port()
-        argv = [
-            "ssh", "-v", "-N", "-T", "-F", "/dev/null",
-            "-R", f"127.0.0.1:{self.http_port}:127.0.0.1:{self.backend_http_port}",
-            "-R", f"127.0.0.1:{self.tcp_port}:127.0.0.1:{self.backend_tcp_port}",
-            "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-            "-o", "ExitOnForwardFailure=yes", "-o", "LogLevel=VERBOSE",
-            "-i", str(d / "client_ed25519"), "-p", str(sshd_port),
-        ]
+        return sshd_port
+
+    def ssh_argv(self, sshd_port: int) -> list[str]:
+        d = self.directory
+        argv = ["ssh", "-v", "-N", "-T", "-F", "/dev/null"]
+        argv += ["-R", f"127.0.0.1:{self.http_port}:127.0.0.1:{self.backend_http_port}"]
+        argv += ["-R", f"127.0.0.1:{self.tcp_port}:127.0.0.1:{self.backend_tcp_port}"]
+        for option in (
+            "BatchMode=yes",
+            "StrictHostKeyChecking=no",
+            "UserKnownHostsFile=/dev/null",
+            "ExitOnForwardFailure=yes",
+            "LogLevel=VERBOSE",
+        ):
+            argv += ["-o", option]
+        argv += ["-i", str(d / "client_ed25519"), "-p", str(sshd_port)]
         if self.cipher:
             argv += ["-c", self.cipher]
-        argv.append("root@127.0.0.1")
-        self.ssh = await trio.lowlevel.open_process(
-            argv, stdout=subprocess.DEVNULL, stderr=open(d / "ssh.log", "ab")  # noqa: SIM115
-        )
+        return [*argv, "root@127.0.0.1"]
+
+    async def start(self) -> None:
+        d = self.directory
+        sshd_port = await trio.to_thread.run_sync(self._prepare)
+        sshd_log = await trio.to_thread.run_sync(open, d / "sshd.log", "ab")
+        with sshd_log:
+            self.sshd = await trio.lowlevel.open_process(
+                [SSHD, "-D", "-e", "-f", str(d / "sshd_config")],
+                stdout=sshd_log,
+                stderr=subprocess.STDOUT,
+            )
+        await _wait_listening(sshd_port, self.sshd, d / "sshd.log")
+        self.http_port, self.tcp_port = free_port(), free_port()
+        ssh_log = await trio.to_thread.run_sync(open, d / "ssh.log", "ab")
+        with ssh_log:
+            self.ssh = await trio.lowlevel.open_process(
+                self.ssh_argv(sshd_port), stdout=subprocess.DEVNULL, stderr=ssh_log
+            )
         await _wait_listening(self.http_port, self.ssh, d / "ssh.log")
         await _wait_listening(self.tcp_port, self.ssh, d / "ssh.log")
-        found = re.search(r"kex: server->client cipher: (\S+)", (d / "ssh.log").read_text())
+        log_text = await trio.Path(d / "ssh.log").read_text()
+        found = re.search(r"kex: server->client cipher: (\S+)", log_text)
         self.negotiated_cipher = found.group(1) if found else "?"
 
     def sshd_pid(self) -> int:

@@ -100,8 +100,11 @@ def render_table(rows: Sequence[PathResult], baseline: str) -> str:
     for row in rows:
         if row.path == baseline:
             cells = [
-                _number(row.throughput_mb_s, 1), _number(row.requests_per_s, 0),
-                _latency(row.p50_added_ms, None), _latency(row.p99_added_ms, None), _number(row.rss_mib, 1),
+                _number(row.throughput_mb_s, 1),
+                _number(row.requests_per_s, 0),
+                _latency(row.p50_added_ms, None),
+                _latency(row.p99_added_ms, None),
+                _number(row.rss_mib, 1),
             ]
         else:
             cells = [

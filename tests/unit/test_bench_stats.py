@@ -1,0 +1,120 @@
+"""The benchmark report's pure helpers: percentiles, ratios, the markdown table, the aims."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.report import DEFAULT_PREAMBLE, MARKER, split_preamble
+from benchmarks.stats import Goal, PathResult, check_goals, median, percentile, ratio, render_table
+
+BASE = "ssh -R"
+
+
+def test_percentile_exact_ranks() -> None:
+    values = [5.0, 1.0, 4.0, 2.0, 3.0]  # unsorted on purpose
+    assert percentile(values, 0) == 1.0
+    assert percentile(values, 50) == 3.0
+    assert percentile(values, 100) == 5.0
+    assert percentile(values, 25) == 2.0
+
+
+def test_percentile_interpolates_between_ranks() -> None:
+    assert percentile([1.0, 2.0], 50) == 1.5
+    assert percentile(list(map(float, range(1, 101))), 99) == pytest.approx(99.01)
+    assert percentile([7.0], 99) == 7.0
+
+
+def test_percentile_does_not_reorder_its_input() -> None:
+    values = [3.0, 1.0, 2.0]
+    percentile(values, 50)
+    assert values == [3.0, 1.0, 2.0]
+
+
+@pytest.mark.parametrize("q", [-1.0, 100.5, float("nan")])
+def test_percentile_rejects_q_out_of_range(q: float) -> None:
+    with pytest.raises(ValueError, match="within"):
+        percentile([1.0], q)
+
+
+def test_percentile_and_median_reject_empty_samples() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        percentile([], 50)
+    with pytest.raises(ValueError, match="empty"):
+        median([])
+
+
+def test_median_of_rounds() -> None:
+    assert median([3.0, 100.0, 1.0]) == 3.0
+    assert median([1.0, 2.0]) == 1.5
+
+
+def test_ratio() -> None:
+    assert ratio(50.0, 200.0) == 0.25
+    assert ratio(None, 2.0) is None
+    assert ratio(2.0, None) is None
+    assert ratio(2.0, 0.0) is None
+    assert ratio(2.0, -1.0) is None
+
+
+def rows() -> list[PathResult]:
+    return [
+        PathResult("direct", 2000.0, 10000.0),
+        PathResult(
+            "connector",
+            300.0,
+            4000.0,
+            1.0,
+            3.0,
+            140.0,
+            "cloud 60.0 + node 80.0",
+            note="proxy + tunnel + node",
+        ),
+        PathResult(BASE, 200.0, 8000.0, 0.25, 1.5, 92.0, "sshd 52.0 + ssh 40.0"),
+    ]
+
+
+def test_table_has_a_ratio_to_the_baseline_in_every_measured_cell() -> None:
+    table = render_table(rows(), BASE).splitlines()
+    assert table[0].startswith(
+        "| path | throughput MB/s | requests/s (16 conn.) | p50 added ms | p99 added ms |"
+    )
+    assert table[2] == "| direct | 2,000.0 (×10.00) | 10,000 (×1.25) | — | — | — |"
+    assert table[3] == (
+        "| connector (proxy + tunnel + node) | 300.0 (×1.50) | 4,000 (×0.50) | +1.000 (×4.00) | +3.000 (×2.00) "
+        "| 140.0 (×1.52)<br>cloud 60.0 + node 80.0 |"
+    )
+    assert table[4] == "| ssh -R | 200.0 | 8,000 | +0.250 | +1.500 | 92.0 (sshd 52.0 + ssh 40.0) |"
+    assert len(table) == 5
+
+
+def test_table_negative_added_latency_has_no_ratio() -> None:
+    table = render_table(
+        [PathResult("fast", p50_added_ms=-0.1), PathResult(BASE, p50_added_ms=0.2)], BASE
+    )
+    assert "| fast | — | — | -0.100 | — | — |" in table
+
+
+def test_table_needs_its_baseline_row() -> None:
+    with pytest.raises(KeyError):
+        render_table([PathResult("direct", 1.0)], BASE)
+
+
+def test_goals_against_the_baseline() -> None:
+    assert check_goals(rows(), project="connector", baseline=BASE) == [
+        Goal("throughput at least that of ssh -R", True),
+        Goal("request rate at least half of ssh -R's", True),
+    ]
+    slow = [PathResult("connector", 199.0, 3999.0), PathResult(BASE, 200.0, 8000.0)]
+    assert [g.met for g in check_goals(slow, project="connector", baseline=BASE)] == [False, False]
+
+
+def test_goals_not_measured_when_the_project_path_is_missing() -> None:
+    goals = check_goals([PathResult(BASE, 200.0, 8000.0)], project="connector", baseline=BASE)
+    assert [g.met for g in goals] == [None, None]
+
+
+def test_preamble_kept_across_regeneration() -> None:
+    hand_written = "# Benchmarks\n\nOur own words.\n"
+    assert split_preamble(hand_written + "\n" + MARKER + "\n\nold figures\n") == hand_written
+    assert split_preamble("") == DEFAULT_PREAMBLE
+    assert split_preamble("a report without the marker") == DEFAULT_PREAMBLE
