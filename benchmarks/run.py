@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -335,7 +336,10 @@ async def main_async(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="connector-bench-"))
     print(f"workdir {workdir}", flush=True)
     bench = Bench(settings, args.ciphers, workdir)
-    demo, state, bench.project_error = await start_demo(workdir / "demo")
+    if args.no_connector:
+        demo, state, bench.project_error = None, None, "skipped (--no-connector)"
+    else:
+        demo, state, bench.project_error = await start_demo(workdir / "demo")
     backend: trio.Process | None = None
     tunnels: list[SshTunnel] = []
     try:
@@ -427,6 +431,10 @@ async def main_async(args: argparse.Namespace) -> int:
         report.write(args.output, body)
         print(f"\nwrote {args.output}", flush=True)
     failed = any(p.errors for p in bench.paths)
+    if failed or (bench.project_error and not args.no_connector):
+        print(f"kept {workdir} (logs of the failed run)", flush=True)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)  # it holds keys and the demo's token
     return 1 if failed or not bench.paths else 0
 
 
@@ -447,7 +455,7 @@ def render(bench: Bench, args: argparse.Namespace) -> str:
             "",
             "### The connector path did not run",
             "",
-            "The demo cluster did not start, so only direct and ssh were measured:",
+            "Only direct and ssh were measured. Why:",
             "",
             "```",
             bench.project_error.strip(),
@@ -526,6 +534,9 @@ def main() -> int:
         help="ssh ciphers to measure, comma-separated; the first is the baseline (default: %(default)s)",
     )
     parser.add_argument("--output", type=Path, default=REPO / "docs" / "benchmarks.md")
+    parser.add_argument(
+        "--no-connector", action="store_true", help="measure direct and ssh only (no demo cluster)"
+    )
     parser.add_argument(
         "--no-write", action="store_true", help="print only, do not write the report"
     )
