@@ -2,11 +2,16 @@
 
 The "node" at the far end of each stream is a tiny h11 server: it echoes the request (method,
 target and headers in response headers, the body streamed back as it arrives), or resets the
-stream with the code named in the path (/reset/<CODE>) to exercise the error mapping.
+stream with the code named in the path (/reset/<CODE>) to exercise the error mapping. A WebSocket
+upgrade to /ws/... is answered with 101 and a greeting, then every raw byte is echoed until EOF;
+one to /denied/... gets the 403 JSON a node's allow-list gives when the resource does not allow
+WebSocket upgrades. /close-after and /park-then-close close the stream after the response
+(at once, or when the test opens `close_gate`) to exercise idle-stream handling and the retry.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -16,10 +21,18 @@ from collections.abc import AsyncIterator
 import h11
 import pytest
 import trio
+import trio.testing
 from prometheus_client import REGISTRY
 
 from connector.cloud.auth import Authenticator, hash_token
-from connector.cloud.proxy import BadTargetError, HttpProxy, ProxySettings, parse_proxy_target
+from connector.cloud.proxy import (
+    BadTargetError,
+    HttpProxy,
+    ProxySettings,
+    forwarded_headers,
+    is_websocket_upgrade,
+    parse_proxy_target,
+)
 from connector.cloud.router import NoConnectorError
 from connector.tunnel.streams import TunnelStream
 from connector.tunnel.testing import memory_stream_pair
@@ -41,6 +54,10 @@ class FakeRouter:
         self.gate = trio.Event()
         self.gate.set()
         self.node_saw_reset: list[ErrorCode] = []
+        self.acceptors: list[TunnelStream] = []
+        self.idle_closed = trio.Event()
+        self.close_gate = trio.Event()
+        self.websockets_finished: list[str] = []
 
     async def open_stream(self, subaccount: str, location_id: str, target: Target) -> TunnelStream:
         self.opened.append((subaccount, location_id, target))
@@ -49,6 +66,7 @@ class FakeRouter:
         if target.virtual_host == "refused.virtual":
             raise StreamResetError(ErrorCode.TUNNEL_LOST, "master went away while opening")
         opener, acceptor = memory_stream_pair(target)
+        self.acceptors.append(acceptor)
         self.nursery.start_soon(self.echo_node, acceptor)
         return opener
 
@@ -76,6 +94,21 @@ class FakeRouter:
                     return
                 if path == "/gate":
                     await self.gate.wait()
+                if path.startswith(("/ws/", "/denied/")):
+                    while not isinstance(await next_event(), h11.EndOfMessage):
+                        pass
+                    if path.startswith("/ws/"):
+                        await self.websocket_echo(stream, conn, request)
+                        return
+                    body = json.dumps({"error": "websocket_not_allowed", "message": "denied"}).encode()
+                    await send(h11.Response(status_code=403, headers=[
+                        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                        (b"x-stream-id", str(id(stream)).encode()),
+                    ]))
+                    await send(h11.Data(data=body))
+                    await send(h11.EndOfMessage())
+                    conn.start_next_cycle()
+                    continue
                 headers = [
                     (b"x-echo-method", request.method),
                     (b"x-echo-target", request.target),
@@ -99,10 +132,42 @@ class FakeRouter:
                     else:
                         return
                 conn.start_next_cycle()
+                if path in ("/close-after", "/park-then-close"):
+                    if path == "/park-then-close":
+                        await self.close_gate.wait()  # reads nothing meanwhile
+                    await stream.aclose()
+                    self.idle_closed.set()
+                    return
         except StreamResetError as exc:
             self.node_saw_reset.append(exc.code)
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
             return
+
+
+    async def websocket_echo(self, stream: TunnelStream, conn: h11.Connection, request: h11.Request) -> None:
+        """Answer an upgrade with 101 plus a greeting, then echo raw bytes; half-close at EOF."""
+        key = dict(request.headers)[b"sec-websocket-key"]
+        accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+        head = conn.send(h11.InformationalResponse(status_code=101, reason=b"Switching Protocols", headers=[
+            (b"connection", b"Upgrade"), (b"upgrade", b"websocket"), (b"sec-websocket-accept", accept),
+            (b"sec-websocket-protocol", b"chat"), (b"keep-alive", b"timeout=5"),
+            (b"x-echo-headers", json.dumps([[n.decode(), v.decode()] for n, v in request.headers]).encode()),
+        ])) or b""
+        await stream.send_all(head + NODE_GREETING)  # one write: the proxy gets both together
+        if request.target == b"/ws/reset":
+            await stream.reset(ErrorCode.BACKEND_RESET, "backend died")
+            return
+        leftover, _ = conn.trailing_data
+        if leftover:
+            await stream.send_all(bytes(leftover))
+        while data := await stream.receive_some(65536):
+            await stream.send_all(data)
+        await stream.send_eof()
+        self.websockets_finished.append("clean")
+
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+NODE_GREETING = b"NODE-HELLO"
 
 
 class Client:
@@ -484,3 +549,213 @@ async def test_curl_through_the_proxy(proxy_env: tuple[int, FakeRouter]) -> None
         capture_stdout=True, capture_stderr=True, check=False,
     )
     assert result.stdout == b"407"
+
+
+# --- WebSocket upgrades ---------------------------------------------------------------------------
+
+WS_KEY = b"dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 section 1.3
+WS_ACCEPT = b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
+def upgrade_headers(upgrade: bytes = b"websocket") -> list[tuple[bytes, bytes]]:
+    return [
+        (b"host", b"erp.virtual:8000"), AUTH, (b"connection", b"keep-alive, Upgrade"), (b"upgrade", upgrade),
+        (b"sec-websocket-key", WS_KEY), (b"sec-websocket-version", b"13"), (b"sec-websocket-protocol", b"chat"),
+    ]
+
+
+async def receive_exactly(sock: trio.SocketStream, count: int) -> bytes:
+    data = bytearray()
+    while len(data) < count:
+        chunk = await sock.receive_some(count - len(data))
+        assert chunk, f"EOF after {len(data)} of {count} bytes"
+        data += chunk
+    return bytes(data)
+
+
+async def test_websocket_upgrade_relays_101_then_raw_bytes_both_ways(proxy_env: tuple[int, FakeRouter]) -> None:
+    port, router = proxy_env
+    client = await Client.connect(port)
+    head = client.conn.send(h11.Request(method=b"GET", target=b"http://erp.virtual:8000/ws/chat",
+                                        headers=upgrade_headers()))
+    assert client.conn.send(h11.EndOfMessage()) == b""
+    early = b"EARLY-FRAME-BYTES"  # sent in the same write as the head, before any 101
+    await client.sock.send_all((head or b"") + early)
+    response = await client.next_event()
+    assert isinstance(response, h11.InformationalResponse) and response.status_code == 101
+    assert client.conn.our_state is h11.SWITCHED_PROTOCOL
+    assert header(response, b"upgrade") == b"websocket"
+    assert header(response, b"connection") == b"upgrade"
+    assert header(response, b"sec-websocket-accept") == WS_ACCEPT
+    assert header(response, b"sec-websocket-protocol") == b"chat"
+    assert header(response, b"keep-alive") is None  # hop-by-hop header of the node is not relayed
+    forwarded = json.loads(header(response, b"x-echo-headers") or b"[]")
+    names = [name for name, _ in forwarded]
+    assert ["connection", "upgrade"] == [n for n, v in forwarded if (n, v) in
+                                         (("connection", "upgrade"), ("upgrade", "websocket"))]
+    assert {"sec-websocket-key", "sec-websocket-version", "sec-websocket-protocol", "host"} <= set(names)
+    assert "proxy-authorization" not in names and "keep-alive" not in names
+    # bytes the proxy had already read past the 101 head, then the echo of the early bytes
+    leftover, _ = client.conn.trailing_data
+    expected = NODE_GREETING + early
+    received = bytes(leftover) + await receive_exactly(client.sock, len(expected) - len(leftover))
+    assert received == expected
+
+    payload = bytes(range(256)) * 4096  # 1 MiB both ways at once
+    echoed = bytearray()
+
+    async def upload() -> None:
+        for offset in range(0, len(payload), 65536):
+            await client.sock.send_all(payload[offset:offset + 65536])
+        await client.sock.send_eof()  # half-close: the echo still comes back
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(upload)
+        while chunk := await client.sock.receive_some(65536):
+            echoed += chunk
+    assert bytes(echoed) == payload  # and then EOF: the node's half-close was relayed
+    for _ in range(100):
+        if router.websockets_finished:
+            break
+        await trio.sleep(0.01)
+    assert router.websockets_finished == ["clean"]
+    assert router.node_saw_reset == []
+    assert router.opened == [("sub1", "", Target("erp.virtual", 8000))]
+
+
+async def test_websocket_reset_by_node_closes_the_application_connection(
+    proxy_env: tuple[int, FakeRouter], caplog: pytest.LogCaptureFixture
+) -> None:
+    port, _ = proxy_env
+    caplog.set_level(logging.INFO, logger="connector.cloud.proxy")
+    client = await Client.connect(port)
+    await client.send(h11.Request(method=b"GET", target=b"http://erp.virtual:8000/ws/reset",
+                                  headers=upgrade_headers()))
+    await client.send(h11.EndOfMessage())
+    response = await client.next_event()
+    assert isinstance(response, h11.InformationalResponse) and response.status_code == 101
+    leftover, _ = client.conn.trailing_data
+    received = bytes(leftover)
+    while chunk := await client.sock.receive_some(65536):  # the greeting, then the proxy closes
+        received += chunk
+    assert received == NODE_GREETING
+    assert "WebSocket of" in caplog.text and "ended abruptly" in caplog.text
+
+
+async def test_websocket_upgrade_denied_by_node_is_relayed_and_connection_continues(
+    proxy_env: tuple[int, FakeRouter],
+) -> None:
+    port, router = proxy_env
+    client = await Client.connect(port)
+    response, body = await client.request(b"GET", b"http://erp.virtual:8000/denied/ws", upgrade_headers())
+    assert response.status_code == 403
+    assert json.loads(body)["error"] == "websocket_not_allowed"
+    assert header(response, b"upgrade") is None
+    denied_stream = header(response, b"x-stream-id")
+    response, body = await client.request(
+        b"POST", b"http://erp.virtual:8000/after", [(b"host", b"erp.virtual:8000"), AUTH], body=b"plain"
+    )
+    assert response.status_code == 200 and body == b"plain"
+    assert header(response, b"x-stream-id") == denied_stream  # the kept-alive stream served on
+    assert len(router.opened) == 1
+
+
+async def test_h2c_upgrade_is_stripped(proxy_env: tuple[int, FakeRouter]) -> None:
+    port, _ = proxy_env
+    client = await Client.connect(port)
+    headers = [
+        (b"host", b"erp.virtual:8000"), AUTH, (b"connection", b"Upgrade, HTTP2-Settings"),
+        (b"upgrade", b"h2c"), (b"http2-settings", b"AAMAAABkAARAAAAAAAIAAAAA"),
+    ]
+    response, _ = await client.request(b"GET", b"http://erp.virtual:8000/h2c", headers)
+    assert response.status_code == 200
+    forwarded = dict(json.loads(header(response, b"x-echo-headers") or b"[]"))
+    assert not {"connection", "upgrade", "http2-settings"} & set(forwarded)
+    response, _ = await client.request(b"GET", b"http://erp.virtual:8000/next", [(b"host", b"erp.virtual:8000"), AUTH])
+    assert response.status_code == 200
+
+
+def test_only_websocket_upgrades_of_http11_get_are_forwarded() -> None:
+    def request(method: bytes, headers: list[tuple[bytes, bytes]], version: bytes = b"1.1") -> h11.Request:
+        return h11.Request(method=method, target=b"/", headers=[(b"host", b"h"), *headers], http_version=version)
+
+    websocket = [(b"connection", b"Upgrade"), (b"upgrade", b"WebSocket")]
+    assert is_websocket_upgrade(request(b"GET", websocket))
+    assert not is_websocket_upgrade(request(b"POST", websocket))
+    assert not is_websocket_upgrade(request(b"GET", websocket, b"1.0"))
+    assert not is_websocket_upgrade(request(b"GET", [(b"upgrade", b"websocket")]))  # no Connection: upgrade
+    assert not is_websocket_upgrade(request(b"GET", [(b"connection", b"upgrade"), (b"upgrade", b"h2c")]))
+    listed = [(b"connection", b"upgrade, sec-websocket-protocol"), (b"upgrade", b"websocket"),
+              (b"sec-websocket-protocol", b"chat")]
+    assert forwarded_headers(listed, "h", 80, websocket=True) == [
+        (b"host", b"h"), (b"sec-websocket-protocol", b"chat"), (b"connection", b"upgrade"), (b"upgrade", b"websocket"),
+    ]
+    assert forwarded_headers(listed, "h", 80) == [(b"host", b"h")]
+
+
+# --- kept-alive streams the node closes -----------------------------------------------------------
+
+
+async def test_stream_the_node_closed_while_idle_is_replaced(
+    proxy_env: tuple[int, FakeRouter], caplog: pytest.LogCaptureFixture
+) -> None:
+    port, router = proxy_env
+    caplog.set_level(logging.INFO, logger="connector.cloud.proxy")
+    client = await Client.connect(port)
+    headers = [(b"host", b"erp.virtual:8000"), AUTH]
+    response, _ = await client.request(b"GET", b"http://erp.virtual:8000/park-then-close", headers)
+    assert response.status_code == 200
+    router.close_gate.set()
+    await router.idle_closed.wait()
+    await trio.testing.wait_all_tasks_blocked()  # the proxy (same trio run) is idle again
+    response, body = await client.request(b"POST", b"http://erp.virtual:8000/next", headers, body=b"data")
+    assert response.status_code == 200 and body == b"data"
+    assert len(router.opened) == 2
+    assert "once more" not in caplog.text  # seen while idle: nothing was sent on the closed stream
+
+
+async def test_reused_stream_closed_before_the_node_read_the_request_is_retried_once(
+    proxy_env: tuple[int, FakeRouter], caplog: pytest.LogCaptureFixture
+) -> None:
+    port, router = proxy_env
+    caplog.set_level(logging.INFO, logger="connector.cloud.proxy")
+    client = await Client.connect(port)
+    headers = [(b"host", b"erp.virtual:8000"), AUTH]
+    response, _ = await client.request(b"GET", b"http://erp.virtual:8000/park-then-close", headers)
+    assert response.status_code == 200
+    client.conn.start_next_cycle()
+    await client.send(h11.Request(method=b"GET", target=b"http://erp.virtual:8000/second", headers=headers))
+    await client.send(h11.EndOfMessage())
+    await trio.testing.wait_all_tasks_blocked()  # the head went out on the parked stream
+    router.close_gate.set()  # the node closes the stream without reading it
+    response, _ = await client.read_response()
+    assert response.status_code == 200
+    assert header(response, b"x-echo-target") == b"/second"
+    assert header(response, b"x-stream-id") == str(id(router.acceptors[1])).encode()
+    assert len(router.opened) == 2
+    assert "sending it once more on a fresh stream" in caplog.text
+
+
+async def test_reused_stream_closed_after_the_body_was_read_is_not_retried(
+    proxy_env: tuple[int, FakeRouter], caplog: pytest.LogCaptureFixture
+) -> None:
+    port, router = proxy_env
+    caplog.set_level(logging.INFO, logger="connector.cloud.proxy")
+    client = await Client.connect(port)
+    headers = [(b"host", b"erp.virtual:8000"), AUTH]
+    response, _ = await client.request(b"GET", b"http://erp.virtual:8000/park-then-close", headers)
+    assert response.status_code == 200
+    client.conn.start_next_cycle()
+    await client.send(h11.Request(method=b"POST", target=b"http://erp.virtual:8000/second",
+                                  headers=[*headers, (b"content-length", b"4")]))
+    await client.send(h11.Data(data=b"body"))
+    await client.send(h11.EndOfMessage())
+    await trio.testing.wait_all_tasks_blocked()
+    router.close_gate.set()
+    response, body = await client.read_response()
+    assert response.status_code == 502
+    assert json.loads(body)["error"] == "no_response"
+    assert len(router.opened) == 1  # the body had been taken from the application: not replayable
+    assert "once more" not in caplog.text
+    response, _ = await client.request(b"GET", b"http://erp.virtual:8000/third", headers)
+    assert response.status_code == 200
