@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -80,16 +81,35 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 # --- long-running processes ----------------------------------------------------------------------
 
+async def _watch_parent(parent: int, stop: trio.Event) -> None:
+    """Under a supervisor that cannot clean up after itself (the demo killed with -9), stop
+    when the parent is gone rather than linger as a stray process."""
+    while os.getppid() == parent:
+        await trio.sleep(1.0)
+    log.warning("parent process %d is gone, stopping", parent)
+    stop.set()
+
+
 async def _run_until_signal(service_run: Any, on_stop: Any = None) -> None:
+    stop = trio.Event()
     async with trio.open_nursery() as nursery:
         await nursery.start(service_run)
+        parent = os.environ.get("CONNECTOR_PARENT_PID")
+        if parent and parent.isdigit():
+            nursery.start_soon(_watch_parent, int(parent), stop)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                log.info("received %s, stopping", signal.Signals(signum).name)
-                if on_stop is not None:
-                    await on_stop()
-                nursery.cancel_scope.cancel()
-                break
+
+            async def _signals() -> None:
+                async for signum in signals:
+                    log.info("received %s, stopping", signal.Signals(signum).name)
+                    stop.set()
+                    return
+
+            nursery.start_soon(_signals)
+            await stop.wait()
+            if on_stop is not None:
+                await on_stop()
+            nursery.cancel_scope.cancel()
 
 
 def cmd_cloud(args: argparse.Namespace) -> int:

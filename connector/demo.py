@@ -4,12 +4,12 @@ It starts, as child processes, a single-member etcd, the cloud side, two connect
 and shadow) and a small internal host (`connector.demo_backend`), waits until a master is
 registered, prints every endpoint and a ready-to-paste curl, and writes a state file (ports,
 pids, URLs; keys ending in ``metrics_url`` for Prometheus). Ctrl-C or SIGTERM stops everything it
-started; children also get SIGTERM if the demo itself dies (PR_SET_PDEATHSIG), so nothing strays.
+started; connector children also stop by themselves if the demo dies (they watch their parent
+pid, see `connector.cli`), so nothing strays.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -74,15 +74,6 @@ def etcd_command(binary: str, data_dir: Path, client_port: int, peer_port: int, 
         "--heartbeat-interval", "10", "--election-timeout", "100",
         "--logger", "zap", "--log-level", "warn",
     ]
-
-
-def _pdeathsig() -> None:
-    """In the child: get SIGTERM when the demo process dies, however it dies."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 @attrs.frozen
@@ -193,8 +184,11 @@ class Demo:
 
     async def start_process(self, name: str, argv: list[str]) -> trio.Process:
         logfile = open(self.workdir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        # Children watch for the demo's death through CONNECTOR_PARENT_PID (see connector.cli):
+        # PR_SET_PDEATHSIG would fire when trio's spawning *thread* retires, not the process.
+        env = {**os.environ, "CONNECTOR_PARENT_PID": str(os.getpid())}
         process = await trio.lowlevel.open_process(
-            argv, stdout=logfile, stderr=subprocess.STDOUT, cwd=self.workdir, preexec_fn=_pdeathsig
+            argv, stdout=logfile, stderr=subprocess.STDOUT, cwd=self.workdir, env=env
         )
         logfile.close()
         self.processes[name] = process
