@@ -40,10 +40,15 @@ How to read it:
 - Memory: VmRSS of the cloud-side and node-side processes with 1,000 idle TCP streams open
   (SOCKS5 for the connector; forwarded connections for ssh), each proven end to end by one echoed
   byte. For ssh the sshd figure sums its process tree (listener, monitor, session).
-- The load generator is a separate process per measurement, but the machine has 2 cores: the
-  generator, the proxy (or sshd), the node (or ssh) and the backend all compete for them. The
-  connector path has one more process than `ssh -R` in Python, on the same 2 cores; that is part
-  of what is measured, not corrected for.
+- CPU per request: CPU time of each process of a path during the request-rate test, divided by
+  the requests served; it shows where the time goes.
+- The load generator (`benchmarks/load.py`, trio with a minimal HTTP/1.1 client) is a separate
+  process per measurement, but the machine has 2 cores: the generator, the proxy (or sshd), the
+  node (or ssh) and the backend all compete for them, and other work on the machine adds noise.
+  The connector's two hops are Python processes where ssh's are C; that is part of what is
+  measured, not corrected for. The direct row is bounded by the generator and the backend.
+- Options: `--quick` (about a minute), `--rounds N`, `--ciphers default,aes256-gcm@openssh.com`
+  (the first is the baseline), `--no-connector` (direct and ssh only), `--no-write`.
 """
 
 
