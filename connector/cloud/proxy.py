@@ -11,6 +11,23 @@ replaced when they change. On the stream a second h11 connection (client role) w
 in origin-form, without the proxy's own headers (Proxy-Authorization, the location header,
 hop-by-hop headers; Host is kept), and parses the response, which is relayed back.
 
+WebSocket: a request with `Connection: Upgrade` and `Upgrade: websocket` (HTTP/1.1 GET) is
+forwarded with those two headers and its Sec-WebSocket-* headers; every other upgrade (h2c, ...)
+is stripped like any hop-by-hop header. If the node answers `101 Switching Protocols`, the 101 is
+relayed and the connection becomes a raw byte pipe to the stream: first the bytes h11 had already
+read past each head (`trailing_data` of both h11 connections), then one chunk at a time each way,
+each direction half-closed at its EOF, until both ended or either side failed (the stream is then
+reset). Any other answer (a 403 from the node's allow-list) is relayed as a normal response and
+the connection goes on serving requests.
+
+Kept-alive streams the node closes: while the application connection waits for its next request,
+an idle stream is watched; a FIN, reset or stray byte there retires it, so the next request goes
+to a fresh stream. If the node closes the stream just as the next request is sent, the request
+is sent once more on a fresh stream, but only when the node provably took nothing of it: the
+stream had served a request before, no response byte came, no body byte was read from the
+application yet, and the stream refused the request head or ended with a bare FIN (the node
+answers or resets every request it reads). Otherwise the failure is answered as usual (502).
+
 Bodies stream both ways at the same time (two tasks: request body up, response down), one chunk
 at a time, so memory per connection is bounded by the chunk size and the stream's window, never
 by the body size; a backend may answer before the request body is complete.

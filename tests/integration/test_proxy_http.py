@@ -132,6 +132,12 @@ class FakeRouter:
                     else:
                         return
                 conn.start_next_cycle()
+                if path == "/stop-reading":
+                    # a node that no longer takes data on this stream (its FIN not yet sent): the
+                    # proxy's next write fails at once. Reaches into the in-memory stream's channel.
+                    await stream._receive.aclose()  # type: ignore[attr-defined]
+                    await self.close_gate.wait()
+                    return
                 if path in ("/close-after", "/park-then-close"):
                     if path == "/park-then-close":
                         await self.close_gate.wait()  # reads nothing meanwhile
@@ -759,3 +765,38 @@ async def test_reused_stream_closed_after_the_body_was_read_is_not_retried(
     assert "once more" not in caplog.text
     response, _ = await client.request(b"GET", b"http://erp.virtual:8000/third", headers)
     assert response.status_code == 200
+
+
+async def test_pipelined_request_after_the_node_closed_the_stream_is_retried(
+    proxy_env: tuple[int, FakeRouter],
+) -> None:
+    """The second request is already buffered when the first ends, so no idle watch can run."""
+    port, router = proxy_env
+    client = await Client.connect(port)
+    headers = [(b"host", b"erp.virtual:8000"), AUTH]
+    first = client.conn.send(h11.Request(method=b"GET", target=b"http://erp.virtual:8000/close-after", headers=headers))
+    first = (first or b"") + (client.conn.send(h11.EndOfMessage()) or b"")
+    second = h11.Connection(h11.CLIENT)  # only to serialise the pipelined request
+    pipelined = (second.send(h11.Request(method=b"GET", target=b"http://erp.virtual:8000/second", headers=headers))
+                 or b"") + (second.send(h11.EndOfMessage()) or b"")
+    await client.sock.send_all(first + pipelined)
+    response, _ = await client.read_response()
+    assert response.status_code == 200
+    client.conn.start_next_cycle()
+    client.conn.send(h11.Request(method=b"GET", target=b"/second", headers=headers))  # track the state
+    client.conn.send(h11.EndOfMessage())
+    response, _ = await client.read_response()
+    assert response.status_code == 200
+    assert header(response, b"x-echo-target") == b"/second"
+    assert len(router.opened) == 2
+
+
+async def test_reused_stream_refusing_the_request_head_is_retried(proxy_env: tuple[int, FakeRouter]) -> None:
+    port, router = proxy_env
+    client = await Client.connect(port)
+    headers = [(b"host", b"erp.virtual:8000"), AUTH]
+    response, _ = await client.request(b"GET", b"http://erp.virtual:8000/stop-reading", headers)
+    assert response.status_code == 200
+    response, body = await client.request(b"PUT", b"http://erp.virtual:8000/second", headers, body=b"kept")
+    assert response.status_code == 200 and body == b"kept"  # the body was read only for the retry
+    assert len(router.opened) == 2
