@@ -65,8 +65,8 @@ class Settings:
     hold_max_seconds: float
 
 
-QUICK = Settings(1, 256 << 20, 3.0, 3.0, 0.5, 16, 300, 20.0, 1000, 60.0)
-FULL = Settings(3, 512 << 20, 10.0, 8.0, 1.0, 16, 2000, 60.0, 1000, 120.0)
+QUICK = Settings(1, 256 << 20, 3.0, 4.0, 0.5, 16, 1000, 20.0, 1000, 60.0)
+FULL = Settings(3, 512 << 20, 10.0, 8.0, 1.0, 16, 3000, 60.0, 1000, 120.0)
 
 
 @attrs.define
