@@ -471,3 +471,20 @@ def test_drill_main_reports_bad_input_without_acting(tmp_path: Path, capsys: pyt
     state.write_text(json.dumps(STATE))
     assert drill.main(["etcd-outage", "1", "--host", "192.0.2.1", "--state-file", str(state)]) == 2
     assert "loopback only" in capsys.readouterr().err
+
+
+# --- docs ------------------------------------------------------------------------------------------
+
+def test_configuration_doc_names_every_key_the_loaders_read() -> None:
+    import attrs
+
+    from connector.agent.acl import Mapping, Resource
+    from ha.timing import HATiming
+
+    source = (REPO / "connector" / "config.py").read_text()
+    keys = set(re.findall(r'\.(?:str|int|float|bool|str_list|path|listen|sub|subs)\("(\w+)"', source))
+    keys |= {f.name for cls in (HATiming, Mapping, Resource) for f in attrs.fields(cls)}
+    assert {"state_file", "hold_max", "drain_seconds", "ttl", "websocket_upgrade"} <= keys
+    doc = (REPO / "docs" / "configuration.md").read_text()
+    missing = sorted(k for k in keys if f"`{k}`" not in doc and f"`[{k}]`" not in doc and f"`[[{k}]]`" not in doc)
+    assert missing == []
