@@ -470,6 +470,11 @@ class _HttpSession:
         """Answer one request; return False if the connection must close afterwards."""
         exchange = _Exchange(request.method, _printable_target(request.target), trio.current_time())
         headers = list(request.headers)
+        head_size = len(request.target) + sum(len(k) + len(v) + 4 for k, v in headers)
+        if head_size > self.settings.max_header_bytes:
+            # h11 only bounds *incomplete* heads; a complete one may still exceed our limit
+            await self._refuse(exchange, 431, acl_mod.BAD_REQUEST, "request head too large", close=True)
+            return False
         names = [k for k, _ in headers]
         if b"content-length" in names and b"transfer-encoding" in names:
             await self._refuse(exchange, 400, acl_mod.BAD_REQUEST,
@@ -519,10 +524,11 @@ class _HttpSession:
         """Answer with an access-control refusal: metrics, audit, JSON error."""
         metrics.REQUESTS.labels(self.mapping.name, "denied").inc()
         metrics.DENIALS.labels(reason).inc()
-        await self._send_error(exchange, status, reason, message, close=close)
-        self._audit(exchange, "denied", reason)
+        await self._send_error(exchange, status, reason, message, close=close, audit="denied")
 
-    async def _send_error(self, exchange: _Exchange, status: int, reason: str, message: str, *, close: bool) -> None:
+    async def _send_error(self, exchange: _Exchange, status: int, reason: str, message: str, *,
+                          close: bool, audit: str | None = None) -> None:
+        """Send a JSON error response; with `audit` ("denied"/"allowed") write the audit line first."""
         extra = [(b"connection", b"close")] if close else None
         status, headers, body = error_parts(status, reason, message, extra)
         exchange.status = status
@@ -540,6 +546,8 @@ class _HttpSession:
                 lines.append(b"connection: close")
             data = b"\r\n".join(lines) + b"\r\n\r\n" + body
         exchange.bytes_out += len(body)
+        if audit is not None:
+            self._audit(exchange, audit, reason)
         try:
             await self.stream.send_all(data)
         except _TUNNEL_ERRORS as exc:
@@ -593,8 +601,7 @@ class _HttpSession:
             await _reset_quietly(self.stream, ErrorCode.BACKEND_RESET, message)
             raise _TunnelGone("stream reset after backend failure")
         keep = exchange.request_done or await self._drain_body(self.settings.max_drain_bytes)
-        await self._send_error(exchange, status, reason, message, close=not keep)
-        self._audit(exchange, "allowed", reason)
+        await self._send_error(exchange, status, reason, message, close=not keep, audit="allowed")
         return keep
 
     async def _forward(self, request: h11.Request, exchange: _Exchange, decision: Decision) -> bool:

@@ -78,8 +78,9 @@ def test_stream_sink_and_recent_tail() -> None:
     audit.config_change(action="delete")
     audit.request(path="/3")
     assert [json.loads(line).get("path") for line in out.getvalue().splitlines()] == ["/1", None, "/3"]
-    assert [r["kind"] for r in audit.recent()] == ["config", "request"]
-    assert [r["path"] for r in audit.recent("request")] == ["/3"]
+    assert [r["kind"] for r in audit.recent] == ["config", "request"]
+    assert [r["path"] for r in audit.records("request")] == ["/3"]
+    assert [r["action"] for r in audit.records("config")] == ["delete"]
 
 
 def test_write_error_is_counted_and_never_raises(tmp_path: Path) -> None:
@@ -89,7 +90,7 @@ def test_write_error_is_counted_and_never_raises(tmp_path: Path) -> None:
     before = metrics.AUDIT_WRITE_ERRORS._value.get()
     audit.request(path="/x")
     assert metrics.AUDIT_WRITE_ERRORS._value.get() == before + 1
-    assert audit.recent()[-1]["path"] == "/x"
+    assert audit.recent[-1]["path"] == "/x"
 
 
 def test_disk_full_is_counted(tmp_path: Path) -> None:

@@ -1,0 +1,434 @@
+"""The node's HTTP forwarder against real backends on loopback, through a memory tunnel stream."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tracemalloc
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+from prometheus_client import REGISTRY
+from test_forward_support import (
+    CHUNK,
+    HttpBackend,
+    HttpClient,
+    make_pki,
+    read_raw_until_closed,
+    serve,
+    free_port,
+    websocket_backend,
+)
+
+from connector.agent.acl import AccessControl, BackendProtocol, HostInHeader, Mapping, Resource
+from connector.agent.audit import AuditLog
+from connector.agent.forward import ForwardSettings, StreamContext, serve_stream
+from connector.tunnel.testing import MemoryTunnelStream, memory_stream_pair
+from connector.tunnel.types import ErrorCode, StreamProtocol, StreamResetError, Target
+
+VIRTUAL = "erp.virtual"
+VPORT = 443
+MiB = 1 << 20
+RESOURCES = (
+    Resource("/echo"),
+    Resource("/download"),
+    Resource("/slow"),
+    Resource("/cut"),
+    Resource("/close"),
+    Resource("/ws", websocket_upgrade=True),
+    Resource("/echo/private", enabled=False),
+)
+
+
+def mapping_for(port: int, **changes: object) -> Mapping:
+    fields: dict[str, object] = dict(
+        virtual_host=VIRTUAL, virtual_port=VPORT, internal_host="127.0.0.1", internal_port=port,
+        resources=RESOURCES,
+    )
+    fields.update(changes)
+    return Mapping(**fields)  # type: ignore[arg-type]
+
+
+def context(audit: AuditLog, **settings: float) -> StreamContext:
+    return StreamContext(subaccount="sub1", location_id="loc1", audit=audit, settings=ForwardSettings(**settings))  # type: ignore[arg-type]
+
+
+def open_stream(nursery: trio.Nursery, acl: AccessControl, ctx: StreamContext,
+                target: Target = Target(VIRTUAL, VPORT)) -> MemoryTunnelStream:
+    opener, acceptor = memory_stream_pair(target)
+    nursery.start_soon(serve_stream, acceptor, acl, ctx)
+    return opener
+
+
+async def audit_lines(audit: AuditLog, count: int) -> list[dict[str, object]]:
+    """The request lines once there are `count` (the client may finish reading a response just
+    before the forwarder writes its audit line)."""
+    with trio.fail_after(2):
+        while len(audit.records("request")) < count:
+            await trio.sleep(0.005)
+    return audit.records("request")
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def start(nursery: trio.Nursery, **mapping_changes: object) -> tuple[HttpBackend, AccessControl]:
+    backend = HttpBackend()
+    port = await serve(nursery, backend.handle)
+    return backend, AccessControl([mapping_for(port, **mapping_changes)])
+
+
+# --- bodies ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, MiB])
+@pytest.mark.parametrize("method", [b"GET", b"POST"])
+async def test_request_bodies_reach_the_backend(nursery: trio.Nursery, method: bytes, size: int) -> None:
+    backend, acl = await start(nursery)
+    audit = AuditLog(None)
+    client = HttpClient(open_stream(nursery, acl, context(audit)))
+    body = bytes(range(256)) * (size // 256)
+    reply = await client.request(method, b"/echo/a?x=1", body=body)
+    assert reply.status == 200
+    seen = reply.json()
+    assert (seen["method"], seen["target"], seen["body_len"]) == (method.decode(), "/echo/a?x=1", size)
+    assert seen["sha256"] == hashlib.sha256(body).hexdigest()
+    [line] = await audit_lines(audit, 1)
+    assert line["decision"] == "allowed" and line["status"] == 200
+    assert line["bytes_in"] == size and line["bytes_out"] == len(reply.body)
+    assert line["mapping"] == f"{VIRTUAL}:{VPORT}" and line["path"] == "/echo/a"
+    assert line["subaccount"] == "sub1" and line["location"] == "loc1"
+
+
+async def repeated(piece: bytes, count: int) -> AsyncIterator[bytes]:
+    for _ in range(count):
+        yield piece
+
+
+async def test_100_mib_upload_streams_in_bounded_memory(nursery: trio.Nursery) -> None:
+    backend, acl = await start(nursery)
+    client = HttpClient(open_stream(nursery, acl, context(AuditLog(None))))
+    piece = b"z" * CHUNK
+    count = 100 * MiB // CHUNK
+    tracemalloc.start()
+    try:
+        reply = await client.request(
+            b"PUT", b"/echo/big", headers=[(b"content-length", str(100 * MiB).encode())],
+            body=repeated(piece, count),
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert reply.status == 200
+    assert reply.json()["body_len"] == 100 * MiB
+    assert peak < 8 * MiB, f"peak traced memory {peak} bytes for a 100 MiB body"
+    assert backend.largest_receive <= CHUNK
+
+
+async def test_100_mib_download_streams_in_bounded_memory(nursery: trio.Nursery) -> None:
+    backend, acl = await start(nursery)
+    client = HttpClient(open_stream(nursery, acl, context(AuditLog(None))))
+    tracemalloc.start()
+    try:
+        reply = await client.request(b"GET", f"/download?n={100 * MiB}".encode(), keep_body=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert reply.status == 200 and reply.body_len == 100 * MiB
+    assert peak < 8 * MiB, f"peak traced memory {peak} bytes for a 100 MiB body"
+
+
+async def test_chunked_upload(nursery: trio.Nursery) -> None:
+    backend, acl = await start(nursery)
+    client = HttpClient(open_stream(nursery, acl, context(AuditLog(None))))
+    pieces = [b"a" * 10, b"b" * 70000, b"c"]
+    reply = await client.request(
+        b"POST", b"/echo", headers=[(b"transfer-encoding", b"chunked")], body=repeated_list(pieces))
+    seen = reply.json()
+    assert seen["body_len"] == 70011
+    assert seen["sha256"] == hashlib.sha256(b"".join(pieces)).hexdigest()
+    assert ["transfer-encoding", "chunked"] in seen["headers"]
+
+
+async def repeated_list(pieces: list[bytes]) -> AsyncIterator[bytes]:
+    for piece in pieces:
+        yield piece
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+async def test_download(nursery: trio.Nursery, chunked: bool) -> None:
+    backend, acl = await start(nursery)
+    audit = AuditLog(None)
+    client = HttpClient(open_stream(nursery, acl, context(audit)))
+    target = f"/download?n={3 * MiB + 5}{'&chunked=1' if chunked else ''}".encode()
+    reply = await client.request(b"GET", target)
+    assert reply.body == b"x" * (3 * MiB + 5)
+    assert (reply.headers.get(b"transfer-encoding") == b"chunked") is chunked
+    assert (await audit_lines(audit, 1))[-1]["bytes_out"] == 3 * MiB + 5
+
+
+# --- keep-alive and access control on every request ---------------------------------------------
+
+
+async def test_keep_alive_allowed_denied_allowed_on_one_stream(nursery: trio.Nursery) -> None:
+    backend, acl = await start(nursery)
+    audit = AuditLog(None)
+    client = HttpClient(open_stream(nursery, acl, context(audit)))
+    denied_before = metric("connector_denials_total", reason="no_resource")
+    assert (await client.request(b"GET", b"/echo/1")).status == 200
+    denied = await client.request(b"POST", b"/admin", body=b"secret form")
+    assert denied.status == 403
+    assert denied.json()["error"] == "no_resource"
+    assert denied.headers[b"x-connector-error"] == b"no_resource"
+    assert (await client.request(b"GET", b"/echo/2")).status == 200
+    assert backend.connections == 1
+    assert [r["target"] for r in backend.requests] == ["/echo/1", "/echo/2"]
+    lines = await audit_lines(audit, 3)
+    assert [(r["decision"], r["reason"], r["status"]) for r in lines] == [
+        ("allowed", "allowed", 200), ("denied", "no_resource", 403), ("allowed", "allowed", 200)]
+    assert lines[1]["path"] == "/admin" and lines[1]["method"] == "POST"
+    assert metric("connector_denials_total", reason="no_resource") == denied_before + 1
+
+
+async def test_disabled_resource_denied(nursery: trio.Nursery) -> None:
+    backend, acl = await start(nursery)
+    client = HttpClient(open_stream(nursery, acl, context(AuditLog(None))))
+    reply = await client.request(b"GET", b"/echo/private/x")
+    assert (reply.status, reply.json()["error"]) == (403, "resource_disabled")
+    assert backend.requests == []
+
+
+async def test_denied_with_large_body_closes_the_connection(nursery: trio.Nursery) -> None:
+    backend, acl = await start(nursery)
+    opener = open_stream(nursery, acl, context(AuditLog(None), max_drain_bytes=1000))
+    client = HttpClient(opener)
+    reply = await client.request(b"POST", b"/admin", body=b"x" * 5000)
+    assert reply.status == 403 and reply.headers[b"connection"] == b"close"
+    assert await read_raw_until_closed(opener) == b""
+
+
+HOSTILE = [
+    (b"/echo/..%2F..%2Fadmin", "ambiguous_path"),
+    (b"/echo/%2e%2e/admin", "ambiguous_path"),
+    (b"/echo\\..\\admin", "ambiguous_path"),
+    (b"/echo/%5c../admin", "ambiguous_path"),
+    (b"/echo/%00", "ambiguous_path"),
+    (b"/echo/..;/admin", "ambiguous_path"),
+    (b"/../echo", "ambiguous_path"),
+    (b"/echo/%zz", "ambiguous_path"),
+    (b"http://evil.example/echo", "host_mismatch"),
+    (b"*", "bad_request"),
+]
+
+
+async def test_hostile_paths_refused_and_audited(nursery: trio.Nursery) -> None:
+    backend, acl = await start(nursery)
+    audit = AuditLog(None)
+    client = HttpClient(open_stream(nursery, acl, context(audit)))
+    for target, reason in HOSTILE:
+        reply = await client.request(b"GET", target)
+        assert (reply.status, reply.json()["error"]) == (400, reason), target
+    assert backend.requests == []
+    assert [r["reason"] for r in audit.records("request")] == [reason for _, reason in HOSTILE]
+
+
+async def test_backend_sees_canonical_path_and_virtual_host(nursery: trio.Nursery) -> None:
+    backend, acl = await start(nursery)
+    client = HttpClient(open_stream(nursery, acl, context(AuditLog(None))))
+    reply = await client.request(
+        b"GET", b"/echo//a/./b/../c%7e?q=%2F..", headers=[(b"connection", b"x-hop"), (b"x-hop", b"1"),
+                                                        (b"proxy-authorization", b"Basic x")])
+    seen = reply.json()
+    assert seen["target"] == "/echo/a/c~?q=%2F.."
+    headers = dict(seen["headers"])
+    assert headers["host"] == f"{VIRTUAL}:{VPORT}"
+    assert "x-forwarded-host" not in headers
+    assert "x-hop" not in headers and "proxy-authorization" not in headers
+
+
+async def test_host_in_header_internal(nursery: trio.Nursery) -> None:
+    backend = HttpBackend()
+    port = await serve(nursery, backend.handle)
+    acl = AccessControl([mapping_for(port, host_in_header=HostInHeader.INTERNAL)])
+    client = HttpClient(open_stream(nursery, acl, context(AuditLog(None))))
+    headers = dict((await client.request(b"GET", b"/echo")).json()["headers"])
+    assert headers["host"] == f"127.0.0.1:{port}"
+    assert headers["x-forwarded-host"] == f"{VIRTUAL}:{VPORT}"
+
+
+# --- failures of the internal host ----------------------------------------------------------------
+
+
+async def test_internal_host_refused_gives_502(nursery: trio.Nursery) -> None:
+    port = await free_port()
+    acl = AccessControl([mapping_for(port)])
+    audit = AuditLog(None)
+    name = f"{VIRTUAL}:{VPORT}"
+    before = metric("connector_internal_host_errors_total", mapping=name, reason="connect_failed")
+    client = HttpClient(open_stream(nursery, acl, context(audit)))
+    reply = await client.request(b"GET", b"/echo")
+    assert (reply.status, reply.json()["error"]) == (502, "internal_host_unreachable")
+    assert audit.records("request")[-1]["reason"] == "internal_host_unreachable"
+    assert metric("connector_internal_host_errors_total", mapping=name, reason="connect_failed") == before + 1
+    # the stream stays usable: a denied request is still answered
+    assert (await client.request(b"GET", b"/nope")).status == 403
+
+
+async def test_slow_internal_host_gives_504(nursery: trio.Nursery) -> None:
+    backend, acl = await start(nursery)
+    client = HttpClient(open_stream(nursery, acl, context(AuditLog(None), response_timeout=0.3)))
+    began = trio.current_time()
+    reply = await client.request(b"GET", b"/slow")
+    elapsed = trio.current_time() - began
+    assert (reply.status, reply.json()["error"]) == (504, "internal_host_timeout")
+    assert 0.3 <= elapsed < 3.0
+
+
+async def test_backend_cut_mid_response_resets_stream(nursery: trio.Nursery) -> None:
+    backend, acl = await start(nursery)
+    opener = open_stream(nursery, acl, context(AuditLog(None)))
+    client = HttpClient(opener)
+    with pytest.raises(StreamResetError) as caught:
+        await client.request(b"GET", b"/cut")
+    assert caught.value.code == ErrorCode.BACKEND_RESET
+
+
+async def test_backend_connection_close_then_reconnect(nursery: trio.Nursery) -> None:
+    backend, acl = await start(nursery)
+    client = HttpClient(open_stream(nursery, acl, context(AuditLog(None))))
+    assert (await client.request(b"GET", b"/close")).status == 200
+    assert (await client.request(b"GET", b"/echo")).status == 200
+    assert backend.connections == 2
+
+
+async def test_stale_kept_alive_backend_connection_is_replaced(nursery: trio.Nursery) -> None:
+    """A backend that silently drops idle connections: the next body-less request is resent."""
+    backend = HttpBackend()
+    closed = trio.Event()
+
+    async def one_request_then_close(stream: trio.abc.Stream) -> None:
+        conn_backend = HttpBackend()
+        # answer exactly one request, keep-alive advertised, then drop the connection
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += await stream.receive_some(CHUNK)
+        backend.connections += 1
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await stream.aclose()
+        del conn_backend
+        closed.set()
+
+    port = await serve(nursery, one_request_then_close)
+    acl = AccessControl([mapping_for(port)])
+    client = HttpClient(open_stream(nursery, acl, context(AuditLog(None))))
+    assert (await client.request(b"GET", b"/echo")).body == b"ok"
+    await closed.wait()
+    await trio.sleep(0.05)  # let the FIN reach the forwarder's socket
+    assert (await client.request(b"GET", b"/echo")).body == b"ok"
+    assert backend.connections == 2
+
+
+# --- protocol hygiene -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"GARBAGE\r\n\r\n", 400),
+        (b"POST /echo HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+        (b"POST /echo HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\nabcd", 400),
+        (b"GET /echo HTTP/1.1\r\nhost: a\r\nx-big: " + b"a" * 70000 + b"\r\n\r\n", 431),
+    ],
+)
+async def test_malformed_requests_get_an_error_and_close(nursery: trio.Nursery, raw: bytes, status: int) -> None:
+    backend, acl = await start(nursery)
+    audit = AuditLog(None)
+    opener = open_stream(nursery, acl, context(audit))
+    await opener.send_all(raw)
+    answer = await read_raw_until_closed(opener)
+    assert answer.startswith(b"HTTP/1.1 %d " % status)
+    body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert body["error"] == "bad_request"
+    assert backend.requests == []
+    assert audit.records("request")[-1]["reason"] == "bad_request"
+
+
+async def test_http10_and_connection_close_are_honoured(nursery: trio.Nursery) -> None:
+    backend, acl = await start(nursery)
+    for request in (
+        b"GET /echo HTTP/1.0\r\n\r\n",
+        b"GET /echo HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+    ):
+        opener = open_stream(nursery, acl, context(AuditLog(None)))
+        await opener.send_all(request)
+        answer = await read_raw_until_closed(opener)  # returns only once the node closed the stream
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        assert json.loads(body)["target"] == "/echo"
+
+
+# --- WebSocket ------------------------------------------------------------------------------------
+
+UPGRADE = (b"GET /ws/chat HTTP/1.1\r\nhost: a\r\nconnection: Upgrade\r\nupgrade: websocket\r\n"
+           b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n")
+
+
+async def test_websocket_upgrade_relays_bytes(nursery: trio.Nursery) -> None:
+    port = await serve(nursery, websocket_backend)
+    audit = AuditLog(None)
+    opener = open_stream(nursery, AccessControl([mapping_for(port)]), context(audit))
+    await opener.send_all(UPGRADE)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await opener.receive_some(CHUNK)
+    assert head.startswith(b"HTTP/1.1 101 ")
+    await opener.send_all(b"hello frames")
+    echoed = b""
+    while len(echoed) < len(b"hello frames"):
+        echoed += await opener.receive_some(CHUNK)
+    assert echoed == b"HELLO FRAMES"
+    await opener.send_eof()
+    assert await read_raw_until_closed(opener) == b""
+    [line] = await audit_lines(audit, 1)
+    assert (line["status"], line["bytes_in"], line["bytes_out"]) == (101, 12, 12)
+
+
+async def test_websocket_upgrade_denied_where_not_allowed(nursery: trio.Nursery) -> None:
+    port = await serve(nursery, websocket_backend)
+    opener = open_stream(nursery, AccessControl([mapping_for(port)]), context(AuditLog(None)))
+    await opener.send_all(UPGRADE.replace(b"/ws/chat", b"/echo"))
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await opener.receive_some(CHUNK)
+    assert head.startswith(b"HTTP/1.1 403 ")
+    assert b"x-connector-error: websocket_not_allowed" in head
+
+
+# --- mapping lookup and TLS backends ----------------------------------------------------------------
+
+
+async def test_no_mapping_resets_the_stream(nursery: trio.Nursery) -> None:
+    audit = AuditLog(None)
+    acl = AccessControl([mapping_for(1)])
+    for target in (Target("other.virtual", VPORT), Target(VIRTUAL, VPORT, StreamProtocol.TCP)):
+        opener = open_stream(nursery, acl, context(audit), target)
+        with pytest.raises(StreamResetError) as caught:
+            await opener.wait_accepted()
+        assert caught.value.code == ErrorCode.NO_MAPPING
+    assert [(r["decision"], r["reason"]) for r in audit.records("request")] == [("denied", "no_mapping")] * 2
+
+
+async def test_https_backend_verified_with_trust_store(nursery: trio.Nursery, tmp_path: Path) -> None:
+    pki = make_pki(tmp_path)
+    backend = HttpBackend()
+    port = await serve(nursery, backend.handle, pki.server_context)
+    good = AccessControl([mapping_for(port, protocol=BackendProtocol.HTTPS, trust_store=pki.ca_file)])
+    client = HttpClient(open_stream(nursery, good, context(AuditLog(None))))
+    assert (await client.request(b"POST", b"/echo", body=b"over tls")).json()["body_len"] == 8
+    bad = AccessControl([mapping_for(port, protocol=BackendProtocol.HTTPS, trust_store=pki.other_ca_file)])
+    client = HttpClient(open_stream(nursery, bad, context(AuditLog(None))))
+    reply = await client.request(b"GET", b"/echo")
+    assert (reply.status, reply.json()["error"]) == (502, "backend_tls_error")
