@@ -415,7 +415,7 @@ class _HttpSession:
                 data = await self.stream.receive_some(self.settings.chunk)
             except _TUNNEL_ERRORS as exc:
                 raise _TunnelGone(str(exc)) from exc
-            self.client.receive_data(data)
+            self.client.receive_data(data)  # type: ignore[arg-type]  # h11 takes any bytes-like
 
     async def _to_client(self, event: Any) -> None:
         data = self.client.send(event)
@@ -462,7 +462,7 @@ class _HttpSession:
                 data = await self.backend.receive_some(self.settings.chunk)
             except _BACKEND_ERRORS as exc:
                 raise _BackendGone(str(exc)) from exc
-            self.backend_conn.receive_data(data)
+            self.backend_conn.receive_data(data)  # type: ignore[arg-type]  # h11 takes any bytes-like
 
     # --- one request --------------------------------------------------------------------------------
 
@@ -579,7 +579,7 @@ class _HttpSession:
     def _backend_request(self, request: h11.Request, decision: Decision) -> h11.Request:
         m = self.mapping
         headers = [(k, v) for k, v in _strip_hop_by_hop(list(request.headers))
-                   if k not in (b"host", b"x-forwarded-host")]
+                   if k not in (b"host", b"x-forwarded-host", b"expect")]
         if m.host_in_header is acl_mod.HostInHeader.INTERNAL:
             host = f"{m.internal_host}:{m.internal_port}".encode()
             headers.append((b"x-forwarded-host", f"{m.virtual_host}:{m.virtual_port}".encode()))
@@ -676,6 +676,10 @@ class _HttpSession:
         head_scope = trio.CancelScope(deadline=math.inf)
         failure: Exception | None = None
         keep = False
+        if self.client.they_are_waiting_for_100_continue:
+            # Allowed and connected: invite the body ourselves (Expect is not forwarded), so a
+            # backend that never sends 100 Continue cannot stall the client.
+            await self._to_client(h11.InformationalResponse(status_code=100, headers=[]))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._pump_request_body, exchange, head_scope, nursery)
             try:
@@ -710,7 +714,7 @@ class _HttpSession:
                 if isinstance(event, h11.InformationalResponse):
                     if event.status_code == 101:
                         if decision.websocket:
-                            return await self._switch_to_websocket(exchange, event)
+                            break
                         raise _BackendGone("internal host switched protocols unasked")
                     if self.client.their_http_version == b"1.1":
                         await self._to_client(event)
@@ -718,6 +722,9 @@ class _HttpSession:
                 break
         if head_scope.cancelled_caught:
             raise _ResponseTimeout()
+        if isinstance(event, h11.InformationalResponse):  # 101 to an allowed WebSocket upgrade
+            # outside head_scope: the response deadline must not cut a long-lived WebSocket
+            return await self._switch_to_websocket(exchange, event)
         assert isinstance(event, h11.Response)
         backend_headers = list(event.headers)
         chunked = b"chunked" in _header_tokens(backend_headers, b"transfer-encoding")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tracemalloc
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,10 +16,10 @@ from test_forward_support import (
     CHUNK,
     HttpBackend,
     HttpClient,
+    free_port,
     make_pki,
     read_raw_until_closed,
     serve,
-    free_port,
     websocket_backend,
 )
 
@@ -30,6 +31,7 @@ from connector.tunnel.types import ErrorCode, StreamProtocol, StreamResetError, 
 
 VIRTUAL = "erp.virtual"
 VPORT = 443
+DEFAULT_TARGET = Target(VIRTUAL, VPORT)
 MiB = 1 << 20
 RESOURCES = (
     Resource("/echo"),
@@ -56,7 +58,7 @@ def context(audit: AuditLog, **settings: float) -> StreamContext:
 
 
 def open_stream(nursery: trio.Nursery, acl: AccessControl, ctx: StreamContext,
-                target: Target = Target(VIRTUAL, VPORT)) -> MemoryTunnelStream:
+                target: Target = DEFAULT_TARGET) -> MemoryTunnelStream:
     opener, acceptor = memory_stream_pair(target)
     nursery.start_soon(serve_stream, acceptor, acl, ctx)
     return opener
@@ -66,7 +68,7 @@ async def audit_lines(audit: AuditLog, count: int) -> list[dict[str, object]]:
     """The request lines once there are `count` (the client may finish reading a response just
     before the forwarder writes its audit line)."""
     with trio.fail_after(2):
-        while len(audit.records("request")) < count:
+        while len(audit.records("request")) < count:  # noqa: ASYNC110 (AuditLog is synchronous)
             await trio.sleep(0.005)
     return audit.records("request")
 
@@ -124,7 +126,7 @@ async def test_100_mib_upload_streams_in_bounded_memory(nursery: trio.Nursery) -
         tracemalloc.stop()
     assert reply.status == 200
     assert reply.json()["body_len"] == 100 * MiB
-    assert peak < 8 * MiB, f"peak traced memory {peak} bytes for a 100 MiB body"
+    assert peak < 4 * MiB, f"peak traced memory {peak} bytes for a 100 MiB body"
     assert backend.largest_receive <= CHUNK
 
 
@@ -138,7 +140,7 @@ async def test_100_mib_download_streams_in_bounded_memory(nursery: trio.Nursery)
     finally:
         tracemalloc.stop()
     assert reply.status == 200 and reply.body_len == 100 * MiB
-    assert peak < 8 * MiB, f"peak traced memory {peak} bytes for a 100 MiB body"
+    assert peak < 4 * MiB, f"peak traced memory {peak} bytes for a 100 MiB body"
 
 
 async def test_chunked_upload(nursery: trio.Nursery) -> None:
@@ -379,12 +381,13 @@ UPGRADE = (b"GET /ws/chat HTTP/1.1\r\nhost: a\r\nconnection: Upgrade\r\nupgrade:
 async def test_websocket_upgrade_relays_bytes(nursery: trio.Nursery) -> None:
     port = await serve(nursery, websocket_backend)
     audit = AuditLog(None)
-    opener = open_stream(nursery, AccessControl([mapping_for(port)]), context(audit))
+    opener = open_stream(nursery, AccessControl([mapping_for(port)]), context(audit, response_timeout=0.2))
     await opener.send_all(UPGRADE)
     head = b""
     while b"\r\n\r\n" not in head:
         head += await opener.receive_some(CHUNK)
     assert head.startswith(b"HTTP/1.1 101 ")
+    await trio.sleep(0.4)  # longer than response_timeout: a WebSocket is not a slow response
     await opener.send_all(b"hello frames")
     echoed = b""
     while len(echoed) < len(b"hello frames"):
@@ -432,3 +435,33 @@ async def test_https_backend_verified_with_trust_store(nursery: trio.Nursery, tm
     client = HttpClient(open_stream(nursery, bad, context(AuditLog(None))))
     reply = await client.request(b"GET", b"/echo")
     assert (reply.status, reply.json()["error"]) == (502, "backend_tls_error")
+
+
+async def test_expect_100_continue_is_answered_by_the_node(nursery: trio.Nursery) -> None:
+    backend, acl = await start(nursery)
+    opener = open_stream(nursery, acl, context(AuditLog(None)))
+    await opener.send_all(b"POST /echo HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\n"
+                          b"expect: 100-continue\r\nconnection: close\r\n\r\n")
+    interim = b""
+    with trio.fail_after(2):
+        while b"\r\n\r\n" not in interim:
+            interim += await opener.receive_some(CHUNK)
+    assert interim.startswith(b"HTTP/1.1 100 ")
+    await opener.send_all(b"hello")
+    answer = interim + await read_raw_until_closed(opener)
+    final = answer.split(b"\r\n\r\n", 1)[1]
+    assert final.startswith(b"HTTP/1.1 200 ")
+    seen = json.loads(final.split(b"\r\n\r\n", 1)[1])
+    assert seen["body_len"] == 5
+    assert "expect" not in dict(seen["headers"])
+
+
+async def test_pipelined_requests_answered_in_order(nursery: trio.Nursery) -> None:
+    backend, acl = await start(nursery)
+    opener = open_stream(nursery, acl, context(AuditLog(None)))
+    await opener.send_all(b"GET /echo/1 HTTP/1.1\r\nhost: a\r\n\r\nGET /nope HTTP/1.1\r\nhost: a\r\n\r\n"
+                          b"GET /echo/3 HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+    answer = await read_raw_until_closed(opener)
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)
+    assert statuses == [b"200", b"403", b"200"]
+    assert [r["target"] for r in backend.requests] == ["/echo/1", "/echo/3"]

@@ -311,10 +311,10 @@ class HttpClient:
         return reply
 
 
-async def read_raw_until_closed(stream: TunnelStream, limit: int = 1 << 20, timeout: float = 5.0) -> bytes:
-    """Everything the node sends until it closes the stream (fails after `timeout` seconds)."""
+async def read_raw_until_closed(stream: TunnelStream, limit: int = 1 << 20, within: float = 5.0) -> bytes:
+    """Everything the node sends until it closes the stream (fails after `within` seconds)."""
     data = b""
-    with trio.fail_after(timeout):
+    with trio.fail_after(within):
         while len(data) < limit:
             piece = await stream.receive_some(CHUNK)
             if not piece:

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 import trio
-from test_forward_support import CHUNK, echo_backend, free_port, make_pki, read_raw_until_closed, serve
+from test_forward_support import (
+    CHUNK,
+    echo_backend,
+    free_port,
+    make_pki,
+    read_raw_until_closed,
+    serve,
+)
 
 from connector.agent.acl import AccessControl, BackendProtocol, Mapping
 from connector.agent.audit import AuditLog
@@ -31,7 +38,7 @@ def open_stream(nursery: trio.Nursery, acl: AccessControl, audit: AuditLog, **se
 
 async def wait_for_audit(audit: AuditLog) -> dict[str, object]:
     with trio.fail_after(2):
-        while not audit.records("request"):
+        while not audit.records("request"):  # noqa: ASYNC110 (AuditLog is synchronous)
             await trio.sleep(0.01)
     return audit.records("request")[-1]
 
