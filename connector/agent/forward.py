@@ -97,7 +97,11 @@ class _TunnelGone(Exception):
 
 
 class _BackendGone(Exception):
-    """The backend connection failed (reset, closed, broke the protocol) after it was open."""
+    """The backend connection failed after it was open; `label` is reset or protocol_error."""
+
+    def __init__(self, message: str, label: str = "backend_reset") -> None:
+        super().__init__(message)
+        self.label = label
 
 
 _TUNNEL_ERRORS = (StreamResetError, trio.BrokenResourceError, trio.ClosedResourceError)
@@ -183,6 +187,8 @@ async def serve_stream(stream: TunnelStream, acl: AccessControl, ctx: StreamCont
             await _HttpSession(stream, acl, mapping, ctx).run()
         else:
             await _serve_tcp(stream, mapping, ctx)
+    except (*_TUNNEL_ERRORS, _TunnelGone) as exc:
+        log.debug("stream %s to %s ended: %s", stream.stream_id, stream.target, exc)
     except Exception:
         log.exception("forwarding stream %s to %s failed", stream.stream_id, stream.target)
         with trio.CancelScope(shield=True):
@@ -373,7 +379,10 @@ class _HttpSession:
 
     async def run(self) -> None:
         try:
-            await self.stream.accept()
+            try:
+                await self.stream.accept()
+            except _TUNNEL_ERRORS as exc:
+                raise _TunnelGone(str(exc)) from exc
             while True:
                 try:
                     event = await self._next_client_event()
@@ -455,7 +464,7 @@ class _HttpSession:
             try:
                 event = self.backend_conn.next_event()
             except h11.RemoteProtocolError as exc:
-                raise _BackendGone(f"internal host broke HTTP: {exc}") from exc
+                raise _BackendGone(f"internal host broke HTTP: {exc}", "protocol_error") from exc
             if event is not h11.NEED_DATA:
                 return event
             try:
@@ -585,11 +594,16 @@ class _HttpSession:
             headers.append((b"x-forwarded-host", f"{m.virtual_host}:{m.virtual_port}".encode()))
         else:
             host = f"{m.virtual_host}:{m.virtual_port}".encode()
-        if decision.websocket:
+        if self._is_switch(request, decision):
             headers += [(b"connection", b"upgrade"), (b"upgrade", b"websocket")]
         assert decision.forward_target is not None
         return h11.Request(method=request.method, target=decision.forward_target,
                            headers=[(b"host", host), *headers])
+
+    @staticmethod
+    def _is_switch(request: h11.Request, decision: Decision) -> bool:
+        """An allowed WebSocket upgrade that the client really proposed (Connection: upgrade)."""
+        return decision.websocket and b"upgrade" in _header_tokens(list(request.headers), b"connection")
 
     async def _backend_failed(self, exchange: _Exchange, status: int, reason: str, message: str,
                               label: str) -> bool:
@@ -634,10 +648,9 @@ class _HttpSession:
                     # a kept-alive connection the internal host had closed meanwhile: reconnect
                     await self._drop_backend()
                     continue
-                label = "backend_reset" if exchange.head_sent else "connect_failed"
+                reason = "internal_host_protocol_error" if exc.label == "protocol_error" else "backend_reset"
                 return await self._backend_failed(
-                    exchange, 502, "backend_reset" if exchange.head_sent else "internal_host_unreachable",
-                    f"internal host connection failed: {exc}", label)
+                    exchange, 502, reason, f"internal host connection failed: {exc}", exc.label)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _pump_request_body(self, exchange: _Exchange, head_scope: trio.CancelScope,
@@ -713,9 +726,9 @@ class _HttpSession:
                     raise _BackendGone("internal host closed the connection without a response")
                 if isinstance(event, h11.InformationalResponse):
                     if event.status_code == 101:
-                        if decision.websocket:
+                        if self._is_switch(request, decision):
                             break
-                        raise _BackendGone("internal host switched protocols unasked")
+                        raise _BackendGone("internal host switched protocols unasked", "protocol_error")
                     if self.client.their_http_version == b"1.1":
                         await self._to_client(event)
                     continue
@@ -743,7 +756,7 @@ class _HttpSession:
             elif isinstance(event, h11.EndOfMessage):
                 break
             else:
-                raise _BackendGone(f"unexpected {type(event).__name__} in the response body")
+                raise _BackendGone(f"unexpected {type(event).__name__} in the response body", "protocol_error")
         # Book-keeping before the last bytes go out, so the audit line exists once the client has
         # the whole response.
         await self._finish_backend_cycle()

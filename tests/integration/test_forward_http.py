@@ -465,3 +465,30 @@ async def test_pipelined_requests_answered_in_order(nursery: trio.Nursery) -> No
     statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)
     assert statuses == [b"200", b"403", b"200"]
     assert [r["target"] for r in backend.requests] == ["/echo/1", "/echo/3"]
+
+
+async def test_unproposed_101_from_backend_is_a_502(nursery: trio.Nursery) -> None:
+    """Upgrade without Connection: upgrade is no switch proposal; a 101 anyway is a bad gateway."""
+    port = await serve(nursery, websocket_backend)
+    client = HttpClient(open_stream(nursery, AccessControl([mapping_for(port)]), context(AuditLog(None))))
+    reply = await client.request(b"GET", b"/ws/chat", headers=[(b"upgrade", b"websocket")])
+    assert (reply.status, reply.json()["error"]) == (502, "internal_host_protocol_error")
+    assert (await client.request(b"GET", b"/nope")).status == 403  # the stream goes on
+
+
+async def test_client_reset_mid_download_ends_the_stream_task(nursery: trio.Nursery) -> None:
+    backend, acl = await start(nursery)
+    opener, acceptor = memory_stream_pair(DEFAULT_TARGET)
+    finished = trio.Event()
+
+    async def serve_then_flag() -> None:
+        await serve_stream(acceptor, acl, context(AuditLog(None)))
+        finished.set()
+
+    nursery.start_soon(serve_then_flag)
+    await opener.send_all(f"GET /download?n={100 * MiB} HTTP/1.1\r\nhost: a\r\n\r\n".encode())
+    assert (await opener.receive_some(CHUNK)).startswith(b"HTTP/1.1 200 ")
+    await opener.reset(ErrorCode.CANCEL, "client went away")
+    with trio.fail_after(2):
+        await finished.wait()
+    assert backend.connections == 1
