@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import enum
 import string
-from collections.abc import Iterable, Mapping as AbcMapping
+from collections.abc import Iterable
+from collections.abc import Mapping as AbcMapping
 from typing import Any
 
 import attrs
