@@ -332,13 +332,19 @@ class Mapping:
         }
         if "protocol" in data:
             try:
-                kwargs["protocol"] = BackendProtocol(data["protocol"])
+                raw_protocol = data["protocol"]
+                kwargs["protocol"] = BackendProtocol(
+                    raw_protocol.upper() if isinstance(raw_protocol, str) else raw_protocol
+                )
             except ValueError:
                 allowed = ", ".join(p.value for p in BackendProtocol)
                 raise ValueError(f"protocol: {data['protocol']!r} is not one of {allowed}") from None
         if "host_in_header" in data:
             try:
-                kwargs["host_in_header"] = HostInHeader(data["host_in_header"])
+                raw_hih = data["host_in_header"]
+                kwargs["host_in_header"] = HostInHeader(
+                    raw_hih.lower() if isinstance(raw_hih, str) else raw_hih
+                )
             except ValueError:
                 raise ValueError(
                     f"host_in_header: {data['host_in_header']!r} is not 'virtual' or 'internal'"

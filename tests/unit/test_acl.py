@@ -236,6 +236,11 @@ def test_to_dict_from_dict_round_trip() -> None:
         assert Mapping.from_dict(mapping.to_dict()) == mapping
 
 
+def test_from_dict_enum_values_are_case_insensitive() -> None:
+    m = Mapping.from_dict({**BASE, "protocol": "tcp-tls", "host_in_header": "Internal"})
+    assert (m.protocol, m.host_in_header) == (BackendProtocol.TCP_TLS, HostInHeader.INTERNAL)
+
+
 def test_from_dict_defaults() -> None:
     m = Mapping.from_dict({"virtual_host": "v", "virtual_port": 80, "internal_host": "i", "internal_port": 8080})
     assert m.protocol is BackendProtocol.HTTP
