@@ -1,0 +1,642 @@
+"""Failover drills on real processes: a cluster, a bounded load, faults, and the checkers.
+
+Theory of operation
+-------------------
+`Cluster` wraps `connector.demo.Demo`: etcd (or none, when the test brings its own), the cloud
+side, N nodes and the demo backend as real child processes in a temporary directory, on free
+loopback ports. It finds the master the way an operator would, from the cloud's admin
+``GET /status``, and signals node processes by pid; frozen (SIGSTOPped) nodes are thawed before
+the cluster stops, so teardown never waits on a stopped process.
+
+`Load` sends GET requests through the cloud's HTTP connectivity proxy, one fresh connection per
+request (as a cloud application without pooling would), from a few workers, bounded both in count
+and in time. Each request has a unique path ``/sap/opu/odata/drill/<label>/<seq>`` and records
+its start and end (``trio.current_time()``), status, and failure reason (the proxy's
+``X-Connector-Error`` token, or the exception's type). Which node served a request is read back
+from the nodes' audit logs (one JSON line per request, naming the path), so the time of "the
+first request served by the new master" needs no clock shared between processes.
+
+The checkers are pure functions over what was recorded, returning a list of violations (empty
+when the drill passed), so they are unit-tested on hand-made records:
+
+1. `check_routing`: the cloud's routing log (which node/epoch got each new stream, in order)
+   never goes back to a lower epoch and gives each epoch to one node only, i.e. at most one
+   node served at any moment;
+2. `check_epoch_increased`: the new master's epoch is higher than the old one;
+3. `check_requests`: every request returned 200, or was in flight when the fault hit (started
+   before the end of a fault window and ended after its start) and failed as a lost connector
+   does (502 ``connector_connection_lost``/``no_response``/``stale_epoch``, or a reset).
+   A 503 (the failover hold timed out) or a timeout is always a failure;
+4. `check_fenced_after`: no stream went to the old (node, epoch) after the new epoch's first one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import tempfile
+import shutil
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import h11
+import trio
+
+from connector.admin import http_request
+from connector.demo import Demo, DemoSpec
+from tests.support.httpclient import HttpClient
+
+TARGET_PREFIX = "http://erp.virtual:8000/sap/opu/odata/drill"
+ADMIN_TIMEOUT = 1.0
+POLL = 0.02
+
+# How a request that was in flight on a lost master may fail.
+IN_FLIGHT_REASONS = frozenset({"connector_connection_lost", "no_response", "stale_epoch", "tunnel_lost"})
+RESET_ERRORS = frozenset({"BrokenResourceError", "ClosedResourceError", "ConnectionResetError",
+                          "RemoteProtocolError", "EndOfStream"})
+
+
+# --- records ------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class RequestResult:
+    """One request of the load, as the client saw it."""
+
+    seq: int
+    path: str
+    start: float
+    end: float
+    status: int | None  # None: no response (reset, timeout)
+    reason: str = ""  # X-Connector-Error token, exception type name, or "timeout"
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+
+@attrs.frozen
+class FaultWindow:
+    """When a fault could have cost in-flight requests: [start, end] in trio time."""
+
+    start: float
+    end: float
+
+    @classmethod
+    def at(cls, moment: float) -> FaultWindow:
+        return cls(moment, moment)
+
+
+# --- checkers (pure) -----------------------------------------------------------------------------
+
+
+def check_routing(routing: Sequence[dict[str, Any]]) -> list[str]:
+    """Epochs never go back, and each epoch is carried by exactly one node."""
+    problems: list[str] = []
+    owner: dict[int, str] = {}
+    previous: int | None = None
+    for index, entry in enumerate(routing):
+        node, epoch = entry.get("node"), entry.get("epoch")
+        if epoch is None:
+            problems.append(f"routing[{index}]: stream to {node} recorded without an epoch")
+            continue
+        if previous is not None and epoch < previous:
+            problems.append(f"routing[{index}]: epoch went back from {previous} to {epoch} ({node})")
+        if owner.setdefault(epoch, node) != node:
+            problems.append(f"routing[{index}]: epoch {epoch} served by both {owner[epoch]} and {node}")
+        previous = epoch if previous is None else max(previous, epoch)
+    return problems
+
+
+def check_epoch_increased(old_epoch: int, new_epoch: int | None) -> list[str]:
+    if new_epoch is None:
+        return [f"no new master after the fault (old epoch {old_epoch})"]
+    if new_epoch <= old_epoch:
+        return [f"new epoch {new_epoch} is not higher than the old epoch {old_epoch}"]
+    return []
+
+
+def in_flight(result: RequestResult, windows: Iterable[FaultWindow]) -> bool:
+    return any(result.start <= w.end and result.end >= w.start for w in windows)
+
+
+def lost_with_master(result: RequestResult) -> bool:
+    """Failed the way a request on a lost connector does (not a hold timeout, not a hang)."""
+    if result.status == 502:
+        return result.reason in IN_FLIGHT_REASONS
+    if result.status is None:
+        return result.reason in RESET_ERRORS
+    return False
+
+
+def check_requests(results: Sequence[RequestResult], windows: Iterable[FaultWindow] = ()) -> list[str]:
+    windows = list(windows)
+    problems = []
+    for r in results:
+        if r.ok:
+            continue
+        if in_flight(r, windows) and lost_with_master(r):
+            continue
+        problems.append(
+            f"request {r.seq} failed: status {r.status} {r.reason!r} "
+            f"(started {r.start:.3f}, ended {r.end:.3f}; fault windows "
+            f"{[(round(w.start, 3), round(w.end, 3)) for w in windows]})"
+        )
+    return problems
+
+
+def failed(results: Sequence[RequestResult]) -> list[RequestResult]:
+    return [r for r in results if not r.ok]
+
+
+def check_fenced_after(routing: Sequence[dict[str, Any]], old_node: str, old_epoch: int, new_epoch: int) -> list[str]:
+    """After the first stream of `new_epoch`, none went to (old_node, old_epoch)."""
+    first_new = next((i for i, e in enumerate(routing) if e.get("epoch") == new_epoch), None)
+    if first_new is None:
+        return [f"no stream was routed with the new epoch {new_epoch}"]
+    return [
+        f"routing[{i}]: {old_node} served with its old epoch {old_epoch} after epoch {new_epoch} began"
+        for i, e in enumerate(routing)
+        if i > first_new and e.get("node") == old_node and e.get("epoch") == old_epoch
+    ]
+
+
+def takeover_time(
+    results: Sequence[RequestResult], fault: float, served_by: dict[str, str], new_master: str
+) -> float | None:
+    """Fault to the end of the first successful request the new master served."""
+    ends = [r.end for r in results if r.ok and served_by.get(r.path) == new_master and r.end >= fault]
+    return min(ends) - fault if ends else None
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile (fraction in [0, 1]); NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(fraction * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+# --- load ----------------------------------------------------------------------------------------
+
+
+class Load:
+    """Bounded GET load through the HTTP proxy: at most `max_requests`, for at most `max_seconds`."""
+
+    def __init__(
+        self,
+        proxy_port: int,
+        token: str,
+        *,
+        label: str = "load",
+        concurrency: int = 2,
+        max_requests: int = 2000,
+        max_seconds: float = 30.0,
+        interval: float = 0.01,
+        request_timeout: float = 15.0,
+    ) -> None:
+        self.proxy_port = proxy_port
+        self.token = token
+        self.label = label
+        self.concurrency = concurrency
+        self.max_requests = max_requests
+        self.max_seconds = max_seconds
+        self.interval = interval
+        self.request_timeout = request_timeout
+        self.results: list[RequestResult] = []
+        self._next = 0
+        self._stop = trio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def path(self, seq: int) -> str:
+        return f"/sap/opu/odata/drill/{self.label}/{seq}"
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.move_on_after(self.max_seconds):
+            async with trio.open_nursery() as nursery:
+                for _ in range(self.concurrency):
+                    nursery.start_soon(self._worker)
+                task_status.started()
+                await self._stop.wait()
+                nursery.cancel_scope.cancel()
+
+    async def _worker(self) -> None:
+        while self._next < self.max_requests and not self._stop.is_set():
+            seq = self._next
+            self._next += 1
+            self.results.append(await self.one(seq))
+            await trio.sleep(self.interval)
+        if self._next >= self.max_requests:
+            self._stop.set()
+
+    async def one(self, seq: int) -> RequestResult:
+        path = self.path(seq)
+        start = trio.current_time()
+        status: int | None = None
+        reason = "timeout"
+        with trio.move_on_after(self.request_timeout):
+            client: HttpClient | None = None
+            try:
+                client = await HttpClient.connect(self.proxy_port)
+                response = await client.request(
+                    "GET", f"http://erp.virtual:8000{path}", [("Proxy-Authorization", f"Bearer {self.token}")]
+                )
+                status, reason = response.status, response.headers.get("x-connector-error", "")
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError) as exc:
+                status, reason = None, type(exc).__name__
+            except AssertionError:  # HttpClient: the connection closed instead of answering
+                status, reason = None, "RemoteProtocolError"
+            finally:
+                if client is not None:
+                    with trio.CancelScope(shield=True):
+                        await trio.aclose_forcefully(client.stream)
+        return RequestResult(seq, path, start, trio.current_time(), status, reason)
+
+    def results_by_start(self) -> list[RequestResult]:
+        return sorted(self.results, key=lambda r: r.start)
+
+
+# --- cluster -------------------------------------------------------------------------------------
+
+
+def fast_spec(**changes: Any) -> DemoSpec:
+    """The demo's defaults on free proxy ports (tests never take the demo's fixed ports)."""
+    return DemoSpec(**{"http_port": 0, "socks5_port": 0, **changes})
+
+
+class Cluster:
+    """A running demo cluster with drill helpers. Use as ``async with Cluster(spec) as c:``."""
+
+    def __init__(self, spec: DemoSpec | None = None, workdir: Path | None = None) -> None:
+        self._owned = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="connector-failover-")).resolve()
+        self.demo = Demo(self.workdir, spec or fast_spec())
+        self.state: dict[str, Any] = {}
+        self.frozen: set[int] = set()
+
+    async def __aenter__(self) -> Cluster:
+        try:
+            self.state = await self.demo.start()
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        with trio.CancelScope(shield=True):
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        for pid in list(self.frozen):
+            self._kill(pid, signal.SIGCONT)
+        self.frozen.clear()
+        # Nodes get SIGKILL: a graceful stop waits for drains and teaches these tests nothing.
+        for node in self.demo.spec.nodes:
+            process = self.demo.processes.get(node)
+            if process is not None and process.poll() is None:
+                process.kill()
+        await self.demo.stop()
+        if self._owned and not os.environ.get("FAILOVER_KEEP_WORKDIR"):
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # --- where things are
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        return self.demo.spec.nodes
+
+    @property
+    def proxy_port(self) -> int:
+        return int(self.demo.ports["http_proxy"])
+
+    @property
+    def token(self) -> str:
+        return str(self.state["token"])
+
+    def load(self, label: str, **kwargs: Any) -> Load:
+        return Load(self.proxy_port, self.token, label=label, **kwargs)
+
+    def pid(self, node: str) -> int:
+        return int(self.demo.processes[node].pid)
+
+    def alive(self, node: str) -> bool:
+        process = self.demo.processes.get(node)
+        return process is not None and process.poll() is None
+
+    # --- the cloud's view
+
+    async def cloud_status(self) -> dict[str, Any]:
+        status, body = await http_request("127.0.0.1", self.demo.ports["cloud_admin"], "/status", timeout=ADMIN_TIMEOUT)
+        if status != 200:
+            raise RuntimeError(f"cloud /status answered {status}")
+        locations = json.loads(body)["locations"]
+        return dict(locations[0]) if locations else {}
+
+    async def routing(self) -> list[dict[str, Any]]:
+        return list((await self.cloud_status()).get("routing", []))
+
+    async def master(self) -> tuple[str | None, int | None]:
+        location = await self.cloud_status()
+        return location.get("master"), location.get("epoch")
+
+    async def wait_cloud(self, predicate: Callable[[dict[str, Any]], bool], timeout: float, what: str) -> dict[str, Any]:
+        last: dict[str, Any] = {}
+        with trio.move_on_after(timeout):
+            while True:
+                try:
+                    last = await self.cloud_status()
+                    if predicate(last):
+                        return last
+                except (OSError, trio.TooSlowError, ValueError):
+                    pass
+                await trio.sleep(POLL)
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}; cloud status: {last}")
+
+    async def wait_master(self, *, other_than: str | None = None, above_epoch: int = -1, timeout: float = 15.0) -> tuple[str, int]:
+        location = await self.wait_cloud(
+            lambda loc: loc.get("master") is not None and loc.get("master") != other_than
+            and (loc.get("epoch") or -1) > above_epoch,
+            timeout, f"a master other than {other_than} above epoch {above_epoch}",
+        )
+        return str(location["master"]), int(location["epoch"])
+
+    async def wait_tunnels(self, count: int, timeout: float = 15.0) -> dict[str, Any]:
+        """Until the cloud has a master and `count` tunnels (the shadows' standby connections)."""
+        return await self.wait_cloud(
+            lambda loc: loc.get("master") is not None and len(loc.get("tunnels", [])) == count,
+            timeout, f"a master and {count} tunnels",
+        )
+
+    # --- a node's own view
+
+    async def node_status(self, node: str) -> dict[str, Any]:
+        port = self.demo.ports[f"{node}_admin"]
+        status, body = await http_request("127.0.0.1", port, "/status", timeout=ADMIN_TIMEOUT)
+        if status != 200:
+            raise RuntimeError(f"{node} /status answered {status}")
+        return dict(json.loads(body))
+
+    async def wait_node(self, node: str, predicate: Callable[[dict[str, Any]], bool], timeout: float, what: str) -> dict[str, Any]:
+        last: dict[str, Any] | str = {}
+        with trio.move_on_after(timeout):
+            while True:
+                try:
+                    last = await self.node_status(node)
+                    if predicate(last):
+                        return last
+                except (OSError, trio.TooSlowError, ValueError, RuntimeError) as exc:
+                    last = repr(exc)
+                await trio.sleep(POLL)
+        raise AssertionError(f"timed out after {timeout} s waiting for {node} to be {what}; last: {last}")
+
+    # --- faults
+
+    def _kill(self, pid: int, sig: int) -> None:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def signal(self, node: str, sig: int) -> float:
+        """Send `sig` to the node's process; returns the trio time it was sent."""
+        pid = self.pid(node)
+        if sig == signal.SIGSTOP:
+            self.frozen.add(pid)
+        moment = trio.current_time()
+        self._kill(pid, sig)
+        if sig == signal.SIGCONT:
+            self.frozen.discard(pid)
+        return moment
+
+    async def reap(self, node: str, timeout: float = 10.0) -> None:
+        with trio.fail_after(timeout):
+            await self.demo.processes[node].wait()
+
+    async def restart(self, node: str, timeout: float = 20.0) -> None:
+        """Start a killed node again and wait until it is back as a standby tunnel."""
+        if self.alive(node):
+            raise RuntimeError(f"{node} is still running")
+        await self.demo.start_node(node)
+        await self.wait_cloud(
+            lambda loc: any(t["node"] == node for t in loc.get("tunnels", [])) and loc.get("master") is not None,
+            timeout, f"{node} to reconnect",
+        )
+        await self.wait_node(node, lambda s: s.get("role") in ("shadow", "master"), timeout, "shadow or master")
+
+    # --- audit: who served what
+
+    def served_by(self) -> dict[str, str]:
+        """Request path -> node, from every node's audit log (allowed requests only)."""
+        result: dict[str, str] = {}
+        for node in self.nodes:
+            path = self.workdir / "logs" / f"{node}-audit.jsonl"
+            if not path.exists():
+                continue
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by a kill -9
+                if record.get("kind") == "request" and record.get("path"):
+                    result[str(record["path"])] = node
+        return result
+
+
+def describe_failures(results: Sequence[RequestResult], limit: int = 5) -> str:
+    bad = failed(results)
+    return f"{len(bad)} failed of {len(results)}: " + "; ".join(
+        f"#{r.seq} {r.status} {r.reason} [{r.start:.3f}..{r.end:.3f}]" for r in bad[:limit]
+    )
+
+
+# --- a 3-member etcd cluster ---------------------------------------------------------------------
+
+
+def free_port() -> int:
+    from ha.etcdtest import free_port as _free
+
+    return _free()
+
+
+class EtcdCluster:
+    """Three etcd members on loopback, each with its own client and peer port; SIGKILL to stop."""
+
+    def __init__(self, workdir: Path, size: int = 3) -> None:
+        self.workdir = Path(workdir)
+        self.names = [f"m{i}" for i in range(size)]
+        self.client_ports = {n: free_port() for n in self.names}
+        self.peer_ports = {n: free_port() for n in self.names}
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def client_url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.client_ports[name]}"
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [self.client_url(n) for n in self.names]
+
+    def command(self, name: str) -> list[str]:
+        from ha.etcdtest import etcd_binary
+
+        initial = ",".join(f"{n}=http://127.0.0.1:{self.peer_ports[n]}" for n in self.names)
+        peer = f"http://127.0.0.1:{self.peer_ports[name]}"
+        return [
+            etcd_binary(), "--name", name, "--data-dir", str(self.workdir / f"{name}.etcd"),
+            "--listen-client-urls", self.client_url(name), "--advertise-client-urls", self.client_url(name),
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", initial, "--initial-cluster-state", "new",
+            "--initial-cluster-token", f"failover-{self.client_ports[self.names[0]]}",
+            "--heartbeat-interval", "10", "--election-timeout", "100",
+            "--logger", "zap", "--log-level", "warn",
+        ]
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        for name in self.names:
+            with open(self.workdir / f"{name}.log", "ab") as log:
+                self.processes[name] = subprocess.Popen(self.command(name), stdout=log, stderr=subprocess.STDOUT)
+
+    async def wait_healthy(self, timeout: float = 20.0) -> None:
+        """Until every running member answers /health with health true (a leader exists)."""
+        with trio.fail_after(timeout):
+            for name, process in self.processes.items():
+                while True:
+                    if process.poll() is not None:
+                        raise RuntimeError(f"etcd member {name} exited; see {self.workdir}/{name}.log")
+                    try:
+                        status, body = await http_request("127.0.0.1", self.client_ports[name], "/health", timeout=1.0)
+                        if status == 200 and json.loads(body).get("health") in (True, "true"):
+                            break
+                    except (OSError, trio.TooSlowError, ValueError):
+                        pass
+                    await trio.sleep(0.05)
+
+    async def leader(self) -> str:
+        """The member name of the current raft leader (from /v3/maintenance/status)."""
+        ids: dict[str, str] = {}
+        leader_id = ""
+        for name in self.names:
+            if self.processes[name].poll() is not None:
+                continue
+            status, body = await http_request(
+                "127.0.0.1", self.client_ports[name], "/v3/maintenance/status", method="POST", body=b"{}", timeout=1.0
+            )
+            data = json.loads(body)
+            ids[str(data["header"]["member_id"])] = name
+            leader_id = str(data["leader"])
+        return ids[leader_id]
+
+    def kill(self, name: str) -> float:
+        moment = trio.current_time()
+        process = self.processes[name]
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)
+        return moment
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.kill()
+        for process in self.processes.values():
+            process.wait(timeout=10)
+
+
+# --- one drill -----------------------------------------------------------------------------------
+
+SIGNALS = {"crash": signal.SIGKILL, "freeze": signal.SIGSTOP, "graceful": signal.SIGTERM}
+
+
+@attrs.frozen
+class DrillResult:
+    kind: str
+    old_master: str
+    old_epoch: int
+    new_master: str | None
+    new_epoch: int | None
+    takeover: float | None  # fault to the first request served by the new master, seconds
+    master_changed: float | None  # fault to the cloud naming the new master, seconds
+    requests: int
+    failed: int
+    problems: list[str]
+    results: list[RequestResult] = attrs.field(repr=False, factory=list)
+
+
+async def run_drill(
+    cluster: Cluster,
+    kind: str,
+    label: str,
+    *,
+    warmup: float = 0.5,
+    after: float = 0.7,
+    freeze_seconds: float = 0.0,
+    takeover_timeout: float = 15.0,
+    concurrency: int = 2,
+) -> DrillResult:
+    """Apply one fault ("crash", "freeze", "graceful") to the master under load and check it all.
+
+    For "freeze" the master stays stopped until a new master is named and at least
+    `freeze_seconds` passed, then gets SIGCONT and must come back as a shadow. The killed or
+    handed-over old master is left stopped: restart it with `Cluster.restart` to drill again.
+    """
+    old, old_epoch = await cluster.wait_master()
+    load = cluster.load(label, concurrency=concurrency, max_seconds=warmup + takeover_timeout + after + 20.0,
+                        max_requests=5000)
+    new: str | None = None
+    new_epoch: int | None = None
+    changed_at: float | None = None
+    problems: list[str] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(load.run)
+        try:
+            await trio.sleep(warmup)
+            if failed(load.results):
+                problems.append("load failed before the fault: " + describe_failures(load.results))
+            fault = cluster.signal(old, SIGNALS[kind])
+            try:
+                new, new_epoch = await cluster.wait_master(other_than=old, above_epoch=old_epoch, timeout=takeover_timeout)
+                changed_at = trio.current_time()
+            except AssertionError as exc:
+                problems.append(str(exc))
+            if kind == "freeze":
+                await trio.sleep_until(fault + freeze_seconds)
+                await trio.sleep(after)
+                cluster.signal(old, signal.SIGCONT)
+                try:
+                    await cluster.wait_node(old, lambda s: s.get("role") == "shadow" and s.get("epoch") is None,
+                                            takeover_timeout, "a shadow again after SIGCONT")
+                except AssertionError as exc:
+                    problems.append(str(exc))
+            else:
+                await trio.sleep(after)
+        finally:
+            load.stop()
+            if kind == "freeze" and cluster.pid(old) in cluster.frozen:
+                cluster.signal(old, signal.SIGCONT)
+    if kind in ("crash", "graceful"):
+        await cluster.reap(old)
+    routing = await cluster.routing()
+    results = load.results_by_start()
+    problems += check_routing(routing)
+    problems += check_epoch_increased(old_epoch, new_epoch)
+    problems += check_requests(results, [FaultWindow.at(fault)])
+    takeover = None
+    if new is not None and new_epoch is not None:
+        problems += check_fenced_after(routing, old, old_epoch, new_epoch)
+        takeover = takeover_time(results, fault, cluster.served_by(), new)
+        if takeover is None:
+            problems.append(f"no request was served by the new master {new}")
+    return DrillResult(
+        kind, old, old_epoch, new, new_epoch, takeover,
+        None if changed_at is None else changed_at - fault,
+        len(results), len(failed(results)), problems, results,
+    )
