@@ -10,7 +10,9 @@ tests/unit/test_dashboards.py fails if the committed JSON differs from what this
 
 Query conventions, so that every query returns a series on a healthy demo cluster:
 - all label filters use `=~"$var"`; variables are multi-value with "All" = `.*`;
-- counters that only exist once something goes wrong end in `or vector(0)`;
+- counters that only exist once something goes wrong end in `or on() vector(0)`: the 0 is shown
+  only while the left side has no series at all (a bare `or vector(0)` would add a label-less
+  0 series next to every real one, since `or` matches on all labels);
 - rates use `$__rate_interval`. To evaluate an expr outside Grafana, substitute
   `$cluster`, `$location` and `$instance` with `.*` and `$__rate_interval` with e.g. `1m`.
 """
@@ -88,7 +90,7 @@ CLUSTER = {
                 "{{cluster}} / {{location}}")], kind="stat", width=6,
                 description="Exactly one is healthy; 0 means no master, more than 1 see ConnectorMultipleMasters."),
             panel("Locations without master (cloud)", [q(
-                f"count(connector_cloud_location_has_master{{{LOC}}} == 0) or vector(0)", "locations")],
+                f"count(connector_cloud_location_has_master{{{LOC}}} == 0) or on() vector(0)", "locations")],
                 kind="stat", width=6),
             panel("Epoch accepted by the cloud", [q(
                 f"max by (subaccount, location) (connector_cloud_master_epoch{{{LOC}}})",
@@ -115,7 +117,7 @@ CLUSTER = {
                 f"max by (cluster, location) (increase(connector_leader_changes_total{{{NODE}}}[{RI}]))",
                 "{{cluster}} / {{location}}")]),
             panel("Time without master (cloud)", [q(
-                f"sum by (subaccount, location) (increase(connector_cloud_no_master_seconds_total{{{LOC}}}[{RI}])) or vector(0)",
+                f"sum by (subaccount, location) (increase(connector_cloud_no_master_seconds_total{{{LOC}}}[{RI}])) or on() vector(0)",
                 "{{subaccount}} / {{location}}")], unit="s"),
         ],
         [
@@ -175,7 +177,7 @@ TUNNEL = {
                 f"max by (location, node) (connector_tunnel_connected{{{LOC}}})", "{{node}} ({{location}})")],
                 kind="state-timeline", mappings=UP_MAPPINGS),
             panel("Tunnel reconnects", [q(
-                f"sum by (location, node) (increase(connector_tunnel_reconnects_total{{{LOC}}}[{RI}])) or vector(0)",
+                f"sum by (location, node) (increase(connector_tunnel_reconnects_total{{{LOC}}}[{RI}])) or on() vector(0)",
                 "{{node}} ({{location}})")]),
         ],
     ],
@@ -188,7 +190,7 @@ SECURITY = {
     "rows": [
         [
             panel("Denials by reason", [q(
-                f"sum by (reason) (rate(connector_denials_total{{{INST}}}[{RI}])) or vector(0)", "{{reason}}")],
+                f"sum by (reason) (rate(connector_denials_total{{{INST}}}[{RI}])) or on() vector(0)", "{{reason}}")],
                 unit="reqps"),
             panel("Requests by decision", [q(
                 f"sum by (mapping, decision) (rate(connector_requests_total{{{INST}}}[{RI}]))",
@@ -196,11 +198,11 @@ SECURITY = {
         ],
         [
             panel("Share of requests denied", [q(
-                f"(sum(rate(connector_denials_total{{{INST}}}[{RI}])) or vector(0))"
+                f"(sum(rate(connector_denials_total{{{INST}}}[{RI}])) or on() vector(0))"
                 f" / sum(rate(connector_requests_total{{{INST}}}[{RI}]))", "denied")],
                 unit="percentunit", kind="stat", width=6),
             panel("Internal host errors", [q(
-                f"sum by (mapping, reason) (rate(connector_internal_host_errors_total{{{INST}}}[{RI}])) or vector(0)",
+                f"sum by (mapping, reason) (rate(connector_internal_host_errors_total{{{INST}}}[{RI}])) or on() vector(0)",
                 "{{mapping}} {{reason}}")], unit="ops", width=18),
         ],
         [
@@ -231,7 +233,7 @@ ETCD = {
             panel("etcd operation latency",
                   quantiles("connector_etcd_operation_duration_seconds", "operation", INST), unit="s"),
             panel("etcd errors by operation", [q(
-                f"sum by (operation) (rate(connector_etcd_errors_total{{{INST}}}[{RI}])) or vector(0)",
+                f"sum by (operation) (rate(connector_etcd_errors_total{{{INST}}}[{RI}])) or on() vector(0)",
                 "{{operation}}")], unit="ops"),
         ],
         [
@@ -242,7 +244,7 @@ ETCD = {
         ],
         [
             panel("Held requests by outcome (cloud)", [q(
-                f"sum by (outcome) (increase(connector_held_requests_total[{RI}])) or vector(0)", "{{outcome}}")]),
+                f"sum by (outcome) (increase(connector_held_requests_total[{RI}])) or on() vector(0)", "{{outcome}}")]),
             panel("Hold duration (cloud)",
                   quantiles("connector_held_request_duration_seconds"), unit="s"),
         ],

@@ -17,7 +17,8 @@ After two more scrapes it evaluates, at now, with `$cluster`/`$location`/`$insta
 `$__rate_interval` as 1m (what Grafana uses with its default 15 s scrape interval):
 
 - panel targets must parse and return at least one series with a finite value: a dashboard
-  panel that shows nothing is a failing test;
+  panel that shows nothing is a failing test (and a label-less `vector(0)` fallback must not
+  appear next to real series);
 - the failover annotation must return a series (we caused a failover);
 - template variable queries (Grafana's ``label_values``) must list values, through the same
   ``/api/v1/label/<name>/values?match[]=`` call Grafana makes;
@@ -379,6 +380,9 @@ def test_panel_shows_data(live: Observations, where: str) -> None:
     samples = _result(live, expr)
     assert samples, f"{where}: no series for {expr}"
     assert _finite(samples), f"{where}: only NaN/Inf for {expr}: {samples}"
+    # A fallback (`or on() vector(0)`) shows only when there is nothing else to show.
+    fallbacks = [s for s in samples if not s["metric"]]
+    assert not (fallbacks and len(samples) > 1), f"{where}: a label-less series next to real ones: {samples}"
 
 
 @pytest.mark.parametrize("where", list(ANNOTATIONS))
