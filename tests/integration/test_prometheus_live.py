@@ -65,6 +65,7 @@ DASHBOARD_FILES = sorted((GRAFANA / "dashboards").glob("*.json"))
 RULES = GRAFANA / "alerts" / "connector-rules.yml"
 SCENARIO_TIMEOUT = 50.0
 HANDOVER_TIMEOUT = 15.0
+HANDOVER_ATTEMPTS = 3
 LOAD_WORKERS = 3
 LOAD_MAX_REQUESTS = 300  # per worker; the handover normally takes one to two seconds
 METRIC_NAME = re.compile(r"\bconnector_[a-zA-Z0-9_]*")
@@ -203,34 +204,53 @@ async def _wait_location(state: dict[str, Any], predicate: Any) -> dict[str, Any
             await trio.sleep(0.02)
 
 
+async def _held_requests(state: dict[str, Any]) -> float:
+    """connector_held_requests_total summed over outcomes, read from the cloud's /metrics."""
+    status, body = await http_request("127.0.0.1", state["cloud"]["admin_port"], "/metrics", timeout=2.0)
+    assert status == 200, body
+    return sum(sample.value for family in text_string_to_metric_families(body.decode())
+               for sample in family.samples if sample.name == "connector_held_requests_total")
+
+
 async def _handover(demo: Demo, state: dict[str, Any], observed: Observations) -> None:
-    """SIGTERM the master under load; wait for the new master; restart the old one as shadow."""
-    old = (await _cloud_status(state))["master"]
-    statuses: list[int | str] = []
+    """SIGTERM the master under load; wait for the new master; restart the old one as shadow.
 
-    async def load(stop: trio.Event) -> None:
-        for _ in range(LOAD_MAX_REQUESTS):
-            if stop.is_set():
-                return
-            try:
-                statuses.append(await _proxy_get(state, "http://erp.virtual:8000/sap/opu/odata/handover"))
-            except OSError as exc:
-                statuses.append(repr(exc))
+    The cloud holds requests that arrive between the old master draining and the new one
+    registering (the failover metrics and alerts watch them). That window is a few milliseconds,
+    so the load is three back-to-back clients; if none of their requests fell into it, hand over
+    again (at most HANDOVER_ATTEMPTS times) rather than report the hold metrics as missing.
+    """
+    handovers = observed.traffic.setdefault("handovers", [])
+    for _ in range(HANDOVER_ATTEMPTS):
+        old = (await _cloud_status(state))["master"]
+        statuses: list[int | str] = []
 
-    stop = trio.Event()
-    async with trio.open_nursery() as nursery:
-        for _ in range(LOAD_WORKERS):
-            nursery.start_soon(load, stop)
-        await trio.sleep(0.2)
-        demo.processes[old].send_signal(signal.SIGTERM)
-        new = await _wait_location(state, lambda loc: loc["master"] not in (None, old))
-        await trio.sleep(0.2)
-        stop.set()
-    with trio.fail_after(HANDOVER_TIMEOUT):
-        await demo.processes[old].wait()
-    await demo.start_node(old)
-    await _wait_location(state, lambda loc: len(loc["tunnels"]) == len(demo.spec.nodes))
-    observed.traffic["handover"] = {"old": old, "new": new["master"], "statuses": statuses}
+        async def load(stop: trio.Event, statuses: list[int | str] = statuses) -> None:
+            for _ in range(LOAD_MAX_REQUESTS):
+                if stop.is_set():
+                    return
+                try:
+                    statuses.append(await _proxy_get(state, "http://erp.virtual:8000/sap/opu/odata/handover"))
+                except OSError as exc:
+                    statuses.append(repr(exc))
+
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            for _ in range(LOAD_WORKERS):
+                nursery.start_soon(load, stop)
+            await trio.sleep(0.2)
+            demo.processes[old].send_signal(signal.SIGTERM)
+            new = await _wait_location(state, lambda loc, old=old: loc["master"] not in (None, old))
+            await trio.sleep(0.2)
+            stop.set()
+        with trio.fail_after(HANDOVER_TIMEOUT):
+            await demo.processes[old].wait()
+        await demo.start_node(old)
+        await _wait_location(state, lambda loc: len(loc["tunnels"]) == len(demo.spec.nodes))
+        held = await _held_requests(state)
+        handovers.append({"old": old, "new": new["master"], "statuses": statuses, "held": held})
+        if held:
+            return
 
 
 async def _requests(state: dict[str, Any], observed: Observations, round_: int) -> None:
@@ -363,9 +383,10 @@ def test_state_components_are_all_checked(live: Observations) -> None:
 
 def test_traffic_was_representative(live: Observations) -> None:
     traffic = live.traffic
-    handover = traffic["handover"]
-    assert handover["new"] != handover["old"], handover
-    assert handover["statuses"], "no request was sent during the handover"
+    for handover in traffic["handovers"]:
+        assert handover["new"] != handover["old"], handover
+        assert handover["statuses"], "no request was sent during the handover"
+    assert traffic["handovers"][-1]["held"] > 0, "no request was held during any handover"
     for seen in traffic["rounds"]:
         assert seen["allowed"] == [200] * 5 and seen["post"] == 200, seen
         assert seen["denied_path"] == 403 and seen["unmapped_host"] == 403, seen
