@@ -8,7 +8,8 @@ Debian's ``prometheus`` (tests/support/prometheus.py) scraping every URL each se
 grafana/alerts/connector-rules.yml loaded, and generates representative traffic:
 
 - a graceful handover: SIGTERM to the master node while three clients send requests (some are
-  held by the cloud until the new master registers), then the old node is restarted as shadow;
+  held by the cloud until the new master registers; repeated, at most 3 times, until one was),
+  then the old node is restarted as shadow;
 - allowed GETs and a POST, a denied path (403), an unmapped virtual host (403), a SOCKS5
   session to the TCP echo mapping;
 - last, the internal host is killed and one more request fails (an internal host error).
@@ -21,7 +22,8 @@ After two more scrapes it evaluates, at now, with `$cluster`/`$location`/`$insta
   appear next to real series);
 - the failover annotation must return a series (we caused a failover);
 - template variable queries (Grafana's ``label_values``) must list values, through the same
-  ``/api/v1/label/<name>/values?match[]=`` call Grafana makes;
+  ``/api/v1/label/<name>/values?match[]=`` call Grafana makes (the demo's default location id
+  "" is stored as no label: that list is empty, and the All value `.*` is checked instead);
 - alert rules are the other way round: on a healthy cluster they should NOT fire, so an empty
   result is the expected answer and proves nothing about the expression. For them we assert that
   the expr parses, that Prometheus loaded and evaluates the rule without error (health "ok"), that
