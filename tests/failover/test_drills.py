@@ -1,0 +1,195 @@
+"""Failover drills on real processes and a real etcd: kill -9, SIGSTOP/SIGCONT, SIGTERM, etcd faults.
+
+Every drill runs a bounded load through the cloud's HTTP proxy while it applies the fault, then
+asserts, from the cloud's routing log and the client's records (see `harness`):
+at most one node served at any moment, the new master's epoch is higher, and every request
+succeeded or was in flight on the lost master when the fault hit.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+import trio
+
+from ha.etcdtest import EtcdServer
+from tests.failover.faultproxy import FaultProxy
+from tests.failover.harness import (
+    Cluster,
+    EtcdCluster,
+    FaultWindow,
+    check_epoch_increased,
+    check_fenced_after,
+    check_requests,
+    check_routing,
+    describe_failures,
+    failed,
+    fast_spec,
+    run_drill,
+)
+
+# The default HA timings (ha/timing.py): ttl 3 s, loop_wait 0.5 s, probe 0.5 s x 3.
+TTL = 3.0
+
+
+def assert_clean(result) -> None:  # type: ignore[no-untyped-def]
+    assert result.problems == [], result.problems
+
+
+async def test_kill9_master_under_steady_load() -> None:
+    async with Cluster() as cluster:
+        result = await run_drill(cluster, "crash", "kill9")
+        assert_clean(result)
+        assert result.new_epoch > result.old_epoch
+        assert result.takeover is not None and result.takeover < 3.0, result
+        assert result.requests > 50
+
+
+@pytest.mark.slow
+async def test_sigstop_longer_than_lease_then_sigcont_rejoins_as_shadow() -> None:
+    async with Cluster() as cluster:
+        result = await run_drill(cluster, "freeze", "freeze", freeze_seconds=TTL + 1.0)
+        assert_clean(result)  # includes: back as shadow, nothing routed to the old epoch afterwards
+        status = await cluster.node_status(result.old_master)
+        assert status["role"] == "shadow" and status["epoch"] is None, status
+        # The thawed node dials a standby tunnel again, so it can take over next time.
+        location = await cluster.wait_tunnels(2, timeout=10.0)
+        assert location["master"] == result.new_master and location["epoch"] == result.new_epoch
+        assert {t["node"]: t["role"] for t in location["tunnels"]}.get(result.old_master) == "standby"
+
+
+async def test_sigterm_hands_over_with_no_failed_request() -> None:
+    async with Cluster() as cluster:
+        result = await run_drill(cluster, "graceful", "sigterm")
+        assert_clean(result)
+        assert result.failed == 0, describe_failures(result.results)
+        assert result.takeover is not None and result.takeover < 1.0, result
+
+
+async def test_three_nodes_two_successive_master_kills() -> None:
+    async with Cluster(fast_spec(nodes=("node-a", "node-b", "node-c"))) as cluster:
+        first = await run_drill(cluster, "crash", "first")
+        assert_clean(first)
+        await cluster.wait_tunnels(2)
+        second = await run_drill(cluster, "crash", "second")
+        assert_clean(second)
+        assert first.old_epoch < first.new_epoch == second.old_epoch < second.new_epoch
+        assert len({first.old_master, second.old_master, second.new_master}) == 3
+        assert check_routing(await cluster.routing()) == []
+
+
+@pytest.mark.slow
+async def test_etcd_stopped_under_load_master_keeps_serving_and_cluster_recovers(tmp_path: Path) -> None:
+    etcd = EtcdServer(tmp_path, "etcd-outage")
+    await trio.to_thread.run_sync(etcd.start)
+    spec = fast_spec(start_etcd=False, etcd_endpoints={n: [etcd.url] for n in ("node-a", "node-b")})
+    try:
+        async with Cluster(spec) as cluster:
+            master, epoch = await cluster.wait_master()
+            load = cluster.load("etcd-outage", max_seconds=40.0, max_requests=6000)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(load.run)
+                await trio.sleep(0.5)
+                etcd.kill()
+                killed = trio.current_time()
+                # Longer than the lease: nobody can be elected, the fenced master keeps serving.
+                await trio.sleep(TTL + 2.0)
+                assert await cluster.master() == (master, epoch)
+                outage = [r for r in load.results if r.start >= killed]
+                assert len(outage) > 50 and failed(outage) == [], describe_failures(outage)
+                await trio.to_thread.run_sync(etcd.start)
+                restarted = trio.current_time()
+                # Recovers by itself: a master registered and every node's standby tunnel back.
+                await cluster.wait_tunnels(2, timeout=15.0)
+                await trio.sleep(TTL)  # a full lease with etcd back: settled, still serving
+                load.stop()
+            recovered = trio.current_time()
+            problems = check_routing(await cluster.routing())
+            # A re-election after the outage may replace the master: only then may requests in
+            # flight on it be lost.
+            now_master, now_epoch = await cluster.master()
+            windows = [] if (now_master, now_epoch) == (master, epoch) else [FaultWindow(restarted, recovered)]
+            problems += check_requests(load.results, windows)
+            assert problems == []
+            assert now_epoch is not None and now_epoch >= epoch
+            # And it really works again: a crash is taken over through etcd.
+            drill = await run_drill(cluster, "crash", "after-outage")
+            assert_clean(drill)
+    finally:
+        etcd.kill()
+
+
+@pytest.mark.slow
+async def test_three_member_etcd_losing_one_member(tmp_path: Path) -> None:
+    members = EtcdCluster(tmp_path / "etcd")
+    members.start()
+    try:
+        await members.wait_healthy()
+        leader = await members.leader()
+        # Every node talks to the raft leader first: losing it is the hard case for the clients.
+        endpoints = [members.client_url(leader)] + [u for u in members.endpoints if u != members.client_url(leader)]
+        spec = fast_spec(start_etcd=False, etcd_endpoints={n: endpoints for n in ("node-a", "node-b")})
+        async with Cluster(spec) as cluster:
+            master, epoch = await cluster.wait_master()
+            load = cluster.load("member-loss", max_seconds=30.0, max_requests=4000)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(load.run)
+                await trio.sleep(0.5)
+                members.kill(leader)
+                await trio.sleep(TTL + 1.0)  # longer than a lease: renewals had to go elsewhere
+                load.stop()
+            assert check_routing(await cluster.routing()) == []
+            assert check_requests(load.results) == [], describe_failures(load.results)
+            # The master kept its lease through the member loss: no needless failover.
+            assert await cluster.master() == (master, epoch)
+            # And the two remaining members still elect: kill the master.
+            drill = await run_drill(cluster, "crash", "two-members")
+            assert_clean(drill)
+    finally:
+        members.stop()
+
+
+@pytest.mark.slow
+async def test_master_cut_off_from_etcd_is_replaced_fenced_and_rejoins(tmp_path: Path) -> None:
+    etcd = EtcdServer(tmp_path, "etcd-cut")
+    await trio.to_thread.run_sync(etcd.start)
+    nodes = ("node-a", "node-b")
+    proxies = {n: FaultProxy("127.0.0.1", etcd.client_port) for n in nodes}
+    try:
+        async with trio.open_nursery() as nursery:
+            ports = {n: await nursery.start(p.run) for n, p in proxies.items()}
+            spec = fast_spec(start_etcd=False, etcd_endpoints={n: [f"http://127.0.0.1:{ports[n]}"] for n in nodes})
+            async with Cluster(spec) as cluster:
+                old, old_epoch = await cluster.wait_master()
+                load = cluster.load("etcd-cut", max_seconds=40.0, max_requests=6000)
+                async with trio.open_nursery() as load_nursery:
+                    await load_nursery.start(load.run)
+                    await trio.sleep(0.5)
+                    cut = trio.current_time()
+                    proxies[old].set_mode("blackhole")  # only the master's etcd link; shadows keep theirs
+                    new, new_epoch = await cluster.wait_master(other_than=old, above_epoch=old_epoch, timeout=15.0)
+                    replaced = trio.current_time()
+                    # The old master keeps serving until the cloud fences it (etcd-less, not stale):
+                    # so the takeover takes about one lease.
+                    assert replaced - cut < TTL + 3.0
+                    await trio.sleep(1.0)
+                    proxies[old].set_mode("pass")
+                    await cluster.wait_node(old, lambda s: s.get("role") == "shadow" and s.get("epoch") is None,
+                                            15.0, "a shadow after its etcd link is restored")
+                    await cluster.wait_tunnels(2)
+                    await trio.sleep(0.5)
+                    load.stop()
+                routing = await cluster.routing()
+                assert check_routing(routing) == []
+                assert check_epoch_increased(old_epoch, new_epoch) == []
+                assert check_fenced_after(routing, old, old_epoch, new_epoch) == []
+                assert check_requests(load.results, [FaultWindow(cut, replaced)]) == [], describe_failures(load.results)
+                assert await cluster.master() == (new, new_epoch)
+                served = cluster.served_by()
+                after = [r for r in load.results if r.ok and r.start > replaced + 0.2]
+                assert after and all(served.get(r.path) == new for r in after)
+            nursery.cancel_scope.cancel()
+    finally:
+        etcd.kill()
