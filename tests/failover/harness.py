@@ -188,6 +188,32 @@ def percentile(values: Sequence[float], fraction: float) -> float:
 
 # --- load ----------------------------------------------------------------------------------------
 
+CONNECTION_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, AssertionError)
+
+
+def classify_error(exc: BaseException) -> str:
+    """The reason to record for a request that got no complete response; re-raises anything else.
+
+    HttpClient runs send and receive in a nursery, so errors may come wrapped in exception groups.
+    An AssertionError from HttpClient means the connection closed instead of answering.
+    """
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for inner in e.exceptions:
+                walk(inner)
+        else:
+            leaves.append(e)
+
+    walk(exc)
+    if not leaves or not all(isinstance(e, CONNECTION_ERRORS) for e in leaves):
+        raise exc
+    first = leaves[0]
+    if isinstance(first, AssertionError | h11.RemoteProtocolError):
+        return "RemoteProtocolError"
+    return type(first).__name__
+
 
 class Load:
     """Bounded GET load through the HTTP proxy: at most `max_requests`, for at most `max_seconds`."""
@@ -253,10 +279,8 @@ class Load:
                     "GET", f"http://erp.virtual:8000{path}", [("Proxy-Authorization", f"Bearer {self.token}")]
                 )
                 status, reason = response.status, response.headers.get("x-connector-error", "")
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError) as exc:
-                status, reason = None, type(exc).__name__
-            except AssertionError:  # HttpClient: the connection closed instead of answering
-                status, reason = None, "RemoteProtocolError"
+            except (Exception, BaseExceptionGroup) as exc:  # noqa: B902 - classified, or re-raised
+                status, reason = None, classify_error(exc)
             finally:
                 if client is not None:
                     with trio.CancelScope(shield=True):
@@ -663,3 +687,37 @@ async def run_drill(
         None if changed_at is None else changed_at - fault,
         len(results), len(failed(results)), problems, results,
     )
+
+
+async def repeat_drills(
+    kind: str,
+    repeat: int,
+    *,
+    spec: DemoSpec | None = None,
+    on_result: Callable[[int, DrillResult], None] | None = None,
+    **drill_options: Any,
+) -> list[DrillResult]:
+    """Run the same drill `repeat` times on one cluster, bringing the old master back each time.
+
+    Killed or handed-over masters are restarted and must reconnect as standbys before the next
+    drill; a frozen one is thawed by the drill itself. If the cluster cannot be brought back
+    (which a drill's problems then name), a fresh cluster is started for the remaining drills.
+    """
+    results: list[DrillResult] = []
+    while len(results) < repeat:
+        async with Cluster(spec) as cluster:
+            while len(results) < repeat:
+                index = len(results)
+                result = await run_drill(cluster, kind, f"{kind}-{index}", **drill_options)
+                results.append(result)
+                if on_result is not None:
+                    on_result(index, result)
+                try:
+                    if not cluster.alive(result.old_master):
+                        await cluster.restart(result.old_master)
+                    await cluster.wait_tunnels(len(cluster.nodes))
+                    await trio.sleep(0.3)  # the restarted node settles as a shadow
+                except (AssertionError, RuntimeError) as exc:
+                    result.problems.append(f"cluster not restored after the drill: {exc}")
+                    break
+    return results
