@@ -232,7 +232,11 @@ class Demo:
             etcd = await self.start_process("etcd", etcd_command(
                 find_etcd(), self.workdir / "state" / "etcd", ports["etcd_client"], ports["etcd_peer"]))
             await self.wait_http("etcd", ports["etcd_client"], "/health")
-            etcd_info = {"pid": etcd.pid, "client_url": f"http://127.0.0.1:{ports['etcd_client']}"}
+            etcd_info = {
+                "pid": etcd.pid,
+                "client_url": f"http://127.0.0.1:{ports['etcd_client']}",
+                "metrics_url": f"http://127.0.0.1:{ports['etcd_client']}/metrics",
+            }
         backend = await self.start_process("backend", [
             python, "-m", "connector.demo_backend", "--http-port", str(ports["backend_http"]),
             "--tcp-port", str(ports["backend_tcp"])])

@@ -80,6 +80,9 @@ class StreamContext:
     location_id: str
     audit: AuditLog
     settings: ForwardSettings = ForwardSettings()
+    # Set when this node hands over: a kept-alive HTTP stream then takes no further request and
+    # ends cleanly between requests, so the proxy sends the next one to the new master.
+    draining: trio.Event | None = None
 
 
 class BackendError(Exception):
@@ -383,7 +386,11 @@ class _HttpSession:
                 await self.stream.accept()
             except _TUNNEL_ERRORS as exc:
                 raise _TunnelGone(str(exc)) from exc
+            first = True
             while True:
+                if not first and not await self._wait_next_request():
+                    break  # draining: end the idle stream cleanly (FIN), no request lost
+                first = False
                 try:
                     event = await self._next_client_event()
                 except h11.RemoteProtocolError as exc:
@@ -408,6 +415,36 @@ class _HttpSession:
             self.client.start_next_cycle()
             return True
         return False
+
+    async def _wait_next_request(self) -> bool:
+        """Between requests: False if the node started draining before a byte of the next
+        request arrived, True once there is something to parse (or nothing to drain for)."""
+        draining = self.ctx.draining
+        if draining is None or self.client.trailing_data[0]:
+            return True
+        if draining.is_set():
+            return False
+        error: BaseException | None = None
+        received = False
+        with trio.CancelScope() as scope:
+
+            async def _watch() -> None:
+                await draining.wait()
+                scope.cancel()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_watch)
+                try:
+                    data = await self.stream.receive_some(self.settings.chunk)
+                except _TUNNEL_ERRORS as exc:  # re-raised below, outside the nursery
+                    error = exc
+                else:
+                    self.client.receive_data(data)  # type: ignore[arg-type]
+                    received = True
+                nursery.cancel_scope.cancel()
+        if error is not None:
+            raise _TunnelGone(str(error)) from error
+        return received  # False: the drain cancelled a receive that had consumed nothing
 
     async def _close_client(self) -> None:
         with trio.CancelScope(shield=True):

@@ -63,6 +63,9 @@ class Node:
         self.admin_port: int | None = None
         self.stopping = False
         self._handing_over = False
+        self._draining: trio.Event | None = None  # set while handing over; streams end between requests
+        self._mastership_drain: trio.Event | None = None
+        self._drained = trio.Event()
         self._changed = trio.Event()
         self._ssl = pki.client_context(config.tunnel_ca, config.tunnel_cert, config.tunnel_key)
         self._labels = (config.location_id, config.node_id)
@@ -131,12 +134,7 @@ class Node:
         session = self.session
         if was_master and session is not None:
             log.info("handing over: draining at the cloud and resigning the leader key")
-            with trio.move_on_after(REGISTER_TIMEOUT):
-                try:
-                    await session.send_control("drain", {})
-                except TunnelError:
-                    pass
-            self.registered_epoch = None
+            await self._begin_drain(session)
         if self.elector is not None:
             with trio.move_on_after(2.0):
                 await self.elector.resign(hold_off=60.0)
@@ -225,7 +223,8 @@ class Node:
             if self.elector is not None and body.get("epoch") is not None:
                 self.elector.hint_master_lost(int(body["epoch"]), "cloud")
         elif op == "drained":
-            pass
+            self._drained.set()
+            self._drained = trio.Event()
         else:
             log.warning("unknown control op %r from the cloud", op)
 
@@ -311,16 +310,41 @@ class Node:
     # --- streams ---------------------------------------------------------------------------
 
     async def _serve_stream(self, stream: TunnelStream) -> None:
-        if self.registered_epoch is None:
+        if self.registered_epoch is None and self._draining is None:
             await stream.reset(ErrorCode.NOT_MASTER, f"node {self.config.node_id} is not the master")
             return
+        # A stream the cloud routed to us before it processed our drain is still ours to serve:
+        # the cloud's fence, not this check, is what keeps a replaced master from serving.
         context = StreamContext(
             subaccount=self.config.subaccount,
             location_id=self.config.location_id,
             audit=self.audit,
             settings=self.forward_settings,
+            draining=self._draining_event(),
         )
         await serve_stream(stream, self.acl, context)
+
+    def _draining_event(self) -> trio.Event:
+        """One event per mastership: set when we hand over, fresh when we register again."""
+        if self._draining is not None:
+            return self._draining
+        if self._mastership_drain is None or self._mastership_drain.is_set():
+            self._mastership_drain = trio.Event()
+        return self._mastership_drain
+
+    async def _begin_drain(self, session: TunnelSession | None) -> None:
+        """Tell the cloud to route no new streams to us, and end idle kept-alive streams."""
+        self._draining = self._draining_event()
+        if session is not None:
+            drained = self._drained  # captured first: the reply may come before we wait
+            with trio.move_on_after(REGISTER_TIMEOUT):
+                try:
+                    await session.send_control("drain", {})
+                    await drained.wait()
+                except TunnelError:
+                    pass
+        self._draining.set()
+        self.registered_epoch = None
 
     def _apply_mappings(self, mappings: Any, revision: int) -> None:
         self.acl = AccessControl(mappings)
@@ -378,15 +402,9 @@ class Node:
         """`connector switch`: stop serving, let a shadow take over, stay in the cluster as shadow."""
         self._handing_over = True
         try:
-            session = self.session
-            if session is not None:
-                with trio.move_on_after(REGISTER_TIMEOUT):
-                    try:
-                        await session.send_control("drain", {})
-                    except TunnelError:
-                        pass
-            self.registered_epoch = None
+            await self._begin_drain(self.session)
             await self.elector.resign(hold_off=5.0)
         finally:
             self._handing_over = False
+            self._draining = None
             self.poke()

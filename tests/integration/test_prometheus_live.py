@@ -85,10 +85,7 @@ ALL_LOCATIONS = 'count(connector_node_role{location=~".*"})'
 # Components of the demo state that are not connector processes and export no metrics.
 NOT_EXPORTING = {"backend": "the internal host stands for the customer's system; it is not part of the connector"}
 # Known gaps in product code (not in the dashboards or this test): component -> reason.
-KNOWN_GAPS: dict[str, str] = {
-    "etcd": "connector/demo.py: state['etcd'] has client_url but no metrics_url, although etcd serves "
-            "Prometheus metrics at <client_url>/metrics",
-}
+KNOWN_GAPS: dict[str, str] = {}
 
 
 # --- what is evaluated (read at collection time) ----------------------------------------------
