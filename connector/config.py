@@ -268,6 +268,7 @@ class NodeConfig:
     ping_timeout: float
     tunnel_connect_timeout: float  # TLS + WebSocket + tunnel handshake, as one deadline
     admin_listen: Listen
+    admin_advertise_url: str | None  # how other nodes reach our admin API (probes, switch)
     audit_log: Path | None
     connect_timeout: float
     response_timeout: float
@@ -339,6 +340,7 @@ def load_node_config(path: str | Path) -> NodeConfig:
         ping_timeout=tunnel.float("ping_timeout", 3.0),
         tunnel_connect_timeout=tunnel.float("connect_timeout", 5.0),
         admin_listen=admin.listen("listen", "127.0.0.1:0"),  # type: ignore[arg-type]
+        admin_advertise_url=admin.str("advertise_url"),
         connect_timeout=forward.float("connect_timeout", 5.0),
         response_timeout=forward.float("response_timeout", 30.0),
         drain_seconds=forward.float("drain_seconds", 10.0),
@@ -348,6 +350,12 @@ def load_node_config(path: str | Path) -> NodeConfig:
     for section in (node, tunnel, admin, forward):
         section.done()
     root.done()
+    advertise = config.admin_advertise_url
+    if advertise is not None and not (advertise.startswith("http://") and advertise.rpartition(":")[2].isdigit()):
+        raise ConfigError(file, "admin.advertise_url", f"must look like http://HOST:PORT, got {advertise!r}")
+    if config.cluster is not None and advertise is None and config.admin_listen.host in ("0.0.0.0", "::", ""):
+        raise ConfigError(file, "admin.advertise_url", "is required when admin.listen is a wildcard address: "
+                          "shadows must know where to probe this node")
     if config.ping_timeout <= config.ping_interval:
         raise ConfigError(file, "tunnel.ping_timeout", "must be longer than tunnel.ping_interval")
     return config

@@ -56,6 +56,10 @@ class HATiming:
             raise ValueError(f"probe_failures must be an integer >= 1, got {self.probe_failures!r}")
         if not isinstance(self.priority_step, int | float) or not 0 <= self.priority_step < self.ttl:
             raise ValueError(f"priority_step must be >= 0 and < ttl ({self.ttl}), got {self.priority_step!r}")
+        if not isinstance(self.keep_serving_without_store, bool):
+            raise ValueError(
+                f"keep_serving_without_store must be true or false, got {self.keep_serving_without_store!r}"
+            )
         if self.loop_wait + 2 * self.retry_timeout > self.ttl:
             raise ValueError(
                 f"loop_wait + 2*retry_timeout <= ttl is violated: {self.loop_wait} + 2*"

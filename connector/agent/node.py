@@ -113,7 +113,8 @@ class Node:
             self.admin_port = await nursery.start(admin.run, self.config.admin_listen.host, self.config.admin_listen.port)
             if self.elector is not None:
                 self.elector.update_member_data(
-                    admin_url=f"http://{self.config.admin_listen.host}:{self.admin_port}",
+                    admin_url=self.config.admin_advertise_url
+                    or f"http://{self.config.admin_listen.host}:{self.admin_port}",
                     subaccount=self.config.subaccount,
                 )
                 await nursery.start(self.elector.run)

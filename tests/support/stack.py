@@ -13,6 +13,7 @@ import attrs
 import trio
 
 from connector.agent.node import Node
+from connector.agent.runtime import build_node
 from connector.cli import init_certs
 from connector.cloud.auth import hash_token
 from connector.cloud.server import CloudPorts, CloudServer
@@ -74,7 +75,8 @@ token_sha256 = ["{hash_token(TOKEN)}"]
 
 
 def node_toml(workdir: Path, certs: dict[str, Path], tunnel_port: int, backend_http: int, backend_tcp: int,
-              *, node: str = "node-a", cert_name: str | None = None, extra_mappings: str = "") -> Path:
+              *, node: str = "node-a", cert_name: str | None = None, extra_mappings: str = "",
+              cluster: str = "") -> Path:
     cert_name = cert_name or node
     path = workdir / f"{node}.toml"
     path.write_text(f"""
@@ -95,6 +97,10 @@ connect_timeout = 1.0
 [forward]
 connect_timeout = 2.0
 response_timeout = 2.0
+
+[admin]
+listen = "127.0.0.1:0"
+{cluster}
 
 [[mappings]]
 virtual_host = "erp.virtual"
@@ -128,7 +134,7 @@ resources = [{{ path = "/", prefix = true }}]
 
 
 async def start_node(nursery: trio.Nursery, stack: Stack, config_path: Path) -> Node:
-    node = Node(load_node_config(config_path))
+    node = build_node(load_node_config(config_path))
     scope = trio.CancelScope()
 
     async def run(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

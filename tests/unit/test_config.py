@@ -1,0 +1,128 @@
+"""Configuration is validated at load: every error names the file, the key and what is wrong."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from connector.config import ConfigError, load_cloud_config, load_node_config
+
+SHA = "a" * 64
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Path:
+    for name in ("ca.pem", "server.pem", "server.key", "node.pem", "node.key"):
+        (tmp_path / name).write_text("placeholder")
+    return tmp_path
+
+
+def cloud(files: Path, body: str) -> Path:
+    path = files / "cloud.toml"
+    path.write_text(body)
+    return path
+
+
+GOOD_CLOUD = f"""
+[tunnel]
+cert = "server.pem"
+key = "server.key"
+[[subaccounts]]
+id = "acme"
+ca = "ca.pem"
+token_sha256 = ["{SHA}"]
+"""
+
+GOOD_NODE = """
+[node]
+id = "node-a"
+subaccount = "acme"
+[tunnel]
+url = "wss://127.0.0.1:8443/tunnel"
+cert = "node.pem"
+key = "node.key"
+[[mappings]]
+virtual_host = "erp.virtual"
+virtual_port = 8000
+internal_host = "10.0.0.1"
+internal_port = 80
+resources = [{ path = "/sap" }]
+"""
+
+
+def node(files: Path, body: str) -> Path:
+    path = files / "node.toml"
+    path.write_text(body)
+    return path
+
+
+def test_good_files_load_with_defaults_and_relative_paths(files):
+    config = load_cloud_config(cloud(files, GOOD_CLOUD))
+    assert config.http_listen.port == 20003 and config.socks5_listen.port == 20004
+    assert config.tunnel_cert == files / "server.pem"
+    assert config.subaccounts[0].locations == ("",)
+    node_config = load_node_config(node(files, GOOD_NODE))
+    assert node_config.cluster is None
+    assert node_config.mappings[0].name == "erp.virtual:8000"
+
+
+@pytest.mark.parametrize(
+    ("body", "key", "message"),
+    [
+        (GOOD_CLOUD.replace('cert = "server.pem"\n', ""), "tunnel.cert", "is required"),
+        (GOOD_CLOUD.replace('"server.pem"', '"missing.pem"'), "tunnel.cert", "does not exist"),
+        (GOOD_CLOUD + "\n[proxy]\nhold_seconds = -1\n", "proxy.hold_seconds", "must be positive"),
+        (GOOD_CLOUD + "\n[proxy]\nhttp_listen = 'nowhere'\n", "proxy.http_listen", "HOST:PORT"),
+        (GOOD_CLOUD + "\n[proxy]\nhold_max = '10'\n", "proxy.hold_max", "must be an integer"),
+        (GOOD_CLOUD + "\n[proxy]\nhold_secnds = 3\n", "proxy.hold_secnds", "unknown key"),
+        (GOOD_CLOUD.replace(SHA, "plaintext-token"), "subaccounts[0].token_sha256[0]", "SHA-256"),
+        (GOOD_CLOUD.split("[[subaccounts]]")[0], "subaccounts", "at least one"),
+        (GOOD_CLOUD + "\nping = [\n", "", "not valid TOML"),
+    ],
+)
+def test_bad_cloud_config_names_file_and_key(files, body, key, message):
+    path = cloud(files, body)
+    with pytest.raises(ConfigError) as info:
+        load_cloud_config(path)
+    assert info.value.key == key
+    assert message in str(info.value)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("body", "key", "message"),
+    [
+        (GOOD_NODE.replace("wss://", "ws://"), "tunnel.url", "wss://"),
+        (GOOD_NODE.replace('id = "node-a"\n', ""), "node.id", "is required"),
+        (GOOD_NODE.replace("internal_port = 80", "internal_port = 70000"), "mappings[0]", "internal_port"),
+        (GOOD_NODE.replace('resources = [{ path = "/sap" }]', 'resources = [{ path = "sap" }]'), "mappings[0]", "path"),
+        (GOOD_NODE + "\n[cluster]\nname = 'c'\nttl = 1\n", "cluster", "ttl"),
+        (GOOD_NODE + "\n[cluster]\nname = 'c'\nttl = 2\nloop_wait = 1\nretry_timeout = 1\n", "cluster", "loop_wait + 2*retry_timeout"),
+        (GOOD_NODE + "\n[cluster]\nname = 'c'\nkeep_serving_without_store = 'no'\n", "cluster", "true or false"),
+        (GOOD_NODE + "\n[admin]\nlisten = '0.0.0.0:9000'\n[cluster]\nname = 'c'\n", "admin.advertise_url", "wildcard"),
+        (GOOD_NODE + "\n[tunnel2]\n", "tunnel2", "unknown key"),
+        (GOOD_NODE + GOOD_NODE.split("[tunnel]")[1].split("key = \"node.key\"")[1], "mappings", "share a virtual host"),
+    ],
+)
+def test_bad_node_config_names_file_and_key(files, body, key, message):
+    path = node(files, body)
+    with pytest.raises(ConfigError) as info:
+        load_node_config(path)
+    assert info.value.key == key, str(info.value)
+    assert message in str(info.value)
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_node_config(tmp_path / "absent.toml")
+
+
+def test_process_refuses_to_start_on_a_bad_config(files):
+    path = node(files, GOOD_NODE.replace("wss://", "ws://"))
+    result = subprocess.run([sys.executable, "-m", "connector", "node", "--config", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "tunnel.url" in result.stderr and str(path) in result.stderr
