@@ -61,7 +61,11 @@ async def record_history(store: Store, action: str, key: str, revision: int | No
         "user": os.environ.get("USER", "?"),
         "time": time.time(),  # wall-clock time of an operator action, for people to read
     }
-    await store.put(f"{HISTORY_PREFIX}{revision or 0:012d}", json.dumps(entry, sort_keys=True))
+    # keyed by time (not by the change's revision: a remove carries the revision of the add it
+    # undoes); create-only, so a clash can never overwrite an earlier entry
+    while await store.put(f"{HISTORY_PREFIX}{time.time_ns():020d}", json.dumps(entry, sort_keys=True),
+                          prev_revision=0) is None:
+        pass
 
 
 class SharedConfig:
