@@ -230,3 +230,54 @@ async def test_endpoint_restart_does_not_need_a_node_restart(nursery, tmp_path):
     client = await HttpClient.connect(ports.http_proxy)
     response = await client.request("GET", f"{ERP}/sap/opu/odata/x", [stack.proxy_auth])
     assert response.status == 200
+
+
+async def _raw_tunnel(nursery, stack, node: str):
+    """A bare tunnel client with a node's real certificate: speaks the protocol, serves nothing."""
+    import trio_websocket
+
+    from connector.tunnel.session import TunnelSession
+
+    ctx = pki.client_context(stack.certs["cloud_ca"], stack.certs[f"node_{node}_cert"], stack.certs[f"node_{node}_key"])
+    ws = await trio_websocket.connect_websocket_url(nursery, f"wss://127.0.0.1:{stack.ports.tunnel}/tunnel", ssl_context=ctx)
+    session = TunnelSession(ws, client=True, hello_info={"node": node, "location_id": ""})
+    await session.handshake()
+    controls: list[tuple[str, dict]] = []
+    changed = trio.Event()
+
+    async def on_control(op, body):
+        nonlocal changed
+        controls.append((op, body))
+        changed.set()
+        changed = trio.Event()
+
+    async def wait_for(op, nth=1):
+        with trio.fail_after(5):
+            while sum(c[0] == op for c in controls) < nth:
+                await changed.wait()
+        return [body for name, body in controls if name == op][nth - 1]
+
+    await nursery.start(lambda task_status: session.run(control_handler=on_control, task_status=task_status))
+    return session, wait_for
+
+
+async def test_lower_epoch_is_refused_and_higher_epoch_fences_through_the_endpoint(nursery, tmp_path):
+    stack = await start_stack(nursery, tmp_path, with_node=False)
+    first, first_wait = await _raw_tunnel(nursery, stack, "node-a")
+    second, second_wait = await _raw_tunnel(nursery, stack, "node-b")
+
+    await first.send_control("register", {"epoch": 10})
+    assert (await first_wait("registered"))["epoch"] == 10
+    await second.send_control("register", {"epoch": 9})
+    refused = await second_wait("refused")
+    assert (refused["reason"], refused["highest_epoch"]) == ("stale_epoch", 10)
+    assert stack.cloud.registry.master_of(SUBACCOUNT, "").node == "node-a"
+
+    await second.send_control("register", {"epoch": 11})
+    assert (await second_wait("registered"))["epoch"] == 11
+    assert (await first_wait("fenced"))["epoch"] == 11
+    with trio.fail_after(5):
+        await first.wait_closed()  # the replaced master's tunnel is closed at once
+    assert first.close_reason[0] == ErrorCode.STALE_EPOCH
+    await second.send_control("register", {"epoch": "eleven"})
+    assert (await second_wait("refused", nth=2))["reason"] == "bad_epoch"
