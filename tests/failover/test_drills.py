@@ -11,6 +11,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 
@@ -20,6 +21,7 @@ from tests.failover.harness import (
     Cluster,
     EtcdCluster,
     FaultWindow,
+    RequestResult,
     check_epoch_increased,
     check_fenced_after,
     check_requests,
@@ -80,6 +82,46 @@ async def test_three_nodes_two_successive_master_kills() -> None:
         assert check_routing(await cluster.routing()) == []
 
 
+@attrs.frozen
+class Outage:
+    master: str
+    epoch: int
+    restarted: float  # trio time etcd was back
+    changes: list[tuple[float, str | None, int | None]]  # (time, master, epoch) seen after the restart
+    results: list[RequestResult]
+    outage_results: list[RequestResult]  # requests started while etcd was down
+    master_during_outage: tuple[str | None, int | None]
+
+
+async def etcd_outage_under_load(cluster: Cluster, etcd: EtcdServer, *, down: float, settle: float) -> Outage:
+    """Kill etcd under load for `down` s, start it again, and watch the cloud until the master has
+    stayed the same for `settle` s (at most 20 s)."""
+    master, epoch = await cluster.wait_master()
+    load = cluster.load("etcd-outage", max_seconds=down + 30.0, max_requests=8000)
+    changes: list[tuple[float, str | None, int | None]] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(load.run)
+        await trio.sleep(0.5)
+        killed = trio.current_time()
+        etcd.kill()
+        await trio.sleep(down)
+        during = await cluster.master()
+        outage_results = [r for r in load.results if r.start >= killed]
+        await trio.to_thread.run_sync(etcd.start)
+        restarted = trio.current_time()
+        current = during
+        stable_since = restarted
+        with trio.move_on_after(20.0):
+            while trio.current_time() - stable_since < settle:
+                seen = await cluster.master()
+                if seen != current:
+                    current, stable_since = seen, trio.current_time()
+                    changes.append((stable_since, *seen))
+                await trio.sleep(0.05)
+        load.stop()
+    return Outage(master, epoch, restarted, changes, load.results_by_start(), outage_results, during)
+
+
 @pytest.mark.slow
 async def test_etcd_stopped_under_load_master_keeps_serving_and_cluster_recovers(tmp_path: Path) -> None:
     etcd = EtcdServer(tmp_path, "etcd-outage")
@@ -87,36 +129,45 @@ async def test_etcd_stopped_under_load_master_keeps_serving_and_cluster_recovers
     spec = fast_spec(start_etcd=False, etcd_endpoints={n: [etcd.url] for n in ("node-a", "node-b")})
     try:
         async with Cluster(spec) as cluster:
-            master, epoch = await cluster.wait_master()
-            load = cluster.load("etcd-outage", max_seconds=40.0, max_requests=6000)
-            async with trio.open_nursery() as nursery:
-                await nursery.start(load.run)
-                await trio.sleep(0.5)
-                etcd.kill()
-                killed = trio.current_time()
-                # Longer than the lease: nobody can be elected, the fenced master keeps serving.
-                await trio.sleep(TTL + 2.0)
-                assert await cluster.master() == (master, epoch)
-                outage = [r for r in load.results if r.start >= killed]
-                assert len(outage) > 50 and failed(outage) == [], describe_failures(outage)
-                await trio.to_thread.run_sync(etcd.start)
-                restarted = trio.current_time()
-                # Recovers by itself: a master registered and every node's standby tunnel back.
-                await cluster.wait_tunnels(2, timeout=15.0)
-                await trio.sleep(TTL)  # a full lease with etcd back: settled, still serving
-                load.stop()
-            recovered = trio.current_time()
+            # Longer than the lease: nobody can be elected, the fenced master keeps serving.
+            outage = await etcd_outage_under_load(cluster, etcd, down=TTL + 2.0, settle=TTL + 1.5)
+            assert outage.master_during_outage == (outage.master, outage.epoch)
+            assert len(outage.outage_results) > 50
+            assert failed(outage.outage_results) == [], describe_failures(outage.outage_results)
+            # Recovers by itself: one master, stable for longer than a lease, standbys connected.
+            location = await cluster.wait_tunnels(2, timeout=10.0)
+            assert all(m is not None for _, m, _ in outage.changes), outage.changes
             problems = check_routing(await cluster.routing())
-            # A re-election after the outage may replace the master: only then may requests in
-            # flight on it be lost.
-            now_master, now_epoch = await cluster.master()
-            windows = [] if (now_master, now_epoch) == (master, epoch) else [FaultWindow(restarted, recovered)]
-            problems += check_requests(load.results, windows)
+            # If a re-election replaced the master once etcd was back, requests in flight on the
+            # replaced one may be lost (see the xfail below), none other.
+            windows = [FaultWindow(outage.restarted, t) for t, _, _ in outage.changes]
+            problems += check_requests(outage.results, windows)
             assert problems == []
-            assert now_epoch is not None and now_epoch >= epoch
-            # And it really works again: a crash is taken over through etcd.
+            assert location["epoch"] >= outage.epoch
+            # And elections work again: a crash is taken over through etcd.
             drill = await run_drill(cluster, "crash", "after-outage")
             assert_clean(drill)
+    finally:
+        etcd.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason=(
+    "ha/etcd.py GRPC_OPTIONS sets no gRPC reconnect backoff: after an outage of a few seconds a "
+    "node's channel stays in backoff (1 s x 1.6^n, up to 120 s) for seconds after etcd is back, so "
+    "the master's lease (given a fresh ttl by the restarted etcd) may expire before it reconnects "
+    "while the shadow, luckier with its backoff jitter, takes over: a needless failover that loses "
+    "in-flight requests. Fix: add grpc.initial_reconnect_backoff_ms / min_ / max_reconnect_backoff_ms "
+    "(e.g. 100 / 100 / 500) to GRPC_OPTIONS."))
+async def test_etcd_returning_causes_no_failover(tmp_path: Path) -> None:
+    etcd = EtcdServer(tmp_path, "etcd-return")
+    await trio.to_thread.run_sync(etcd.start)
+    spec = fast_spec(start_etcd=False, etcd_endpoints={n: [etcd.url] for n in ("node-a", "node-b")})
+    try:
+        async with Cluster(spec) as cluster:
+            outage = await etcd_outage_under_load(cluster, etcd, down=TTL + 3.0, settle=TTL + 1.5)
+            assert outage.changes == [], "the master changed after etcd came back"
+            assert failed(outage.results) == [], describe_failures(outage.results)
     finally:
         etcd.kill()
 
