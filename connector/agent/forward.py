@@ -377,6 +377,9 @@ class _HttpSession:
         self.backend_conn: h11.Connection | None = None
         self._bytes_in = metrics.BYTES.labels(mapping.name, "in")
         self._bytes_out = metrics.BYTES.labels(mapping.name, "out")
+        self._allowed = metrics.REQUESTS.labels(mapping.name, "allowed")
+        self._seconds = metrics.REQUEST_SECONDS.labels(mapping.name, str(mapping.protocol))
+        self._out = bytearray()  # response bytes queued for the stream, see _flush_client
 
     # --- loop over the requests of the stream ---------------------------------------------------
 
@@ -463,13 +466,25 @@ class _HttpSession:
                 raise _TunnelGone(str(exc)) from exc
             self.client.receive_data(data)  # type: ignore[arg-type]  # h11 takes any bytes-like
 
-    async def _to_client(self, event: Any) -> None:
+    def _queue_client(self, event: Any) -> None:
+        """Encode an event for the stream without sending it yet (see _flush_client)."""
         data = self.client.send(event)
         if data:
-            try:
-                await self.stream.send_all(data)
-            except _TUNNEL_ERRORS as exc:
-                raise _TunnelGone(str(exc)) from exc
+            self._out += data
+
+    async def _flush_client(self) -> None:
+        """Send what _queue_client gathered: a head, its body and its end as one write."""
+        if not self._out:
+            return
+        data, self._out = self._out, bytearray()
+        try:
+            await self.stream.send_all(data)
+        except _TUNNEL_ERRORS as exc:
+            raise _TunnelGone(str(exc)) from exc
+
+    async def _to_client(self, event: Any) -> None:
+        self._queue_client(event)
+        await self._flush_client()
 
     # --- backend I/O ----------------------------------------------------------------------------
 
@@ -486,9 +501,9 @@ class _HttpSession:
         if backend is not None:
             await trio.aclose_forcefully(backend)
 
-    async def _to_backend(self, event: Any) -> None:
+    async def _to_backend(self, *events: Any) -> None:
         assert self.backend is not None and self.backend_conn is not None
-        data = self.backend_conn.send(event)
+        data = b"".join([self.backend_conn.send(event) or b"" for event in events])
         if data:
             try:
                 await self.backend.send_all(data)
@@ -504,6 +519,7 @@ class _HttpSession:
                 raise _BackendGone(f"internal host broke HTTP: {exc}", "protocol_error") from exc
             if event is not h11.NEED_DATA:
                 return event
+            await self._flush_client()  # what is complete goes out before we wait
             try:
                 data = await self.backend.receive_some(self.settings.chunk)
             except _BACKEND_ERRORS as exc:
@@ -658,7 +674,7 @@ class _HttpSession:
     async def _forward(self, request: h11.Request, exchange: _Exchange, decision: Decision) -> bool:
         """Send an allowed request to the internal host and relay its answer."""
         exchange.target = decision.path or exchange.target
-        metrics.REQUESTS.labels(self.mapping.name, "allowed").inc()
+        self._allowed.inc()
         backend_request = self._backend_request(request, decision)
         replayable = not self._request_has_body(request)
         for attempt in (1, 2):
@@ -674,7 +690,15 @@ class _HttpSession:
                 return await self._backend_failed(exchange, status, reason, exc.message, exc.reason)
             may_retry = reused and attempt == 1 and replayable
             try:
-                await self._to_backend(backend_request)
+                if replayable:
+                    # no body: its end is already parsed; head and end go out in one write
+                    if not exchange.request_done:
+                        end = self.client.next_event()
+                        assert isinstance(end, h11.EndOfMessage), end
+                        exchange.request_done = True
+                    await self._to_backend(backend_request, h11.EndOfMessage())
+                else:
+                    await self._to_backend(backend_request)
                 return await self._exchange(request, exchange, decision)
             except _ResponseTimeout:
                 return await self._backend_failed(
@@ -730,13 +754,20 @@ class _HttpSession:
             # Allowed and connected: invite the body ourselves (Expect is not forwarded), so a
             # backend that never sends 100 Continue cannot stall the client.
             await self._to_client(h11.InformationalResponse(status_code=100, headers=[]))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._pump_request_body, exchange, head_scope, nursery)
+        if exchange.request_done:  # sent whole by _forward: no body to pump
+            head_scope.deadline = trio.current_time() + self.settings.response_timeout
             try:
                 keep = await self._relay_response(request, exchange, decision, head_scope)
             except (_BackendGone, _TunnelGone, _ResponseTimeout) as exc:
                 failure = exc
-            nursery.cancel_scope.cancel()
+        else:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump_request_body, exchange, head_scope, nursery)
+                try:
+                    keep = await self._relay_response(request, exchange, decision, head_scope)
+                except (_BackendGone, _TunnelGone, _ResponseTimeout) as exc:
+                    failure = exc
+                nursery.cancel_scope.cancel()
         if exchange.client_gone:
             raise _TunnelGone("client stream broken during the request body")
         if exchange.client_error is not None:
@@ -778,16 +809,18 @@ class _HttpSession:
         assert isinstance(event, h11.Response)
         backend_headers = list(event.headers)
         chunked = b"chunked" in _header_tokens(backend_headers, b"transfer-encoding")
-        await self._to_client(h11.Response(status_code=event.status_code,
-                                           headers=_strip_hop_by_hop(backend_headers),
-                                           reason=event.reason))
+        self._queue_client(h11.Response(status_code=event.status_code,
+                                        headers=_strip_hop_by_hop(backend_headers),
+                                        reason=event.reason))
         exchange.status = event.status_code
         exchange.head_sent = True
         keep_trailers = chunked and self.client.their_http_version == b"1.1" and request.method != b"HEAD"
         while True:
             event = await self._next_backend_event()
             if isinstance(event, h11.Data):
-                await self._to_client(event)
+                self._queue_client(event)
+                if len(self._out) >= self.settings.chunk:
+                    await self._flush_client()
                 exchange.bytes_out += len(event.data)
                 self._bytes_out.inc(len(event.data))
             elif isinstance(event, h11.EndOfMessage):
@@ -798,8 +831,7 @@ class _HttpSession:
         # the whole response.
         await self._finish_backend_cycle()
         self._audit(exchange, "allowed", acl_mod.ALLOWED)
-        metrics.REQUEST_SECONDS.labels(self.mapping.name, str(self.mapping.protocol)).observe(
-            trio.current_time() - exchange.started)
+        self._seconds.observe(trio.current_time() - exchange.started)
         await self._to_client(h11.EndOfMessage(headers=list(event.headers) if keep_trailers else []))
         return True
 

@@ -315,6 +315,7 @@ class _ProxyConnection:
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.settings.max_header_bytes)
         self.upstream: _Upstream | None = None
         self.switched: _Switched | None = None
+        self._out = bytearray()  # response bytes queued for the application, see _flush_client
         try:
             host, port = sock.socket.getpeername()[:2]
             self.peer = f"{host}:{port}"
@@ -328,13 +329,25 @@ class _ProxyConnection:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise _ClientGone() from exc
 
-    async def _send_client(self, event: h11.Event) -> None:
+    def _queue_client(self, event: h11.Event) -> None:
+        """Encode an event for the application without sending it yet (see _flush_client)."""
         data = self.conn.send(event)
         if data:
-            try:
-                await self.sock.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise _ClientGone() from exc
+            self._out += data
+
+    async def _flush_client(self) -> None:
+        """Send what _queue_client gathered: one write for a head, its body and its end."""
+        if not self._out:
+            return
+        data, self._out = self._out, bytearray()
+        try:
+            await self.sock.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise _ClientGone() from exc
+
+    async def _send_client(self, event: h11.Event) -> None:
+        self._queue_client(event)
+        await self._flush_client()
 
     async def _next_client_event(self) -> h11.Event:
         while True:
@@ -446,10 +459,10 @@ class _ProxyConnection:
         if close or self.conn.their_state not in (h11.DONE, h11.MIGHT_SWITCH_PROTOCOL):
             # the rest of the request body is not read: the connection cannot be reused
             headers.append((b"connection", b"close"))
-        await self._send_client(
+        self._queue_client(
             h11.Response(status_code=status, headers=headers, reason=REASON_PHRASES.get(status, b""))
         )
-        await self._send_client(h11.Data(data=body))
+        self._queue_client(h11.Data(data=body))
         await self._send_client(h11.EndOfMessage())
 
     def _discard_buffered_body(self) -> None:
@@ -648,6 +661,7 @@ class _ProxyConnection:
                 while True:
                     event = upstream.conn.next_event()
                     if event is h11.NEED_DATA:
+                        await self._flush_client()  # what is complete goes out before we wait
                         data = await upstream.stream.receive_some(self.settings.chunk)
                         if not data and not attempt.response_started:
                             if may_retry():
@@ -676,10 +690,12 @@ class _ProxyConnection:
                             headers=response_headers(event.headers),
                             reason=event.reason,
                         )
-                        await self._send_client(relayed)
+                        self._queue_client(relayed)
                         attempt.status = event.status_code
                     elif isinstance(event, h11.Data):
-                        await self._send_client(event)
+                        self._queue_client(event)
+                        if len(self._out) >= self.settings.chunk:
+                            await self._flush_client()
                     elif isinstance(event, h11.EndOfMessage):
                         await self._send_client(h11.EndOfMessage())
                         return
@@ -696,20 +712,42 @@ class _ProxyConnection:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 await self._upstream_failed(attempt, *reset_status(StreamResetError(ErrorCode.TUNNEL_LOST)))
 
-        async with trio.open_nursery() as nursery:
+        async def send_whole_request() -> None:
+            # A request without a body: head and end in one write, and no body task.
+            try:
+                data = upstream.conn.send(outgoing)
+                data += upstream.conn.send(h11.EndOfMessage())
+                await upstream.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                attempt.retry = may_retry()
+            except StreamResetError:
+                pass  # the response side reports why (or relays the node's answer)
+            finally:
+                attempt.pump_done.set()
 
-            async def body_task() -> None:
-                try:
-                    with attempt.body_scope:
-                        await pump_request_body()
-                finally:
-                    attempt.pump_done.set()
+        if not progress.request_done and self._request_is_bodyless(outgoing):
+            event = self.conn.next_event()  # no I/O: h11 ends a zero-length body at once
+            assert isinstance(event, h11.EndOfMessage), event
+            progress.request_done = True
+        if progress.request_done:
+            await send_whole_request()
+            if not attempt.retry:
+                await relay_response()
+        else:
+            async with trio.open_nursery() as nursery:
 
-            nursery.start_soon(body_task)
-            await relay_response()
-            # a response that finished before the request body did: stop reading the body;
-            # the application connection then closes (its state is not DONE)
-            attempt.body_scope.cancel()
+                async def body_task() -> None:
+                    try:
+                        with attempt.body_scope:
+                            await pump_request_body()
+                    finally:
+                        attempt.pump_done.set()
+
+                nursery.start_soon(body_task)
+                await relay_response()
+                # a response that finished before the request body did: stop reading the body;
+                # the application connection then closes (its state is not DONE)
+                attempt.body_scope.cancel()
 
         client_error = attempt.client_error
         if isinstance(client_error, _ClientGone):
@@ -739,6 +777,16 @@ class _ProxyConnection:
             await self._drop_upstream(clean=upstream.conn.their_state is h11.DONE)
         return attempt.status
 
+    def _request_is_bodyless(self, request: h11.Request) -> bool:
+        """True if the request being read has no body (h11 frames it so: neither chunked nor a
+        non-zero Content-Length), so its EndOfMessage is available without reading."""
+        if self.conn.their_state is not h11.SEND_BODY:
+            return False
+        for name, value in request.headers:
+            if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+                return False
+        return True
+
     async def _upstream_failed(self, attempt: _Attempt, status: int, reason: str, message: str) -> None:
         # Stop the request-body pump first (it is suspended: cancelling it loses no client bytes),
         # so that an already-buffered end of request can be consumed here and keep-alive survives.
@@ -751,6 +799,10 @@ class _ProxyConnection:
         else:
             # the response had started: the only way to tell the application is to break the connection
             log.info("HTTP proxy: response to %s aborted: %s", self.peer, message)
+            try:
+                await self._flush_client()  # what was relayed so far, as without the write queue
+            except _ClientGone:
+                pass
             raise _ClientGone()
 
     # --- WebSocket ------------------------------------------------------------------------------

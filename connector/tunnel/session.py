@@ -33,7 +33,17 @@ Performance: create the websocket with `receive_buffer_size=262144` on both ends
 (`trio_websocket.open_websocket(..., receive_buffer_size=262144)` /
 `serve_websocket(..., receive_buffer_size=262144)`): with trio-websocket's 4 KiB default the
 tunnel runs at about half speed. Keep `max_message_size` at its 1 MiB default or above: the
-writer sends messages of up to about 512 KiB.
+writer's messages are `_MESSAGE_TARGET` plus at most one encoded write (`_SEND_CHUNK` and its
+frame headers), so under about 130 KiB.
+
+Bounds and why (measured with benchmarks/run.py): a websocket message is delivered only once
+it arrived whole, so a stream can have at most `initial_window / message size` messages in
+flight. With 256 KiB messages and a 256 KiB window the tunnel was stop-and-wait (46 MB/s);
+64 KiB messages and a 768 KiB window (12 messages in flight) doubled throughput. So the
+default per-stream window, which is also the bound of a stream's receive buffer, is 768 KiB:
+a tunnel buffers at most `max_streams * initial_window` (768 MiB at 1024 streams, reached only
+if every stream has a reader that stopped; idle streams hold nothing). 768 KiB also keeps a
+window's worth of frames below trio-websocket's 1 MiB default message limit.
 """
 
 from __future__ import annotations
@@ -56,8 +66,8 @@ from connector.tunnel.types import ErrorCode, StreamResetError, Target
 
 log = logging.getLogger(__name__)
 
-_MESSAGE_TARGET = 256 * 1024  # the writer gathers frames up to about this much per message
-_SEND_CHUNK = 256 * 1024  # send_all hands the protocol at most this much at a time
+_MESSAGE_TARGET = 64 * 1024  # the writer gathers frames up to this much per message (see above)
+_SEND_CHUNK = 64 * 1024  # send_all hands the protocol at most this much at a time
 _HIGH_WATER = 512 * 1024  # writers wait while the outgoing queue holds more than this
 
 StreamHandler = Callable[["SessionStream"], Awaitable[None]]
@@ -67,7 +77,7 @@ ControlHandler = Callable[[str, dict[str, Any]], Awaitable[None]]
 @attrs.frozen
 class TunnelSettings:
     max_frame_size: int = 64 * 1024
-    initial_window: int = 256 * 1024  # per-stream credit = per-stream receive buffer bound
+    initial_window: int = 768 * 1024  # per-stream credit = per-stream receive buffer bound
     ping_interval: float = 1.0
     ping_timeout: float = 3.0
     max_streams: int = 1024  # streams the peer may have open at once (extension of the contract)
