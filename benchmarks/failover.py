@@ -107,6 +107,16 @@ def render(rows: dict[str, dict[str, object]], results: dict[str, list[DrillResu
             f"{_ms(row['max'])} | {_ms(row['named_p50'])} | "  # type: ignore[arg-type]
             f"{float(row['failed_mean']):.2f} / {row['failed_max']} | {row['requests']} | {row['bad_drills']} |"  # type: ignore[arg-type]
         )
+    lines += [
+        "",
+        "Why requests fail at all: until the cloud learns that a master is gone it routes new streams",
+        "to it. A killed process takes milliseconds to exit and its tunnel's end to be read, so a",
+        "request sent in that gap is lost with it; a frozen master looks merely slow until the new",
+        "master registers and the cloud fences it (about one probe period x misses, or one lease), so",
+        "each load worker loses the one request it sent meanwhile. Held requests (no master connected)",
+        "are never lost: they wait for the new master. A cloud-side replay of idempotent requests whose",
+        "stream was lost before any response byte would remove these failures too.",
+    ]
     lines += ["", "Aims (from the issue):", ""]
     for name, met in aims(rows):
         lines.append(f"- {name}: {'not run' if met is None else ('met' if met else '**not met**')}")

@@ -8,7 +8,6 @@ succeeded or was in flight on the lost master when the fault hit.
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import attrs
@@ -44,7 +43,7 @@ async def test_kill9_master_under_steady_load() -> None:
     async with Cluster() as cluster:
         result = await run_drill(cluster, "crash", "kill9")
         assert_clean(result)
-        assert result.new_epoch > result.old_epoch
+        assert result.new_epoch is not None and result.new_epoch > result.old_epoch
         assert result.takeover is not None and result.takeover < 3.0, result
         assert result.requests > 50
 
@@ -77,6 +76,7 @@ async def test_three_nodes_two_successive_master_kills() -> None:
         await cluster.wait_tunnels(2)
         second = await run_drill(cluster, "crash", "second")
         assert_clean(second)
+        assert first.new_epoch is not None and second.new_epoch is not None
         assert first.old_epoch < first.new_epoch == second.old_epoch < second.new_epoch
         assert len({first.old_master, second.old_master, second.new_master}) == 3
         assert check_routing(await cluster.routing()) == []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import trio
 
@@ -16,7 +18,7 @@ async def echo_server(nursery: trio.Nursery) -> int:
         except trio.BrokenResourceError:
             pass
 
-    listeners = await nursery.start(lambda task_status: trio.serve_tcp(echo, 0, host="127.0.0.1", task_status=task_status))
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, echo, 0, host="127.0.0.1"))
     return int(listeners[0].socket.getsockname()[1])
 
 
