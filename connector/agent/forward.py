@@ -380,10 +380,34 @@ class _HttpSession:
         self._allowed = metrics.REQUESTS.labels(mapping.name, "allowed")
         self._seconds = metrics.REQUEST_SECONDS.labels(mapping.name, str(mapping.protocol))
         self._out = bytearray()  # response bytes queued for the stream, see _flush_client
+        self._idle_scope: trio.CancelScope | None = None  # set while waiting for a next request
 
     # --- loop over the requests of the stream ---------------------------------------------------
 
     async def run(self) -> None:
+        draining = self.ctx.draining
+        if draining is None:
+            await self._run()
+            return
+        error: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            # one watcher for the life of the stream (not one task per request): a drain ends
+            # the wait for a next request, never a request in progress
+            nursery.start_soon(self._watch_drain, draining)
+            try:
+                await self._run()
+            except Exception as exc:  # re-raised below, outside the nursery (no exception group)
+                error = exc
+            nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
+
+    async def _watch_drain(self, draining: trio.Event) -> None:
+        await draining.wait()
+        if self._idle_scope is not None:
+            self._idle_scope.cancel()
+
+    async def _run(self) -> None:
         try:
             try:
                 await self.stream.accept()
@@ -427,27 +451,17 @@ class _HttpSession:
             return True
         if draining.is_set():
             return False
-        error: BaseException | None = None
-        received = False
-        with trio.CancelScope() as scope:
-
-            async def _watch() -> None:
-                await draining.wait()
-                scope.cancel()
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_watch)
-                try:
-                    data = await self.stream.receive_some(self.settings.chunk)
-                except _TUNNEL_ERRORS as exc:  # re-raised below, outside the nursery
-                    error = exc
-                else:
-                    self.client.receive_data(data)  # type: ignore[arg-type]
-                    received = True
-                nursery.cancel_scope.cancel()
-        if error is not None:
-            raise _TunnelGone(str(error)) from error
-        return received  # False: the drain cancelled a receive that had consumed nothing
+        with trio.CancelScope() as scope:  # _watch_drain cancels it
+            self._idle_scope = scope
+            try:
+                data = await self.stream.receive_some(self.settings.chunk)
+            except _TUNNEL_ERRORS as exc:
+                raise _TunnelGone(str(exc)) from exc
+            finally:
+                self._idle_scope = None
+            self.client.receive_data(data)  # type: ignore[arg-type]
+            return True
+        return False  # the drain cancelled a receive that had consumed nothing
 
     async def _close_client(self) -> None:
         with trio.CancelScope(shield=True):
