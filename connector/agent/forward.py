@@ -825,7 +825,8 @@ class _HttpSession:
         chunked = b"chunked" in _header_tokens(backend_headers, b"transfer-encoding")
         self._queue_client(h11.Response(status_code=event.status_code,
                                         headers=_strip_hop_by_hop(backend_headers),
-                                        reason=event.reason))
+                                        reason=event.reason,
+                                        _parsed=True))  # h11 validated it when parsing
         exchange.status = event.status_code
         exchange.head_sent = True
         keep_trailers = chunked and self.client.their_http_version == b"1.1" and request.method != b"HEAD"

@@ -42,9 +42,11 @@ response has started, a failure can only be reported by closing the application 
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import attrs
 import h11
@@ -270,6 +272,13 @@ class _Switched:
     node_eof: bool
 
 
+@functools.lru_cache(maxsize=64)
+def _requests_counter(status: int | None) -> Any:
+    """The PROXY_REQUESTS child of one status (a labels() lookup costs more than the inc)."""
+    return PROXY_REQUESTS.labels("http", str(status) if status else "aborted")
+
+
+_REQUEST_SECONDS = PROXY_REQUEST_SECONDS.labels("http")
 _RETRY = object()  # _exchange's answer when the request may be sent again on a fresh stream
 _STREAM_ERRORS = (StreamResetError, trio.BrokenResourceError, trio.ClosedResourceError)
 
@@ -506,9 +515,9 @@ class _ProxyConnection:
     async def _handle_request(self, request: h11.Request) -> None:
         started = trio.current_time()
         status = await self._proxy_request(request)
-        PROXY_REQUESTS.labels("http", str(status) if status else "aborted").inc()
+        _requests_counter(status).inc()
         # for a WebSocket this is the time to its 101, not the life of the connection
-        PROXY_REQUEST_SECONDS.labels("http").observe(trio.current_time() - started)
+        _REQUEST_SECONDS.observe(trio.current_time() - started)
         if self.switched is not None:
             await self._relay_switched(self.switched)
 
@@ -553,10 +562,13 @@ class _ProxyConnection:
             return 400
 
         key = (subaccount, location_id, host, port)
+        # _parsed: h11 validated every part when it parsed the request (the host and target
+        # were checked again by parse_proxy_target); it need not run its regexes a second time
         outgoing = h11.Request(
             method=request.method,
             target=origin_target,
             headers=forwarded_headers(headers, host, port, websocket=is_websocket_upgrade(request)),
+            _parsed=True,
         )
         progress = _Progress()
         while True:
@@ -689,6 +701,7 @@ class _ProxyConnection:
                             status_code=event.status_code,
                             headers=response_headers(event.headers),
                             reason=event.reason,
+                            _parsed=True,  # parsed (and validated) by h11 from the node's answer
                         )
                         self._queue_client(relayed)
                         attempt.status = event.status_code
