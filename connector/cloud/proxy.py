@@ -20,17 +20,22 @@ each direction half-closed at its EOF, until both ended or either side failed (t
 reset). Any other answer (a 403 from the node's allow-list) is relayed as a normal response and
 the connection goes on serving requests.
 
-Kept-alive streams the node closes: while the application connection waits for its next request,
-an idle stream is watched; a FIN, reset or stray byte there retires it, so the next request goes
-to a fresh stream. If the node closes the stream just as the next request is sent, the request
+Kept-alive streams the node closes: a FIN, reset or stray byte that arrived on an idle stream
+before the application's next request retires the stream, so that request goes to a fresh
+stream. A tunnel session stream tells what arrived on it without a reader (`peer_activity`), so
+it is asked when the request is there; any other stream is watched by a task while idle. If the node closes the stream just as the next request is sent, the request
 is sent once more on a fresh stream, but only when the node provably took nothing of it: the
 stream had served a request before, no response byte came, no body byte was read from the
 application yet, and the stream refused the request head or ended with a bare FIN (the node
 answers or resets every request it reads). Otherwise the failure is answered as usual (502).
 
-Bodies stream both ways at the same time (two tasks: request body up, response down), one chunk
+Bodies stream both ways at the same time (two tasks: request body up, response down; a request
+without a body is sent whole, head and end in one write, and needs no second task), one chunk
 at a time, so memory per connection is bounded by the chunk size and the stream's window, never
 by the body size; a backend may answer before the request body is complete.
+
+Writes to the application are gathered: a response head, its body and its end go out in one
+write, flushed whenever the relay would wait for more from the node or holds `chunk` bytes.
 
 Errors are short JSON bodies from `connector.httperrors.error_parts`: 407 missing or bad
 credentials, 400 malformed or origin-form requests, 405 CONNECT (SAP's proxy does not tunnel
@@ -374,6 +379,18 @@ class _ProxyConnection:
         upstream = self.upstream
         if upstream is None:
             return await self._next_client_event()
+        probe = getattr(upstream.stream, "peer_activity", None)
+        if probe is not None:
+            # A tunnel session stream knows without a reader what arrived on it: ask it when
+            # the request is there (a watcher task per request cost about a sixth of the CPU)
+            event = await self._next_client_event()
+            activity = probe()
+            if activity != "idle":
+                upstream.closed_by_node = True
+                upstream.unsolicited = activity == "data"
+                if upstream.unsolicited:
+                    log.warning("HTTP proxy: the node sent bytes on an idle stream; dropping it")
+            return event
         error: Exception | None = None
         event: h11.Event | None = None
         async with trio.open_nursery() as nursery:

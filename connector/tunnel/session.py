@@ -244,6 +244,16 @@ class SessionStream(TunnelStream):
 
     # --- application side -----------------------------------------------------------------------
 
+    def peer_activity(self) -> str:
+        """Without waiting: "data" if unread bytes are buffered, "closed" if the peer ended or
+        reset the stream (or the tunnel died), else "idle". Lets the holder of a kept-alive
+        stream check it when it wants to reuse it, instead of keeping a reader task on it."""
+        if self._chunks:
+            return "data"
+        if self._eof_received or self._read_error is not None or self._closed:
+            return "closed"
+        return "idle"
+
     def statistics(self) -> StreamStatistics:
         return StreamStatistics(self._buffered, self._max_buffered, self._unacknowledged(),
                                 self._max_unacked)
