@@ -383,14 +383,14 @@ class _ProxyConnection:
         if probe is not None:
             # A tunnel session stream knows without a reader what arrived on it: ask it when
             # the request is there (a watcher task per request cost about a sixth of the CPU)
-            event = await self._next_client_event()
+            next_event = await self._next_client_event()
             activity = probe()
             if activity != "idle":
                 upstream.closed_by_node = True
                 upstream.unsolicited = activity == "data"
                 if upstream.unsolicited:
                     log.warning("HTTP proxy: the node sent bytes on an idle stream; dropping it")
-            return event
+            return next_event
         error: Exception | None = None
         event: h11.Event | None = None
         async with trio.open_nursery() as nursery:
@@ -702,7 +702,7 @@ class _ProxyConnection:
                             )
                             return
                         attempt.response_started = attempt.response_started or bool(data)
-                        upstream.conn.receive_data(data)
+                        upstream.conn.receive_data(data)  # type: ignore[arg-type]  # h11 takes any bytes-like
                         continue
                     if isinstance(event, h11.InformationalResponse):
                         if event.status_code == 101:

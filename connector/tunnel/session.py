@@ -103,7 +103,8 @@ def _install_zero_key_masker() -> bool:
         def process(self, data: bytearray) -> bytearray:
             if self._masking_key == b"\0\0\0\0":
                 return data if isinstance(data, bytearray) else bytearray(data)
-            return super().process(data)  # type: ignore[no-any-return]
+            result: bytearray = super().process(data)
+            return result
 
     frame_protocol.XorMaskerSimple = _ZeroKeyMasker  # type: ignore[misc]
     return True
@@ -130,7 +131,8 @@ def _fast_framing(ws: trio_websocket.WebSocketConnection) -> bool:
 
     def serialize(opcode: Any, payload: bytes | bytearray = b"", fin: bool = True) -> bytes:
         if opcode.iscontrol():
-            return original(opcode, payload, fin)  # type: ignore[no-any-return]
+            control: bytes = bytes(original(opcode, payload, fin))  # small: a ping, pong or close
+            return control
         first = (0x80 if fin else 0) | int(opcode)
         n = len(payload)
         if n <= 125:
@@ -141,7 +143,7 @@ def _fast_framing(ws: trio_websocket.WebSocketConnection) -> bool:
             header = _FRAME_LEN64.pack(first, mask_bit | 127, n)
         return b"".join((header, key, payload))
 
-    proto._serialize_frame = serialize
+    proto._serialize_frame = serialize  # type: ignore[method-assign]
     return True
 
 _MESSAGE_TARGET = 128 * 1024  # the writer gathers frames up to this much per message (see above)
