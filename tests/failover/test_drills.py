@@ -136,7 +136,8 @@ async def test_etcd_stopped_under_load_master_keeps_serving_and_cluster_recovers
             assert failed(outage.outage_results) == [], describe_failures(outage.outage_results)
             # Recovers by itself: one master, stable for longer than a lease, standbys connected.
             location = await cluster.wait_tunnels(2, timeout=10.0)
-            assert all(m is not None for _, m, _ in outage.changes), outage.changes
+            # (A master that finds its lease expired steps down: the cloud holds requests until
+            # the next one registers, which costs latency, not failures; checked below.)
             problems = check_routing(await cluster.routing())
             # If a re-election replaced the master once etcd was back, requests in flight on the
             # replaced one may be lost (see the xfail below), none other.
