@@ -588,6 +588,10 @@ class _ProxyConnection:
             _parsed=True,
         )
         progress = _Progress()
+        if self._request_is_bodyless(headers):
+            end = self.conn.next_event()  # no I/O: h11 ends a zero-length body at once
+            assert isinstance(end, h11.EndOfMessage), end
+            progress.request_done = True
         while True:
             upstream = self.upstream
             if upstream is not None and (
@@ -755,10 +759,6 @@ class _ProxyConnection:
             finally:
                 attempt.pump_done.set()
 
-        if not progress.request_done and self._request_is_bodyless(outgoing):
-            event = self.conn.next_event()  # no I/O: h11 ends a zero-length body at once
-            assert isinstance(event, h11.EndOfMessage), event
-            progress.request_done = True
         if progress.request_done:
             await send_whole_request()
             if not attempt.retry:
@@ -807,12 +807,13 @@ class _ProxyConnection:
             await self._drop_upstream(clean=upstream.conn.their_state is h11.DONE)
         return attempt.status
 
-    def _request_is_bodyless(self, request: h11.Request) -> bool:
-        """True if the request being read has no body (h11 frames it so: neither chunked nor a
-        non-zero Content-Length), so its EndOfMessage is available without reading."""
+    def _request_is_bodyless(self, headers: Sequence[tuple[bytes, bytes]]) -> bool:
+        """True if the request being read (these are its headers as h11 parsed them) has no
+        body: h11 frames it so (neither chunked nor a non-zero Content-Length), so its
+        EndOfMessage is available without reading."""
         if self.conn.their_state is not h11.SEND_BODY:
             return False
-        for name, value in request.headers:
+        for name, value in headers:
             if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
                 return False
         return True
