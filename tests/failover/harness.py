@@ -313,17 +313,26 @@ class Cluster:
         self.frozen: set[int] = set()
 
     async def __aenter__(self) -> Cluster:
-        try:
-            self.state = await self.demo.start()
-        except BaseException as exc:
-            tails = self.log_tails()
-            self._owned = False  # keep the logs of a cluster that failed to start
-            with trio.CancelScope(shield=True):
-                await self.aclose()
-            if isinstance(exc, Exception):
-                raise RuntimeError(f"cluster failed to start: {exc}\n{tails}") from exc
-            raise
-        return self
+        # Ports are picked free and then bound by the children: another process on the machine
+        # may take one in between. That (and only that) is retried once, on new ports.
+        for attempt in (1, 2):
+            try:
+                self.state = await self.demo.start()
+                return self
+            except BaseException as exc:
+                tails = self.log_tails()
+                with trio.CancelScope(shield=True):
+                    await self.demo.stop()
+                if attempt == 1 and isinstance(exc, Exception) and "Address already in use" in tails:
+                    for sub in ("logs", "state"):  # etcd's data names the old peer port
+                        shutil.rmtree(self.workdir / sub, ignore_errors=True)
+                    self.demo = Demo(self.workdir, self.demo.spec)
+                    continue
+                self._owned = False  # keep the logs of a cluster that failed to start
+                if isinstance(exc, Exception):
+                    raise RuntimeError(f"cluster failed to start: {exc}\n{tails}") from exc
+                raise
+        raise AssertionError("unreachable")
 
     def log_tails(self, lines: int = 15) -> str:
         parts = []
