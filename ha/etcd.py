@@ -74,10 +74,16 @@ WATCH_RETRY_MIN = 0.1
 WATCH_RETRY_MAX = 1.0
 # A dead connection under a watch is noticed by keepalive pings; etcd refuses pings more often
 # than every 5 s (GOAWAY "too_many_pings"), so ping every 10 s and give up after 5 s more.
+# Reconnect within half a second of etcd coming back: gRPC's default backoff (1 s x 1.6^n, up
+# to 120 s) kept a master disconnected for seconds after an outage, long enough for its lease
+# (given a fresh ttl by the restarted etcd) to expire and cause a needless failover.
 GRPC_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 500),
 ]
 
 
