@@ -38,6 +38,7 @@ from connector.readiness import NodeState, readiness
 from connector.tunnel.session import TunnelError, TunnelSession, TunnelSettings
 from connector.tunnel.streams import TunnelStream
 from connector.tunnel.types import ErrorCode
+from ha.monitor import MasterProbe
 from ha.store import StoreError
 
 log = logging.getLogger(__name__)
@@ -259,41 +260,17 @@ class Node:
             self.poke()
 
     async def _probe_master(self) -> None:
-        """Shadows probe the master's admin /healthz; `probe_failures` misses in a row (a crashed
-        or frozen process) tell the elector the master is lost, well before its lease expires."""
-        timing = self.elector.timing
-        misses = 0
-        probed: tuple[str, int] | None = None
-        while True:
-            await trio.sleep(timing.probe_interval)
-            if self.elector.role != "shadow":
-                misses = 0
-                continue
+        """Shadows probe the master's admin /healthz (see `ha.monitor.MasterProbe`)."""
+
+        async def healthz(url: str, timeout: float) -> bool:
+            host, _, port = url.removeprefix("http://").partition(":")
             try:
-                snapshot = await self.elector.store.get_cluster()
-            except StoreError:  # etcd trouble is the elector's business; probing just pauses
-                continue
-            leader = snapshot.leader
-            if leader is None or leader.node == self.config.node_id:
-                misses = 0
-                continue
-            url = leader.data.get("admin_url") or (
-                snapshot.members[leader.node].data.get("admin_url") if leader.node in snapshot.members else None
-            )
-            if not url:
-                continue
-            if probed != (leader.node, leader.epoch):
-                probed, misses = (leader.node, leader.epoch), 0
-            host, _, port = str(url).removeprefix("http://").partition(":")
-            try:
-                status, _ = await http_request(host, int(port), "/healthz", timeout=timing.probe_interval)
-                misses = 0 if status == 200 else misses + 1
+                status, _ = await http_request(host, int(port), "/healthz", timeout=timeout)
             except (OSError, trio.TooSlowError, ValueError):
-                misses += 1
-            if misses >= timing.probe_failures:
-                log.warning("master %s (epoch %d) missed %d probes", leader.node, leader.epoch, misses)
-                self.elector.hint_master_lost(leader.epoch, "probe")
-                misses = 0
+                return False
+            return status == 200
+
+        await MasterProbe(self.elector, healthz).run()
 
     async def _export_role(self) -> None:
         node = self.config.node_id
