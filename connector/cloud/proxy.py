@@ -803,6 +803,8 @@ class _ProxyConnection:
         if upstream.conn.our_state is h11.DONE and upstream.conn.their_state is h11.DONE:
             upstream.conn.start_next_cycle()
             upstream.exchanges += 1
+            if upstream.conn.trailing_data[0]:  # bytes after the response: the stream is out of step
+                upstream.closed_by_node = upstream.unsolicited = True
         else:
             await self._drop_upstream(clean=upstream.conn.their_state is h11.DONE)
         return attempt.status
