@@ -244,6 +244,10 @@ class _Upstream:
     unsolicited: bool = False  # the node sent bytes while idle: the stream is out of step
 
 
+# Methods a client may send twice without changing the outcome (RFC 9110 section 9.2.2).
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+
 @attrs.define
 class _Progress:
     """What one request has taken from the application so far; carried across a retry."""
@@ -618,8 +622,8 @@ class _ProxyConnection:
                 assert result is None or isinstance(result, int)
                 return result
             log.info(
-                "HTTP proxy: the node closed a kept-alive stream before taking the request from %s; "
-                "sending it once more on a fresh stream", self.peer,
+                "HTTP proxy: the stream for the request from %s ended before any answer (idle stream "
+                "closed by the node, or its master lost); sending it once more on a fresh stream", self.peer,
             )
             progress.retried = True
 
@@ -742,9 +746,29 @@ class _ProxyConnection:
                     attempt, 502, "bad_response", f"the internal host sent a malformed response: {exc}"
                 )
             except StreamResetError as exc:
+                if may_replay(exc.code):
+                    attempt.retry = True
+                    attempt.body_scope.cancel()
+                    return
                 await self._upstream_failed(attempt, *reset_status(exc))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
+                if may_replay(ErrorCode.TUNNEL_LOST):
+                    attempt.retry = True
+                    attempt.body_scope.cancel()
+                    return
                 await self._upstream_failed(attempt, *reset_status(StreamResetError(ErrorCode.TUNNEL_LOST)))
+
+        def may_replay(code: ErrorCode) -> bool:
+            """After a failover: send the request once more (the router holds it for the next
+            master) when no response byte came and no body byte was taken from the application,
+            and either the node provably did not take it (NOT_MASTER) or the master died under
+            it (TUNNEL_LOST) and the method is idempotent, so a second execution is harmless
+            (what HTTP clients do themselves on a lost connection, RFC 9110 section 9.2.2)."""
+            if progress.retried or progress.body_consumed or attempt.response_started:
+                return False
+            if code == ErrorCode.NOT_MASTER:
+                return True
+            return code == ErrorCode.TUNNEL_LOST and outgoing.method in IDEMPOTENT_METHODS
 
         async def send_whole_request() -> None:
             # A request without a body: head and end in one write, and no body task.

@@ -58,6 +58,7 @@ class FakeRouter:
         self.idle_closed = trio.Event()
         self.close_gate = trio.Event()
         self.websockets_finished: list[str] = []
+        self.reset_once_seen: set[str] = set()
 
     async def open_stream(self, subaccount: str, location_id: str, target: Target) -> TunnelStream:
         self.opened.append((subaccount, location_id, target))
@@ -91,6 +92,11 @@ class FakeRouter:
                 path = request.target.decode()
                 if path.startswith("/reset/"):
                     await stream.reset(ErrorCode[path.split("/")[2]], "test reset")
+                    return
+                if path.startswith("/reset-once/") and path not in self.reset_once_seen:
+                    # the master dies under the first attempt; the next master answers
+                    self.reset_once_seen.add(path)
+                    await stream.reset(ErrorCode[path.split("/")[2]], "test reset, first attempt only")
                     return
                 if path == "/gate":
                     await self.gate.wait()
@@ -484,6 +490,30 @@ async def test_stream_resets_map_to_statuses(
     # the connection stays usable and the next request gets a fresh stream
     response, _ = await client.request(b"GET", b"http://erp.virtual/ok", [(b"host", b"erp.virtual"), AUTH])
     assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "code", "status"),
+    [
+        (b"GET", "TUNNEL_LOST", 200),  # idempotent: replayed once to the next master
+        (b"DELETE", "TUNNEL_LOST", 200),
+        (b"POST", "TUNNEL_LOST", 502),  # may have run on the dead master: never replayed
+        (b"POST", "NOT_MASTER", 200),  # the node provably took nothing: replayed whatever the method
+        (b"GET", "BACKEND_RESET", 502),  # not a failover: the internal host's answer stands
+    ],
+)
+async def test_request_lost_with_its_master_is_replayed_when_safe(
+    proxy_env: tuple[int, FakeRouter], method: bytes, code: str, status: int
+) -> None:
+    port, router = proxy_env
+    client = await Client.connect(port)
+    target = f"http://erp.virtual/reset-once/{code}/{method.decode()}".encode()
+    headers = [(b"host", b"erp.virtual"), AUTH]
+    if method == b"POST":
+        headers.append((b"content-length", b"0"))
+    response, body = await client.request(method, target, headers)
+    assert response.status_code == status, body
+    assert len(router.opened) == (2 if status == 200 else 1)
 
 
 async def test_reset_while_opening_maps_to_502(proxy_env: tuple[int, FakeRouter]) -> None:
