@@ -19,6 +19,8 @@ import h11
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from connector.listen import serve_tcp
+
 log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20
@@ -66,11 +68,7 @@ class AdminServer:
         }
 
     async def run(self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(port, host=host)
-        bound = listeners[0].socket.getsockname()[1]
-        async with trio.open_nursery() as nursery:
-            task_status.started(bound)
-            await trio.serve_listeners(self._serve, listeners, handler_nursery=nursery)
+        await serve_tcp(self._serve, host, port, name="admin API", task_status=task_status)
 
     async def _serve(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER)
@@ -135,7 +133,7 @@ async def _send(conn: h11.Connection, stream: trio.abc.Stream, head: Any, body: 
 
 
 async def http_request(
-    host: str, port: int, path: str, *, method: str = "GET", body: bytes = b"", timeout: float = 2.0
+    host: str, port: int, path: str, *, method: str = "GET", body: bytes = b"", timeout: float = 2.0  # noqa: ASYNC109 - one deadline for connect + exchange, applied with fail_after
 ) -> tuple[int, bytes]:
     """Tiny HTTP/1.1 client for admin endpoints (probes, CLI). Raises OSError/TooSlowError."""
     with trio.fail_after(timeout):

@@ -84,7 +84,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 async def _watch_parent(parent: int, stop: trio.Event) -> None:
     """Under a supervisor that cannot clean up after itself (the demo killed with -9), stop
     when the parent is gone rather than linger as a stray process."""
-    while os.getppid() == parent:
+    while os.getppid() == parent:  # noqa: ASYNC110 - the kernel offers no event for a parent's death
         await trio.sleep(1.0)
     log.warning("parent process %d is gone, stopping", parent)
     stop.set()

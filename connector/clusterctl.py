@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -20,7 +19,12 @@ from cryptography.fernet import Fernet, InvalidToken
 from connector.admin import http_request
 from connector.agent.acl import Mapping
 from connector.agent.runtime import open_store
-from connector.agent.sharedconfig import HISTORY_PREFIX, MAPPINGS_PREFIX, mapping_key, record_history
+from connector.agent.sharedconfig import (
+    HISTORY_PREFIX,
+    MAPPINGS_PREFIX,
+    mapping_key,
+    record_history,
+)
 from connector.config import ConfigError, NodeConfig, load_node_config
 from ha.store import SECRETS_PREFIX, Store, StoreError
 

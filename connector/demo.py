@@ -183,7 +183,7 @@ class Demo:
         self.ports: dict[str, int] = {}
 
     async def start_process(self, name: str, argv: list[str]) -> trio.Process:
-        logfile = open(self.workdir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        logfile = open(self.workdir / "logs" / f"{name}.log", "ab")  # noqa: SIM115, ASYNC230 - local, owned by the child
         # Children watch for the demo's death through CONNECTOR_PARENT_PID (see connector.cli):
         # PR_SET_PDEATHSIG would fire when trio's spawning *thread* retires, not the process.
         env = {**os.environ, "CONNECTOR_PARENT_PID": str(os.getpid())}
@@ -354,7 +354,7 @@ def run_demo(*, state_file: Path | None, workdir: Path | None, http_port: int = 
                             return
                         state_text = json.dumps(state, indent=2)
                         if state_file is not None:
-                            state_file.write_text(state_text)
+                            state_file.write_text(state_text)  # noqa: ASYNC240 - a few hundred bytes, once
                             os.chmod(state_file, 0o600)  # it holds the demo token
                         pointer.parent.mkdir(parents=True, exist_ok=True)
                         pointer.write_text(state_text)

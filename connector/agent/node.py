@@ -262,7 +262,7 @@ class Node:
     async def _probe_master(self) -> None:
         """Shadows probe the master's admin /healthz (see `ha.monitor.MasterProbe`)."""
 
-        async def healthz(url: str, timeout: float) -> bool:
+        async def healthz(url: str, timeout: float) -> bool:  # noqa: ASYNC109 - MasterProbe.Check signature
             host, _, port = url.removeprefix("http://").partition(":")
             try:
                 status, _ = await http_request(host, int(port), "/healthz", timeout=timeout)

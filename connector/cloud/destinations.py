@@ -43,6 +43,7 @@ from cryptography.fernet import Fernet, InvalidToken
 
 from connector.cloud.auth import Authenticator
 from connector.httperrors import error_parts
+from connector.listen import serve_tcp
 
 log = logging.getLogger(__name__)
 
@@ -306,11 +307,7 @@ class DestinationService:
         *,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        listeners = await trio.open_tcp_listeners(port, host=host)
-        bound_port: int = listeners[0].socket.getsockname()[1]
-        log.info("destination service listening on %s:%d", host, bound_port)
-        task_status.started(bound_port)
-        await trio.serve_listeners(self._handle, listeners)
+        await serve_tcp(self._handle, host, port, name="destination service", task_status=task_status)
 
     async def _handle(self, sock: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.settings.max_header_bytes)

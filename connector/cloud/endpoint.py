@@ -24,8 +24,8 @@ from cryptography import x509
 
 from connector import pki
 from connector.cloud.registry import Registry, TunnelHandle
+from connector.listen import serve_tcp
 from connector.tunnel.session import TunnelError, TunnelSession, TunnelSettings
-from connector.tunnel.types import ErrorCode
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ TLS_HANDSHAKE_TIMEOUT = 10.0
 WS_RECEIVE_BUFFER = 262144  # trio-websocket's default 4 KiB halves throughput (see ARCHITECTURE.md)
 WS_MAX_MESSAGE = 4 << 20
 TUNNEL_PATH = "/tunnel"
+DEFAULT_SETTINGS = TunnelSettings()
 
 
 class TunnelEndpoint:
@@ -43,7 +44,7 @@ class TunnelEndpoint:
         cert: Path,
         key: Path,
         subaccount_cas: dict[str, Path],
-        settings: TunnelSettings = TunnelSettings(),
+        settings: TunnelSettings = DEFAULT_SETTINGS,
     ) -> None:
         self.registry = registry
         self.settings = settings
@@ -52,11 +53,7 @@ class TunnelEndpoint:
         self.refused = 0  # connections refused for certificate reasons (tests and status read it)
 
     async def run(self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(port, host=host)
-        bound = listeners[0].socket.getsockname()[1]
-        async with trio.open_nursery() as nursery:
-            task_status.started(bound)
-            await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
+        await serve_tcp(self._handle, host, port, name="tunnel endpoint", task_status=task_status)
 
     async def _handle(self, tcp: trio.SocketStream) -> None:
         tls = trio.SSLStream(tcp, self._ssl, server_side=True, https_compatible=True)

@@ -42,6 +42,7 @@ import trio
 
 from connector.cloud.auth import Authenticator
 from connector.cloud.router import NoConnectorError, Router
+from connector.listen import serve_tcp
 from connector.metrics import PROXY_REQUEST_SECONDS, PROXY_REQUESTS
 from connector.tunnel.streams import TunnelStream
 from connector.tunnel.types import ErrorCode, StreamProtocol, StreamResetError, Target
@@ -158,11 +159,7 @@ class Socks5Proxy:
         *,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        listeners = await trio.open_tcp_listeners(port, host=host)
-        bound_port: int = listeners[0].socket.getsockname()[1]
-        log.info("SOCKS5 connectivity proxy listening on %s:%d", host, bound_port)
-        task_status.started(bound_port)
-        await trio.serve_listeners(self._handle, listeners)
+        await serve_tcp(self._handle, host, port, name="SOCKS5 connectivity proxy", task_status=task_status)
 
     async def _handle(self, sock: trio.SocketStream) -> None:
         started = trio.current_time()
