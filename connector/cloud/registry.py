@@ -74,14 +74,14 @@ class _Location:
     # epochs never go backwards, i.e. that no two masters ever served at once.
     routing: deque[dict[str, Any]] = attrs.Factory(lambda: deque(maxlen=1000))
 
-    def record_stream(self, handle: TunnelHandle) -> None:
+    def record_stream(self, node: str, epoch: int | None) -> None:
         last = self.routing[-1] if self.routing else None
-        if last is not None and last["node"] == handle.node and last["epoch"] == handle.epoch:
+        if last is not None and last["node"] == node and last["epoch"] == epoch:
             last["streams"] += 1
             last["last"] = trio.current_time()
         else:
             now = trio.current_time()
-            self.routing.append({"node": handle.node, "epoch": handle.epoch, "first": now, "last": now, "streams": 1})
+            self.routing.append({"node": node, "epoch": epoch, "first": now, "last": now, "streams": 1})
 
     def signal(self) -> None:
         self.master_changed.set()
@@ -231,6 +231,10 @@ class Registry:
             while True:
                 master = location.master
                 if master is not None:
+                    # The routing decision is made now, with this epoch; the master may drain or
+                    # be fenced while the OPEN frame is being sent, which does not change whose
+                    # stream it is.
+                    epoch = master.epoch
                     try:
                         stream = await master.session.open_stream(target)
                     except TunnelError:
@@ -238,7 +242,7 @@ class Registry:
                         if location.master is master:
                             self.remove(master)
                         continue
-                    location.record_stream(master)
+                    location.record_stream(master.node, epoch)
                     if held_since is not None:
                         metrics.HELD_TOTAL.labels("released").inc()
                         metrics.HELD_SECONDS.observe(trio.current_time() - held_since)

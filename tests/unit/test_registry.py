@@ -194,3 +194,26 @@ async def test_epochs_survive_a_cloud_restart(tmp_path, nursery):
     second.add(stale)
     assert not second.register(stale, 41).accepted
     assert second.register(handle("a"), 42).accepted
+
+
+async def test_routing_log_keeps_the_epoch_a_stream_was_routed_with(registry, nursery):
+    """The master drains while the OPEN frame is still being sent: the stream was routed to it
+    as master of its epoch, and the log says so (not `None`)."""
+    a = handle("a")
+    registry.add(a)
+    registry.register(a, 7)
+    sending = trio.Event()
+    release = trio.Event()
+
+    async def slow_open(target):
+        sending.set()
+        await release.wait()
+        return ("a", target)
+
+    a.session.open_stream = slow_open
+    nursery.start_soon(registry.open_stream, "acme", "", TARGET)
+    await sending.wait()
+    registry.unregister(a, draining=True)
+    release.set()
+    await trio.testing.wait_all_tasks_blocked()
+    assert [(r["node"], r["epoch"]) for r in registry.snapshot()[0]["routing"]] == [("a", 7)]
