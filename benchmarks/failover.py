@@ -109,13 +109,12 @@ def render(rows: dict[str, dict[str, object]], results: dict[str, list[DrillResu
         )
     lines += [
         "",
-        "Why requests fail at all: until the cloud learns that a master is gone it routes new streams",
-        "to it. A killed process takes milliseconds to exit and its tunnel's end to be read, so a",
-        "request sent in that gap is lost with it; a frozen master looks merely slow until the new",
-        "master registers and the cloud fences it (about one probe period x misses, or one lease), so",
-        "each load worker loses the one request it sent meanwhile. Held requests (no master connected)",
-        "are never lost: they wait for the new master. A cloud-side replay of idempotent requests whose",
-        "stream was lost before any response byte would remove these failures too.",
+        "Why no request fails: until the cloud learns that a master is gone it still routes new",
+        "streams to it (milliseconds after a kill, one probe period x misses after a freeze). A request",
+        "lost that way, with no response byte yet, is replayed once by the proxy when that is safe",
+        "(the node refused it as NOT_MASTER, or the method is idempotent: the load sends GETs); the",
+        "replay waits in the failover hold for the new master. A non-idempotent request (POST) in",
+        "flight on a dying master still fails with a 502 `connector_connection_lost`: it may have run.",
     ]
     lines += ["", "Aims (from the issue):", ""]
     for name, met in aims(rows):
