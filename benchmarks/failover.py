@@ -42,6 +42,33 @@ DESCRIPTIONS = {
     "graceful": "SIGTERM of the master (handover)",
 }
 OUTPUT = REPO / "docs" / "failover-benchmarks.md"
+SUMMARY = REPO / "docs" / "benchmarks.md"  # its failover block, kept in the hand-written preamble
+BEGIN, END = "<!-- failover:begin -->", "<!-- failover:end -->"
+
+
+def update_summary(path: Path, report: str) -> None:
+    """Copy the results table of `report` between the failover markers of `path`."""
+    table = [line for line in report.splitlines() if line.startswith("|")]
+    table = table[: next((i for i, line in enumerate(table) if line.startswith("| fact")), len(table))]
+    settings = next((line for line in report.splitlines() if line.startswith("Settings:")), "")
+    block = "\n".join([
+        BEGIN,
+        "## Failover drills",
+        "",
+        f"`python benchmarks/failover.py` ({settings.removeprefix('Settings: ')}); method, aims and every",
+        "drill's figure in [failover-benchmarks.md](failover-benchmarks.md).",
+        "",
+        *table,
+        END,
+    ])
+    text = path.read_text()
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        marker = "<!-- everything below this line"
+        at = text.index(marker) if marker in text else len(text)
+        text = text[:at] + block + "\n\n" + text[at:]
+    path.write_text(text)
 
 
 def _ms(value: float) -> str:
@@ -176,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if not args.no_write:
         OUTPUT.write_text(text)
-        print(f"written to {OUTPUT.relative_to(REPO)}")
+        update_summary(SUMMARY, text)
+        print(f"written to {OUTPUT.relative_to(REPO)} (summary in {SUMMARY.relative_to(REPO)})")
     return 1 if any(r.problems for rs in results.values() for r in rs) else 0
 
 

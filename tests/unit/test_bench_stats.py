@@ -118,3 +118,17 @@ def test_preamble_kept_across_regeneration() -> None:
     assert split_preamble(hand_written + "\n" + MARKER + "\n\nold figures\n") == hand_written
     assert split_preamble("") == DEFAULT_PREAMBLE
     assert split_preamble("a report without the marker") == DEFAULT_PREAMBLE
+
+
+def test_failover_summary_block_is_inserted_once_and_replaced(tmp_path):
+    from benchmarks.failover import BEGIN, END, update_summary
+
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\npreamble\n\n<!-- everything below this line is written by run.py -->\n\nresults\n")
+    report = "# Failover\n\nSettings: crash x 2.\n\n| drill | p50 |\n|---|---:|\n| crash | 20 ms |\n\n| fact | value |\n|---|---|\n| cores | 2 |\n"
+    update_summary(doc, report)
+    update_summary(doc, report.replace("20 ms", "30 ms"))
+    text = doc.read_text()
+    assert text.count(BEGIN) == 1 and text.count(END) == 1
+    assert "| crash | 30 ms |" in text and "20 ms" not in text and "| fact" not in text
+    assert text.index(END) < text.index("<!-- everything below") and text.endswith("results\n")
