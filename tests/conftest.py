@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ha.etcdtest import EtcdServer
+from tests.support.etcdserver import EtcdServer
 
 
 @pytest.fixture

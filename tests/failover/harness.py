@@ -512,7 +512,7 @@ def describe_failures(results: Sequence[RequestResult], limit: int = 5) -> str:
 
 
 def free_port() -> int:
-    from ha.etcdtest import free_port as _free
+    from tests.support.etcdserver import free_port as _free
 
     return _free()
 
@@ -535,7 +535,7 @@ class EtcdCluster:
         return [self.client_url(n) for n in self.names]
 
     def command(self, name: str) -> list[str]:
-        from ha.etcdtest import etcd_binary
+        from tests.support.etcdserver import etcd_binary
 
         initial = ",".join(f"{n}=http://127.0.0.1:{self.peer_ports[n]}" for n in self.names)
         peer = f"http://127.0.0.1:{self.peer_ports[name]}"

@@ -14,7 +14,7 @@ import attrs
 import pytest
 import trio
 
-from ha.etcdtest import EtcdServer
+from tests.support.etcdserver import EtcdServer
 from tests.failover.faultproxy import FaultProxy
 from tests.failover.harness import (
     Cluster,

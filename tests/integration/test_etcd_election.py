@@ -6,7 +6,7 @@ import trio
 
 from ha.election import Elector
 from ha.etcd import EtcdSettings, EtcdStore
-from ha.etcdtest import EtcdServer
+from tests.support.etcdserver import EtcdServer
 from ha.timing import HATiming
 
 TIMING = HATiming(ttl=2, loop_wait=0.25, retry_timeout=0.75)

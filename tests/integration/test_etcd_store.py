@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from ha.etcd import EtcdSettings, EtcdStore
-from ha.etcdtest import EtcdServer, free_port
+from tests.support.etcdserver import EtcdServer, free_port
 from ha.store import LeaseExpired, StoreUnavailable, WatchEvent
 
 TIMEOUT = 0.5

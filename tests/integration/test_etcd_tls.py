@@ -12,7 +12,7 @@ import trio
 
 from connector import pki
 from ha.etcd import EtcdSettings, EtcdStore
-from ha.etcdtest import etcd_binary, free_port
+from tests.support.etcdserver import etcd_binary, free_port
 from ha.store import StoreUnavailable
 
 
