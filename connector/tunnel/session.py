@@ -146,7 +146,70 @@ def _fast_framing(ws: trio_websocket.WebSocketConnection) -> bool:
     proto._serialize_frame = serialize  # type: ignore[method-assign]
     return True
 
+
+# --- TLS receive fast path --------------------------------------------------------------------
+#
+# trio-websocket's reader asks its stream for `receive_buffer_size` bytes per loop, but trio's
+# SSLStream answers one `SSLObject.read()`, and OpenSSL returns at most one TLS record (16 KiB)
+# per read, even when the socket read (64 KiB) brought several. Each record then costs a whole
+# reader loop: a trio checkpoint (a trip through the scheduler), trio's `_retry` bookkeeping and
+# a wsproto `events()` pass. `_greedy_tls_receive` gives the tunnel's SSLStream a receive_some
+# that, after trio's own call returned, also decrypts the records already sitting in the
+# stream's incoming memory BIO (no I/O, no waiting) up to `max_bytes`, and returns them joined.
+# It stops at the first read that wants more bytes, fails, hits EOF, or leaves bytes to send
+# (a TLS 1.3 KeyUpdate answer): those cases are left to trio's next call, which handles each of
+# them (trio sends any pending outgoing bytes on its next operation). Decrypting is
+# synchronous, so no other task can run in between; trio's own send path is never entered.
+# If trio's internals change (attributes missing), the stream is left alone.
+
+
+def _greedy_tls_receive(ws: trio_websocket.WebSocketConnection) -> bool:
+    """Make `ws`'s TLS stream return every already-received record per receive_some; see above."""
+    stream = getattr(ws, "_stream", None)
+    if not isinstance(stream, trio.SSLStream):
+        return False
+    try:
+        ssl_object = stream._ssl_object  # type: ignore[attr-defined]
+        incoming = stream._incoming  # type: ignore[attr-defined]
+        outgoing = stream._outgoing  # type: ignore[attr-defined]
+        stock = stream.receive_some
+        read, pending = ssl_object.read, ssl_object.pending
+    except AttributeError:
+        return False
+
+    async def receive_some(max_bytes: int | None = None) -> bytes | bytearray:
+        data = await stock(max_bytes)
+        if not data or max_bytes is None:
+            return data
+        room = max_bytes - len(data)
+        if room <= 0 or not (incoming.pending or pending()):
+            return data
+        parts = [data]
+        while room > 0 and (incoming.pending or pending()):
+            try:
+                more = read(room)
+            except Exception:  # noqa: BLE001 - want-read, EOF or error: trio's next call handles it
+                break
+            if not more:
+                break
+            parts.append(more)
+            room -= len(more)
+            if outgoing.pending:
+                break
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    try:
+        stream.receive_some = receive_some  # type: ignore[method-assign]
+    except AttributeError:
+        return False
+    return True
+
 _MESSAGE_TARGET = 128 * 1024  # the writer gathers frames up to this much per message (see above)
+# A receive_some asking for at least this much (the byte relays ask for 256 KiB) gets every
+# buffered chunk that fits, joined: one wake-up and one socket send instead of one per frame.
+# Smaller reads get one chunk (frame) at a time: the HTTP proxy reads 64 KiB and tells an answer
+# followed by stray bytes in a later frame from bytes glued to the answer (proxy.py).
+_JOIN_AT = 128 * 1024
 _SEND_CHUNK = 128 * 1024  # send_all hands the protocol at most this much at a time
 _HIGH_WATER = 512 * 1024  # writers wait while the outgoing queue holds more than this
 
@@ -349,11 +412,14 @@ class SessionStream(TunnelStream):
                 await self._lot.park()
             if self._closed:
                 raise trio.ClosedResourceError("stream was closed")
-            chunk = self._chunks[0]
+            chunks = self._chunks
+            chunk = chunks[0]
             if max_bytes is None or max_bytes >= len(chunk):
-                self._chunks.popleft()
+                chunks.popleft()
+                if chunks and (max_bytes is None or max_bytes >= _JOIN_AT):
+                    chunk = self._take_more(chunk, max_bytes)  # bulk reader: see _JOIN_AT
             else:
-                self._chunks[0] = chunk[max_bytes:]
+                chunks[0] = chunk[max_bytes:]
                 chunk = chunk[:max_bytes]
             self._buffered -= len(chunk)
             self._consumed += len(chunk)
@@ -363,6 +429,22 @@ class SessionStream(TunnelStream):
             return chunk
         finally:
             self._receiving = False
+
+    def _take_more(self, first: bytes, max_bytes: int | None) -> bytes:
+        """`first` joined with the following buffered chunks, up to `max_bytes` in all."""
+        chunks = self._chunks
+        parts = [first]
+        room = (max_bytes if max_bytes is not None else self._buffered + len(first)) - len(first)
+        while chunks and room > 0:
+            chunk = chunks[0]
+            if len(chunk) <= room:
+                chunks.popleft()
+            else:
+                chunks[0] = chunk[room:]
+                chunk = chunk[:room]
+            parts.append(chunk)
+            room -= len(chunk)
+        return b"".join(parts) if len(parts) > 1 else first
 
     async def accept(self) -> None:
         if self.opener:
@@ -428,6 +510,7 @@ class TunnelSession:
                  hello_info: dict[str, Any] | None = None) -> None:
         self._ws = ws
         _fast_framing(ws)
+        _greedy_tls_receive(ws)
         self.client = client
         self.settings = settings
         self._hello_info = dict(hello_info or {})

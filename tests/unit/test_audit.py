@@ -67,7 +67,7 @@ def test_lines_are_visible_before_close(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     audit = AuditLog(str(path))
     audit.request(method="GET", path="/a")
-    assert json.loads(path.read_text())["path"] == "/a"  # line-buffered: no close needed
+    assert json.loads(path.read_text())["path"] == "/a"  # written unbuffered: no close or flush needed
     audit.close()
 
 
