@@ -13,6 +13,7 @@ import trio
 import trio_websocket
 
 from connector import metrics
+from connector.tunnel import session as session_mod
 from connector.tunnel.session import SessionStream, TunnelError, TunnelSession, TunnelSettings
 from connector.tunnel.types import ErrorCode, StreamProtocol, StreamResetError, Target
 
@@ -444,4 +445,67 @@ async def test_streams_wait_for_the_peers_max_streams() -> None:
                 third = await pair.cloud.open_stream(TARGET)
             await third.wait_accepted()
             hold.set()
+            nursery.cancel_scope.cancel()
+
+
+async def test_bulk_reads_join_buffered_frames_small_reads_take_one() -> None:
+    """A read of at least _JOIN_AT bytes (or None) takes every buffered frame that fits, joined;
+    a smaller read takes one frame (the HTTP proxy tells glued from later bytes by that)."""
+    sent = trio.Event()
+
+    async def three_writes(stream: SessionStream) -> None:
+        await stream.accept()
+        for part in (b"a" * 10, b"b" * 20, b"c" * 30, b"d" * 40):
+            await stream.send_all(part)  # one DATA frame each
+        await stream.send_eof()
+        sent.set()
+
+    with trio.fail_after(TEST_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            pair = await start_pair(nursery, node_handler=three_writes)
+            stream = await pair.cloud.open_stream(TARGET)
+            await sent.wait()
+            while stream.statistics().buffered < 100:  # noqa: ASYNC110 - bounded by the deadline
+                await trio.sleep(0.001)
+            assert await stream.receive_some(65536) == b"a" * 10  # small read: one frame
+            assert await stream.receive_some(session_mod._JOIN_AT) == b"b" * 20 + b"c" * 30 + b"d" * 40
+            assert await stream.receive_some(session_mod._JOIN_AT) == b""
+            await stream.aclose()
+
+            sent = trio.Event()
+            stream = await pair.cloud.open_stream(TARGET)
+            await sent.wait()
+            while stream.statistics().buffered < 100:  # noqa: ASYNC110 - bounded by the deadline
+                await trio.sleep(0.001)
+            assert await stream.receive_some(None) == b"a" * 10 + b"b" * 20 + b"c" * 30 + b"d" * 40
+            assert stream.statistics().buffered == 0
+            await stream.aclose()
+            await pair.cloud.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_bulk_read_splits_the_frame_that_does_not_fit() -> None:
+    big = session_mod._JOIN_AT
+    sent = trio.Event()
+
+    async def two_writes(stream: SessionStream) -> None:
+        await stream.accept()
+        await stream.send_all(b"x" * 1000)
+        await stream.send_all(b"y" * big)
+        await stream.send_eof()
+        sent.set()
+
+    with trio.fail_after(TEST_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            pair = await start_pair(nursery, node_handler=two_writes)
+            stream = await pair.cloud.open_stream(TARGET)
+            await sent.wait()
+            while stream.statistics().buffered < 1000 + big:  # noqa: ASYNC110 - bounded by the deadline
+                await trio.sleep(0.001)
+            first = await stream.receive_some(big)
+            assert first == b"x" * 1000 + b"y" * (big - 1000)
+            assert await stream.receive_some(big) == b"y" * 1000
+            assert stream.statistics().buffered == 0
+            await stream.aclose()
+            await pair.cloud.aclose()
             nursery.cancel_scope.cancel()
