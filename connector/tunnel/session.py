@@ -160,7 +160,11 @@ def _fast_framing(ws: trio_websocket.WebSocketConnection) -> bool:
 # (a TLS 1.3 KeyUpdate answer): those cases are left to trio's next call, which handles each of
 # them (trio sends any pending outgoing bytes on its next operation). Decrypting is
 # synchronous, so no other task can run in between; trio's own send path is never entered.
-# If trio's internals change (attributes missing), the stream is left alone.
+# The socket underneath is read `_TLS_SOCKET_READ` at a time instead of trio's 64 KiB, so one
+# loop takes everything the kernel holds. If trio's internals change (attributes missing), the stream is left alone.
+
+
+_TLS_SOCKET_READ = 256 * 1024  # bytes the tunnel's TLS stream asks its socket for at once
 
 
 def _greedy_tls_receive(ws: trio_websocket.WebSocketConnection) -> bool:
@@ -202,6 +206,19 @@ def _greedy_tls_receive(ws: trio_websocket.WebSocketConnection) -> bool:
         stream.receive_some = receive_some  # type: ignore[method-assign]
     except AttributeError:
         return False
+    transport = stream.transport_stream
+    if isinstance(transport, trio.SocketStream):
+        # trio's SSLStream asks its socket for "some" bytes, which trio reads 64 KiB at a time;
+        # ask for up to _TLS_SOCKET_READ so one loop takes what the kernel has (more records).
+        socket_receive = transport.receive_some
+
+        async def receive_more(max_bytes: int | None = None) -> bytes | bytearray:
+            return await socket_receive(_TLS_SOCKET_READ if max_bytes is None else max_bytes)
+
+        try:
+            transport.receive_some = receive_more  # type: ignore[method-assign]
+        except AttributeError:
+            pass
     return True
 
 _MESSAGE_TARGET = 128 * 1024  # the writer gathers frames up to this much per message (see above)
