@@ -240,20 +240,37 @@ def test_dockerfile_copies_what_exists_and_drops_root() -> None:
     assert any(line.startswith("RUN pip install .") for line in lines)
 
 
-def _docker_compose_available() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    try:
-        return subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=20).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
+def _compose_client() -> list[str] | None:
+    """`docker compose` (v2 plugin) or Debian's `docker-compose`; both validate without an engine."""
+    candidates = [["docker", "compose"], ["docker-compose"]]
+    for command in candidates:
+        if shutil.which(command[0]) is None:
+            continue
+        try:
+            if subprocess.run([*command, "version"], capture_output=True, timeout=20).returncode == 0:
+                return command
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+    return None
 
 
-@pytest.mark.skipif(not _docker_compose_available(), reason="`docker compose` client not available")
+@pytest.mark.skipif(_compose_client() is None, reason="no `docker compose` or `docker-compose` client")
 def test_docker_compose_config_is_valid() -> None:
-    result = subprocess.run(["docker", "compose", "-f", str(COMPOSE / "docker-compose.yml"), "config", "-q"],
+    client = _compose_client()
+    assert client is not None
+    result = subprocess.run([*client, "-f", str(COMPOSE / "docker-compose.yml"), "config", "-q"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_docker_compose_validation_catches_a_broken_file(tmp_path: Path) -> None:
+    client = _compose_client()
+    if client is None:
+        pytest.skip("no `docker compose` or `docker-compose` client")
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text("services:\n  cloud:\n    image: x\n    ports: 20003\n")
+    result = subprocess.run([*client, "-f", str(broken), "config", "-q"], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
 
 
 # --- kubernetes ----------------------------------------------------------------------------------
