@@ -364,6 +364,7 @@ class _Exchange:
     request_done: bool = False
     client_error: h11.RemoteProtocolError | None = None
     client_gone: bool = False
+    body_pumped: trio.Event | None = None  # set when _pump_request_body ends (if it runs)
 
 
 class _HttpSession:
@@ -519,7 +520,8 @@ class _HttpSession:
             await trio.aclose_forcefully(backend)
 
     async def _to_backend(self, *events: Any) -> None:
-        assert self.backend is not None and self.backend_conn is not None
+        if self.backend is None or self.backend_conn is None:
+            raise _BackendGone("internal host connection already closed")
         data = b"".join([self.backend_conn.send(event) or b"" for event in events])
         if data:
             try:
@@ -738,6 +740,14 @@ class _HttpSession:
         Never raises: failures are recorded on `exchange` for `_exchange` to act on.
         """
         try:
+            await self._send_request_body(exchange, head_scope, nursery)
+        finally:
+            if exchange.body_pumped is not None:
+                exchange.body_pumped.set()
+
+    async def _send_request_body(self, exchange: _Exchange, head_scope: trio.CancelScope,
+                                 nursery: trio.Nursery) -> None:
+        try:
             if exchange.request_done:  # resending a body-less request on a fresh connection
                 await self._to_backend(h11.EndOfMessage())
             else:
@@ -778,6 +788,7 @@ class _HttpSession:
             except (_BackendGone, _TunnelGone, _ResponseTimeout) as exc:
                 failure = exc
         else:
+            exchange.body_pumped = trio.Event()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._pump_request_body, exchange, head_scope, nursery)
                 try:
@@ -845,12 +856,27 @@ class _HttpSession:
                 break
             else:
                 raise _BackendGone(f"unexpected {type(event).__name__} in the response body", "protocol_error")
+        end = h11.EndOfMessage(headers=list(event.headers) if keep_trailers else [])
+        pumped = exchange.body_pumped
+        if pumped is not None and not pumped.is_set():
+            # The internal host answered before the request body had gone through (an echo of a
+            # small body can; an early error does). Its connection can carry another request only
+            # once the request has ended, so the client gets its answer and we wait for the body.
+            try:
+                await self._to_client(end)
+                with trio.move_on_after(self.settings.response_timeout):
+                    await pumped.wait()
+            finally:  # audited even if the client goes away meanwhile
+                self._audit(exchange, "allowed", acl_mod.ALLOWED)
+                self._seconds.observe(trio.current_time() - exchange.started)
+            await self._finish_backend_cycle()
+            return True
         # Book-keeping before the last bytes go out, so the audit line exists once the client has
         # the whole response.
         await self._finish_backend_cycle()
         self._audit(exchange, "allowed", acl_mod.ALLOWED)
         self._seconds.observe(trio.current_time() - exchange.started)
-        await self._to_client(h11.EndOfMessage(headers=list(event.headers) if keep_trailers else []))
+        await self._to_client(end)
         return True
 
     async def _finish_backend_cycle(self) -> None:

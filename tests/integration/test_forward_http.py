@@ -9,6 +9,7 @@ import tracemalloc
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import h11
 import pytest
 import trio
 from prometheus_client import REGISTRY
@@ -331,6 +332,97 @@ async def test_stale_kept_alive_backend_connection_is_replaced(nursery: trio.Nur
     await trio.sleep(0.05)  # let the FIN reach the forwarder's socket
     assert (await client.request(b"GET", b"/echo")).body == b"ok"
     assert backend.connections == 2
+
+
+class EarlyAnswerBackend:
+    """Answers each request as soon as its head is in, then reads the body it announced (5 bytes),
+    like an echo of a small body or an early error can; keeps the connection alive."""
+
+    BODY = b"hello"
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.bodies: list[bytes] = []
+
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        self.connections += 1
+        data = b""
+        while True:
+            while b"\r\n\r\n" not in data:
+                chunk = await stream.receive_some(CHUNK)
+                if not chunk:
+                    return
+                data += chunk
+            head, _, data = data.partition(b"\r\n\r\n")
+            await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nearly")
+            if head.startswith(b"POST"):
+                while len(data) < len(self.BODY):
+                    chunk = await stream.receive_some(CHUNK)
+                    if not chunk:
+                        return
+                    data += chunk
+                self.bodies.append(data[: len(self.BODY)])
+                data = data[len(self.BODY):]
+
+
+async def test_answer_before_the_body_then_body_then_next_request_on_the_same_connection(
+    nursery: trio.Nursery,
+) -> None:
+    """The backend answers a POST before the body has gone through: the client gets the answer,
+    the body still reaches the backend, and the stream and the backend connection carry the next
+    request (this raced once: the connection was dropped under the body's feet)."""
+    backend = EarlyAnswerBackend()
+    port = await serve(nursery, backend.handle)
+    audit = AuditLog(None)
+    opener = open_stream(nursery, AccessControl([mapping_for(port)]), context(audit))
+    client = HttpClient(opener)
+    await client._send(h11.Request(method=b"POST", target=b"/echo",
+                                   headers=[(b"host", b"x"), (b"content-length", b"5")]))
+    reply = await client.read_response()  # answered while the body has not even been sent
+    assert (reply.status, reply.body) == (200, b"early")
+    await client._send(h11.Data(data=EarlyAnswerBackend.BODY))
+    await client._send(h11.EndOfMessage())
+    second = await client.request(b"GET", b"/echo")
+    assert (second.status, second.body) == (200, b"early")
+    assert backend.bodies == [EarlyAnswerBackend.BODY]
+    assert backend.connections == 1
+    lines = await audit_lines(audit, 2)
+    assert [(line["decision"], line["status"]) for line in lines] == [("allowed", 200)] * 2
+
+
+async def test_answer_before_the_body_and_the_body_never_comes(nursery: trio.Nursery) -> None:
+    """The client got its answer and never sends the body it announced: after response_timeout
+    the stream is closed (not kept waiting) and the request is audited as answered."""
+    backend = EarlyAnswerBackend()
+    port = await serve(nursery, backend.handle)
+    audit = AuditLog(None)
+    opener = open_stream(nursery, AccessControl([mapping_for(port)]), context(audit, response_timeout=0.3))
+    client = HttpClient(opener)
+    await client._send(h11.Request(method=b"POST", target=b"/echo",
+                                   headers=[(b"host", b"x"), (b"content-length", b"5")]))
+    reply = await client.read_response()
+    assert (reply.status, reply.body) == (200, b"early")
+    with trio.fail_after(3):
+        assert await opener.receive_some(CHUNK) == b""  # the forwarder ended the stream
+    (line,) = await audit_lines(audit, 1)
+    assert (line["decision"], line["status"]) == ("allowed", 200)
+    assert backend.bodies == []
+
+
+async def test_answer_before_the_body_and_the_client_goes_away(nursery: trio.Nursery) -> None:
+    """The client resets its stream while the forwarder waits for the body: the request is still
+    audited (one line per request, whatever happens after the answer)."""
+    backend = EarlyAnswerBackend()
+    port = await serve(nursery, backend.handle)
+    audit = AuditLog(None)
+    opener = open_stream(nursery, AccessControl([mapping_for(port)]), context(audit))
+    client = HttpClient(opener)
+    await client._send(h11.Request(method=b"POST", target=b"/echo",
+                                   headers=[(b"host", b"x"), (b"content-length", b"5")]))
+    assert (await client.read_response()).status == 200
+    await opener.reset(ErrorCode.CANCEL, "application gone")
+    (line,) = await audit_lines(audit, 1)
+    assert (line["decision"], line["status"]) == ("allowed", 200)
 
 
 # --- protocol hygiene -------------------------------------------------------------------------------
