@@ -29,6 +29,7 @@ from typing import Any
 
 import attrs
 
+from connector.http1 import header_tokens
 from connector.tunnel.types import StreamProtocol, Target
 
 # --- decision reasons (metrics label values) ---------------------------------------------------
@@ -167,18 +168,9 @@ def normalise_path(path: str) -> str:
     return "/" + "/".join(kept) + ("/" if trailing_slash else "")
 
 
-def _header_tokens(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> set[bytes]:
-    tokens: set[bytes] = set()
-    for key, value in headers:
-        if key.lower() == name:
-            tokens.update(t.strip().lower() for t in value.split(b","))
-    tokens.discard(b"")
-    return tokens
-
-
 def is_websocket_upgrade(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     """True if the request asks to upgrade to WebSocket (Upgrade: websocket)."""
-    return b"websocket" in _header_tokens(headers, b"upgrade")
+    return b"websocket" in header_tokens(headers, b"upgrade")
 
 
 # --- configuration objects ---------------------------------------------------------------------

@@ -43,6 +43,7 @@ from connector import metrics
 from connector.agent import acl as acl_mod
 from connector.agent.acl import AccessControl, Decision, Mapping
 from connector.agent.audit import AuditLog
+from connector.http1 import Outbox, header_tokens, strip_hop_by_hop
 from connector.httperrors import REASON_PHRASES, error_parts
 from connector.tunnel.streams import TunnelStream
 from connector.tunnel.types import ErrorCode, StreamResetError
@@ -50,22 +51,6 @@ from connector.tunnel.types import ErrorCode, StreamResetError
 log = logging.getLogger(__name__)
 
 NO_MAPPING_LABEL = "-"  # mapping label when no mapping matched (virtual names are caller-chosen)
-
-# Headers that belong to one hop (RFC 9110 section 7.6.1); never forwarded. Framing headers
-# (content-length, transfer-encoding) are kept: h11 frames the next hop from them.
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authorization",
-        b"proxy-authenticate",
-        b"te",
-        b"trailer",
-        b"upgrade",
-    }
-)
-
 
 @attrs.frozen
 class ForwardSettings:
@@ -332,20 +317,6 @@ async def _serve_tcp(stream: TunnelStream, mapping: Mapping, ctx: StreamContext)
 # --- HTTP ------------------------------------------------------------------------------------------
 
 
-def _header_tokens(headers: list[tuple[bytes, bytes]], name: bytes) -> set[bytes]:
-    tokens: set[bytes] = set()
-    for key, value in headers:
-        if key == name:
-            tokens.update(t.strip().lower() for t in value.split(b","))
-    tokens.discard(b"")
-    return tokens
-
-
-def _strip_hop_by_hop(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    listed = _header_tokens(headers, b"connection")
-    return [(k, v) for k, v in headers if k not in HOP_BY_HOP and k not in listed]
-
-
 def _printable_target(raw: bytes) -> str:
     return raw[:2048].decode("ascii", "backslashreplace")
 
@@ -383,7 +354,8 @@ class _HttpSession:
         self._bytes_out = metrics.BYTES.labels(mapping.name, "out")
         self._allowed = metrics.REQUESTS.labels(mapping.name, "allowed")
         self._seconds = metrics.REQUEST_SECONDS.labels(mapping.name, str(mapping.protocol))
-        self._out = bytearray()  # response bytes queued for the stream, see _flush_client
+        # responses for the stream: a head, its body and its end leave in one write
+        self.out = Outbox(self.client, stream.send_all, _TUNNEL_ERRORS, lambda exc: _TunnelGone(str(exc)))
         self._idle_scope: trio.CancelScope | None = None  # set while waiting for a next request
 
     # --- loop over the requests of the stream ---------------------------------------------------
@@ -484,25 +456,6 @@ class _HttpSession:
                 raise _TunnelGone(str(exc)) from exc
             self.client.receive_data(data)  # type: ignore[arg-type]  # h11 takes any bytes-like
 
-    def _queue_client(self, event: Any) -> None:
-        """Encode an event for the stream without sending it yet (see _flush_client)."""
-        data = self.client.send(event)
-        if data:
-            self._out += data
-
-    async def _flush_client(self) -> None:
-        """Send what _queue_client gathered: a head, its body and its end as one write."""
-        if not self._out:
-            return
-        data, self._out = self._out, bytearray()
-        try:
-            await self.stream.send_all(data)
-        except _TUNNEL_ERRORS as exc:
-            raise _TunnelGone(str(exc)) from exc
-
-    async def _to_client(self, event: Any) -> None:
-        self._queue_client(event)
-        await self._flush_client()
 
     # --- backend I/O ----------------------------------------------------------------------------
 
@@ -538,7 +491,7 @@ class _HttpSession:
                 raise _BackendGone(f"internal host broke HTTP: {exc}", "protocol_error") from exc
             if event is not h11.NEED_DATA:
                 return event
-            await self._flush_client()  # what is complete goes out before we wait
+            await self.out.flush()  # what is complete goes out before we wait
             try:
                 data = await self.backend.receive_some(self.settings.chunk)
             except _BACKEND_ERRORS as exc:
@@ -659,7 +612,7 @@ class _HttpSession:
 
     def _backend_request(self, request: h11.Request, decision: Decision) -> h11.Request:
         m = self.mapping
-        headers = [(k, v) for k, v in _strip_hop_by_hop(list(request.headers))
+        headers = [(k, v) for k, v in strip_hop_by_hop(list(request.headers))
                    if k not in (b"host", b"x-forwarded-host", b"expect")]
         if m.host_in_header is acl_mod.HostInHeader.INTERNAL:
             host = f"{m.internal_host}:{m.internal_port}".encode()
@@ -675,7 +628,7 @@ class _HttpSession:
     @staticmethod
     def _is_switch(request: h11.Request, decision: Decision) -> bool:
         """An allowed WebSocket upgrade that the client really proposed (Connection: upgrade)."""
-        return decision.websocket and b"upgrade" in _header_tokens(list(request.headers), b"connection")
+        return decision.websocket and b"upgrade" in header_tokens(list(request.headers), b"connection")
 
     async def _backend_failed(self, exchange: _Exchange, status: int, reason: str, message: str,
                               label: str) -> bool:
@@ -780,7 +733,7 @@ class _HttpSession:
         if self.client.they_are_waiting_for_100_continue:
             # Allowed and connected: invite the body ourselves (Expect is not forwarded), so a
             # backend that never sends 100 Continue cannot stall the client.
-            await self._to_client(h11.InformationalResponse(status_code=100, headers=[]))
+            await self.out.send(h11.InformationalResponse(status_code=100, headers=[]))
         if exchange.request_done:  # sent whole by _forward: no body to pump
             head_scope.deadline = trio.current_time() + self.settings.response_timeout
             try:
@@ -826,7 +779,7 @@ class _HttpSession:
                             break
                         raise _BackendGone("internal host switched protocols unasked", "protocol_error")
                     if self.client.their_http_version == b"1.1":
-                        await self._to_client(event)
+                        await self.out.send(event)
                     continue
                 break
         if head_scope.cancelled_caught:
@@ -836,9 +789,9 @@ class _HttpSession:
             return await self._switch_to_websocket(exchange, event)
         assert isinstance(event, h11.Response)
         backend_headers = list(event.headers)
-        chunked = b"chunked" in _header_tokens(backend_headers, b"transfer-encoding")
-        self._queue_client(h11.Response(status_code=event.status_code,
-                                        headers=_strip_hop_by_hop(backend_headers),
+        chunked = b"chunked" in header_tokens(backend_headers, b"transfer-encoding")
+        self.out.queue(h11.Response(status_code=event.status_code,
+                                        headers=strip_hop_by_hop(backend_headers),
                                         reason=event.reason,
                                         _parsed=True))  # h11 validated it when parsing
         exchange.status = event.status_code
@@ -847,9 +800,9 @@ class _HttpSession:
         while True:
             event = await self._next_backend_event()
             if isinstance(event, h11.Data):
-                self._queue_client(event)
-                if len(self._out) >= self.settings.chunk:
-                    await self._flush_client()
+                self.out.queue(event)
+                if len(self.out) >= self.settings.chunk:
+                    await self.out.flush()
                 exchange.bytes_out += len(event.data)
                 self._bytes_out.inc(len(event.data))
             elif isinstance(event, h11.EndOfMessage):
@@ -863,7 +816,7 @@ class _HttpSession:
             # small body can; an early error does). Its connection can carry another request only
             # once the request has ended, so the client gets its answer and we wait for the body.
             try:
-                await self._to_client(end)
+                await self.out.send(end)
                 with trio.move_on_after(self.settings.response_timeout):
                     await pumped.wait()
             finally:  # audited even if the client goes away meanwhile
@@ -876,7 +829,7 @@ class _HttpSession:
         await self._finish_backend_cycle()
         self._audit(exchange, "allowed", acl_mod.ALLOWED)
         self._seconds.observe(trio.current_time() - exchange.started)
-        await self._to_client(end)
+        await self.out.send(end)
         return True
 
     async def _finish_backend_cycle(self) -> None:
@@ -890,7 +843,7 @@ class _HttpSession:
     async def _switch_to_websocket(self, exchange: _Exchange, response: h11.InformationalResponse) -> bool:
         """Relay the 101, then bytes both ways until both sides closed; the stream ends after."""
         assert self.backend is not None and self.backend_conn is not None
-        await self._to_client(h11.InformationalResponse(status_code=101, headers=list(response.headers),
+        await self.out.send(h11.InformationalResponse(status_code=101, headers=list(response.headers),
                                                         reason=response.reason))
         exchange.status = 101
         exchange.head_sent = True

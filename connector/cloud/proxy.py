@@ -58,9 +58,9 @@ import h11
 import trio
 
 from connector.cloud.auth import Authenticator
-from connector.cloud.router import NoConnectorError, Router
+from connector.cloud.router import NoConnectorError, ProxyService, Router
+from connector.http1 import HOP_BY_HOP, Outbox, header_tokens, strip_hop_by_hop
 from connector.httperrors import REASON_PHRASES, error_parts
-from connector.listen import serve_tcp
 from connector.metrics import PROXY_REQUEST_SECONDS, PROXY_REQUESTS
 from connector.tunnel.streams import TunnelStream
 from connector.tunnel.types import ErrorCode, StreamProtocol, StreamResetError, Target
@@ -71,20 +71,9 @@ DEFAULT_HTTP_PROXY_PORT = 20003
 LOCATION_HEADER = b"sap-connectivity-scc-location_id"
 TLS_HANDSHAKE_RECORD = 0x16
 
-# Headers that belong to one hop (RFC 9110 section 7.6.1) or to the proxy itself; never forwarded.
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authorization",
-        b"proxy-authenticate",
-        b"te",
-        b"trailer",
-        b"upgrade",
-        LOCATION_HEADER,
-    }
-)
+# hop-by-hop for the proxy: also its own routing header, which the node must not see
+PROXY_ONLY = frozenset({LOCATION_HEADER})
+
 
 _HOST = re.compile(rb"[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\]")
 
@@ -154,17 +143,6 @@ def parse_proxy_target(raw: bytes) -> tuple[str, int, bytes]:
     return host.decode("ascii").lower(), port, path
 
 
-def header_tokens(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> set[bytes]:
-    """Lower-cased comma-separated tokens of every `name` header (Connection, Upgrade, ...)."""
-    return {
-        token.strip().lower()
-        for header_name, value in headers
-        if header_name.lower() == name
-        for token in value.split(b",")
-        if token.strip()
-    }
-
-
 def is_websocket_upgrade(request: h11.Request) -> bool:
     """True for an HTTP/1.1 GET with `Connection: Upgrade` and `Upgrade: websocket` (RFC 6455 4.1)."""
     return (
@@ -187,7 +165,8 @@ def forwarded_headers(
     listed = header_tokens(headers, b"connection")
     if websocket:
         listed = {token for token in listed if not token.startswith(b"sec-websocket-")}
-    result = [(name, value) for name, value in headers if name not in HOP_BY_HOP and name not in listed]
+    result = [(name, value) for name, value in headers
+              if name not in HOP_BY_HOP and name not in PROXY_ONLY and name not in listed]
     if not any(name == b"host" for name, _ in result):
         authority = host if port == 80 else f"{host}:{port}"
         result.insert(0, (b"host", authority.encode("ascii")))
@@ -198,14 +177,14 @@ def forwarded_headers(
 
 def response_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """Response headers to relay to the application: hop-by-hop headers removed."""
-    listed = header_tokens(headers, b"connection")
-    return [(name, value) for name, value in headers if name not in HOP_BY_HOP and name not in listed]
+    return strip_hop_by_hop(headers, PROXY_ONLY)
 
 
 def switching_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """Headers of a relayed `101 Switching Protocols` to a WebSocket upgrade (Sec-WebSocket-* kept)."""
     listed = {t for t in header_tokens(headers, b"connection") if not t.startswith(b"sec-websocket-")}
-    kept = [(name, value) for name, value in headers if name not in HOP_BY_HOP and name not in listed]
+    kept = [(name, value) for name, value in headers
+            if name not in HOP_BY_HOP and name not in PROXY_ONLY and name not in listed]
     return [(b"connection", b"upgrade"), (b"upgrade", b"websocket"), *kept]
 
 
@@ -293,24 +272,16 @@ _RETRY = object()  # _exchange's answer when the request may be sent again on a 
 _STREAM_ERRORS = (StreamResetError, trio.BrokenResourceError, trio.ClosedResourceError)
 
 
-class HttpProxy:
+class HttpProxy(ProxyService[ProxySettings]):
     """Serves the HTTP connectivity proxy; one `_ProxyConnection` per application connection."""
+
+    name = "HTTP connectivity proxy"
+    default_port = DEFAULT_HTTP_PROXY_PORT
 
     def __init__(
         self, router: Router, authenticator: Authenticator, *, settings: ProxySettings = ProxySettings()
     ) -> None:
-        self.router = router
-        self.authenticator = authenticator
-        self.settings = settings
-
-    async def run(
-        self,
-        host: str = "127.0.0.1",
-        port: int = DEFAULT_HTTP_PROXY_PORT,
-        *,
-        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        await serve_tcp(self._handle, host, port, name="HTTP connectivity proxy", task_status=task_status)
+        super().__init__(router, authenticator, settings=settings)
 
     async def _handle(self, sock: trio.SocketStream) -> None:
         connection = _ProxyConnection(self, sock)
@@ -330,7 +301,9 @@ class _ProxyConnection:
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.settings.max_header_bytes)
         self.upstream: _Upstream | None = None
         self.switched: _Switched | None = None
-        self._out = bytearray()  # response bytes queued for the application, see _flush_client
+        # responses for the application: a head, its body and its end leave in one write
+        self.out = Outbox(self.conn, sock.send_all, (trio.BrokenResourceError, trio.ClosedResourceError),
+                          lambda _exc: _ClientGone())
         try:
             host, port = sock.socket.getpeername()[:2]
             self.peer = f"{host}:{port}"
@@ -343,26 +316,6 @@ class _ProxyConnection:
             return await self.sock.receive_some(self.settings.chunk)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise _ClientGone() from exc
-
-    def _queue_client(self, event: h11.Event) -> None:
-        """Encode an event for the application without sending it yet (see _flush_client)."""
-        data = self.conn.send(event)
-        if data:
-            self._out += data
-
-    async def _flush_client(self) -> None:
-        """Send what _queue_client gathered: one write for a head, its body and its end."""
-        if not self._out:
-            return
-        data, self._out = self._out, bytearray()
-        try:
-            await self.sock.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise _ClientGone() from exc
-
-    async def _send_client(self, event: h11.Event) -> None:
-        self._queue_client(event)
-        await self._flush_client()
 
     async def _next_client_event(self) -> h11.Event:
         while True:
@@ -486,11 +439,11 @@ class _ProxyConnection:
         if close or self.conn.their_state not in (h11.DONE, h11.MIGHT_SWITCH_PROTOCOL):
             # the rest of the request body is not read: the connection cannot be reused
             headers.append((b"connection", b"close"))
-        self._queue_client(
+        self.out.queue(
             h11.Response(status_code=status, headers=headers, reason=REASON_PHRASES.get(status, b""))
         )
-        self._queue_client(h11.Data(data=body))
-        await self._send_client(h11.EndOfMessage())
+        self.out.queue(h11.Data(data=body))
+        await self.out.send(h11.EndOfMessage())
 
     def _discard_buffered_body(self) -> None:
         """Consume a request body that is already fully buffered (typically: none), no I/O.
@@ -695,7 +648,7 @@ class _ProxyConnection:
                 while True:
                     event = upstream.conn.next_event()
                     if event is h11.NEED_DATA:
-                        await self._flush_client()  # what is complete goes out before we wait
+                        await self.out.flush()  # what is complete goes out before we wait
                         data = await upstream.stream.receive_some(self.settings.chunk)
                         if not data and not attempt.response_started:
                             if may_retry():
@@ -717,7 +670,7 @@ class _ProxyConnection:
                             await attempt.pump_done.wait()
                             attempt.switched = event
                             return
-                        await self._send_client(event)
+                        await self.out.send(event)
                     elif isinstance(event, h11.Response):
                         relayed = h11.Response(
                             status_code=event.status_code,
@@ -725,14 +678,14 @@ class _ProxyConnection:
                             reason=event.reason,
                             _parsed=True,  # parsed (and validated) by h11 from the node's answer
                         )
-                        self._queue_client(relayed)
+                        self.out.queue(relayed)
                         attempt.status = event.status_code
                     elif isinstance(event, h11.Data):
-                        self._queue_client(event)
-                        if len(self._out) >= self.settings.chunk:
-                            await self._flush_client()
+                        self.out.queue(event)
+                        if len(self.out) >= self.settings.chunk:
+                            await self.out.flush()
                     elif isinstance(event, h11.EndOfMessage):
-                        await self._send_client(h11.EndOfMessage())
+                        await self.out.send(h11.EndOfMessage())
                         return
                     else:
                         raise StreamResetError(
@@ -854,7 +807,7 @@ class _ProxyConnection:
             # the response had started: the only way to tell the application is to break the connection
             log.info("HTTP proxy: response to %s aborted: %s", self.peer, message)
             try:
-                await self._flush_client()  # what was relayed so far, as without the write queue
+                await self.out.flush()  # what was relayed so far, as without the write queue
             except _ClientGone:
                 pass
             raise _ClientGone()
@@ -873,7 +826,7 @@ class _ProxyConnection:
         to_client, node_eof = upstream.conn.trailing_data
         to_node, client_eof = self.conn.trailing_data
         self.switched = _Switched(upstream.stream, bytes(to_node), bytes(to_client), client_eof, node_eof)
-        await self._send_client(
+        await self.out.send(
             h11.InformationalResponse(
                 status_code=101,
                 headers=switching_headers(response.headers),

@@ -41,8 +41,7 @@ import attrs
 import trio
 
 from connector.cloud.auth import Authenticator
-from connector.cloud.router import NoConnectorError, Router
-from connector.listen import serve_tcp
+from connector.cloud.router import NoConnectorError, ProxyService, Router
 from connector.metrics import PROXY_REQUEST_SECONDS, PROXY_REQUESTS
 from connector.tunnel.streams import TunnelStream
 from connector.tunnel.types import ErrorCode, StreamProtocol, StreamResetError, Target
@@ -142,24 +141,16 @@ def parse_username(username: str) -> tuple[str, str]:
     return subaccount, location_id
 
 
-class Socks5Proxy:
+class Socks5Proxy(ProxyService[Socks5Settings]):
     """Serves the SOCKS5 connectivity proxy."""
+
+    name = "SOCKS5 connectivity proxy"
+    default_port = DEFAULT_SOCKS5_PORT
 
     def __init__(
         self, router: Router, authenticator: Authenticator, *, settings: Socks5Settings = Socks5Settings()
     ) -> None:
-        self.router = router
-        self.authenticator = authenticator
-        self.settings = settings
-
-    async def run(
-        self,
-        host: str = "127.0.0.1",
-        port: int = DEFAULT_SOCKS5_PORT,
-        *,
-        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        await serve_tcp(self._handle, host, port, name="SOCKS5 connectivity proxy", task_status=task_status)
+        super().__init__(router, authenticator, settings=settings)
 
     async def _handle(self, sock: trio.SocketStream) -> None:
         started = trio.current_time()

@@ -1,0 +1,96 @@
+"""HTTP/1.1 pieces both hops share (the cloud's proxy and the node's forwarder).
+
+h11 parses and frames; this module only holds what sits on top of it in both places: which
+headers belong to one hop, the tokens of a list header, and the outbox that gathers h11's output
+so that a response head, its body and its end leave in one write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import h11
+
+# Headers that belong to one hop (RFC 9110 section 7.6.1) or to a proxy; never forwarded. Framing
+# headers (content-length, transfer-encoding) are kept: h11 frames the next hop from them.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+        b"te",
+        b"trailer",
+        b"upgrade",
+    }
+)
+
+
+def header_tokens(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> set[bytes]:
+    """Lower-cased comma-separated tokens of every `name` header (Connection, Upgrade, ...).
+
+    `name` is lower case; h11 lower-cases the names it parses, other callers' names are folded.
+    """
+    return {
+        token.strip().lower()
+        for key, value in headers
+        if key.lower() == name
+        for token in value.split(b",")
+        if token.strip()
+    }
+
+
+def strip_hop_by_hop(
+    headers: Iterable[tuple[bytes, bytes]], also: frozenset[bytes] = frozenset()
+) -> list[tuple[bytes, bytes]]:
+    """`headers` without hop-by-hop ones: HOP_BY_HOP, `also`, and those the Connection header names."""
+    headers = list(headers)
+    listed = header_tokens(headers, b"connection")
+    return [(k, v) for k, v in headers if k not in HOP_BY_HOP and k not in also and k not in listed]
+
+
+class Outbox:
+    """What one h11 connection has to say to its peer, gathered until `flush`.
+
+    `send_all` writes to the peer; `gone` turns the transport's failures (`errors`) into the
+    caller's own exception, so the code that drives h11 tells "my peer went away" apart from
+    every other failure without a try block at each call.
+    """
+
+    def __init__(
+        self,
+        conn: h11.Connection,
+        send_all: Callable[[bytearray], Awaitable[None]],
+        errors: tuple[type[BaseException], ...],
+        gone: Callable[[BaseException], Exception],
+    ) -> None:
+        self.conn = conn
+        self._send_all = send_all
+        self._errors = errors
+        self._gone = gone
+        self._out = bytearray()
+
+    def __len__(self) -> int:
+        return len(self._out)
+
+    def queue(self, event: Any) -> None:
+        """Encode an event without sending it yet."""
+        data = self.conn.send(event)
+        if data:
+            self._out += data
+
+    async def flush(self) -> None:
+        """Send what was queued, in one write."""
+        if not self._out:
+            return
+        data, self._out = self._out, bytearray()
+        try:
+            await self._send_all(data)
+        except self._errors as exc:
+            raise self._gone(exc) from exc
+
+    async def send(self, event: Any) -> None:
+        self.queue(event)
+        await self.flush()
