@@ -1,8 +1,8 @@
 """The websocket framing fast path of connector.tunnel.session, against stock trio-websocket.
 
-Real websockets on 127.0.0.1 (plain ws, port 0): one end with `_fast_framing`, the other stock;
+Real websockets on 127.0.0.1 (plain ws, port 0): one end with `wsfast.fast_framing`, the other stock;
 every payload length class of RFC 6455 (7-bit, 16-bit, 64-bit lengths) goes both ways intact.
-The TLS receive fast path (`_greedy_tls_receive`) over real TLS: messages spanning many TLS
+The TLS receive fast path (`wsfast.greedy_tls_receive`) over real TLS: messages spanning many TLS
 records arrive intact, and one receive returns several records.
 """
 
@@ -17,7 +17,7 @@ import trio_websocket
 from wsproto import frame_protocol
 
 from connector import pki
-from connector.tunnel import session
+from connector.tunnel import wsfast
 
 SIZES = [0, 1, 125, 126, 127, 65535, 65536, 70001, 300_000]
 TEST_DEADLINE = 20.0
@@ -31,7 +31,7 @@ async def _exchange(fast_client: bool, fast_server: bool) -> list[bytes]:
     async def serve(request: trio_websocket.WebSocketRequest) -> None:
         ws = await request.accept()
         if fast_server:
-            applied.append(session._fast_framing(ws))
+            applied.append(wsfast.fast_framing(ws))
         for _ in SIZES:
             await ws.send_message(await ws.get_message())
 
@@ -44,7 +44,7 @@ async def _exchange(fast_client: bool, fast_server: bool) -> list[bytes]:
             ws = await trio_websocket.connect_websocket(
                 nursery, "127.0.0.1", server.port, "/t", use_ssl=False, max_message_size=1 << 20)
             if fast_client:
-                applied.append(session._fast_framing(ws))
+                applied.append(wsfast.fast_framing(ws))
             for payload in payloads:
                 await ws.send_message(payload)
                 received.append(await ws.get_message())
@@ -68,7 +68,7 @@ async def test_fast_both_ends() -> None:
 
 
 def test_zero_key_masker_matches_wsproto_for_every_key() -> None:
-    assert session._ZERO_KEY_MASKER
+    assert wsfast.ZERO_KEY_MASKER
     stock = frame_protocol.XorMaskerSimple.__mro__[1]
     for key in (b"\0\0\0\0", b"\x01\x02\x03\x04", b"\0\0\0\x01", os.urandom(4)):
         fast, reference = frame_protocol.XorMaskerSimple(key), stock(key)
@@ -89,7 +89,7 @@ async def test_greedy_tls_receive_over_real_tls(tmp_path: Path) -> None:
 
     async def serve(request: trio_websocket.WebSocketRequest) -> None:
         ws = await request.accept()
-        applied.append(session._greedy_tls_receive(ws))
+        applied.append(wsfast.greedy_tls_receive(ws))
         greedy = ws._stream.receive_some  # type: ignore[attr-defined]
 
         async def measured(max_bytes: int | None = None) -> bytes | bytearray:
@@ -110,7 +110,7 @@ async def test_greedy_tls_receive_over_real_tls(tmp_path: Path) -> None:
             ws = await trio_websocket.connect_websocket(
                 nursery, "127.0.0.1", server.port, "/t", use_ssl=client_ctx,
                 max_message_size=1 << 20, receive_buffer_size=262144)
-            applied.append(session._greedy_tls_receive(ws))
+            applied.append(wsfast.greedy_tls_receive(ws))
             for payload in payloads:
                 await ws.send_message(payload)
                 received.append(await ws.get_message())
@@ -132,7 +132,7 @@ async def test_greedy_tls_receive_leaves_plain_streams_alone() -> None:
                 trio_websocket.serve_websocket, serve, "127.0.0.1", 0, ssl_context=None))
             ws = await trio_websocket.connect_websocket(
                 nursery, "127.0.0.1", server.port, "/t", use_ssl=False)
-            assert session._greedy_tls_receive(ws) is False
+            assert wsfast.greedy_tls_receive(ws) is False
             await ws.send_message(b"x")
             await ws.aclose()
             nursery.cancel_scope.cancel()
