@@ -113,7 +113,7 @@ async def _read_message(conn: h11.Connection, stream: trio.abc.Stream) -> tuple[
         event = conn.next_event()
         if event is h11.NEED_DATA:
             data = await stream.receive_some(65536)
-            conn.receive_data(data)
+            conn.receive_data(data)  # type: ignore[arg-type]  # h11 takes any bytes-like
             continue
         if isinstance(event, (h11.Request, h11.Response)):
             head = event

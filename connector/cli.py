@@ -49,8 +49,8 @@ def cmd_certs(args: argparse.Namespace) -> int:
         )
         print(f"client certificate: {issued.cert_path} for node {args.node} of subaccount {args.subaccount}")
     elif args.certs_command == "init":
-        issued = init_certs(directory, args.subaccount, args.node, args.host, force=args.force)
-        for name, path in issued.items():
+        paths = init_certs(directory, args.subaccount, args.node, args.host, force=args.force)
+        for name, path in paths.items():
             print(f"{name}: {path}")
     return 0
 

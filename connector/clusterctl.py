@@ -93,7 +93,7 @@ async def collect_status(config: NodeConfig) -> tuple[list[dict[str, Any]], dict
         rows.append({
             "node": name,
             "role": "master" if is_leader else str(member.data.get("role", "?")),
-            "epoch": leader.epoch if is_leader else None,
+            "epoch": leader.epoch if leader is not None and is_leader else None,
             "priority": member.priority,
             "health": member.data.get("health", "ok"),
             "pid": member.data.get("pid"),

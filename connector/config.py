@@ -9,10 +9,11 @@ can be moved as a whole.
 
 from __future__ import annotations
 
+import builtins
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import attrs
 
@@ -41,18 +42,22 @@ class Listen:
 
 
 class _Section:
-    """Typed reads from one TOML table, each error naming file and dotted key."""
+    """Typed reads from one TOML table, each error naming file and dotted key.
 
-    def __init__(self, file: Path, prefix: str, table: Any) -> None:
+    The readers are named after the types they read, so in this class body a bare ``str`` in an
+    annotation would mean the method: signatures spell the types ``builtins.str`` etc.
+    """
+
+    def __init__(self, file: Path, prefix: builtins.str, table: Any) -> None:
         if not isinstance(table, dict):
             raise ConfigError(file, prefix, "must be a table")
         self.file, self.prefix, self.table = file, prefix, table
         self.seen: set[str] = set()
 
-    def key(self, name: str) -> str:
+    def key(self, name: builtins.str) -> builtins.str:
         return f"{self.prefix}.{name}" if self.prefix else name
 
-    def _get(self, name: str, kind: type | tuple[type, ...], default: Any, required: bool) -> Any:
+    def _get(self, name: builtins.str, kind: type | tuple[type, ...], default: Any, required: builtins.bool) -> Any:
         self.seen.add(name)
         if name not in self.table:
             if required:
@@ -65,32 +70,41 @@ class _Section:
             raise ConfigError(self.file, self.key(name), f"must be {_kind_name(kind)}, got {type(value).__name__}")
         return value
 
-    def str(self, name: str, default: str | None = None, *, required: bool = False) -> Any:
+    def str(self, name: builtins.str, default: builtins.str | None = None, *, required: builtins.bool = False) -> Any:
         return self._get(name, str, default, required)
 
-    def int(self, name: str, default: int | None = None, *, required: bool = False, minimum: int | None = None) -> Any:
+    def int(self, name: builtins.str, default: builtins.int | None = None, *, required: builtins.bool = False,
+            minimum: builtins.int | None = None) -> Any:
         value = self._get(name, int, default, required)
         if value is not None and minimum is not None and value < minimum:
             raise ConfigError(self.file, self.key(name), f"must be at least {minimum}, got {value}")
         return value
 
-    def float(self, name: str, default: float | None = None, *, required: bool = False, positive: bool = True) -> Any:
+    def float(self, name: builtins.str, default: builtins.float | None = None, *, required: builtins.bool = False,
+              positive: builtins.bool = True) -> Any:
         value = self._get(name, (int, float), default, required)
         if value is not None and positive and value <= 0:
             raise ConfigError(self.file, self.key(name), f"must be positive, got {value}")
         return float(value) if value is not None else None
 
-    def bool(self, name: str, default: bool) -> bool:
+    def bool(self, name: builtins.str, default: builtins.bool) -> builtins.bool:
         return bool(self._get(name, bool, default, False))
 
-    def str_list(self, name: str, default: list[str] | None = None) -> list[str]:
+    def str_list(self, name: builtins.str, default: list[builtins.str] | None = None) -> list[builtins.str]:
         value = self._get(name, list, default if default is not None else [], False)
         for i, item in enumerate(value):
             if not isinstance(item, str):
                 raise ConfigError(self.file, f"{self.key(name)}[{i}]", "must be a string")
         return list(value)
 
-    def path(self, name: str, *, required: bool = False, must_exist: bool = True) -> Path | None:
+    @overload
+    def path(self, name: builtins.str, *, required: Literal[True], must_exist: builtins.bool = True) -> Path: ...
+
+    @overload
+    def path(self, name: builtins.str, *, required: builtins.bool = False,
+             must_exist: builtins.bool = True) -> Path | None: ...
+
+    def path(self, name: builtins.str, *, required: builtins.bool = False, must_exist: builtins.bool = True) -> Path | None:
         value = self.str(name, required=required)
         if value is None:
             return None
@@ -101,13 +115,28 @@ class _Section:
             raise ConfigError(self.file, self.key(name), f"file {path} does not exist")
         return path
 
-    def listen(self, name: str, default: str | None, *, required: bool = False) -> Listen | None:
+    @overload
+    def listen(self, name: builtins.str, default: builtins.str, *, required: builtins.bool = False) -> Listen: ...
+
+    @overload
+    def listen(self, name: builtins.str, default: None, *, required: Literal[True]) -> Listen: ...
+
+    @overload
+    def listen(self, name: builtins.str, default: None, *, required: builtins.bool = False) -> Listen | None: ...
+
+    def listen(self, name: builtins.str, default: builtins.str | None, *, required: builtins.bool = False) -> Listen | None:
         value = self.str(name, default, required=required)
         if value is None:
             return None
         return parse_listen(value, lambda msg: ConfigError(self.file, self.key(name), msg))
 
-    def sub(self, name: str, *, required: bool = False) -> _Section | None:
+    @overload
+    def sub(self, name: builtins.str, *, required: Literal[True]) -> _Section: ...
+
+    @overload
+    def sub(self, name: builtins.str, *, required: builtins.bool = False) -> _Section | None: ...
+
+    def sub(self, name: builtins.str, *, required: builtins.bool = False) -> _Section | None:
         self.seen.add(name)
         if name not in self.table:
             if required:
@@ -115,7 +144,7 @@ class _Section:
             return None
         return _Section(self.file, self.key(name), self.table[name])
 
-    def subs(self, name: str) -> list[_Section]:
+    def subs(self, name: builtins.str) -> list[_Section]:
         self.seen.add(name)
         value = self.table.get(name, [])
         if not isinstance(value, list):
@@ -196,7 +225,7 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
         subaccounts.append(
             SubaccountConfig(
                 id=section.str("id", required=True),
-                ca=section.path("ca", required=True),  # type: ignore[arg-type]
+                ca=section.path("ca", required=True),
                 token_sha256=tuple(tokens),
                 locations=tuple(section.str_list("locations", [""])),
             )
@@ -209,16 +238,16 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
         raise ConfigError(file, "subaccounts", "duplicate subaccount id")
     config = CloudConfig(
         file=file,
-        tunnel_listen=tunnel.listen("listen", "127.0.0.1:8443"),  # type: ignore[arg-type]
-        tunnel_cert=tunnel.path("cert", required=True),  # type: ignore[arg-type]
-        tunnel_key=tunnel.path("key", required=True),  # type: ignore[arg-type]
+        tunnel_listen=tunnel.listen("listen", "127.0.0.1:8443"),
+        tunnel_cert=tunnel.path("cert", required=True),
+        tunnel_key=tunnel.path("key", required=True),
         ping_interval=tunnel.float("ping_interval", 1.0),
         ping_timeout=tunnel.float("ping_timeout", 3.0),
-        http_listen=proxy.listen("http_listen", "127.0.0.1:20003"),  # type: ignore[arg-type]
-        socks5_listen=proxy.listen("socks5_listen", "127.0.0.1:20004"),  # type: ignore[arg-type]
+        http_listen=proxy.listen("http_listen", "127.0.0.1:20003"),
+        socks5_listen=proxy.listen("socks5_listen", "127.0.0.1:20004"),
         hold_seconds=proxy.float("hold_seconds", 5.0),
         hold_max=proxy.int("hold_max", 1000, minimum=0),
-        admin_listen=admin.listen("listen", "127.0.0.1:20006"),  # type: ignore[arg-type]
+        admin_listen=admin.listen("listen", "127.0.0.1:20006"),
         destinations_listen=dest.listen("listen", "127.0.0.1:20005") if dest else None,
         destinations_store=(dest.path("store", must_exist=False) or file.parent / "destinations.json") if dest else None,
         state_file=root.path("state_file", must_exist=False),
@@ -334,12 +363,12 @@ def load_node_config(path: str | Path) -> NodeConfig:
         audit_log=node.path("audit_log", must_exist=False),
         tunnel_url=url,
         tunnel_ca=tunnel.path("ca"),
-        tunnel_cert=tunnel.path("cert", required=True),  # type: ignore[arg-type]
-        tunnel_key=tunnel.path("key", required=True),  # type: ignore[arg-type]
+        tunnel_cert=tunnel.path("cert", required=True),
+        tunnel_key=tunnel.path("key", required=True),
         ping_interval=tunnel.float("ping_interval", 1.0),
         ping_timeout=tunnel.float("ping_timeout", 3.0),
         tunnel_connect_timeout=tunnel.float("connect_timeout", 5.0),
-        admin_listen=admin.listen("listen", "127.0.0.1:0"),  # type: ignore[arg-type]
+        admin_listen=admin.listen("listen", "127.0.0.1:0"),
         admin_advertise_url=admin.str("advertise_url"),
         connect_timeout=forward.float("connect_timeout", 5.0),
         response_timeout=forward.float("response_timeout", 30.0),

@@ -72,7 +72,7 @@ async def _next(conn: h11.Connection, stream: trio.abc.Stream) -> object:
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            conn.receive_data(await stream.receive_some(CHUNK))
+            conn.receive_data(await stream.receive_some(CHUNK))  # type: ignore[arg-type]  # h11 takes any bytes-like
             continue
         if event is h11.PAUSED:
             return None

@@ -34,7 +34,7 @@ import functools
 import logging
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import attrs
 import etcd3
@@ -540,7 +540,7 @@ class _EtcdWatch(Watch):
                 self._generation += 1
                 continue
             for event in item.events:
-                kind = "delete" if isinstance(event, etcd3.events.DeleteEvent) else "put"
+                kind: Literal["put", "delete"] = "delete" if isinstance(event, etcd3.events.DeleteEvent) else "put"
                 self._pending.append(WatchEvent(
                     kind=kind, key=self._store._rel(event.key),
                     value=bytes(event.value) if kind == "put" else b"",

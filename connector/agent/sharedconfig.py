@@ -69,7 +69,7 @@ async def record_history(store: Store, action: str, key: str, revision: int | No
 
 
 class SharedConfig:
-    def __init__(self, store: Store, seed: Iterable[Mapping], on_error: Callable[[str], None] | None = None) -> None:
+    def __init__(self, store: Store, seed: Iterable[Mapping], on_error: Callable[[str], object] | None = None) -> None:
         self.store = store
         self.seed = list(seed)
         self.revision = 0

@@ -26,6 +26,7 @@ failed write or a bad request changes nothing.
 from __future__ import annotations
 
 import base64
+import builtins
 import copy
 import json
 import logging
@@ -238,7 +239,7 @@ class DestinationStore:
             raise DestinationError(404, "destination_not_found", f"no destination named {name!r}")
         return dict(props)
 
-    async def create(self, subaccount: str, destinations: list[dict[str, Any]]) -> None:
+    async def create(self, subaccount: str, destinations: builtins.list[dict[str, Any]]) -> None:  # `list` is the method above
         async with self._lock:
             data = copy.deepcopy(self._data)
             own = data.setdefault(subaccount, {})

@@ -48,7 +48,7 @@ import enum
 import json
 import struct
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeGuard
 
 import attrs
 
@@ -241,7 +241,7 @@ def _decode_json_object(raw: bytes, what: str) -> dict[str, Any]:
     return value
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -490,15 +490,17 @@ class Connection:
         doc = _decode_json_object(payload, "HELLO")
         versions = doc.get("versions")
         info = doc.get("info", {})
-        limits = {k: doc.get(k) for k in ("max_frame_size", "initial_window", "max_streams")}
         if not isinstance(versions, list) or not versions or not all(
                 _is_int(v) and 0 < v <= MAX_STREAM_ID for v in versions):
             raise RemoteProtocolError("HELLO: versions must be a non-empty list of positive ints")
         if not isinstance(info, dict):
             raise RemoteProtocolError("HELLO: info must be an object")
-        for key, value in limits.items():
+        limits: dict[str, int] = {}
+        for key in ("max_frame_size", "initial_window", "max_streams"):
+            value = doc.get(key)
             if not _is_int(value):
                 raise RemoteProtocolError(f"HELLO: {key} must be an integer")
+            limits[key] = value
         if not MIN_MAX_FRAME_SIZE <= limits["max_frame_size"] <= MAX_MAX_FRAME_SIZE:
             raise RemoteProtocolError("HELLO: max_frame_size out of range")
         if not 1 <= limits["initial_window"] <= MAX_WINDOW:

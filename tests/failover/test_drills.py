@@ -14,7 +14,6 @@ import attrs
 import pytest
 import trio
 
-from tests.support.etcdserver import EtcdServer
 from tests.failover.faultproxy import FaultProxy
 from tests.failover.harness import (
     Cluster,
@@ -30,6 +29,7 @@ from tests.failover.harness import (
     fast_spec,
     run_drill,
 )
+from tests.support.etcdserver import EtcdServer
 
 # The default HA timings (ha/timing.py): ttl 3 s, loop_wait 0.5 s, probe 0.5 s x 3.
 TTL = 3.0

@@ -45,7 +45,7 @@ async def start_cluster(nursery, tmp_path, etcd):
         nodes.append(node)
         paths.append(path)
     with trio.fail_after(10):
-        while stack.cloud.registry.master_of(SUBACCOUNT, "") is None or not all(n.session for n in nodes):
+        while stack.cloud.registry.master_of(SUBACCOUNT, "") is None or not all(n.session for n in nodes):  # noqa: ASYNC110 - bounded poll of synchronous state
             await trio.sleep(0.02)
     return stack, nodes, paths
 
@@ -83,7 +83,7 @@ async def test_status_readiness_and_live_shared_configuration(nursery, tmp_path,
     )
     assert added.returncode == 0, added.stderr
     with trio.fail_after(5):
-        while not all(n.acl.find_mapping(NEW) for n in nodes):
+        while not all(n.acl.find_mapping(NEW) for n in nodes):  # noqa: ASYNC110 - bounded poll of synchronous state
             await trio.sleep(0.02)
     client = await HttpClient.connect(stack.ports.http_proxy)
     response = await client.request("GET", "http://new.virtual:9000/sap/x", [stack.proxy_auth])
@@ -107,7 +107,7 @@ async def test_status_readiness_and_live_shared_configuration(nursery, tmp_path,
     removed = await trio.to_thread.run_sync(cli, "acl", "--config", str(paths[0]), "remove", "--virtual", "new.virtual:9000")
     assert removed.returncode == 0, removed.stderr
     with trio.fail_after(5):
-        while any(n.acl.find_mapping(NEW) for n in nodes):
+        while any(n.acl.find_mapping(NEW) for n in nodes):  # noqa: ASYNC110 - bounded poll of synchronous state
             await trio.sleep(0.02)
     history = (await trio.to_thread.run_sync(cli, "acl", "--config", str(paths[0]), "history")).stdout.decode()
     actions = [json.loads(line)["action"] for line in history.splitlines()]

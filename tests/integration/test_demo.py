@@ -34,6 +34,13 @@ def _alive(pid: int) -> bool:
         return False
 
 
+async def _read_all(stream: trio.abc.ReceiveStream) -> bytes:
+    chunks = []
+    while chunk := await stream.receive_some():
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _pids(state: dict) -> dict[str, int]:
     pids = {"etcd": state["etcd"]["pid"], "backend": state["backend"]["pid"], "cloud": state["cloud"]["pid"]}
     pids.update({name: info["pid"] for name, info in state["nodes"].items()})
@@ -43,15 +50,17 @@ def _pids(state: dict) -> dict[str, int]:
 async def test_demo_runs_serves_reports_status_and_stops_cleanly(tmp_path: Path):
     state_file = tmp_path / "state.json"
     env = {**os.environ, "CONNECTOR_DEMO_POINTER": str(tmp_path / "pointer.json")}
-    demo = subprocess.Popen(
+    demo = await trio.lowlevel.open_process(
         [sys.executable, "-m", "connector", "demo", "--dir", str(tmp_path / "demo"), "--state-file", str(state_file),
          "--http-port", "0", "--socks5-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
     )
+    assert demo.stdout is not None
     try:
         deadline = time.monotonic() + START_TIMEOUT
         while not state_file.exists():
-            assert demo.poll() is None, demo.stdout.read().decode()
+            if demo.poll() is not None:
+                raise AssertionError((await _read_all(demo.stdout)).decode())
             assert time.monotonic() < deadline, "demo did not write its state file in time"
             await trio.sleep(0.1)
         await trio.sleep(0.1)
@@ -80,15 +89,16 @@ async def test_demo_runs_serves_reports_status_and_stops_cleanly(tmp_path: Path)
         assert {row["pid"] for row in rows} == {info["pid"] for info in state["nodes"].values()}
     finally:
         demo.send_signal(signal.SIGINT)
-        try:
-            output = demo.communicate(timeout=STOP_TIMEOUT)[0].decode()
-        except subprocess.TimeoutExpired:
+        with trio.move_on_after(STOP_TIMEOUT) as stopping:
+            output = (await _read_all(demo.stdout)).decode()
+            await demo.wait()
+        if stopping.cancelled_caught:
             demo.kill()
-            raise
+            raise subprocess.TimeoutExpired(demo.args, STOP_TIMEOUT)
     assert demo.returncode == 0, output
     assert "curl -x http://127.0.0.1:" in output  # the ready-to-paste command was printed
     deadline = time.monotonic() + 5
-    while any(_alive(pid) for pid in _pids(state).values()) and time.monotonic() < deadline:
+    while any(_alive(pid) for pid in _pids(state).values()) and time.monotonic() < deadline:  # noqa: ASYNC110 - other processes: only their pids to poll
         await trio.sleep(0.05)
     assert not [name for name, pid in _pids(state).items() if _alive(pid)], "stray processes after Ctrl-C"
     assert not (tmp_path / "pointer.json").exists()

@@ -6,8 +6,8 @@ import trio
 
 from ha.election import Elector
 from ha.etcd import EtcdSettings, EtcdStore
-from tests.support.etcdserver import EtcdServer
 from ha.timing import HATiming
+from tests.support.etcdserver import EtcdServer
 
 TIMING = HATiming(ttl=2, loop_wait=0.25, retry_timeout=0.75)
 TAKEOVER_BY_LEASE = TIMING.ttl + 1.0  # lease expiry + a loop and etcd's lease checker

@@ -8,8 +8,8 @@ import pytest
 import trio
 
 from ha.etcd import EtcdSettings, EtcdStore
-from tests.support.etcdserver import EtcdServer, free_port
 from ha.store import LeaseExpired, StoreUnavailable, WatchEvent
+from tests.support.etcdserver import EtcdServer, free_port
 
 TIMEOUT = 0.5
 

@@ -12,8 +12,8 @@ import trio
 
 from connector import pki
 from ha.etcd import EtcdSettings, EtcdStore
-from tests.support.etcdserver import etcd_binary, free_port
 from ha.store import StoreUnavailable
+from tests.support.etcdserver import etcd_binary, free_port
 
 
 @pytest.fixture

@@ -40,10 +40,10 @@ class Stack:
     def proxy_auth(self) -> tuple[str, str]:
         return ("Proxy-Authorization", f"Bearer {TOKEN}")
 
-    async def wait_registered(self, timeout: float = 10.0) -> None:
-        with trio.fail_after(timeout):
-            while self.node is None or self.node.registered_epoch is None:
-                await trio.sleep(0.01)
+    async def wait_registered(self) -> None:
+        """Until the node has registered with the cloud; the caller bounds the wait."""
+        while self.node is None or self.node.registered_epoch is None:  # noqa: ASYNC110 - Node exposes no event for it
+            await trio.sleep(0.01)
 
 
 def cloud_toml(workdir: Path, certs: dict[str, Path], *, tunnel_port: int = 0, hold_seconds: float = 1.0,
@@ -167,5 +167,6 @@ async def start_stack(nursery: trio.Nursery, workdir: Path, *, with_node: bool =
     stack = Stack(workdir, certs, backend_http, backend_tcp, cloud, ports, cloud_scope=scope)
     if with_node:
         await start_node(nursery, stack, node_toml(workdir, certs, ports.tunnel, backend_http, backend_tcp))
-        await stack.wait_registered()
+        with trio.fail_after(10):
+            await stack.wait_registered()
     return stack

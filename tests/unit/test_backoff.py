@@ -1,5 +1,5 @@
-import trio
 import pytest
+import trio
 
 from connector.backoff import Backoff
 

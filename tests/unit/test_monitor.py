@@ -26,11 +26,11 @@ class FakeMaster:
     def freeze(self) -> None:
         self.alive = False
 
-    async def check(self, url: str, timeout: float) -> bool:
+    async def check(self, url: str, budget: float) -> bool:
         self.probes.append((trio.current_time(), url))
         if self.alive:
             return True
-        await trio.sleep(timeout)
+        await trio.sleep(budget)
         return False
 
 
