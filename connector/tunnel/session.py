@@ -56,7 +56,7 @@ import collections
 import logging
 import struct
 from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import attrs
 import trio
@@ -229,7 +229,9 @@ class SessionStream(TunnelStream):
                 await self._session._wait_writable()
                 self._check_send()
                 take = min(self._conn.send_window(self.stream_id), total - pos, _SEND_CHUNK)
-                if not self._session._send(p.Data(self.stream_id, view[pos:pos + take])):
+                # Connection.send takes any bytes-like payload: a slice of the caller's buffer, no copy
+                chunk = cast(bytes, view[pos:pos + take])
+                if not self._session._send(p.Data(self.stream_id, chunk)):
                     raise self._lost()
                 pos += take
                 unacked = self._unacknowledged()
