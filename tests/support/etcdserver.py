@@ -8,6 +8,8 @@ the ``etcd`` binary (``$ETCD_BINARY``, else the one on PATH) with fast test time
 client request succeeds. ``kill()`` is SIGKILL (a graceful stop is slow and teaches nothing);
 ``restart()`` kills and starts it again on the same ports and data (so revisions survive);
 ``freeze()``/``thaw()`` are SIGSTOP/SIGCONT, the "frozen etcd" fault. Every wait is bounded.
+With ``tls=(cert, key, ca)`` it serves https (server certificate only); a server that answers
+with an authentication or permission error counts as ready (auth may be enabled on it).
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ def etcd_binary() -> str:
 class EtcdServer:
     """One single-member etcd on 127.0.0.1."""
 
-    def __init__(self, tmp_dir: Path, name: str = "etcd0") -> None:
+    def __init__(self, tmp_dir: Path, name: str = "etcd0", tls: tuple[Path, Path, Path] | None = None) -> None:
         self.name = name
+        self.tls = tls
         self.data_dir = Path(tmp_dir) / f"{name}.etcd"
         self.log_path = Path(tmp_dir) / f"{name}.log"
         self.client_port = free_port()
@@ -54,7 +57,7 @@ class EtcdServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.endpoint}"
+        return f"{'https' if self.tls else 'http'}://{self.endpoint}"
 
     def start(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -73,6 +76,9 @@ class EtcdServer:
             "--heartbeat-interval", "10",
             "--election-timeout", "100",
         ]
+        if self.tls:
+            cert, key, _ = self.tls
+            args += ["--cert-file", str(cert), "--key-file", str(key)]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         self.wait_ready()
@@ -80,6 +86,7 @@ class EtcdServer:
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         """Block until a KV request succeeds (not just the port accepting)."""
         import etcd3  # the test extra; imported here so the module loads without it
+        import grpc
 
         deadline = time.monotonic() + timeout
         last: Exception | None = None
@@ -87,13 +94,19 @@ class EtcdServer:
             if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(f"etcd exited with {self.process.returncode}; see {self.log_path}")
             try:
-                client = etcd3.client("127.0.0.1", self.client_port, timeout=1)
+                ca = str(self.tls[2]) if self.tls else None
+                client = etcd3.client("127.0.0.1", self.client_port, timeout=1, ca_cert=ca)
                 try:
                     client.get("/readiness-probe")
                     return
                 finally:
                     client.close()
-            except Exception as exc:  # any failure means "not yet"
+            except grpc.RpcError as exc:
+                if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
+                                  grpc.StatusCode.UNAUTHENTICATED):
+                    return  # it answered: auth is enabled and we sent no credentials
+                last = exc
+            except Exception as exc:  # any other failure means "not yet"
                 last = exc
             time.sleep(0.05)
         raise RuntimeError(f"etcd not ready within {timeout} s ({last}); see {self.log_path}")
