@@ -270,8 +270,8 @@ class EtcdConfig:
     cert: Path | None
     key: Path | None
     user: str | None
-    password: str | None
-    timeout: float
+    password: str | None = attrs.field(repr=False)  # never in a log line or a traceback
+    timeout: float = 1.0
 
 
 @attrs.frozen
@@ -306,6 +306,33 @@ class NodeConfig:
     cluster: ClusterConfig | None
 
 
+def _owner_only(path: Path) -> bool:
+    return path.stat().st_mode & 0o077 == 0
+
+
+def _etcd_password(cluster: _Section) -> str | None:
+    """[cluster] etcd_password_file (preferred) or etcd_password; either file must be private to
+    its owner (mode 0600, like a private key), or the node refuses to start."""
+    inline = cluster.str("etcd_password")
+    password_file = cluster.path("etcd_password_file")
+    if inline is not None and password_file is not None:
+        raise ConfigError(cluster.file, cluster.key("etcd_password"), "give etcd_password or etcd_password_file, not both")
+    if password_file is not None:
+        if not _owner_only(password_file):
+            raise ConfigError(cluster.file, cluster.key("etcd_password_file"),
+                              f"{password_file} is readable by others (mode "
+                              f"{password_file.stat().st_mode & 0o777:o}): chmod 600 it")
+        password = password_file.read_text().strip()
+        if not password:
+            raise ConfigError(cluster.file, cluster.key("etcd_password_file"), f"{password_file} is empty")
+        return password
+    if inline is not None and not _owner_only(cluster.file):
+        raise ConfigError(cluster.file, cluster.key("etcd_password"),
+                          f"this file holds a password but is readable by others (mode "
+                          f"{cluster.file.stat().st_mode & 0o777:o}): chmod 600 it, or use etcd_password_file")
+    return inline
+
+
 def load_node_config(path: str | Path) -> NodeConfig:
     file = Path(path).resolve()
     root = _Section(file, "", _read(file))
@@ -334,11 +361,17 @@ def load_node_config(path: str | Path) -> NodeConfig:
             cert=cluster_section.path("etcd_cert"),
             key=cluster_section.path("etcd_key"),
             user=cluster_section.str("etcd_user"),
-            password=cluster_section.str("etcd_password"),
+            password=_etcd_password(cluster_section),
             timeout=cluster_section.float("etcd_timeout", 1.0),
         )
         if not etcd.endpoints:
             raise ConfigError(file, "cluster.etcd", "needs at least one endpoint")
+        if (etcd.user is None) != (etcd.password is None):
+            raise ConfigError(file, "cluster.etcd_user", "etcd_user and a password go together (or neither)")
+        if etcd.user is not None and not all(
+                e.startswith("https://") or ("://" not in e and etcd.ca) for e in etcd.endpoints):
+            raise ConfigError(file, "cluster.etcd_user", "password authentication needs https:// etcd "
+                              "endpoints (and etcd_ca): a password never crosses the network in clear text")
         timing_keys = {"ttl", "loop_wait", "retry_timeout", "probe_interval", "probe_failures",
                        "priority_step", "keep_serving_without_store"}
         raw_timing = {k: v for k, v in cluster_section.table.items() if k in timing_keys}

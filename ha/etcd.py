@@ -129,6 +129,10 @@ class EtcdSettings:
             raise ValueError("etcd client TLS needs both cert_file and key_file (or neither)")
         if (self.user is None) != (self.password is None):
             raise ValueError("etcd authentication needs both user and password (or neither)")
+        if self.user is not None and schemes != {"https"}:
+            # gRPC refuses to send call credentials on a plain channel, and a password must not
+            # cross the network in clear text anyway
+            raise ValueError("etcd user/password authentication needs https:// endpoints")
         if not self.timeout > 0 or not self.time_retry > 0:
             raise ValueError("etcd timeout and time_retry must be > 0")
 

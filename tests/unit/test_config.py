@@ -126,3 +126,64 @@ def test_process_refuses_to_start_on_a_bad_config(files):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "tunnel.url" in result.stderr and str(path) in result.stderr
+
+
+# --- etcd credentials ------------------------------------------------------------------------------
+
+TLS_CLUSTER = "\n[cluster]\nname = 'c'\netcd = ['https://127.0.0.1:2379']\netcd_ca = 'ca.pem'\netcd_user = 'node'\n"
+
+
+def _private(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
+def test_etcd_password_file_is_read_when_private(files):
+    _private(files / "etcd.pw", "s3cret\n")
+    config = load_node_config(node(files, GOOD_NODE + TLS_CLUSTER + "etcd_password_file = 'etcd.pw'\n"))
+    assert config.cluster is not None
+    assert (config.cluster.etcd.user, config.cluster.etcd.password) == ("node", "s3cret")
+    assert "s3cret" not in repr(config)  # never in a log line or a traceback
+
+
+def test_inline_etcd_password_needs_a_private_config_file(files):
+    path = node(files, GOOD_NODE + TLS_CLUSTER + "etcd_password = 'inline'\n")
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600") as info:
+        load_node_config(path)
+    assert info.value.key == "cluster.etcd_password"
+    path.chmod(0o600)
+    config = load_node_config(path)
+    assert config.cluster is not None and config.cluster.etcd.password == "inline"
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "message"),
+    [
+        ("etcd_password_file = 'open.pw'\n", "cluster.etcd_password_file", "readable by others"),
+        ("etcd_password_file = 'empty.pw'\n", "cluster.etcd_password_file", "is empty"),
+        ("etcd_password_file = 'absent.pw'\n", "cluster.etcd_password_file", "does not exist"),
+        ("etcd_password_file = 'etcd.pw'\netcd_password = 'x'\n", "cluster.etcd_password", "not both"),
+        ("", "cluster.etcd_user", "go together"),
+    ],
+)
+def test_bad_etcd_credentials_name_the_key(files, extra, key, message):
+    _private(files / "etcd.pw", "s3cret")
+    _private(files / "empty.pw", "\n")
+    (files / "open.pw").write_text("s3cret")
+    (files / "open.pw").chmod(0o644)
+    path = _private(files / "node.toml", GOOD_NODE + TLS_CLUSTER + extra)
+    with pytest.raises(ConfigError) as info:
+        load_node_config(path)
+    assert info.value.key == key, str(info.value)
+    assert message in str(info.value)
+
+
+def test_etcd_password_over_plain_http_is_refused(files):
+    _private(files / "etcd.pw", "s3cret")
+    body = TLS_CLUSTER.replace("https://", "http://").replace("etcd_ca = 'ca.pem'\n", "")
+    path = _private(files / "node.toml", GOOD_NODE + body + "etcd_password_file = 'etcd.pw'\n")
+    with pytest.raises(ConfigError, match="clear text") as info:
+        load_node_config(path)
+    assert info.value.key == "cluster.etcd_user"
