@@ -365,19 +365,27 @@ class EarlyAnswerBackend:
                 data = data[len(self.BODY):]
 
 
+async def post_head_only(
+    nursery: trio.Nursery, **settings: float
+) -> tuple[EarlyAnswerBackend, AuditLog, MemoryTunnelStream, HttpClient]:
+    """An EarlyAnswerBackend behind a forwarder, and a POST of which only the head was sent."""
+    backend = EarlyAnswerBackend()
+    port = await serve(nursery, backend.handle)
+    audit = AuditLog(None)
+    opener = open_stream(nursery, AccessControl([mapping_for(port)]), context(audit, **settings))
+    client = HttpClient(opener)
+    await client._send(h11.Request(method=b"POST", target=b"/echo",
+                                   headers=[(b"host", b"x"), (b"content-length", b"5")]))
+    return backend, audit, opener, client
+
+
 async def test_answer_before_the_body_then_body_then_next_request_on_the_same_connection(
     nursery: trio.Nursery,
 ) -> None:
     """The backend answers a POST before the body has gone through: the client gets the answer,
     the body still reaches the backend, and the stream and the backend connection carry the next
     request (this raced once: the connection was dropped under the body's feet)."""
-    backend = EarlyAnswerBackend()
-    port = await serve(nursery, backend.handle)
-    audit = AuditLog(None)
-    opener = open_stream(nursery, AccessControl([mapping_for(port)]), context(audit))
-    client = HttpClient(opener)
-    await client._send(h11.Request(method=b"POST", target=b"/echo",
-                                   headers=[(b"host", b"x"), (b"content-length", b"5")]))
+    backend, audit, opener, client = await post_head_only(nursery)
     reply = await client.read_response()  # answered while the body has not even been sent
     assert (reply.status, reply.body) == (200, b"early")
     await client._send(h11.Data(data=EarlyAnswerBackend.BODY))
@@ -393,13 +401,7 @@ async def test_answer_before_the_body_then_body_then_next_request_on_the_same_co
 async def test_answer_before_the_body_and_the_body_never_comes(nursery: trio.Nursery) -> None:
     """The client got its answer and never sends the body it announced: after response_timeout
     the stream is closed (not kept waiting) and the request is audited as answered."""
-    backend = EarlyAnswerBackend()
-    port = await serve(nursery, backend.handle)
-    audit = AuditLog(None)
-    opener = open_stream(nursery, AccessControl([mapping_for(port)]), context(audit, response_timeout=0.3))
-    client = HttpClient(opener)
-    await client._send(h11.Request(method=b"POST", target=b"/echo",
-                                   headers=[(b"host", b"x"), (b"content-length", b"5")]))
+    backend, audit, opener, client = await post_head_only(nursery, response_timeout=0.3)
     reply = await client.read_response()
     assert (reply.status, reply.body) == (200, b"early")
     with trio.fail_after(3):
@@ -412,13 +414,7 @@ async def test_answer_before_the_body_and_the_body_never_comes(nursery: trio.Nur
 async def test_answer_before_the_body_and_the_client_goes_away(nursery: trio.Nursery) -> None:
     """The client resets its stream while the forwarder waits for the body: the request is still
     audited (one line per request, whatever happens after the answer)."""
-    backend = EarlyAnswerBackend()
-    port = await serve(nursery, backend.handle)
-    audit = AuditLog(None)
-    opener = open_stream(nursery, AccessControl([mapping_for(port)]), context(audit))
-    client = HttpClient(opener)
-    await client._send(h11.Request(method=b"POST", target=b"/echo",
-                                   headers=[(b"host", b"x"), (b"content-length", b"5")]))
+    backend, audit, opener, client = await post_head_only(nursery)
     assert (await client.read_response()).status == 200
     await opener.reset(ErrorCode.CANCEL, "application gone")
     (line,) = await audit_lines(audit, 1)
