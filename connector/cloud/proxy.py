@@ -749,8 +749,13 @@ class _ProxyConnection:
 
                 nursery.start_soon(body_task)
                 await relay_response()
-                # a response that finished before the request body did: stop reading the body;
-                # the application connection then closes (its state is not DONE)
+                if upstream.conn.their_state is h11.DONE and not attempt.pump_done.is_set():
+                    # The node answered whole before the request body was through (an echo of a
+                    # small body can, an early error does): give the rest of the body
+                    # linger_timeout to arrive so the connection stays usable. What has not come
+                    # by then is not read: the application connection closes (state not DONE).
+                    with trio.move_on_after(self.settings.linger_timeout):
+                        await attempt.pump_done.wait()
                 attempt.body_scope.cancel()
 
         client_error = attempt.client_error

@@ -7,6 +7,7 @@ upgrade to /ws/... is answered with 101 and a greeting, then every raw byte is e
 one to /denied/... gets the 403 JSON a node's allow-list gives when the resource does not allow
 WebSocket upgrades. /close-after and /park-then-close close the stream after the response
 (at once, or when the test opens `close_gate`) to exercise idle-stream handling and the retry.
+/early answers whole before it reads the request body.
 """
 
 from __future__ import annotations
@@ -100,6 +101,17 @@ class FakeRouter:
                     return
                 if path == "/gate":
                     await self.gate.wait()
+                if path == "/early":
+                    # a whole answer before reading the body (an echo of a small body can, an
+                    # early error does); then the body, then the next request on the stream
+                    await send(h11.Response(status_code=200, headers=[
+                        (b"content-length", b"5"), (b"x-stream-id", str(id(stream)).encode())]))
+                    await send(h11.Data(data=b"early"))
+                    await send(h11.EndOfMessage())
+                    while not isinstance(await next_event(), h11.EndOfMessage):
+                        pass
+                    conn.start_next_cycle()
+                    continue
                 if path.startswith(("/ws/", "/denied/")):
                     while not isinstance(await next_event(), h11.EndOfMessage):
                         pass
@@ -830,3 +842,32 @@ async def test_reused_stream_refusing_the_request_head_is_retried(proxy_env: tup
     response, body = await client.request(b"PUT", b"http://erp.virtual:8000/second", headers, body=b"kept")
     assert response.status_code == 200 and body == b"kept"  # the body was read only for the retry
     assert len(router.opened) == 2
+
+
+async def _post_head_then_answer(port: int) -> Client:
+    client = await Client.connect(port)
+    await client.send(h11.Request(method=b"POST", target=b"http://erp.virtual:8000/early",
+                                  headers=[AUTH, (b"host", b"erp.virtual:8000"), (b"content-length", b"5")]))
+    response, body = await client.read_response()  # answered before the body was sent
+    assert (response.status_code, body) == (200, b"early")
+    return client
+
+
+async def test_answer_before_the_body_keeps_the_connection_when_the_body_follows(proxy_env) -> None:
+    port, router = proxy_env
+    client = await _post_head_then_answer(port)
+    await client.send(h11.Data(data=b"hello"))
+    await client.send(h11.EndOfMessage())
+    response, _ = await client.request(b"GET", b"http://erp.virtual:8000/after",
+                                       [AUTH, (b"host", b"erp.virtual:8000")])
+    assert response.status_code == 200
+    assert len(router.opened) == 1  # one stream carried both requests
+    await client.sock.aclose()
+
+
+async def test_answer_before_the_body_and_no_body_closes_after_the_linger(proxy_env) -> None:
+    port, router = proxy_env
+    client = await _post_head_then_answer(port)
+    with trio.fail_after(3):  # linger_timeout is 0.5 s in this fixture
+        assert await client.sock.receive_some(1024) == b""
+    assert len(router.opened) == 1
