@@ -117,6 +117,9 @@ def cmd_cloud(args: argparse.Namespace) -> int:
     from connector.config import load_cloud_config
 
     config = load_cloud_config(args.config)
+    if args.check:
+        print(f"{args.config}: configuration is valid")
+        return 0
     server = CloudServer(config)
     trio.run(_run_until_signal, server.run)
     return 0
@@ -127,6 +130,9 @@ def cmd_node(args: argparse.Namespace) -> int:
     from connector.config import load_node_config
 
     config = load_node_config(args.config)
+    if args.check:
+        print(f"{args.config}: configuration is valid")
+        return 0
     node = build_node(config)
     trio.run(_run_until_signal, node.run, node.shutdown)
     return 0
@@ -201,10 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     cloud = sub.add_parser("cloud", help="run the cloud side: tunnel endpoint, HTTP and SOCKS5 proxies, destinations")
     cloud.add_argument("--config", required=True, help="cloud.toml")
+    cloud.add_argument("--check", action="store_true", help="validate the configuration and exit (0 valid, 2 not)")
     cloud.set_defaults(func=cmd_cloud)
 
     node = sub.add_parser("node", help="run an on-premise connector node")
     node.add_argument("--config", required=True, help="node.toml")
+    node.add_argument("--check", action="store_true", help="validate the configuration and exit (0 valid, 2 not)")
     node.set_defaults(func=cmd_node)
 
     demo = sub.add_parser("demo", help="run a local demo cluster on 127.0.0.1 until Ctrl-C")
@@ -225,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     acl = sub.add_parser("acl", help="edit the shared allow-list in etcd (validated, audited, versioned)")
     acl.add_argument("--config", help="a node.toml of the cluster (default: the running demo's)")
-    acl_sub = acl.add_subparsers(dest="acl_command", required=True, metavar="ACTION")
+    acl_sub = acl.add_subparsers(dest="acl_command", required=True, metavar="ACTION",
+                                 parser_class=_ActionParser)
     acl_list = acl_sub.add_parser("list", help="list mappings with their revisions")
     acl_list.add_argument("--json", action="store_true")
     acl_add = acl_sub.add_parser("add", help="add or replace a mapping (JSON or flags)")
@@ -244,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     secret = sub.add_parser("secret", help="store secrets in etcd, encrypted with the cluster key")
     secret.add_argument("--config", help="a node.toml of the cluster (default: the running demo's)")
-    secret_sub = secret.add_subparsers(dest="secret_command", required=True, metavar="ACTION")
+    secret_sub = secret.add_subparsers(dest="secret_command", required=True, metavar="ACTION",
+                                       parser_class=_ActionParser)
     secret_set = secret_sub.add_parser("set", help="store a secret (value read from stdin)")
     secret_set.add_argument("name")
     secret_get = secret_sub.add_parser("get", help="print a secret")
@@ -252,6 +262,16 @@ def build_parser() -> argparse.ArgumentParser:
     secret_sub.add_parser("list", help="list secret names")
     secret.set_defaults(func=cmd_secret)
     return parser
+
+
+class _ActionParser(argparse.ArgumentParser):
+    """An action of `acl` / `secret`: also takes `--config` after the action name
+    (`connector acl list --config node.toml` as well as `connector acl --config node.toml list`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # SUPPRESS: absent here, the value given before the action (or its default) stands
+        self.add_argument("--config", default=argparse.SUPPRESS, help="a node.toml of the cluster")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,7 +54,8 @@ class HATiming:
             raise ValueError(f"ttl must be >= 2 (etcd grants at least 2 s with default timers), got {self.ttl!r}")
         if isinstance(self.probe_failures, bool) or not isinstance(self.probe_failures, int) or self.probe_failures < 1:
             raise ValueError(f"probe_failures must be an integer >= 1, got {self.probe_failures!r}")
-        if not isinstance(self.priority_step, int | float) or not 0 <= self.priority_step < self.ttl:
+        if (isinstance(self.priority_step, bool) or not isinstance(self.priority_step, int | float)
+                or not 0 <= self.priority_step < self.ttl):
             raise ValueError(f"priority_step must be >= 0 and < ttl ({self.ttl}), got {self.priority_step!r}")
         if not isinstance(self.keep_serving_without_store, bool):
             raise ValueError(

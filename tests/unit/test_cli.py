@@ -66,3 +66,25 @@ def test_token_prints_token_and_its_digest(capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["token_sha256"] == hash_token(printed["token"])
     assert len(printed["token"]) >= 32
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["acl", "--config", "n.toml", "list"], ["acl", "list", "--config", "n.toml"],
+        ["secret", "--config", "n.toml", "list"], ["secret", "list", "--config", "n.toml"],
+    ],
+)
+def test_config_goes_before_or_after_the_action(argv):
+    assert build_parser().parse_args(argv).config == "n.toml"
+
+
+def test_config_absent_everywhere_means_the_demo():
+    assert build_parser().parse_args(["acl", "list"]).config is None
+
+
+def test_check_validates_and_exits_without_starting(tmp_path, capsys):
+    broken = tmp_path / "node.toml"
+    broken.write_text("[node]\nid = 'a'\n")
+    assert main(["node", "--config", str(broken), "--check"]) == 2
+    assert "tunnel" in capsys.readouterr().err

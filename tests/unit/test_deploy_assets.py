@@ -154,6 +154,27 @@ def test_node_unit_instance_is_node_id_and_stop_timeout_covers_the_drain(tmp_pat
     assert _seconds(_unit("connector-cloud.service")["Service.TimeoutStopSec"][0]) >= 5.0 + 5  # hold_seconds + streams
 
 
+@pytest.mark.parametrize(("unit_name", "example"), [("connector-cloud.service", "cloud.toml"),
+                                                     ("connector-node@.service", "node.toml")])
+def test_exec_start_pre_exits_2_on_a_bad_config_so_systemd_does_not_loop(
+    tmp_path: Path, unit_name: str, example: str
+) -> None:
+    """ExecStartPre's config check must exit with RestartPreventExitStatus (2) on a broken file."""
+    unit = _unit(unit_name)
+    (pre,) = unit["Service.ExecStartPre"]
+    argv = pre.split()
+    assert argv[0] == "/opt/connector/bin/connector" and argv[-1] == "--check"
+    good = _write(tmp_path, example, (DEPLOY / "examples" / example).read_text())
+    bad = tmp_path / f"broken-{example}"
+    bad.write_text(good.read_text().replace("[tunnel]", "[tunnel]\nunknown_key = 1", 1))
+    config_at = argv.index("--config") + 1
+    for path, status in ((good, 0), (bad, 2)):
+        command = [sys.executable, "-m", "connector", *argv[1:config_at], str(path), *argv[config_at + 1:]]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert result.returncode == status, (command, result.stderr)
+    assert unit["Service.RestartPreventExitStatus"] == ["2"]
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
 def test_systemd_analyze_verify_finds_only_the_missing_install(tmp_path: Path) -> None:
     node = tmp_path / "connector-node@node-a.service"

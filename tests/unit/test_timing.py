@@ -27,6 +27,7 @@ def test_defaults_are_valid() -> None:
         ({"probe_failures": 0}, "probe_failures must be an integer >= 1"),
         ({"priority_step": 3}, "priority_step must be >= 0 and < ttl"),
         ({"priority_step": -0.1}, "priority_step must be >= 0 and < ttl"),
+        ({"priority_step": True}, "priority_step must be >= 0 and < ttl"),
     ],
 )
 def test_each_rule_is_named(kwargs: dict[str, object], rule: str) -> None:
