@@ -10,6 +10,7 @@ can be moved as a whole.
 from __future__ import annotations
 
 import builtins
+import os
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -318,13 +319,21 @@ def _etcd_password(cluster: _Section) -> str | None:
     if inline is not None and password_file is not None:
         raise ConfigError(cluster.file, cluster.key("etcd_password"), "give etcd_password or etcd_password_file, not both")
     if password_file is not None:
-        if not _owner_only(password_file):
-            raise ConfigError(cluster.file, cluster.key("etcd_password_file"),
-                              f"{password_file} is readable by others (mode "
-                              f"{password_file.stat().st_mode & 0o777:o}): chmod 600 it")
-        password = password_file.read_text().strip()
+        key = cluster.key("etcd_password_file")
+        try:  # one open: the mode checked is the mode of the file read
+            fd = os.open(password_file, os.O_RDONLY)
+            with os.fdopen(fd, "rb") as f:
+                mode = os.fstat(f.fileno()).st_mode
+                if mode & 0o077:
+                    raise ConfigError(cluster.file, key, f"{password_file} is readable by others (mode "
+                                      f"{mode & 0o777:o}): chmod 600 it")
+                password = f.read().decode("utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(cluster.file, key, f"cannot read {password_file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(cluster.file, key, f"{password_file} is not UTF-8 text") from None
         if not password:
-            raise ConfigError(cluster.file, cluster.key("etcd_password_file"), f"{password_file} is empty")
+            raise ConfigError(cluster.file, key, f"{password_file} is empty")
         return password
     if inline is not None and not _owner_only(cluster.file):
         raise ConfigError(cluster.file, cluster.key("etcd_password"),

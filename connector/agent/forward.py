@@ -336,6 +336,9 @@ class _Exchange:
     client_error: h11.RemoteProtocolError | None = None
     client_gone: bool = False
     body_pumped: trio.Event | None = None  # set when _pump_request_body ends (if it runs)
+    answered_early: bool = False  # the response head came before the request body was through
+    discard_body: bool = False  # the response is complete: the rest of the body is not forwarded
+    audited: bool = False  # one audit line per request, whatever happens
 
 
 class _HttpSession:
@@ -601,6 +604,7 @@ class _HttpSession:
             await _reset_quietly(self.stream, ErrorCode.CANCEL, "malformed request body")
 
     def _audit(self, exchange: _Exchange, decision: str, reason: str) -> None:
+        exchange.audited = True
         self.ctx.audit.request(
             subaccount=self.ctx.subaccount, location=self.ctx.location_id,
             virtual_target=str(self.stream.target), mapping=self.mapping.name,
@@ -671,7 +675,14 @@ class _HttpSession:
                     await self._to_backend(backend_request, h11.EndOfMessage())
                 else:
                     await self._to_backend(backend_request)
-                return await self._exchange(request, exchange, decision)
+                try:
+                    return await self._exchange(request, exchange, decision)
+                except _TunnelGone:
+                    # the application went away: the request reached the internal host (or its
+                    # head did), so it has its audit line like any other
+                    if not exchange.audited:
+                        self._audit(exchange, "allowed", "client_gone")
+                    raise
             except _ResponseTimeout:
                 return await self._backend_failed(
                     exchange, 504, "internal_host_timeout",
@@ -709,7 +720,10 @@ class _HttpSession:
                     if isinstance(event, h11.Data):
                         exchange.bytes_in += len(event.data)
                         self._bytes_in.inc(len(event.data))
-                    await self._to_backend(event)
+                    elif isinstance(event, h11.EndOfMessage) and event.headers:
+                        event = h11.EndOfMessage(headers=strip_hop_by_hop(event.headers))
+                    if not exchange.discard_body:
+                        await self._to_backend(event)
                     if isinstance(event, h11.EndOfMessage):
                         break
                 exchange.request_done = True
@@ -754,6 +768,8 @@ class _HttpSession:
         if exchange.client_error is not None:
             await self._drop_backend()
             if exchange.head_sent:
+                if not exchange.audited:
+                    self._audit(exchange, "denied", acl_mod.BAD_REQUEST)
                 await _reset_quietly(self.stream, ErrorCode.CANCEL, "malformed request body")
                 raise _TunnelGone("malformed request body")
             await self._malformed(exchange.client_error, exchange)
@@ -788,6 +804,7 @@ class _HttpSession:
             # outside head_scope: the response deadline must not cut a long-lived WebSocket
             return await self._switch_to_websocket(exchange, event)
         assert isinstance(event, h11.Response)
+        exchange.answered_early = not exchange.request_done
         backend_headers = list(event.headers)
         chunked = b"chunked" in header_tokens(backend_headers, b"transfer-encoding")
         self.out.queue(h11.Response(status_code=event.status_code,
@@ -809,20 +826,26 @@ class _HttpSession:
                 break
             else:
                 raise _BackendGone(f"unexpected {type(event).__name__} in the response body", "protocol_error")
-        end = h11.EndOfMessage(headers=list(event.headers) if keep_trailers else [])
-        pumped = exchange.body_pumped
-        if pumped is not None and not pumped.is_set():
-            # The internal host answered before the request body had gone through (an echo of a
-            # small body can; an early error does). Its connection can carry another request only
-            # once the request has ended, so the client gets its answer and we wait for the body.
+        end = h11.EndOfMessage(headers=strip_hop_by_hop(event.headers) if keep_trailers else [])
+        if exchange.answered_early:
+            # The internal host answered before the whole request body had reached it (a
+            # streaming echo does; an early error does). Whether it read the body, we cannot
+            # tell: bytes it left unread would be parsed as its next request, one the allow-list
+            # never saw. So its connection is not reused, and what is left of the body once its
+            # answer is complete is not sent to it at all. The client's stream carries on: it gets
+            # its answer now, and the rest of its body is read and dropped (at most
+            # response_timeout) so that the stream can carry the next request.
+            pumped = exchange.body_pumped
+            exchange.discard_body = True
             try:
                 await self.out.send(end)
-                with trio.move_on_after(self.settings.response_timeout):
-                    await pumped.wait()
+                if pumped is not None:
+                    with trio.move_on_after(self.settings.response_timeout):
+                        await pumped.wait()
             finally:  # audited even if the client goes away meanwhile
                 self._audit(exchange, "allowed", acl_mod.ALLOWED)
                 self._seconds.observe(trio.current_time() - exchange.started)
-            await self._finish_backend_cycle()
+            await self._drop_backend()
             return True
         # Book-keeping before the last bytes go out, so the audit line exists once the client has
         # the whole response.

@@ -621,7 +621,8 @@ class _ProxyConnection:
                         await send_upstream(event)
                     elif isinstance(event, h11.EndOfMessage):
                         progress.request_done = True
-                        await send_upstream(event)
+                        # trailers are headers too: the proxy's own and hop-by-hop ones stay here
+                        await send_upstream(h11.EndOfMessage(headers=strip_hop_by_hop(event.headers, PROXY_ONLY)))
                         return
                     elif isinstance(event, h11.ConnectionClosed):  # in the middle of a body
                         raise _ClientGone()

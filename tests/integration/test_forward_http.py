@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -382,9 +383,9 @@ async def post_head_only(
 async def test_answer_before_the_body_then_body_then_next_request_on_the_same_connection(
     nursery: trio.Nursery,
 ) -> None:
-    """The backend answers a POST before the body has gone through: the client gets the answer,
-    the body still reaches the backend, and the stream and the backend connection carry the next
-    request (this raced once: the connection was dropped under the body's feet)."""
+    """The backend answers a POST whole before the body has gone through: the client gets the
+    answer, and the stream carries the next request (this raced once: the connection was dropped
+    under the body's feet and the stream broke)."""
     backend, audit, opener, client = await post_head_only(nursery)
     reply = await client.read_response()  # answered while the body has not even been sent
     assert (reply.status, reply.body) == (200, b"early")
@@ -392,8 +393,10 @@ async def test_answer_before_the_body_then_body_then_next_request_on_the_same_co
     await client._send(h11.EndOfMessage())
     second = await client.request(b"GET", b"/echo")
     assert (second.status, second.body) == (200, b"early")
-    assert backend.bodies == [EarlyAnswerBackend.BODY]
-    assert backend.connections == 1
+    # the answer was complete before the body came: the body is read from the client and dropped
+    # (never sent to a backend that may not read it), and that backend connection is not reused
+    assert backend.bodies == []
+    assert backend.connections == 2
     lines = await audit_lines(audit, 2)
     assert [(line["decision"], line["status"]) for line in lines] == [("allowed", 200)] * 2
 
@@ -419,6 +422,86 @@ async def test_answer_before_the_body_and_the_client_goes_away(nursery: trio.Nur
     await opener.reset(ErrorCode.CANCEL, "application gone")
     (line,) = await audit_lines(audit, 1)
     assert (line["decision"], line["status"]) == ("allowed", 200)
+
+
+class BodyIgnoringBackend:
+    """A keep-alive backend that answers every head at once and never reads a body (a naive
+    handler ignoring it); it logs each request line it parses."""
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):  # dropped by the forwarder: fine
+            await self._serve(stream)
+
+    async def _serve(self, stream: trio.abc.Stream) -> None:
+        data = b""
+        while True:
+            while b"\r\n\r\n" not in data:
+                chunk = await stream.receive_some(CHUNK)
+                if not chunk:
+                    return
+                data += chunk
+            head, _, data = data.partition(b"\r\n\r\n")
+            line = head.split(b"\r\n")[0]
+            self.lines.append(line)
+            body = b"for " + line.split(b" ")[1]
+            await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+
+
+async def test_a_body_the_backend_left_unread_is_never_parsed_as_a_request(nursery: trio.Nursery) -> None:
+    """Request smuggling through an early answer: the body holds a request for a disabled
+    resource. The backend that answered early may not have read it, so its connection is not
+    reused: the smuggled bytes can never become a request the allow-list did not check."""
+    smuggled = b"GET /echo/private HTTP/1.1\r\nhost: x\r\n\r\n"  # disabled in RESOURCES
+    backend = BodyIgnoringBackend()
+    port = await serve(nursery, backend.handle)
+    client = HttpClient(open_stream(nursery, AccessControl([mapping_for(port)]), context(AuditLog(None))))
+    await client._send(h11.Request(method=b"POST", target=b"/echo",
+                                   headers=[(b"host", b"x"), (b"content-length", str(len(smuggled)).encode())]))
+    assert (await client.read_response()).body == b"for /echo"
+    await client._send(h11.Data(data=smuggled))
+    await client._send(h11.EndOfMessage())
+    second = await client.request(b"GET", b"/echo/next")
+    assert second.body == b"for /echo/next"  # answers stay in step
+    assert b"GET /echo/private HTTP/1.1" not in backend.lines
+    assert backend.lines == [b"POST /echo HTTP/1.1", b"GET /echo/next HTTP/1.1"]
+
+
+async def test_a_client_gone_in_the_middle_of_its_body_is_audited(nursery: trio.Nursery) -> None:
+    """Head and half the body reached the internal host, then the application went away: the
+    request still gets its audit line (one per request)."""
+    reached = trio.Event()
+
+    async def swallow(stream: trio.abc.Stream) -> None:
+        while await stream.receive_some(CHUNK):
+            reached.set()
+
+    port = await serve(nursery, swallow)
+    audit = AuditLog(None)
+    opener = open_stream(nursery, AccessControl([mapping_for(port)]), context(audit))
+    client = HttpClient(opener)
+    await client._send(h11.Request(method=b"POST", target=b"/echo",
+                                   headers=[(b"host", b"x"), (b"content-length", b"10")]))
+    await client._send(h11.Data(data=b"12345"))
+    with trio.fail_after(3):
+        await reached.wait()
+    await opener.reset(ErrorCode.CANCEL, "application gone")
+    (line,) = await audit_lines(audit, 1)
+    assert (line["decision"], line["reason"], line["path"]) == ("allowed", "client_gone", "/echo")
+
+
+async def test_hop_by_hop_request_trailers_do_not_reach_the_backend(nursery: trio.Nursery) -> None:
+    backend, acl = await start(nursery)
+    client = HttpClient(open_stream(nursery, acl, context(AuditLog(None))))
+    await client._send(h11.Request(method=b"POST", target=b"/echo",
+                                   headers=[(b"host", b"x"), (b"transfer-encoding", b"chunked"), (b"te", b"trailers")]))
+    await client._send(h11.Data(data=b"abc"))
+    await client._send(h11.EndOfMessage(headers=[(b"x-checksum", b"1"), (b"keep-alive", b"timeout=5")]))
+    reply = await client.read_response()
+    assert reply.status == 200
+    assert backend.requests[-1]["trailers"] == [["x-checksum", "1"]]  # keep-alive is hop-by-hop
 
 
 # --- protocol hygiene -------------------------------------------------------------------------------

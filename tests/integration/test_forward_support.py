@@ -172,6 +172,7 @@ class HttpBackend:
             "method": request.method.decode(), "target": request.target.decode(),
             "headers": [[k.decode(), v.decode()] for k, v in request.headers],
             "body_len": body_len, "sha256": digest.hexdigest(),
+            "trailers": [[k.decode(), v.decode()] for k, v in event.headers],
         }
         self.requests.append(record)
         path, _, query = request.target.partition(b"?")

@@ -871,3 +871,49 @@ async def test_answer_before_the_body_and_no_body_closes_after_the_linger(proxy_
     with trio.fail_after(3):  # linger_timeout is 0.5 s in this fixture
         assert await client.sock.receive_some(1024) == b""
     assert len(router.opened) == 1
+
+
+class _RawNode:
+    """Records every byte the proxy sends on its stream; answers 204 once the request ended."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.nursery, self.raw = nursery, bytearray()
+
+    async def open_stream(self, subaccount: str, location_id: str, target: Target) -> TunnelStream:
+        opener, acceptor = memory_stream_pair(target)
+        self.nursery.start_soon(self.serve, acceptor)
+        return opener
+
+    async def serve(self, stream: TunnelStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        while data := await stream.receive_some(65536):
+            self.raw += data
+            conn.receive_data(data)
+            while (event := conn.next_event()) is not h11.NEED_DATA:
+                if isinstance(event, h11.EndOfMessage):
+                    await stream.send_all(conn.send(h11.Response(status_code=204, headers=[]))
+                                          + (conn.send(h11.EndOfMessage()) or b""))
+                    return
+
+
+async def test_proxy_headers_in_request_trailers_do_not_reach_the_node() -> None:
+    """Trailers are headers too: the location header and the proxy credentials stay at the proxy."""
+    async with trio.open_nursery() as nursery:
+        node = _RawNode(nursery)
+        proxy = HttpProxy(node, Authenticator({"sub1": [hash_token(TOKEN)]}))  # type: ignore[arg-type]
+        port = await nursery.start(proxy.run, "127.0.0.1", 0)
+        sock = await trio.open_tcp_stream("127.0.0.1", port)
+        await sock.send_all(
+            b"POST http://erp.virtual:8000/x HTTP/1.1\r\nhost: erp.virtual:8000\r\n"
+            b"proxy-authorization: Bearer " + TOKEN.encode() + b"\r\ntransfer-encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n0\r\nSAP-Connectivity-SCC-Location_ID: loc9\r\n"
+            b"proxy-authorization: Bearer " + TOKEN.encode() + b"\r\nx-checksum: 1\r\n\r\n")
+        answer = b""
+        with trio.fail_after(5):
+            while b"204" not in answer:
+                answer += await sock.receive_some(65536)
+        sent = bytes(node.raw).lower()
+        assert b"x-checksum: 1" in sent  # other trailers pass
+        assert b"location_id" not in sent and TOKEN.encode().lower() not in sent
+        await sock.aclose()
+        nursery.cancel_scope.cancel()

@@ -164,6 +164,8 @@ def test_inline_etcd_password_needs_a_private_config_file(files):
         ("etcd_password_file = 'open.pw'\n", "cluster.etcd_password_file", "readable by others"),
         ("etcd_password_file = 'empty.pw'\n", "cluster.etcd_password_file", "is empty"),
         ("etcd_password_file = 'absent.pw'\n", "cluster.etcd_password_file", "does not exist"),
+        ("etcd_password_file = 'binary.pw'\n", "cluster.etcd_password_file", "not UTF-8"),
+        ("etcd_password_file = 'pwdir'\n", "cluster.etcd_password_file", "cannot read"),
         ("etcd_password_file = 'etcd.pw'\netcd_password = 'x'\n", "cluster.etcd_password", "not both"),
         ("", "cluster.etcd_user", "go together"),
     ],
@@ -171,6 +173,8 @@ def test_inline_etcd_password_needs_a_private_config_file(files):
 def test_bad_etcd_credentials_name_the_key(files, extra, key, message):
     _private(files / "etcd.pw", "s3cret")
     _private(files / "empty.pw", "\n")
+    _private(files / "binary.pw", "").write_bytes(b"\xff\xfe")
+    (files / "pwdir").mkdir(mode=0o700)
     (files / "open.pw").write_text("s3cret")
     (files / "open.pw").chmod(0o644)
     path = _private(files / "node.toml", GOOD_NODE + TLS_CLUSTER + extra)
