@@ -20,6 +20,7 @@ from test_forward_support import (
     HttpClient,
     free_port,
     make_pki,
+    read_head,
     read_raw_until_closed,
     serve,
     websocket_backend,
@@ -347,14 +348,13 @@ class EarlyAnswerBackend:
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         self.connections += 1
+        with contextlib.suppress(trio.BrokenResourceError):  # dropped by the forwarder: fine
+            await self._serve(stream)
+
+    async def _serve(self, stream: trio.abc.Stream) -> None:
         data = b""
-        while True:
-            while b"\r\n\r\n" not in data:
-                chunk = await stream.receive_some(CHUNK)
-                if not chunk:
-                    return
-                data += chunk
-            head, _, data = data.partition(b"\r\n\r\n")
+        while (read := await read_head(stream, data)) is not None:
+            head, data = read
             await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nearly")
             if head.startswith(b"POST"):
                 while len(data) < len(self.BODY):
@@ -437,13 +437,8 @@ class BodyIgnoringBackend:
 
     async def _serve(self, stream: trio.abc.Stream) -> None:
         data = b""
-        while True:
-            while b"\r\n\r\n" not in data:
-                chunk = await stream.receive_some(CHUNK)
-                if not chunk:
-                    return
-                data += chunk
-            head, _, data = data.partition(b"\r\n\r\n")
+        while (read := await read_head(stream, data)) is not None:
+            head, data = read
             line = head.split(b"\r\n")[0]
             self.lines.append(line)
             body = b"for " + line.split(b" ")[1]

@@ -206,15 +206,23 @@ class HttpBackend:
         return True
 
 
-async def websocket_backend(stream: trio.abc.Stream) -> None:
-    """Answer an upgrade request with 101, then echo raw bytes upper-cased until EOF."""
-    buffer = b""
-    while b"\r\n\r\n" not in buffer:
+async def read_head(stream: trio.abc.Stream, buffered: bytes = b"") -> tuple[bytes, bytes] | None:
+    """Read until a blank line ends an HTTP head: (head, the bytes after it), or None at EOF."""
+    while b"\r\n\r\n" not in buffered:
         data = await stream.receive_some(CHUNK)
         if not data:
-            return
-        buffer += data
-    head, _, rest = buffer.partition(b"\r\n\r\n")
+            return None
+        buffered += data
+    head, _, rest = buffered.partition(b"\r\n\r\n")
+    return head, rest
+
+
+async def websocket_backend(stream: trio.abc.Stream) -> None:
+    """Answer an upgrade request with 101, then echo raw bytes upper-cased until EOF."""
+    read = await read_head(stream)
+    if read is None:
+        return
+    head, rest = read
     await stream.send_all(
         b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
         b"sec-websocket-accept: test\r\n\r\n" + rest.upper()
