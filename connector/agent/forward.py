@@ -808,9 +808,9 @@ class _HttpSession:
         backend_headers = list(event.headers)
         chunked = b"chunked" in header_tokens(backend_headers, b"transfer-encoding")
         self.out.queue(h11.Response(status_code=event.status_code,
-                                        headers=strip_hop_by_hop(backend_headers),
-                                        reason=event.reason,
-                                        _parsed=True))  # h11 validated it when parsing
+                                    headers=strip_hop_by_hop(backend_headers),
+                                    reason=event.reason,
+                                    _parsed=True))  # h11 validated it when parsing
         exchange.status = event.status_code
         exchange.head_sent = True
         keep_trailers = chunked and self.client.their_http_version == b"1.1" and request.method != b"HEAD"
@@ -867,7 +867,7 @@ class _HttpSession:
         """Relay the 101, then bytes both ways until both sides closed; the stream ends after."""
         assert self.backend is not None and self.backend_conn is not None
         await self.out.send(h11.InformationalResponse(status_code=101, headers=list(response.headers),
-                                                        reason=response.reason))
+                                                      reason=response.reason))
         exchange.status = 101
         exchange.head_sent = True
         backend_leftover = bytes(self.backend_conn.trailing_data[0])

@@ -73,6 +73,7 @@ TLS_HANDSHAKE_RECORD = 0x16
 
 # hop-by-hop for the proxy: also its own routing header, which the node must not see
 PROXY_ONLY = frozenset({LOCATION_HEADER})
+_NOT_FORWARDED = HOP_BY_HOP | PROXY_ONLY
 
 
 _HOST = re.compile(rb"[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\]")
@@ -165,8 +166,7 @@ def forwarded_headers(
     listed = header_tokens(headers, b"connection")
     if websocket:
         listed = {token for token in listed if not token.startswith(b"sec-websocket-")}
-    result = [(name, value) for name, value in headers
-              if name not in HOP_BY_HOP and name not in PROXY_ONLY and name not in listed]
+    result = [(name, value) for name, value in headers if name not in _NOT_FORWARDED and name not in listed]
     if not any(name == b"host" for name, _ in result):
         authority = host if port == 80 else f"{host}:{port}"
         result.insert(0, (b"host", authority.encode("ascii")))
@@ -183,8 +183,7 @@ def response_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes
 def switching_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """Headers of a relayed `101 Switching Protocols` to a WebSocket upgrade (Sec-WebSocket-* kept)."""
     listed = {t for t in header_tokens(headers, b"connection") if not t.startswith(b"sec-websocket-")}
-    kept = [(name, value) for name, value in headers
-            if name not in HOP_BY_HOP and name not in PROXY_ONLY and name not in listed]
+    kept = [(name, value) for name, value in headers if name not in _NOT_FORWARDED and name not in listed]
     return [(b"connection", b"upgrade"), (b"upgrade", b"websocket"), *kept]
 
 
