@@ -336,8 +336,8 @@ class _Exchange:
     client_error: h11.RemoteProtocolError | None = None
     client_gone: bool = False
     body_pumped: trio.Event | None = None  # set when _pump_request_body ends (if it runs)
-    answered_early: bool = False  # the response head came before the request body was through
-    discard_body: bool = False  # the response is complete: the rest of the body is not forwarded
+    request_whole: bool = False  # the request's last bytes are handed to the backend (maybe in flight)
+    discard_body: bool = False  # answered before the request was whole: the rest is read and dropped
     audited: bool = False  # one audit line per request, whatever happens
 
 
@@ -549,10 +549,19 @@ class _HttpSession:
             else:
                 return False
 
+    async def _drain_body_audited(self, exchange: _Exchange, decision: str, reason: str) -> bool:
+        """`_drain_body` before an error answer; a client gone meanwhile still leaves the audit line."""
+        try:
+            return await self._drain_body(self.settings.max_drain_bytes)
+        except _TunnelGone:
+            if not exchange.audited:
+                self._audit(exchange, decision, reason)
+            raise
+
     async def _deny(self, request: h11.Request, exchange: _Exchange, decision: Decision) -> bool:
         exchange.target = decision.path or exchange.target
         status = 400 if decision.reason in (acl_mod.BAD_REQUEST, acl_mod.AMBIGUOUS_PATH, acl_mod.HOST_MISMATCH) else 403
-        keep = await self._drain_body(self.settings.max_drain_bytes)
+        keep = await self._drain_body_audited(exchange, "denied", decision.reason)
         message = f"the connector's access control denied this request ({decision.reason})"
         await self._refuse(exchange, status, decision.reason, message, close=not keep)
         return keep
@@ -643,7 +652,7 @@ class _HttpSession:
             self._audit(exchange, "allowed", label)
             await _reset_quietly(self.stream, ErrorCode.BACKEND_RESET, message)
             raise _TunnelGone("stream reset after backend failure")
-        keep = exchange.request_done or await self._drain_body(self.settings.max_drain_bytes)
+        keep = exchange.request_done or await self._drain_body_audited(exchange, "allowed", reason)
         await self._send_error(exchange, status, reason, message, close=not keep, audit="allowed")
         return keep
 
@@ -716,15 +725,31 @@ class _HttpSession:
                 await self._to_backend(h11.EndOfMessage())
             else:
                 while True:
-                    event = await self._next_client_event()
-                    if isinstance(event, h11.Data):
-                        exchange.bytes_in += len(event.data)
-                        self._bytes_in.inc(len(event.data))
-                    elif isinstance(event, h11.EndOfMessage) and event.headers:
-                        event = h11.EndOfMessage(headers=strip_hop_by_hop(event.headers))
+                    # what h11 already holds goes out in one write; in the body state it yields
+                    # only Data, EndOfMessage or NEED_DATA (or raises)
+                    events = [await self._next_client_event()]
+                    while not isinstance(events[-1], h11.EndOfMessage):
+                        more = self.client.next_event()
+                        if more is h11.NEED_DATA:
+                            break
+                        events.append(more)
+                    for i, event in enumerate(events):
+                        if isinstance(event, h11.Data):
+                            exchange.bytes_in += len(event.data)
+                            self._bytes_in.inc(len(event.data))
+                        elif isinstance(event, h11.EndOfMessage) and event.headers:
+                            events[i] = h11.EndOfMessage(headers=strip_hop_by_hop(event.headers))
+                    last = isinstance(events[-1], h11.EndOfMessage)
+                    # set before the write yields: an answer that comes meanwhile is not "early"
+                    exchange.request_whole = last
                     if not exchange.discard_body:
-                        await self._to_backend(event)
-                    if isinstance(event, h11.EndOfMessage):
+                        try:
+                            await self._to_backend(*events)
+                        except _BackendGone:
+                            if not exchange.discard_body:
+                                raise
+                            # answered early and dropped: keep reading the client's body
+                    if last:
                         break
                 exchange.request_done = True
         except h11.RemoteProtocolError as exc:
@@ -804,7 +829,6 @@ class _HttpSession:
             # outside head_scope: the response deadline must not cut a long-lived WebSocket
             return await self._switch_to_websocket(exchange, event)
         assert isinstance(event, h11.Response)
-        exchange.answered_early = not exchange.request_done
         backend_headers = list(event.headers)
         chunked = b"chunked" in header_tokens(backend_headers, b"transfer-encoding")
         self.out.queue(h11.Response(status_code=event.status_code,
@@ -827,26 +851,28 @@ class _HttpSession:
             else:
                 raise _BackendGone(f"unexpected {type(event).__name__} in the response body", "protocol_error")
         end = h11.EndOfMessage(headers=strip_hop_by_hop(event.headers) if keep_trailers else [])
-        if exchange.answered_early:
-            # The internal host answered before the whole request body had reached it (a
-            # streaming echo does; an early error does). Whether it read the body, we cannot
-            # tell: bytes it left unread would be parsed as its next request, one the allow-list
-            # never saw. So its connection is not reused, and what is left of the body once its
-            # answer is complete is not sent to it at all. The client's stream carries on: it gets
-            # its answer now, and the rest of its body is read and dropped (at most
-            # response_timeout) so that the stream can carry the next request.
-            pumped = exchange.body_pumped
+        pumped = exchange.body_pumped
+        if pumped is not None and not exchange.request_whole:
+            # The internal host finished its answer before the request was whole (an early error
+            # does): it will not read the rest, and bytes it left unread must not be parsed as its
+            # next request. Nothing more is sent to it and its connection is dropped (which also
+            # ends a write blocked on it); the rest of the client's body is read and dropped (at
+            # most response_timeout), so the client's stream can carry the next request.
             exchange.discard_body = True
+            await self._drop_backend()
             try:
                 await self.out.send(end)
-                if pumped is not None:
-                    with trio.move_on_after(self.settings.response_timeout):
-                        await pumped.wait()
+                with trio.move_on_after(self.settings.response_timeout):
+                    await pumped.wait()
             finally:  # audited even if the client goes away meanwhile
                 self._audit(exchange, "allowed", acl_mod.ALLOWED)
                 self._seconds.observe(trio.current_time() - exchange.started)
-            await self._drop_backend()
             return True
+        if pumped is not None and not pumped.is_set():
+            # the request's last write is still in flight: let it finish before the connection's
+            # next cycle (bounded: a backend that stopped reading is dropped below)
+            with trio.move_on_after(self.settings.response_timeout):
+                await pumped.wait()
         # Book-keeping before the last bytes go out, so the audit line exists once the client has
         # the whole response.
         await self._finish_backend_cycle()

@@ -6,6 +6,9 @@ import contextlib
 import hashlib
 import json
 import re
+import subprocess
+import sys
+import time
 import tracemalloc
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -32,6 +35,7 @@ from connector.agent.forward import ForwardSettings, StreamContext, serve_stream
 from connector.tunnel.testing import MemoryTunnelStream, memory_stream_pair
 from connector.tunnel.types import ErrorCode, StreamProtocol, StreamResetError, Target
 
+REPO = Path(__file__).resolve().parents[2]
 VIRTUAL = "erp.virtual"
 VPORT = 443
 DEFAULT_TARGET = Target(VIRTUAL, VPORT)
@@ -497,6 +501,77 @@ async def test_hop_by_hop_request_trailers_do_not_reach_the_backend(nursery: tri
     reply = await client.read_response()
     assert reply.status == 200
     assert backend.requests[-1]["trailers"] == [["x-checksum", "1"]]  # keep-alive is hop-by-hop
+
+
+async def _busy_node() -> None:
+    """Other streams' work on a busy node: the forwarder's tasks get scheduled late."""
+    while True:
+        started = time.perf_counter()
+        while time.perf_counter() - started < 0.0002:
+            pass
+        await trio.lowlevel.checkpoint()
+
+
+@pytest.mark.parametrize(("size", "writes"), [(5, 1), (100_000, 4)])
+async def test_a_backend_that_reads_the_body_keeps_its_connection_on_a_busy_node(
+    nursery: trio.Nursery, size: int, writes: int
+) -> None:
+    """A fast internal host in its own process answers as soon as the last body byte is in; on a
+    busy node its answer can be relayed before the body task resumes. That must not count as an
+    early answer: the connection is reused for every POST (it was not, about 1 in 3, once)."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "tests.support.readall_backend"], stdout=subprocess.PIPE, cwd=REPO)
+    try:
+        assert process.stdout is not None
+        with trio.fail_after(10):
+            port = int((await process.stdout.receive_some(64)).decode())
+        for _ in range(8):
+            nursery.start_soon(_busy_node)
+        client = HttpClient(open_stream(nursery, AccessControl([mapping_for(port)]), context(AuditLog(None))))
+        body = b"y" * size
+        step = -(-size // writes)
+
+        async def pieces() -> AsyncIterator[bytes]:
+            for i in range(0, size, step):
+                yield body[i:i + step]
+
+        connections = set()
+        with trio.fail_after(60):
+            for _ in range(100):
+                reply = await client.request(b"POST", b"/echo", [(b"content-length", str(size).encode())], pieces())
+                assert reply.body == b"ok"
+                connections.add(reply.headers[b"x-connection"])
+        assert connections == {b"1"}
+    finally:
+        process.kill()
+        await process.wait()
+        nursery.cancel_scope.cancel()
+
+
+async def _client_gone_in_the_middle_of_the_body(nursery: trio.Nursery, acl: AccessControl, target: bytes) -> AuditLog:
+    audit = AuditLog(None)
+    opener = open_stream(nursery, acl, context(audit))
+    client = HttpClient(opener)
+    await client._send(h11.Request(method=b"POST", target=target,
+                                   headers=[(b"host", b"x"), (b"content-length", b"10")]))
+    await client._send(h11.Data(data=b"12345"))
+    await trio.sleep(0.1)  # the forwarder decided and drains the body
+    await opener.reset(ErrorCode.CANCEL, "application gone")
+    return audit
+
+
+async def test_refused_requests_are_audited_when_the_client_goes_while_its_body_is_drained(
+    nursery: trio.Nursery,
+) -> None:
+    """Denied by the allow-list, or the internal host unreachable: the forwarder reads the body
+    before answering; a client gone meanwhile still leaves the request's one audit line."""
+    acl = AccessControl([mapping_for(await free_port())])  # nothing listens there
+    denied = await _client_gone_in_the_middle_of_the_body(nursery, acl, b"/admin")
+    unreachable = await _client_gone_in_the_middle_of_the_body(nursery, acl, b"/echo")
+    (line,) = await audit_lines(denied, 1)
+    assert (line["decision"], line["path"]) == ("denied", "/admin")
+    (line,) = await audit_lines(unreachable, 1)
+    assert (line["decision"], line["reason"]) == ("allowed", "internal_host_unreachable")
 
 
 # --- protocol hygiene -------------------------------------------------------------------------------
