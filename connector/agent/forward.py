@@ -339,6 +339,7 @@ class _Exchange:
     request_whole: bool = False  # the request's last bytes are handed to the backend (maybe in flight)
     discard_body: bool = False  # answered before the request was whole: the rest is read and dropped
     audited: bool = False  # one audit line per request, whatever happens
+    verdict: str = "allowed"  # the audit decision if the stream is reset before the answer
 
 
 class _HttpSession:
@@ -360,19 +361,20 @@ class _HttpSession:
         # responses for the stream: a head, its body and its end leave in one write
         self.out = Outbox(self.client, stream.send_all, _TUNNEL_ERRORS, lambda exc: _TunnelGone(str(exc)))
         self._idle_scope: trio.CancelScope | None = None  # set while waiting for a next request
+        self._request_scope: trio.CancelScope | None = None  # set while a request is handled
+        self._current: _Exchange | None = None  # the request being handled
 
     # --- loop over the requests of the stream ---------------------------------------------------
 
     async def run(self) -> None:
         draining = self.ctx.draining
-        if draining is None:
-            await self._run()
-            return
         error: Exception | None = None
         async with trio.open_nursery() as nursery:
-            # one watcher for the life of the stream (not one task per request): a drain ends
-            # the wait for a next request, never a request in progress
-            nursery.start_soon(self._watch_drain, draining)
+            # watchers for the life of the stream (not tasks per request): a drain ends the wait
+            # for a next request, never a request in progress; a reset ends whatever is going on
+            if draining is not None:
+                nursery.start_soon(self._watch_drain, draining)
+            nursery.start_soon(self._watch_reset)
             try:
                 await self._run()
             except Exception as exc:  # re-raised below, outside the nursery (no exception group)
@@ -380,6 +382,13 @@ class _HttpSession:
             nursery.cancel_scope.cancel()
         if error is not None:
             raise error
+
+    async def _watch_reset(self) -> None:
+        """A reset stream ends the request in progress at once: while a response body is relayed
+        only the internal host is read, and one that stalls would otherwise hold the task."""
+        await self.stream.wait_reset()
+        if self._request_scope is not None:
+            self._request_scope.cancel()
 
     async def _watch_drain(self, draining: trio.Event) -> None:
         await draining.wait()
@@ -405,7 +414,16 @@ class _HttpSession:
                 if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                     break
                 assert isinstance(event, h11.Request), event
-                keep_going = await self._handle(event)
+                keep_going = False
+                with trio.CancelScope() as scope:
+                    self._request_scope = scope
+                    keep_going = await self._handle(event)
+                self._request_scope = None
+                if scope.cancelled_caught:  # _watch_reset: the stream was reset meanwhile
+                    exchange = self._current
+                    if exchange is not None and not exchange.audited:
+                        self._audit(exchange, exchange.verdict, "client_gone")
+                    raise _TunnelGone("stream reset while a request was handled")
                 if not keep_going or not self._start_next_cycle():
                     break
             await self._close_client()
@@ -505,7 +523,8 @@ class _HttpSession:
 
     async def _handle(self, request: h11.Request) -> bool:
         """Answer one request; return False if the connection must close afterwards."""
-        exchange = _Exchange(request.method, _printable_target(request.target), trio.current_time())
+        exchange = self._current = _Exchange(request.method, _printable_target(request.target),
+                                             trio.current_time())
         headers = list(request.headers)
         head_size = len(request.target) + sum(len(k) + len(v) + 4 for k, v in headers)
         if head_size > self.settings.max_header_bytes:
@@ -560,6 +579,7 @@ class _HttpSession:
 
     async def _deny(self, request: h11.Request, exchange: _Exchange, decision: Decision) -> bool:
         exchange.target = decision.path or exchange.target
+        exchange.verdict = "denied"
         status = 400 if decision.reason in (acl_mod.BAD_REQUEST, acl_mod.AMBIGUOUS_PATH, acl_mod.HOST_MISMATCH) else 403
         keep = await self._drain_body_audited(exchange, "denied", decision.reason)
         message = f"the connector's access control denied this request ({decision.reason})"

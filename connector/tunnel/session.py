@@ -148,6 +148,7 @@ class SessionStream(TunnelStream):
         self._receiving = False
         self._sending = False
         self._lot = ParkingLot()  # any change: data, credit, accept, reset, close
+        self._reset_event = trio.Event()
 
     # --- called by the session (reader task) --------------------------------------------------
 
@@ -170,10 +171,14 @@ class SessionStream(TunnelStream):
             self._read_error = error
             self._chunks.clear()
             self._buffered = 0
+        self._reset_event.set()
         self._lot.unpark_all()
 
     def _wake(self) -> None:
         self._lot.unpark_all()
+
+    async def wait_reset(self) -> None:
+        await self._reset_event.wait()
 
     # --- application side -----------------------------------------------------------------------
 

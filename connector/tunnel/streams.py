@@ -33,6 +33,11 @@ class TunnelStream(trio.abc.HalfCloseableStream):
     async def wait_accepted(self) -> None:
         """Opener side: wait until the acceptor called `accept()`; raise StreamResetError if reset."""
 
+    async def wait_reset(self) -> None:
+        """Return once the stream is reset (by either side, or because the tunnel died), so that
+        a task not reading it learns it is gone. A stream that cannot tell waits forever."""
+        await trio.sleep_forever()
+
     @abc.abstractmethod
     async def reset(self, code: ErrorCode, reason: str = "") -> None:
         """Abort the stream in both directions, telling the peer why. Idempotent."""

@@ -89,6 +89,9 @@ class MemoryTunnelStream(TunnelStream):
             nursery.cancel_scope.cancel()
         self._check()
 
+    async def wait_reset(self) -> None:
+        await self._shared.reset_event.wait()
+
     async def reset(self, code: ErrorCode, reason: str = "") -> None:
         if self._shared.reset is None:
             self._shared.reset = StreamResetError(code, reason)

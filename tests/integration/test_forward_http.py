@@ -578,6 +578,41 @@ async def test_refused_requests_are_audited_when_the_client_goes_while_its_body_
     assert (line["decision"], line["reason"]) == ("allowed", "internal_host_unreachable")
 
 
+async def test_a_reset_stream_ends_a_stalled_response_at_once(nursery: trio.Nursery) -> None:
+    """The internal host sends a head and part of the body, then stalls (long-poll): when the
+    application goes away (the stream is reset) the forwarder stops at once, closes the backend
+    connection and audits the request; it does not wait for the host to send more."""
+    closed = trio.Event()
+
+    async def stalls(stream: trio.abc.Stream) -> None:
+        await read_head(stream)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789")
+        with contextlib.suppress(trio.BrokenResourceError):
+            while await stream.receive_some(CHUNK):
+                pass
+        closed.set()  # the forwarder closed its side
+
+    port = await serve(nursery, stalls)
+    audit = AuditLog(None)
+    opener, acceptor = memory_stream_pair(DEFAULT_TARGET)
+    finished = trio.Event()
+
+    async def forwarder() -> None:
+        await serve_stream(acceptor, AccessControl([mapping_for(port)]), context(audit))
+        finished.set()
+
+    nursery.start_soon(forwarder)
+    await opener.send_all(b"GET /echo HTTP/1.1\r\nhost: a\r\n\r\n")
+    assert (await opener.receive_some(CHUNK)).startswith(b"HTTP/1.1 200 ")
+    await trio.sleep(0.2)  # the forwarder waits on the stalled host
+    await opener.reset(ErrorCode.CANCEL, "application gone")
+    with trio.fail_after(2):
+        await finished.wait()
+        await closed.wait()
+    (line,) = await audit_lines(audit, 1)
+    assert (line["decision"], line["reason"], line["status"]) == ("allowed", "client_gone", 200)
+
+
 # --- protocol hygiene -------------------------------------------------------------------------------
 
 

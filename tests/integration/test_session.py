@@ -509,3 +509,37 @@ async def test_bulk_read_splits_the_frame_that_does_not_fit() -> None:
             await stream.aclose()
             await pair.cloud.aclose()
             nursery.cancel_scope.cancel()
+
+
+async def test_wait_reset_returns_on_a_peer_reset_and_on_tunnel_death() -> None:
+    """A task that is not reading a stream learns that it is gone: the forwarder watches this to
+    stop relaying for an application that went away."""
+    node_streams: list[SessionStream] = []
+    arrived = trio.Event()
+
+    async def handler(stream: SessionStream) -> None:
+        await stream.accept()
+        node_streams.append(stream)
+        arrived.set()
+        await trio.sleep_forever()
+
+    with trio.fail_after(TEST_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            pair = await start_pair(nursery, node_handler=handler)
+            first = await pair.cloud.open_stream(TARGET)
+            await first.wait_accepted()
+            await arrived.wait()
+            arrived = trio.Event()
+            second = await pair.cloud.open_stream(TARGET)
+            await second.wait_accepted()
+            await arrived.wait()
+            with trio.move_on_after(0.1) as idle:
+                await node_streams[0].wait_reset()
+            assert idle.cancelled_caught  # nothing happened: it keeps waiting
+            await first.reset(ErrorCode.CANCEL, "client went away")
+            with trio.fail_after(2):
+                await node_streams[0].wait_reset()
+            pair.node_scope.cancel()  # the node vanishes: the cloud's streams die with the tunnel
+            with trio.fail_after(5):
+                await second.wait_reset()
+            nursery.cancel_scope.cancel()
