@@ -197,9 +197,12 @@ class Socks5Proxy(ProxyService[Socks5Settings]):
             return await self._refuse(sock, REP_NETWORK_UNREACHABLE), None, b""
         except StreamResetError as exc:
             return await self._refuse(sock, reset_reply(exc)), None, b""
+        # From here until it is returned, the stream is ours to close on every exit (the last
+        # clause): the client may reset before our reply, or this task may be cancelled.
         try:
             with trio.fail_after(self.settings.connect_timeout):
                 await stream.wait_accepted()
+            await sock.send_all(reply(REP_SUCCEEDED))
         except StreamResetError as exc:
             log.info("SOCKS5 %s refused by the connector: %s", target, exc)
             await self._close_stream(stream, None)
@@ -207,7 +210,9 @@ class Socks5Proxy(ProxyService[Socks5Settings]):
         except trio.TooSlowError:
             await self._close_stream(stream, ErrorCode.CONNECT_TIMEOUT)
             return await self._refuse(sock, REP_HOST_UNREACHABLE), None, b""
-        await sock.send_all(reply(REP_SUCCEEDED))
+        except BaseException:
+            await self._close_stream(stream, None)
+            raise
         return REPLY_NAMES[REP_SUCCEEDED], stream, bytes(reader.buffer)
 
     async def _refuse(self, sock: trio.SocketStream, code: int) -> str:

@@ -41,12 +41,16 @@ class FakeRouter:
     def __init__(self, nursery: trio.Nursery) -> None:
         self.nursery = nursery
         self.opened: list[tuple[str, str, Target]] = []
+        self.acceptors: list[TunnelStream] = []  # the node's end of each stream, in order
+        self.stream_opened = trio.Event()  # set at the first open_stream
 
     async def open_stream(self, subaccount: str, location_id: str, target: Target) -> TunnelStream:
         self.opened.append((subaccount, location_id, target))
         if (subaccount, location_id) not in {("sub1", ""), ("sub1", "loc2")}:
             raise NoConnectorError("no connector connected")
         opener, acceptor = memory_stream_pair(target)
+        self.acceptors.append(acceptor)
+        self.stream_opened.set()
         self.nursery.start_soon(self.node, acceptor)
         return opener
 
@@ -310,6 +314,31 @@ async def test_data_sent_with_the_request_is_not_lost(socks_env: tuple[int, Fake
     await sock.send_all(connect_request("db.virtual", 1) + b"early")
     assert (await read_exactly(sock, 10))[1] == 0
     assert await read_exactly(sock, 5) == b"early"
+
+
+async def test_connect_abandoned_by_cancellation_resets_the_stream(nursery: trio.Nursery) -> None:
+    """The proxy is cancelled while the node has not yet answered: the stream is not left open."""
+    router = FakeRouter(nursery)
+    authenticator = Authenticator({"sub1": [hash_token(TOKEN)]})
+    # connect_timeout far beyond the test: the reset can only come from the cancellation
+    proxy = Socks5Proxy(router, authenticator, settings=Socks5Settings(connect_timeout=10 * TEST_TIMEOUT))
+    scope = trio.CancelScope()
+
+    async def run(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        with scope:
+            await proxy.run("127.0.0.1", 0, task_status=task_status)
+
+    port = await nursery.start(run)
+    sock = await handshake(port, 0x80, sap_auth(TOKEN, ""))
+    assert await read_exactly(sock, 2) == b"\x01\x00"
+    await sock.send_all(connect_request("silent.virtual", 3300))
+    with trio.fail_after(TEST_TIMEOUT):
+        await router.stream_opened.wait()
+        scope.cancel()
+        await router.acceptors[0].wait_reset()
+    with pytest.raises(StreamResetError) as info:
+        await router.acceptors[0].receive_some()
+    assert info.value.code is ErrorCode.CANCEL
 
 
 CURL = shutil.which("curl")
