@@ -206,6 +206,9 @@ class CloudConfig:
     hold_max: int
     ping_interval: float
     ping_timeout: float
+    tls_handshake_timeout: float  # deadlines of the tunnel endpoint's handshake phases
+    upgrade_timeout: float
+    hello_timeout: float
     state_file: Path | None  # highest epochs, so a restarted cloud keeps fencing
     subaccounts: tuple[SubaccountConfig, ...]
 
@@ -244,6 +247,9 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
         tunnel_key=tunnel.path("key", required=True),
         ping_interval=tunnel.float("ping_interval", 1.0),
         ping_timeout=tunnel.float("ping_timeout", 3.0),
+        tls_handshake_timeout=tunnel.float("tls_handshake_timeout", 5.0),
+        upgrade_timeout=tunnel.float("upgrade_timeout", 5.0),
+        hello_timeout=tunnel.float("hello_timeout", 5.0),
         http_listen=proxy.listen("http_listen", "127.0.0.1:20003"),
         socks5_listen=proxy.listen("socks5_listen", "127.0.0.1:20004"),
         hold_seconds=proxy.float("hold_seconds", 5.0),

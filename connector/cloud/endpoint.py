@@ -8,6 +8,15 @@ the tunnel handshake (version negotiation; the node announces its id and locatio
 runs with the registry as its control handler: ``register`` (with the fencing epoch), ``drain``
 (graceful handover) and ``unregister`` (lost leadership). Wrong certificates are refused during the
 TLS handshake or right after it with a log line naming the reason; nothing else is affected.
+
+Deadlines: a connection holds a task and a socket from its first byte, so every phase before
+the tunnel runs has one, and a peer that is silent or gone in any phase is dropped when it
+expires: the TLS handshake (`EndpointSettings.tls_handshake_timeout`), the WebSocket upgrade,
+request in and 101 out (`upgrade_timeout`; trio-websocket keeps waiting for the request of a
+peer that already closed, so this deadline is also what reaps a closed peer there), and the
+tunnel's HELLO (`TunnelSettings.hello_timeout`). Once the tunnel runs, its keepalive drops a
+dead peer within `ping_timeout`. `statistics()` counts the connections being handled and
+`wait_connections` waits for a count.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import ssl
 from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 import trio_websocket
 from cryptography import x509
@@ -29,11 +39,24 @@ from connector.tunnel.session import TunnelError, TunnelSession, TunnelSettings
 
 log = logging.getLogger(__name__)
 
-TLS_HANDSHAKE_TIMEOUT = 10.0
 WS_RECEIVE_BUFFER = 262144  # trio-websocket's default 4 KiB halves throughput (see ARCHITECTURE.md)
 WS_MAX_MESSAGE = 4 << 20
 TUNNEL_PATH = "/tunnel"
 DEFAULT_SETTINGS = TunnelSettings()
+
+
+@attrs.frozen
+class EndpointSettings:
+    """Deadlines of the phases before HELLO, in seconds of trio time (see the module docstring)."""
+
+    tls_handshake_timeout: float = 5.0
+    upgrade_timeout: float = 5.0
+
+
+@attrs.frozen
+class EndpointStatistics:
+    connections: int  # being handled: from TCP accept until the tunnel (or its handshake) ended
+    refused: int  # refused for certificate reasons since start
 
 
 class TunnelEndpoint:
@@ -45,42 +68,79 @@ class TunnelEndpoint:
         key: Path,
         subaccount_cas: dict[str, Path],
         settings: TunnelSettings = DEFAULT_SETTINGS,
+        endpoint_settings: EndpointSettings = EndpointSettings(),
     ) -> None:
         self.registry = registry
         self.settings = settings
+        self.endpoint_settings = endpoint_settings
         self._cas = {sub: pki.load_certificate(path) for sub, path in subaccount_cas.items()}
         self._ssl = pki.server_context(cert, key, list(subaccount_cas.values()))
         self.refused = 0  # connections refused for certificate reasons (tests and status read it)
+        self._connections = 0
+        self._connections_lot = trio.lowlevel.ParkingLot()
 
     async def run(self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         await serve_tcp(self._handle, host, port, name="tunnel endpoint", task_status=task_status)
 
+    def statistics(self) -> EndpointStatistics:
+        return EndpointStatistics(self._connections, self.refused)
+
+    async def wait_connections(self, count: int) -> None:
+        """Return once exactly `count` connections are being handled."""
+        while self._connections != count:
+            await self._connections_lot.park()
+        await trio.lowlevel.checkpoint()
+
     async def _handle(self, tcp: trio.SocketStream) -> None:
+        self._connections += 1
+        self._connections_lot.unpark_all()
+        try:
+            await self._handle_connection(tcp)
+        finally:
+            self._connections -= 1
+            self._connections_lot.unpark_all()
+
+    async def _handle_connection(self, tcp: trio.SocketStream) -> None:
         tls = trio.SSLStream(tcp, self._ssl, server_side=True, https_compatible=True)
+        subaccount = "?"
         try:
-            with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
-                await tls.do_handshake()
-            subaccount, node_cn = self._identify(tls)
-        except (trio.BrokenResourceError, ssl.SSLError, trio.TooSlowError, pki.CertificateError) as exc:
-            self.refused += 1
-            log.warning("tunnel connection refused: %s", _describe(exc))
-            await trio.aclose_forcefully(tls)
-            return
-        try:
+            try:
+                with trio.fail_after(self.endpoint_settings.tls_handshake_timeout):
+                    await tls.do_handshake()
+                subaccount, node_cn = self._identify(tls)
+            except (trio.BrokenResourceError, ssl.SSLError, trio.TooSlowError, pki.CertificateError) as exc:
+                self.refused += 1
+                log.warning("tunnel connection refused: %s", _describe(exc))
+                return
             async with trio.open_nursery() as nursery:
-                request = await trio_websocket.wrap_server_stream(
-                    nursery, tls, max_message_size=WS_MAX_MESSAGE, receive_buffer_size=WS_RECEIVE_BUFFER
-                )
-                if request.path != TUNNEL_PATH:
-                    await request.reject(404, body=b"unknown path")
-                    return
-                ws = await request.accept()
-                await self._serve(ws, subaccount, node_cn)
-                nursery.cancel_scope.cancel()
+                try:
+                    ws = await self._upgrade(nursery, tls, subaccount, node_cn)
+                    if ws is not None:
+                        await self._serve(ws, subaccount, node_cn)
+                finally:
+                    # the websocket's reader task runs in this nursery: it ends with the connection
+                    nursery.cancel_scope.cancel()
         except (trio_websocket.ConnectionClosed, trio_websocket.HandshakeError, trio.BrokenResourceError) as exc:
             log.info("tunnel connection of %s ended: %s", subaccount, exc)
         finally:
             await trio.aclose_forcefully(tls)
+
+    async def _upgrade(
+        self, nursery: trio.Nursery, tls: trio.SSLStream[Any], subaccount: str, node_cn: str
+    ) -> trio_websocket.WebSocketConnection | None:
+        """The WebSocket upgrade on TUNNEL_PATH within `upgrade_timeout`; None if refused or late."""
+        timeout = self.endpoint_settings.upgrade_timeout
+        with trio.move_on_after(timeout):
+            request = await trio_websocket.wrap_server_stream(
+                nursery, tls, max_message_size=WS_MAX_MESSAGE, receive_buffer_size=WS_RECEIVE_BUFFER
+            )
+            if request.path != TUNNEL_PATH:
+                await request.reject(404, body=b"unknown path")
+                return None
+            return await request.accept()
+        log.warning("tunnel connection of %s/%s dropped: no WebSocket upgrade within %g s", subaccount, node_cn,
+                    timeout)
+        return None
 
     def _identify(self, tls: trio.SSLStream[Any]) -> tuple[str, str]:
         der = tls.getpeercert(binary_form=True)

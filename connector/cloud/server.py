@@ -16,7 +16,7 @@ from connector import metrics, pki
 from connector.admin import AdminRequest, AdminServer, Reply
 from connector.cloud.auth import Authenticator
 from connector.cloud.destinations import DestinationService, DestinationSettings
-from connector.cloud.endpoint import TunnelEndpoint
+from connector.cloud.endpoint import EndpointSettings, TunnelEndpoint
 from connector.cloud.proxy import HttpProxy
 from connector.cloud.registry import Registry
 from connector.cloud.socks5 import Socks5Proxy
@@ -50,7 +50,10 @@ class CloudServer:
             cert=config.tunnel_cert,
             key=config.tunnel_key,
             subaccount_cas={s.id: s.ca for s in config.subaccounts},
-            settings=TunnelSettings(ping_interval=config.ping_interval, ping_timeout=config.ping_timeout),
+            settings=TunnelSettings(ping_interval=config.ping_interval, ping_timeout=config.ping_timeout,
+                                    hello_timeout=config.hello_timeout),
+            endpoint_settings=EndpointSettings(tls_handshake_timeout=config.tls_handshake_timeout,
+                                               upgrade_timeout=config.upgrade_timeout),
         )
         self.ports: CloudPorts | None = None
 

@@ -93,6 +93,7 @@ class TunnelSettings:
     ping_timeout: float = 3.0
     max_streams: int = 1024  # streams the peer may have open at once (extension of the contract)
     versions: tuple[int, ...] = p.PROTOCOL_VERSIONS  # protocol versions offered / accepted
+    hello_timeout: float | None = None  # deadline of the HELLO exchange; None: ping_timeout
 
 
 class TunnelError(Exception):
@@ -440,10 +441,11 @@ class TunnelSession:
         """Exchange HELLO (the client speaks first); return the peer's info dict.
 
         Raises TunnelError if versions do not match, the peer refuses, breaks the protocol,
-        closes, or does not answer within `ping_timeout`.
+        closes, or does not answer within `hello_timeout` (default: `ping_timeout`).
         """
+        timeout = self.settings.ping_timeout if self.settings.hello_timeout is None else self.settings.hello_timeout
         try:
-            with trio.fail_after(self.settings.ping_timeout):
+            with trio.fail_after(timeout):
                 if self.client:
                     await self._send_now(self._conn.make_hello(self._hello_info))
                 hello = await self._receive_hello()

@@ -75,9 +75,15 @@ async def test_healthy_tunnel_stays_up_and_measures_rtt(autojump_clock: trio.abc
         nursery.cancel_scope.cancel()
 
 
-async def test_handshake_without_answer_times_out_after_ping_timeout(
-    autojump_clock: trio.abc.Clock,
+@pytest.mark.parametrize(
+    ("settings", "deadline"),
+    [(CLOUD, CLOUD.ping_timeout), (TunnelSettings(ping_interval=1.0, ping_timeout=3.0, hello_timeout=7.0), 7.0)],
+    ids=["ping_timeout", "hello_timeout"],
+)
+async def test_handshake_without_answer_times_out_after_hello_timeout(
+    autojump_clock: trio.abc.Clock, settings: TunnelSettings, deadline: float,
 ) -> None:
+    """HELLO's deadline is `hello_timeout`, or `ping_timeout` when that is not set."""
     client_stream, server_stream = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
 
@@ -88,10 +94,10 @@ async def test_handshake_without_answer_times_out_after_ping_timeout(
 
         nursery.start_soon(silent_server)
         ws = await trio_websocket.wrap_client_stream(nursery, client_stream, "localhost", "/t")
-        node = TunnelSession(ws, client=True, settings=CLOUD)
+        node = TunnelSession(ws, client=True, settings=settings)
         start = trio.current_time()
         with pytest.raises(TunnelError) as info:
             await node.handshake()
         assert (info.value.code, info.value.reason) == (ErrorCode.TUNNEL_LOST, "handshake timeout")
-        assert trio.current_time() - start == CLOUD.ping_timeout
+        assert trio.current_time() - start == deadline
         nursery.cancel_scope.cancel()
