@@ -12,10 +12,10 @@ TLS handshake or right after it with a log line naming the reason; nothing else 
 Deadlines: a connection holds a task and a socket from its first byte, so every phase before
 the tunnel runs has one, and a peer that is silent or gone in any phase is dropped when it
 expires: the TLS handshake (`EndpointSettings.tls_handshake_timeout`), the WebSocket upgrade,
-request in and 101 out (`upgrade_timeout`; trio-websocket keeps waiting for the request of a
-peer that already closed, so this deadline is also what reaps a closed peer there), and the
-tunnel's HELLO (`TunnelSettings.hello_timeout`). Once the tunnel runs, its keepalive drops a
-dead peer within `ping_timeout`. `statistics()` counts the connections being handled and
+request in and 101 out (`upgrade_timeout`), and the tunnel's HELLO (`TunnelSettings.hello_timeout`). Once the tunnel runs, its keepalive drops a
+dead peer within `ping_timeout`. A peer that closes is dropped at once in every phase (during
+the upgrade `_ReaderWatch` sees to it: trio-websocket alone would wait for the request of a
+closed peer until the deadline). `statistics()` counts the connections being handled and
 `wait_connections` waits for a count.
 """
 
@@ -24,8 +24,9 @@ from __future__ import annotations
 import functools
 import logging
 import ssl
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import trio
@@ -128,18 +129,23 @@ class TunnelEndpoint:
     async def _upgrade(
         self, nursery: trio.Nursery, tls: trio.SSLStream[Any], subaccount: str, node_cn: str
     ) -> trio_websocket.WebSocketConnection | None:
-        """The WebSocket upgrade on TUNNEL_PATH within `upgrade_timeout`; None if refused or late."""
+        """The WebSocket upgrade on TUNNEL_PATH within `upgrade_timeout`; None if refused, late or
+        the peer closed first."""
         timeout = self.endpoint_settings.upgrade_timeout
-        with trio.move_on_after(timeout):
+        with trio.move_on_after(timeout) as scope:
+            watch = _ReaderWatch(nursery, scope)
             request = await trio_websocket.wrap_server_stream(
-                nursery, tls, max_message_size=WS_MAX_MESSAGE, receive_buffer_size=WS_RECEIVE_BUFFER
+                cast(trio.Nursery, watch), tls, max_message_size=WS_MAX_MESSAGE, receive_buffer_size=WS_RECEIVE_BUFFER
             )
             if request.path != TUNNEL_PATH:
                 await request.reject(404, body=b"unknown path")
                 return None
             return await request.accept()
-        log.warning("tunnel connection of %s/%s dropped: no WebSocket upgrade within %g s", subaccount, node_cn,
-                    timeout)
+        if watch.reader_ended:
+            log.info("tunnel connection of %s/%s closed before its WebSocket upgrade", subaccount, node_cn)
+        else:
+            log.warning("tunnel connection of %s/%s dropped: no WebSocket upgrade within %g s", subaccount,
+                        node_cn, timeout)
         return None
 
     def _identify(self, tls: trio.SSLStream[Any]) -> tuple[str, str]:
@@ -190,6 +196,32 @@ class TunnelEndpoint:
             self.registry.unregister(handle, draining=False)
         else:
             log.warning("unknown control op %r from %s", op, handle.node)
+
+
+class _ReaderWatch:
+    """The nursery handed to `trio_websocket.wrap_server_stream`: starts the websocket's reader
+    task in `nursery` and cancels `upgrade` once that task ended, which it does when the peer
+    closes. (trio-websocket itself keeps waiting for the upgrade request of a closed peer.)
+    Anything else is the real nursery's; cancelling an upgrade scope that already exited does
+    nothing, so a reader ending later, with the tunnel, is harmless."""
+
+    def __init__(self, nursery: trio.Nursery, upgrade: trio.CancelScope) -> None:
+        self._nursery = nursery
+        self._upgrade = upgrade
+        self.reader_ended = False
+
+    def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object, name: object = None) -> None:
+        async def watched() -> None:
+            try:
+                await fn(*args)
+            finally:
+                self.reader_ended = True
+                self._upgrade.cancel()
+
+        self._nursery.start_soon(watched, name=name or fn)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._nursery, name)
 
 
 def _describe(exc: BaseException) -> str:

@@ -157,8 +157,12 @@ async def test_a_batch_of_dead_peers_is_dropped(env: Env) -> None:
     await run_clients(env, [CLIENTS[i % len(CLIENTS)] for i in range(BATCH)])
 
 
-async def test_a_closed_peer_is_dropped_before_the_deadline(env: Env) -> None:
-    """A peer that closes after the upgrade is noticed at once, not at the HELLO deadline."""
-    await upgraded_then_close(env)
+CLOSING = [tls_then_close, upgraded_then_close]
+
+
+@pytest.mark.parametrize("client", CLOSING, ids=[c.__name__ for c in CLOSING])
+async def test_a_closed_peer_is_dropped_before_the_deadline(env: Env, client: Client) -> None:
+    """A peer that closes is noticed at once, not when the phase's deadline expires."""
+    await client(env)
     with trio.fail_after(DEADLINE / 2):
         await env.endpoint.wait_connections(0)
