@@ -149,7 +149,7 @@ def json_depth(body: bytes) -> int:
     lower than the nesting json.loads would reach before it stops.
     """
     steps = _JSON_STRING.sub(b"", body).translate(_BRACKET_STEPS, _NOT_BRACKETS)
-    return max(itertools.accumulate(memoryview(steps).cast("b")), default=0)
+    return max(itertools.accumulate(memoryview(steps).cast("b"), initial=0))
 
 
 def parse_json(body: bytes, max_depth: int) -> Any:
