@@ -289,3 +289,19 @@ async def test_wrong_key_is_refused(tmp_path: Path) -> None:
     (tmp_path / "destinations.key").unlink()
     with pytest.raises(StoreError, match="cannot be decrypted"):
         new_service(tmp_path)
+
+
+async def test_a_change_that_cannot_be_written_changes_nothing(tmp_path: Path) -> None:
+    async with running(tmp_path) as port:
+        await call(port, "POST", COLLECTION, {"Name": "a", "Type": "HTTP", "URL": "http://a.virtual"})
+        blocker = tmp_path / "destinations.d" / "sub1" / "c.json"
+        blocker.mkdir()  # the file of "c" cannot be renamed into place
+        batch = [{"Name": "b", "Type": "HTTP", "URL": "http://b.virtual"},
+                 {"Name": "c", "Type": "HTTP", "URL": "http://c.virtual"}]
+        status, answer, _ = await call(port, "POST", COLLECTION, batch)
+        assert (status, answer["error"]) == (500, "store_write_failed")
+        assert [d["Name"] for d in (await call(port, "GET", COLLECTION))[1]] == ["a"]
+        blocker.rmdir()
+    assert sorted(p.name for p in (tmp_path / "destinations.d" / "sub1").iterdir()) == ["a.json"]  # b was undone
+    async with running(tmp_path) as port:
+        assert [d["Name"] for d in (await call(port, "GET", COLLECTION))[1]] == ["a"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import h11
@@ -69,7 +70,7 @@ async def test_an_oversize_body_is_refused_from_its_length_before_it_is_sent(tmp
             await client.aclose()
 
 
-async def _chunked(total: int):  # type: ignore[no-untyped-def]
+async def _chunked(total: int) -> AsyncIterator[bytes]:
     yield b"x" * total
 
 
@@ -185,7 +186,7 @@ async def test_a_single_file_store_is_migrated_to_one_file_per_destination(tmp_p
 LIMITS = DestinationLimits()
 
 
-async def _serve_on_memory(tmp_path: Path, nursery: trio.Nursery) -> trio.testing.StapledStream:  # type: ignore[name-defined]
+async def _serve_on_memory(tmp_path: Path, nursery: trio.Nursery) -> trio.abc.HalfCloseableStream:
     client, server = trio.testing.memory_stream_pair()
     nursery.start_soon(new_service(tmp_path).serve_connection, server)
     return client
