@@ -315,7 +315,9 @@ class DestinationService:
                     await self._linger(stream)
                     return
         except h11.RemoteProtocolError as exc:
-            await self._send_final_error(stream, conn, exc.error_status_hint, "malformed_request", str(exc))
+            status = exc.error_status_hint
+            reason = "request_header_too_large" if status == 431 else "malformed_request"
+            await self._send_final_error(stream, conn, status, reason, str(exc))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception:

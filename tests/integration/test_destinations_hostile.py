@@ -74,6 +74,19 @@ async def _chunked(total: int) -> AsyncIterator[bytes]:
     yield b"x" * total
 
 
+async def test_an_oversize_head_gets_431_and_the_service_keeps_serving(tmp_path: Path) -> None:
+    async with running(tmp_path, max_header_bytes=4096) as port:
+        with trio.fail_after(TEST_TIMEOUT):
+            sock = await trio.open_tcp_stream("127.0.0.1", port)
+            await sock.send_all(b"GET / HTTP/1.1\r\nhost: d\r\nx-filler: " + b"x" * 8192)  # and never ends
+            answer = b""
+            while chunk := await sock.receive_some(65536):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 431 ") and b"request_header_too_large" in answer
+            await sock.aclose()
+            assert (await call(port, "GET", COLLECTION))[0] == 200
+
+
 async def test_count_per_subaccount_is_bounded(tmp_path: Path) -> None:
     async with running(tmp_path, max_destinations=3) as port:
         with trio.fail_after(TEST_TIMEOUT):
