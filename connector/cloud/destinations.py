@@ -13,7 +13,9 @@ kinds of token per subaccount (`Right`):
   answers what a consumer needs to call it, secrets and ready-made auth tokens included.
 - MANAGE: the subaccount's destination admin tokens (`destination_admin_sha256`). They create,
   read, update and delete, but every answer masks secret properties (Password, clientSecret...)
-  as `MASK`: a leaked admin token rewrites destinations but reads no password.
+  as `MASK`: a leaked admin token changes destinations but reads no secret. A PUT may send
+  MASK back to keep a stored secret, but only while the destination still points where it did
+  (`SECRET_BINDING`): a stored password is never redirected to a new URL without being resent.
 
 A valid token without the right gets 403; no valid token, 401.
 
@@ -23,7 +25,7 @@ Endpoints (as SAP's Destination Service REST API):
     POST   /destination-configuration/v1/subaccountDestinations          create         MANAGE
            (object or list; 409 if a name exists)
     PUT    /destination-configuration/v1/subaccountDestinations          update         MANAGE
-           (404 if missing; a secret sent as MASK keeps its stored value)
+           (404 if missing; a secret sent as MASK keeps its stored value if the target is unchanged)
     GET    /destination-configuration/v1/subaccountDestinations/{name}   read           MANAGE
     DELETE /destination-configuration/v1/subaccountDestinations/{name}   delete         MANAGE
     GET    /destination-configuration/v1/destinations/{name}             find           USE
@@ -31,8 +33,9 @@ Endpoints (as SAP's Destination Service REST API):
 
 HEAD is GET without the body; other methods get 405 with an Allow header.
 
-Bounds (`DestinationLimits`): a request head waits at most `idle_timeout` to start and then has
-`request_timeout` to arrive whole, body included, and be answered (408 otherwise); a body over
+Bounds (`DestinationLimits`): a connection waits at most `idle_timeout` for a request to start,
+which then has `request_timeout` to arrive whole, body included, and be answered (408 otherwise,
+431 for a head over `max_header_bytes`); a body over
 `max_body_bytes` is refused with 413 from its Content-Length, before it is read; JSON nested
 deeper than `max_json_depth` is refused with 400 after a linear scan, before it is parsed (the
 parser recurses); a destination over `max_destination_bytes` gets 413, and a subaccount holding
@@ -79,6 +82,10 @@ API_PREFIX = "/destination-configuration/v1"
 COLLECTION = f"{API_PREFIX}/subaccountDestinations"
 FIND = f"{API_PREFIX}/destinations"
 MASK = "********"  # stands for a stored secret in management answers (and in a PUT: "keep it")
+# Where a secret goes: a PUT keeping a stored secret (MASK) must leave these as they are, or an
+# admin could send the secret to a host of their choosing and have applications deliver it there.
+SECRET_BINDING = ("Type", "URL", "Address", "ProxyType", "CloudConnectorLocationId", "User",
+                  "tokenServiceURL", "tokenServiceUser", "clientId")
 STRING_PROPERTIES = ("Name", "Type", "URL", "Address", "ProxyType", "Authentication", "User",
                      "Password", "CloudConnectorLocationId", "Description", *sorted(SECRET_PROPERTIES))
 TYPES = ("HTTP", "TCP")
@@ -474,11 +481,17 @@ class DestinationService:
             props = validate_destination(parse_json(body, self.limits.max_json_depth))
             async with self._writes:
                 stored = self._get(subaccount, props["Name"])
-                for key in SECRET_PROPERTIES:
-                    if props.get(key) == MASK:  # "keep the secret": a masked answer sent back edited
-                        if key not in stored:
-                            raise DestinationError(400, "invalid_destination", f"{key} is {MASK!r} but none is stored")
-                        props[key] = stored[key]
+                kept = [key for key in SECRET_PROPERTIES if props.get(key) == MASK]
+                for key in kept:  # "keep the secret": a masked answer sent back edited
+                    if key not in stored:
+                        raise DestinationError(400, "invalid_destination", f"{key} is {MASK!r} but none is stored")
+                    props[key] = stored[key]
+                moved = [key for key in SECRET_BINDING if props.get(key) != stored.get(key)]
+                if kept and moved:
+                    raise DestinationError(
+                        400, "secret_must_be_resent",
+                        f"{', '.join(moved)} changed: send {', '.join(sorted(kept))} again rather than {MASK!r}",
+                    )
                 await self.store.put(subaccount, [self._check_size(props)])
             return 200, masked(props)
         return 200, [masked(props) for props in self.store.list(subaccount)]  # GET, HEAD

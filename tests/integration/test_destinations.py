@@ -159,10 +159,10 @@ async def test_put_of_a_masked_answer_keeps_the_stored_secret(service: int) -> N
     port = service
     await call(port, "POST", COLLECTION, ERP)
     shown = (await call(port, "GET", f"{COLLECTION}/ERP"))[1]
-    assert (await call(port, "PUT", COLLECTION, {**shown, "URL": "http://erp.virtual:9000/"}))[0] == 200
+    assert (await call(port, "PUT", COLLECTION, {**shown, "sap-client": "200"}))[0] == 200
     found = (await call(port, "GET", f"{BASE}/destinations/ERP", token=USER_1))[1]
     assert found["destinationConfiguration"]["Password"] == SECRET
-    assert found["destinationConfiguration"]["URL"] == "http://erp.virtual:9000/"
+    assert found["destinationConfiguration"]["sap-client"] == "200"
     # a new secret replaces it; the mask is no secret to create with
     assert (await call(port, "PUT", COLLECTION, {**ERP, "Password": "new"}))[0] == 200
     found = (await call(port, "GET", f"{BASE}/destinations/ERP", token=USER_1))[1]
@@ -172,6 +172,24 @@ async def test_put_of_a_masked_answer_keeps_the_stored_secret(service: int) -> N
     status, answer, _ = await call(port, "PUT", COLLECTION, {**ERP, "Authentication": "NoAuthentication",
                                                              "Password": "", "clientSecret": MASK})
     assert status == 400 and "none is stored" in answer["message"]
+
+
+@pytest.mark.parametrize(
+    "moved",
+    [{"URL": "https://attacker.example/"}, {"ProxyType": "Internet"}, {"User": "MALLORY"},
+     {"CloudConnectorLocationId": "elsewhere"}],
+)
+async def test_a_kept_secret_cannot_be_sent_somewhere_else(service: int, moved: dict[str, str]) -> None:
+    # Before: an admin token could point a destination at its own host and keep the password with
+    # the mask, and applications would deliver the password there.
+    port = service
+    await call(port, "POST", COLLECTION, ERP)
+    status, answer, _ = await call(port, "PUT", COLLECTION, {**ERP_SHOWN, **moved})
+    assert (status, answer["error"]) == (400, "secret_must_be_resent")
+    assert next(iter(moved)) in answer["message"]
+    found = (await call(port, "GET", f"{BASE}/destinations/ERP", token=USER_1))[1]
+    assert found["destinationConfiguration"] == ERP  # unchanged
+    assert (await call(port, "PUT", COLLECTION, {**ERP, **moved, "Password": "resent"}))[0] == 200
 
 
 async def test_authentication_and_subaccount_scoping(service: int) -> None:
