@@ -229,6 +229,7 @@ def _destination_limits(dest: _Section) -> DestinationLimits:
             max_json_depth=dest.int("max_json_depth", defaults.max_json_depth, minimum=2),
             max_destination_bytes=dest.int("max_destination_bytes", defaults.max_destination_bytes, minimum=1),
             max_destinations=dest.int("max_destinations", defaults.max_destinations, minimum=1),
+            max_connections=dest.int("max_connections", defaults.max_connections, minimum=1),
             request_timeout=dest.float("request_timeout", defaults.request_timeout),
             idle_timeout=dest.float("idle_timeout", defaults.idle_timeout),
         )

@@ -39,7 +39,8 @@ which then has `request_timeout` to arrive whole, body included, and be answered
 `max_body_bytes` is refused with 413 from its Content-Length, before it is read; JSON nested
 deeper than `max_json_depth` is refused with 400 after a linear scan, before it is parsed (the
 parser recurses); a destination over `max_destination_bytes` gets 413, and a subaccount holding
-`max_destinations` gets 409 for more.
+`max_destinations` gets 409 for more. Beyond `max_connections` at once, a connection gets 503 and
+is closed, so memory stays under about max_connections x (max_body_bytes + max_header_bytes).
 
 Storage (`connector.cloud.destination_store`): one encrypted file per destination, so a change
 writes only what it changes. Changes are validated first and serialised by one lock; the memory
@@ -103,7 +104,8 @@ _BRACKET_STEPS = bytes.maketrans(b"[]{}", b"\x01\xff\x01\xff")
 
 REASONS = {200: b"OK", 201: b"Created", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden",
            404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout", 409: b"Conflict",
-           413: b"Content Too Large", 431: b"Request Header Fields Too Large", 500: b"Internal Server Error"}
+           413: b"Content Too Large", 431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
+           503: b"Service Unavailable"}
 
 
 class Right(enum.Enum):
@@ -133,11 +135,13 @@ class DestinationLimits:
     max_json_depth: int = 8
     max_destination_bytes: int = 16384
     max_destinations: int = 1000  # per subaccount
+    max_connections: int = 256  # served at once; more are answered 503 and closed
     request_timeout: float = 30.0  # from a request's first byte until its answer is sent
     idle_timeout: float = 120.0  # keep-alive connection waiting for its next request
 
     def __attrs_post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_header_bytes", "max_destination_bytes", "max_destinations"):
+        for name in ("max_body_bytes", "max_header_bytes", "max_destination_bytes", "max_destinations",
+                     "max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         # 2 = a list of destination objects; the ceiling keeps json.loads far from Python's recursion limit
@@ -286,6 +290,8 @@ class DestinationService:
         self.store = DestinationStore(Path(settings.path), load_or_create_key(Path(settings.key_path)))
         self.store.load()
         self._writes = trio.Lock()
+        self._connections = 0
+        self._connections_changed = trio.Event()
 
     async def run(
         self,
@@ -297,9 +303,29 @@ class DestinationService:
         await serve_tcp(self.serve_connection, host, port, name="destination service", task_status=task_status)
 
     # --- one connection ----------------------------------------------------------------------
+    async def wait_connections(self, count: int) -> None:
+        """Until exactly `count` connections are being served."""
+        while self._connections != count:
+            await self._connections_changed.wait()
+
+    def _count_connection(self, delta: int) -> None:
+        self._connections += delta
+        self._connections_changed.set()
+        self._connections_changed = trio.Event()
+
     async def serve_connection(self, stream: trio.abc.HalfCloseableStream) -> None:
         """Answer the requests of one connection until it closes, idles or breaks a bound."""
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
+        if self._connections >= self.limits.max_connections:
+            try:  # bounded by LINGER_SECONDS, twice
+                await self._send_final_error(stream, conn, 503, "too_many_connections",
+                                             f"the destination service serves {self.limits.max_connections} "
+                                             "connections at most; retry later")
+            finally:
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()
+            return
+        self._count_connection(+1)
         try:
             while True:
                 if not conn.trailing_data[0]:  # nothing pipelined: wait for the next request to start
@@ -330,6 +356,7 @@ class DestinationService:
         except Exception:
             log.exception("destination service connection failed")
         finally:
+            self._count_connection(-1)
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 

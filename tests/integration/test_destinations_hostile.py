@@ -87,6 +87,28 @@ async def test_an_oversize_head_gets_431_and_the_service_keeps_serving(tmp_path:
             assert (await call(port, "GET", COLLECTION))[0] == 200
 
 
+async def test_connections_beyond_the_bound_get_503_and_the_others_are_served(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        service = new_service(tmp_path, max_connections=2)
+        port = await nursery.start(service.run, "127.0.0.1", 0)
+        with trio.fail_after(TEST_TIMEOUT):
+            held = [await HttpClient.connect(port) for _ in range(2)]  # keep-alive, idle: each holds a slot
+            await service.wait_connections(2)
+            refused = await trio.open_tcp_stream("127.0.0.1", port)
+            answer = b""
+            while chunk := await refused.receive_some(65536):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 503 ") and b"too_many_connections" in answer
+            await refused.aclose()
+            auth = [("authorization", "Bearer dest-admin-sub1")]
+            assert (await held[0].request("GET", COLLECTION, auth)).status == 200  # the held ones still work
+            await held[1].aclose()
+            await service.wait_connections(1)  # a slot is free again
+            assert (await call(port, "GET", COLLECTION))[0] == 200
+            await held[0].aclose()
+        nursery.cancel_scope.cancel()
+
+
 async def test_count_per_subaccount_is_bounded(tmp_path: Path) -> None:
     async with running(tmp_path, max_destinations=3) as port:
         with trio.fail_after(TEST_TIMEOUT):

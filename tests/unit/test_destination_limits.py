@@ -100,9 +100,9 @@ token_sha256 = ["{SHA}"]
 
 
 def test_destination_settings_load(tmp_path: Path) -> None:
-    config = load_cloud_config(_cloud(tmp_path, "max_destinations = 50\nrequest_timeout = 5",
+    config = load_cloud_config(_cloud(tmp_path, "max_destinations = 50\nrequest_timeout = 5\nmax_connections = 7",
                                       f'destination_admin_sha256 = ["{ADMIN_SHA}"]'))
-    assert config.destination_limits == DestinationLimits(max_destinations=50, request_timeout=5.0)
+    assert config.destination_limits == DestinationLimits(max_destinations=50, request_timeout=5.0, max_connections=7)
     assert config.subaccounts[0].destination_admin_sha256 == (ADMIN_SHA,)
     assert load_cloud_config(_cloud(tmp_path, "")).destination_limits == DestinationLimits()
 
