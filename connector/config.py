@@ -19,6 +19,7 @@ from typing import Any, Literal, TypeVar, overload
 import attrs
 
 from connector.agent.acl import Mapping
+from connector.cloud.destinations import DestinationLimits
 from ha.timing import HATiming
 
 T = TypeVar("T")
@@ -189,6 +190,7 @@ class SubaccountConfig:
     ca: Path  # client certificates of this subaccount's nodes must chain to it
     token_sha256: tuple[str, ...]
     locations: tuple[str, ...]  # locations held for during failover even before first seen
+    destination_admin_sha256: tuple[str, ...] = ()  # tokens that manage destinations (not proxy tokens)
 
 
 @attrs.frozen
@@ -211,6 +213,31 @@ class CloudConfig:
     hello_timeout: float
     state_file: Path | None  # highest epochs, so a restarted cloud keeps fencing
     subaccounts: tuple[SubaccountConfig, ...]
+    destination_limits: DestinationLimits = DestinationLimits()
+
+
+def _digests(section: _Section, name: str) -> list[str]:
+    digests = section.str_list(name)
+    for i, digest in enumerate(digests):
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ConfigError(section.file, f"{section.key(name)}[{i}]", "must be a lowercase SHA-256 hex digest")
+    return digests
+
+
+def _destination_limits(dest: _Section) -> DestinationLimits:
+    defaults = DestinationLimits()
+    try:
+        return DestinationLimits(
+            max_body_bytes=dest.int("max_body_bytes", defaults.max_body_bytes, minimum=1),
+            max_json_depth=dest.int("max_json_depth", defaults.max_json_depth, minimum=2),
+            max_destination_bytes=dest.int("max_destination_bytes", defaults.max_destination_bytes, minimum=1),
+            max_destinations=dest.int("max_destinations", defaults.max_destinations, minimum=1),
+            max_connections=dest.int("max_connections", defaults.max_connections, minimum=1),
+            request_timeout=dest.float("request_timeout", defaults.request_timeout),
+            idle_timeout=dest.float("idle_timeout", defaults.idle_timeout),
+        )
+    except ValueError as exc:
+        raise ConfigError(dest.file, dest.prefix, str(exc)) from None
 
 
 def load_cloud_config(path: str | Path) -> CloudConfig:
@@ -222,16 +249,13 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
     dest = root.sub("destinations")
     subaccounts = []
     for section in root.subs("subaccounts"):
-        tokens = section.str_list("token_sha256")
-        for i, token in enumerate(tokens):
-            if len(token) != 64 or any(c not in "0123456789abcdef" for c in token):
-                raise ConfigError(file, f"{section.key('token_sha256')}[{i}]", "must be a lowercase SHA-256 hex digest")
         subaccounts.append(
             SubaccountConfig(
                 id=section.str("id", required=True),
                 ca=section.path("ca", required=True),
-                token_sha256=tuple(tokens),
+                token_sha256=tuple(_digests(section, "token_sha256")),
                 locations=tuple(section.str_list("locations", [""])),
+                destination_admin_sha256=tuple(_digests(section, "destination_admin_sha256")),
             )
         )
         section.done()
@@ -240,6 +264,11 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
     ids = [s.id for s in subaccounts]
     if len(set(ids)) != len(ids):
         raise ConfigError(file, "subaccounts", "duplicate subaccount id")
+    proxy_digests = {d for s in subaccounts for d in s.token_sha256}
+    admin_digests = [d for s in subaccounts for d in s.destination_admin_sha256]
+    if proxy_digests & set(admin_digests) or len(set(admin_digests)) != len(admin_digests):
+        raise ConfigError(file, "subaccounts", "a destination_admin_sha256 digest is also a token_sha256 digest or "
+                          "configured twice: each admin token is its own, or a proxy token could manage destinations")
     config = CloudConfig(
         file=file,
         tunnel_listen=tunnel.listen("listen", "127.0.0.1:8443"),
@@ -259,6 +288,7 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
         destinations_store=(dest.path("store", must_exist=False) or file.parent / "destinations.json") if dest else None,
         state_file=root.path("state_file", must_exist=False),
         subaccounts=tuple(subaccounts),
+        destination_limits=_destination_limits(dest) if dest else DestinationLimits(),
     )
     for section in (tunnel, proxy, admin, *( [dest] if dest else [] )):
         section.done()

@@ -91,8 +91,10 @@ class DemoSpec:
 
 
 def write_configs(
-    workdir: Path, certs: dict[str, Path], ports: dict[str, int], token_sha256: str, spec: DemoSpec = DemoSpec()
+    workdir: Path, certs: dict[str, Path], ports: dict[str, int], token_sha256: str, spec: DemoSpec = DemoSpec(),
+    *, destination_admin_sha256: str | None = None,
 ) -> dict[str, Path]:
+    admin_digests = [destination_admin_sha256] if destination_admin_sha256 else []
     cloud = workdir / "cloud.toml"
     cloud.write_text(f"""\
 state_file = "state/cloud-epochs.json"
@@ -118,6 +120,7 @@ store = "state/destinations.json"
 id = "{SUBACCOUNT}"
 ca = "{certs['subaccount_ca']}"
 token_sha256 = ["{token_sha256}"]
+destination_admin_sha256 = {json.dumps(admin_digests)}
 locations = ["{LOCATION}"]
 """)
     result = {"cloud": cloud}
@@ -219,12 +222,16 @@ class Demo:
         spec = self.spec
         certs = init_certs(self.workdir / "certs", SUBACCOUNT, list(spec.nodes), ["127.0.0.1", "localhost"], force=True)
         token = new_token()
+        destination_admin_token = new_token()  # manages destinations; the proxy token only finds them
         ports = self.ports = {name: free_port() for name in (
             "tunnel", "cloud_admin", "destinations", "etcd_client", "etcd_peer", "backend_http", "backend_tcp",
             *(f"{n}_admin" for n in spec.nodes))}
         ports["http_proxy"] = spec.http_port or free_port()
         ports["socks5_proxy"] = spec.socks5_port or free_port()
-        configs = self.configs = write_configs(self.workdir, certs, ports, hash_token(token), spec)
+        configs = self.configs = write_configs(
+            self.workdir, certs, ports, hash_token(token), spec,
+            destination_admin_sha256=hash_token(destination_admin_token),
+        )
         python = sys.executable
 
         etcd_info: dict[str, Any] = {}
@@ -254,6 +261,7 @@ class Demo:
             "subaccount": SUBACCOUNT,
             "location_id": LOCATION,
             "token": token,
+            "destination_admin_token": destination_admin_token,
             "etcd": etcd_info,
             "backend": {"pid": backend.pid, "http_port": ports["backend_http"], "tcp_port": ports["backend_tcp"]},
             "cloud": {
@@ -327,6 +335,8 @@ def print_banner(state: dict[str, Any]) -> None:
         f"{state['token']}' http://erp.virtual:8000/sap/opu/odata/x",
         f"  printf hello | curl -s --socks5-hostname {state['subaccount']}:{state['token']}@127.0.0.1:{cloud['socks5_port']} "
         "telnet://echo.virtual:7000",
+        f"  curl -H 'Authorization: Bearer {state['destination_admin_token']}' "
+        f"http://127.0.0.1:{cloud['destinations_port']}/destination-configuration/v1/subaccountDestinations",
         "  connector status",
         "  connector switch",
     ]

@@ -2,37 +2,59 @@
 
 Theory of operation. A destination is a flat set of string properties (Name, Type, URL,
 ProxyType, Authentication, User, Password, CloudConnectorLocationId, and any extra properties,
-kept as given). Each subaccount owns its own set; the bearer token of a request (`Authenticator`,
-header `Authorization: Bearer <token>`) names the subaccount, and a subaccount never sees another's
+kept as given). Each subaccount owns its own set; the bearer token of a request (header
+`Authorization: Bearer <token>`) names the subaccount, and a subaccount never sees another's
 destinations (another subaccount's destination is simply "not found").
+
+Two rights, as SAP's "Destination Viewer" and "Destination Administrator" roles, held by two
+kinds of token per subaccount (`Right`):
+
+- USE: the subaccount's proxy tokens (`token_sha256`). They may only *find* a destination, which
+  answers what a consumer needs to call it, secrets and ready-made auth tokens included.
+- MANAGE: the subaccount's destination admin tokens (`destination_admin_sha256`). They create,
+  read, update and delete, but every answer masks secret properties (Password, clientSecret...)
+  as `MASK`: a leaked admin token changes destinations but reads no secret. A PUT may send
+  MASK back to keep a stored secret, but only while the destination still points where it did
+  (`SECRET_BINDING`): a stored password is never redirected to a new URL without being resent.
+
+A valid token without the right gets 403; no valid token, 401.
 
 Endpoints (as SAP's Destination Service REST API):
 
-    GET    /destination-configuration/v1/subaccountDestinations          list
-    POST   /destination-configuration/v1/subaccountDestinations          create (object or list; 409 if a name exists)
-    PUT    /destination-configuration/v1/subaccountDestinations          update (404 if missing)
-    GET    /destination-configuration/v1/subaccountDestinations/{name}   read
-    DELETE /destination-configuration/v1/subaccountDestinations/{name}   delete
-    GET    /destination-configuration/v1/destinations/{name}             "find destination":
+    GET    /destination-configuration/v1/subaccountDestinations          list           MANAGE
+    POST   /destination-configuration/v1/subaccountDestinations          create         MANAGE
+           (object or list; 409 if a name exists)
+    PUT    /destination-configuration/v1/subaccountDestinations          update         MANAGE
+           (404 if missing; a secret sent as MASK keeps its stored value if the target is unchanged)
+    GET    /destination-configuration/v1/subaccountDestinations/{name}   read           MANAGE
+    DELETE /destination-configuration/v1/subaccountDestinations/{name}   delete         MANAGE
+    GET    /destination-configuration/v1/destinations/{name}             find           USE
            {owner: {SubaccountId, InstanceId}, destinationConfiguration: {...}, authTokens: [...]}
 
-Storage is one JSON file. Secret properties (Password and the like) are encrypted at rest with
-Fernet under a key kept in its own file, created 0600 when missing and refused when group or
-others can read it. Every change is validated first, then the whole new state is written to a
-temporary file (0600, fsync) and renamed over the old one, and only then becomes visible: a
-failed write or a bad request changes nothing.
+HEAD is GET without the body; other methods get 405 with an Allow header.
+
+Bounds (`DestinationLimits`): a connection waits at most `idle_timeout` for a request to start,
+which then has `request_timeout` to arrive whole, body included, and be answered (408 otherwise,
+431 for a head over `max_header_bytes`); a body over
+`max_body_bytes` is refused with 413 from its Content-Length, before it is read; JSON nested
+deeper than `max_json_depth` is refused with 400 after a linear scan, before it is parsed (the
+parser recurses); a destination over `max_destination_bytes` gets 413, and a subaccount holding
+`max_destinations` gets 409 for more. Beyond `max_connections` at once, a connection gets 503 and
+is closed, so memory stays under about max_connections x (max_body_bytes + max_header_bytes).
+
+Storage (`connector.cloud.destination_store`): one encrypted file per destination, so a change
+writes only what it changes. Changes are validated first and serialised by one lock; the memory
+follows the disk, so a failed write or a bad request changes nothing.
 """
 
 from __future__ import annotations
 
 import base64
-import builtins
-import copy
+import enum
+import itertools
 import json
 import logging
-import os
 import re
-import stat
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -40,43 +62,125 @@ from typing import Any
 import attrs
 import h11
 import trio
-from cryptography.fernet import Fernet, InvalidToken
 
 from connector.cloud.auth import Authenticator
+from connector.cloud.destination_store import (
+    SECRET_PROPERTIES,
+    DestinationStore,
+    StoreError,
+    load_or_create_key,
+)
 from connector.httperrors import error_parts
 from connector.listen import serve_tcp
+
+__all__ = ["DestinationError", "DestinationLimits", "DestinationService", "DestinationSettings", "Right",
+           "StoreError", "find_destination", "json_depth", "validate_destination"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DESTINATION_PORT = 20005
 API_PREFIX = "/destination-configuration/v1"
-SECRET_PROPERTIES = frozenset({"Password", "clientSecret", "tokenServicePassword", "KeyStorePassword"})
+COLLECTION = f"{API_PREFIX}/subaccountDestinations"
+FIND = f"{API_PREFIX}/destinations"
+MASK = "********"  # stands for a stored secret in management answers (and in a PUT: "keep it")
+# Where a secret goes: a PUT keeping a stored secret (MASK) must leave these as they are, or an
+# admin could send the secret to a host of their choosing and have applications deliver it there.
+SECRET_BINDING = ("Type", "URL", "Address", "ProxyType", "CloudConnectorLocationId", "User",
+                  "tokenServiceURL", "tokenServiceUser", "clientId")
 STRING_PROPERTIES = ("Name", "Type", "URL", "Address", "ProxyType", "Authentication", "User",
-                     "Password", "CloudConnectorLocationId", "Description")
+                     "Password", "CloudConnectorLocationId", "Description", *sorted(SECRET_PROPERTIES))
 TYPES = ("HTTP", "TCP")
 PROXY_TYPES = ("Internet", "OnPremise")
 AUTHENTICATIONS = ("NoAuthentication", "BasicAuthentication")
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,200}")
 _ADDRESS = re.compile(r"[A-Za-z0-9._-]+:[0-9]{1,5}")
-FILE_FORMAT = 1
+LINGER_SECONDS = 1.0  # reading what a client still sends after our last answer, so the close does not reset it
+_CHUNK = 65536
+# JSON nesting is counted on bytes: strings removed (an unterminated one runs to the end, so the
+# scan stays linear), every other byte but brackets deleted, brackets turned into +1 / -1 steps.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_BRACKET_STEPS = bytes.maketrans(b"[]{}", b"\x01\xff\x01\xff")
 
-REASONS = {200: b"OK", 201: b"Created", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found",
-           405: b"Method Not Allowed", 409: b"Conflict", 413: b"Content Too Large",
-           500: b"Internal Server Error"}
+REASONS = {200: b"OK", 201: b"Created", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden",
+           404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout", 409: b"Conflict",
+           413: b"Content Too Large", 431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
+           503: b"Service Unavailable"}
 
 
-class StoreError(Exception):
-    """The store or its key cannot be used (unreadable, corrupt, wrong key, unsafe permissions)."""
+class Right(enum.Enum):
+    """What a token may do with its subaccount's destinations."""
+
+    USE = "use"  # find a destination, secrets included (the subaccount's proxy tokens)
+    MANAGE = "manage"  # create, read, update, delete; secrets masked (destination admin tokens)
 
 
 class DestinationError(Exception):
     """A request the service refuses: an HTTP status, a stable reason token and a sentence."""
 
-    def __init__(self, status: int, reason: str, message: str) -> None:
+    def __init__(self, status: int, reason: str, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.reason = reason
         self.message = message
+        self.headers = headers or []
+
+
+@attrs.frozen
+class DestinationLimits:
+    """What one client may make the service hold; checked here, so configuration fails at load."""
+
+    max_body_bytes: int = 1 << 20
+    max_header_bytes: int = 65536
+    max_json_depth: int = 8
+    max_destination_bytes: int = 16384
+    max_destinations: int = 1000  # per subaccount
+    max_connections: int = 256  # served at once; more are answered 503 and closed
+    request_timeout: float = 30.0  # from a request's first byte until its answer is sent
+    idle_timeout: float = 120.0  # keep-alive connection waiting for its next request
+
+    def __attrs_post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_header_bytes", "max_destination_bytes", "max_destinations",
+                     "max_connections"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        # 2 = a list of destination objects; the ceiling keeps json.loads far from Python's recursion limit
+        if not 2 <= self.max_json_depth <= 100:
+            raise ValueError("max_json_depth must be between 2 and 100")
+        if self.max_destination_bytes > self.max_body_bytes:
+            raise ValueError("max_destination_bytes must not exceed max_body_bytes (such a destination could not be sent)")
+        if self.request_timeout <= 0 or self.idle_timeout <= 0:
+            raise ValueError("request_timeout and idle_timeout must be positive")
+
+
+def json_depth(body: bytes) -> int:
+    """The deepest nesting of arrays and objects in UTF-8 `body`, without parsing: linear, no recursion.
+
+    Brackets inside strings do not count. For malformed JSON the answer may be too high, never
+    lower than the nesting json.loads would reach before it stops.
+    """
+    steps = _JSON_STRING.sub(b"", body).translate(_BRACKET_STEPS, _NOT_BRACKETS)
+    return max(itertools.accumulate(memoryview(steps).cast("b"), initial=0))
+
+
+def parse_json(body: bytes, max_depth: int) -> Any:
+    """Parse a request body, refusing non-UTF-8 and nesting deeper than `max_depth` before parsing."""
+    try:
+        text = body.decode("utf-8")  # RFC 8259; also keeps json.loads from guessing UTF-16 under the byte scan
+    except UnicodeDecodeError as exc:
+        raise DestinationError(400, "bad_json", f"the request body is not UTF-8: {exc}") from exc
+    depth = json_depth(body)
+    if depth > max_depth:
+        raise DestinationError(400, "json_too_deep", f"the JSON is nested {depth} levels deep; at most {max_depth} are accepted")
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise DestinationError(400, "bad_json", f"the request body is not valid JSON: {exc}") from exc
+
+
+def masked(props: dict[str, Any]) -> dict[str, Any]:
+    """A destination as management answers show it: every secret property replaced by MASK."""
+    return {key: MASK if key in SECRET_PROPERTIES else value for key, value in props.items()}
 
 
 def validate_destination(value: object) -> dict[str, Any]:
@@ -129,143 +233,6 @@ def validate_destination(value: object) -> dict[str, Any]:
     return props
 
 
-def load_or_create_key(path: Path) -> Fernet:
-    """Open the Fernet key file, creating it 0600 when missing; refuse one others can read."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        mode = path.stat().st_mode
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise StoreError(f"key file {path} is accessible by group or others; chmod 600 it") from None
-        try:
-            return Fernet(path.read_bytes().strip())
-        except (ValueError, OSError) as exc:
-            raise StoreError(f"key file {path} does not hold a valid Fernet key: {exc}") from exc
-    key = Fernet.generate_key()
-    try:
-        os.write(fd, key + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    log.info("created destination store key %s", path)
-    return Fernet(key)
-
-
-class DestinationStore:
-    """Destinations per subaccount in memory, persisted to one JSON file with encrypted secrets."""
-
-    def __init__(self, path: Path, fernet: Fernet) -> None:
-        self.path = path
-        self._fernet = fernet
-        self._data: dict[str, dict[str, dict[str, Any]]] = {}
-        self._lock = trio.Lock()
-
-    def load(self) -> None:
-        """Read the file (missing = empty); raise StoreError if it is corrupt or the key is wrong."""
-        try:
-            raw = self.path.read_text("utf-8")
-        except FileNotFoundError:
-            self._data = {}
-            return
-        try:
-            document = json.loads(raw)
-            if document.get("format") != FILE_FORMAT:
-                raise StoreError(f"{self.path}: unknown format {document.get('format')!r}")
-            data: dict[str, dict[str, dict[str, Any]]] = {}
-            for subaccount, destinations in document["subaccounts"].items():
-                data[subaccount] = {
-                    name: {key: self._decrypt(value) for key, value in props.items()}
-                    for name, props in destinations.items()
-                }
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise StoreError(f"{self.path} is not a valid destination store: {exc}") from exc
-        except InvalidToken as exc:
-            raise StoreError(f"{self.path}: secrets cannot be decrypted with this key") from exc
-        self._data = data
-
-    def _encrypt(self, key: str, value: Any) -> Any:
-        if key in SECRET_PROPERTIES and isinstance(value, str):
-            return {"fernet": self._fernet.encrypt(value.encode("utf-8")).decode("ascii")}
-        return value
-
-    def _decrypt(self, value: Any) -> Any:
-        if isinstance(value, dict):
-            return self._fernet.decrypt(value["fernet"].encode("ascii")).decode("utf-8")
-        return value
-
-    def _serialise(self, data: dict[str, dict[str, dict[str, Any]]]) -> bytes:
-        document = {
-            "format": FILE_FORMAT,
-            "subaccounts": {
-                subaccount: {
-                    name: {key: self._encrypt(key, value) for key, value in props.items()}
-                    for name, props in destinations.items()
-                }
-                for subaccount, destinations in data.items()
-            },
-        }
-        return json.dumps(document, indent=1, sort_keys=True).encode("utf-8")
-
-    def _write(self, payload: bytes) -> None:
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.fchmod(fd, 0o600)
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, self.path)
-        directory = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-
-    async def _commit(self, data: dict[str, dict[str, dict[str, Any]]]) -> None:
-        payload = self._serialise(data)
-        await trio.to_thread.run_sync(self._write, payload)
-        self._data = data
-
-    # --- operations for one subaccount ------------------------------------------------------
-    def list(self, subaccount: str) -> list[dict[str, Any]]:
-        return [dict(props) for _, props in sorted(self._data.get(subaccount, {}).items())]
-
-    def get(self, subaccount: str, name: str) -> dict[str, Any]:
-        props = self._data.get(subaccount, {}).get(name)
-        if props is None:
-            raise DestinationError(404, "destination_not_found", f"no destination named {name!r}")
-        return dict(props)
-
-    async def create(self, subaccount: str, destinations: builtins.list[dict[str, Any]]) -> None:  # `list` is the method above
-        async with self._lock:
-            data = copy.deepcopy(self._data)
-            own = data.setdefault(subaccount, {})
-            for props in destinations:
-                if props["Name"] in own:
-                    raise DestinationError(409, "destination_exists", f"a destination named {props['Name']!r} exists")
-                own[props["Name"]] = props
-            await self._commit(data)
-
-    async def update(self, subaccount: str, props: dict[str, Any]) -> None:
-        async with self._lock:
-            self.get(subaccount, props["Name"])
-            data = copy.deepcopy(self._data)
-            data[subaccount][props["Name"]] = props
-            await self._commit(data)
-
-    async def delete(self, subaccount: str, name: str) -> None:
-        async with self._lock:
-            self.get(subaccount, name)
-            data = copy.deepcopy(self._data)
-            del data[subaccount][name]
-            if not data[subaccount]:
-                del data[subaccount]
-            await self._commit(data)
-
-
 def find_destination(subaccount: str, props: dict[str, Any]) -> dict[str, Any]:
     """The "find destination" document: owner, configuration and ready-to-use auth tokens."""
     result: dict[str, Any] = {
@@ -283,23 +250,48 @@ def find_destination(subaccount: str, props: dict[str, Any]) -> dict[str, Any]:
 
 @attrs.frozen
 class DestinationSettings:
-    """Where destinations live and the limits of the HTTP front."""
+    """Where destinations live (`destination_store` derives the directory from `path`) and the bounds."""
 
     path: Path
     key_path: Path
-    max_body_bytes: int = 1 << 20
-    max_header_bytes: int = 65536
-    idle_timeout: float = 120.0
+    limits: DestinationLimits = DestinationLimits()
+
+
+@attrs.frozen
+class _Endpoint:
+    right: Right
+    methods: tuple[bytes, ...]
+    name: str | None = None  # the destination the path names, if any
+
+
+def resolve(path: str) -> _Endpoint:
+    """Which endpoint a (percent-decoded) path names; DestinationError 404 if none."""
+    if path == COLLECTION:
+        return _Endpoint(Right.MANAGE, (b"GET", b"HEAD", b"POST", b"PUT"))
+    if path.startswith(COLLECTION + "/"):
+        return _Endpoint(Right.MANAGE, (b"GET", b"HEAD", b"DELETE"), path[len(COLLECTION) + 1:])
+    if path.startswith(FIND + "/"):
+        return _Endpoint(Right.USE, (b"GET", b"HEAD"), path[len(FIND) + 1:])
+    raise DestinationError(404, "not_found", f"no such endpoint: {path}")
 
 
 class DestinationService:
-    """Serves the destination REST API over h11; `load()` runs at construction (fails early)."""
+    """Serves the destination REST API over h11; the store loads at construction (fails early).
 
-    def __init__(self, authenticator: Authenticator, *, settings: DestinationSettings) -> None:
-        self.authenticator = authenticator
+    `users` authenticates the tokens with Right.USE (the proxy tokens), `admins` those with
+    Right.MANAGE; a subaccount without admin tokens has its destinations managed by nobody.
+    """
+
+    def __init__(self, users: Authenticator, admins: Authenticator, *, settings: DestinationSettings) -> None:
+        self.users = users
+        self.admins = admins
         self.settings = settings
+        self.limits = settings.limits
         self.store = DestinationStore(Path(settings.path), load_or_create_key(Path(settings.key_path)))
         self.store.load()
+        self._writes = trio.Lock()
+        self._connections = 0
+        self._connections_changed = trio.Event()
 
     async def run(
         self,
@@ -308,145 +300,240 @@ class DestinationService:
         *,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        await serve_tcp(self._handle, host, port, name="destination service", task_status=task_status)
+        await serve_tcp(self.serve_connection, host, port, name="destination service", task_status=task_status)
 
-    async def _handle(self, sock: trio.SocketStream) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.settings.max_header_bytes)
+    # --- one connection ----------------------------------------------------------------------
+    async def wait_connections(self, count: int) -> None:
+        """Until exactly `count` connections are being served."""
+        while self._connections != count:
+            await self._connections_changed.wait()
+
+    def _count_connection(self, delta: int) -> None:
+        self._connections += delta
+        self._connections_changed.set()
+        self._connections_changed = trio.Event()
+
+    async def serve_connection(self, stream: trio.abc.HalfCloseableStream) -> None:
+        """Answer the requests of one connection until it closes, idles or breaks a bound."""
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
+        if self._connections >= self.limits.max_connections:
+            try:  # bounded by LINGER_SECONDS, twice
+                await self._send_final_error(stream, conn, 503, "too_many_connections",
+                                             f"the destination service serves {self.limits.max_connections} "
+                                             "connections at most; retry later")
+            finally:
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()
+            return
+        self._count_connection(+1)
         try:
             while True:
-                with trio.move_on_after(self.settings.idle_timeout) as idle:
-                    request, body = await self._read_request(sock, conn)
-                if idle.cancelled_caught or request is None:
-                    return
-                if body is None:
-                    status, headers, payload = error_parts(
-                        413, "body_too_large", f"request bodies are limited to {self.settings.max_body_bytes} bytes"
+                if not conn.trailing_data[0]:  # nothing pipelined: wait for the next request to start
+                    with trio.move_on_after(self.limits.idle_timeout):
+                        data = await stream.receive_some(_CHUNK)
+                        conn.receive_data(bytes(data))
+                    if not conn.trailing_data[0]:
+                        return  # idle, or closed between requests
+                with trio.move_on_after(self.limits.request_timeout) as deadline:
+                    await self._serve_request(stream, conn)
+                if deadline.cancelled_caught:
+                    await self._send_final_error(
+                        stream, conn, 408, "request_timeout",
+                        f"a request must arrive and be answered within {self.limits.request_timeout:g} s",
                     )
-                    headers.append((b"connection", b"close"))
-                else:
-                    status, headers, payload = await self._respond(request, body)
-                await self._send(sock, conn, h11.Response(status_code=status, headers=headers, reason=REASONS.get(status, b"")))
-                await self._send(sock, conn, h11.Data(data=payload))
-                await self._send(sock, conn, h11.EndOfMessage())
+                    return
                 if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
                     conn.start_next_cycle()
                 else:
-                    await self._linger(sock)
+                    await self._linger(stream)
                     return
         except h11.RemoteProtocolError as exc:
-            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                status, headers, payload = error_parts(exc.error_status_hint, "malformed_request", str(exc))
-                headers.append((b"connection", b"close"))
-                try:
-                    await self._send(sock, conn, h11.Response(status_code=status, headers=headers))
-                    await self._send(sock, conn, h11.Data(data=payload))
-                    await self._send(sock, conn, h11.EndOfMessage())
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
+            status = exc.error_status_hint
+            reason = "request_header_too_large" if status == 431 else "malformed_request"
+            await self._send_final_error(stream, conn, status, reason, str(exc))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception:
             log.exception("destination service connection failed")
         finally:
+            self._count_connection(-1)
             with trio.CancelScope(shield=True):
-                await sock.aclose()
+                await stream.aclose()
+
+    async def _serve_request(self, stream: trio.abc.HalfCloseableStream, conn: h11.Connection) -> None:
+        request = await self._next_event(stream, conn)
+        if isinstance(request, h11.ConnectionClosed):
+            return
+        assert isinstance(request, h11.Request), request  # h11 starts every cycle with a Request
+        body = await self._read_body(stream, conn, request)
+        if body is None:
+            status, headers, payload = error_parts(
+                413, "body_too_large", f"request bodies are limited to {self.limits.max_body_bytes} bytes"
+            )
+            headers.append((b"connection", b"close"))
+        else:
+            status, headers, payload = await self._respond(request, body)
+        await self._send(stream, conn, h11.Response(status_code=status, headers=headers, reason=REASONS.get(status, b"")))
+        if request.method != b"HEAD":  # HEAD: the same head, no body (h11 refuses one)
+            await self._send(stream, conn, h11.Data(data=payload))
+        await self._send(stream, conn, h11.EndOfMessage())
+
+    async def _read_body(self, stream: trio.abc.HalfCloseableStream, conn: h11.Connection, request: h11.Request) -> bytes | None:
+        """The whole body of `request`, or None if it is over the limit (then it is not read)."""
+        limit = self.limits.max_body_bytes
+        length = next((int(v) for n, v in request.headers if n == b"content-length"), 0)  # h11 checked it is a number
+        if length > limit:
+            return None
+        body = bytearray()
+        while True:
+            event = await self._next_event(stream, conn)
+            if isinstance(event, h11.Data):
+                if len(body) + len(event.data) > limit:  # chunked: no length announced
+                    return None
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                return bytes(body)
+            else:
+                raise h11.RemoteProtocolError("the connection closed inside a request body", error_status_hint=400)
 
     @staticmethod
-    async def _linger(sock: trio.SocketStream) -> None:
+    async def _next_event(stream: trio.abc.HalfCloseableStream, conn: h11.Connection) -> Any:
+        while True:
+            event = conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            conn.receive_data(bytes(await stream.receive_some(_CHUNK)))
+
+    @staticmethod
+    async def _send(stream: trio.abc.HalfCloseableStream, conn: h11.Connection, event: Any) -> None:
+        data = conn.send(event)
+        if data:
+            await stream.send_all(data)
+
+    async def _send_final_error(
+        self, stream: trio.abc.HalfCloseableStream, conn: h11.Connection, status: int, reason: str, message: str
+    ) -> None:
+        """Answer an error and close, if no answer has started; bounded by LINGER_SECONDS."""
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        status, headers, payload = error_parts(status, reason, message, [(b"connection", b"close")])
+        with trio.move_on_after(LINGER_SECONDS):
+            try:
+                await self._send(stream, conn, h11.Response(status_code=status, headers=headers, reason=REASONS.get(status, b"")))
+                await self._send(stream, conn, h11.Data(data=payload))
+                await self._send(stream, conn, h11.EndOfMessage())
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+        await self._linger(stream)
+
+    @staticmethod
+    async def _linger(stream: trio.abc.HalfCloseableStream) -> None:
         """Half-close and read what the client still sends, so the close does not reset our answer."""
         try:
-            await sock.send_eof()
-            with trio.move_on_after(1.0):
+            with trio.move_on_after(LINGER_SECONDS):
+                await stream.send_eof()
                 for _ in range(64):
-                    if not await sock.receive_some(65536):
+                    if not await stream.receive_some(_CHUNK):
                         break
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
 
-    @staticmethod
-    async def _send(sock: trio.SocketStream, conn: h11.Connection, event: h11.Event) -> None:
-        data = conn.send(event)
-        if data:
-            await sock.send_all(data)
-
-    async def _read_request(
-        self, sock: trio.SocketStream, conn: h11.Connection
-    ) -> tuple[h11.Request | None, bytes | None]:
-        """Next request and its body; body None if it exceeded the limit; (None, None) at close."""
-        request: h11.Request | None = None
-        body = bytearray()
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await sock.receive_some(65536))
-                continue
-            if isinstance(event, h11.Request):
-                request = event
-            elif isinstance(event, h11.Data):
-                if len(body) + len(event.data) > self.settings.max_body_bytes:
-                    return request, None  # stop reading: the response closes the connection
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                return request, bytes(body)
-            else:
-                return None, None
-
+    # --- one request ---------------------------------------------------------------------------
     async def _respond(self, request: h11.Request, body: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         authorization = next((v for n, v in request.headers if n == b"authorization"), None)
-        subaccount = self.authenticator.authenticate_header(authorization)
-        if subaccount is None:
+        subaccounts = {Right.USE: self.users.authenticate_header(authorization),
+                       Right.MANAGE: self.admins.authenticate_header(authorization)}
+        if not any(subaccounts.values()):
             return error_parts(
                 401, "unauthorized", "send Authorization: Bearer <token>",
                 [(b"www-authenticate", b'Bearer realm="destination-service"')],
             )
         try:
-            status, document = await self._route(subaccount, request.method, request.target, body)
+            path = urllib.parse.unquote(request.target.decode("ascii", "replace").partition("?")[0])
+            endpoint = resolve(path)
+            if request.method not in endpoint.methods:
+                raise DestinationError(
+                    405, "method_not_allowed", f"use {', '.join(m.decode() for m in endpoint.methods)} here",
+                    [(b"allow", b", ".join(endpoint.methods))],
+                )
+            subaccount = subaccounts[endpoint.right]
+            if subaccount is None:
+                raise DestinationError(403, "forbidden", (
+                    "finding a destination needs a proxy token of the subaccount" if endpoint.right is Right.USE
+                    else "managing destinations needs a destination admin token of the subaccount"
+                ))
+            status, document = await self._route(subaccount, request.method, endpoint, body)
         except DestinationError as exc:
-            return error_parts(exc.status, exc.reason, exc.message)
+            return error_parts(exc.status, exc.reason, exc.message, exc.headers)
         except OSError as exc:
             log.error("destination store write failed: %s", exc)
             return error_parts(500, "store_write_failed", "the destination store could not be written; nothing changed")
         payload = json.dumps(document).encode("utf-8")
         return status, [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())], payload
 
-    async def _route(self, subaccount: str, method: bytes, target: bytes, body: bytes) -> tuple[int, Any]:
-        path = urllib.parse.unquote(target.decode("ascii", "replace").partition("?")[0])
-        collection = f"{API_PREFIX}/subaccountDestinations"
-        if path == collection:
-            if method == b"GET":
-                return 200, self.store.list(subaccount)
-            if method == b"POST":
-                parsed = self._parse_json(body)
-                items = parsed if isinstance(parsed, list) else [parsed]
-                destinations = [validate_destination(item) for item in items]
-                names = [d["Name"] for d in destinations]
-                if len(set(names)) != len(names):
-                    raise DestinationError(400, "invalid_destination", "the same Name appears twice in the request")
-                await self.store.create(subaccount, destinations)
-                return 201, destinations if isinstance(parsed, list) else destinations[0]
-            if method == b"PUT":
-                props = validate_destination(self._parse_json(body))
-                await self.store.update(subaccount, props)
-                return 200, props
-            raise DestinationError(405, "method_not_allowed", "use GET, POST or PUT on this collection")
-        if path.startswith(collection + "/"):
-            name = path[len(collection) + 1:]
-            if method == b"GET":
-                return 200, self.store.get(subaccount, name)
+    async def _route(self, subaccount: str, method: bytes, endpoint: _Endpoint, body: bytes) -> tuple[int, Any]:
+        name = endpoint.name
+        if endpoint.right is Right.USE:
+            assert name is not None
+            return 200, find_destination(subaccount, self._get(subaccount, name))
+        if name is not None:
             if method == b"DELETE":
-                await self.store.delete(subaccount, name)
+                async with self._writes:
+                    self._get(subaccount, name)
+                    await self.store.remove(subaccount, name)
                 return 200, {"Count": 1}
-            raise DestinationError(405, "method_not_allowed", "use GET or DELETE on a destination")
-        if path.startswith(f"{API_PREFIX}/destinations/"):
-            if method != b"GET":
-                raise DestinationError(405, "method_not_allowed", "find destination is GET only")
-            name = path[len(f"{API_PREFIX}/destinations/"):]
-            return 200, find_destination(subaccount, self.store.get(subaccount, name))
-        raise DestinationError(404, "not_found", f"no such endpoint: {path}")
+            return 200, masked(self._get(subaccount, name))
+        if method == b"POST":
+            parsed = parse_json(body, self.limits.max_json_depth)
+            items = parsed if isinstance(parsed, list) else [parsed]
+            destinations = [self._check_size(validate_destination(item)) for item in items]
+            names = [d["Name"] for d in destinations]
+            if len(set(names)) != len(names):
+                raise DestinationError(400, "invalid_destination", "the same Name appears twice in the request")
+            if any(d.get(key) == MASK for d in destinations for key in SECRET_PROPERTIES):
+                raise DestinationError(400, "invalid_destination", f"{MASK!r} stands for a stored secret; send the secret")
+            async with self._writes:
+                for props in destinations:
+                    if self.store.get(subaccount, props["Name"]) is not None:
+                        raise DestinationError(409, "destination_exists", f"a destination named {props['Name']!r} exists")
+                if self.store.count(subaccount) + len(destinations) > self.limits.max_destinations:
+                    raise DestinationError(
+                        409, "too_many_destinations",
+                        f"a subaccount holds at most {self.limits.max_destinations} destinations; delete some first",
+                    )
+                await self.store.put(subaccount, destinations)
+            shown = [masked(d) for d in destinations]
+            return 201, shown if isinstance(parsed, list) else shown[0]
+        if method == b"PUT":
+            props = validate_destination(parse_json(body, self.limits.max_json_depth))
+            async with self._writes:
+                stored = self._get(subaccount, props["Name"])
+                kept = [key for key in SECRET_PROPERTIES if props.get(key) == MASK]
+                for key in kept:  # "keep the secret": a masked answer sent back edited
+                    if key not in stored:
+                        raise DestinationError(400, "invalid_destination", f"{key} is {MASK!r} but none is stored")
+                    props[key] = stored[key]
+                moved = [key for key in SECRET_BINDING if props.get(key) != stored.get(key)]
+                if kept and moved:
+                    raise DestinationError(
+                        400, "secret_must_be_resent",
+                        f"{', '.join(moved)} changed: send {', '.join(sorted(kept))} again rather than {MASK!r}",
+                    )
+                await self.store.put(subaccount, [self._check_size(props)])
+            return 200, masked(props)
+        return 200, [masked(props) for props in self.store.list(subaccount)]  # GET, HEAD
 
-    @staticmethod
-    def _parse_json(body: bytes) -> Any:
-        try:
-            return json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise DestinationError(400, "bad_json", f"the request body is not valid JSON: {exc}") from exc
+    def _get(self, subaccount: str, name: str) -> dict[str, Any]:
+        props = self.store.get(subaccount, name)
+        if props is None:
+            raise DestinationError(404, "destination_not_found", f"no destination named {name!r}")
+        return props
+
+    def _check_size(self, props: dict[str, Any]) -> dict[str, Any]:
+        size = len(json.dumps(props).encode("utf-8"))
+        if size > self.limits.max_destination_bytes:
+            raise DestinationError(
+                413, "destination_too_large",
+                f"destination {props['Name']!r} is {size} bytes as JSON; at most {self.limits.max_destination_bytes} are stored",
+            )
+        return props

@@ -76,7 +76,10 @@ class CloudServer:
                 store = config.destinations_store
                 service = DestinationService(
                     self.authenticator,
-                    settings=DestinationSettings(path=store, key_path=store.with_name(store.name + ".key")),
+                    Authenticator({s.id: s.destination_admin_sha256 for s in config.subaccounts}),
+                    settings=DestinationSettings(
+                        path=store, key_path=store.with_name(store.name + ".key"), limits=config.destination_limits
+                    ),
                 )
                 destinations = await nursery.start(
                     service.run, config.destinations_listen.host, config.destinations_listen.port
