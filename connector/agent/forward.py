@@ -43,7 +43,7 @@ from connector import metrics
 from connector.agent import acl as acl_mod
 from connector.agent.acl import AccessControl, Decision, Mapping
 from connector.agent.audit import AuditLog
-from connector.http1 import Outbox, header_tokens, strip_hop_by_hop
+from connector.http1 import Outbox, header_tokens, strip_hop_by_hop, trailer_fields
 from connector.httperrors import REASON_PHRASES, error_parts
 from connector.tunnel.streams import TunnelStream
 from connector.tunnel.types import ErrorCode, StreamResetError
@@ -758,7 +758,7 @@ class _HttpSession:
                             exchange.bytes_in += len(event.data)
                             self._bytes_in.inc(len(event.data))
                         elif isinstance(event, h11.EndOfMessage) and event.headers:
-                            events[i] = h11.EndOfMessage(headers=strip_hop_by_hop(event.headers))
+                            events[i] = h11.EndOfMessage(headers=trailer_fields(event.headers))
                     last = isinstance(events[-1], h11.EndOfMessage)
                     # set before the write yields: an answer that comes meanwhile is not "early"
                     exchange.request_whole = last
@@ -870,7 +870,7 @@ class _HttpSession:
                 break
             else:
                 raise _BackendGone(f"unexpected {type(event).__name__} in the response body", "protocol_error")
-        end = h11.EndOfMessage(headers=strip_hop_by_hop(event.headers) if keep_trailers else [])
+        end = h11.EndOfMessage(headers=trailer_fields(event.headers) if keep_trailers else [])
         pumped = exchange.body_pumped
         if pumped is not None and not exchange.request_whole:
             # The internal host finished its answer before the request was whole (an early error
