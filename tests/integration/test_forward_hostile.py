@@ -61,3 +61,22 @@ async def test_response_trailers_carry_no_framing_routing_or_authentication(nurs
             if event is h11.NEED_DATA:
                 conn.receive_data(await opener.receive_some(CHUNK))
     assert list(event.headers) == BENIGN_TRAILERS
+
+
+# --- paths that could mean another path to the internal host -------------------------------------
+
+
+async def test_ambiguous_path_refused_and_unambiguous_one_arrives_byte_for_byte(nursery: trio.Nursery) -> None:
+    backend, acl = await start(nursery)
+    audit = AuditLog(None)
+    client = HttpClient(open_stream(nursery, acl, context(audit)))
+    refused = await client.request(b"GET", b"/echo/%252e%252e/admin")
+    assert (refused.status, refused.json()["error"]) == (400, "ambiguous_path")
+    accepted_target = b"/echo/caf%C3%A9/a%3Fb%23c;v=1/%E2%82%AC?x=%252e%c0%ae"
+    accepted = await client.request(b"GET", accepted_target)
+    assert accepted.status == 200
+    assert [r["target"].encode() for r in backend.requests] == [accepted_target]
+    denied, allowed = await audit_lines(audit, 2)
+    assert (denied["decision"], denied["reason"]) == ("denied", "ambiguous_path")
+    assert "survives one decoding" in denied["detail"]
+    assert (allowed["decision"], allowed["path"]) == ("allowed", "/echo/caf%C3%A9/a%3Fb%23c;v=1/%E2%82%AC")
