@@ -18,8 +18,11 @@ then either
 Request body and response run concurrently (a backend may answer before it read the whole body).
 The response head must arrive within `response_timeout` after the request body was sent.
 Failures talking to the internal host become 502/504 JSON responses while no response byte was
-sent, and a BACKEND_RESET stream reset afterwards. Each request (or TCP session) produces one audit
-line and the metrics of `connector.metrics`.
+sent, and a BACKEND_RESET stream reset afterwards. What goes up the stream (error bodies, reset
+reasons) is a reason and a generic sentence from `connector.httperrors`; the detail (internal host
+names, resolver and TLS errors, trust store paths) goes to the node's log and the audit line's
+`detail`. Each request (or TCP session) produces one audit line and the metrics of
+`connector.metrics`.
 
 `serve_stream` never raises (except cancellation): it runs as a task inside the tunnel session,
 where an exception would take down every other stream.
@@ -44,7 +47,7 @@ from connector.agent import acl as acl_mod
 from connector.agent.acl import AccessControl, Decision, Mapping
 from connector.agent.audit import AuditLog
 from connector.http1 import Outbox, header_tokens, strip_hop_by_hop, trailer_fields
-from connector.httperrors import REASON_PHRASES, error_parts
+from connector.httperrors import ERRORS, REASON_PHRASES, RESET_REASONS, error_parts, reset_error
 from connector.tunnel.streams import TunnelStream
 from connector.tunnel.types import ErrorCode, StreamResetError
 
@@ -74,7 +77,8 @@ class StreamContext:
 
 
 class BackendError(Exception):
-    """The internal host could not be reached; `code` for a reset, `reason` a metrics label."""
+    """The internal host could not be reached; `code` for a reset, `reason` a metrics label,
+    `message` the detail for the node's log and audit line (never sent to the cloud)."""
 
     def __init__(self, code: ErrorCode, reason: str, message: str) -> None:
         super().__init__(message)
@@ -127,7 +131,7 @@ async def open_backend(mapping: Mapping, settings: ForwardSettings) -> trio.abc.
                 context = client_ssl_context(mapping.trust_store)
             except (OSError, ssl.SSLError) as exc:
                 raise BackendError(
-                    ErrorCode.BACKEND_TLS_ERROR, "tls_error", f"trust store unusable: {exc}"
+                    ErrorCode.BACKEND_TLS_ERROR, "tls_error", f"trust store {mapping.trust_store} unusable: {exc}"
                 ) from None
             tls = trio.SSLStream(tcp, context, server_hostname=host)
             try:
@@ -292,9 +296,10 @@ async def _serve_tcp(stream: TunnelStream, mapping: Mapping, ctx: StreamContext)
         backend = await open_backend(mapping, ctx.settings)
     except BackendError as exc:
         metrics.BACKEND_ERRORS.labels(mapping.name, exc.reason).inc()
-        ctx.audit.request(**audit, reason=exc.reason, message=exc.message,
+        log.info("%s (TCP): %s", mapping.name, exc.message)
+        ctx.audit.request(**audit, reason=exc.reason, detail=exc.message,
                           duration_seconds=trio.current_time() - started)
-        await _reset_quietly(stream, exc.code, exc.message)
+        await _reset_quietly(stream, exc.code, reset_error(exc.code)[2])
         return
     try:
         await stream.accept()
@@ -568,33 +573,36 @@ class _HttpSession:
             else:
                 return False
 
-    async def _drain_body_audited(self, exchange: _Exchange, decision: str, reason: str) -> bool:
+    async def _drain_body_audited(self, exchange: _Exchange, decision: str, reason: str,
+                                  detail: str | None = None) -> bool:
         """`_drain_body` before an error answer; a client gone meanwhile still leaves the audit line."""
         try:
             return await self._drain_body(self.settings.max_drain_bytes)
         except _TunnelGone:
             if not exchange.audited:
-                self._audit(exchange, decision, reason)
+                self._audit(exchange, decision, reason, detail)
             raise
 
     async def _deny(self, request: h11.Request, exchange: _Exchange, decision: Decision) -> bool:
         exchange.target = decision.path or exchange.target
         exchange.verdict = "denied"
         status = 400 if decision.reason in (acl_mod.BAD_REQUEST, acl_mod.AMBIGUOUS_PATH, acl_mod.HOST_MISMATCH) else 403
-        keep = await self._drain_body_audited(exchange, "denied", decision.reason)
+        keep = await self._drain_body_audited(exchange, "denied", decision.reason, decision.detail)
         message = f"the connector's access control denied this request ({decision.reason})"
-        await self._refuse(exchange, status, decision.reason, message, close=not keep)
+        await self._refuse(exchange, status, decision.reason, message, close=not keep, detail=decision.detail)
         return keep
 
-    async def _refuse(self, exchange: _Exchange, status: int, reason: str, message: str, *, close: bool) -> None:
+    async def _refuse(self, exchange: _Exchange, status: int, reason: str, message: str, *, close: bool,
+                      detail: str | None = None) -> None:
         """Answer with an access-control refusal: metrics, audit, JSON error."""
         metrics.REQUESTS.labels(self.mapping.name, "denied").inc()
         metrics.DENIALS.labels(reason).inc()
-        await self._send_error(exchange, status, reason, message, close=close, audit="denied")
+        await self._send_error(exchange, status, reason, message, close=close, audit="denied", detail=detail)
 
     async def _send_error(self, exchange: _Exchange, status: int, reason: str, message: str, *,
-                          close: bool, audit: str | None = None) -> None:
-        """Send a JSON error response; with `audit` ("denied"/"allowed") write the audit line first."""
+                          close: bool, audit: str | None = None, detail: str | None = None) -> None:
+        """Send a JSON error response; with `audit` ("denied"/"allowed") write the audit line first
+        (with `detail`, which is for the node only: `message` is what the application reads)."""
         extra = [(b"connection", b"close")] if close else None
         status, headers, body = error_parts(status, reason, message, extra)
         exchange.status = status
@@ -613,7 +621,7 @@ class _HttpSession:
             data = b"\r\n".join(lines) + b"\r\n\r\n" + body
         exchange.bytes_out += len(body)
         if audit is not None:
-            self._audit(exchange, audit, reason)
+            self._audit(exchange, audit, reason, detail)
         try:
             await self.stream.send_all(data)
         except _TUNNEL_ERRORS as exc:
@@ -632,15 +640,16 @@ class _HttpSession:
             self._audit(exchange, "denied", acl_mod.BAD_REQUEST)
             await _reset_quietly(self.stream, ErrorCode.CANCEL, "malformed request body")
 
-    def _audit(self, exchange: _Exchange, decision: str, reason: str) -> None:
+    def _audit(self, exchange: _Exchange, decision: str, reason: str, detail: str | None = None) -> None:
         exchange.audited = True
+        extra = {"detail": detail} if detail else {}
         self.ctx.audit.request(
             subaccount=self.ctx.subaccount, location=self.ctx.location_id,
             virtual_target=str(self.stream.target), mapping=self.mapping.name,
             method=exchange.method.decode("ascii", "replace"), path=exchange.target,
             decision=decision, reason=reason, status=exchange.status,
             bytes_in=exchange.bytes_in, bytes_out=exchange.bytes_out,
-            duration_seconds=round(trio.current_time() - exchange.started, 6),
+            duration_seconds=round(trio.current_time() - exchange.started, 6), **extra,
         )
 
     def _backend_request(self, request: h11.Request, decision: Decision) -> h11.Request:
@@ -663,17 +672,20 @@ class _HttpSession:
         """An allowed WebSocket upgrade that the client really proposed (Connection: upgrade)."""
         return decision.websocket and b"upgrade" in header_tokens(list(request.headers), b"connection")
 
-    async def _backend_failed(self, exchange: _Exchange, status: int, reason: str, message: str,
-                              label: str) -> bool:
-        """Report a backend failure: 502/504 if no response byte went out yet, else reset."""
+    async def _backend_failed(self, exchange: _Exchange, reason: str, detail: str, label: str) -> bool:
+        """Report a backend failure: 502/504 if no response byte went out yet, else reset. The
+        application gets `reason` and its generic sentence; `detail` stays on the node."""
         metrics.BACKEND_ERRORS.labels(self.mapping.name, label).inc()
+        log.info("%s %s: %s", self.mapping.name, reason, detail)
         await self._drop_backend()
         if exchange.head_sent:
-            self._audit(exchange, "allowed", label)
-            await _reset_quietly(self.stream, ErrorCode.BACKEND_RESET, message)
+            self._audit(exchange, "allowed", label, detail)
+            await _reset_quietly(self.stream, ErrorCode.BACKEND_RESET, reset_error(ErrorCode.BACKEND_RESET)[2])
             raise _TunnelGone("stream reset after backend failure")
-        keep = exchange.request_done or await self._drain_body_audited(exchange, "allowed", reason)
-        await self._send_error(exchange, status, reason, message, close=not keep, audit="allowed")
+        keep = exchange.request_done or await self._drain_body_audited(exchange, "allowed", reason, detail)
+        status, message = ERRORS[reason]
+        await self._send_error(exchange, status, reason, message, close=not keep, audit="allowed",
+                               detail=detail)
         return keep
 
     async def _forward(self, request: h11.Request, exchange: _Exchange, decision: Decision) -> bool:
@@ -686,13 +698,7 @@ class _HttpSession:
             try:
                 reused = await self._ensure_backend()
             except BackendError as exc:
-                if exc.code is ErrorCode.CONNECT_TIMEOUT:
-                    status, reason = 504, "internal_host_timeout"
-                elif exc.code is ErrorCode.BACKEND_TLS_ERROR:
-                    status, reason = 502, "backend_tls_error"
-                else:
-                    status, reason = 502, "internal_host_unreachable"
-                return await self._backend_failed(exchange, status, reason, exc.message, exc.reason)
+                return await self._backend_failed(exchange, RESET_REASONS[exc.code], exc.message, exc.reason)
             may_retry = reused and attempt == 1 and replayable
             try:
                 if replayable:
@@ -714,7 +720,7 @@ class _HttpSession:
                     raise
             except _ResponseTimeout:
                 return await self._backend_failed(
-                    exchange, 504, "internal_host_timeout",
+                    exchange, "internal_host_timeout",
                     f"no response within {self.settings.response_timeout} s", "response_timeout")
             except _BackendGone as exc:
                 if may_retry and not exchange.head_sent:
@@ -723,7 +729,7 @@ class _HttpSession:
                     continue
                 reason = "internal_host_protocol_error" if exc.label == "protocol_error" else "backend_reset"
                 return await self._backend_failed(
-                    exchange, 502, reason, f"internal host connection failed: {exc}", exc.label)
+                    exchange, reason, f"internal host connection failed: {exc}", exc.label)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _pump_request_body(self, exchange: _Exchange, head_scope: trio.CancelScope,
