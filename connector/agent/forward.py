@@ -17,6 +17,15 @@ then either
 
 Request body and response run concurrently (a backend may answer before it read the whole body).
 The response head must arrive within `response_timeout` after the request body was sent.
+
+Nothing the application does holds the stream for ever: each request head must be whole within
+`request_head_timeout` of its first byte (of the stream's start, for the first request); a request
+body must keep `min_request_body_rate` after `request_body_grace` (`connector.datarate`; only time
+spent waiting for the application counts). Either is answered 408 (or, once the response started,
+a reset) and audited, and the internal host's connection is dropped (its request is incomplete).
+A response write that the tunnel side does not take within `response_write_timeout` (the
+application stopped reading) resets the stream, drops the internal host's connection and is
+audited: memory was bounded by the stream's window already, now the stream's slot is too.
 Failures talking to the internal host become 502/504 JSON responses while no response byte was
 sent, and a BACKEND_RESET stream reset afterwards. What goes up the stream (error bodies, reset
 reasons) is a reason and a generic sentence from `connector.httperrors`; the detail (internal host
@@ -46,6 +55,7 @@ from connector import metrics
 from connector.agent import acl as acl_mod
 from connector.agent.acl import AccessControl, Decision, Mapping
 from connector.agent.audit import AuditLog
+from connector.datarate import MinDataRate, RateBudget, receive_some_at_rate
 from connector.http1 import Outbox, header_tokens, strip_hop_by_hop, trailer_fields
 from connector.httperrors import ERRORS, REASON_PHRASES, RESET_REASONS, error_parts, reset_error
 from connector.tunnel.streams import TunnelStream
@@ -63,6 +73,14 @@ class ForwardSettings:
     chunk: int = 65536  # HTTP: reads from the stream and the backend, response write batches
     relay_chunk: int = 262144  # raw byte relay (TCP mappings, WebSocket after 101): largest read
     max_drain_bytes: int = 1 << 20  # body of a denied request read and dropped to keep the connection
+    request_head_timeout: float = 30.0  # a request head is whole within this of its first byte
+    min_request_body_rate: float = 240.0  # bytes/s a request body keeps on average, after the grace
+    request_body_grace: float = 5.0  # seconds of waiting for a body before its rate is enforced
+    response_write_timeout: float = 60.0  # one response write the tunnel side does not take
+
+    @property
+    def body_rate(self) -> MinDataRate:
+        return MinDataRate(self.min_request_body_rate, self.request_body_grace)
 
 
 @attrs.frozen
@@ -89,6 +107,24 @@ class BackendError(Exception):
 
 class _TunnelGone(Exception):
     """The stream to the cloud was reset or closed: nobody is left to answer."""
+
+    audit_reason = "client_gone"
+
+    def audit_detail(self) -> str | None:
+        return None
+
+
+class _TunnelStalled(_TunnelGone):
+    """A response write waited response_write_timeout for the application to read."""
+
+    audit_reason = "response_not_read"
+
+    def audit_detail(self) -> str | None:
+        return str(self)
+
+
+class _ClientTooSlow(Exception):
+    """The application's request body fell below min_request_body_rate."""
 
 
 class _BackendGone(Exception):
@@ -345,6 +381,14 @@ class _Exchange:
     discard_body: bool = False  # answered before the request was whole: the rest is read and dropped
     audited: bool = False  # one audit line per request, whatever happens
     verdict: str = "allowed"  # the audit decision if the stream is reset before the answer
+    body_rate: RateBudget | None = None  # the request body's minimum rate, once it is read
+    too_slow: str | None = None  # why the request body was given up (below its minimum rate)
+
+    def body_budget(self, rate: MinDataRate) -> RateBudget:
+        """One budget for the whole body, whoever reads it (the pump, then maybe a drain)."""
+        if self.body_rate is None:
+            self.body_rate = RateBudget(rate)
+        return self.body_rate
 
 
 class _HttpSession:
@@ -364,7 +408,7 @@ class _HttpSession:
         self._allowed = metrics.REQUESTS.labels(mapping.name, "allowed")
         self._seconds = metrics.REQUEST_SECONDS.labels(mapping.name, str(mapping.protocol))
         # responses for the stream: a head, its body and its end leave in one write
-        self.out = Outbox(self.client, stream.send_all, _TUNNEL_ERRORS, lambda exc: _TunnelGone(str(exc)))
+        self.out = Outbox(self.client, self._send_to_tunnel, _TUNNEL_ERRORS, lambda exc: _TunnelGone(str(exc)))
         self._idle_scope: trio.CancelScope | None = None  # set while waiting for a next request
         self._request_scope: trio.CancelScope | None = None  # set while a request is handled
         self._current: _Exchange | None = None  # the request being handled
@@ -412,9 +456,11 @@ class _HttpSession:
                     break  # draining: end the idle stream cleanly (FIN), no request lost
                 first = False
                 try:
-                    event = await self._next_client_event()
+                    event = await self._next_request_head()
                 except h11.RemoteProtocolError as exc:
                     await self._malformed(exc, None)
+                    return
+                if event is None:  # not whole in time: answered 408
                     return
                 if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                     break
@@ -447,11 +493,12 @@ class _HttpSession:
 
     async def _wait_next_request(self) -> bool:
         """Between requests: False if the node started draining before a byte of the next
-        request arrived, True once there is something to parse (or nothing to drain for)."""
+        request arrived, True once there is something to parse (the next head's deadline runs
+        from there)."""
         draining = self.ctx.draining
-        if draining is None or self.client.trailing_data[0]:
+        if self.client.trailing_data[0]:
             return True
-        if draining.is_set():
+        if draining is not None and draining.is_set():
             return False
         with trio.CancelScope() as scope:  # _watch_drain cancels it
             self._idle_scope = scope
@@ -465,22 +512,54 @@ class _HttpSession:
             return True
         return False  # the drain cancelled a receive that had consumed nothing
 
+    async def _next_request_head(self) -> Any:
+        """The request (or the end of the stream) within request_head_timeout; None once a head
+        that did not arrive whole in time was answered 408 and audited."""
+        timeout = self.settings.request_head_timeout
+        started = trio.current_time()
+        with trio.move_on_after(timeout):
+            return await self._next_client_event()
+        exchange = _Exchange(b"-", "-", started)
+        detail = f"request head not whole within {timeout} s"
+        log.info("%s request_head_timeout: %s", self.mapping.name, detail)
+        reason = "request_head_timeout"
+        await self._refuse(exchange, ERRORS[reason][0], reason, ERRORS[reason][1], close=True, detail=detail)
+        await self._close_client()
+        return None
+
     async def _close_client(self) -> None:
         with trio.CancelScope(shield=True):
             await _aclose_quietly(self.stream)
 
     # --- tunnel I/O -----------------------------------------------------------------------------
 
-    async def _next_client_event(self) -> Any:
+    async def _next_client_event(self, body_rate: RateBudget | None = None) -> Any:
+        """The next event from the application; with `body_rate` (reading a body) raise
+        _ClientTooSlow once the body falls below its minimum rate."""
         while True:
             event = self.client.next_event()
             if event is not h11.NEED_DATA:
                 return event
             try:
-                data = await self.stream.receive_some(self.settings.chunk)
+                if body_rate is None:
+                    data = await self.stream.receive_some(self.settings.chunk)
+                else:
+                    data = await receive_some_at_rate(self.stream, body_rate, self.settings.chunk)
             except _TUNNEL_ERRORS as exc:
                 raise _TunnelGone(str(exc)) from exc
+            except trio.TooSlowError as exc:
+                raise _ClientTooSlow(str(exc)) from None
             self.client.receive_data(data)  # type: ignore[arg-type]  # h11 takes any bytes-like
+
+    async def _send_to_tunnel(self, data: bytes | bytearray) -> None:
+        """Write to the application; raise _TunnelStalled if it does not take the write within
+        response_write_timeout (memory is bounded by the stream's window; its slot is not)."""
+        with trio.move_on_after(self.settings.response_write_timeout):
+            await self.stream.send_all(data)
+            return
+        detail = f"a response write waited {self.settings.response_write_timeout} s for the application to read"
+        log.info("%s response_not_read: %s", self.mapping.name, detail)
+        raise _TunnelStalled(detail)
 
 
     # --- backend I/O ----------------------------------------------------------------------------
@@ -554,15 +633,16 @@ class _HttpSession:
                 return True
         return False
 
-    async def _drain_body(self, limit: int) -> bool:
-        """Read and drop the rest of the request body; False if it is over `limit` or unsafe."""
+    async def _drain_body(self, limit: int, body_rate: RateBudget) -> bool:
+        """Read and drop the rest of the request body; False if it is over `limit`, too slow, or
+        unsafe."""
         if self.client.they_are_waiting_for_100_continue:
             return False  # the client waits for us: reading would hang, answering is enough
         seen = 0
         while True:
             try:
-                event = await self._next_client_event()
-            except h11.RemoteProtocolError:
+                event = await self._next_client_event(body_rate)
+            except (h11.RemoteProtocolError, _ClientTooSlow):
                 return False
             if isinstance(event, h11.Data):
                 seen += len(event.data)
@@ -577,7 +657,8 @@ class _HttpSession:
                                   detail: str | None = None) -> bool:
         """`_drain_body` before an error answer; a client gone meanwhile still leaves the audit line."""
         try:
-            return await self._drain_body(self.settings.max_drain_bytes)
+            return await self._drain_body(self.settings.max_drain_bytes,
+                                          exchange.body_budget(self.settings.body_rate))
         except _TunnelGone:
             if not exchange.audited:
                 self._audit(exchange, decision, reason, detail)
@@ -623,7 +704,7 @@ class _HttpSession:
         if audit is not None:
             self._audit(exchange, audit, reason, detail)
         try:
-            await self.stream.send_all(data)
+            await self._send_to_tunnel(data)
         except _TUNNEL_ERRORS as exc:
             raise _TunnelGone(str(exc)) from exc
 
@@ -712,11 +793,11 @@ class _HttpSession:
                     await self._to_backend(backend_request)
                 try:
                     return await self._exchange(request, exchange, decision)
-                except _TunnelGone:
-                    # the application went away: the request reached the internal host (or its
-                    # head did), so it has its audit line like any other
+                except _TunnelGone as exc:
+                    # the application went away or stopped reading: the request reached the
+                    # internal host (or its head did), so it has its audit line like any other
                     if not exchange.audited:
-                        self._audit(exchange, "allowed", "client_gone")
+                        self._audit(exchange, "allowed", exc.audit_reason, exc.audit_detail())
                     raise
             except _ResponseTimeout:
                 return await self._backend_failed(
@@ -753,7 +834,7 @@ class _HttpSession:
                 while True:
                     # what h11 already holds goes out in one write; in the body state it yields
                     # only Data, EndOfMessage or NEED_DATA (or raises)
-                    events = [await self._next_client_event()]
+                    events = [await self._next_client_event(exchange.body_budget(self.settings.body_rate))]
                     while not isinstance(events[-1], h11.EndOfMessage):
                         more = self.client.next_event()
                         if more is h11.NEED_DATA:
@@ -780,6 +861,10 @@ class _HttpSession:
                 exchange.request_done = True
         except h11.RemoteProtocolError as exc:
             exchange.client_error = exc
+            nursery.cancel_scope.cancel()
+            return
+        except _ClientTooSlow as exc:
+            exchange.too_slow = str(exc)
             nursery.cancel_scope.cancel()
             return
         except _TunnelGone:
@@ -825,6 +910,8 @@ class _HttpSession:
                 raise _TunnelGone("malformed request body")
             await self._malformed(exchange.client_error, exchange)
             return False
+        if exchange.too_slow is not None:
+            return await self._body_too_slow(exchange, exchange.too_slow)
         if failure is not None:
             raise failure
         if not exchange.request_done:
@@ -832,6 +919,23 @@ class _HttpSession:
             await self._drop_backend()
             return False
         return keep
+
+    async def _body_too_slow(self, exchange: _Exchange, detail: str) -> bool:
+        """The request body fell below its minimum rate. The internal host's request is incomplete,
+        so its connection goes; the application gets 408, or a reset once its response started.
+        Returns False: the stream cannot carry another request."""
+        reason = "request_body_too_slow"
+        log.info("%s %s: %s", self.mapping.name, reason, detail)
+        await self._drop_backend()
+        if self.client.our_state is h11.DONE:
+            return False  # answered whole before the body (and audited): only the rest was slow
+        if exchange.head_sent:
+            self._audit(exchange, "allowed", reason, detail)
+            await _reset_quietly(self.stream, ErrorCode.CANCEL, ERRORS[reason][1])
+            raise _TunnelGone(reason)
+        status, message = ERRORS[reason]
+        await self._send_error(exchange, status, reason, message, close=True, audit="allowed", detail=detail)
+        return False
 
     async def _relay_response(self, request: h11.Request, exchange: _Exchange, decision: Decision,
                               head_scope: trio.CancelScope) -> bool:
