@@ -190,6 +190,10 @@ def check_path_meaning(path: str) -> None:
     control character, no character that folds (NFKC) or is best-fit mapped to a separator, and no
     segment that is "." or ".." (also with ";parameters") once folded. Pure; the table of cases is
     in tests/unit/test_acl.py.
+
+    An encoded "?" or "#" is data and stays: a host that decodes and then cuts the path there sees
+    a prefix of it, which still lies under the resource that allowed it (resources may not contain
+    one, see `_check_resource_path`).
     """
     if "%" not in path:
         return  # nothing to decode: the checks of normalise_path are the whole story
@@ -204,7 +208,7 @@ def check_path_meaning(path: str) -> None:
     for view in (text, folded):
         if _ESCAPE.search(view):
             raise PathRejected(AMBIGUOUS_PATH, "percent-encoding that survives one decoding")
-        if "\\" in view or "\x00" in view or _BEST_FIT_SEPARATORS.intersection(view):
+        if "\\" in view or _BEST_FIT_SEPARATORS.intersection(view):
             raise PathRejected(AMBIGUOUS_PATH, "a character read as a separator")
         if view.count("/") != path.count("/"):
             raise PathRejected(AMBIGUOUS_PATH, "a character that folds to a slash")
@@ -229,6 +233,9 @@ def _check_resource_path(_instance: object, _attribute: object, value: str) -> N
         raise ValueError(f"path: {exc.detail}") from None
     if canonical != value:
         raise ValueError(f"path: not in canonical form (would be {canonical!r})")
+    if "%3F" in value or "%23" in value:
+        # a host that decodes and cuts the path at "?" or "#" would see less than the resource
+        raise ValueError("path: an encoded '?' or '#' cannot be part of a resource")
 
 
 @attrs.frozen

@@ -286,6 +286,9 @@ def test_check_path_meaning_names_what_is_wrong() -> None:
 def test_resource_paths_must_be_unambiguous_too() -> None:
     with pytest.raises(ValueError, match="survives one decoding"):
         Resource("/a%252e")
+    for path in ("/a%3Fb", "/a%23"):  # a host cutting at the decoded "?" or "#" would see "/a"
+        with pytest.raises(ValueError, match="encoded '\\?' or '#'"):
+            Resource(path)
 
 
 # --- normalisation properties --------------------------------------------------------------------
