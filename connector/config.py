@@ -310,6 +310,7 @@ class NodeConfig:
     min_request_body_rate: float = 240.0
     request_body_grace: float = 5.0
     response_write_timeout: float = 60.0
+    keepalive_timeout: float = 120.0
 
 
 def _owner_only(path: Path) -> bool:
@@ -426,6 +427,7 @@ def load_node_config(path: str | Path) -> NodeConfig:
         min_request_body_rate=forward.float("min_request_body_rate", 240.0),
         request_body_grace=forward.float("request_body_grace", 5.0),
         response_write_timeout=forward.float("response_write_timeout", 60.0),
+        keepalive_timeout=forward.float("keepalive_timeout", 120.0),
     )
     for section in (node, tunnel, admin, forward):
         section.done()

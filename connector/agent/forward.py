@@ -25,7 +25,9 @@ spent waiting for the application counts). Either is answered 408 (or, once the 
 a reset) and audited, and the internal host's connection is dropped (its request is incomplete).
 A response write that the tunnel side does not take within `response_write_timeout` (the
 application stopped reading) resets the stream, drops the internal host's connection and is
-audited: memory was bounded by the stream's window already, now the stream's slot is too.
+audited: memory was bounded by the stream's window already, now the stream's slot is too. A
+kept-alive stream idle for `keepalive_timeout` between requests ends cleanly, and with it the
+kept-alive internal-host connection.
 Failures talking to the internal host become 502/504 JSON responses while no response byte was
 sent, and a BACKEND_RESET stream reset afterwards. What goes up the stream (error bodies, reset
 reasons) is a reason and a generic sentence from `connector.httperrors`; the detail (internal host
@@ -77,6 +79,7 @@ class ForwardSettings:
     min_request_body_rate: float = 240.0  # bytes/s a request body keeps on average, after the grace
     request_body_grace: float = 5.0  # seconds of waiting for a body before its rate is enforced
     response_write_timeout: float = 60.0  # one response write the tunnel side does not take
+    keepalive_timeout: float = 120.0  # a kept-alive stream idle between requests ends after this
 
     @property
     def body_rate(self) -> MinDataRate:
@@ -492,15 +495,17 @@ class _HttpSession:
         return False
 
     async def _wait_next_request(self) -> bool:
-        """Between requests: False if the node started draining before a byte of the next
-        request arrived, True once there is something to parse (the next head's deadline runs
-        from there)."""
+        """Between requests: False if the node started draining, or the stream stayed idle for
+        keepalive_timeout, before a byte of the next request arrived; True once there is something
+        to parse (the next head's deadline runs from there). False ends the stream cleanly: the
+        proxy opens a new one for its next request."""
         draining = self.ctx.draining
         if self.client.trailing_data[0]:
             return True
         if draining is not None and draining.is_set():
             return False
-        with trio.CancelScope() as scope:  # _watch_drain cancels it
+        # _watch_drain cancels it
+        with trio.CancelScope(deadline=trio.current_time() + self.settings.keepalive_timeout) as scope:
             self._idle_scope = scope
             try:
                 data = await self.stream.receive_some(self.settings.chunk)
@@ -510,7 +515,7 @@ class _HttpSession:
                 self._idle_scope = None
             self.client.receive_data(data)  # type: ignore[arg-type]
             return True
-        return False  # the drain cancelled a receive that had consumed nothing
+        return False  # drain or idle deadline: the receive was cancelled and consumed nothing
 
     async def _next_request_head(self) -> Any:
         """The request (or the end of the stream) within request_head_timeout; None once a head

@@ -222,3 +222,28 @@ async def test_a_response_nobody_reads_resets_the_stream_and_closes_the_internal
     (line,) = await audit_lines(audit, 1)
     assert (line["decision"], line["reason"], line["status"]) == ("allowed", "response_not_read", 200)
     assert "for the application to read" in line["detail"]
+
+
+async def test_an_idle_kept_alive_stream_ends_cleanly_with_its_internal_host_connection(
+    nursery: trio.Nursery,
+) -> None:
+    backend_closed = trio.Event()
+
+    async def keeps_alive(stream: trio.abc.Stream) -> None:
+        await read_head(stream)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        with contextlib.suppress(trio.BrokenResourceError):
+            while await stream.receive_some(CHUNK):
+                pass
+        backend_closed.set()
+
+    port = await serve(nursery, keeps_alive)
+    audit = AuditLog(None)
+    opener = open_stream(nursery, AccessControl([mapping_for(port)]), context(audit, keepalive_timeout=0.3))
+    assert (await HttpClient(opener).request(b"GET", b"/echo")).status == 200
+    began = trio.current_time()
+    with trio.fail_after(3):
+        assert await opener.receive_some(CHUNK) == b""  # a clean end of stream, not a reset
+        await backend_closed.wait()
+    assert trio.current_time() - began >= 0.3
+    assert [r["reason"] for r in audit.records("request")] == ["allowed"]
