@@ -21,13 +21,14 @@ The response head must arrive within `response_timeout` after the request body w
 Nothing the application does holds the stream for ever: each request head must be whole within
 `request_head_timeout` of its first byte (of the stream's start, for the first request); a request
 body must keep `min_request_body_rate` after `request_body_grace` (`connector.datarate`; only time
-spent waiting for the application counts). Either is answered 408 (or, once the response started,
-a reset) and audited, and the internal host's connection is dropped (its request is incomplete).
-A response write that the tunnel side does not take within `response_write_timeout` (the
+spent waiting for the application counts). Either is answered 408 (a body, once the response
+started: a reset) and audited; a slow body also drops the internal host's connection (its request
+is incomplete). A response write that the tunnel side does not take within `response_write_timeout` (the
 application stopped reading) resets the stream, drops the internal host's connection and is
 audited: memory was bounded by the stream's window already, now the stream's slot is too. A
 kept-alive stream idle for `keepalive_timeout` between requests ends cleanly, and with it the
 kept-alive internal-host connection.
+
 Failures talking to the internal host become 502/504 JSON responses while no response byte was
 sent, and a BACKEND_RESET stream reset afterwards. What goes up the stream (error bodies, reset
 reasons) is a reason and a generic sentence from `connector.httperrors`; the detail (internal host
