@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from tests.support.httpclient import HttpClient
-from tests.support.stack import node_toml, start_node, start_stack
+from tests.support.stack import Stack, node_toml, start_node, start_stack
 
 UNRESOLVABLE = "erp-db7.corp-secret.invalid"
 
@@ -57,7 +57,7 @@ resources = [{{ path = "/", prefix = true }}]
 
 
 @pytest.fixture
-async def stack(nursery: trio.Nursery, tmp_path: Path):  # type: ignore[no-untyped-def]
+async def stack(nursery: trio.Nursery, tmp_path: Path) -> Stack:
     stack = await start_stack(nursery, tmp_path, with_node=False)
     trust_dir = tmp_path / "secret-trust-store-dir"
     trust_dir.mkdir()
@@ -84,7 +84,7 @@ async def stack(nursery: trio.Nursery, tmp_path: Path):  # type: ignore[no-untyp
     ],
 )
 async def test_error_bodies_reveal_no_on_premise_detail(
-    stack, url: str, status: int, reason: str, secrets: list[str], detail: str,  # type: ignore[no-untyped-def]
+    stack: Stack, url: str, status: int, reason: str, secrets: list[str], detail: str,
 ) -> None:
     client = await HttpClient.connect(stack.ports.http_proxy)
     with trio.fail_after(10):
@@ -94,6 +94,7 @@ async def test_error_bodies_reveal_no_on_premise_detail(
     for secret in secrets:
         assert secret.lower() not in answer.lower(), (secret, answer)
     # the operator still learns what happened: the node's audit line carries the detail
+    assert stack.node is not None
     line = stack.node.audit.records("request")[-1]
     assert line["reason"] == reason
     assert detail in line["detail"]
