@@ -341,6 +341,12 @@ class NodeConfig:
     drain_seconds: float
     mappings: tuple[Mapping, ...]
     cluster: ClusterConfig | None
+    # [forward] bounds on what a slow or absent application holds (connector.agent.forward)
+    request_head_timeout: float = 30.0
+    min_request_body_rate: float = 240.0
+    request_body_grace: float = 5.0
+    response_write_timeout: float = 60.0
+    keepalive_timeout: float = 120.0
 
 
 def _owner_only(path: Path) -> bool:
@@ -453,6 +459,11 @@ def load_node_config(path: str | Path) -> NodeConfig:
         drain_seconds=forward.float("drain_seconds", 10.0),
         mappings=tuple(mappings),
         cluster=cluster,
+        request_head_timeout=forward.float("request_head_timeout", 30.0),
+        min_request_body_rate=forward.float("min_request_body_rate", 240.0),
+        request_body_grace=forward.float("request_body_grace", 5.0),
+        response_write_timeout=forward.float("response_write_timeout", 60.0),
+        keepalive_timeout=forward.float("keepalive_timeout", 120.0),
     )
     for section in (node, tunnel, admin, forward):
         section.done()

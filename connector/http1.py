@@ -1,8 +1,9 @@
 """HTTP/1.1 pieces both hops share (the cloud's proxy and the node's forwarder).
 
 h11 parses and frames; this module only holds what sits on top of it in both places: which
-headers belong to one hop, the tokens of a list header, and the outbox that gathers h11's output
-so that a response head, its body and its end leave in one write.
+headers belong to one hop, which fields a trailer section may carry, the tokens of a list header,
+and the outbox that gathers h11's output so that a response head, its body and its end leave in
+one write.
 """
 
 from __future__ import annotations
@@ -42,6 +43,71 @@ def header_tokens(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> set[by
     }
 
 
+# Fields a trailer section must not carry (RFC 9110 section 6.5.1), because a recipient that merges
+# trailers into the header section (against the RFC, yet some do) would let them override what was
+# checked, routed and framed on the head: framing, routing and forwarding, authentication and
+# cookies, request modifiers (controls, conditionals, content negotiation, method overrides),
+# response control data, and the fields that say how to process the content. Other fields (a
+# checksum, Server-Timing, an application's own) pass.
+NOT_IN_TRAILERS = frozenset(
+    {
+        # framing
+        b"content-length",
+        b"transfer-encoding",
+        # routing and forwarding
+        b"host",
+        b"forwarded",
+        b"x-forwarded-for",
+        b"x-forwarded-host",
+        b"x-forwarded-port",
+        b"x-forwarded-proto",
+        b"x-real-ip",
+        b"via",
+        b"x-original-url",
+        b"x-rewrite-url",
+        # authentication
+        b"authorization",
+        b"www-authenticate",
+        b"authentication-info",
+        b"proxy-authentication-info",
+        b"cookie",
+        b"set-cookie",
+        # request modifiers: controls, conditionals, content negotiation, method overrides
+        b"cache-control",
+        b"expect",
+        b"max-forwards",
+        b"pragma",
+        b"range",
+        b"if-match",
+        b"if-none-match",
+        b"if-modified-since",
+        b"if-unmodified-since",
+        b"if-range",
+        b"accept",
+        b"accept-charset",
+        b"accept-encoding",
+        b"accept-language",
+        b"x-http-method-override",
+        b"x-http-method",
+        b"x-method-override",
+        # response control data
+        b"age",
+        b"expires",
+        b"date",
+        b"location",
+        b"retry-after",
+        b"vary",
+        b"warning",
+        # how to process the content
+        b"content-encoding",
+        b"content-type",
+        b"content-range",
+        b"content-location",
+        b"content-language",
+    }
+)
+
+
 def strip_hop_by_hop(
     headers: Iterable[tuple[bytes, bytes]], also: frozenset[bytes] = frozenset()
 ) -> list[tuple[bytes, bytes]]:
@@ -49,6 +115,14 @@ def strip_hop_by_hop(
     headers = list(headers)
     listed = header_tokens(headers, b"connection")
     return [(k, v) for k, v in headers if k not in HOP_BY_HOP and k not in also and k not in listed]
+
+
+def trailer_fields(
+    headers: Iterable[tuple[bytes, bytes]], also: frozenset[bytes] = frozenset()
+) -> list[tuple[bytes, bytes]]:
+    """The fields of a trailer section that may be forwarded, at either hop and in either direction:
+    hop-by-hop ones, NOT_IN_TRAILERS and `also` removed (names are lower case, as h11 parses them)."""
+    return strip_hop_by_hop(headers, NOT_IN_TRAILERS | also)
 
 
 class Outbox:

@@ -12,7 +12,10 @@ host, so the path that was checked is the path that is served. Canonicalisation 
 percent-escapes of unreserved characters, removes dot segments (RFC 3986 section 5.2.4) and
 collapses repeated slashes. Anything a backend might interpret differently from us is refused
 rather than guessed at: encoded slashes, backslashes, NUL, encoded dots forming dot segments,
-"..;" path-parameter tricks, climbing above the root, invalid escapes.
+"..;" path-parameter tricks, climbing above the root, invalid escapes. The canonical path must
+also mean the same thing to every internal host however it decodes (`check_path_meaning`): to one
+that decodes twice, reads overlong UTF-8, or folds look-alike characters. Other escapes (an
+encoded "?" or "#", valid UTF-8) are data and reach the internal host byte for byte.
 
 `Decision.reason` is one of `REASONS`: a small fixed set, because it becomes a metrics label.
 `AccessControl` is immutable; configuration changes replace it as a whole, so a request is
@@ -22,7 +25,10 @@ checked against one consistent configuration.
 from __future__ import annotations
 
 import enum
+import re
 import string
+import unicodedata
+import urllib.parse
 from collections.abc import Iterable
 from collections.abc import Mapping as AbcMapping
 from typing import Any
@@ -163,9 +169,51 @@ def normalise_path(path: str) -> str:
             trailing_slash = index == last
             continue
         kept.append(segment)
-    if not kept:
-        return "/"
-    return "/" + "/".join(kept) + ("/" if trailing_slash else "")
+    canonical = "/" + "/".join(kept) + ("/" if trailing_slash else "") if kept else "/"
+    check_path_meaning(canonical)
+    return canonical
+
+
+_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+# Characters that some internal host reads as a separator although Unicode compatibility folding
+# (NFKC) does not: Windows "best fit" code pages map them to "/" or "\" (U+00A5 and U+20A9 are
+# the backslash of Japanese and Korean code pages).
+_BEST_FIT_SEPARATORS = frozenset("\u2215\u2044\u29f8\u2216\u29f5\u00a5\u20a9")
+
+
+def check_path_meaning(path: str) -> None:
+    """Raise `PathRejected` (AMBIGUOUS_PATH) if another decoder could read `path` as another path.
+
+    `path` is a canonical path (visible ASCII, valid escapes only). Its escapes are decoded once,
+    as an internal host does, and the result must be final: no escape left that a second decoding
+    would turn into something else, valid UTF-8 (no overlong forms, surrogates or stray bytes), no
+    control character, no character that folds (NFKC) or is best-fit mapped to a separator, and no
+    segment that is "." or ".." (also with ";parameters") once folded. Pure; the table of cases is
+    in tests/unit/test_acl.py.
+
+    An encoded "?" or "#" is data and stays: a host that decodes and then cuts the path there sees
+    a prefix of it, which still lies under the resource that allowed it (resources may not contain
+    one, see `_check_resource_path`).
+    """
+    if "%" not in path:
+        return  # nothing to decode: the checks of normalise_path are the whole story
+    raw = urllib.parse.unquote_to_bytes(path)
+    try:
+        text = raw.decode("utf-8")  # strict: overlong forms, surrogates and stray bytes fail
+    except UnicodeDecodeError:
+        raise PathRejected(AMBIGUOUS_PATH, "escapes that are not UTF-8") from None
+    if any(unicodedata.category(c) == "Cc" for c in text):
+        raise PathRejected(AMBIGUOUS_PATH, "encoded control character")
+    folded = unicodedata.normalize("NFKC", text)
+    for view in (text, folded):
+        if _ESCAPE.search(view):
+            raise PathRejected(AMBIGUOUS_PATH, "percent-encoding that survives one decoding")
+        if "\\" in view or _BEST_FIT_SEPARATORS.intersection(view):
+            raise PathRejected(AMBIGUOUS_PATH, "a character read as a separator")
+        if view.count("/") != path.count("/"):
+            raise PathRejected(AMBIGUOUS_PATH, "a character that folds to a slash")
+        if any(segment.split(";", 1)[0] in (".", "..") for segment in view.split("/")):
+            raise PathRejected(AMBIGUOUS_PATH, "a segment that decodes or folds to a dot segment")
 
 
 def is_websocket_upgrade(headers: Iterable[tuple[bytes, bytes]]) -> bool:
@@ -185,6 +233,9 @@ def _check_resource_path(_instance: object, _attribute: object, value: str) -> N
         raise ValueError(f"path: {exc.detail}") from None
     if canonical != value:
         raise ValueError(f"path: not in canonical form (would be {canonical!r})")
+    if "%3F" in value or "%23" in value:
+        # a host that decodes and cuts the path at "?" or "#" would see less than the resource
+        raise ValueError("path: an encoded '?' or '#' cannot be part of a resource")
 
 
 @attrs.frozen
@@ -365,7 +416,8 @@ class Decision:
 
     `path` is the canonical path that was checked (None if none could be derived);
     `forward_target` is the request target to send to the internal host (canonical path plus the
-    original query); `websocket` is True for an allowed WebSocket upgrade.
+    original query); `websocket` is True for an allowed WebSocket upgrade; `detail` says, for the
+    node's log and audit line only, why a path was refused.
     """
 
     allowed: bool
@@ -374,10 +426,11 @@ class Decision:
     forward_target: bytes | None = None
     websocket: bool = False
     resource: Resource | None = None
+    detail: str | None = None
 
 
-def _deny(reason: str, path: str | None = None) -> Decision:
-    return Decision(allowed=False, reason=reason, path=path)
+def _deny(reason: str, path: str | None = None, detail: str | None = None) -> Decision:
+    return Decision(allowed=False, reason=reason, path=path, detail=detail)
 
 
 def _split_host_port(authority: str) -> tuple[str, int | None]:
@@ -455,7 +508,7 @@ class AccessControl:
             path, query = self._origin_parts(mapping, target)
             path = normalise_path(path)
         except PathRejected as exc:
-            return _deny(exc.reason)
+            return _deny(exc.reason, detail=exc.detail)
         resource = self._best_resource(mapping, path)
         if resource is None:
             return _deny(NO_RESOURCE, path)

@@ -80,7 +80,11 @@ class AuditLog:
             self._fd = fd
 
     def request(self, **fields: Any) -> dict[str, Any]:
-        """Record one allowed or denied request (or TCP session); returns the record."""
+        """Record one allowed or denied request (or TCP session); returns the record.
+
+        Fields beyond REQUEST_FIELDS follow them, e.g. `detail`: why a request failed or was
+        refused, with what only the node may know (internal host names, resolver and TLS errors,
+        trust store paths); the application gets a reason and a generic sentence instead."""
         record: dict[str, Any] = {"ts": self._clock(), "kind": "request"}
         for key in REQUEST_FIELDS:
             record[key] = fields.pop(key, None)

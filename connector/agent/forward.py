@@ -17,9 +17,24 @@ then either
 
 Request body and response run concurrently (a backend may answer before it read the whole body).
 The response head must arrive within `response_timeout` after the request body was sent.
+
+Nothing the application does holds the stream for ever: each request head must be whole within
+`request_head_timeout` of its first byte (of the stream's start, for the first request); a request
+body must keep `min_request_body_rate` after `request_body_grace` (`connector.datarate`; only time
+spent waiting for the application counts). Either is answered 408 (a body, once the response
+started: a reset) and audited; a slow body also drops the internal host's connection (its request
+is incomplete). A response write that the tunnel side does not take within `response_write_timeout` (the
+application stopped reading) resets the stream, drops the internal host's connection and is
+audited: memory was bounded by the stream's window already, now the stream's slot is too. A
+kept-alive stream idle for `keepalive_timeout` between requests ends cleanly, and with it the
+kept-alive internal-host connection.
+
 Failures talking to the internal host become 502/504 JSON responses while no response byte was
-sent, and a BACKEND_RESET stream reset afterwards. Each request (or TCP session) produces one audit
-line and the metrics of `connector.metrics`.
+sent, and a BACKEND_RESET stream reset afterwards. What goes up the stream (error bodies, reset
+reasons) is a reason and a generic sentence from `connector.httperrors`; the detail (internal host
+names, resolver and TLS errors, trust store paths) goes to the node's log and the audit line's
+`detail`. Each request (or TCP session) produces one audit line and the metrics of
+`connector.metrics`.
 
 `serve_stream` never raises (except cancellation): it runs as a task inside the tunnel session,
 where an exception would take down every other stream.
@@ -43,8 +58,9 @@ from connector import metrics
 from connector.agent import acl as acl_mod
 from connector.agent.acl import AccessControl, Decision, Mapping
 from connector.agent.audit import AuditLog
-from connector.http1 import Outbox, header_tokens, strip_hop_by_hop
-from connector.httperrors import REASON_PHRASES, error_parts
+from connector.datarate import MinDataRate, RateBudget, receive_some_at_rate
+from connector.http1 import Outbox, header_tokens, strip_hop_by_hop, trailer_fields
+from connector.httperrors import ERRORS, REASON_PHRASES, RESET_REASONS, error_parts, reset_error
 from connector.tunnel.streams import TunnelStream
 from connector.tunnel.types import ErrorCode, StreamResetError
 
@@ -60,6 +76,15 @@ class ForwardSettings:
     chunk: int = 65536  # HTTP: reads from the stream and the backend, response write batches
     relay_chunk: int = 262144  # raw byte relay (TCP mappings, WebSocket after 101): largest read
     max_drain_bytes: int = 1 << 20  # body of a denied request read and dropped to keep the connection
+    request_head_timeout: float = 30.0  # a request head is whole within this of its first byte
+    min_request_body_rate: float = 240.0  # bytes/s a request body keeps on average, after the grace
+    request_body_grace: float = 5.0  # seconds of waiting for a body before its rate is enforced
+    response_write_timeout: float = 60.0  # one response write the tunnel side does not take
+    keepalive_timeout: float = 120.0  # a kept-alive stream idle between requests ends after this
+
+    @property
+    def body_rate(self) -> MinDataRate:
+        return MinDataRate(self.min_request_body_rate, self.request_body_grace)
 
 
 @attrs.frozen
@@ -74,7 +99,8 @@ class StreamContext:
 
 
 class BackendError(Exception):
-    """The internal host could not be reached; `code` for a reset, `reason` a metrics label."""
+    """The internal host could not be reached; `code` for a reset, `reason` a metrics label,
+    `message` the detail for the node's log and audit line (never sent to the cloud)."""
 
     def __init__(self, code: ErrorCode, reason: str, message: str) -> None:
         super().__init__(message)
@@ -85,6 +111,24 @@ class BackendError(Exception):
 
 class _TunnelGone(Exception):
     """The stream to the cloud was reset or closed: nobody is left to answer."""
+
+    audit_reason = "client_gone"
+
+    def audit_detail(self) -> str | None:
+        return None
+
+
+class _TunnelStalled(_TunnelGone):
+    """A response write waited response_write_timeout for the application to read."""
+
+    audit_reason = "response_not_read"
+
+    def audit_detail(self) -> str | None:
+        return str(self)
+
+
+class _ClientTooSlow(Exception):
+    """The application's request body fell below min_request_body_rate."""
 
 
 class _BackendGone(Exception):
@@ -127,7 +171,7 @@ async def open_backend(mapping: Mapping, settings: ForwardSettings) -> trio.abc.
                 context = client_ssl_context(mapping.trust_store)
             except (OSError, ssl.SSLError) as exc:
                 raise BackendError(
-                    ErrorCode.BACKEND_TLS_ERROR, "tls_error", f"trust store unusable: {exc}"
+                    ErrorCode.BACKEND_TLS_ERROR, "tls_error", f"trust store {mapping.trust_store} unusable: {exc}"
                 ) from None
             tls = trio.SSLStream(tcp, context, server_hostname=host)
             try:
@@ -292,9 +336,10 @@ async def _serve_tcp(stream: TunnelStream, mapping: Mapping, ctx: StreamContext)
         backend = await open_backend(mapping, ctx.settings)
     except BackendError as exc:
         metrics.BACKEND_ERRORS.labels(mapping.name, exc.reason).inc()
-        ctx.audit.request(**audit, reason=exc.reason, message=exc.message,
+        log.info("%s (TCP): %s", mapping.name, exc.message)
+        ctx.audit.request(**audit, reason=exc.reason, detail=exc.message,
                           duration_seconds=trio.current_time() - started)
-        await _reset_quietly(stream, exc.code, exc.message)
+        await _reset_quietly(stream, exc.code, reset_error(exc.code)[2])
         return
     try:
         await stream.accept()
@@ -340,6 +385,14 @@ class _Exchange:
     discard_body: bool = False  # answered before the request was whole: the rest is read and dropped
     audited: bool = False  # one audit line per request, whatever happens
     verdict: str = "allowed"  # the audit decision if the stream is reset before the answer
+    body_rate: RateBudget | None = None  # the request body's minimum rate, once it is read
+    too_slow: str | None = None  # why the request body was given up (below its minimum rate)
+
+    def body_budget(self, rate: MinDataRate) -> RateBudget:
+        """One budget for the whole body, whoever reads it (the pump, then maybe a drain)."""
+        if self.body_rate is None:
+            self.body_rate = RateBudget(rate)
+        return self.body_rate
 
 
 class _HttpSession:
@@ -359,7 +412,7 @@ class _HttpSession:
         self._allowed = metrics.REQUESTS.labels(mapping.name, "allowed")
         self._seconds = metrics.REQUEST_SECONDS.labels(mapping.name, str(mapping.protocol))
         # responses for the stream: a head, its body and its end leave in one write
-        self.out = Outbox(self.client, stream.send_all, _TUNNEL_ERRORS, lambda exc: _TunnelGone(str(exc)))
+        self.out = Outbox(self.client, self._send_to_tunnel, _TUNNEL_ERRORS, lambda exc: _TunnelGone(str(exc)))
         self._idle_scope: trio.CancelScope | None = None  # set while waiting for a next request
         self._request_scope: trio.CancelScope | None = None  # set while a request is handled
         self._current: _Exchange | None = None  # the request being handled
@@ -407,9 +460,11 @@ class _HttpSession:
                     break  # draining: end the idle stream cleanly (FIN), no request lost
                 first = False
                 try:
-                    event = await self._next_client_event()
+                    event = await self._next_request_head()
                 except h11.RemoteProtocolError as exc:
                     await self._malformed(exc, None)
+                    return
+                if event is None:  # not whole in time: answered 408
                     return
                 if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                     break
@@ -441,14 +496,17 @@ class _HttpSession:
         return False
 
     async def _wait_next_request(self) -> bool:
-        """Between requests: False if the node started draining before a byte of the next
-        request arrived, True once there is something to parse (or nothing to drain for)."""
+        """Between requests: False if the node started draining, or the stream stayed idle for
+        keepalive_timeout, before a byte of the next request arrived; True once there is something
+        to parse (the next head's deadline runs from there). False ends the stream cleanly: the
+        proxy opens a new one for its next request."""
         draining = self.ctx.draining
-        if draining is None or self.client.trailing_data[0]:
+        if self.client.trailing_data[0]:
             return True
-        if draining.is_set():
+        if draining is not None and draining.is_set():
             return False
-        with trio.CancelScope() as scope:  # _watch_drain cancels it
+        # _watch_drain cancels it
+        with trio.CancelScope(deadline=trio.current_time() + self.settings.keepalive_timeout) as scope:
             self._idle_scope = scope
             try:
                 data = await self.stream.receive_some(self.settings.chunk)
@@ -458,7 +516,22 @@ class _HttpSession:
                 self._idle_scope = None
             self.client.receive_data(data)  # type: ignore[arg-type]
             return True
-        return False  # the drain cancelled a receive that had consumed nothing
+        return False  # drain or idle deadline: the receive was cancelled and consumed nothing
+
+    async def _next_request_head(self) -> Any:
+        """The request (or the end of the stream) within request_head_timeout; None once a head
+        that did not arrive whole in time was answered 408 and audited."""
+        timeout = self.settings.request_head_timeout
+        started = trio.current_time()
+        with trio.move_on_after(timeout):
+            return await self._next_client_event()
+        exchange = _Exchange(b"-", "-", started)
+        detail = f"request head not whole within {timeout} s"
+        log.info("%s request_head_timeout: %s", self.mapping.name, detail)
+        reason = "request_head_timeout"
+        await self._refuse(exchange, ERRORS[reason][0], reason, ERRORS[reason][1], close=True, detail=detail)
+        await self._close_client()
+        return None
 
     async def _close_client(self) -> None:
         with trio.CancelScope(shield=True):
@@ -466,16 +539,33 @@ class _HttpSession:
 
     # --- tunnel I/O -----------------------------------------------------------------------------
 
-    async def _next_client_event(self) -> Any:
+    async def _next_client_event(self, body_rate: RateBudget | None = None) -> Any:
+        """The next event from the application; with `body_rate` (reading a body) raise
+        _ClientTooSlow once the body falls below its minimum rate."""
         while True:
             event = self.client.next_event()
             if event is not h11.NEED_DATA:
                 return event
             try:
-                data = await self.stream.receive_some(self.settings.chunk)
+                if body_rate is None:
+                    data = await self.stream.receive_some(self.settings.chunk)
+                else:
+                    data = await receive_some_at_rate(self.stream, body_rate, self.settings.chunk)
             except _TUNNEL_ERRORS as exc:
                 raise _TunnelGone(str(exc)) from exc
+            except trio.TooSlowError as exc:
+                raise _ClientTooSlow(str(exc)) from None
             self.client.receive_data(data)  # type: ignore[arg-type]  # h11 takes any bytes-like
+
+    async def _send_to_tunnel(self, data: bytes | bytearray) -> None:
+        """Write to the application; raise _TunnelStalled if it does not take the write within
+        response_write_timeout (memory is bounded by the stream's window; its slot is not)."""
+        with trio.move_on_after(self.settings.response_write_timeout):
+            await self.stream.send_all(data)
+            return
+        detail = f"a response write waited {self.settings.response_write_timeout} s for the application to read"
+        log.info("%s response_not_read: %s", self.mapping.name, detail)
+        raise _TunnelStalled(detail)
 
 
     # --- backend I/O ----------------------------------------------------------------------------
@@ -549,15 +639,16 @@ class _HttpSession:
                 return True
         return False
 
-    async def _drain_body(self, limit: int) -> bool:
-        """Read and drop the rest of the request body; False if it is over `limit` or unsafe."""
+    async def _drain_body(self, limit: int, body_rate: RateBudget) -> bool:
+        """Read and drop the rest of the request body; False if it is over `limit`, too slow, or
+        unsafe."""
         if self.client.they_are_waiting_for_100_continue:
             return False  # the client waits for us: reading would hang, answering is enough
         seen = 0
         while True:
             try:
-                event = await self._next_client_event()
-            except h11.RemoteProtocolError:
+                event = await self._next_client_event(body_rate)
+            except (h11.RemoteProtocolError, _ClientTooSlow):
                 return False
             if isinstance(event, h11.Data):
                 seen += len(event.data)
@@ -568,33 +659,37 @@ class _HttpSession:
             else:
                 return False
 
-    async def _drain_body_audited(self, exchange: _Exchange, decision: str, reason: str) -> bool:
+    async def _drain_body_audited(self, exchange: _Exchange, decision: str, reason: str,
+                                  detail: str | None = None) -> bool:
         """`_drain_body` before an error answer; a client gone meanwhile still leaves the audit line."""
         try:
-            return await self._drain_body(self.settings.max_drain_bytes)
+            return await self._drain_body(self.settings.max_drain_bytes,
+                                          exchange.body_budget(self.settings.body_rate))
         except _TunnelGone:
             if not exchange.audited:
-                self._audit(exchange, decision, reason)
+                self._audit(exchange, decision, reason, detail)
             raise
 
     async def _deny(self, request: h11.Request, exchange: _Exchange, decision: Decision) -> bool:
         exchange.target = decision.path or exchange.target
         exchange.verdict = "denied"
         status = 400 if decision.reason in (acl_mod.BAD_REQUEST, acl_mod.AMBIGUOUS_PATH, acl_mod.HOST_MISMATCH) else 403
-        keep = await self._drain_body_audited(exchange, "denied", decision.reason)
+        keep = await self._drain_body_audited(exchange, "denied", decision.reason, decision.detail)
         message = f"the connector's access control denied this request ({decision.reason})"
-        await self._refuse(exchange, status, decision.reason, message, close=not keep)
+        await self._refuse(exchange, status, decision.reason, message, close=not keep, detail=decision.detail)
         return keep
 
-    async def _refuse(self, exchange: _Exchange, status: int, reason: str, message: str, *, close: bool) -> None:
+    async def _refuse(self, exchange: _Exchange, status: int, reason: str, message: str, *, close: bool,
+                      detail: str | None = None) -> None:
         """Answer with an access-control refusal: metrics, audit, JSON error."""
         metrics.REQUESTS.labels(self.mapping.name, "denied").inc()
         metrics.DENIALS.labels(reason).inc()
-        await self._send_error(exchange, status, reason, message, close=close, audit="denied")
+        await self._send_error(exchange, status, reason, message, close=close, audit="denied", detail=detail)
 
     async def _send_error(self, exchange: _Exchange, status: int, reason: str, message: str, *,
-                          close: bool, audit: str | None = None) -> None:
-        """Send a JSON error response; with `audit` ("denied"/"allowed") write the audit line first."""
+                          close: bool, audit: str | None = None, detail: str | None = None) -> None:
+        """Send a JSON error response; with `audit` ("denied"/"allowed") write the audit line first
+        (with `detail`, which is for the node only: `message` is what the application reads)."""
         extra = [(b"connection", b"close")] if close else None
         status, headers, body = error_parts(status, reason, message, extra)
         exchange.status = status
@@ -613,9 +708,9 @@ class _HttpSession:
             data = b"\r\n".join(lines) + b"\r\n\r\n" + body
         exchange.bytes_out += len(body)
         if audit is not None:
-            self._audit(exchange, audit, reason)
+            self._audit(exchange, audit, reason, detail)
         try:
-            await self.stream.send_all(data)
+            await self._send_to_tunnel(data)
         except _TUNNEL_ERRORS as exc:
             raise _TunnelGone(str(exc)) from exc
 
@@ -632,15 +727,16 @@ class _HttpSession:
             self._audit(exchange, "denied", acl_mod.BAD_REQUEST)
             await _reset_quietly(self.stream, ErrorCode.CANCEL, "malformed request body")
 
-    def _audit(self, exchange: _Exchange, decision: str, reason: str) -> None:
+    def _audit(self, exchange: _Exchange, decision: str, reason: str, detail: str | None = None) -> None:
         exchange.audited = True
+        extra = {"detail": detail} if detail else {}
         self.ctx.audit.request(
             subaccount=self.ctx.subaccount, location=self.ctx.location_id,
             virtual_target=str(self.stream.target), mapping=self.mapping.name,
             method=exchange.method.decode("ascii", "replace"), path=exchange.target,
             decision=decision, reason=reason, status=exchange.status,
             bytes_in=exchange.bytes_in, bytes_out=exchange.bytes_out,
-            duration_seconds=round(trio.current_time() - exchange.started, 6),
+            duration_seconds=round(trio.current_time() - exchange.started, 6), **extra,
         )
 
     def _backend_request(self, request: h11.Request, decision: Decision) -> h11.Request:
@@ -663,17 +759,20 @@ class _HttpSession:
         """An allowed WebSocket upgrade that the client really proposed (Connection: upgrade)."""
         return decision.websocket and b"upgrade" in header_tokens(list(request.headers), b"connection")
 
-    async def _backend_failed(self, exchange: _Exchange, status: int, reason: str, message: str,
-                              label: str) -> bool:
-        """Report a backend failure: 502/504 if no response byte went out yet, else reset."""
+    async def _backend_failed(self, exchange: _Exchange, reason: str, detail: str, label: str) -> bool:
+        """Report a backend failure: 502/504 if no response byte went out yet, else reset. The
+        application gets `reason` and its generic sentence; `detail` stays on the node."""
         metrics.BACKEND_ERRORS.labels(self.mapping.name, label).inc()
+        log.info("%s %s: %s", self.mapping.name, reason, detail)
         await self._drop_backend()
         if exchange.head_sent:
-            self._audit(exchange, "allowed", label)
-            await _reset_quietly(self.stream, ErrorCode.BACKEND_RESET, message)
+            self._audit(exchange, "allowed", label, detail)
+            await _reset_quietly(self.stream, ErrorCode.BACKEND_RESET, reset_error(ErrorCode.BACKEND_RESET)[2])
             raise _TunnelGone("stream reset after backend failure")
-        keep = exchange.request_done or await self._drain_body_audited(exchange, "allowed", reason)
-        await self._send_error(exchange, status, reason, message, close=not keep, audit="allowed")
+        keep = exchange.request_done or await self._drain_body_audited(exchange, "allowed", reason, detail)
+        status, message = ERRORS[reason]
+        await self._send_error(exchange, status, reason, message, close=not keep, audit="allowed",
+                               detail=detail)
         return keep
 
     async def _forward(self, request: h11.Request, exchange: _Exchange, decision: Decision) -> bool:
@@ -686,13 +785,7 @@ class _HttpSession:
             try:
                 reused = await self._ensure_backend()
             except BackendError as exc:
-                if exc.code is ErrorCode.CONNECT_TIMEOUT:
-                    status, reason = 504, "internal_host_timeout"
-                elif exc.code is ErrorCode.BACKEND_TLS_ERROR:
-                    status, reason = 502, "backend_tls_error"
-                else:
-                    status, reason = 502, "internal_host_unreachable"
-                return await self._backend_failed(exchange, status, reason, exc.message, exc.reason)
+                return await self._backend_failed(exchange, RESET_REASONS[exc.code], exc.message, exc.reason)
             may_retry = reused and attempt == 1 and replayable
             try:
                 if replayable:
@@ -706,15 +799,15 @@ class _HttpSession:
                     await self._to_backend(backend_request)
                 try:
                     return await self._exchange(request, exchange, decision)
-                except _TunnelGone:
-                    # the application went away: the request reached the internal host (or its
-                    # head did), so it has its audit line like any other
+                except _TunnelGone as exc:
+                    # the application went away or stopped reading: the request reached the
+                    # internal host (or its head did), so it has its audit line like any other
                     if not exchange.audited:
-                        self._audit(exchange, "allowed", "client_gone")
+                        self._audit(exchange, "allowed", exc.audit_reason, exc.audit_detail())
                     raise
             except _ResponseTimeout:
                 return await self._backend_failed(
-                    exchange, 504, "internal_host_timeout",
+                    exchange, "internal_host_timeout",
                     f"no response within {self.settings.response_timeout} s", "response_timeout")
             except _BackendGone as exc:
                 if may_retry and not exchange.head_sent:
@@ -723,7 +816,7 @@ class _HttpSession:
                     continue
                 reason = "internal_host_protocol_error" if exc.label == "protocol_error" else "backend_reset"
                 return await self._backend_failed(
-                    exchange, 502, reason, f"internal host connection failed: {exc}", exc.label)
+                    exchange, reason, f"internal host connection failed: {exc}", exc.label)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _pump_request_body(self, exchange: _Exchange, head_scope: trio.CancelScope,
@@ -747,7 +840,7 @@ class _HttpSession:
                 while True:
                     # what h11 already holds goes out in one write; in the body state it yields
                     # only Data, EndOfMessage or NEED_DATA (or raises)
-                    events = [await self._next_client_event()]
+                    events = [await self._next_client_event(exchange.body_budget(self.settings.body_rate))]
                     while not isinstance(events[-1], h11.EndOfMessage):
                         more = self.client.next_event()
                         if more is h11.NEED_DATA:
@@ -758,7 +851,7 @@ class _HttpSession:
                             exchange.bytes_in += len(event.data)
                             self._bytes_in.inc(len(event.data))
                         elif isinstance(event, h11.EndOfMessage) and event.headers:
-                            events[i] = h11.EndOfMessage(headers=strip_hop_by_hop(event.headers))
+                            events[i] = h11.EndOfMessage(headers=trailer_fields(event.headers))
                     last = isinstance(events[-1], h11.EndOfMessage)
                     # set before the write yields: an answer that comes meanwhile is not "early"
                     exchange.request_whole = last
@@ -774,6 +867,10 @@ class _HttpSession:
                 exchange.request_done = True
         except h11.RemoteProtocolError as exc:
             exchange.client_error = exc
+            nursery.cancel_scope.cancel()
+            return
+        except _ClientTooSlow as exc:
+            exchange.too_slow = str(exc)
             nursery.cancel_scope.cancel()
             return
         except _TunnelGone:
@@ -819,6 +916,8 @@ class _HttpSession:
                 raise _TunnelGone("malformed request body")
             await self._malformed(exchange.client_error, exchange)
             return False
+        if exchange.too_slow is not None:
+            return await self._body_too_slow(exchange, exchange.too_slow)
         if failure is not None:
             raise failure
         if not exchange.request_done:
@@ -826,6 +925,23 @@ class _HttpSession:
             await self._drop_backend()
             return False
         return keep
+
+    async def _body_too_slow(self, exchange: _Exchange, detail: str) -> bool:
+        """The request body fell below its minimum rate. The internal host's request is incomplete,
+        so its connection goes; the application gets 408, or a reset once its response started.
+        Returns False: the stream cannot carry another request."""
+        reason = "request_body_too_slow"
+        log.info("%s %s: %s", self.mapping.name, reason, detail)
+        await self._drop_backend()
+        if self.client.our_state is h11.DONE:
+            return False  # answered whole before the body (and audited): only the rest was slow
+        if exchange.head_sent:
+            self._audit(exchange, "allowed", reason, detail)
+            await _reset_quietly(self.stream, ErrorCode.CANCEL, ERRORS[reason][1])
+            raise _TunnelGone(reason)
+        status, message = ERRORS[reason]
+        await self._send_error(exchange, status, reason, message, close=True, audit="allowed", detail=detail)
+        return False
 
     async def _relay_response(self, request: h11.Request, exchange: _Exchange, decision: Decision,
                               head_scope: trio.CancelScope) -> bool:
@@ -870,7 +986,7 @@ class _HttpSession:
                 break
             else:
                 raise _BackendGone(f"unexpected {type(event).__name__} in the response body", "protocol_error")
-        end = h11.EndOfMessage(headers=strip_hop_by_hop(event.headers) if keep_trailers else [])
+        end = h11.EndOfMessage(headers=trailer_fields(event.headers) if keep_trailers else [])
         pumped = exchange.body_pumped
         if pumped is not None and not exchange.request_whole:
             # The internal host finished its answer before the request was whole (an early error

@@ -56,7 +56,10 @@ class Node:
         self.acl = AccessControl(config.mappings)
         self.audit = AuditLog(str(config.audit_log) if config.audit_log else None)
         self.forward_settings = ForwardSettings(
-            connect_timeout=config.connect_timeout, response_timeout=config.response_timeout
+            connect_timeout=config.connect_timeout, response_timeout=config.response_timeout,
+            request_head_timeout=config.request_head_timeout, min_request_body_rate=config.min_request_body_rate,
+            request_body_grace=config.request_body_grace, response_write_timeout=config.response_write_timeout,
+            keepalive_timeout=config.keepalive_timeout,
         )
         self.tunnel_settings = TunnelSettings(ping_interval=config.ping_interval, ping_timeout=config.ping_timeout)
         self.session: TunnelSession | None = None

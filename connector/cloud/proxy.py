@@ -60,7 +60,7 @@ import trio
 from connector.cloud.auth import Authenticator
 from connector.cloud.router import NoConnectorError, ProxyService, Router
 from connector.http1 import HOP_BY_HOP, Outbox, header_tokens, strip_hop_by_hop
-from connector.httperrors import REASON_PHRASES, error_parts
+from connector.httperrors import REASON_PHRASES, error_parts, reset_error
 from connector.metrics import PROXY_REQUEST_SECONDS, PROXY_REQUESTS
 from connector.tunnel.streams import TunnelStream
 from connector.tunnel.types import ErrorCode, StreamProtocol, StreamResetError, Target
@@ -188,25 +188,9 @@ def switching_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[byte
 
 
 def reset_status(error: StreamResetError) -> tuple[int, str, str]:
-    """(status, reason token, message) for a stream the node reset or the tunnel lost."""
-    detail = f": {error.reason}" if error.reason else ""
-    match error.code:
-        case ErrorCode.NO_MAPPING:
-            return 403, "no_mapping", "the connector has no mapping for this virtual host and port" + detail
-        case ErrorCode.DENIED:
-            return 403, "denied_by_allowlist", "the connector's access control denied this request" + detail
-        case ErrorCode.CONNECT_TIMEOUT:
-            return 504, "internal_host_timeout", "the internal host did not answer in time" + detail
-        case ErrorCode.CONNECT_FAILED:
-            return 502, "internal_host_unreachable", "the internal host refused or is unreachable" + detail
-        case ErrorCode.BACKEND_RESET:
-            return 502, "backend_reset", "the internal host reset the connection" + detail
-        case ErrorCode.TUNNEL_LOST:
-            return 502, "connector_connection_lost", "connector connection lost" + detail
-        case ErrorCode.BACKEND_TLS_ERROR:
-            return 502, "backend_tls_error", "TLS to the internal host failed" + detail
-        case _:
-            return 502, error.code.name.lower(), f"stream to the connector failed ({error.code.name})" + detail
+    """(status, reason token, message) for a stream the node reset or the tunnel lost: generic,
+    from `httperrors` (the reset's reason text may name on-premise hosts, files and errors)."""
+    return reset_error(error.code)
 
 
 class _ClientGone(Exception):

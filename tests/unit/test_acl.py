@@ -194,6 +194,103 @@ def test_reserved_escapes_kept_and_uppercased() -> None:
     assert normalise_path("/a%3fb%2a") == "/a%3Fb%2A"
 
 
+# --- paths that must mean the same thing to every internal host ---------------------------------
+
+# (request target, what the node does): a reason when it refuses, else the target it forwards.
+# Refused: whatever a host that decodes twice, reads overlong UTF-8 or folds look-alike characters
+# could read as another path. Accepted: byte for byte (mixed-case escapes of reserved characters
+# are upper-cased, escapes of unreserved characters decoded, dot segments removed, as before).
+PATH_CORPUS = [
+    # percent-encoding that survives one decoding
+    (b"/sap/opu/%252e%252e/admin", "ambiguous_path"),
+    (b"/sap/opu/%252E%252e/admin", "ambiguous_path"),
+    (b"/sap/opu/%25%32%65%25%32%65/admin", "ambiguous_path"),
+    (b"/sap/opu/%252f..%252fadmin", "ambiguous_path"),
+    (b"/sap/opu/%255c..%255cadmin", "ambiguous_path"),
+    (b"/sap/opu/%2500", "ambiguous_path"),
+    (b"/sap/opu/%25ef%25bc%258e", "ambiguous_path"),
+    (b"/sap/opu/%%32%65", "ambiguous_path"),
+    (b"/sap/opu/%uff0e%uff0e/admin", "ambiguous_path"),
+    # single encoding of separators, dots and NUL (mixed-case hex too)
+    (b"/sap/opu/%2e%2E/admin", "ambiguous_path"),
+    (b"/sap/opu/%2f", "ambiguous_path"),
+    (b"/sap/opu/%5C", "ambiguous_path"),
+    (b"/sap/opu/%00", "ambiguous_path"),
+    # bytes that are not UTF-8 once decoded: overlong forms, surrogates, stray bytes
+    (b"/sap/opu/%c0%ae%c0%ae/admin", "ambiguous_path"),
+    (b"/sap/opu/%e0%80%ae%e0%80%ae/admin", "ambiguous_path"),
+    (b"/sap/opu/%f0%80%80%ae", "ambiguous_path"),
+    (b"/sap/opu/%c0%af..%c0%afadmin", "ambiguous_path"),
+    (b"/sap/opu/%e0%80%af", "ambiguous_path"),
+    (b"/sap/opu/%c1%9c", "ambiguous_path"),
+    (b"/sap/opu/%ed%a0%80", "ambiguous_path"),
+    (b"/sap/opu/%ed%bf%bf", "ambiguous_path"),
+    (b"/sap/opu/%ff", "ambiguous_path"),
+    (b"/sap/opu/%c3", "ambiguous_path"),
+    (b"/sap/opu/caf%e9", "ambiguous_path"),
+    # control characters once decoded (header and log injection on hosts that echo the path)
+    (b"/sap/opu/a%0d%0aset-cookie:x", "ambiguous_path"),
+    (b"/sap/opu/a%09b", "ambiguous_path"),
+    (b"/sap/opu/a%7f", "ambiguous_path"),
+    (b"/sap/opu/a%c2%85", "ambiguous_path"),
+    # look-alikes that fold (NFKC) or are best-fit mapped to dots and separators
+    (b"/sap/opu/%ef%bc%8e%ef%bc%8e/admin", "ambiguous_path"),
+    (b"/sap/opu/%e2%80%a5/admin", "ambiguous_path"),
+    (b"/sap/opu/%ef%b9%92%ef%b9%92/admin", "ambiguous_path"),
+    (b"/sap/opu/..%ef%bc%8fadmin", "ambiguous_path"),
+    (b"/sap/opu/..%ef%bc%bcadmin", "ambiguous_path"),
+    (b"/sap/opu/..%ef%b9%a8admin", "ambiguous_path"),
+    (b"/sap/opu/..%e2%88%95admin", "ambiguous_path"),
+    (b"/sap/opu/..%e2%81%84admin", "ambiguous_path"),
+    (b"/sap/opu/..%c2%a5admin", "ambiguous_path"),
+    (b"/sap/opu/..%e2%82%a9admin", "ambiguous_path"),
+    # path parameters hiding a dot segment
+    (b"/sap/opu/..%3b/admin", "ambiguous_path"),
+    (b"/sap/opu/%2e%2e%3bx/admin", "ambiguous_path"),
+    (b"/sap/opu/..;/admin", "ambiguous_path"),
+    (b"/sap/opu/%ef%bc%8e%ef%bc%8e%3b/admin", "ambiguous_path"),
+    # accepted: escapes that are data, valid UTF-8, parameters
+    (b"/sap/opu/a%3Fb", b"/sap/opu/a%3Fb"),
+    (b"/sap/opu/a%23b", b"/sap/opu/a%23b"),
+    (b"/sap/opu/a%3f%23b", b"/sap/opu/a%3F%23b"),
+    (b"/sap/opu/caf%C3%A9/%E2%82%AC", b"/sap/opu/caf%C3%A9/%E2%82%AC"),
+    (b"/sap/opu/caf%c3%a9", b"/sap/opu/caf%C3%A9"),
+    (b"/sap/opu/100%25", b"/sap/opu/100%25"),
+    (b"/sap/opu/a%20b%2Bc", b"/sap/opu/a%20b%2Bc"),
+    (b"/sap/opu/a;v=1/b", b"/sap/opu/a;v=1/b"),
+    (b"/sap/opu/a%3Bv=1", b"/sap/opu/a%3Bv=1"),
+    (b"/sap/opu/file%EF%BC%8Ejson", b"/sap/opu/file%EF%BC%8Ejson"),
+    (b"/sap/opu/%E6%97%A5%E6%9C%AC", b"/sap/opu/%E6%97%A5%E6%9C%AC"),
+    (b"/sap/opu;/../opu/x", b"/sap/opu/x"),
+    (b"/sap/opu/file%2Ejson?q=%252e%c0%ae", b"/sap/opu/file.json?q=%252e%c0%ae"),
+]
+
+
+@pytest.mark.parametrize(("target", "outcome"), PATH_CORPUS)
+def test_paths_mean_the_same_to_every_internal_host(target: bytes, outcome: str | bytes) -> None:
+    decision = check(target)
+    if isinstance(outcome, str):
+        assert (decision.allowed, decision.reason) == (False, outcome)
+    else:
+        assert (decision.allowed, decision.forward_target) == (True, outcome)
+
+
+def test_check_path_meaning_names_what_is_wrong() -> None:
+    with pytest.raises(PathRejected, match="survives one decoding"):
+        acl.check_path_meaning("/a/%252e")
+    with pytest.raises(PathRejected, match="not UTF-8"):
+        acl.check_path_meaning("/a/%C0%AE")
+    acl.check_path_meaning("/a/%3F%E2%82%AC")  # accepted: returns without raising
+
+
+def test_resource_paths_must_be_unambiguous_too() -> None:
+    with pytest.raises(ValueError, match="survives one decoding"):
+        Resource("/a%252e")
+    for path in ("/a%3Fb", "/a%23"):  # a host cutting at the decoded "?" or "#" would see "/a"
+        with pytest.raises(ValueError, match="encoded '\\?' or '#'"):
+            Resource(path)
+
+
 # --- normalisation properties --------------------------------------------------------------------
 
 PATH_ALPHABET = st.sampled_from(["a", "b", ".", "..", "/", "//", "%2e", "%41", "%3f", "~", ";", "%7E", "-"])
