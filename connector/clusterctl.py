@@ -2,7 +2,9 @@
 
 They find the cluster from a node's configuration (`--config node.toml`), or, with no argument,
 from the running `connector demo` (its pointer file names the state file and the node configs).
-They talk to etcd through the same `Store` the nodes use, and to nodes through their admin API.
+They talk to etcd through the same `Store` the nodes use, and to nodes through their admin API,
+with the admin token of the node configuration's `[admin] token_file` (one token per cluster: every
+node of a cluster reads the same file).
 """
 
 from __future__ import annotations
@@ -68,12 +70,12 @@ def _run(fn: Any, *args: Any) -> int:
 
 # --- status ------------------------------------------------------------------------------------
 
-async def _node_status(admin_url: str | None) -> dict[str, Any] | None:
+async def _node_status(admin_url: str | None, token: str | None) -> dict[str, Any] | None:
     if not admin_url:
         return None
     host, _, port = admin_url.removeprefix("http://").partition(":")
     try:
-        status, body = await http_request(host, int(port), "/status", timeout=ADMIN_TIMEOUT)
+        status, body = await http_request(host, int(port), "/status", timeout=ADMIN_TIMEOUT, token=token)
         return json.loads(body) if status == 200 else None
     except (OSError, trio.TooSlowError, ValueError):
         return None
@@ -88,7 +90,7 @@ async def collect_status(config: NodeConfig) -> tuple[list[dict[str, Any]], dict
     leader = snapshot.leader
     rows = []
     for name, member in sorted(snapshot.members.items()):
-        live = await _node_status(member.data.get("admin_url"))
+        live = await _node_status(member.data.get("admin_url"), config.admin_token)
         is_leader = leader is not None and leader.node == name
         rows.append({
             "node": name,
@@ -98,6 +100,7 @@ async def collect_status(config: NodeConfig) -> tuple[list[dict[str, Any]], dict
             "health": member.data.get("health", "ok"),
             "pid": member.data.get("pid"),
             "tunnel": live["tunnel"] if live else "unknown",
+            "cloud_refusal": live.get("cloud_refusal") if live else None,
             "admin_url": member.data.get("admin_url"),
             "last_seen": "now" if live else f"member key revision {member.mod_revision}",
         })
@@ -118,6 +121,9 @@ async def _status(config: NodeConfig, as_json: bool) -> int:
         for row in rows:
             print(f"{row['node']:<12} {row['role']:<8} {str(row['epoch'] or '-'):>6} {row['health']:<8} "
                   f"{row['tunnel']:<11} {str(row['pid']):>7}  {row['last_seen']}")
+        for row in rows:
+            if row["cloud_refusal"]:
+                print(f"{row['node']}: the cloud refuses this node: {row['cloud_refusal']}")
     return 0 if leader else 1
 
 
@@ -133,6 +139,8 @@ def status(config: str | None, as_json: bool) -> int:
 # --- switch ------------------------------------------------------------------------------------
 
 async def _switch(config: NodeConfig) -> int:
+    if config.admin_token is None:
+        raise UsageError(f"{config.file}: [admin] token_file is not set: the nodes' /switch needs the admin token")
     rows, leader = await collect_status(config)
     if leader is None:
         print("connector: the cluster has no master to hand over from", file=sys.stderr)
@@ -141,7 +149,8 @@ async def _switch(config: NodeConfig) -> int:
     if not url:
         raise UsageError(f"master {leader['node']} does not publish an admin URL")
     host, _, port = url.removeprefix("http://").partition(":")
-    status_code, body = await http_request(host, int(port), "/switch", method="POST", timeout=10.0)
+    status_code, body = await http_request(host, int(port), "/switch", method="POST", timeout=10.0,
+                                           token=config.admin_token)
     if status_code != 200:
         print(f"connector: switch refused by {leader['node']}: {body.decode(errors='replace')}", file=sys.stderr)
         return 1

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 SUBACCOUNT = "demo"
 LOCATION = ""
 NODES = ("node-a", "node-b")
+CLUSTER = "demo"
 STARTUP_TIMEOUT = 30.0
 
 
@@ -141,9 +142,10 @@ key = "{certs[f'node_{node}_key']}"
 
 [admin]
 listen = "127.0.0.1:{ports[f'{node}_admin']}"
+token_file = "{certs['admin_token']}"
 
 [cluster]
-name = "demo"
+name = "{CLUSTER}"
 etcd = {json.dumps(endpoints)}
 secrets_key = "state/cluster.key"
 {spec.cluster_extra}
@@ -217,7 +219,8 @@ class Demo:
         for sub in ("logs", "state", "certs"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
         spec = self.spec
-        certs = init_certs(self.workdir / "certs", SUBACCOUNT, list(spec.nodes), ["127.0.0.1", "localhost"], force=True)
+        certs = init_certs(self.workdir / "certs", SUBACCOUNT, list(spec.nodes), ["127.0.0.1", "localhost"],
+                           force=True, cluster=CLUSTER)
         token = new_token()
         ports = self.ports = {name: free_port() for name in (
             "tunnel", "cloud_admin", "destinations", "etcd_client", "etcd_peer", "backend_http", "backend_tcp",
@@ -254,6 +257,7 @@ class Demo:
             "subaccount": SUBACCOUNT,
             "location_id": LOCATION,
             "token": token,
+            "admin_token_file": str(certs["admin_token"]),  # the nodes' /status, /switch, /audit need it
             "etcd": etcd_info,
             "backend": {"pid": backend.pid, "http_port": ports["backend_http"], "tcp_port": ports["backend_tcp"]},
             "cloud": {
