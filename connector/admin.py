@@ -96,8 +96,10 @@ def admit(guard: AdminGuard | None, guarded: bool, method: str, headers: dict[st
         return Reply.json(421, {"error": "misdirected", "message": f"this admin API does not answer to host {host!r}"})
     scheme, _, token = headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), guard.token.encode()):
-        return Reply(401, b'{"error": "unauthorized", "message": "a valid admin bearer token is required"}\n',
-                     headers=(("www-authenticate", 'Bearer realm="connector admin"'),))
+        return attrs.evolve(
+            Reply.json(401, {"error": "unauthorized", "message": "a valid admin bearer token is required"}),
+            headers=(("www-authenticate", 'Bearer realm="connector admin"'),),
+        )
     return None
 
 

@@ -237,7 +237,6 @@ class Registry:
                 log.warning("location %s now belongs to cluster %r (was %r)", handle.key, verdict.cluster, location.cluster)
             location.cluster = verdict.cluster
             location.highest_epoch = -1  # saved with the epoch below
-            self._refuse_other_clusters(location)
         previous = location.master
         if previous is not None and previous is not handle:
             # A newer (or the same, reconnected) master: the old tunnel must never carry traffic again.
@@ -250,6 +249,7 @@ class Registry:
             location.highest_epoch = epoch
             self._save_epochs()
         self._set_master(location, handle)
+        self._refuse_other_clusters(location)
         metrics.CLOUD_REGISTRATIONS.labels(sub, loc, "accepted").inc()
         metrics.CLOUD_MASTER_EPOCH.labels(sub, loc).set(epoch)
         log.info("%s of cluster %r is master of %s with epoch %d", handle.node, handle.cluster, handle.key, epoch)
