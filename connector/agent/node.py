@@ -225,6 +225,9 @@ class Node:
             try:
                 await session.run(stream_handler=self._serve_stream, control_handler=self._on_control)
             finally:
+                code, reason = session.close_reason or (ErrorCode.NO_ERROR, "")
+                if code == ErrorCode.DENIED and reason.partition(":")[0] in CLUSTER_REFUSALS:
+                    self._refused_by_cloud(reason)  # said in the GOAWAY when refused at connection
                 self.session = None
                 self.registered_epoch = None
                 metrics.TUNNEL_CONNECTED.labels(*self._labels).set(0)
@@ -239,13 +242,7 @@ class Node:
             log.info("cloud accepted registration with epoch %d", self.registered_epoch)
             self.poke()
         elif op == "refused" and body.get("reason") in CLUSTER_REFUSALS:
-            # Not a newer master of our cluster: another cluster owns the location. Resigning would
-            # only hand the refusal to the next node of our cluster; the cloud closes this tunnel.
-            self.registered_epoch = None
-            self.cloud_refusal = f"{body.get('reason')}: {body.get('message')}"
-            self._refused_session = self.session
-            log.error("the cloud refuses this node (cluster %r): %s", self._cluster, self.cloud_refusal)
-            self.poke()
+            self._refused_by_cloud(f"{body.get('reason')}: {body.get('message')}")
         elif op in ("refused", "fenced"):
             self.registered_epoch = None
             log.warning("cloud %s us: %s (highest epoch %s)", op, body.get("reason"), body.get("highest_epoch", body.get("epoch")))
@@ -260,6 +257,17 @@ class Node:
             self._drained = trio.Event()
         else:
             log.warning("unknown control op %r from the cloud", op)
+
+    def _refused_by_cloud(self, why: str) -> None:
+        """Another cluster owns our location (or our certificate names another cluster). Not a newer
+        master of our cluster: resigning would only hand the refusal to the next node of our
+        cluster. The cloud closes the tunnel; we reconnect slowly and register no more on it."""
+        self.registered_epoch = None
+        if why != self.cloud_refusal:
+            log.error("the cloud refuses this node (cluster %r): %s", self._cluster, why)
+        self.cloud_refusal = why
+        self._refused_session = self.session
+        self.poke()
 
     async def _reconcile_loop(self) -> None:
         """Keep the cloud's view of us equal to the elector's: register, or unregister."""

@@ -10,7 +10,7 @@ import pytest
 import trio
 from prometheus_client import REGISTRY
 
-from connector.cloud.registry import Registry, RegistrationResult, TunnelHandle, decide_registration
+from connector.cloud.registry import RegistrationResult, Registry, TunnelHandle, decide_registration
 from connector.tunnel.types import ErrorCode, Target
 from tests.unit.test_registry import FakeSession
 

@@ -16,7 +16,12 @@ import pytest
 
 from connector import pki
 from connector.cli import init_certs
-from connector.config import ConfigError, check_node_certificate, load_cloud_config, load_node_config
+from connector.config import (
+    ConfigError,
+    check_node_certificate,
+    load_cloud_config,
+    load_node_config,
+)
 
 TOKEN = "a-private-admin-token-0123456789"
 
