@@ -321,6 +321,7 @@ def print_banner(state: dict[str, Any]) -> None:
         f"  SOCKS5 proxy      127.0.0.1:{cloud['socks5_port']}",
         f"  destinations      http://127.0.0.1:{cloud['destinations_port']}/destination-configuration/v1/",
         f"  cloud metrics     {cloud['metrics_url']}",
+        f"  admin token       {state['admin_token_file']} (nodes' /status, /switch, /audit)",
     ]
     for node, info in state["nodes"].items():
         lines.append(f"  {node:<17} admin http://127.0.0.1:{info['admin_port']}/status  metrics {info['metrics_url']}")
@@ -333,6 +334,8 @@ def print_banner(state: dict[str, Any]) -> None:
         "telnet://echo.virtual:7000",
         "  connector status",
         "  connector switch",
+        f"  curl -H \"Authorization: Bearer $(cat {state['admin_token_file']})\" "
+        f"http://127.0.0.1:{next(iter(state['nodes'].values()))['admin_port']}/audit",
     ]
     print("\n".join(lines), flush=True)
 
