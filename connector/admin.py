@@ -230,7 +230,8 @@ async def http_request(
         stream = await trio.open_tcp_stream(host, port)
         try:
             conn = h11.Connection(h11.CLIENT)
-            head = [("host", f"{host}:{port}"), ("connection", "close"), ("content-length", str(len(body)))]
+            authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            head = [("host", authority), ("connection", "close"), ("content-length", str(len(body)))]
             if token is not None:
                 head.append(("authorization", f"Bearer {token}"))
             head += headers or []

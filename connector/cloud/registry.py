@@ -130,11 +130,12 @@ def decide_registration(
     The owner is the pinned cluster, else the bound one, else (nobody yet) the caller. Another
     cluster is refused with ``wrong_cluster``. A pin naming a cluster other than the bound one moves
     the location: the old cluster's epochs say nothing about the new cluster's, so they start afresh.
+    Epochs of a location never bound to a cluster (a state file from before bindings) still fence.
     """
-    owner = pinned or bound or cluster
+    owner = pinned if pinned is not None else bound if bound is not None else cluster
+    highest = highest_epoch if bound in (None, owner) else -1
     if cluster != owner:
-        return RegistrationResult(False, "wrong_cluster", highest_epoch if owner == bound else -1, owner)
-    highest = highest_epoch if owner == bound else -1
+        return RegistrationResult(False, "wrong_cluster", highest, owner)
     if epoch is None or epoch >= highest:
         return RegistrationResult(True, "accepted", highest if epoch is None else epoch, owner)
     return RegistrationResult(False, "stale_epoch", highest, owner)
@@ -233,10 +234,11 @@ class Registry:
             self._refused(handle, verdict)
             return verdict
         if location.cluster != verdict.cluster:
-            if location.cluster is not None:
+            if location.cluster is not None:  # moved by a pin: the old cluster's epochs do not apply
                 log.warning("location %s now belongs to cluster %r (was %r)", handle.key, verdict.cluster, location.cluster)
+                location.highest_epoch = -1
             location.cluster = verdict.cluster
-            location.highest_epoch = -1  # saved with the epoch below
+            self._save_epochs()
         previous = location.master
         if previous is not None and previous is not handle:
             # A newer (or the same, reconnected) master: the old tunnel must never carry traffic again.

@@ -45,6 +45,10 @@ def refused_total(reason: str, location: str = "") -> float:
         # a pin moves a bound location: the old owner is refused, the new one starts with fresh epochs
         ("beta", "alpha", 900, "alpha", 901, RegistrationResult(False, "wrong_cluster", -1, "beta")),
         ("beta", "alpha", 900, "beta", 2, RegistrationResult(True, "accepted", 2, "beta")),
+        # epochs kept before bindings existed (an older state file) still fence the first cluster
+        (None, None, 5, "alpha", 3, RegistrationResult(False, "stale_epoch", 5, "alpha")),
+        (None, None, 5, "alpha", 6, RegistrationResult(True, "accepted", 6, "alpha")),
+        ("beta", None, 5, "beta", 3, RegistrationResult(False, "stale_epoch", 5, "beta")),
         # a pin equal to the binding changes nothing
         ("alpha", "alpha", 7, "alpha", 6, RegistrationResult(False, "stale_epoch", 7, "alpha")),
         # connecting (no epoch yet): only the owner's tunnels are admitted
