@@ -19,6 +19,7 @@ from connector.admin import http_request
 from connector.agent.runtime import build_node
 from connector.config import load_node_config
 from connector.tunnel.session import TunnelSession
+from tests.integration.test_cluster_admin import cli
 from tests.support.httpclient import HttpClient
 from tests.support.stack import SUBACCOUNT, node_toml, start_stack
 
@@ -49,13 +50,13 @@ async def start(nursery, stack, tmp_path, etcd, node: str, cluster: str):
                      node=node, cluster=cluster_section(etcd, cluster))
     started = build_node(load_node_config(path))
     await nursery.start(started.run)
-    return started
+    return started, path
 
 
 async def test_second_cluster_is_refused_and_the_first_keeps_serving(nursery, tmp_path, etcd, caplog):
     caplog.set_level(logging.INFO, logger="connector")
     stack = await start_stack(nursery, tmp_path, with_node=False)
-    alpha = await start(nursery, stack, tmp_path, etcd, "node-a", "alpha")
+    alpha, _ = await start(nursery, stack, tmp_path, etcd, "node-a", "alpha")
     with trio.fail_after(10):
         while alpha.registered_epoch is None:  # noqa: ASYNC110 - bounded poll of synchronous state
             await trio.sleep(0.02)
@@ -63,7 +64,6 @@ async def test_second_cluster_is_refused_and_the_first_keeps_serving(nursery, tm
     alpha_epoch = alpha.registered_epoch
     accepted_before, refused_before = registrations("accepted"), registrations("wrong_cluster")
 
-    beta_holder: list = []
     results: list[tuple[int, bool]] = []
     refused = trio.Event()
 
@@ -80,8 +80,7 @@ async def test_second_cluster_is_refused_and_the_first_keeps_serving(nursery, tm
         async with trio.open_nursery() as load_nursery:
             for _ in range(LOAD_CLIENTS):
                 load_nursery.start_soon(load)
-            beta_holder.append(await start(nursery, stack, tmp_path, etcd, "node-b", "beta"))
-            beta = beta_holder[0]
+            beta, beta_path = await start(nursery, stack, tmp_path, etcd, "node-b", "beta")
             while beta.cloud_refusal is None:  # noqa: ASYNC110 - bounded poll of synchronous state
                 await trio.sleep(0.02)
             refused.set()
@@ -110,3 +109,6 @@ async def test_second_cluster_is_refused_and_the_first_keeps_serving(nursery, tm
     assert code == 200 and status["tunnel"] == "refused" and "'alpha'" in status["cloud_refusal"]
     code, _ = await http_request("127.0.0.1", alpha.admin_port, "/readyz")
     assert code == 200
+    shown = await trio.to_thread.run_sync(cli, "status", "--config", str(beta_path))
+    assert shown.returncode == 0, shown.stderr
+    assert b"node-b: the cloud refuses this node: wrong_cluster: this location is served by cluster 'alpha'" in shown.stdout
