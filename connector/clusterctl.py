@@ -70,15 +70,16 @@ def _run(fn: Any, *args: Any) -> int:
 
 # --- status ------------------------------------------------------------------------------------
 
-async def _node_status(admin_url: str | None, token: str | None) -> dict[str, Any] | None:
+async def _node_status(admin_url: str | None, token: str | None) -> tuple[dict[str, Any] | None, int | None]:
+    """A node's /status, and the HTTP status it answered with (None: no answer)."""
     if not admin_url:
-        return None
+        return None, None
     host, _, port = admin_url.removeprefix("http://").partition(":")
     try:
         status, body = await http_request(host, int(port), "/status", timeout=ADMIN_TIMEOUT, token=token)
-        return json.loads(body) if status == 200 else None
+        return (json.loads(body) if status == 200 else None), status
     except (OSError, trio.TooSlowError, ValueError):
-        return None
+        return None, None
 
 
 async def collect_status(config: NodeConfig) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
@@ -90,7 +91,7 @@ async def collect_status(config: NodeConfig) -> tuple[list[dict[str, Any]], dict
     leader = snapshot.leader
     rows = []
     for name, member in sorted(snapshot.members.items()):
-        live = await _node_status(member.data.get("admin_url"), config.admin_token)
+        live, answered = await _node_status(member.data.get("admin_url"), config.admin_token)
         is_leader = leader is not None and leader.node == name
         rows.append({
             "node": name,
@@ -101,6 +102,7 @@ async def collect_status(config: NodeConfig) -> tuple[list[dict[str, Any]], dict
             "pid": member.data.get("pid"),
             "tunnel": live["tunnel"] if live else "unknown",
             "cloud_refusal": live.get("cloud_refusal") if live else None,
+            "admin_answered": answered,
             "admin_url": member.data.get("admin_url"),
             "last_seen": "now" if live else f"member key revision {member.mod_revision}",
         })
@@ -124,6 +126,10 @@ async def _status(config: NodeConfig, as_json: bool) -> int:
         for row in rows:
             if row["cloud_refusal"]:
                 print(f"{row['node']}: the cloud refuses this node: {row['cloud_refusal']}")
+    for row in rows:
+        if row["admin_answered"] in (401, 403):
+            print(f"connector: {row['node']} refused our /status ({row['admin_answered']}): is [admin] token_file "
+                  f"of {config.file} the cluster's admin token?", file=sys.stderr)
     return 0 if leader else 1
 
 

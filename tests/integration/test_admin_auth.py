@@ -75,6 +75,17 @@ async def test_switch_and_audit_need_the_token_and_probes_stay_open(nursery, tmp
     assert status.returncode == 0, status.stderr
     assert {json.loads(line)["tunnel"] for line in status.stdout.decode().splitlines()} == {"registered", "standby"}
 
+    # another cluster's token: status says why it sees no tunnel
+    other = tmp_path / "other.token"
+    other.write_text("another-clusters-admin-token-0123\n")
+    other.chmod(0o600)
+    config = load_node_config(paths[0])
+    wrong = paths[0].with_name("wrong-token.toml")
+    wrong.write_text(paths[0].read_text().replace(str(config.admin_token_file), str(other)))
+    status = await trio.to_thread.run_sync(cli, "status", "--config", str(wrong))
+    assert status.returncode == 0
+    assert status.stderr.count(b"refused our /status (401): is [admin] token_file") == 2
+
 
 async def test_without_a_token_file_the_guarded_routes_refuse_everyone(nursery, tmp_path):
     stack = await start_stack(nursery, tmp_path, with_node=False)
