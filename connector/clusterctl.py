@@ -113,12 +113,15 @@ async def collect_status(config: NodeConfig) -> tuple[list[dict[str, Any]], dict
 async def _status(config: NodeConfig, as_json: bool) -> int:
     rows, leader = await collect_status(config)
     cluster = config.cluster.name if config.cluster else "?"
+    refused = next((r["cloud_refusal"] for r in rows if leader and r["node"] == leader["node"] and r["cloud_refusal"]),
+                   None)
     if as_json:
         for row in rows:
             print(json.dumps(row, sort_keys=True))
     else:
         print(f"cluster {cluster}, location {config.location_id!r}: "
-              + (f"master {leader['node']} (epoch {leader['epoch']})" if leader else "NO MASTER"))
+              + (f"master {leader['node']} (epoch {leader['epoch']})" if leader else "NO MASTER")
+              + (", REFUSED BY THE CLOUD" if refused else ""))
         print(f"{'NODE':<12} {'ROLE':<8} {'EPOCH':>6} {'HEALTH':<8} {'TUNNEL':<11} {'PID':>7}  LAST SEEN")
         for row in rows:
             print(f"{row['node']:<12} {row['role']:<8} {str(row['epoch'] or '-'):>6} {row['health']:<8} "
@@ -130,7 +133,7 @@ async def _status(config: NodeConfig, as_json: bool) -> int:
         if row["admin_answered"] in (401, 403):
             print(f"connector: {row['node']} refused our /status ({row['admin_answered']}): is [admin] token_file "
                   f"of {config.file} the cluster's admin token?", file=sys.stderr)
-    return 0 if leader else 1
+    return 0 if leader and not refused else 1
 
 
 def status(config: str | None, as_json: bool) -> int:

@@ -110,5 +110,6 @@ async def test_second_cluster_is_refused_and_the_first_keeps_serving(nursery, tm
     code, _ = await http_request("127.0.0.1", alpha.admin_port, "/readyz")
     assert code == 200
     shown = await trio.to_thread.run_sync(cli, "status", "--config", str(beta_path))
-    assert shown.returncode == 0, shown.stderr
+    assert shown.returncode == 1, shown.stderr  # a master the cloud refuses serves nothing
+    assert b"master node-b (epoch " in shown.stdout and b"REFUSED BY THE CLOUD" in shown.stdout
     assert b"node-b: the cloud refuses this node: wrong_cluster: this location is served by cluster 'alpha'" in shown.stdout
