@@ -135,3 +135,15 @@ clusters = {{ "" = "alpha", "plant-2" = "beta" }}
     path.write_text(body.replace('"beta"', "3"))
     with pytest.raises(ConfigError, match=r"subaccounts\[0\]\.clusters\.plant-2: must be a string"):
         load_cloud_config(path)
+
+
+@pytest.mark.parametrize("want", ["master", "shadow", "any"])
+@pytest.mark.parametrize("role", ["master", "shadow"])
+def test_a_node_the_cloud_refuses_is_never_ready_and_says_why(role, want):
+    from connector.readiness import NodeState, readiness
+
+    refused = NodeState(role=role, tunnel_connected=True, etcd_reachable=True, config_loaded=True,
+                        cloud_refusal="wrong_cluster: this location is served by cluster 'alpha'")
+    result = readiness(refused, want=want)
+    assert not result.ready
+    assert result.reason == "the cloud refuses this node: wrong_cluster: this location is served by cluster 'alpha'"
