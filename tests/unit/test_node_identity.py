@@ -22,6 +22,7 @@ from connector.config import (
     load_cloud_config,
     load_node_config,
 )
+from connector.readiness import NodeState, readiness
 
 TOKEN = "a-private-admin-token-0123456789"
 
@@ -140,8 +141,6 @@ clusters = {{ "" = "alpha", "plant-2" = "beta" }}
 @pytest.mark.parametrize("want", ["master", "shadow", "any"])
 @pytest.mark.parametrize("role", ["master", "shadow"])
 def test_a_node_the_cloud_refuses_is_never_ready_and_says_why(role, want):
-    from connector.readiness import NodeState, readiness
-
     refused = NodeState(role=role, tunnel_connected=True, etcd_reachable=True, config_loaded=True,
                         cloud_refusal="wrong_cluster: this location is served by cluster 'alpha'")
     result = readiness(refused, want=want)
