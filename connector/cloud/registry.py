@@ -231,7 +231,7 @@ class Registry:
         sub, loc = handle.key
         verdict = self._decide(location, handle, epoch)
         if not verdict.accepted:
-            self._refused(handle, verdict)
+            self._refused(handle, verdict, epoch)
             return verdict
         if location.cluster != verdict.cluster:
             if location.cluster is not None:  # moved by a pin: the old cluster's epochs do not apply
@@ -264,7 +264,7 @@ class Registry:
             cluster=handle.cluster, epoch=epoch,
         )
 
-    def _refused(self, handle: TunnelHandle, verdict: RegistrationResult) -> None:
+    def _refused(self, handle: TunnelHandle, verdict: RegistrationResult, epoch: int | None = None) -> None:
         metrics.CLOUD_REGISTRATIONS.labels(*handle.key, verdict.reason).inc()
         if verdict.reason == "wrong_cluster":
             log.error(
@@ -274,7 +274,8 @@ class Registry:
                 handle.node, handle.cluster, handle.key, verdict.cluster,
             )
         else:
-            log.warning("refused %s for %s: %s", handle.node, handle.key, verdict.message)
+            log.warning("refused %s for %s: epoch %s is lower than %d", handle.node, handle.key, epoch,
+                        verdict.highest_epoch)
 
     def _refuse_other_clusters(self, location: _Location) -> None:
         """A location was just bound: standby tunnels of other clusters have no business here."""
