@@ -45,19 +45,22 @@ def cmd_certs(args: argparse.Namespace) -> int:
         ca = pki.Issued(directory / f"{args.subaccount}-ca.pem", directory / f"{args.subaccount}-ca.key")
         issued = pki.issue(
             ca, directory, f"node-{args.node}", common_name=args.node, organization=args.subaccount,
-            client=True, force=args.force,
+            cluster=args.cluster, client=True, force=args.force,
         )
         print(f"client certificate: {issued.cert_path} for node {args.node} of subaccount {args.subaccount}")
     elif args.certs_command == "init":
-        paths = init_certs(directory, args.subaccount, args.node, args.host, force=args.force)
+        paths = init_certs(directory, args.subaccount, args.node, args.host, force=args.force, cluster=args.cluster)
         for name, path in paths.items():
             print(f"{name}: {path}")
     return 0
 
 
-def init_certs(directory: Path, subaccount: str, nodes: list[str], hosts: list[str], *, force: bool = False) -> dict[str, Path]:
-    """Everything a demo or a first install needs: cloud CA + server cert, subaccount CA + node certs."""
+def init_certs(directory: Path, subaccount: str, nodes: list[str], hosts: list[str], *, force: bool = False,
+               cluster: str | None = None) -> dict[str, Path]:
+    """Everything a demo or a first install needs: cloud CA + server cert, subaccount CA + node certs
+    (bound to `cluster` when given), and the nodes' admin token file (`admin.token`, mode 0600)."""
     from connector import pki
+    from connector.admin import create_token_file
 
     cloud_ca = pki.create_ca(directory, "cloud-ca", "cloud tunnel endpoint CA", force=force)
     server = pki.issue(cloud_ca, directory, "tunnel-server", common_name=hosts[0], server_names=hosts, force=force)
@@ -65,9 +68,14 @@ def init_certs(directory: Path, subaccount: str, nodes: list[str], hosts: list[s
     result = {"cloud_ca": cloud_ca.cert_path, "server_cert": server.cert_path, "server_key": server.key_path,
               "subaccount_ca": sub_ca.cert_path}
     for node in nodes:
-        client = pki.issue(sub_ca, directory, f"node-{node}", common_name=node, organization=subaccount, client=True, force=force)
+        client = pki.issue(sub_ca, directory, f"node-{node}", common_name=node, organization=subaccount,
+                           cluster=cluster, client=True, force=force)
         result[f"node_{node}_cert"] = client.cert_path
         result[f"node_{node}_key"] = client.key_path
+    token = directory / "admin.token"
+    if force or not token.exists():
+        create_token_file(token, force=force)
+    result["admin_token"] = token
     return result
 
 
@@ -127,10 +135,12 @@ def cmd_cloud(args: argparse.Namespace) -> int:
 
 def cmd_node(args: argparse.Namespace) -> int:
     from connector.agent.runtime import build_node
-    from connector.config import load_node_config
+    from connector.config import check_node_certificate, load_node_config
 
     config = load_node_config(args.config)
     if args.check:
+        for warning in check_node_certificate(config):
+            print(f"connector: warning: {warning}", file=sys.stderr)
         print(f"{args.config}: configuration is valid")
         return 0
     node = build_node(config)
@@ -199,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--node", action="append", default=None, help="node id to issue a client cert for (repeatable)")
         if name == "client":
             p.add_argument("--node", required=True, help="node id (goes into CN=)")
+        if name in ("init", "client"):
+            p.add_argument("--cluster", help="the nodes' [cluster] name (goes into OU=): the cloud then accepts "
+                           "these nodes only for that cluster")
     certs.set_defaults(func=cmd_certs)
 
     token = sub.add_parser("token", help="create a proxy bearer token and print it with its SHA-256 for cloud.toml")

@@ -2,7 +2,9 @@
 
 They find the cluster from a node's configuration (`--config node.toml`), or, with no argument,
 from the running `connector demo` (its pointer file names the state file and the node configs).
-They talk to etcd through the same `Store` the nodes use, and to nodes through their admin API.
+They talk to etcd through the same `Store` the nodes use, and to nodes through their admin API,
+with the admin token of the node configuration's `[admin] token_file` (one token per cluster: every
+node of a cluster reads the same file).
 """
 
 from __future__ import annotations
@@ -68,15 +70,16 @@ def _run(fn: Any, *args: Any) -> int:
 
 # --- status ------------------------------------------------------------------------------------
 
-async def _node_status(admin_url: str | None) -> dict[str, Any] | None:
+async def _node_status(admin_url: str | None, token: str | None) -> tuple[dict[str, Any] | None, int | None]:
+    """A node's /status, and the HTTP status it answered with (None: no answer)."""
     if not admin_url:
-        return None
+        return None, None
     host, _, port = admin_url.removeprefix("http://").partition(":")
     try:
-        status, body = await http_request(host, int(port), "/status", timeout=ADMIN_TIMEOUT)
-        return json.loads(body) if status == 200 else None
+        status, body = await http_request(host, int(port), "/status", timeout=ADMIN_TIMEOUT, token=token)
+        return (json.loads(body) if status == 200 else None), status
     except (OSError, trio.TooSlowError, ValueError):
-        return None
+        return None, None
 
 
 async def collect_status(config: NodeConfig) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
@@ -88,7 +91,7 @@ async def collect_status(config: NodeConfig) -> tuple[list[dict[str, Any]], dict
     leader = snapshot.leader
     rows = []
     for name, member in sorted(snapshot.members.items()):
-        live = await _node_status(member.data.get("admin_url"))
+        live, answered = await _node_status(member.data.get("admin_url"), config.admin_token)
         is_leader = leader is not None and leader.node == name
         rows.append({
             "node": name,
@@ -98,6 +101,8 @@ async def collect_status(config: NodeConfig) -> tuple[list[dict[str, Any]], dict
             "health": member.data.get("health", "ok"),
             "pid": member.data.get("pid"),
             "tunnel": live["tunnel"] if live else "unknown",
+            "cloud_refusal": live.get("cloud_refusal") if live else None,
+            "admin_answered": answered,
             "admin_url": member.data.get("admin_url"),
             "last_seen": "now" if live else f"member key revision {member.mod_revision}",
         })
@@ -108,17 +113,27 @@ async def collect_status(config: NodeConfig) -> tuple[list[dict[str, Any]], dict
 async def _status(config: NodeConfig, as_json: bool) -> int:
     rows, leader = await collect_status(config)
     cluster = config.cluster.name if config.cluster else "?"
+    refused = next((r["cloud_refusal"] for r in rows if leader and r["node"] == leader["node"] and r["cloud_refusal"]),
+                   None)
     if as_json:
         for row in rows:
             print(json.dumps(row, sort_keys=True))
     else:
         print(f"cluster {cluster}, location {config.location_id!r}: "
-              + (f"master {leader['node']} (epoch {leader['epoch']})" if leader else "NO MASTER"))
+              + (f"master {leader['node']} (epoch {leader['epoch']})" if leader else "NO MASTER")
+              + (", REFUSED BY THE CLOUD" if refused else ""))
         print(f"{'NODE':<12} {'ROLE':<8} {'EPOCH':>6} {'HEALTH':<8} {'TUNNEL':<11} {'PID':>7}  LAST SEEN")
         for row in rows:
             print(f"{row['node']:<12} {row['role']:<8} {str(row['epoch'] or '-'):>6} {row['health']:<8} "
                   f"{row['tunnel']:<11} {str(row['pid']):>7}  {row['last_seen']}")
-    return 0 if leader else 1
+        for row in rows:
+            if row["cloud_refusal"]:
+                print(f"{row['node']}: the cloud refuses this node: {row['cloud_refusal']}")
+    for row in rows:
+        if row["admin_answered"] in (401, 403):
+            print(f"connector: {row['node']} refused our /status ({row['admin_answered']}): is [admin] token_file "
+                  f"of {config.file} the cluster's admin token?", file=sys.stderr)
+    return 0 if leader and not refused else 1
 
 
 def status(config: str | None, as_json: bool) -> int:
@@ -133,6 +148,8 @@ def status(config: str | None, as_json: bool) -> int:
 # --- switch ------------------------------------------------------------------------------------
 
 async def _switch(config: NodeConfig) -> int:
+    if config.admin_token is None:
+        raise UsageError(f"{config.file}: [admin] token_file is not set: the nodes' /switch needs the admin token")
     rows, leader = await collect_status(config)
     if leader is None:
         print("connector: the cluster has no master to hand over from", file=sys.stderr)
@@ -141,7 +158,8 @@ async def _switch(config: NodeConfig) -> int:
     if not url:
         raise UsageError(f"master {leader['node']} does not publish an admin URL")
     host, _, port = url.removeprefix("http://").partition(":")
-    status_code, body = await http_request(host, int(port), "/switch", method="POST", timeout=10.0)
+    status_code, body = await http_request(host, int(port), "/switch", method="POST", timeout=10.0,
+                                           token=config.admin_token)
     if status_code != 200:
         print(f"connector: switch refused by {leader['node']}: {body.decode(errors='replace')}", file=sys.stderr)
         return 1

@@ -24,6 +24,8 @@ from ha.timing import HATiming
 
 T = TypeVar("T")
 
+MIN_ADMIN_TOKEN = 16  # characters in [admin] token_file: `connector certs init` writes 43
+
 
 class ConfigError(Exception):
     """A configuration file is unreadable or invalid; the message names file and key."""
@@ -191,6 +193,7 @@ class SubaccountConfig:
     token_sha256: tuple[str, ...]
     locations: tuple[str, ...]  # locations held for during failover even before first seen
     destination_admin_sha256: tuple[str, ...] = ()  # tokens that manage destinations (not proxy tokens)
+    clusters: dict[str, str] = attrs.field(factory=dict)  # location -> the one cluster that may serve it
 
 
 @attrs.frozen
@@ -249,6 +252,11 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
     dest = root.sub("destinations")
     subaccounts = []
     for section in root.subs("subaccounts"):
+        clusters = section.sub("clusters") or _Section(file, section.key("clusters"), {})
+        pins = {location: clusters.str(location, required=True) for location in clusters.table}
+        for location, cluster in pins.items():
+            if not cluster:
+                raise ConfigError(file, clusters.key(location), "must name a cluster")
         subaccounts.append(
             SubaccountConfig(
                 id=section.str("id", required=True),
@@ -256,6 +264,7 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
                 token_sha256=tuple(_digests(section, "token_sha256")),
                 locations=tuple(section.str_list("locations", [""])),
                 destination_admin_sha256=tuple(_digests(section, "destination_admin_sha256")),
+                clusters=pins,
             )
         )
         section.done()
@@ -335,6 +344,9 @@ class NodeConfig:
     tunnel_connect_timeout: float  # TLS + WebSocket + tunnel handshake, as one deadline
     admin_listen: Listen
     admin_advertise_url: str | None  # how other nodes reach our admin API (probes, switch)
+    admin_token_file: Path | None  # where the CLI finds the token too
+    admin_token: str | None = attrs.field(repr=False)  # guards /status, /switch, /audit; None: refused
+    admin_allowed_hosts: tuple[str, ...]  # Host names accepted on guarded routes besides our own
     audit_log: Path | None
     connect_timeout: float
     response_timeout: float
@@ -353,6 +365,38 @@ def _owner_only(path: Path) -> bool:
     return path.stat().st_mode & 0o077 == 0
 
 
+def _read_private_file(section: _Section, name: str, path: Path) -> str:
+    """The stripped text of a secret file, which must be private to its owner (mode 0600)."""
+    key = section.key(name)
+    try:  # one open: the mode checked is the mode of the file read
+        fd = os.open(path, os.O_RDONLY)
+        with os.fdopen(fd, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if mode & 0o077:
+                raise ConfigError(section.file, key, f"{path} is readable by others (mode "
+                                  f"{mode & 0o777:o}): chmod 600 it")
+            text = f.read().decode("utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(section.file, key, f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(section.file, key, f"{path} is not UTF-8 text") from None
+    if not text:
+        raise ConfigError(section.file, key, f"{path} is empty")
+    return text
+
+
+def _admin_token(admin: _Section) -> str | None:
+    """[admin] token_file: the bearer token guarding the node's sensitive admin routes (0600)."""
+    path = admin.path("token_file")
+    if path is None:
+        return None
+    token = _read_private_file(admin, "token_file", path)
+    if len(token) < MIN_ADMIN_TOKEN:
+        raise ConfigError(admin.file, admin.key("token_file"),
+                          f"{path} holds a token of {len(token)} characters; use at least {MIN_ADMIN_TOKEN}")
+    return token
+
+
 def _etcd_password(cluster: _Section) -> str | None:
     """[cluster] etcd_password_file (preferred) or etcd_password; either file must be private to
     its owner (mode 0600, like a private key), or the node refuses to start."""
@@ -361,27 +405,40 @@ def _etcd_password(cluster: _Section) -> str | None:
     if inline is not None and password_file is not None:
         raise ConfigError(cluster.file, cluster.key("etcd_password"), "give etcd_password or etcd_password_file, not both")
     if password_file is not None:
-        key = cluster.key("etcd_password_file")
-        try:  # one open: the mode checked is the mode of the file read
-            fd = os.open(password_file, os.O_RDONLY)
-            with os.fdopen(fd, "rb") as f:
-                mode = os.fstat(f.fileno()).st_mode
-                if mode & 0o077:
-                    raise ConfigError(cluster.file, key, f"{password_file} is readable by others (mode "
-                                      f"{mode & 0o777:o}): chmod 600 it")
-                password = f.read().decode("utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(cluster.file, key, f"cannot read {password_file}: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(cluster.file, key, f"{password_file} is not UTF-8 text") from None
-        if not password:
-            raise ConfigError(cluster.file, key, f"{password_file} is empty")
-        return password
+        return _read_private_file(cluster, "etcd_password_file", password_file)
     if inline is not None and not _owner_only(cluster.file):
         raise ConfigError(cluster.file, cluster.key("etcd_password"),
                           f"this file holds a password but is readable by others (mode "
                           f"{cluster.file.stat().st_mode & 0o777:o}): chmod 600 it, or use etcd_password_file")
     return inline
+
+
+def check_node_certificate(config: NodeConfig) -> list[str]:
+    """Compare the node's configuration with what its tunnel certificate says (the cloud trusts only
+    the certificate). A different subaccount (O=) or cluster (OU=) is a ConfigError naming file, key
+    and both values; a different node id (CN=) only a warning, returned: the cloud uses the CN."""
+    from connector import pki
+
+    try:
+        cert = pki.load_certificate(config.tunnel_cert)
+        subaccount = pki.subaccount_of(cert)
+        cluster = pki.cluster_of(cert)
+    except pki.CertificateError as exc:
+        raise ConfigError(config.file, "tunnel.cert", str(exc)) from None
+    if subaccount != config.subaccount:
+        raise ConfigError(config.file, "node.subaccount",
+                          f"is {config.subaccount!r} but the certificate {config.tunnel_cert} is for subaccount "
+                          f"{subaccount!r} (O=): the cloud would serve this node as {subaccount!r}")
+    configured_cluster = config.cluster.name if config.cluster else None
+    if cluster is not None and cluster != configured_cluster:
+        raise ConfigError(config.file, "cluster.name",
+                          f"is {configured_cluster!r} but the certificate {config.tunnel_cert} binds this node to "
+                          f"cluster {cluster!r} (OU=)")
+    node = pki.common_name_of(cert)
+    if node != config.node_id:
+        return [f"{config.file}: node.id is {config.node_id!r} but the certificate {config.tunnel_cert} names "
+                f"node {node!r} (CN=): the cloud knows this node as {node!r}"]
+    return []
 
 
 def load_node_config(path: str | Path) -> NodeConfig:
@@ -454,6 +511,9 @@ def load_node_config(path: str | Path) -> NodeConfig:
         tunnel_connect_timeout=tunnel.float("connect_timeout", 5.0),
         admin_listen=admin.listen("listen", "127.0.0.1:0"),
         admin_advertise_url=admin.str("advertise_url"),
+        admin_token_file=admin.path("token_file"),
+        admin_token=_admin_token(admin),
+        admin_allowed_hosts=tuple(h.lower() for h in admin.str_list("allowed_hosts")),
         connect_timeout=forward.float("connect_timeout", 5.0),
         response_timeout=forward.float("response_timeout", 30.0),
         drain_seconds=forward.float("drain_seconds", 10.0),

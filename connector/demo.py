@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 SUBACCOUNT = "demo"
 LOCATION = ""
 NODES = ("node-a", "node-b")
+CLUSTER = "demo"
 STARTUP_TIMEOUT = 30.0
 
 
@@ -144,9 +145,10 @@ key = "{certs[f'node_{node}_key']}"
 
 [admin]
 listen = "127.0.0.1:{ports[f'{node}_admin']}"
+token_file = "{certs['admin_token']}"
 
 [cluster]
-name = "demo"
+name = "{CLUSTER}"
 etcd = {json.dumps(endpoints)}
 secrets_key = "state/cluster.key"
 {spec.cluster_extra}
@@ -220,7 +222,8 @@ class Demo:
         for sub in ("logs", "state", "certs"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
         spec = self.spec
-        certs = init_certs(self.workdir / "certs", SUBACCOUNT, list(spec.nodes), ["127.0.0.1", "localhost"], force=True)
+        certs = init_certs(self.workdir / "certs", SUBACCOUNT, list(spec.nodes), ["127.0.0.1", "localhost"],
+                           force=True, cluster=CLUSTER)
         token = new_token()
         destination_admin_token = new_token()  # manages destinations; the proxy token only finds them
         ports = self.ports = {name: free_port() for name in (
@@ -262,6 +265,7 @@ class Demo:
             "location_id": LOCATION,
             "token": token,
             "destination_admin_token": destination_admin_token,
+            "admin_token_file": str(certs["admin_token"]),  # the nodes' /status, /switch, /audit need it
             "etcd": etcd_info,
             "backend": {"pid": backend.pid, "http_port": ports["backend_http"], "tcp_port": ports["backend_tcp"]},
             "cloud": {
@@ -325,6 +329,7 @@ def print_banner(state: dict[str, Any]) -> None:
         f"  SOCKS5 proxy      127.0.0.1:{cloud['socks5_port']}",
         f"  destinations      http://127.0.0.1:{cloud['destinations_port']}/destination-configuration/v1/",
         f"  cloud metrics     {cloud['metrics_url']}",
+        f"  admin token       {state['admin_token_file']} (nodes' /status, /switch, /audit)",
     ]
     for node, info in state["nodes"].items():
         lines.append(f"  {node:<17} admin http://127.0.0.1:{info['admin_port']}/status  metrics {info['metrics_url']}")
@@ -339,6 +344,8 @@ def print_banner(state: dict[str, Any]) -> None:
         f"http://127.0.0.1:{cloud['destinations_port']}/destination-configuration/v1/subaccountDestinations",
         "  connector status",
         "  connector switch",
+        f"  curl -H \"Authorization: Bearer $(cat {state['admin_token_file']})\" "
+        f"http://127.0.0.1:{next(iter(state['nodes'].values()))['admin_port']}/audit",
     ]
     print("\n".join(lines), flush=True)
 

@@ -94,7 +94,7 @@ CLOUD_MASTER_EPOCH = Gauge(
     NS + "_cloud_master_epoch", "Highest fencing epoch the cloud has accepted", ["subaccount", "location"]
 )
 CLOUD_REGISTRATIONS = Counter(
-    NS + "_cloud_registrations_total", "Master registrations, by result (accepted, stale_epoch)",
+    NS + "_cloud_registrations_total", "Master registrations and tunnels, by result (accepted, stale_epoch, wrong_cluster)",
     ["subaccount", "location", "result"],
 )
 CLOUD_NO_MASTER_SECONDS = Counter(

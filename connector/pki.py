@@ -3,8 +3,10 @@
 Theory of operation: the cloud side has its own CA ("cloud CA") that signs the tunnel endpoint's
 server certificate; nodes verify the endpoint against it. Each subaccount has a CA of its own that
 signs the client certificates of its connector nodes; the client certificate names the subaccount
-in its Organization (O) and the node in its Common Name (CN). The endpoint accepts a client only if
-the certificate chains to the CA configured for the subaccount it names (see `subaccount_of`).
+in its Organization (O), the node in its Common Name (CN) and, optionally, the node's HA cluster in
+its Organizational Unit (OU). The endpoint accepts a client only if the certificate chains to the CA
+configured for the subaccount it names (see `subaccount_of`); the node id it uses is the CN, and a
+cluster named in the certificate is the only one that node may claim (see `cluster_of`).
 
 Private keys are written 0600 and never overwritten silently.
 """
@@ -37,8 +39,8 @@ class Issued:
     key_path: Path
 
 
-def _write_private(path: Path, data: bytes, *, overwrite: bool) -> None:
-    """Write key material with mode 0600 from the first byte on (no window with wider permissions)."""
+def write_private(path: Path, data: bytes, *, overwrite: bool) -> None:
+    """Write key material (private keys, the admin token) with mode 0600 from the first byte on (no window with wider permissions)."""
     flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
     try:
         fd = os.open(path, flags, 0o600)
@@ -97,7 +99,7 @@ def create_ca(directory: Path, name: str, common_name: str, *, force: bool = Fal
         .sign(key, hashes.SHA256())
     )
     issued = Issued(directory / f"{name}.pem", directory / f"{name}.key")
-    _write_private(issued.key_path, _key_pem(key), overwrite=force)
+    write_private(issued.key_path, _key_pem(key), overwrite=force)
     _write_public(issued.cert_path, cert.public_bytes(serialization.Encoding.PEM))
     return issued
 
@@ -126,16 +128,20 @@ def issue(
     *,
     common_name: str,
     organization: str | None = None,
+    cluster: str | None = None,
     server_names: list[str] | None = None,
     client: bool = False,
     force: bool = False,
 ) -> Issued:
     """Issue a leaf certificate signed by `ca`: a server certificate when `server_names` is given
-    (DNS names or IP addresses as SubjectAltName), a client certificate when `client` is true."""
+    (DNS names or IP addresses as SubjectAltName), a client certificate when `client` is true.
+    `organization` (a subaccount) goes into O=, `cluster` (a node's HA cluster) into OU=."""
     ca_cert, ca_key = load_ca(ca)
     directory.mkdir(parents=True, exist_ok=True)
     key = _new_key()
     attributes = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    if cluster:
+        attributes.insert(0, x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, cluster))
     if organization:
         attributes.insert(0, x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
     now = _now()
@@ -168,7 +174,7 @@ def issue(
         builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
     issued = Issued(directory / f"{name}.pem", directory / f"{name}.key")
-    _write_private(issued.key_path, _key_pem(key), overwrite=force)
+    write_private(issued.key_path, _key_pem(key), overwrite=force)
     _write_public(issued.cert_path, cert.public_bytes(serialization.Encoding.PEM))
     return issued
 
@@ -179,6 +185,14 @@ def subaccount_of(cert: x509.Certificate) -> str:
     if len(names) != 1 or not str(names[0].value):
         raise CertificateError("client certificate must name exactly one subaccount in O=")
     return str(names[0].value)
+
+
+def cluster_of(cert: x509.Certificate) -> str | None:
+    """The HA cluster a client certificate binds its node to (its OU attribute), or None."""
+    names = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    if len(names) > 1 or (names and not str(names[0].value)):
+        raise CertificateError("client certificate must name at most one cluster in OU=")
+    return str(names[0].value) if names else None
 
 
 def common_name_of(cert: x509.Certificate) -> str:

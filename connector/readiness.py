@@ -16,7 +16,8 @@ What a caller asks for decides the rule (`want`):
   configuration loaded, and either holds a standby tunnel or reaches etcd (so it can be elected).
 - ``"any"``: either of the above.
 
-A node that is starting or draining (handing over, shutting down) is never ready. The reason is
+A node that is starting or draining (handing over, shutting down), or that the cloud refuses (its
+cluster does not own the location), is never ready. The reason is
 always one sentence an operator can act on; `/readyz` returns it as is.
 """
 
@@ -41,6 +42,7 @@ class NodeState:
     config_loaded: bool = False
     last_config_revision: int | None = None  # etcd revision of the configuration applied, if any
     draining: bool = False  # handing over or shutting down: finish streams, take no new work
+    cloud_refusal: str | None = None  # the cloud refuses this node's cluster for its location (why)
 
 
 @attrs.frozen
@@ -60,6 +62,8 @@ def readiness(state: NodeState, *, want: str = "master") -> Readiness:
         return Readiness(False, f"draining ({state.role}): handing over or shutting down")
     if state.role == "starting":
         return Readiness(False, "starting: role not decided yet")
+    if state.cloud_refusal is not None:
+        return Readiness(False, f"the cloud refuses this node: {state.cloud_refusal}")
     if want == "master" or (want == "any" and state.role == "master"):
         return _as_master(state)
     if want == "shadow" or state.role == "shadow":

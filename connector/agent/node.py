@@ -11,6 +11,16 @@ confirmed our registration (``registered_epoch``); anything else is reset with N
 
 Without a ``[cluster]`` section the node runs standalone: always master, epoch 0.
 
+Identity: the cloud knows the node by its certificate (subaccount in O=, node id in CN=, cluster in
+OU= when `connector certs` put one there); a configuration that disagrees with the certificate is
+refused at start. The HELLO names the node's cluster: the cloud serves a location from one cluster
+only, and refuses another with ``wrong_cluster`` and a message, which the node logs as an error,
+shows in `/status` and `/readyz`, and answers by reconnecting only every ``REFUSED_RETRY`` seconds
+(no fencing, no flapping; a pin in the cloud's configuration moves a location).
+
+The admin API's `/status`, `/switch` and `/audit` need the bearer token of ``[admin] token_file``;
+`/healthz` (the shadows' probe), `/readyz` and `/metrics` stay open (see `connector.admin`).
+
 Shutdown (SIGTERM) is a graceful handover: tell the cloud we drain (new requests are held there),
 resign the leader key so a shadow takes over at once, let in-flight streams finish (bounded by
 ``drain_seconds``), then close.
@@ -28,12 +38,12 @@ import trio_websocket
 
 import connector
 from connector import metrics, pki
-from connector.admin import AdminRequest, AdminServer, Reply, http_request
+from connector.admin import LOCAL_HOSTS, AdminGuard, AdminRequest, AdminServer, Reply, http_request
 from connector.agent.acl import AccessControl
 from connector.agent.audit import AuditLog
 from connector.agent.forward import ForwardSettings, StreamContext, serve_stream
 from connector.backoff import Backoff
-from connector.config import NodeConfig
+from connector.config import NodeConfig, check_node_certificate
 from connector.readiness import NodeState, readiness
 from connector.tunnel.session import TunnelError, TunnelSession, TunnelSettings
 from connector.tunnel.streams import TunnelStream
@@ -43,13 +53,19 @@ from ha.store import StoreError
 
 log = logging.getLogger(__name__)
 
+# Refusals that concern the node's cluster rather than its epoch (see connector.cloud.registry).
+CLUSTER_REFUSALS = frozenset({"wrong_cluster", "certificate_cluster"})
+
 WS_RECEIVE_BUFFER = 262144
 WS_MAX_MESSAGE = 4 << 20
 REGISTER_TIMEOUT = 2.0
+REFUSED_RETRY = 10.0  # seconds between tunnels while the cloud refuses this node's cluster
 
 
 class Node:
     def __init__(self, config: NodeConfig, *, elector: Any = None, config_source: Any = None) -> None:
+        for warning in check_node_certificate(config):  # ConfigError when subaccount or cluster differ
+            log.warning("%s", warning)
         self.config = config
         self.elector = elector  # ha.election.Elector, or None when standalone
         self.config_source = config_source  # shared configuration from etcd, or None
@@ -64,6 +80,8 @@ class Node:
         self.tunnel_settings = TunnelSettings(ping_interval=config.ping_interval, ping_timeout=config.ping_timeout)
         self.session: TunnelSession | None = None
         self.registered_epoch: int | None = None
+        self.cloud_refusal: str | None = None  # why the cloud refuses our cluster, until it accepts us
+        self._refused_session: TunnelSession | None = None  # no registering again on this tunnel
         self.admin_port: int | None = None
         self.stopping = False
         self._handing_over = False
@@ -102,6 +120,7 @@ class Node:
             role=self.role,
             tunnel_connected=self.session is not None,
             tunnel_registered=self.registered_epoch is not None,
+            cloud_refusal=self.cloud_refusal,
             etcd_reachable=bool(getattr(self.elector, "etcd_reachable", True)),
             config_loaded=True,
         )
@@ -113,7 +132,7 @@ class Node:
         metrics.CERT_EXPIRY.labels("tunnel-client").set(cert_expiry)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            admin = AdminServer(self._admin_routes())
+            admin = AdminServer(self._admin_routes(), guarded=self._guarded_routes(), guard=self._admin_guard())
             self.admin_port = await nursery.start(admin.run, self.config.admin_listen.host, self.config.admin_listen.port)
             if self.elector is not None:
                 self.elector.update_member_data(
@@ -174,6 +193,8 @@ class Node:
             if self.stopping:
                 return
             delay = backoff.next_delay()
+            if self.cloud_refusal is not None:
+                delay = max(delay, REFUSED_RETRY)
             log.info("reconnecting in %.2f s", delay)
             await trio.sleep(delay)
 
@@ -191,6 +212,7 @@ class Node:
                     ws, client=True, settings=self.tunnel_settings,
                     hello_info={
                         "node": self.config.node_id,
+                        "cluster": self.config.cluster.name if self.config.cluster else "",
                         "location_id": self.config.location_id,
                         "version": connector.__version__,
                         "pid": os.getpid(),
@@ -206,6 +228,9 @@ class Node:
             try:
                 await session.run(stream_handler=self._serve_stream, control_handler=self._on_control)
             finally:
+                code, reason = session.close_reason or (ErrorCode.NO_ERROR, "")
+                if code == ErrorCode.DENIED and reason.partition(":")[0] in CLUSTER_REFUSALS:
+                    self._refused_by_cloud(reason)  # said in the GOAWAY when refused at connection
                 self.session = None
                 self.registered_epoch = None
                 metrics.TUNNEL_CONNECTED.labels(*self._labels).set(0)
@@ -216,8 +241,11 @@ class Node:
     async def _on_control(self, op: str, body: dict[str, Any]) -> None:
         if op == "registered":
             self.registered_epoch = int(body["epoch"])
+            self.cloud_refusal = None
             log.info("cloud accepted registration with epoch %d", self.registered_epoch)
             self.poke()
+        elif op == "refused" and body.get("reason") in CLUSTER_REFUSALS:
+            self._refused_by_cloud(f"{body.get('reason')}: {body.get('message')}")
         elif op in ("refused", "fenced"):
             self.registered_epoch = None
             log.warning("cloud %s us: %s (highest epoch %s)", op, body.get("reason"), body.get("highest_epoch", body.get("epoch")))
@@ -233,13 +261,24 @@ class Node:
         else:
             log.warning("unknown control op %r from the cloud", op)
 
+    def _refused_by_cloud(self, why: str) -> None:
+        """Another cluster owns our location (or our certificate names another cluster). Not a newer
+        master of our cluster: resigning would only hand the refusal to the next node of our
+        cluster. The cloud closes the tunnel; we reconnect slowly and register no more on it."""
+        self.registered_epoch = None
+        if why != self.cloud_refusal:
+            log.error("the cloud refuses this node (cluster %r): %s", self._cluster, why)
+        self.cloud_refusal = why
+        self._refused_session = self.session
+        self.poke()
+
     async def _reconcile_loop(self) -> None:
         """Keep the cloud's view of us equal to the elector's: register, or unregister."""
         while True:
             changed = self._changed
             session = self.session
             desired = self.desired_epoch
-            if session is not None and desired != self.registered_epoch:
+            if session is not None and desired != self.registered_epoch and session is not self._refused_session:
                 try:
                     if desired is not None:
                         await session.send_control("register", {"epoch": desired})
@@ -346,7 +385,9 @@ class Node:
             "epoch": self.registered_epoch,
             "elected_epoch": getattr(self.elector, "epoch", 0) if self.elector else 0,
             "pid": os.getpid(),
-            "tunnel": "registered" if self.registered_epoch is not None else ("standby" if session else "down"),
+            "tunnel": "registered" if self.registered_epoch is not None else (
+                "refused" if self.cloud_refusal else ("standby" if session else "down")),
+            "cloud_refusal": self.cloud_refusal,
             "streams_open": stats.streams_open if stats else 0,
             "mappings": [m.name for m in self.acl.mappings] if hasattr(self.acl, "mappings") else [],
             "ready": readiness(self.state()).ready,
@@ -359,6 +400,11 @@ class Node:
             except ValueError as exc:
                 return Reply.json(400, {"error": "bad_request", "message": str(exc)})
             return Reply.json(200 if result.ready else 503, {"ready": result.ready, "reason": result.reason})
+
+        return {("GET", "/readyz"): readyz}
+
+    def _guarded_routes(self) -> dict[tuple[str, str], Any]:
+        """Routes that need the admin token (see `connector.admin.admit`)."""
 
         async def status(request: AdminRequest) -> Reply:
             return Reply.json(200, self.status())
@@ -373,11 +419,21 @@ class Node:
             return Reply.json(200, list(getattr(self.audit, "recent", [])))
 
         return {
-            ("GET", "/readyz"): readyz,
             ("GET", "/status"): status,
             ("POST", "/switch"): switch,
             ("GET", "/audit"): recent_audit,
         }
+
+    def _admin_guard(self) -> AdminGuard:
+        """The token, and the names this admin API answers to: loopback, its listen address, the
+        host of its advertised URL, and `[admin] allowed_hosts`."""
+        config = self.config
+        hosts = set(LOCAL_HOSTS) | set(config.admin_allowed_hosts)
+        if config.admin_listen.host not in ("0.0.0.0", "::", ""):
+            hosts.add(config.admin_listen.host.lower())
+        if config.admin_advertise_url:
+            hosts.add(config.admin_advertise_url.removeprefix("http://").rpartition(":")[0].strip("[]").lower())
+        return AdminGuard(config.admin_token, frozenset(hosts))
 
     async def handover(self) -> None:
         """`connector switch`: stop serving, let a shadow take over, stay in the cluster as shadow."""

@@ -4,8 +4,8 @@ Theory of operation: a TCP listener; each connection gets a TLS handshake that r
 certificate chaining to one of the configured subaccount CAs. On top of the handshake's chain check,
 the certificate must name (in O=) a configured subaccount and be issued by *that* subaccount's CA,
 so one subaccount's CA can never vouch for another's nodes. Then a WebSocket on path ``/tunnel``,
-the tunnel handshake (version negotiation; the node announces its id and location), and the session
-runs with the registry as its control handler: ``register`` (with the fencing epoch), ``drain``
+the tunnel handshake (version negotiation; the node announces its location and cluster), and the
+session runs with the registry as its control handler: ``register`` (with the fencing epoch), ``drain``
 (graceful handover) and ``unregister`` (lost leadership). Wrong certificates are refused during the
 TLS handshake or right after it with a log line naming the reason; nothing else is affected.
 
@@ -17,6 +17,12 @@ dead peer within `ping_timeout`. A peer that closes is dropped at once in every 
 the upgrade `_ReaderWatch` sees to it: trio-websocket alone would wait for the request of a
 closed peer until the deadline). `statistics()` counts the connections being handled and
 `wait_connections` waits for a count.
+
+Identity: the node id is the certificate's CN (a HELLO naming another node is logged and ignored).
+The node's cluster is the one its certificate names in OU= (a HELLO claiming another is refused),
+else the one its HELLO claims, else, for a standalone node, ``node:<CN>``. The registry admits a
+tunnel only from the cluster that owns its location (see `connector.cloud.registry`); any other is
+told why (``refused`` with reason ``wrong_cluster``) and closed.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import trio_websocket
 from cryptography import x509
 
 from connector import pki
-from connector.cloud.registry import Registry, TunnelHandle
+from connector.cloud.registry import Registry, TunnelHandle, refuse_tunnel
 from connector.listen import serve_tcp
 from connector.tunnel.session import TunnelError, TunnelSession, TunnelSettings
 
@@ -108,7 +114,7 @@ class TunnelEndpoint:
             try:
                 with trio.fail_after(self.endpoint_settings.tls_handshake_timeout):
                     await tls.do_handshake()
-                subaccount, node_cn = self._identify(tls)
+                subaccount, node_cn, cert_cluster = self._identify(tls)
             except (trio.BrokenResourceError, ssl.SSLError, trio.TooSlowError, pki.CertificateError) as exc:
                 self.refused += 1
                 log.warning("tunnel connection refused: %s", _describe(exc))
@@ -117,7 +123,7 @@ class TunnelEndpoint:
                 try:
                     ws = await self._upgrade(nursery, tls, subaccount, node_cn)
                     if ws is not None:
-                        await self._serve(ws, subaccount, node_cn)
+                        await self._serve(ws, subaccount, node_cn, cert_cluster)
                 finally:
                     # the websocket's reader task runs in this nursery: it ends with the connection
                     nursery.cancel_scope.cancel()
@@ -148,7 +154,7 @@ class TunnelEndpoint:
                         node_cn, timeout)
         return None
 
-    def _identify(self, tls: trio.SSLStream[Any]) -> tuple[str, str]:
+    def _identify(self, tls: trio.SSLStream[Any]) -> tuple[str, str, str | None]:
         der = tls.getpeercert(binary_form=True)
         if not der:
             raise pki.CertificateError("no client certificate")
@@ -158,9 +164,14 @@ class TunnelEndpoint:
         if ca is None:
             raise pki.CertificateError(f"certificate names unknown subaccount {subaccount!r}")
         pki.verify_issued_by(cert, ca)
-        return subaccount, pki.common_name_of(cert)
+        node_cn = pki.common_name_of(cert)
+        if not node_cn:
+            raise pki.CertificateError("client certificate names no node in CN=")
+        return subaccount, node_cn, pki.cluster_of(cert)
 
-    async def _serve(self, ws: trio_websocket.WebSocketConnection, subaccount: str, node_cn: str) -> None:
+    async def _serve(
+        self, ws: trio_websocket.WebSocketConnection, subaccount: str, node_cn: str, cert_cluster: str | None
+    ) -> None:
         session = TunnelSession(ws, client=False, settings=self.settings, hello_info={"role": "cloud"})
         try:
             peer = await session.handshake()
@@ -168,8 +179,21 @@ class TunnelEndpoint:
             log.warning("tunnel handshake with %s/%s failed: %s", subaccount, node_cn, exc)
             return
         location_id = str(peer.get("location_id", ""))
-        node = str(peer.get("node") or node_cn)
-        handle = TunnelHandle(session, subaccount, location_id, node)
+        node = node_cn
+        if peer.get("node") not in (None, node_cn):
+            log.warning("node %s of %s says it is %r: using the certificate's CN", node_cn, subaccount, peer.get("node"))
+        claimed = str(peer.get("cluster") or "")
+        if cert_cluster is not None and claimed != cert_cluster:
+            self.refused += 1
+            message = f"node {node_cn} claims cluster {claimed!r} but its certificate binds it to {cert_cluster!r}"
+            log.error("tunnel of %s/%r refused: %s", subaccount, location_id, message)
+            await refuse_tunnel(session, {"reason": "certificate_cluster", "cluster": cert_cluster, "message": message})
+            return
+        handle = TunnelHandle(session, subaccount, location_id, node, cluster=claimed or f"node:{node_cn}")
+        verdict = self.registry.admit(handle)
+        if not verdict.accepted:
+            await refuse_tunnel(session, verdict.control_body())
+            return
         self.registry.add(handle)
         log.info("tunnel up: node %s of %s/%r", node, subaccount, location_id)
         try:
@@ -185,6 +209,9 @@ class TunnelEndpoint:
                 await handle.session.send_control("refused", {"reason": "bad_epoch", "epoch": epoch})
                 return
             result = self.registry.register(handle, epoch)
+            if result.reason == "wrong_cluster":
+                await refuse_tunnel(handle.session, result.control_body())
+                return
             reply = "registered" if result.accepted else "refused"
             await handle.session.send_control(
                 reply, {"epoch": epoch, "reason": result.reason, "highest_epoch": result.highest_epoch}

@@ -12,6 +12,14 @@ key). The registry keeps, per (subaccount, location), the highest epoch it ever 
   graceful drain: then its in-flight streams finish, but it gets no new ones);
 * the same epoch from a new tunnel is the same master reconnecting after a blip.
 
+Epochs only order the masters of *one* cluster (they are revisions of that cluster's etcd), so a
+location also belongs to one cluster: the one pinned for it in the cloud's configuration, or else
+the first cluster that registers it (the binding is kept with the epochs). Any other cluster is
+refused (``wrong_cluster``, naming the owner) without disturbing the owner's master: two clusters
+claiming one location would otherwise fence each other many times a second. The decision is the
+pure function `decide_registration`; moving a location to another cluster is a pin in the cloud's
+configuration (its epochs start afresh, the old cluster is then refused).
+
 While a known location has no master (failover, handover), `open_stream` *holds* the request:
 it waits for a registration for at most ``hold_seconds``, with at most ``hold_max`` requests
 waiting, then fails with `NoConnectorError` (503). A failover therefore costs latency, not errors.
@@ -52,7 +60,8 @@ class TunnelHandle:
     session: TunnelSession
     subaccount: str
     location_id: str
-    node: str
+    node: str  # the certificate's CN
+    cluster: str = ""  # the cluster the node belongs to (see `decide_registration`)
     epoch: int | None = None  # set once registered as master
     draining: bool = False
 
@@ -66,7 +75,9 @@ class _Location:
     key: LocationKey
     known: bool = False
     master: TunnelHandle | None = None
-    highest_epoch: int = -1
+    highest_epoch: int = -1  # of the bound cluster
+    cluster: str | None = None  # the cluster this location is bound to (None: not yet)
+    pinned: str | None = None  # the cluster the cloud's configuration assigns (overrides `cluster`)
     tunnels: set[TunnelHandle] = attrs.Factory(set)
     master_changed: trio.Event = attrs.Factory(trio.Event)
     no_master_since: float | None = None
@@ -91,8 +102,43 @@ class _Location:
 @attrs.frozen
 class RegistrationResult:
     accepted: bool
-    reason: str
+    reason: str  # accepted, stale_epoch, wrong_cluster
     highest_epoch: int
+    cluster: str | None = None  # the cluster that owns the location (after an acceptance: the caller's)
+
+    @property
+    def message(self) -> str:
+        if self.reason == "wrong_cluster":
+            return f"this location is served by cluster {self.cluster!r}"
+        if self.reason == "stale_epoch":
+            return f"a master with epoch {self.highest_epoch} registered since"
+        return "accepted"
+
+    def control_body(self) -> dict[str, Any]:
+        """The body of the ``refused`` control message telling a node about this verdict."""
+        return {"reason": self.reason, "cluster": self.cluster, "highest_epoch": self.highest_epoch,
+                "message": self.message}
+
+
+def decide_registration(
+    *, pinned: str | None, bound: str | None, highest_epoch: int, cluster: str, epoch: int | None
+) -> RegistrationResult:
+    """The cloud's verdict on `cluster` registering (or, with `epoch` None, connecting) for a location
+    that is `pinned` in the configuration and `bound` by an earlier registration, whose bound
+    cluster's highest epoch is `highest_epoch`.
+
+    The owner is the pinned cluster, else the bound one, else (nobody yet) the caller. Another
+    cluster is refused with ``wrong_cluster``. A pin naming a cluster other than the bound one moves
+    the location: the old cluster's epochs say nothing about the new cluster's, so they start afresh.
+    Epochs of a location never bound to a cluster (a state file from before bindings) still fence.
+    """
+    owner = pinned if pinned is not None else bound if bound is not None else cluster
+    highest = highest_epoch if bound in (None, owner) else -1
+    if cluster != owner:
+        return RegistrationResult(False, "wrong_cluster", highest, owner)
+    if epoch is None or epoch >= highest:
+        return RegistrationResult(True, "accepted", highest if epoch is None else epoch, owner)
+    return RegistrationResult(False, "stale_epoch", highest, owner)
 
 
 class Registry:
@@ -104,6 +150,7 @@ class Registry:
         hold_seconds: float = 5.0,
         hold_max: int = 1000,
         known_locations: Iterable[LocationKey] = (),
+        pinned_clusters: dict[LocationKey, str] | None = None,
         state_file: Path | None = None,
     ) -> None:
         self.hold_seconds = hold_seconds
@@ -114,10 +161,18 @@ class Registry:
         self._nursery: trio.Nursery | None = None
         for key in known_locations:
             self._location(key).known = True
-        for key, epoch in self._load_epochs().items():
+        for key, (epoch, cluster) in self._load_epochs().items():
             location = self._location(key)
             location.highest_epoch = epoch
+            location.cluster = cluster
             location.known = True
+        for key, cluster in (pinned_clusters or {}).items():
+            location = self._location(key)
+            location.pinned = cluster
+            location.known = True
+            if location.cluster not in (None, cluster):
+                log.warning("location %s moves from cluster %r to cluster %r (pinned in the configuration)",
+                            key, location.cluster, cluster)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -142,6 +197,15 @@ class Registry:
 
     # --- tunnels -------------------------------------------------------------------------
 
+    def admit(self, handle: TunnelHandle) -> RegistrationResult:
+        """Whether a new tunnel may join its location at all: only its owning cluster's may.
+        The caller refuses the tunnel (and does not `add` it) when this is not accepted."""
+        location = self._location(handle.key)
+        verdict = self._decide(location, handle, None)
+        if not verdict.accepted:
+            self._refused(handle, verdict)
+        return verdict
+
     def add(self, handle: TunnelHandle) -> None:
         location = self._location(handle.key)
         location.known = True
@@ -165,12 +229,16 @@ class Registry:
         """Apply the fencing rule to a master registration (see module docstring)."""
         location = self._location(handle.key)
         sub, loc = handle.key
-        if epoch < location.highest_epoch:
-            metrics.CLOUD_REGISTRATIONS.labels(sub, loc, "stale_epoch").inc()
-            log.warning(
-                "refused %s for %s: epoch %d is lower than %d", handle.node, handle.key, epoch, location.highest_epoch
-            )
-            return RegistrationResult(False, "stale_epoch", location.highest_epoch)
+        verdict = self._decide(location, handle, epoch)
+        if not verdict.accepted:
+            self._refused(handle, verdict, epoch)
+            return verdict
+        if location.cluster != verdict.cluster:
+            if location.cluster is not None:  # moved by a pin: the old cluster's epochs do not apply
+                log.warning("location %s now belongs to cluster %r (was %r)", handle.key, verdict.cluster, location.cluster)
+                location.highest_epoch = -1
+            location.cluster = verdict.cluster
+            self._save_epochs()
         previous = location.master
         if previous is not None and previous is not handle:
             # A newer (or the same, reconnected) master: the old tunnel must never carry traffic again.
@@ -183,11 +251,40 @@ class Registry:
             location.highest_epoch = epoch
             self._save_epochs()
         self._set_master(location, handle)
+        self._refuse_other_clusters(location)
         metrics.CLOUD_REGISTRATIONS.labels(sub, loc, "accepted").inc()
         metrics.CLOUD_MASTER_EPOCH.labels(sub, loc).set(epoch)
-        log.info("%s is master of %s with epoch %d", handle.node, handle.key, epoch)
+        log.info("%s of cluster %r is master of %s with epoch %d", handle.node, handle.cluster, handle.key, epoch)
         self._export(location)
-        return RegistrationResult(True, "accepted", epoch)
+        return verdict
+
+    def _decide(self, location: _Location, handle: TunnelHandle, epoch: int | None) -> RegistrationResult:
+        return decide_registration(
+            pinned=location.pinned, bound=location.cluster, highest_epoch=location.highest_epoch,
+            cluster=handle.cluster, epoch=epoch,
+        )
+
+    def _refused(self, handle: TunnelHandle, verdict: RegistrationResult, epoch: int | None = None) -> None:
+        metrics.CLOUD_REGISTRATIONS.labels(*handle.key, verdict.reason).inc()
+        if verdict.reason == "wrong_cluster":
+            log.error(
+                "refused node %s of cluster %r for location %s: the location belongs to cluster %r "
+                "(a second cluster claims it: check [cluster] name, etcd and subaccount of that node; "
+                "to move the location, pin it in the cloud configuration)",
+                handle.node, handle.cluster, handle.key, verdict.cluster,
+            )
+        else:
+            log.warning("refused %s for %s: epoch %s is lower than %d", handle.node, handle.key, epoch,
+                        verdict.highest_epoch)
+
+    def _refuse_other_clusters(self, location: _Location) -> None:
+        """A location was just bound: standby tunnels of other clusters have no business here."""
+        for tunnel in list(location.tunnels):
+            verdict = self._decide(location, tunnel, None)
+            if not verdict.accepted:
+                self._refused(tunnel, verdict)
+                location.tunnels.discard(tunnel)
+                self._spawn(refuse_tunnel, tunnel.session, verdict.control_body())
 
     def unregister(self, handle: TunnelHandle, *, draining: bool) -> None:
         """The master stops taking new streams (graceful drain, or it lost leadership)."""
@@ -281,8 +378,9 @@ class Registry:
                     "master": location.master.node if location.master else None,
                     "epoch": location.master.epoch if location.master else None,
                     "highest_epoch": location.highest_epoch,
+                    "cluster": location.pinned or location.cluster,
                     "tunnels": [
-                        {"node": t.node, "role": "master" if t is location.master else "standby", "draining": t.draining}
+                        {"node": t.node, "cluster": t.cluster, "role": "master" if t is location.master else "standby", "draining": t.draining}
                         for t in sorted(location.tunnels, key=lambda t: t.node)
                     ],
                     "routing": list(location.routing),
@@ -329,22 +427,36 @@ class Registry:
         if location.highest_epoch >= 0:
             metrics.CLOUD_MASTER_EPOCH.labels(sub, loc).set(location.highest_epoch)
 
-    def _load_epochs(self) -> dict[LocationKey, int]:
+    def _load_epochs(self) -> dict[LocationKey, tuple[int, str | None]]:
         if self.state_file is None or not self.state_file.exists():
             return {}
         data = json.loads(self.state_file.read_text())
-        return {(entry["subaccount"], entry["location_id"]): int(entry["epoch"]) for entry in data["epochs"]}
+        return {
+            (entry["subaccount"], entry["location_id"]): (int(entry["epoch"]), entry.get("cluster"))
+            for entry in data["epochs"]
+        }
 
     def _save_epochs(self) -> None:
         if self.state_file is None:
             return
         data = {
             "epochs": [
-                {"subaccount": s, "location_id": loc, "epoch": location.highest_epoch}
+                {"subaccount": s, "location_id": loc, "epoch": location.highest_epoch, "cluster": location.cluster}
                 for (s, loc), location in sorted(self._locations.items())
-                if location.highest_epoch >= 0
+                if location.highest_epoch >= 0 or location.cluster is not None
             ]
         }
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(data))
         os.replace(tmp, self.state_file)
+
+
+async def refuse_tunnel(session: TunnelSession, body: dict[str, Any]) -> None:
+    """Tell a node why the cloud will not use its tunnel (``refused`` with a reason and a message),
+    then close the tunnel: used when it connects and when its registration is refused."""
+    with trio.move_on_after(1.0):
+        try:
+            await session.send_control("refused", body)
+        except TunnelError:
+            pass
+    await session.aclose(ErrorCode.DENIED, f"{body['reason']}: {body['message']}")

@@ -42,6 +42,7 @@ class CloudServer:
             hold_seconds=config.hold_seconds,
             hold_max=config.hold_max,
             known_locations=[(s.id, loc) for s in config.subaccounts for loc in s.locations],
+            pinned_clusters={(s.id, loc): cluster for s in config.subaccounts for loc, cluster in s.clusters.items()},
             state_file=config.state_file,
         )
         self.authenticator = Authenticator({s.id: s.token_sha256 for s in config.subaccounts})

@@ -74,6 +74,7 @@ class ClusterTarget:
     subaccount: str
     location_id: str
     token: str
+    admin_token: str | None  # the nodes' admin token (read from the demo's admin_token_file)
     cloud_admin_port: int
     http_proxy_port: int
     nodes: dict[str, NodeInfo]
@@ -117,11 +118,21 @@ def parse_state(text: str, *, source: str = "state file", host: str = "127.0.0.1
         subaccount=_field(data, "subaccount", str, source),
         location_id=_field(data, "location_id", str, source),
         token=_field(data, "token", str, source),
+        admin_token=_read_admin_token(data.get("admin_token_file")),
         cloud_admin_port=_field(data, "cloud.admin_port", int, source),
         http_proxy_port=_field(data, "cloud.http_proxy_port", int, source),
         nodes=nodes,
         etcd_pid=etcd_pid if isinstance(etcd_pid, int) and not isinstance(etcd_pid, bool) else None,
     )
+
+
+def _read_admin_token(path: Any) -> str | None:
+    if not isinstance(path, str):
+        return None  # a state file from before the admin token: /status and /switch will say 401
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise DrillError(f"cannot read the nodes' admin token {path}: {exc.strerror}") from None
 
 
 def require_loopback(host: str) -> str:
@@ -294,10 +305,11 @@ def check_process(pid: int, must_contain: str, what: str) -> None:
 
 # --- I/O -------------------------------------------------------------------------------------------
 
-async def admin_json(host: str, port: int, path: str, *, method: str = "GET", time_limit: float = ADMIN_TIMEOUT) -> Any:
+async def admin_json(host: str, port: int, path: str, *, method: str = "GET", time_limit: float = ADMIN_TIMEOUT,
+                     token: str | None = None) -> Any:
     from connector.admin import http_request
 
-    status, body = await http_request(host, port, path, method=method, timeout=time_limit)
+    status, body = await http_request(host, port, path, method=method, timeout=time_limit, token=token)
     if status != 200:
         raise DrillError(f"{method} http://{host}:{port}{path} answered {status}: {body[:200]!r}")
     return json.loads(body)
@@ -419,7 +431,8 @@ def fault_handover(method: str) -> Fault:
         if method == "sigterm":
             _signal(master.pid, signal.SIGTERM)
         else:
-            await admin_json(target.host, master.admin_port, "/switch", method="POST", time_limit=15.0)
+            await admin_json(target.host, master.admin_port, "/switch", method="POST", time_limit=15.0,
+                             token=target.admin_token)
         return 0.0
     return handover
 
@@ -450,7 +463,7 @@ async def find_master(target: ClusterTarget) -> tuple[NodeInfo, int | None]:
     node = target.nodes[name]
     check_process(node.pid, "connector", f"connector node {name}")
     try:
-        live = await admin_json(target.host, node.admin_port, "/status")
+        live = await admin_json(target.host, node.admin_port, "/status", token=target.admin_token)
     except (OSError, trio.TooSlowError) as exc:
         raise DrillError(f"{name}'s admin endpoint does not answer: {exc}") from None
     if live.get("pid") != node.pid:

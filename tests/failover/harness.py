@@ -430,7 +430,8 @@ class Cluster:
 
     async def node_status(self, node: str) -> dict[str, Any]:
         port = self.demo.ports[f"{node}_admin"]
-        status, body = await http_request("127.0.0.1", port, "/status", timeout=ADMIN_TIMEOUT)
+        token = (await trio.Path(self.demo.state["admin_token_file"]).read_text()).strip()
+        status, body = await http_request("127.0.0.1", port, "/status", timeout=ADMIN_TIMEOUT, token=token)
         if status != 200:
             raise RuntimeError(f"{node} /status answered {status}")
         return dict(json.loads(body))

@@ -232,7 +232,7 @@ async def test_endpoint_restart_does_not_need_a_node_restart(nursery, tmp_path):
     assert response.status == 200
 
 
-async def _raw_tunnel(nursery, stack, node: str):
+async def _raw_tunnel(nursery, stack, node: str, cluster: str = "it"):
     """A bare tunnel client with a node's real certificate: speaks the protocol, serves nothing."""
     import trio_websocket
 
@@ -240,7 +240,7 @@ async def _raw_tunnel(nursery, stack, node: str):
 
     ctx = pki.client_context(stack.certs["cloud_ca"], stack.certs[f"node_{node}_cert"], stack.certs[f"node_{node}_key"])
     ws = await trio_websocket.connect_websocket_url(nursery, f"wss://127.0.0.1:{stack.ports.tunnel}/tunnel", ssl_context=ctx)
-    session = TunnelSession(ws, client=True, hello_info={"node": node, "location_id": ""})
+    session = TunnelSession(ws, client=True, hello_info={"node": node, "cluster": cluster, "location_id": ""})
     await session.handshake()
     controls: list[tuple[str, dict]] = []
     changed = trio.Event()

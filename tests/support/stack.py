@@ -79,6 +79,7 @@ def node_toml(workdir: Path, certs: dict[str, Path], tunnel_port: int, backend_h
               cluster: str = "") -> Path:
     cert_name = cert_name or node
     path = workdir / f"{node}.toml"
+    token_file = f'token_file = "{certs["admin_token"]}"' if "admin_token" in certs else ""
     path.write_text(f"""
 [node]
 id = "{node}"
@@ -100,6 +101,7 @@ response_timeout = 2.0
 
 [admin]
 listen = "127.0.0.1:0"
+{token_file}
 {cluster}
 
 [[mappings]]

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
+from connector import pki
 from connector.cloud.auth import hash_token
 from connector.config import load_cloud_config, load_node_config
 
@@ -39,6 +40,11 @@ def _placeholders(text: str, root: Path) -> str:
         path = Path(match) if Path(match).is_absolute() else root / match
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("placeholder\n")
+    for match in re.findall(r'"([^"]+\.token)"', text):  # admin tokens: private, long enough
+        path = Path(match) if Path(match).is_absolute() else root / match
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("placeholder-admin-token-0123456789\n")
+        path.chmod(0o600)
     return text
 
 
@@ -165,6 +171,12 @@ def test_exec_start_pre_exits_2_on_a_bad_config_so_systemd_does_not_loop(
     argv = pre.split()
     assert argv[0] == "/opt/connector/bin/connector" and argv[-1] == "--check"
     good = _write(tmp_path, example, (DEPLOY / "examples" / example).read_text())
+    if example == "node.toml":  # --check compares the node's certificate with its configuration
+        config = load_node_config(good)
+        ca = pki.create_ca(tmp_path / "ca", "acme-ca", "acme connector CA")
+        issued = pki.issue(ca, tmp_path / "ca", "node", common_name=config.node_id, organization=config.subaccount,
+                           cluster=config.cluster.name if config.cluster else None, client=True)
+        shutil.copy(issued.cert_path, config.tunnel_cert)
     bad = tmp_path / f"broken-{example}"
     bad.write_text(good.read_text().replace("[tunnel]", "[tunnel]\nunknown_key = 1", 1))
     config_at = argv.index("--config") + 1
