@@ -89,6 +89,7 @@ class DemoSpec:
     tunnel_extra: str = ""  # extra TOML lines for each node's [tunnel] table (ping_interval...)
     etcd_endpoints: dict[str, list[str]] | None = None  # per-node etcd endpoints; None: the demo's own etcd
     start_etcd: bool = True
+    extra_token_sha256: tuple[str, ...] = ()  # more application credentials (a second application)
 
 
 def write_configs(
@@ -120,7 +121,7 @@ store = "state/destinations.json"
 [[subaccounts]]
 id = "{SUBACCOUNT}"
 ca = "{certs['subaccount_ca']}"
-token_sha256 = ["{token_sha256}"]
+token_sha256 = {json.dumps([token_sha256, *spec.extra_token_sha256])}
 destination_admin_sha256 = {json.dumps(admin_digests)}
 locations = ["{LOCATION}"]
 """)
