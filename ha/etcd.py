@@ -30,6 +30,7 @@ replays whatever happened meanwhile: nothing is lost, nothing is delivered twice
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections import deque
@@ -482,6 +483,18 @@ class _EtcdWatch(Watch):
                 raise RevisionCompacted(exc.compacted_revision) from exc
             except etcd_exc.WatchTimedOut as exc:
                 raise StoreUnavailable("etcd watch: not created within the timeout") from exc
+            if self._store.settings.user is not None:
+                # etcd answers a watch created with a token it no longer knows (it restarted)
+                # "created" and "canceled" at once, which the client reports as a success: the
+                # watch would stay silent for ever. A read on the same client proves the token;
+                # if it is stale, that read fails UNAUTHENTICATED and _run_blocking
+                # authenticates again and re-creates the watch.
+                try:
+                    client.get(self._full_prefix)
+                except Exception:
+                    with contextlib.suppress(Exception):  # its stream may be gone already
+                        client.cancel_watch(watch_id)
+                    raise
             return client, watch_id
 
         self._client, self._watch_id = await self._store._call("watch", add)
