@@ -220,7 +220,7 @@ class EtcdStore(Store):
                 if not idempotent:
                     break
             except etcd_exc.NoServerAvailableError as exc:
-                last = exc
+                last = last or exc  # the failure that marked the endpoints says more
                 break
             except grpc.RpcError as exc:
                 code = exc.code() if hasattr(exc, "code") else None
@@ -235,7 +235,21 @@ class EtcdStore(Store):
                 break
             except ValueError as exc:  # e.g. unreadable TLS material
                 raise StoreUnavailable(f"etcd client: {exc}") from exc
-        raise StoreUnavailable(f"etcd unreachable: {last or 'no endpoint'}")
+        raise StoreUnavailable(
+            f"etcd unreachable at {', '.join(self.settings.endpoints)}: {self._describe(last)}")
+
+    def _describe(self, exc: Exception | None) -> str:
+        """A failure in an operator's words (the client's exceptions mostly carry no message)."""
+        if isinstance(exc, etcd_exc.ConnectionFailedError):
+            return "connection refused or lost (is etcd running there?)"
+        if isinstance(exc, etcd_exc.ConnectionTimeoutError):
+            return f"no answer within {self.settings.timeout:g} s"
+        if isinstance(exc, etcd_exc.NoServerAvailableError):
+            return (f"every endpoint failed within the last {self.settings.time_retry:g} s "
+                    "(is etcd running there?)")
+        if isinstance(exc, grpc.RpcError):
+            return str(exc.details()) if hasattr(exc, "details") else str(exc)
+        return str(exc) or type(exc).__name__ if exc is not None else "no endpoint"
 
     async def _call(self, operation: str, fn: Callable[[Any], T], *, idempotent: bool = True) -> T:
         start = trio.current_time()

