@@ -231,6 +231,10 @@ class Demo:
         self.log_offsets: dict[str, int] = {}  # where this start's output begins in each log
         self.port_retries = 0
 
+    def pick_port(self, name: str) -> int:
+        """A free port for `name`, released at once: its child binds it a moment later."""
+        return free_port()
+
     def log_path(self, name: str) -> Path:
         return self.workdir / "logs" / f"{name}.log"
 
@@ -326,11 +330,11 @@ class Demo:
         spec = self.spec
         certs = init_certs(self.workdir / "certs", SUBACCOUNT, list(spec.nodes), ["127.0.0.1", "localhost"], force=True)
         token = new_token()
-        ports = self.ports = {name: free_port() for name in (
+        ports = self.ports = {name: self.pick_port(name) for name in (
             "tunnel", "cloud_admin", "destinations", "etcd_client", "etcd_peer", "backend_http", "backend_tcp",
             *(f"{n}_admin" for n in spec.nodes))}
-        ports["http_proxy"] = spec.http_port or free_port()
-        ports["socks5_proxy"] = spec.socks5_port or free_port()
+        ports["http_proxy"] = spec.http_port or self.pick_port("http_proxy")
+        ports["socks5_proxy"] = spec.socks5_port or self.pick_port("socks5_proxy")
         configs = self.configs = write_configs(self.workdir, certs, ports, hash_token(token), spec)
         python = sys.executable
 

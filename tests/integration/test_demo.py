@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from connector.demo import Demo, DemoSpec
 from tests.support.httpclient import HttpClient
 
 pytestmark = pytest.mark.slow
@@ -165,3 +166,34 @@ async def test_a_busy_proxy_port_is_named_and_the_log_is_kept(tmp_path: Path):
     logs = Path(errors[1].removeprefix("  logs kept in ").strip())
     assert logs.is_relative_to(tmp_path)  # the demo's own temporary directory, kept
     assert f"127.0.0.1:{port}" in (logs / "cloud.log").read_text()
+
+
+class _PortTakenOnce(Demo):
+    """The race as it happens on a shared machine: the first port the demo picks for a child is
+    taken by another process (the squatter) before that child binds it."""
+
+    def __init__(self, workdir: Path, squatter: socket.socket) -> None:
+        super().__init__(workdir, DemoSpec(http_port=0, socks5_port=0))
+        self.squatter = squatter
+
+    def pick_port(self, name: str) -> int:
+        if name == "tunnel" and self.port_retries == 0:
+            return int(self.squatter.getsockname()[1])
+        return super().pick_port(name)
+
+
+async def test_a_picked_port_taken_by_another_process_costs_one_more_start(tmp_path: Path):
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        demo = _PortTakenOnce(tmp_path, squatter)
+        try:
+            with trio.fail_after(START_TIMEOUT):
+                state = await demo.start()
+            assert demo.port_retries == 1
+            assert state["cloud"]["tunnel_port"] != squatter.getsockname()[1]
+            assert "Address already in use" in (tmp_path / "logs" / "cloud.log").read_text()  # the real failure
+        finally:
+            with trio.CancelScope(shield=True):
+                await demo.stop()
+    await _assert_no_strays(state)
