@@ -197,3 +197,46 @@ async def test_a_picked_port_taken_by_another_process_costs_one_more_start(tmp_p
             with trio.CancelScope(shield=True):
                 await demo.stop()
     await _assert_no_strays(state)
+
+
+REPO = Path(__file__).resolve().parents[2]
+SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+async def test_scripts_dev_demo_on_the_system_python_with_a_system_path(tmp_path: Path):
+    """The README's demo command as a newcomer on Debian runs it: `scripts/dev demo` with nothing
+    but the system directories on PATH (no pyenv, no activated venv). It installs what is missing
+    into the project's .venv (nothing, when CI's `scripts/dev test` ran first), comes up, and
+    stops cleanly on Ctrl-C."""
+    state_file = tmp_path / "state.json"
+    env = {"PATH": SYSTEM_PATH, "HOME": os.environ.get("HOME", str(tmp_path)),
+           "CONNECTOR_DEMO_POINTER": str(tmp_path / "pointer.json")}
+    demo = await trio.lowlevel.open_process(
+        ["bash", str(REPO / "scripts" / "dev"), "demo", "--dir", str(tmp_path / "demo"),
+         "--state-file", str(state_file), "--http-port", "0", "--socks5-port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+    )
+    assert demo.stdout is not None
+    output = Output(demo.stdout)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(output.pump)
+            with trio.fail_after(START_TIMEOUT + 240):  # a first run creates the venv
+                await output.wait_for("connector switch")
+            state = json.loads(state_file.read_text())
+            assert state["pid"] == demo.pid  # scripts/dev exec'd the demo
+            interpreter = (await trio.Path(f"/proc/{demo.pid}/cmdline").read_bytes()).split(b"\0")[0].decode()
+            assert interpreter == ".venv/bin/python"  # run from the repository, where scripts/dev cd'ed
+            assert await trio.Path(f"/proc/{demo.pid}/cwd").resolve() == REPO
+            assert str(await trio.Path(f"/proc/{demo.pid}/exe").resolve()).startswith("/usr/bin/python3")  # Debian's
+            nursery.cancel_scope.cancel()
+    finally:
+        demo.send_signal(signal.SIGINT)
+        with trio.move_on_after(STOP_TIMEOUT) as stopping:
+            output.text += (await _read_all(demo.stdout)).decode(errors="replace")
+            await demo.wait()
+        if stopping.cancelled_caught:
+            demo.kill()
+            raise subprocess.TimeoutExpired(demo.args, STOP_TIMEOUT)
+    assert demo.returncode == 0, output.text
+    await _assert_no_strays(state)
