@@ -417,8 +417,16 @@ class Demo:
                 await process.wait()
 
 
+def connector_command() -> str:
+    """How to call `connector` from another shell: in a virtual environment (scripts/dev's .venv)
+    the script is not on that shell's PATH, so the banner names it in full."""
+    script = Path(sys.executable).parent / "connector"
+    return str(script) if sys.prefix != sys.base_prefix and script.exists() else "connector"
+
+
 def print_banner(state: dict[str, Any], other: dict[str, Any] | None = None) -> None:
     cloud = state["cloud"]
+    connector = connector_command()
     first_config = next(iter(state["nodes"].values()))["config"]
     lines = [
         "connector demo is running (Ctrl-C stops everything)",
@@ -441,11 +449,11 @@ def print_banner(state: dict[str, Any], other: dict[str, Any] | None = None) -> 
         f"  curl -s --socks5-hostname {socks} --data hello http://raw.virtual:8000/echo",
     ]
     if other is None:
-        lines += ["  connector status", "  connector switch"]
+        lines += [f"  {connector} status", f"  {connector} switch"]
     else:  # the pointer names the other demo: commands without --config act on that one
         lines += [
-            f"  connector status --config {first_config}",
-            f"  connector switch --config {first_config}",
+            f"  {connector} status --config {first_config}",
+            f"  {connector} switch --config {first_config}",
             "",
             f"Another demo (pid {other.get('pid')}, {other.get('workdir')}) was running first: `connector status`",
             "and `connector switch` without --config act on that one; use --config for this one.",

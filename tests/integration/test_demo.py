@@ -229,6 +229,8 @@ async def test_scripts_dev_demo_on_the_system_python_with_a_system_path(tmp_path
             assert interpreter == ".venv/bin/python"  # run from the repository, where scripts/dev cd'ed
             assert await trio.Path(f"/proc/{demo.pid}/cwd").resolve() == REPO
             assert str(await trio.Path(f"/proc/{demo.pid}/exe").resolve()).startswith("/usr/bin/python3")  # Debian's
+            # another shell has no .venv/bin on PATH: the banner names the script in full
+            assert f"  {REPO}/.venv/bin/connector status\n" in output.text
             nursery.cancel_scope.cancel()
     finally:
         demo.send_signal(signal.SIGINT)
