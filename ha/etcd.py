@@ -26,6 +26,12 @@ non-blocking ``send_nowait`` into a bounded memory channel, so the watch thread 
 the trio loop to take the item, never for the consumer. When the stream dies (etcd restarted),
 or the channel overflows, the watch is re-created from the last delivered revision + 1 and etcd
 replays whatever happened meanwhile: nothing is lost, nothing is delivered twice.
+
+With user/password authentication, a watch is created with the client's token, and etcd answers
+a watch created with a token it no longer knows (it restarted) "created and canceled" at once,
+which the client takes for success: the watch would never deliver. So each creation is followed
+by a read on the same client; a stale token fails that read (UNAUTHENTICATED), the watch is
+cancelled, the store authenticates again and creates it anew.
 """
 
 from __future__ import annotations
