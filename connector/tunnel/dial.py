@@ -63,6 +63,7 @@ async def open_tunnel_websocket(
     host = parsed.hostname or ""
     port = parsed.port or 443
     where = f"{host}:{port}"
+    resource = (parsed.path or "/") + (f"?{parsed.query}" if parsed.query else "")
     deadline = trio.current_time() + timeout
 
     try:
@@ -113,7 +114,7 @@ async def open_tunnel_websocket(
                 async def upgrade() -> None:
                     nonlocal ws
                     ws = await trio_websocket.wrap_client_stream(
-                        nursery, tls, where if port != 443 else host, parsed.path or "/",
+                        nursery, tls, where if port != 443 else host, resource,
                         max_message_size=max_message_size, receive_buffer_size=receive_buffer_size,
                     )
                     watch.cancel_scope.cancel()
