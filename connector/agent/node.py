@@ -35,7 +35,7 @@ from connector.agent.forward import ForwardSettings, StreamContext, serve_stream
 from connector.backoff import Backoff
 from connector.config import NodeConfig
 from connector.readiness import NodeState, readiness
-from connector.tunnel.dial import DialError, open_tunnel_websocket
+from connector.tunnel.dial import DialError, describe_failure, open_tunnel_websocket
 from connector.tunnel.session import TunnelError, TunnelSession, TunnelSettings
 from connector.tunnel.streams import TunnelStream
 from connector.tunnel.types import ErrorCode
@@ -169,7 +169,8 @@ class Node:
                 await self._connect_once(backoff)
             except* (OSError, ssl.SSLError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed,
                      TunnelError, trio.BrokenResourceError, trio.TooSlowError, DialError) as group:
-                self._tunnel_failed_because("; ".join(str(e) or type(e).__name__ for e in group.exceptions))
+                self._tunnel_failed_because("; ".join(describe_failure(e, self.config.tunnel_url)
+                                                      for e in group.exceptions))
             if self.stopping:
                 return
             delay = backoff.next_delay()

@@ -129,12 +129,6 @@ async def open_tunnel_websocket(
         await trio.aclose_forcefully(tls)
         raise DialError(f"the cloud at {where} did not answer the WebSocket upgrade to {parsed.path} "
                         f"within {timeout:g} s") from None
-    except trio_websocket.HandshakeError as exc:
-        await trio.aclose_forcefully(tls)
-        status = getattr(exc, "status_code", None)
-        raise DialError(f"the cloud at {where} refused the WebSocket upgrade to {parsed.path}"
-                        + (f" with HTTP {status}" if status else f": {exc}")
-                        + " (is the URL's path /tunnel?)") from None
     finally:
         del tls.receive_some  # back to trio's own (the tunnel's fast path wraps that one)
     if ws is None:
@@ -147,6 +141,18 @@ async def open_tunnel_websocket(
                         "connection refused' with the reason: its [[subaccounts]] ca must be that issuer, "
                         "and the certificate's O= that subaccount)")
     return ws
+
+
+def describe_failure(exc: BaseException, url: str) -> str:
+    """A failed attempt's exception in words. trio-websocket raises a refused upgrade
+    (`ConnectionRejected`) from its reader task, so it reaches the caller's nursery, not us."""
+    if isinstance(exc, trio_websocket.ConnectionRejected):
+        parsed = urllib.parse.urlsplit(url)
+        body = bytes(exc.body or b"").decode("utf-8", "replace")[:200]
+        return (f"the cloud at {parsed.hostname}:{parsed.port or 443} refused the WebSocket upgrade to "
+                f"{parsed.path} with HTTP {exc.status_code}" + (f" ({body})" if body else "")
+                + ": is the URL's path /tunnel?")
+    return str(exc) or type(exc).__name__
 
 
 def _issuer(client_cert: Path | None) -> str:

@@ -183,3 +183,15 @@ async def test_working_tunnel_still_comes_up(tmp_path, certs):
                 await node._changed.wait()
         assert node.status()["tunnel"] == "registered"
         nursery.cancel_scope.cancel()
+
+
+async def test_wrong_url_path_names_the_refused_upgrade(tmp_path, certs, caplog):
+    async with trio.open_nursery() as nursery:
+        port = await endpoint(nursery, cert=certs / "tunnel-server.pem", key=certs / "tunnel-server.key",
+                              cas={"acme": certs / "acme-ca.pem"})
+        config = node_toml(tmp_path, port, ca=certs / "cloud-ca.pem", cert=certs / "node-node-a.pem",
+                           key=certs / "node-node-a.key")
+        config.write_text(config.read_text().replace("/tunnel", "/tunel"))
+        line = await first_failure(config, caplog)
+        nursery.cancel_scope.cancel()
+    assert "refused the WebSocket upgrade to /tunel with HTTP 404 (unknown path)" in line
