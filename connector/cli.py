@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
+import string
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,10 +29,29 @@ def _setup_logging(verbose: bool) -> None:
 
 # --- certs and tokens ---------------------------------------------------------------------------
 
+DEFAULT_HOSTS = ["127.0.0.1", "localhost"]  # `certs init/server` without --host: a demo on this machine
+DEFAULT_NODES = ["node-a"]
+
+
+def _existing_ca(directory: Path, name: str, create_with: str) -> Any:
+    from connector import pki
+
+    ca = pki.Issued(directory / f"{name}.pem", directory / f"{name}.key")
+    for path in (ca.cert_path, ca.key_path):
+        if not path.exists():
+            raise pki.CertificateError(f"{path} does not exist: create the CA first with "
+                                       f"`connector certs ca --dir {directory}{create_with}`")
+    return ca
+
+
 def cmd_certs(args: argparse.Namespace) -> int:
     from connector import pki
 
     directory = Path(args.dir)
+    for option, default in (("host", DEFAULT_HOSTS), ("node", DEFAULT_NODES)):
+        if getattr(args, option, "unset") is None:
+            setattr(args, option, default)
+            print(f"connector: no --{option} given, using {' '.join(default)}", file=sys.stderr)
     if args.certs_command == "ca":
         if args.subaccount:
             issued = pki.create_ca(directory, f"{args.subaccount}-ca", f"{args.subaccount} connector CA", force=args.force)
@@ -38,11 +59,11 @@ def cmd_certs(args: argparse.Namespace) -> int:
             issued = pki.create_ca(directory, "cloud-ca", "cloud tunnel endpoint CA", force=args.force)
         print(f"CA: {issued.cert_path} (key {issued.key_path}, mode 0600)")
     elif args.certs_command == "server":
-        ca = pki.Issued(directory / "cloud-ca.pem", directory / "cloud-ca.key")
+        ca = _existing_ca(directory, "cloud-ca", "")
         issued = pki.issue(ca, directory, "tunnel-server", common_name=args.host[0], server_names=args.host, force=args.force)
         print(f"server certificate: {issued.cert_path} for {', '.join(args.host)}")
     elif args.certs_command == "client":
-        ca = pki.Issued(directory / f"{args.subaccount}-ca.pem", directory / f"{args.subaccount}-ca.key")
+        ca = _existing_ca(directory, f"{args.subaccount}-ca", f" --subaccount {args.subaccount}")
         issued = pki.issue(
             ca, directory, f"node-{args.node}", common_name=args.node, organization=args.subaccount,
             cluster=args.cluster, client=True, force=args.force,
@@ -79,11 +100,35 @@ def init_certs(directory: Path, subaccount: str, nodes: list[str], hosts: list[s
     return result
 
 
+MIN_TOKEN_BITS = 128
+
+
+def token_bits(token: str) -> float:
+    """An upper bound of a token's entropy: its length times log2 of the smallest alphabet
+    (digits, hex, lowercase, letters and digits, URL-safe base64, printable) it is written in."""
+    alphabets = (string.digits, string.hexdigits.lower(), string.ascii_lowercase + string.digits,
+                 string.ascii_letters + string.digits, string.ascii_letters + string.digits + "-_",
+                 string.printable.strip())
+    size = next((len(set(a)) for a in alphabets if set(token) <= set(a)), 256)
+    return len(token) * math.log2(size)
+
+
 def cmd_token(args: argparse.Namespace) -> int:
     from connector.cloud.auth import hash_token, new_token
 
-    token = args.value or new_token()
-    print(json.dumps({"token": token, "token_sha256": hash_token(token)}))
+    token = args.value if args.value is not None else new_token()
+    bits = token_bits(token)
+    if bits < MIN_TOKEN_BITS and not args.force:
+        print(f"connector: a {len(token)}-character token has at most {bits:.0f} bits of entropy, below "
+              f"{MIN_TOKEN_BITS}: anyone who can reach the proxy could guess it. Leave out --value for a "
+              "random one, or add --force to accept it anyway", file=sys.stderr)
+        return 2
+    if args.bare:
+        print(token)
+    elif args.sha256:
+        print(hash_token(token))
+    else:
+        print(json.dumps({"token": token, "token_sha256": hash_token(token)}))
     return 0
 
 
@@ -122,9 +167,10 @@ async def _run_until_signal(service_run: Any, on_stop: Any = None) -> None:
 
 def cmd_cloud(args: argparse.Namespace) -> int:
     from connector.cloud.server import CloudServer
-    from connector.config import load_cloud_config
+    from connector.config import check_cloud_files, load_cloud_config
 
     config = load_cloud_config(args.config)
+    check_cloud_files(config)
     if args.check:
         print(f"{args.config}: configuration is valid")
         return 0
@@ -135,9 +181,10 @@ def cmd_cloud(args: argparse.Namespace) -> int:
 
 def cmd_node(args: argparse.Namespace) -> int:
     from connector.agent.runtime import build_node
-    from connector.config import check_node_certificate, load_node_config
+    from connector.config import check_node_certificate, check_node_files, load_node_config
 
     config = load_node_config(args.config)
+    check_node_files(config)
     if args.check:
         for warning in check_node_certificate(config):
             print(f"connector: warning: {warning}", file=sys.stderr)
@@ -204,9 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("init", "ca", "client"):
             p.add_argument("--subaccount", required=name != "ca", help="subaccount id (goes into O=)")
         if name in ("init", "server"):
-            p.add_argument("--host", action="append", default=None, help="server name or IP (repeatable)")
+            p.add_argument("--host", action="append", default=None,
+                           help="name or IP address the nodes dial, as in their tunnel.url (repeatable); the "
+                                f"certificate is valid for these only. Default: {' '.join(DEFAULT_HOSTS)}, "
+                                "which suits a demo on one machine only")
         if name == "init":
-            p.add_argument("--node", action="append", default=None, help="node id to issue a client cert for (repeatable)")
+            p.add_argument("--node", action="append", default=None,
+                           help=f"node id to issue a client cert for (repeatable; default: {' '.join(DEFAULT_NODES)})")
         if name == "client":
             p.add_argument("--node", required=True, help="node id (goes into CN=)")
         if name in ("init", "client"):
@@ -214,8 +265,16 @@ def build_parser() -> argparse.ArgumentParser:
                            "these nodes only for that cluster")
     certs.set_defaults(func=cmd_certs)
 
-    token = sub.add_parser("token", help="create a proxy bearer token and print it with its SHA-256 for cloud.toml")
-    token.add_argument("--value", help="use this token instead of a random one")
+    token = sub.add_parser("token", help="create a proxy bearer token and print it with its SHA-256 for cloud.toml",
+                           description='Prints {"token": ..., "token_sha256": ...}; `TOKEN=$(connector token '
+                                       '--bare)` keeps just the token, `connector token --value "$TOKEN" --sha256` '
+                                       "then prints its digest for cloud.toml.")
+    token.add_argument("--value", help=f"use this token instead of a random one (refused below {MIN_TOKEN_BITS} "
+                                       "bits of entropy, e.g. 22 random letters and digits, unless --force)")
+    token.add_argument("--force", action="store_true", help="accept a --value below the entropy minimum")
+    output = token.add_mutually_exclusive_group()
+    output.add_argument("--bare", action="store_true", help="print the token alone (for TOKEN=$(...))")
+    output.add_argument("--sha256", action="store_true", help="print its SHA-256 alone (for cloud.toml)")
     token.set_defaults(func=cmd_token)
 
     cloud = sub.add_parser("cloud", help="run the cloud side: tunnel endpoint, HTTP and SOCKS5 proxies, destinations")
@@ -251,18 +310,20 @@ def build_parser() -> argparse.ArgumentParser:
                                  parser_class=_ActionParser)
     acl_list = acl_sub.add_parser("list", help="list mappings with their revisions")
     acl_list.add_argument("--json", action="store_true")
-    acl_add = acl_sub.add_parser("add", help="add or replace a mapping (JSON or flags)")
+    acl_add = acl_sub.add_parser("add", help="add or replace a mapping (from flags)")
     acl_add.add_argument("--virtual", required=True, help="virtual host:port")
     acl_add.add_argument("--internal", required=True, help="internal host:port")
     acl_add.add_argument("--protocol", default="HTTP", choices=["HTTP", "HTTPS", "TCP", "TCP-TLS"])
     acl_add.add_argument("--host-in-header", default="virtual", choices=["virtual", "internal"])
     acl_add.add_argument("--path", action="append", default=[], help="allowed path prefix (repeatable); "
                          "suffix with '=' for an exact path, '+ws' to allow websocket upgrade")
-    acl_add.add_argument("--trust-store", help="CA bundle for HTTPS/TCP-TLS backends")
+    acl_add.add_argument("--trust-store", help="CA bundle for HTTPS/TCP-TLS backends: an absolute path that "
+                         "exists on every node (checked here on this machine)")
     acl_add.add_argument("--expect-revision", type=int, help="fail unless the mapping is at this revision (CAS)")
     acl_remove = acl_sub.add_parser("remove", help="remove a mapping")
     acl_remove.add_argument("--virtual", required=True, help="virtual host:port")
-    acl_sub.add_parser("history", help="configuration changes, newest last")
+    acl_history = acl_sub.add_parser("history", help="configuration changes, newest last (times in UTC)")
+    acl_history.add_argument("--json", action="store_true", help="the raw records, one JSON object per line")
     acl.set_defaults(func=cmd_acl)
 
     secret = sub.add_parser("secret", help="store secrets in etcd, encrypted with the cluster key")
@@ -298,12 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
-    if getattr(args, "host", "unset") is None:
-        args.host = ["127.0.0.1", "localhost"]
-    if getattr(args, "node", "unset") is None:
-        args.node = ["node-a"]
     from connector.config import ConfigError
     from connector.listen import ListenError
+    from connector.pki import CertificateError
 
     try:
         return int(args.func(args) or 0)
@@ -316,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         for error in _leaves(listen_errors):
             print(f"connector: {error}", file=sys.stderr)
+        return 2
+    except CertificateError as exc:
+        print(f"connector: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -10,15 +10,18 @@ node of a cluster reads the same file).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import attrs
 import trio
 from cryptography.fernet import Fernet, InvalidToken
 
+from connector import pki
 from connector.admin import http_request
 from connector.agent.acl import Mapping
 from connector.agent.runtime import open_store
@@ -79,14 +82,15 @@ def _cluster_store(config: NodeConfig) -> Store:
     return store
 
 
-def _run(fn: Any, *args: Any) -> int:
+def _run(fn: Any, config: NodeConfig | Target, *args: Any) -> int:
+    file = config.config.file if isinstance(config, Target) else config.file
     try:
-        return int(trio.run(fn, *args))
+        return int(trio.run(fn, config, *args))
     except UsageError as exc:
         print(f"connector: {exc}", file=sys.stderr)
         return 2
     except StoreError as exc:
-        print(f"connector: {exc}", file=sys.stderr)  # names the endpoints and what failed
+        print(f"connector: {exc} (etcd endpoints from {file})", file=sys.stderr)
         return 3
 
 
@@ -231,6 +235,13 @@ def mapping_from_args(args: argparse.Namespace) -> Mapping:
         "resources": resources,
     }
     if args.trust_store:
+        # used as written on every node: a relative path would mean whatever each node's cwd is
+        if not os.path.isabs(args.trust_store):
+            raise ValueError(f"--trust-store {args.trust_store}: give an absolute path (nodes use it as written)")
+        try:
+            pki.check_trust_store(Path(args.trust_store))
+        except pki.CertificateError as exc:
+            raise ValueError(f"--trust-store: {exc}") from None
         raw["trust_store"] = args.trust_store
     return Mapping.from_dict(raw)  # validates; ValueError names the key
 
@@ -277,11 +288,20 @@ async def _acl(config: NodeConfig, args: argparse.Namespace) -> int:
         if args.acl_command == "history":
             snapshot = await store.get_prefix(HISTORY_PREFIX)
             for _, kv in sorted(snapshot.kvs.items()):
-                print(kv.value.decode())
+                print(format_history(kv.json()) if not getattr(args, "json", False) else kv.value.decode())
             return 0
         raise UsageError(f"unknown acl action {args.acl_command}")
     finally:
         await store.aclose()
+
+
+def format_history(entry: dict[str, Any]) -> str:
+    """One line of `acl history`: UTC time, user, action, key, revision (JSON with --json)."""
+    when = entry.get("time")
+    stamp = (datetime.datetime.fromtimestamp(when, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+             if isinstance(when, (int, float)) else "?")
+    return (f"{stamp}  {entry.get('user', '?'):<12} {entry.get('action', '?'):<10} "
+            f"{str(entry.get('key', '')).rsplit('/', 1)[-1]}  rev {entry.get('revision')}")
 
 
 def acl(args: argparse.Namespace) -> int:

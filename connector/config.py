@@ -10,6 +10,7 @@ can be moved as a whole.
 from __future__ import annotations
 
 import builtins
+import difflib
 import os
 import tomllib
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from typing import Any, Literal, TypeVar, overload
 
 import attrs
 
+from connector import pki
 from connector.agent.acl import Mapping
 from connector.cloud.destinations import DestinationLimits
 from ha.timing import HATiming
@@ -144,6 +146,10 @@ class _Section:
         self.seen.add(name)
         if name not in self.table:
             if required:
+                typo = difflib.get_close_matches(name, [k for k in self.table if k not in self.seen], n=1, cutoff=0.7)
+                if typo:  # `[tunel]`: the typo is the error, not the section it was meant to be
+                    raise ConfigError(self.file, self.key(typo[0]),
+                                      f"unknown key (typo? did you mean [{self.key(name)}], which is required?)")
                 raise ConfigError(self.file, self.key(name), "section is required")
             return None
         return _Section(self.file, self.key(name), self.table[name])
@@ -158,7 +164,9 @@ class _Section:
     def done(self) -> None:
         unknown = sorted(set(self.table) - self.seen)
         if unknown:
-            raise ConfigError(self.file, self.key(unknown[0]), "unknown key (typo?)")
+            close = difflib.get_close_matches(unknown[0], sorted(self.seen), n=1, cutoff=0.7)
+            hint = f" did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(self.file, self.key(unknown[0]), f"unknown key (typo?{hint})")
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
@@ -537,3 +545,68 @@ def load_node_config(path: str | Path) -> NodeConfig:
     if config.ping_timeout <= config.ping_interval:
         raise ConfigError(file, "tunnel.ping_timeout", "must be longer than tunnel.ping_interval")
     return config
+
+
+# --- files start-up will open ----------------------------------------------------------------
+
+def check_cloud_files(config: CloudConfig) -> None:
+    """Open what `connector cloud` opens at start (certificates, keys, trust stores, the state and
+    destination store directories), so `--check` and start-up fail with ConfigError naming the
+    file and key instead of a process that starts and then exits."""
+    file = config.file
+    _key_pair(file, "tunnel.cert", "tunnel.key", config.tunnel_cert, config.tunnel_key)
+    for i, subaccount in enumerate(config.subaccounts):
+        _trust_store(file, f"subaccounts[{i}].ca", subaccount.ca)
+    if config.state_file is not None:
+        _writable_directory(file, "state_file", config.state_file)
+    if config.destinations_store is not None:
+        _writable_directory(file, "destinations.store", config.destinations_store)
+
+
+def check_node_files(config: NodeConfig) -> None:
+    """`check_cloud_files` for `connector node`: tunnel and etcd TLS material, the trust stores of
+    the configured mappings, the audit log's directory."""
+    file = config.file
+    if config.tunnel_ca is not None:
+        _trust_store(file, "tunnel.ca", config.tunnel_ca)
+    _key_pair(file, "tunnel.cert", "tunnel.key", config.tunnel_cert, config.tunnel_key)
+    if config.audit_log is not None:
+        _writable_directory(file, "node.audit_log", config.audit_log)
+    if config.cluster is not None:
+        etcd = config.cluster.etcd
+        if etcd.ca is not None:
+            _trust_store(file, "cluster.etcd_ca", etcd.ca)
+        if (etcd.cert is None) != (etcd.key is None):
+            raise ConfigError(file, "cluster.etcd_cert", "etcd_cert and etcd_key go together (or neither)")
+        if etcd.cert is not None and etcd.key is not None:
+            _key_pair(file, "cluster.etcd_cert", "cluster.etcd_key", etcd.cert, etcd.key)
+    for i, mapping in enumerate(config.mappings):
+        if mapping.trust_store is not None:
+            _trust_store(file, f"mappings[{i}].trust_store", Path(mapping.trust_store))
+
+
+def _key_pair(file: Path, cert_key: str, key_key: str, cert: Path, key: Path) -> None:
+    try:
+        pki.load_certificate(cert)
+    except pki.CertificateError as exc:
+        raise ConfigError(file, cert_key, str(exc)) from None
+    try:
+        pki.check_key_pair(cert, key)
+    except pki.CertificateError as exc:
+        raise ConfigError(file, key_key, str(exc)) from None
+
+
+def _trust_store(file: Path, key: str, path: Path) -> None:
+    try:
+        pki.check_trust_store(path)
+    except pki.CertificateError as exc:
+        raise ConfigError(file, key, str(exc)) from None
+
+
+def _writable_directory(file: Path, key: str, path: Path) -> None:
+    directory = path.parent
+    if not directory.is_dir():
+        raise ConfigError(file, key, f"directory {directory} does not exist: create it, writable by the "
+                          "user the service runs as")
+    if not os.access(directory, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ConfigError(file, key, f"{path} is not writable by this user (uid {os.getuid()})")

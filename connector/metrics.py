@@ -101,6 +101,11 @@ CLOUD_NO_MASTER_SECONDS = Counter(
     NS + "_cloud_no_master_seconds_total", "Seconds a known location spent with no master tunnel",
     ["subaccount", "location"],
 )
+CLOUD_STATE_PERSISTED = Gauge(
+    NS + "_cloud_state_persisted",
+    "1 while state_file holds the highest epochs the cloud knows, 0 after a write failed (the fence "
+    "still works from memory, but a restart would forget epochs)",
+)
 CLOUD_HAS_MASTER = Gauge(
     NS + "_cloud_location_has_master", "1 while a known location has a master tunnel", ["subaccount", "location"]
 )

@@ -23,6 +23,7 @@ import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CA_DAYS = 3650
@@ -106,19 +107,65 @@ def create_ca(directory: Path, name: str, common_name: str, *, force: bool = Fal
 
 def load_ca(ca: Issued) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     cert = load_certificate(ca.cert_path)
-    key = serialization.load_pem_private_key(ca.key_path.read_bytes(), password=None)
+    key = load_private_key(ca.key_path)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise CertificateError(f"{ca.key_path}: expected an EC private key")
     return cert, key
 
 
-def load_certificate(path: Path) -> x509.Certificate:
+def _read(path: Path, what: str) -> bytes:
     try:
-        return x509.load_pem_x509_certificate(Path(path).read_bytes())
+        return Path(path).read_bytes()
     except FileNotFoundError:
-        raise CertificateError(f"{path}: no such certificate file") from None
+        raise CertificateError(f"{path}: no such {what} file") from None
+    except OSError as exc:
+        raise CertificateError(f"{path}: cannot read the {what}: {exc.strerror}") from None
+
+
+def load_certificate(path: Path) -> x509.Certificate:
+    data = _read(path, "certificate")
+    try:
+        return x509.load_pem_x509_certificate(data)
     except ValueError as exc:
+        if b"PRIVATE KEY-----" in data:
+            raise CertificateError(f"{path} holds a private key, not a certificate (certificate and key "
+                                   "swapped?)") from None
         raise CertificateError(f"{path}: not a PEM certificate ({exc})") from None
+
+
+def load_private_key(path: Path) -> PrivateKeyTypes:
+    data = _read(path, "private key")
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        if b"-----BEGIN CERTIFICATE-----" in data:
+            raise CertificateError(f"{path} holds a certificate, not a private key (certificate and key "
+                                   "swapped?)") from None
+        raise CertificateError(f"{path}: not an unencrypted PEM private key ({exc})") from None
+
+
+def check_key_pair(cert_path: Path, key_path: Path) -> None:
+    """Raise CertificateError, naming the file, unless `key_path` is the private key of the
+    certificate in `cert_path` and TLS can load the pair (what start-up will do)."""
+    cert = load_certificate(cert_path)
+    key = load_private_key(key_path)
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    if (key.public_key().public_bytes(serialization.Encoding.PEM, public)
+            != cert.public_key().public_bytes(serialization.Encoding.PEM, public)):
+        raise CertificateError(f"{key_path} is not the private key of {cert_path} (a key of another certificate?)")
+    try:
+        ssl.create_default_context().load_cert_chain(cert_path, key_path)
+    except ssl.SSLError as exc:
+        raise CertificateError(f"{cert_path} with {key_path}: TLS cannot load them: {exc}") from None
+
+
+def check_trust_store(path: Path) -> None:
+    """Raise CertificateError, naming the file, unless it is a readable PEM bundle of CA certificates."""
+    load_certificate(path)  # the first certificate: readable, PEM, not a key
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except (ssl.SSLError, OSError) as exc:
+        raise CertificateError(f"{path}: not a PEM CA bundle TLS can load: {exc}") from None
 
 
 def issue(

@@ -45,6 +45,7 @@ from connector.agent.forward import ForwardSettings, StreamContext, serve_stream
 from connector.backoff import Backoff
 from connector.config import NodeConfig, check_node_certificate
 from connector.readiness import NodeState, readiness
+from connector.tunnel.dial import DialError, describe_failure, open_tunnel_websocket
 from connector.tunnel.session import TunnelError, TunnelSession, TunnelSettings
 from connector.tunnel.streams import TunnelStream
 from connector.tunnel.types import ErrorCode
@@ -89,6 +90,8 @@ class Node:
         self._mastership_drain: trio.Event | None = None
         self._drained = trio.Event()
         self._changed = trio.Event()
+        self.tunnel_failure: str | None = None  # why the last attempt to open the tunnel failed
+        self._tunnel_failed = trio.Event()
         self._ssl = pki.client_context(config.tunnel_ca, config.tunnel_cert, config.tunnel_key)
         self._labels = (config.location_id, config.node_id)
         self._cluster = config.cluster.name if config.cluster else "standalone"
@@ -187,9 +190,9 @@ class Node:
             try:
                 await self._connect_once(backoff)
             except* (OSError, ssl.SSLError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed,
-                     TunnelError, trio.BrokenResourceError, trio.TooSlowError) as group:
-                reasons = "; ".join(str(e) or type(e).__name__ for e in group.exceptions)
-                log.warning("tunnel to %s failed: %s", self.config.tunnel_url, reasons)
+                     TunnelError, trio.BrokenResourceError, trio.TooSlowError, DialError) as group:
+                self._tunnel_failed_because("; ".join(describe_failure(e, self.config.tunnel_url)
+                                                      for e in group.exceptions))
             if self.stopping:
                 return
             delay = backoff.next_delay()
@@ -198,27 +201,42 @@ class Node:
             log.info("reconnecting in %.2f s", delay)
             await trio.sleep(delay)
 
+    def _tunnel_failed_because(self, reason: str) -> None:
+        log.warning("tunnel to %s failed: %s", self.config.tunnel_url, reason)
+        self.tunnel_failure = reason
+        self._tunnel_failed.set()
+        self._tunnel_failed = trio.Event()
+
+    async def wait_tunnel_failure(self) -> str:
+        """Wait for the next failed attempt to open the tunnel; return its cause."""
+        await self._tunnel_failed.wait()
+        return self.tunnel_failure or ""
+
     async def _connect_once(self, backoff: Backoff) -> None:
         async with trio.open_nursery() as nursery:
-            # One deadline over TLS, WebSocket and tunnel handshakes: trio-websocket's connect
-            # never returns if the server drops the connection mid-handshake (as it does for a
-            # refused client certificate under TLS 1.3).
-            with trio.fail_after(self.config.tunnel_connect_timeout):
-                ws = await trio_websocket.connect_websocket_url(
-                    nursery, self.config.tunnel_url, ssl_context=self._ssl,
-                    max_message_size=WS_MAX_MESSAGE, receive_buffer_size=WS_RECEIVE_BUFFER,
-                )
-                session = TunnelSession(
-                    ws, client=True, settings=self.tunnel_settings,
-                    hello_info={
-                        "node": self.config.node_id,
-                        "cluster": self.config.cluster.name if self.config.cluster else "",
-                        "location_id": self.config.location_id,
-                        "version": connector.__version__,
-                        "pid": os.getpid(),
-                    },
-                )
+            # TCP, TLS and the WebSocket upgrade each report their own cause (`tunnel.dial`); the
+            # tunnel's HELLO gets what is left of the same budget (tunnel.connect_timeout).
+            timeout = self.config.tunnel_connect_timeout
+            deadline = trio.current_time() + timeout
+            ws = await open_tunnel_websocket(
+                nursery, self.config.tunnel_url, self._ssl, timeout=timeout, client_cert=self.config.tunnel_cert,
+                max_message_size=WS_MAX_MESSAGE, receive_buffer_size=WS_RECEIVE_BUFFER,
+            )
+            session = TunnelSession(
+                ws, client=True, settings=self.tunnel_settings,
+                hello_info={
+                    "node": self.config.node_id,
+                    "cluster": self.config.cluster.name if self.config.cluster else "",
+                    "location_id": self.config.location_id,
+                    "version": connector.__version__,
+                    "pid": os.getpid(),
+                },
+            )
+            with trio.move_on_at(deadline) as hello:
                 await session.handshake()
+            if hello.cancelled_caught:
+                raise DialError(f"the cloud at {self.config.tunnel_url} did not answer the tunnel handshake "
+                                f"(HELLO) within {timeout:g} s")
             backoff.reset()
             self.session = session
             self.registered_epoch = None
@@ -388,6 +406,7 @@ class Node:
             "tunnel": "registered" if self.registered_epoch is not None else (
                 "refused" if self.cloud_refusal else ("standby" if session else "down")),
             "cloud_refusal": self.cloud_refusal,
+            "tunnel_failure": None if session else self.tunnel_failure,
             "streams_open": stats.streams_open if stats else 0,
             "mappings": [m.name for m in self.acl.mappings] if hasattr(self.acl, "mappings") else [],
             "ready": readiness(self.state()).ready,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pwd
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -52,13 +53,23 @@ def decode_mappings(kvs: Iterable[Any]) -> tuple[list[Mapping], list[str]]:
     return sorted(mappings, key=lambda m: m.name), errors
 
 
+def operator_name() -> str:
+    """Who made a change: the sudo caller, else the account of this process (systemd sets no $USER)."""
+    if os.environ.get("SUDO_USER"):
+        return os.environ["SUDO_USER"]
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:  # a uid without a passwd entry (containers)
+        return f"uid {os.getuid()}"
+
+
 async def record_history(store: Store, action: str, key: str, revision: int | None, detail: Any) -> None:
     entry = {
         "action": action,
         "key": key,
         "revision": revision,
         "detail": detail,
-        "user": os.environ.get("USER", "?"),
+        "user": operator_name(),
         "time": time.time(),  # wall-clock time of an operator action, for people to read
     }
     # keyed by time (not by the change's revision: a remove carries the revision of the add it

@@ -287,6 +287,10 @@ class DestinationService:
         self.admins = admins
         self.settings = settings
         self.limits = settings.limits
+        directory = Path(settings.path).parent
+        if not directory.is_dir():  # else the key file's creation fails with a bare FileNotFoundError
+            raise StoreError(f"destination store directory {directory} does not exist: create it, writable "
+                             "by the user the cloud side runs as")
         self.store = DestinationStore(Path(settings.path), load_or_create_key(Path(settings.key_path)))
         self.store.load()
         self._writes = trio.Lock()

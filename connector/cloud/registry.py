@@ -156,6 +156,10 @@ class Registry:
         self.hold_seconds = hold_seconds
         self.hold_max = hold_max
         self.state_file = state_file
+        self._persist_failing = False
+        self._persisted = trio.Event()  # set while state_file holds the current epochs
+        self._persisted.set()
+        metrics.CLOUD_STATE_PERSISTED.set(1)  # nothing failed yet (and nothing to write)
         self._locations: dict[LocationKey, _Location] = {}
         self._held = 0
         self._nursery: trio.Nursery | None = None
@@ -189,6 +193,8 @@ class Registry:
             while True:
                 await trio.sleep(1.0)
                 self._account_no_master()
+                if self._persist_failing:
+                    self._save_epochs()  # retried until the disk takes it again
 
     def _spawn(self, fn: Any, *args: Any) -> None:
         if self._nursery is None:
@@ -437,6 +443,13 @@ class Registry:
         }
 
     def _save_epochs(self) -> None:
+        """Write the highest epochs to `state_file` (temporary file, fsync, rename).
+
+        A failure (directory gone, disk full, read-only) must not take the cloud down: the fence
+        keeps working from memory and only a restart would forget it. So it is logged once, shown by
+        `connector_cloud_state_persisted` (alert ConnectorStatePersistFailing) and retried every
+        second by `run` until a write succeeds.
+        """
         if self.state_file is None:
             return
         data = {
@@ -446,9 +459,36 @@ class Registry:
                 if location.highest_epoch >= 0 or location.cluster is not None
             ]
         }
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, self.state_file)
+        tmp = self.state_file.with_name(f".{self.state_file.name}.tmp")
+        try:
+            with open(tmp, "w") as f:
+                f.write(json.dumps(data))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.state_file)
+        except OSError as exc:
+            metrics.CLOUD_STATE_PERSISTED.set(0)
+            if not self._persist_failing:
+                self._persisted = trio.Event()
+                log.error("cannot write the fencing state to %s: %s; fencing goes on from memory, "
+                          "but a restart now would forget the epochs (retrying every second)",
+                          self.state_file, exc)
+            self._persist_failing = True
+            return
+        if self._persist_failing:
+            log.warning("fencing state written to %s again", self.state_file)
+        self._persist_failing = False
+        self._persisted.set()
+        metrics.CLOUD_STATE_PERSISTED.set(1)
+
+    @property
+    def persisted(self) -> bool:
+        """Whether `state_file` holds the current epochs (False while writes fail)."""
+        return not self._persist_failing
+
+    async def wait_persisted(self) -> None:
+        """Wait until `state_file` holds the current epochs again (at once if it does)."""
+        await self._persisted.wait()
 
 
 async def refuse_tunnel(session: TunnelSession, body: dict[str, Any]) -> None:

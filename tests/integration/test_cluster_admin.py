@@ -109,7 +109,7 @@ async def test_status_readiness_and_live_shared_configuration(nursery, tmp_path,
     with trio.fail_after(5):
         while any(n.acl.find_mapping(NEW) for n in nodes):  # noqa: ASYNC110 - bounded poll of synchronous state
             await trio.sleep(0.02)
-    history = (await trio.to_thread.run_sync(cli, "acl", "--config", str(paths[0]), "history")).stdout.decode()
+    history = (await trio.to_thread.run_sync(cli, "acl", "--config", str(paths[0]), "history", "--json")).stdout.decode()
     actions = [json.loads(line)["action"] for line in history.splitlines()]
     assert actions[-2:] == ["add", "remove"] and "seed" in actions
 

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from connector.config import ConfigError, load_cloud_config, load_node_config
+from connector.config import (
+    ConfigError,
+    check_cloud_files,
+    check_node_files,
+    load_cloud_config,
+    load_node_config,
+)
 
 SHA = "a" * 64
 
@@ -191,3 +197,94 @@ def test_etcd_password_over_plain_http_is_refused(files):
     with pytest.raises(ConfigError, match="clear text") as info:
         load_node_config(path)
     assert info.value.key == "cluster.etcd_user"
+
+
+# --- what start-up opens, checked by --check (certificates, keys, trust stores, directories) ------
+
+@pytest.fixture
+def real(tmp_path: Path) -> Path:
+    """A directory with the files the GOOD_* configurations name, as real certificates and keys."""
+    from connector.cli import init_certs
+
+    certs = init_certs(tmp_path / "certs", "acme", ["node-a"], ["127.0.0.1"])
+    for name, source in (("ca.pem", "subaccount_ca"), ("server.pem", "server_cert"), ("server.key", "server_key"),
+                         ("node.pem", "node_node-a_cert"), ("node.key", "node_node-a_key")):
+        (tmp_path / name).write_bytes(certs[source].read_bytes())
+    (tmp_path / "cloud-ca.pem").write_bytes(certs["cloud_ca"].read_bytes())
+    return tmp_path
+
+
+def test_real_files_pass_the_start_up_checks(real):
+    (real / "state").mkdir()
+    check_cloud_files(load_cloud_config(cloud(real, 'state_file = "state/epochs.json"\n' + GOOD_CLOUD)))
+    check_node_files(load_node_config(node(real, GOOD_NODE.replace('cert = "node.pem"',
+                                                                   'ca = "cloud-ca.pem"\ncert = "node.pem"'))))
+
+
+def _swap(config_text: str) -> str:
+    return config_text.replace('cert = "server.pem"\nkey = "server.key"', 'cert = "server.key"\nkey = "server.pem"')
+
+
+@pytest.mark.parametrize(
+    ("body", "key", "message"),
+    [
+        (_swap(GOOD_CLOUD), "tunnel.cert", "server.key holds a private key, not a certificate (certificate and key swapped?)"),
+        (GOOD_CLOUD.replace('key = "server.key"', 'key = "node.key"'), "tunnel.key",
+         "node.key is not the private key of"),
+        (GOOD_CLOUD.replace('ca = "ca.pem"', 'ca = "node.key"'), "subaccounts[0].ca", "holds a private key"),
+        ('state_file = "absent/epochs.json"\n' + GOOD_CLOUD, "state_file", "directory"),
+        (GOOD_CLOUD.replace("[[subaccounts]]", '[destinations]\nstore = "absent/d.json"\n[[subaccounts]]'),
+         "destinations.store", "does not exist"),
+    ],
+)
+def test_cloud_start_up_files_are_checked_and_named(real, body, key, message):
+    config = load_cloud_config(cloud(real, body))  # loads: the TOML itself is fine
+    with pytest.raises(ConfigError) as info:
+        check_cloud_files(config)
+    assert info.value.key == key, str(info.value)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("body", "key", "message"),
+    [
+        (GOOD_NODE.replace('cert = "node.pem"\nkey = "node.key"', 'cert = "node.key"\nkey = "node.pem"'),
+         "tunnel.cert", "swapped"),
+        (GOOD_NODE.replace('cert = "node.pem"', 'ca = "node.pem"\ncert = "node.pem"').replace(
+            'key = "node.key"', 'key = "server.key"'), "tunnel.key", "is not the private key"),
+        (GOOD_NODE.replace('cert = "node.pem"', 'ca = "node.key"\ncert = "node.pem"'), "tunnel.ca", "private key"),
+        (GOOD_NODE + 'trust_store = "/nonexistent/internal-ca.pem"\n', "mappings[0].trust_store", "no such"),
+        ('[tunel]\nurl = "wss://x"\n' + GOOD_NODE.replace("[tunnel]\n", "[admin]\n").replace(
+            'url = "wss://127.0.0.1:8443/tunnel"\ncert = "node.pem"\nkey = "node.key"\n', ""), "tunel",
+         "did you mean [tunnel]"),
+    ],
+)
+def test_node_start_up_files_are_checked_and_named(real, body, key, message):
+    with pytest.raises(ConfigError) as info:
+        check_node_files(load_node_config(node(real, body)))
+    assert info.value.key == key, str(info.value)
+    assert message in str(info.value)
+
+
+def test_check_exits_2_naming_the_file_for_swapped_certificate_and_key(real, capsys):
+    from connector.cli import main
+
+    path = cloud(real, _swap(GOOD_CLOUD))
+    assert main(["cloud", "--config", str(path), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "tunnel.cert" in err and str(real / "server.key") in err and "swapped" in err
+
+
+def test_cloud_with_swapped_files_exits_2_with_the_file_not_pem_lib(real):
+    """Not only --check: the process itself (what systemd restarts) exits 2 naming the file."""
+    path = cloud(real, _swap(GOOD_CLOUD))
+    result = subprocess.run([sys.executable, "-m", "connector", "cloud", "--config", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "PEM lib" not in result.stderr and "Traceback" not in result.stderr
+    assert str(real / "server.key") in result.stderr
+
+
+def test_unknown_key_suggests_the_known_one(files):
+    with pytest.raises(ConfigError, match="did you mean 'hold_seconds'"):
+        load_cloud_config(cloud(files, GOOD_CLOUD + "\n[proxy]\nhold_secnds = 3\n"))

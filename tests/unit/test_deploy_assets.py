@@ -33,13 +33,17 @@ HANDOVER_HANDSHAKES = 6.0  # node shutdown beyond drain_seconds: drain 2 s, resi
 
 
 def _placeholders(text: str, root: Path) -> str:
-    """Rewrite absolute deploy paths into `root` and create every referenced certificate file."""
+    """Rewrite absolute deploy paths into `root`, create their directories (as systemd's
+    StateDirectory/LogsDirectory do) and every referenced certificate and key file: one CA
+    certificate for every .pem and its key for every .key, so `--check` can load each pair."""
+    ca = pki.create_ca(root / "generated", "ca", "placeholder CA", force=True)
     for prefix in ("/etc/connector/certs/", "/certs/", "/run/connector/", "/var/lib/connector/", "/var/log/connector/"):
         text = text.replace(f'"{prefix}', f'"{root}{prefix}')
+        (root / prefix.strip("/")).mkdir(parents=True, exist_ok=True)
     for match in re.findall(r'"([^"]+\.(?:pem|key))"', text):
         path = Path(match) if Path(match).is_absolute() else root / match
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("placeholder\n")
+        path.write_bytes((ca.cert_path if path.suffix == ".pem" else ca.key_path).read_bytes())
     for match in re.findall(r'"([^"]+\.token)"', text):  # admin tokens: private, long enough
         path = Path(match) if Path(match).is_absolute() else root / match
         path.parent.mkdir(parents=True, exist_ok=True)
