@@ -151,4 +151,4 @@ etcd = ["{dead}"]
     assert result.returncode == 3
     assert f"cluster prod (config {config}, from --config)" in result.stdout
     assert result.stderr.strip() == (f"connector: etcd unreachable at {dead}: connection refused or lost "
-                                     "(is etcd running there?)")
+                                     f"(is etcd running there?) (etcd endpoints from {config})")

@@ -181,6 +181,7 @@ def test_exec_start_pre_exits_2_on_a_bad_config_so_systemd_does_not_loop(
         issued = pki.issue(ca, tmp_path / "ca", "node", common_name=config.node_id, organization=config.subaccount,
                            cluster=config.cluster.name if config.cluster else None, client=True)
         shutil.copy(issued.cert_path, config.tunnel_cert)
+        shutil.copy(issued.key_path, config.tunnel_key)  # --check also loads the pair
     bad = tmp_path / f"broken-{example}"
     bad.write_text(good.read_text().replace("[tunnel]", "[tunnel]\nunknown_key = 1", 1))
     config_at = argv.index("--config") + 1

@@ -12,5 +12,5 @@ from connector.cloud.destinations import DestinationService, DestinationSettings
 def test_missing_store_directory_is_named(tmp_path):
     store = tmp_path / "absent" / "destinations.json"
     with pytest.raises(StoreError, match=f"destination store directory {tmp_path / 'absent'} does not exist"):
-        DestinationService(Authenticator({}), settings=DestinationSettings(path=store, key_path=store.with_suffix(".key")))
+        DestinationService(Authenticator({}), Authenticator({}), settings=DestinationSettings(path=store, key_path=store.with_suffix(".key")))
     assert not (tmp_path / "absent").exists()  # nothing created on the way

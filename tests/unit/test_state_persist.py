@@ -41,5 +41,6 @@ async def test_failed_state_write_keeps_serving_then_recovers(tmp_path, autojump
         assert trio.current_time() - start == RETRY
         assert sample("connector_cloud_state_persisted") == 1
         nursery.cancel_scope.cancel()
-    assert json.loads(state_file.read_text())["epochs"] == [{"subaccount": "acme", "location_id": "", "epoch": 7}]
+    assert json.loads(state_file.read_text())["epochs"] == [
+        {"subaccount": "acme", "location_id": "", "epoch": 7, "cluster": ""}]
     assert not Registry(state_file=state_file).register(handle("stale"), 3).accepted  # a restart keeps fencing
