@@ -7,7 +7,7 @@ tunnel under the real registry is exercised by the integration and failover test
 import pytest
 import trio
 
-from connector.cloud.registry import Registry, TunnelHandle
+from connector.cloud.registry import Registry, RegistryStatistics, TunnelHandle
 from connector.cloud.router import NoConnectorError
 from connector.tunnel.session import TunnelError
 from connector.tunnel.types import ErrorCode, Target
@@ -17,27 +17,48 @@ HOLD = 5.0
 
 
 class FakeSession:
-    def __init__(self, name: str) -> None:
+    """Records what the registry does; `max_streams` streams at once, as a real session's peer allows."""
+
+    def __init__(self, name: str, max_streams: int = 1000) -> None:
         self.name = name
         self.controls: list[tuple[str, dict]] = []
         self.closed: tuple[ErrorCode, str] | None = None
         self.opened: list[Target] = []
+        self.max_streams = max_streams
+        self.streams_open = 0
+        self._freed = trio.lowlevel.ParkingLot()
 
-    async def open_stream(self, target):
+    def open_stream_nowait(self, target):
         if self.closed:
             raise TunnelError(ErrorCode.TUNNEL_LOST, "closed")
+        if self.streams_open >= self.max_streams:
+            raise trio.WouldBlock
+        self.streams_open += 1
         self.opened.append(target)
         return (self.name, target)
+
+    async def open_stream(self, target):
+        await trio.lowlevel.checkpoint()
+        while True:
+            try:
+                return self.open_stream_nowait(target)
+            except trio.WouldBlock:
+                await self._freed.park()
+
+    def free_stream(self) -> None:
+        self.streams_open -= 1
+        self._freed.unpark_all()
 
     async def send_control(self, op, body):
         self.controls.append((op, body))
 
     async def aclose(self, code=ErrorCode.NO_ERROR, reason=""):
         self.closed = (code, reason)
+        self._freed.unpark_all()
 
 
-def handle(name: str, location: str = "") -> TunnelHandle:
-    return TunnelHandle(FakeSession(name), "acme", location, name)  # type: ignore[arg-type]
+def handle(name: str, location: str = "", *, max_streams: int = 1000) -> TunnelHandle:
+    return TunnelHandle(FakeSession(name, max_streams), "acme", location, name)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -196,24 +217,28 @@ async def test_epochs_survive_a_cloud_restart(tmp_path, nursery):
     assert second.register(handle("a"), 42).accepted
 
 
-async def test_routing_log_keeps_the_epoch_a_stream_was_routed_with(registry, nursery):
-    """The master drains while the OPEN frame is still being sent: the stream was routed to it
-    as master of its epoch, and the log says so (not `None`)."""
-    a = handle("a")
+async def test_request_waiting_for_a_free_stream_follows_a_master_change(registry, nursery, autojump_clock):
+    """Every stream of a's tunnel is in use; a drains while a request waits for one of them: the
+    request is not given a stream of the draining master, it is held and served by the next one,
+    and the routing log records each stream with the epoch of the master that carried it."""
+    a = handle("a", max_streams=1)
     registry.add(a)
     registry.register(a, 7)
-    sending = trio.Event()
-    release = trio.Event()
+    assert await registry.open_stream("acme", "", TARGET) == ("a", TARGET)
+    got = []
 
-    async def slow_open(target):
-        sending.set()
-        await release.wait()
-        return ("a", target)
+    async def request():
+        got.append(await registry.open_stream("acme", "", TARGET))
 
-    a.session.open_stream = slow_open
-    nursery.start_soon(registry.open_stream, "acme", "", TARGET)
-    await sending.wait()
+    nursery.start_soon(request)
+    await registry.wait_waiting(1)
     registry.unregister(a, draining=True)
-    release.set()
+    a.session.free_stream()  # a finishes its stream while draining: still not ours
     await trio.testing.wait_all_tasks_blocked()
-    assert [(r["node"], r["epoch"]) for r in registry.snapshot()[0]["routing"]] == [("a", 7)]
+    assert got == [] and registry.statistics() == RegistryStatistics(held=1, waiting_for_streams=0)  # held for a master, not waiting on a
+    b = handle("b")
+    registry.add(b)
+    registry.register(b, 8)
+    await trio.testing.wait_all_tasks_blocked()
+    assert got == [("b", TARGET)]
+    assert [(r["node"], r["epoch"]) for r in registry.snapshot()[0]["routing"]] == [("a", 7), ("b", 8)]
