@@ -14,7 +14,9 @@ import trio
 
 from connector import metrics, pki
 from connector.admin import AdminRequest, AdminServer, Reply
+from connector.cloud.admission import StreamAdmission
 from connector.cloud.auth import Authenticator
+from connector.cloud.clients import AuthThrottle
 from connector.cloud.destinations import DestinationService, DestinationSettings
 from connector.cloud.endpoint import TunnelEndpoint
 from connector.cloud.proxy import HttpProxy
@@ -43,8 +45,12 @@ class CloudServer:
             hold_max=config.hold_max,
             known_locations=[(s.id, loc) for s in config.subaccounts for loc in s.locations],
             state_file=config.state_file,
+            stream_wait_seconds=config.stream_wait_seconds,
+            admission=StreamAdmission(config.stream_limits),
         )
-        self.authenticator = Authenticator({s.id: s.token_sha256 for s in config.subaccounts})
+        self.authenticator = Authenticator(
+            {s.id: s.token_sha256 for s in config.subaccounts}, throttle=AuthThrottle(config.auth_throttle)
+        )
         self.endpoint = TunnelEndpoint(
             self.registry,
             cert=config.tunnel_cert,

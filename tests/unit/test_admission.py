@@ -5,8 +5,19 @@ per client address (`connector.cloud.admission`), failed authentications per cli
 import pytest
 import trio
 
-from connector.cloud.admission import AdmissionStatistics, AdmittedStream, StreamAdmission, StreamLimits
-from connector.cloud.clients import AuthThrottle, AuthThrottleSettings, ClientConnection, Principal, address_key
+from connector.cloud.admission import (
+    AdmissionStatistics,
+    AdmittedStream,
+    StreamAdmission,
+    StreamLimits,
+)
+from connector.cloud.clients import (
+    AuthThrottle,
+    AuthThrottleSettings,
+    ClientConnection,
+    Principal,
+    address_key,
+)
 from connector.cloud.router import NoConnectorError
 from connector.tunnel.testing import memory_stream_pair
 from connector.tunnel.types import ErrorCode, Target
