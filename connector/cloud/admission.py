@@ -18,7 +18,9 @@ tests of the registry) are not counted.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
+from typing import Any
 
 import attrs
 import trio
@@ -104,9 +106,9 @@ class StreamAdmission:
             self._by_subaccount[subaccount] = held
         else:
             self._by_subaccount.pop(subaccount, None)
-        metrics.PROXY_STREAMS_ADMITTED.labels(subaccount).set(held)
-        metrics.PROXY_STREAM_HOLDERS.labels("token").set(len(self._by_token))
-        metrics.PROXY_STREAM_HOLDERS.labels("client_address").set(len(self._by_address))
+        _admitted_gauge(subaccount).set(held)
+        _TOKENS_HOLDING.set(len(self._by_token))
+        _ADDRESSES_HOLDING.set(len(self._by_address))
         self._changed.unpark_all()
 
     def statistics(self) -> AdmissionStatistics:
@@ -116,6 +118,16 @@ class StreamAdmission:
         """Return once exactly `count` tickets are out (tests wait on this instead of polling)."""
         while self._streams != count:
             await self._changed.park()
+
+
+_TOKENS_HOLDING = metrics.PROXY_STREAM_HOLDERS.labels("token")
+_ADDRESSES_HOLDING = metrics.PROXY_STREAM_HOLDERS.labels("client_address")
+
+
+@functools.lru_cache(maxsize=256)
+def _admitted_gauge(subaccount: str) -> Any:
+    """The PROXY_STREAMS_ADMITTED child of a subaccount (a labels() lookup per stream costs)."""
+    return metrics.PROXY_STREAMS_ADMITTED.labels(subaccount)
 
 
 def _decrement(counts: dict[str, int], key: str) -> None:
@@ -163,6 +175,8 @@ class AdmittedStream(TunnelStream):
         self.target = stream.target
 
     def __getattr__(self, name: str) -> object:
+        if name == "_stream":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self._stream, name)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:

@@ -75,7 +75,8 @@ class ClientConnection:
         """Return once the client closed (or reset) its connection; wait forever if that cannot
         be told without reading: the client sent more bytes (a body, a pipelined request), which
         belong to the proxy. Only while the proxy itself does not read the socket (its task is
-        waiting for a stream)."""
+        waiting for a stream). A client that merely half-closes (shuts down its sending side)
+        looks the same as one that left, and is taken as gone."""
         if self.sock is None:
             await trio.sleep_forever()
         assert self.sock is not None
@@ -149,6 +150,7 @@ class AuthThrottle:
             if now - oldest.last < self.settings.forget_after:
                 break
             addresses.popitem(last=False)
+        metrics.PROXY_AUTH_FAILING_ADDRESSES.set(len(addresses))
 
     def failures(self, address: str) -> int:
         """Failures of `address` still remembered now."""
