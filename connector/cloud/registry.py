@@ -266,9 +266,9 @@ class Registry:
             while True:
                 master = location.master
                 if master is not None:
-                    # The routing decision is made now, with this epoch; the master may drain or
-                    # be fenced while the OPEN frame is being sent, which does not change whose
-                    # stream it is.
+                    # The routing decision is made now, with this epoch: a stream opened at once
+                    # is this master's even if it drains or is fenced right after; one waited for
+                    # is taken only while this master stays (else the decision is made again).
                     epoch = master.epoch
                     stream: TunnelStream | None
                     try:
