@@ -98,7 +98,7 @@ async def test_one_token_cannot_take_every_stream_of_a_location(nursery, tmp_pat
         )
         assert code == 0x03  # network unreachable: no stream for this request
         await sock.aclose()
-        assert trio.current_time() - started < STREAM_WAIT  # at once, not after a wait
+        assert trio.current_time() - started < 2.0  # at once, not after stream_wait_seconds (5 s)
         other = await HttpClient.connect(stack.ports.http_proxy)
         assert (await other.request("GET", URL, auth(OTHER_TOKEN))).status == 200
         sock, code = await socks5_connect(
@@ -191,7 +191,7 @@ async def test_a_client_that_gives_up_waiting_leaves_nothing_behind(nursery, tmp
             await sock.aclose()
         await registry.wait_waiting(0)
         await registry.admission.wait_streams(MAX_STREAMS)
-        assert trio.current_time() - started < 1.0  # not the 60 s of the wait
+        assert trio.current_time() - started < 5.0  # at once, not after the 60 s of the wait
         for client in hog:
             await client.aclose()
         await registry.admission.wait_streams(0)
@@ -216,11 +216,11 @@ async def test_a_flood_of_wrong_tokens_is_slowed_and_others_are_served(nursery, 
     """One connection sends wrong tokens back to back: past auth_failures_before_delay its 407s
     come one per auth_failure_delay; a correct token from another address is served at once,
     meanwhile. (Before the throttle: thousands of answers per second.)"""
-    threshold, delay, flood_seconds = 5, 0.25, 2.0
+    threshold, delay, flood_seconds = 5, 0.5, 2.0
     with trio.fail_after(TEST_TIMEOUT):
         stack = await limited_stack(
             nursery, tmp_path,
-            f"auth_failures_before_delay = {threshold}\nauth_failure_delay = {delay}\nauth_failure_max_delay = 1.0",
+            f"auth_failures_before_delay = {threshold}\nauth_failure_delay = {delay}\nauth_failure_max_delay = 2.0",
         )
         answers = 0
         flooding = trio.Event()
