@@ -241,9 +241,11 @@ async def test_request_waiting_for_a_free_stream_follows_a_master_change(registr
     nursery.start_soon(request)
     await registry.wait_waiting(1)
     registry.unregister(a, draining=True)
-    a.session.free_stream()  # a finishes its stream while draining: still not ours
     await trio.testing.wait_all_tasks_blocked()
-    assert got == [] and registry.statistics() == RegistryStatistics(held=1, waiting_for_streams=0)  # held for a master, not waiting on a
+    assert registry.statistics() == RegistryStatistics(held=1, waiting_for_streams=0)  # held for a master
+    a.session.free_stream()  # a finishes its stream while draining: not given to the request
+    await trio.testing.wait_all_tasks_blocked()
+    assert got == []
     b = handle("b")
     registry.add(b)
     registry.register(b, 8)
