@@ -84,6 +84,8 @@ class ClientConnection:
             peeked = await self.sock.socket.recv(1, socket.MSG_PEEK)
         except OSError:
             return  # reset by the client
+        except (trio.BusyResourceError, trio.ClosedResourceError):
+            peeked = b"?"  # the proxy is reading (or closed) it itself: cannot tell from here
         if not peeked:
             return
         await trio.sleep_forever()
