@@ -21,6 +21,8 @@ import attrs
 
 from connector import pki
 from connector.agent.acl import Mapping
+from connector.cloud.admission import StreamLimits
+from connector.cloud.clients import AuthThrottleSettings
 from connector.cloud.destinations import DestinationLimits
 from ha.timing import HATiming
 
@@ -202,6 +204,7 @@ class SubaccountConfig:
     locations: tuple[str, ...]  # locations held for during failover even before first seen
     destination_admin_sha256: tuple[str, ...] = ()  # tokens that manage destinations (not proxy tokens)
     clusters: dict[str, str] = attrs.field(factory=dict)  # location -> the one cluster that may serve it
+    max_streams_per_token: int | None = None  # None: [proxy] max_streams_per_token
 
 
 @attrs.frozen
@@ -225,6 +228,9 @@ class CloudConfig:
     state_file: Path | None  # highest epochs, so a restarted cloud keeps fencing
     subaccounts: tuple[SubaccountConfig, ...]
     destination_limits: DestinationLimits = DestinationLimits()
+    stream_wait_seconds: float = 5.0
+    stream_limits: StreamLimits = StreamLimits()
+    auth_throttle: AuthThrottleSettings = AuthThrottleSettings()
 
 
 def _digests(section: _Section, name: str) -> list[str]:
@@ -273,6 +279,7 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
                 locations=tuple(section.str_list("locations", [""])),
                 destination_admin_sha256=tuple(_digests(section, "destination_admin_sha256")),
                 clusters=pins,
+                max_streams_per_token=section.int("max_streams_per_token", minimum=0),
             )
         )
         section.done()
@@ -300,6 +307,15 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
         socks5_listen=proxy.listen("socks5_listen", "127.0.0.1:20004"),
         hold_seconds=proxy.float("hold_seconds", 5.0),
         hold_max=proxy.int("hold_max", 1000, minimum=0),
+        stream_wait_seconds=proxy.float("stream_wait_seconds", 5.0),
+        stream_limits=StreamLimits(
+            per_token=proxy.int("max_streams_per_token", 256, minimum=0),
+            per_client_address=proxy.int("max_streams_per_client_address", 512, minimum=0),
+            per_token_by_subaccount={
+                s.id: s.max_streams_per_token for s in subaccounts if s.max_streams_per_token is not None
+            },
+        ),
+        auth_throttle=_auth_throttle(proxy),
         admin_listen=admin.listen("listen", "127.0.0.1:20006"),
         destinations_listen=dest.listen("listen", "127.0.0.1:20005") if dest else None,
         destinations_store=(dest.path("store", must_exist=False) or file.parent / "destinations.json") if dest else None,
@@ -313,6 +329,20 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
     if config.ping_timeout <= config.ping_interval:
         raise ConfigError(file, "tunnel.ping_timeout", "must be longer than tunnel.ping_interval")
     return config
+
+
+def _auth_throttle(proxy: _Section) -> AuthThrottleSettings:
+    delay = proxy.float("auth_failure_delay", 1.0)
+    max_delay = proxy.float("auth_failure_max_delay", 5.0)
+    if max_delay < delay:
+        raise ConfigError(proxy.file, proxy.key("auth_failure_max_delay"), "must be at least auth_failure_delay")
+    return AuthThrottleSettings(
+        failures=proxy.int("auth_failures_before_delay", 10, minimum=0),
+        delay=delay,
+        max_delay=max_delay,
+        forget_after=proxy.float("auth_failure_memory_seconds", 60.0),
+        max_addresses=proxy.int("auth_tracked_addresses", 10000, minimum=1),
+    )
 
 
 # --- node side --------------------------------------------------------------------------------

@@ -126,3 +126,31 @@ HELD_SECONDS = Histogram(
     NS + "_held_request_duration_seconds", "How long requests were held waiting for a master",
     buckets=FAILOVER_BUCKETS,
 )
+PROXY_STREAM_WAITING = Gauge(
+    NS + "_proxy_stream_waiting",
+    "Requests waiting for a free stream on their master's tunnel (all its max_streams in use)",
+)
+PROXY_STREAMS_ADMITTED = Gauge(
+    NS + "_proxy_streams_admitted",
+    "Tunnel streams held or awaited by applications, by subaccount (what per-token limits count)",
+    ["subaccount"],
+)
+PROXY_STREAM_HOLDERS = Gauge(
+    NS + "_proxy_stream_holders", "Distinct tokens and client addresses holding streams, by kind (token, client_address)",
+    ["kind"],
+)
+PROXY_STREAM_REFUSALS = Counter(
+    NS + "_proxy_stream_refusals_total",
+    "Requests given no stream, by reason (stream_limit_token, stream_limit_client, tunnel_busy, client_gone)",
+    ["subaccount", "reason"],
+)
+PROXY_AUTH_FAILURES = Counter(
+    NS + "_proxy_auth_failures_total", "Application credentials the connectivity proxies refused"
+)
+PROXY_AUTH_DELAYED = Counter(
+    NS + "_proxy_auth_failures_delayed_total",
+    "Refusals answered late because their client address failed too often (AuthThrottle)",
+)
+PROXY_AUTH_FAILING_ADDRESSES = Gauge(
+    NS + "_proxy_auth_failing_addresses", "Client addresses with remembered authentication failures"
+)

@@ -214,6 +214,23 @@ SECURITY = {
                 f"sum by (instance) (increase(connector_audit_write_errors_total{{{INST}}}[{RI}]))",
                 "{{instance}}")]),
         ],
+        [
+            panel("Refused application credentials (cloud)", [
+                q(f"sum(rate(connector_proxy_auth_failures_total[{RI}]))", "refused"),
+                q(f"sum(rate(connector_proxy_auth_failures_delayed_total[{RI}]))", "answered late")], unit="reqps"),
+            panel("Client addresses failing authentication (cloud)", [q(
+                "sum(connector_proxy_auth_failing_addresses)", "addresses")]),
+        ],
+        [
+            panel("Streams held by applications (cloud)", [
+                q("sum by (subaccount) (connector_proxy_streams_admitted)", "{{subaccount}}"),
+                q("sum(connector_proxy_stream_waiting)", "waiting for a free stream")], width=8),
+            panel("Tokens and client addresses holding streams (cloud)", [q(
+                "sum by (kind) (connector_proxy_stream_holders)", "{{kind}}")], width=8),
+            panel("Requests given no stream (cloud)", [q(
+                f"sum by (subaccount, reason) (rate(connector_proxy_stream_refusals_total[{RI}])) or on() vector(0)",
+                "{{subaccount}} {{reason}}")], unit="reqps", width=8),
+        ],
     ],
 }
 

@@ -23,6 +23,8 @@ from collections.abc import Iterable, Mapping
 
 import attrs
 
+from connector.cloud.clients import AuthThrottle, Principal
+
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
@@ -72,9 +74,14 @@ def parse_authorization(value: bytes | str | None) -> Credentials | None:
 
 
 class Authenticator:
-    """Maps bearer tokens to subaccounts; immutable, replace it as a whole on configuration change."""
+    """Maps bearer tokens to subaccounts; immutable, replace it as a whole on configuration change
+    (handing the new one the same `throttle`, which remembers the failures of client addresses
+    for the proxies; see `connector.cloud.clients.AuthThrottle`)."""
 
-    def __init__(self, digests_by_subaccount: Mapping[str, Iterable[str]]) -> None:
+    def __init__(
+        self, digests_by_subaccount: Mapping[str, Iterable[str]], *, throttle: AuthThrottle | None = None
+    ) -> None:
+        self.throttle = throttle if throttle is not None else AuthThrottle()
         entries: list[tuple[bytes, str]] = []
         seen: dict[str, str] = {}
         for subaccount, digests in digests_by_subaccount.items():
@@ -112,6 +119,11 @@ class Authenticator:
 
     def authenticate_credentials(self, credentials: Credentials | None) -> str | None:
         """Authenticate parsed credentials; a Basic user must name the token's own subaccount."""
+        principal = self.identify(credentials)
+        return principal.subaccount if principal is not None else None
+
+    def identify(self, credentials: Credentials | None) -> Principal | None:
+        """Like `authenticate_credentials`, and also the token's digest (what per-token limits count)."""
         if credentials is None:
             return None
         subaccount = self.authenticate(credentials.token)
@@ -121,7 +133,7 @@ class Authenticator:
             credentials.subaccount.encode("utf-8"), subaccount.encode("utf-8")
         ):
             return None
-        return subaccount
+        return Principal(subaccount, hash_token(credentials.token))
 
     def authenticate_header(self, value: bytes | str | None) -> str | None:
         """Authenticate an Authorization / Proxy-Authorization header value."""

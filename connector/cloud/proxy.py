@@ -497,7 +497,7 @@ class _ProxyConnection:
                 "send Proxy-Authorization: Bearer <token>", extra=challenge,
             )
             return 407
-        subaccount = self.proxy.authenticator.authenticate_header(authorization)
+        subaccount = await self.proxy.authenticate_header(authorization)
         if subaccount is None:
             await self._send_error(
                 407, "invalid_proxy_credentials", "the proxy credentials were not accepted", extra=challenge
@@ -541,7 +541,7 @@ class _ProxyConnection:
                         subaccount, location_id, Target(host, port, StreamProtocol.HTTP)
                     )
                 except NoConnectorError as exc:
-                    await self._send_error(503, "no_connector", exc.reason)
+                    await self._send_error(503, exc.code, exc.reason)
                     return 503
                 except StreamResetError as exc:
                     status, reason, message = reset_status(exc)

@@ -20,9 +20,16 @@ claiming one location would otherwise fence each other many times a second. The 
 pure function `decide_registration`; moving a location to another cluster is a pin in the cloud's
 configuration (its epochs start afresh, the old cluster is then refused).
 
-While a known location has no master (failover, handover), `open_stream` *holds* the request:
-it waits for a registration for at most ``hold_seconds``, with at most ``hold_max`` requests
-waiting, then fails with `NoConnectorError` (503). A failover therefore costs latency, not errors.
+Waiting for a stream. While a known location has no master (failover, handover), `open_stream`
+*holds* the request: it waits for a registration for at most ``hold_seconds``, with at most
+``hold_max`` requests waiting, then fails with `NoConnectorError` (503). A failover therefore
+costs latency, not errors. While every stream of the master's tunnel is in use (the node's
+``max_streams``), a request waits for a free one for at most ``stream_wait_seconds`` (both
+measured from the call), at most ``hold_max`` of them, then fails with code ``tunnel_busy``; if
+the master changes meanwhile, the decision is made again. Before any wait the request is admitted
+per token and per client address (`connector.cloud.admission`), so one application cannot hold
+or queue for a whole tunnel. A request whose application closes its connection while it waits
+ends at once (``client_gone``): no waiter, count or stream is left behind for it.
 When a master's tunnel drops, the standbys of its location are told at once (``master_lost``), which
 is the fastest signal a shadow node can get that the master process died.
 
@@ -35,7 +42,7 @@ import json
 import logging
 import os
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +50,8 @@ import attrs
 import trio
 
 from connector import metrics
+from connector.cloud.admission import StreamAdmission
+from connector.cloud.clients import ClientConnection, current_client
 from connector.cloud.router import NoConnectorError
 from connector.tunnel.session import TunnelError, TunnelSession
 from connector.tunnel.streams import TunnelStream
@@ -100,6 +109,12 @@ class _Location:
 
 
 @attrs.frozen
+class RegistryStatistics:
+    held: int  # requests waiting for a master
+    waiting_for_streams: int  # requests waiting for a free stream on their master's tunnel
+
+
+@attrs.frozen
 class RegistrationResult:
     accepted: bool
     reason: str  # accepted, stale_epoch, wrong_cluster
@@ -152,9 +167,15 @@ class Registry:
         known_locations: Iterable[LocationKey] = (),
         pinned_clusters: dict[LocationKey, str] | None = None,
         state_file: Path | None = None,
+        stream_wait_seconds: float = 5.0,
+        admission: StreamAdmission | None = None,
     ) -> None:
         self.hold_seconds = hold_seconds
         self.hold_max = hold_max
+        self.stream_wait_seconds = stream_wait_seconds
+        self.admission = admission if admission is not None else StreamAdmission()
+        self._waiting_for_streams = 0
+        self._waiting_changed = trio.lowlevel.ParkingLot()
         self.state_file = state_file
         self._persist_failing = False
         self._persisted = trio.Event()  # set while state_file holds the current epochs
@@ -325,25 +346,45 @@ class Registry:
     # --- routing (Router protocol) ----------------------------------------------------------
 
     async def open_stream(self, subaccount: str, location_id: str, target: Target) -> TunnelStream:
+        """A stream to `target` on the location's master; see "Waiting for a stream" above."""
+        await trio.lowlevel.checkpoint()
         location = self._locations.get((subaccount, location_id))
         if location is None or not location.known:
             raise NoConnectorError(f"no connector is connected for location {location_id!r} of subaccount {subaccount!r}")
-        deadline = trio.current_time() + self.hold_seconds
+        client = current_client.get()
+        ticket = self.admission.admit(subaccount, client)  # NoConnectorError at once past a limit
+        try:
+            stream = await self._open(location, target, client)
+        except BaseException:
+            ticket.release()
+            raise
+        return ticket.attach(stream)
+
+    async def _open(self, location: _Location, target: Target, client: ClientConnection | None) -> TunnelStream:
+        started = trio.current_time()
+        hold_deadline = started + self.hold_seconds
+        busy_deadline = started + self.stream_wait_seconds
         held_since: float | None = None
         try:
             while True:
                 master = location.master
                 if master is not None:
-                    # The routing decision is made now, with this epoch; the master may drain or
-                    # be fenced while the OPEN frame is being sent, which does not change whose
-                    # stream it is.
+                    # The routing decision is made now, with this epoch: a stream opened at once
+                    # is this master's even if it drains or is fenced right after; one waited for
+                    # is taken only while this master stays (else the decision is made again).
                     epoch = master.epoch
+                    stream: TunnelStream | None
                     try:
-                        stream = await master.session.open_stream(target)
+                        try:
+                            stream = master.session.open_stream_nowait(target)
+                        except trio.WouldBlock:
+                            stream = await self._wait_for_free_stream(location, master, target, client, busy_deadline)
                     except TunnelError:
                         # The tunnel died before this request was sent: safe to wait for the next master.
                         if location.master is master:
                             self.remove(master)
+                        continue
+                    if stream is None:  # the master changed while we waited: decide again
                         continue
                     location.record_stream(master.node, epoch)
                     if held_since is not None:
@@ -357,19 +398,102 @@ class Registry:
                     held_since = trio.current_time()
                     self._held += 1
                     metrics.HELD_REQUESTS.set(self._held)
-                changed = location.master_changed
-                with trio.move_on_at(deadline):
-                    await changed.wait()
+                if await self._wait(client, hold_deadline, location.master_changed.wait, subaccount=location.key[0]):
                     continue
                 metrics.HELD_TOTAL.labels("timeout").inc()
                 metrics.HELD_SECONDS.observe(trio.current_time() - held_since)
                 raise NoConnectorError(
-                    f"no master registered for location {location_id!r} within {self.hold_seconds:g} s"
+                    f"no master registered for location {location.key[1]!r} within {self.hold_seconds:g} s"
                 )
         finally:
             if held_since is not None:
                 self._held -= 1
                 metrics.HELD_REQUESTS.set(self._held)
+
+    async def _wait_for_free_stream(
+        self, location: _Location, master: TunnelHandle, target: Target, client: ClientConnection | None,
+        deadline: float,
+    ) -> TunnelStream | None:
+        """Every stream of the master's tunnel is in use: wait for one until `deadline`.
+
+        None if the location's master changed meanwhile (the caller decides again); TunnelError
+        if the tunnel died; NoConnectorError (``tunnel_busy``) when the deadline passed or the
+        wait is full, (``client_gone``) when the application left.
+        """
+        sub = location.key[0]
+        if self._waiting_for_streams >= self.hold_max:
+            metrics.PROXY_STREAM_REFUSALS.labels(sub, "tunnel_busy").inc()
+            raise NoConnectorError("every stream of the connector's tunnel is in use and too many requests wait",
+                                   code="tunnel_busy")
+        opened: list[TunnelStream] = []
+        failed: list[TunnelError] = []
+
+        async def take_a_free_stream() -> None:
+            try:
+                opened.append(await master.session.open_stream(target))
+            except TunnelError as exc:
+                failed.append(exc)
+
+        changed = location.master_changed
+        self._count_waiting(+1)
+        try:
+            await self._wait(client, deadline, take_a_free_stream, changed.wait, subaccount=sub)
+        finally:
+            self._count_waiting(-1)
+        if opened:
+            return opened[0]
+        if failed:
+            raise failed[0]
+        if changed.is_set():
+            return None
+        metrics.PROXY_STREAM_REFUSALS.labels(sub, "tunnel_busy").inc()
+        raise NoConnectorError(
+            f"every stream of the connector's tunnel stayed in use for {self.stream_wait_seconds:g} s",
+            code="tunnel_busy",
+        )
+
+    @staticmethod
+    async def _wait(
+        client: ClientConnection | None, deadline: float, *waits: Callable[[], Awaitable[object]], subaccount: str
+    ) -> bool:
+        """Run `waits` until the first returns (True) or `deadline` passes (False). Raise
+        NoConnectorError (``client_gone``) as soon as the application closes its connection: a
+        client that gave up leaves no waiter behind, and no stream is opened for it."""
+        done = gone = False
+        with trio.move_on_at(deadline):
+            async with trio.open_nursery() as nursery:
+
+                async def first(wait: Callable[[], Awaitable[object]]) -> None:
+                    nonlocal done
+                    await wait()
+                    done = True
+                    nursery.cancel_scope.cancel()
+
+                async def watch_client(client: ClientConnection) -> None:
+                    nonlocal gone
+                    await client.wait_gone()
+                    gone = True
+                    nursery.cancel_scope.cancel()
+
+                for wait in waits:
+                    nursery.start_soon(first, wait)
+                if client is not None:
+                    nursery.start_soon(watch_client, client)
+        if gone and not done:
+            metrics.PROXY_STREAM_REFUSALS.labels(subaccount, "client_gone").inc()
+            raise NoConnectorError("the application closed its connection while waiting for a stream",
+                                   code="client_gone")
+        return done
+
+    def _count_waiting(self, delta: int) -> None:
+        self._waiting_for_streams += delta
+        metrics.PROXY_STREAM_WAITING.set(self._waiting_for_streams)
+        self._waiting_changed.unpark_all()
+
+    async def wait_waiting(self, count: int) -> None:
+        """Return once exactly `count` requests wait for a free stream (for tests: no polling)."""
+        while self._waiting_for_streams != count:
+            await self._waiting_changed.park()
 
     # --- introspection ---------------------------------------------------------------------
 
@@ -393,6 +517,9 @@ class Registry:
                 }
             )
         return result
+
+    def statistics(self) -> RegistryStatistics:
+        return RegistryStatistics(self._held, self._waiting_for_streams)
 
     def master_of(self, subaccount: str, location_id: str) -> TunnelHandle | None:
         location = self._locations.get((subaccount, location_id))

@@ -4,32 +4,47 @@ The HTTP proxy, the SOCKS5 proxy and anything else that reaches an internal host
 for a stream to a virtual target of a (subaccount, location_id). The real router is
 `connector.cloud.registry` (it finds the master tunnel of that location, holds the request while
 no master is connected, and opens a stream on it); tests use a fake over in-memory streams.
-A router that cannot deliver a stream raises `NoConnectorError`; a stream that the node refuses
-or that dies later raises `StreamResetError` from its I/O (see docs/CONTRACTS.md).
+A router that cannot deliver a stream raises `NoConnectorError` (its `code` says why); a stream
+that the node refuses or that dies later raises `StreamResetError` from its I/O (see
+docs/CONTRACTS.md).
+
+`ProxyService` serves each application connection in its own task with the connection's
+`ClientConnection` in `connector.cloud.clients.current_client`, and authenticates through
+`authenticate_header` / `authenticate_token`, which record the accepted token there (the
+registry counts streams per token and per client address from it) and delay the answers to
+an address that fails too often (`AuthThrottle`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Generic, Protocol, TypeVar
+from typing import ClassVar, Generic, Protocol, TypeVar
 
 import trio
 
+from connector import metrics
+from connector.cloud.auth import Authenticator, Credentials, parse_authorization
+from connector.cloud.clients import ClientConnection, current_client
 from connector.listen import serve_tcp
 from connector.tunnel.streams import TunnelStream
 from connector.tunnel.types import Target
-
-if TYPE_CHECKING:
-    from connector.cloud.auth import Authenticator
 
 SettingsT = TypeVar("SettingsT")
 
 
 class NoConnectorError(Exception):
-    """No connector serves this (subaccount, location_id): none connected, hold timed out or full."""
+    """No stream can be had for this request now; the proxies answer 503 (SOCKS5: reply 0x03).
 
-    def __init__(self, reason: str) -> None:
+    `code` is a stable token for the error body and logs: ``no_connector`` (no connector serves
+    this (subaccount, location_id): none connected, hold timed out or full), ``tunnel_busy``
+    (every stream of the master's tunnel stayed in use for the whole wait), ``stream_limit_token``
+    / ``stream_limit_client`` (this token / client address holds its limit of streams),
+    ``client_gone`` (the application closed its connection while waiting). `reason` is a sentence.
+    """
+
+    def __init__(self, reason: str, code: str = "no_connector") -> None:
         super().__init__(reason)
         self.reason = reason
+        self.code = code
 
 
 class Router(Protocol):
@@ -61,8 +76,38 @@ class ProxyService(Generic[SettingsT]):
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve until cancelled; `task_status.started` gets the bound port (0 picks a free one)."""
-        await serve_tcp(self._handle, host, self.default_port if port is None else port,
+        await serve_tcp(self._serve_client, host, self.default_port if port is None else port,
                         name=self.name, task_status=task_status)
+
+    async def _serve_client(self, sock: trio.SocketStream) -> None:
+        current_client.set(ClientConnection.of(sock))  # this connection's task only
+        await self._handle(sock)
 
     async def _handle(self, sock: trio.SocketStream) -> None:
         raise NotImplementedError
+
+    async def authenticate_header(self, value: bytes | str | None) -> str | None:
+        """The subaccount of a `Proxy-Authorization`-style header, or None (see `_check_credentials`)."""
+        return await self._check_credentials(parse_authorization(value))
+
+    async def authenticate_token(self, token: str, subaccount: str | None = None) -> str | None:
+        """The subaccount of `token` (which must belong to `subaccount` if given), or None."""
+        return await self._check_credentials(Credentials(token, subaccount))
+
+    async def _check_credentials(self, credentials: Credentials | None) -> str | None:
+        """Authenticate for the current connection: an accepted token becomes its principal; a
+        refusal is counted for its client address and answered only after the throttle's delay."""
+        client = current_client.get()
+        principal = self.authenticator.identify(credentials)
+        if principal is not None:
+            if client is not None:
+                client.principal = principal
+            return principal.subaccount
+        metrics.PROXY_AUTH_FAILURES.inc()
+        if client is not None:
+            client.principal = None
+            delay = self.authenticator.throttle.failed(client.address)
+            if delay > 0:
+                metrics.PROXY_AUTH_DELAYED.inc()
+                await trio.sleep(delay)
+        return None

@@ -14,7 +14,9 @@ import trio
 
 from connector import metrics, pki
 from connector.admin import AdminRequest, AdminServer, Reply
+from connector.cloud.admission import StreamAdmission
 from connector.cloud.auth import Authenticator
+from connector.cloud.clients import AuthThrottle
 from connector.cloud.destinations import DestinationService, DestinationSettings
 from connector.cloud.endpoint import EndpointSettings, TunnelEndpoint
 from connector.cloud.proxy import HttpProxy
@@ -44,8 +46,12 @@ class CloudServer:
             known_locations=[(s.id, loc) for s in config.subaccounts for loc in s.locations],
             pinned_clusters={(s.id, loc): cluster for s in config.subaccounts for loc, cluster in s.clusters.items()},
             state_file=config.state_file,
+            stream_wait_seconds=config.stream_wait_seconds,
+            admission=StreamAdmission(config.stream_limits),
         )
-        self.authenticator = Authenticator({s.id: s.token_sha256 for s in config.subaccounts})
+        self.authenticator = Authenticator(
+            {s.id: s.token_sha256 for s in config.subaccounts}, throttle=AuthThrottle(config.auth_throttle)
+        )
         self.endpoint = TunnelEndpoint(
             self.registry,
             cert=config.tunnel_cert,

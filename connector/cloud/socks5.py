@@ -244,7 +244,7 @@ class Socks5Proxy(ProxyService[Socks5Settings]):
                 f"client offered methods {list(methods)}; accepted are 0x80 (token) and 0x02 (username/password)",
             )
         token, claimed_subaccount, location_id = credentials
-        subaccount = self.authenticator.authenticate(token)
+        subaccount = await self.authenticate_token(token, claimed_subaccount)
         if subaccount is None or (claimed_subaccount is not None and claimed_subaccount != subaccount):
             await sock.send_all(bytes([SUBNEGOTIATION_VERSION, 0x01]))
             raise _HandshakeError("auth_failed", "SOCKS5 credentials were not accepted")

@@ -708,15 +708,22 @@ class TunnelSession:
 
         Raises TunnelError if the tunnel is closed, ValueError for an unusable target.
         """
-        if not self._conn.handshake_complete and not self._closing:
-            raise RuntimeError("handshake() must complete before open_stream()")
         await trio.lowlevel.checkpoint()
         while True:
-            if self._closing:
-                raise self._tunnel_error()
-            if self._conn.local_streams_open < self._conn.peer_max_streams:
-                break
-            await self._streams_lot.park()
+            try:
+                return self.open_stream_nowait(target)
+            except trio.WouldBlock:
+                await self._streams_lot.park()
+
+    def open_stream_nowait(self, target: Target) -> SessionStream:
+        """`open_stream` without waiting: raises trio.WouldBlock while the peer's max_streams
+        are in use (so a caller can put its own deadline over the wait, or avoid one)."""
+        if not self._conn.handshake_complete and not self._closing:
+            raise RuntimeError("handshake() must complete before open_stream()")
+        if self._closing:
+            raise self._tunnel_error()
+        if self._conn.local_streams_open >= self._conn.peer_max_streams:
+            raise trio.WouldBlock
         stream_id = self._conn.next_stream_id()
         try:
             self._send(p.OpenStream(stream_id, target))

@@ -264,6 +264,13 @@ def healthy_demo() -> list[dict[str, str]]:
     out += gauge("connector_streams_open", {**cloud, "side": "cloud"}, 0)
     out += counter("connector_streams_opened_total", {**cloud, "side": "cloud", "protocol": "http"}, 2)
     out += histogram("connector_tunnel_ping_rtt_seconds", {**cloud, "side": "cloud"}, lat, 15, 0.0005)
+    out += counter("connector_proxy_auth_failures_total", cloud)
+    out += counter("connector_proxy_auth_failures_delayed_total", cloud)
+    out += gauge("connector_proxy_auth_failing_addresses", cloud, 0)
+    out += gauge("connector_proxy_stream_waiting", cloud, 0)
+    out += gauge("connector_proxy_streams_admitted", {**cloud, "subaccount": "demo"}, 0)
+    out += gauge("connector_proxy_stream_holders", {**cloud, "kind": "token"}, 0)
+    out += gauge("connector_proxy_stream_holders", {**cloud, "kind": "client_address"}, 0)
     return out
 
 

@@ -1,0 +1,165 @@
+"""The client of an application connection, and the throttle on its failed authentications.
+
+Theory of operation
+-------------------
+`ProxyService` (`connector.cloud.router`) serves every application connection in its own task
+and records, in the context variable `current_client`, a `ClientConnection`: the client's address
+(`address_key`: an IPv4 address, or the /64 of an IPv6 one, since one host commonly owns a whole
+/64) and, once a token was accepted, the `Principal` (subaccount and token digest). Code running
+in that task (the registry's `open_stream`, through `connector.cloud.admission`) reads it there;
+context variables are per task in trio, so connections never see each other's.
+
+Failed authentications are counted per client address (`AuthThrottle`). The first `failures`
+failures of an address are answered at once; past them, the answers to that address's failures
+are spaced `delay` apart (a sequential guesser gets one answer per `delay`; guessers on parallel
+connections queue for the same slots), and no answer waits longer than `max_delay`. An address is
+forgotten `forget_after` seconds after its last failure; at most `max_addresses` are tracked (the
+least recently failing one is dropped first), so memory is bounded whatever the attacker's
+address space. Successful authentications are never delayed and do not clear the count: holding
+one valid token does not buy faster guessing of others.
+
+Times are trio's clock; nothing here does I/O except `ClientConnection.wait_gone`.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import ipaddress
+import socket
+from collections import OrderedDict
+
+import attrs
+import trio
+
+from connector import metrics
+
+
+def address_key(host: str) -> str:
+    """The unit a client is counted by: the IPv4 address, or the /64 network of an IPv6 one."""
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
+@attrs.frozen
+class Principal:
+    """Who an accepted token is: its subaccount and the SHA-256 hex digest of the token."""
+
+    subaccount: str
+    token_digest: str
+
+
+@attrs.define(eq=False)
+class ClientConnection:
+    """One application connection to a proxy: where it comes from, whom it authenticated as."""
+
+    address: str  # address_key of the peer
+    sock: trio.SocketStream | None = None
+    principal: Principal | None = None
+
+    @classmethod
+    def of(cls, sock: trio.SocketStream) -> ClientConnection:
+        try:
+            host = sock.socket.getpeername()[0]
+        except OSError:
+            host = "?"
+        return cls(address_key(str(host)), sock)
+
+    async def wait_gone(self) -> None:
+        """Return once the client closed (or reset) its connection; wait forever if that cannot
+        be told without reading: the client sent more bytes (a body, a pipelined request), which
+        belong to the proxy. Only while the proxy itself does not read the socket (its task is
+        waiting for a stream). A client that merely half-closes (shuts down its sending side)
+        looks the same as one that left, and is taken as gone."""
+        if self.sock is None:
+            await trio.sleep_forever()
+        assert self.sock is not None
+        try:
+            peeked = await self.sock.socket.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return  # reset by the client
+        except (trio.BusyResourceError, trio.ClosedResourceError):
+            peeked = b"?"  # the proxy is reading (or closed) it itself: cannot tell from here
+        if not peeked:
+            return
+        await trio.sleep_forever()
+
+
+current_client: contextvars.ContextVar[ClientConnection | None] = contextvars.ContextVar(
+    "current_client", default=None
+)
+
+
+@attrs.frozen
+class AuthThrottleSettings:
+    failures: int = 10  # failures of one address answered at once
+    delay: float = 1.0  # past them, its failures are answered this far apart
+    max_delay: float = 5.0  # no answer waits longer
+    forget_after: float = 60.0  # an address is forgotten this long after its last failure
+    max_addresses: int = 10000  # addresses tracked at once
+
+    def __attrs_post_init__(self) -> None:
+        if self.failures < 0 or self.delay <= 0 or self.max_delay < self.delay or self.forget_after <= 0:
+            raise ValueError(f"inconsistent authentication throttle settings: {self}")
+        if self.max_addresses < 1:
+            raise ValueError("max_addresses must be at least 1")
+
+
+@attrs.define
+class _Failures:
+    count: int
+    last: float  # time of the last failure
+    next_answer: float  # the earliest time the next delayed answer may leave
+
+
+class AuthThrottle:
+    """Counts failed authentications per client address; tells how long to delay each answer."""
+
+    def __init__(self, settings: AuthThrottleSettings = AuthThrottleSettings()) -> None:
+        self.settings = settings
+        self._addresses: OrderedDict[str, _Failures] = OrderedDict()  # least recently failing first
+
+    def failed(self, address: str) -> float:
+        """Record a failure of `address` now; return the seconds its answer must wait."""
+        settings = self.settings
+        now = trio.current_time()
+        self._forget(now)
+        entry = self._addresses.pop(address, None)
+        if entry is None:
+            entry = _Failures(0, now, now)
+            while len(self._addresses) >= settings.max_addresses:
+                self._addresses.popitem(last=False)
+        self._addresses[address] = entry  # now the most recently failing
+        entry.count += 1
+        entry.last = now
+        metrics.PROXY_AUTH_FAILING_ADDRESSES.set(len(self._addresses))
+        if entry.count <= settings.failures:
+            return 0.0
+        answer = min(max(now, entry.next_answer) + settings.delay, now + settings.max_delay)
+        entry.next_answer = answer
+        return answer - now
+
+    def _forget(self, now: float) -> None:
+        addresses = self._addresses
+        while addresses:
+            oldest = next(iter(addresses.values()))
+            if now - oldest.last < self.settings.forget_after:
+                break
+            addresses.popitem(last=False)
+        metrics.PROXY_AUTH_FAILING_ADDRESSES.set(len(addresses))
+
+    def failures(self, address: str) -> int:
+        """Failures of `address` still remembered now."""
+        self._forget(trio.current_time())
+        entry = self._addresses.get(address)
+        return entry.count if entry is not None else 0
+
+    @property
+    def tracked(self) -> int:
+        return len(self._addresses)
