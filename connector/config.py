@@ -19,6 +19,8 @@ from typing import Any, Literal, TypeVar, overload
 import attrs
 
 from connector.agent.acl import Mapping
+from connector.cloud.proxy import ProxySettings
+from connector.datarate import MinDataRate
 from ha.timing import HATiming
 
 T = TypeVar("T")
@@ -208,6 +210,28 @@ class CloudConfig:
     ping_timeout: float
     state_file: Path | None  # highest epochs, so a restarted cloud keeps fencing
     subaccounts: tuple[SubaccountConfig, ...]
+    http_proxy: ProxySettings = ProxySettings()  # deadlines and minimum rates of the HTTP proxy
+    audit_log: Path | None = None  # refusals of the proxies, JSON lines (None: in memory only)
+
+
+def _proxy_settings(proxy: _Section) -> ProxySettings:
+    """The HTTP proxy's deadlines and minimum body rates from [proxy]; defaults: ProxySettings."""
+    default = ProxySettings()
+    grace = proxy.float("min_rate_grace_period", default.min_request_body_rate.grace_period)
+
+    def rate(name: str, fallback: MinDataRate) -> MinDataRate:
+        value = proxy.float(name, fallback.bytes_per_second, positive=False)
+        if value < 0:
+            raise ConfigError(proxy.file, proxy.key(name), f"must be 0 (no minimum) or more, got {value}")
+        return MinDataRate(value, grace)
+
+    return ProxySettings(
+        header_timeout=proxy.float("header_timeout", default.header_timeout),
+        idle_timeout=proxy.float("idle_timeout", default.idle_timeout),
+        stream_idle_timeout=proxy.float("stream_idle_timeout", default.stream_idle_timeout),
+        min_request_body_rate=rate("min_request_body_rate", default.min_request_body_rate),
+        min_response_body_rate=rate("min_response_body_rate", default.min_response_body_rate),
+    )
 
 
 def load_cloud_config(path: str | Path) -> CloudConfig:
@@ -253,6 +277,8 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
         destinations_store=(dest.path("store", must_exist=False) or file.parent / "destinations.json") if dest else None,
         state_file=root.path("state_file", must_exist=False),
         subaccounts=tuple(subaccounts),
+        http_proxy=_proxy_settings(proxy),
+        audit_log=proxy.path("audit_log", must_exist=False),
     )
     for section in (tunnel, proxy, admin, *( [dest] if dest else [] )):
         section.done()
