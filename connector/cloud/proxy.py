@@ -174,10 +174,17 @@ def framing_error(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
     frames the request by its length and h11 (by its chunks) disagree on where the next request
     begins, so RFC 9112 section 6.3 has such a request refused and its connection closed.
     """
-    names = {name for name, _ in headers}
-    if b"content-length" in names and b"transfer-encoding" in names:
+    length = chunked = connection = False
+    for name, _ in headers:
+        if name == b"content-length":
+            length = True
+        elif name == b"transfer-encoding":
+            chunked = True
+        elif name == b"connection":
+            connection = True
+    if length and chunked:
         return "Content-Length and Transfer-Encoding in one request (RFC 9112 section 6.3)"
-    listed = header_tokens(headers, b"connection") & _FRAMING
+    listed = header_tokens(headers, b"connection") & _FRAMING if connection else None
     if listed:
         return f"the Connection header names {', '.join(sorted(t.decode() for t in listed))}, which frames the request"
     return None
@@ -257,6 +264,19 @@ class _TooSlow(Exception):
 
 class _ResponseNotRead(_ClientGone):
     """The application does not read its response fast enough: the connection is dropped."""
+
+
+@attrs.define
+class _Seen:
+    """What the proxy learnt of the current request so far: the fields of its audit record."""
+
+    started: float
+    method: bytes | None = None
+    subaccount: str | None = None
+    location: str | None = None
+    host: str | None = None
+    port: int | None = None
+    path: bytes | None = None  # origin-form, once the target was parsed
 
 
 @attrs.define
@@ -357,8 +377,7 @@ class _ProxyConnection:
                           lambda _exc: _ClientGone())
         self.write_timing = WriteTiming(self.settings.min_response_body_rate)
         # what the audit knows of the request being handled (filled in as it is parsed)
-        self.exchange: dict[str, Any] = {}
-        self.exchange_started = trio.current_time()
+        self.seen = _Seen(trio.current_time())  # of the request being read or handled
         try:
             host, port = sock.socket.getpeername()[:2]
             self.peer = f"{host}:{port}"
@@ -374,6 +393,9 @@ class _ProxyConnection:
 
     async def _send_client(self, data: bytearray) -> None:
         """Write to the application, at `min_response_body_rate` or faster (`_ResponseNotRead`)."""
+        if not self.settings.min_response_body_rate.enabled:
+            await self.sock.send_all(data)
+            return
         with trio.move_on_at(self.write_timing.deadline(trio.current_time(), len(data))):
             await self.sock.send_all(data)
             return
@@ -495,7 +517,7 @@ class _ProxyConnection:
             return
         self.conn.receive_data(first)
         while True:
-            self.exchange, self.exchange_started = {}, trio.current_time()
+            self.seen = _Seen(trio.current_time())
             try:
                 event = await self._next_request_event()
             except h11.RemoteProtocolError as exc:
@@ -561,9 +583,14 @@ class _ProxyConnection:
         return status
 
     def _audit(self, reason: str, status: int | None) -> None:
+        seen = self.seen
         self.proxy.audit.refusal(
             proxy="http", client=self.peer, reason=reason, status=status,
-            duration_seconds=trio.current_time() - self.exchange_started, **self.exchange,
+            duration_seconds=trio.current_time() - seen.started,
+            method=seen.method.decode("ascii", "replace") if seen.method is not None else None,
+            subaccount=seen.subaccount, location=seen.location,
+            virtual_target=f"http://{seen.host}:{seen.port}" if seen.host is not None else None,
+            path=seen.path.decode("ascii", "replace") if seen.path is not None else None,
         )
 
     async def _send_error(
@@ -635,8 +662,8 @@ class _ProxyConnection:
 
     async def _proxy_request(self, request: h11.Request) -> int | None:
         """Answer one request; return the status sent to the application (None if aborted)."""
-        exchange = self.exchange
-        exchange["method"] = request.method.decode("ascii", "replace")
+        seen = self.seen
+        seen.method = request.method
         headers = list(request.headers)
         framing = framing_error(headers)
         if framing is not None:
@@ -663,20 +690,19 @@ class _ProxyConnection:
             return await self._refuse(
                 407, "invalid_proxy_credentials", "the proxy credentials were not accepted", extra=challenge
             )
-        exchange["subaccount"] = subaccount
+        seen.subaccount = subaccount
         try:
             host, port, origin_target = parse_proxy_target(request.target)
         except BadTargetError as exc:
             # the target is not recorded: it may carry anything (user information, ...)
             return await self._refuse(400, "bad_request_target", str(exc))
-        exchange["virtual_target"] = f"http://{host}:{port}"
-        exchange["path"] = origin_target.decode("ascii", "replace")
+        seen.host, seen.port, seen.path = host, port, origin_target
         location_raw = next((v for n, v in headers if n == LOCATION_HEADER), b"")
         try:
             location_id = location_raw.decode("ascii").strip()
         except UnicodeDecodeError:
             return await self._refuse(400, "bad_location_id", "the location id header must be ASCII")
-        exchange["location"] = location_id
+        seen.location = location_id
 
         key = (subaccount, location_id, host, port)
         # _parsed: h11 validated every part when it parsed the request (the host and target

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 
 import h11
 import pytest
@@ -22,15 +25,19 @@ import trio.testing
 import trio_websocket
 
 from connector.agent.audit import REQUEST_FIELDS
+from connector.cli import init_certs
 from connector.cloud.audit import CloudAudit
 from connector.cloud.auth import Authenticator, hash_token
 from connector.cloud.proxy import HttpProxy, ProxySettings, framing_error
+from connector.cloud.server import CloudServer
+from connector.config import load_cloud_config
 from connector.datarate import MinDataRate
 from connector.tunnel.session import SessionStream, TunnelSession, TunnelSettings
 from connector.tunnel.streams import TunnelStream
 from connector.tunnel.testing import memory_stream_pair
 from connector.tunnel.types import ErrorCode, StreamResetError, Target
 from tests.integration.test_proxy_http import AUTH, OTHER_TOKEN, TOKEN, Client, FakeRouter
+from tests.support.stack import SUBACCOUNT, cloud_toml
 
 TEST_TIMEOUT = 10.0
 SHORT = 0.3  # every deadline under test, in seconds
@@ -105,7 +112,7 @@ async def test_cl_te_attacker_prefix_never_reaches_the_node_and_the_connection_c
     """A front-end framing by Content-Length sees one request (the attacker's, with a body) and
     then the victim's; framed by Transfer-Encoding the body ends at `0\\r\\n\\r\\n` and the rest
     is the attacker's request, completed by the victim's credentials. RFC 9112 6.3: 400, close."""
-    smuggled = b"GET " + TARGET + b"/attacker HTTP/1.1\r\n" + HEAD + b"x-ignore: "
+    smuggled = b"GET " + TARGET + b"/attacker HTTP/1.1\r\nx-ignore: "  # the victim's head completes it
     body = b"0\r\n\r\n" + smuggled
     attacker = (b"POST " + TARGET + b"/public HTTP/1.1\r\n" + HEAD
                 + b"content-length: %d\r\ntransfer-encoding: chunked\r\n\r\n" % len(body) + body)
@@ -113,9 +120,15 @@ async def test_cl_te_attacker_prefix_never_reaches_the_node_and_the_connection_c
     async with open_proxy() as (port, router, audit):
         sock = await trio.open_tcp_stream("127.0.0.1", port)
         await sock.send_all(attacker + victim)  # one shared front-end connection
-        answers = responses(await read_to_eof(sock))
+        received, closed = b"", False
+        with trio.move_on_after(2):  # bounded: a proxy that keeps the connection never closes it
+            while chunk := await sock.receive_some(65536):
+                received += chunk
+            closed = True
+        assert router.opened == []  # type: ignore[attr-defined]  # /attacker never reached a node
+        answers = responses(received)
         assert [(status, body["error"]) for status, body in answers] == [(400, "ambiguous_framing")]
-        assert router.opened == []  # type: ignore[attr-defined]
+        assert closed
         (record,) = await audit.wait_records(1)
         assert_audit_fields(record)
         assert (record["status"], record["reason"], record["method"]) == (400, "ambiguous_framing", "POST")
@@ -449,3 +462,27 @@ async def test_refusals_are_audited_with_the_nodes_fields(caplog: pytest.LogCapt
     ]
     assert "secret" not in json.dumps(records)
     assert caplog.text.count(" 407 ") == 2  # and logged
+
+
+async def test_cloud_server_writes_refusals_to_its_audit_log_file(tmp_path: Path) -> None:
+    """[proxy] audit_log and header_timeout from cloud.toml reach the running proxies."""
+    certs = init_certs(tmp_path / "certs", SUBACCOUNT, ["node-a"], ["127.0.0.1"])
+    config_path = cloud_toml(tmp_path, certs)
+    config_path.write_text(config_path.read_text().replace(
+        "[proxy]\n", '[proxy]\naudit_log = "cloud-audit.jsonl"\nheader_timeout = 0.3\n'))
+    cloud = CloudServer(load_cloud_config(config_path))
+    async with trio.open_nursery() as nursery:
+        ports = await nursery.start(cloud.run)
+        with trio.fail_after(TEST_TIMEOUT):
+            client = await Client.connect(ports.http_proxy)
+            response, _ = await client.request(b"GET", TARGET + b"/x", [(b"host", b"erp.virtual:8000")])
+            assert response.status_code == 407
+            slow = await trio.open_tcp_stream("127.0.0.1", ports.http_proxy)
+            await slow.send_all(b"GET " + TARGET + b"/y HTTP/1.1\r\n")  # and nothing more
+            assert (await read_to_eof(slow)).startswith(b"HTTP/1.1 408 ")
+            await cloud.audit.wait_records(2)
+        nursery.cancel_scope.cancel()
+    lines = [json.loads(line) for line in (tmp_path / "cloud-audit.jsonl").read_text().splitlines()]
+    assert [(r["status"], r["reason"], r["proxy"]) for r in lines] == [
+        (407, "proxy_authentication_required", "http"), (408, "request_header_timeout", "http")]
+    assert stat.S_IMODE(os.stat(tmp_path / "cloud-audit.jsonl").st_mode) == 0o600
