@@ -19,8 +19,6 @@ from typing import Any, Literal, TypeVar, overload
 import attrs
 
 from connector.agent.acl import Mapping
-from connector.cloud.proxy import ProxySettings
-from connector.datarate import MinDataRate
 from ha.timing import HATiming
 
 T = TypeVar("T")
@@ -206,32 +204,17 @@ class CloudConfig:
     destinations_store: Path | None
     hold_seconds: float
     hold_max: int
+    audit_log: Path | None  # refusals of the proxies, JSON lines (None: kept in memory only)
+    request_head_timeout: float  # the HTTP proxy's deadlines and minimum rate (ProxySettings)
+    idle_timeout: float
+    stream_idle_timeout: float
+    min_request_body_rate: float
+    request_body_grace: float
+    response_write_timeout: float
     ping_interval: float
     ping_timeout: float
     state_file: Path | None  # highest epochs, so a restarted cloud keeps fencing
     subaccounts: tuple[SubaccountConfig, ...]
-    http_proxy: ProxySettings = ProxySettings()  # deadlines and minimum rates of the HTTP proxy
-    audit_log: Path | None = None  # refusals of the proxies, JSON lines (None: in memory only)
-
-
-def _proxy_settings(proxy: _Section) -> ProxySettings:
-    """The HTTP proxy's deadlines and minimum body rates from [proxy]; defaults: ProxySettings."""
-    default = ProxySettings()
-    grace = proxy.float("min_rate_grace_period", default.min_request_body_rate.grace_period)
-
-    def rate(name: str, fallback: MinDataRate) -> MinDataRate:
-        value = proxy.float(name, fallback.bytes_per_second, positive=False)
-        if value < 0:
-            raise ConfigError(proxy.file, proxy.key(name), f"must be 0 (no minimum) or more, got {value}")
-        return MinDataRate(value, grace)
-
-    return ProxySettings(
-        header_timeout=proxy.float("header_timeout", default.header_timeout),
-        idle_timeout=proxy.float("idle_timeout", default.idle_timeout),
-        stream_idle_timeout=proxy.float("stream_idle_timeout", default.stream_idle_timeout),
-        min_request_body_rate=rate("min_request_body_rate", default.min_request_body_rate),
-        min_response_body_rate=rate("min_response_body_rate", default.min_response_body_rate),
-    )
 
 
 def load_cloud_config(path: str | Path) -> CloudConfig:
@@ -272,13 +255,18 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
         socks5_listen=proxy.listen("socks5_listen", "127.0.0.1:20004"),
         hold_seconds=proxy.float("hold_seconds", 5.0),
         hold_max=proxy.int("hold_max", 1000, minimum=0),
+        audit_log=proxy.path("audit_log", must_exist=False),
+        request_head_timeout=proxy.float("request_head_timeout", 30.0),
+        idle_timeout=proxy.float("idle_timeout", 120.0),
+        stream_idle_timeout=proxy.float("stream_idle_timeout", 2.0),
+        min_request_body_rate=proxy.float("min_request_body_rate", 240.0),
+        request_body_grace=proxy.float("request_body_grace", 5.0),
+        response_write_timeout=proxy.float("response_write_timeout", 60.0),
         admin_listen=admin.listen("listen", "127.0.0.1:20006"),
         destinations_listen=dest.listen("listen", "127.0.0.1:20005") if dest else None,
         destinations_store=(dest.path("store", must_exist=False) or file.parent / "destinations.json") if dest else None,
         state_file=root.path("state_file", must_exist=False),
         subaccounts=tuple(subaccounts),
-        http_proxy=_proxy_settings(proxy),
-        audit_log=proxy.path("audit_log", must_exist=False),
     )
     for section in (tunnel, proxy, admin, *( [dest] if dest else [] )):
         section.done()

@@ -1,79 +1,67 @@
-"""Minimum data rates for HTTP bodies: how long a slow peer may keep a request in progress.
+"""A minimum data rate for a body, after a grace period (ASP.NET Kestrel's MinRequestBodyDataRate).
 
-Theory of operation (Kestrel's MinRequestBodyDataRate and MinResponseDataRate). A deadline per
-request head is not enough for bodies: a large upload legitimately takes minutes. What gives a
-slow-drip client away is its *rate*, so a body must move at `bytes_per_second` or more once a
-`grace_period` has passed (the grace lets a connection ramp up and covers small bodies).
+Theory of operation. A client that sends a body one byte every few seconds holds a stream, a task
+and a connection to the internal host for as long as it likes; a plain deadline on the whole body
+would cut off large uploads. So a body must arrive at `bytes_per_second` on average, measured from
+its start, once `grace_period` has passed (slow starts and TCP slow-start are forgiven). Only the
+time spent *waiting for the sender* counts: while the receiver does not read (its own next hop is
+slow, back-pressure), the sender cannot be blamed.
 
-* Reading (`ReadTiming`): only the time spent waiting for the peer counts, not the time we are
-  blocked elsewhere (a slow node, a full tunnel window): those are not the peer's fault. After the
-  grace period, bytes read / time waited must stay at or above the rate. The deadline of one wait
-  is therefore the moment at which the waiting time would exceed `max(grace, bytes / rate)`.
-* Writing (`WriteTiming`): a peer that does not read stalls our writes once the socket buffers
-  are full. Each write of n bytes must complete within `max(grace, n / rate)`; time a previous
-  write did not need carries over (a fast peer is not punished for a small write that follows a
-  large one), but the grace period never accumulates. Counting the whole response instead would
-  credit the megabytes the kernel buffers took at once and let a peer that never reads stall us
-  for hours.
-
-Pure: callers pass the time (trio.current_time()), so the decisions are tested under
-`autojump_clock` and at exact virtual times.
+`RateBudget` is the pure decision: given the bytes received and the time waited so far, the latest
+moment a wait that starts now may end without data. With no further data a body is too slow once
+waited > max(grace_period, received / bytes_per_second), so that is the deadline: each byte that
+arrives pushes it later by 1 / bytes_per_second. `receive_some_at_rate` is the thin shell that puts
+the deadline on one `receive_some`, so nothing polls.
 """
 
 from __future__ import annotations
 
-import math
-
 import attrs
+import trio
+
+
+def _positive(_instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{attribute.name}: must be > 0, not {value!r}")
 
 
 @attrs.frozen
 class MinDataRate:
-    """A minimum rate in bytes per second after a grace period in seconds; 0 bytes/s: no limit."""
+    """At least `bytes_per_second` on average once `grace_period` seconds were spent waiting."""
 
-    bytes_per_second: float
-    grace_period: float
-
-    def __attrs_post_init__(self) -> None:
-        if self.bytes_per_second < 0 or self.grace_period < 0:
-            raise ValueError("a minimum data rate and its grace period cannot be negative")
-
-    @property
-    def enabled(self) -> bool:
-        return self.bytes_per_second > 0
+    bytes_per_second: float = attrs.field(validator=_positive)
+    grace_period: float = attrs.field(validator=_positive)
 
 
 @attrs.define
-class ReadTiming:
-    """The waits for one body being read: `deadline` for the next wait, `record` after it."""
+class RateBudget:
+    """One body's reading so far, against a `MinDataRate`."""
 
     rate: MinDataRate
-    waited: float = 0.0  # seconds spent waiting for the peer so far
-    received: int = 0  # bytes the peer sent so far
+    waited: float = 0.0  # seconds spent waiting for the sender
+    received: int = 0
 
     def deadline(self, now: float) -> float:
-        """When a wait starting `now` without any byte arriving makes the body too slow."""
-        if not self.rate.enabled:
-            return math.inf
+        """The latest time a wait that starts at `now` may end without data (maybe already past)."""
         allowed = max(self.rate.grace_period, self.received / self.rate.bytes_per_second)
         return now + allowed - self.waited
 
-    def record(self, started: float, ended: float, nbytes: int) -> None:
-        self.waited += ended - started
-        self.received += nbytes
+    def record(self, waited: float, received: int) -> None:
+        """Account one wait of `waited` seconds that brought `received` bytes."""
+        self.waited += waited
+        self.received += received
 
 
-@attrs.define
-class WriteTiming:
-    """The writes of one body to a peer: `deadline` before each write of `nbytes`."""
-
-    rate: MinDataRate
-    _due: float = -math.inf  # the deadline of the previous write (time it did not use carries over)
-
-    def deadline(self, now: float, nbytes: int) -> float:
-        """When a write of `nbytes` starting `now` makes the body too slow."""
-        if not self.rate.enabled:
-            return math.inf
-        needed = nbytes / self.rate.bytes_per_second
-        self._due = max(now + max(self.rate.grace_period, needed), self._due + needed)
-        return self._due
+async def receive_some_at_rate(
+    stream: trio.abc.ReceiveStream, budget: RateBudget, max_bytes: int
+) -> bytes | bytearray:
+    """`stream.receive_some(max_bytes)`, or trio.TooSlowError once the body fell below its rate."""
+    started = trio.current_time()
+    with trio.CancelScope(deadline=budget.deadline(started)):
+        data = await stream.receive_some(max_bytes)
+        budget.record(trio.current_time() - started, len(data))
+        return data
+    budget.record(trio.current_time() - started, 0)
+    raise trio.TooSlowError(
+        f"{budget.received} bytes in {budget.waited:.1f} s, below {budget.rate.bytes_per_second:g} bytes/s"
+    )

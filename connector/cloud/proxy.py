@@ -43,12 +43,28 @@ HTTPS: the node speaks TLS to the internal host when its mapping says HTTPS), 50
 403 refused by the node's allow-list, 504 connect timeout, 502 other stream failures. A TLS
 ClientHello on this port (HTTPS *to the proxy*) is logged and the connection closed. Once a
 response has started, a failure can only be reported by closing the application connection.
+The proxy's own refusals (400, 405, 407, 408, 431, 503) go through `_refuse`: one log line, one
+record in the cloud audit log (`connector.cloud.audit`), then the answer.
+
+Framing. A request with both Content-Length and Transfer-Encoding, or whose Connection header
+names one of them, is refused 400 before anything else and the connection closed (RFC 9112
+section 6.3): a front-end that frames it otherwise than h11 would have us read the rest of its
+body as a next request (request smuggling). A malformed body (bad chunk size, missing CRLF) is
+answered 400 and closes the connection; the stream is reset.
+
+Deadlines (`ProxySettings`, times from trio's clock), as on the node. No byte of a next request
+within `idle_timeout`: the connection closes quietly. A head must be whole
+`request_head_timeout` after its first byte (408). A request body must keep a minimum data rate
+after a grace period (`connector.datarate`, as Kestrel), else 408 (or a closed connection once
+the response started); an application that does not take one write of its response within
+`response_write_timeout` is disconnected. Both reset the stream. A kept-alive connection idle
+for `stream_idle_timeout` gives its stream back (FIN), so idle application connections do not
+hold the streams of a location's tunnel.
 """
 
 from __future__ import annotations
 
 import functools
-import http
 import logging
 import math
 import re
@@ -62,7 +78,7 @@ import trio
 from connector.cloud.audit import CloudAudit
 from connector.cloud.auth import Authenticator
 from connector.cloud.router import NoConnectorError, ProxyService, Router
-from connector.datarate import MinDataRate, ReadTiming, WriteTiming
+from connector.datarate import MinDataRate, RateBudget, receive_some_at_rate
 from connector.http1 import HOP_BY_HOP, Outbox, header_tokens, strip_hop_by_hop
 from connector.httperrors import REASON_PHRASES, error_parts
 from connector.metrics import PROXY_REQUEST_SECONDS, PROXY_REQUESTS
@@ -89,12 +105,12 @@ class ProxySettings:
 
     max_header_bytes: int = 65536
     chunk: int = 65536
-    header_timeout: float = 10.0  # to receive a complete request head once bytes started arriving
+    request_head_timeout: float = 30.0  # a request head is whole within this of its first byte (408)
     idle_timeout: float = 120.0  # keep-alive connection with no request
     stream_idle_timeout: float = 2.0  # a kept-alive tunnel stream is given back after this long idle
-    # Kestrel's defaults: a body moves at 240 bytes/s or more once 5 s have passed
-    min_request_body_rate: MinDataRate = MinDataRate(240.0, 5.0)
-    min_response_body_rate: MinDataRate = MinDataRate(240.0, 5.0)
+    # a request body arrives at this rate after its grace period (Kestrel's default) or gets 408
+    request_body_rate: MinDataRate = MinDataRate(240.0, 5.0)
+    response_write_timeout: float = 60.0  # one write the application does not take: disconnected
     linger_timeout: float = 2.0  # reading what the client still sends after a final error
     linger_bytes: int = 1 << 20
 
@@ -245,10 +261,6 @@ def reset_status(error: StreamResetError) -> tuple[int, str, str]:
             return 502, error.code.name.lower(), f"stream to the connector failed ({error.code.name})" + detail
 
 
-def _reason_phrase(status: int) -> bytes:
-    return REASON_PHRASES.get(status) or http.HTTPStatus(status).phrase.encode("ascii")
-
-
 class _ClientGone(Exception):
     """The application closed or broke its connection; nothing more can be told to it."""
 
@@ -375,7 +387,6 @@ class _ProxyConnection:
         # responses for the application: a head, its body and its end leave in one write
         self.out = Outbox(self.conn, self._send_client, (trio.BrokenResourceError, trio.ClosedResourceError),
                           lambda _exc: _ClientGone())
-        self.write_timing = WriteTiming(self.settings.min_response_body_rate)
         # what the audit knows of the request being handled (filled in as it is parsed)
         self.seen = _Seen(trio.current_time())  # of the request being read or handled
         try:
@@ -392,41 +403,37 @@ class _ProxyConnection:
             raise _ClientGone() from exc
 
     async def _send_client(self, data: bytearray) -> None:
-        """Write to the application, at `min_response_body_rate` or faster (`_ResponseNotRead`)."""
-        if not self.settings.min_response_body_rate.enabled:
-            await self.sock.send_all(data)
-            return
-        with trio.move_on_at(self.write_timing.deadline(trio.current_time(), len(data))):
+        """Write to the application; one it does not take within response_write_timeout raises
+        `_ResponseNotRead` (the socket buffers are full: it does not read)."""
+        with trio.move_on_after(self.settings.response_write_timeout):
             await self.sock.send_all(data)
             return
         raise _ResponseNotRead()
 
-    async def _next_client_event(self, timing: ReadTiming | None = None) -> h11.Event:
-        """The application's next event; with `timing`, waits keep to its minimum data rate
-        (`_TooSlow` otherwise)."""
+    async def _next_client_event(self, body_rate: RateBudget | None = None) -> h11.Event:
+        """The application's next event; with `body_rate` (reading a body), `_TooSlow` once the
+        body falls below its minimum rate."""
         while True:
             event = self.conn.next_event()
             if event is not h11.NEED_DATA:
                 return event  # type: ignore[return-value]
-            if timing is None:
+            if body_rate is None:
                 self.conn.receive_data(await self._receive_client())
                 continue
-            started = trio.current_time()
-            with trio.move_on_at(timing.deadline(started)):
-                data = await self._receive_client()
-                timing.record(started, trio.current_time(), len(data))
-                self.conn.receive_data(data)
-                continue
-            raise _TooSlow(
-                "request_body_timeout",
-                f"the request body came slower than {timing.rate.bytes_per_second:g} bytes/s",
-            )
+            try:
+                data = await receive_some_at_rate(self.sock, body_rate, self.settings.chunk)
+            except trio.TooSlowError as exc:
+                log.info("HTTP proxy: request body of %s too slow: %s", self.peer, exc)
+                raise _TooSlow("request_body_too_slow", "the request body arrived too slowly") from None
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise _ClientGone() from exc
+            self.conn.receive_data(data)  # type: ignore[arg-type]  # h11 takes any bytes-like
 
     async def _next_request_head(self) -> h11.Event | None:
         """The application's next request head (or ConnectionClosed); None once idle_timeout passed
         without a byte of it.
 
-        Once a byte of the head is there, the whole head must follow within header_timeout
+        Once a byte of the head is there, the whole head must follow within request_head_timeout
         (`_TooSlow` otherwise). A kept-alive stream is given back (closed cleanly) once the
         connection has waited stream_idle_timeout: an idle connection holds no tunnel stream.
         """
@@ -440,15 +447,13 @@ class _ProxyConnection:
             if event is not h11.NEED_DATA:
                 return event  # type: ignore[return-value]
             if head_deadline == math.inf and self.conn.trailing_data[0]:
-                head_deadline = trio.current_time() + settings.header_timeout
+                head_deadline = trio.current_time() + settings.request_head_timeout
             deadline = head_deadline if head_deadline < math.inf else min(idle_deadline, release_at)
             with trio.move_on_at(deadline):
                 self.conn.receive_data(await self._receive_client())
                 continue
             if head_deadline < math.inf:
-                raise _TooSlow(
-                    "request_header_timeout", f"the request head was not complete within {settings.header_timeout:g} s"
-                )
+                raise _TooSlow("request_head_timeout", "the request head did not arrive in time")
             if trio.current_time() >= idle_deadline:
                 return None
             release_at = math.inf
@@ -540,9 +545,9 @@ class _ProxyConnection:
             try:
                 await self._handle_request(event)
             except _ResponseNotRead:
-                rate = self.settings.min_response_body_rate.bytes_per_second
-                log.info("HTTP proxy: response to %s aborted: not read at %g bytes/s", self.peer, rate)
-                self._audit("response_body_timeout", None)
+                log.info("HTTP proxy: response to %s aborted: a write was not taken within %g s",
+                         self.peer, self.settings.response_write_timeout)
+                self._audit("response_not_read", None)
                 return
             except _ClientGone:
                 return
@@ -608,7 +613,7 @@ class _ProxyConnection:
             # the rest of the request body is not read: the connection cannot be reused
             headers.append((b"connection", b"close"))
         self.out.queue(
-            h11.Response(status_code=status, headers=headers, reason=_reason_phrase(status))
+            h11.Response(status_code=status, headers=headers, reason=REASON_PHRASES.get(status, b""))
         )
         self.out.queue(h11.Data(data=body))
         await self.out.send(h11.EndOfMessage())
@@ -785,9 +790,9 @@ class _ProxyConnection:
                 if progress.request_done:  # a retry of a request whose end was already read
                     await send_upstream(h11.EndOfMessage())
                     return
-                timing = ReadTiming(self.settings.min_request_body_rate)
+                body_rate = RateBudget(self.settings.request_body_rate)
                 while True:
-                    event = await self._next_client_event(timing)
+                    event = await self._next_client_event(body_rate)
                     if isinstance(event, h11.Data):
                         progress.body_consumed = True
                         await send_upstream(event)

@@ -18,10 +18,11 @@ from connector.cloud.audit import CloudAudit
 from connector.cloud.auth import Authenticator
 from connector.cloud.destinations import DestinationService, DestinationSettings
 from connector.cloud.endpoint import TunnelEndpoint
-from connector.cloud.proxy import HttpProxy
+from connector.cloud.proxy import HttpProxy, ProxySettings
 from connector.cloud.registry import Registry
 from connector.cloud.socks5 import Socks5Proxy
 from connector.config import CloudConfig
+from connector.datarate import MinDataRate
 from connector.tunnel.session import TunnelSettings
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,17 @@ class CloudPorts:
     socks5_proxy: int
     admin: int
     destinations: int | None
+
+
+def proxy_settings(config: CloudConfig) -> ProxySettings:
+    """The HTTP proxy's limits from [proxy]."""
+    return ProxySettings(
+        request_head_timeout=config.request_head_timeout,
+        idle_timeout=config.idle_timeout,
+        stream_idle_timeout=config.stream_idle_timeout,
+        request_body_rate=MinDataRate(config.min_request_body_rate, config.request_body_grace),
+        response_write_timeout=config.response_write_timeout,
+    )
 
 
 class CloudServer:
@@ -71,7 +83,7 @@ class CloudServer:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.registry.run)
             tunnel = await nursery.start(self.endpoint.run, config.tunnel_listen.host, config.tunnel_listen.port)
-            http_proxy = HttpProxy(self.registry, self.authenticator, settings=config.http_proxy, audit=self.audit)
+            http_proxy = HttpProxy(self.registry, self.authenticator, settings=proxy_settings(config), audit=self.audit)
             http = await nursery.start(http_proxy.run, config.http_listen.host, config.http_listen.port)
             socks_proxy = Socks5Proxy(self.registry, self.authenticator, audit=self.audit)
             socks = await nursery.start(socks_proxy.run, config.socks5_listen.host, config.socks5_listen.port)
