@@ -220,6 +220,13 @@ class CloudConfig:
     destinations_store: Path | None
     hold_seconds: float
     hold_max: int
+    audit_log: Path | None  # refusals of the proxies, JSON lines (None: kept in memory only)
+    request_head_timeout: float  # the HTTP proxy's deadlines and minimum rate (ProxySettings)
+    idle_timeout: float
+    stream_idle_timeout: float
+    min_request_body_rate: float
+    request_body_grace: float
+    response_write_timeout: float
     ping_interval: float
     ping_timeout: float
     tls_handshake_timeout: float  # deadlines of the tunnel endpoint's handshake phases
@@ -316,6 +323,13 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
             },
         ),
         auth_throttle=_auth_throttle(proxy),
+        audit_log=proxy.path("audit_log", must_exist=False),
+        request_head_timeout=proxy.float("request_head_timeout", 30.0),
+        idle_timeout=proxy.float("idle_timeout", 120.0),
+        stream_idle_timeout=proxy.float("stream_idle_timeout", 2.0),
+        min_request_body_rate=proxy.float("min_request_body_rate", 240.0),
+        request_body_grace=proxy.float("request_body_grace", 5.0),
+        response_write_timeout=proxy.float("response_write_timeout", 60.0),
         admin_listen=admin.listen("listen", "127.0.0.1:20006"),
         destinations_listen=dest.listen("listen", "127.0.0.1:20005") if dest else None,
         destinations_store=(dest.path("store", must_exist=False) or file.parent / "destinations.json") if dest else None,

@@ -43,12 +43,30 @@ HTTPS: the node speaks TLS to the internal host when its mapping says HTTPS), 50
 403 refused by the node's allow-list, 504 connect timeout, 502 other stream failures. A TLS
 ClientHello on this port (HTTPS *to the proxy*) is logged and the connection closed. Once a
 response has started, a failure can only be reported by closing the application connection.
+The proxy's own refusals (400, 405, 407, 408, 431, 503) go through `_refuse`: one log line, one
+record in the cloud audit log (`connector.cloud.audit`), then the answer.
+
+Framing. A request with both Content-Length and Transfer-Encoding, or whose Connection header
+names one of them, is refused 400 before anything else and the connection closed (RFC 9112
+section 6.3): a front-end that frames it otherwise than h11 would have us read the rest of its
+body as a next request (request smuggling). A malformed body (bad chunk size, missing CRLF) is
+answered 400 and closes the connection; the stream is reset.
+
+Deadlines (`ProxySettings`, times from trio's clock), as on the node. No byte of a next request
+within `idle_timeout`: the connection closes quietly. A head must be whole
+`request_head_timeout` after its first byte (408). A request body must keep a minimum data rate
+after a grace period (`connector.datarate`, as Kestrel), else 408 (or a closed connection once
+the response started); an application that does not take one write of its response within
+`response_write_timeout` is disconnected. Both reset the stream. A kept-alive connection idle
+for `stream_idle_timeout` gives its stream back (FIN), so idle application connections do not
+hold the streams of a location's tunnel.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -57,9 +75,11 @@ import attrs
 import h11
 import trio
 
+from connector.cloud.audit import CloudAudit
 from connector.cloud.auth import Authenticator
 from connector.cloud.router import NoConnectorError, ProxyService, Router
-from connector.http1 import HOP_BY_HOP, Outbox, header_tokens, strip_hop_by_hop
+from connector.datarate import MinDataRate, RateBudget, receive_some_at_rate
+from connector.http1 import HOP_BY_HOP, Outbox, header_tokens, strip_hop_by_hop, trailer_fields
 from connector.httperrors import REASON_PHRASES, error_parts, reset_error
 from connector.metrics import PROXY_REQUEST_SECONDS, PROXY_REQUESTS
 from connector.tunnel.streams import TunnelStream
@@ -85,8 +105,12 @@ class ProxySettings:
 
     max_header_bytes: int = 65536
     chunk: int = 65536
-    header_timeout: float = 30.0  # to receive a complete request head once bytes started arriving
+    request_head_timeout: float = 30.0  # a request head is whole within this of its first byte (408)
     idle_timeout: float = 120.0  # keep-alive connection with no request
+    stream_idle_timeout: float = 2.0  # a kept-alive tunnel stream is given back after this long idle
+    # a request body arrives at this rate after its grace period (Kestrel's default) or gets 408
+    request_body_rate: MinDataRate = MinDataRate(240.0, 5.0)
+    response_write_timeout: float = 60.0  # one write the application does not take: disconnected
     linger_timeout: float = 2.0  # reading what the client still sends after a final error
     linger_bytes: int = 1 << 20
 
@@ -154,6 +178,34 @@ def is_websocket_upgrade(request: h11.Request) -> bool:
     )
 
 
+# Framing headers: a Connection header naming one would have this hop drop it, and the node
+# would frame the request differently from the application and from us.
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+
+
+def framing_error(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
+    """Why the framing of a request cannot be trusted, or None.
+
+    Both Content-Length and Transfer-Encoding is how request smuggling starts: a front-end that
+    frames the request by its length and h11 (by its chunks) disagree on where the next request
+    begins, so RFC 9112 section 6.3 has such a request refused and its connection closed.
+    """
+    length = chunked = connection = False
+    for name, _ in headers:
+        if name == b"content-length":
+            length = True
+        elif name == b"transfer-encoding":
+            chunked = True
+        elif name == b"connection":
+            connection = True
+    if length and chunked:
+        return "Content-Length and Transfer-Encoding in one request (RFC 9112 section 6.3)"
+    listed = header_tokens(headers, b"connection") & _FRAMING if connection else None
+    if listed:
+        return f"the Connection header names {', '.join(sorted(t.decode() for t in listed))}, which frames the request"
+    return None
+
+
 def forwarded_headers(
     headers: Sequence[tuple[bytes, bytes]], host: str, port: int, *, websocket: bool = False
 ) -> list[tuple[bytes, bytes]]:
@@ -195,6 +247,32 @@ def reset_status(error: StreamResetError) -> tuple[int, str, str]:
 
 class _ClientGone(Exception):
     """The application closed or broke its connection; nothing more can be told to it."""
+
+
+class _TooSlow(Exception):
+    """The application missed a deadline: `reason` is the audit reason, `message` says which."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class _ResponseNotRead(_ClientGone):
+    """The application does not read its response fast enough: the connection is dropped."""
+
+
+@attrs.define
+class _Seen:
+    """What the proxy learnt of the current request so far: the fields of its audit record."""
+
+    started: float
+    method: bytes | None = None
+    subaccount: str | None = None
+    location: str | None = None
+    host: str | None = None
+    port: int | None = None
+    path: bytes | None = None  # origin-form, once the target was parsed
 
 
 @attrs.define
@@ -262,9 +340,15 @@ class HttpProxy(ProxyService[ProxySettings]):
     default_port = DEFAULT_HTTP_PROXY_PORT
 
     def __init__(
-        self, router: Router, authenticator: Authenticator, *, settings: ProxySettings = ProxySettings()
+        self,
+        router: Router,
+        authenticator: Authenticator,
+        *,
+        settings: ProxySettings = ProxySettings(),
+        audit: CloudAudit | None = None,
     ) -> None:
         super().__init__(router, authenticator, settings=settings)
+        self.audit = audit if audit is not None else CloudAudit()
 
     async def _handle(self, sock: trio.SocketStream) -> None:
         connection = _ProxyConnection(self, sock)
@@ -285,8 +369,10 @@ class _ProxyConnection:
         self.upstream: _Upstream | None = None
         self.switched: _Switched | None = None
         # responses for the application: a head, its body and its end leave in one write
-        self.out = Outbox(self.conn, sock.send_all, (trio.BrokenResourceError, trio.ClosedResourceError),
+        self.out = Outbox(self.conn, self._send_client, (trio.BrokenResourceError, trio.ClosedResourceError),
                           lambda _exc: _ClientGone())
+        # what the audit knows of the request being handled (filled in as it is parsed)
+        self.seen = _Seen(trio.current_time())  # of the request being read or handled
         try:
             host, port = sock.socket.getpeername()[:2]
             self.peer = f"{host}:{port}"
@@ -300,46 +386,96 @@ class _ProxyConnection:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise _ClientGone() from exc
 
-    async def _next_client_event(self) -> h11.Event:
+    async def _send_client(self, data: bytearray) -> None:
+        """Write to the application; one it does not take within response_write_timeout raises
+        `_ResponseNotRead` (the socket buffers are full: it does not read)."""
+        with trio.move_on_after(self.settings.response_write_timeout):
+            await self.sock.send_all(data)
+            return
+        raise _ResponseNotRead()
+
+    async def _next_client_event(self, body_rate: RateBudget | None = None) -> h11.Event:
+        """The application's next event; with `body_rate` (reading a body), `_TooSlow` once the
+        body falls below its minimum rate."""
         while True:
             event = self.conn.next_event()
             if event is not h11.NEED_DATA:
                 return event  # type: ignore[return-value]
-            self.conn.receive_data(await self._receive_client())
+            if body_rate is None:
+                self.conn.receive_data(await self._receive_client())
+                continue
+            try:
+                data = await receive_some_at_rate(self.sock, body_rate, self.settings.chunk)
+            except trio.TooSlowError as exc:
+                log.info("HTTP proxy: request body of %s too slow: %s", self.peer, exc)
+                raise _TooSlow("request_body_too_slow", "the request body arrived too slowly") from None
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise _ClientGone() from exc
+            self.conn.receive_data(data)  # type: ignore[arg-type]  # h11 takes any bytes-like
 
-    async def _next_request_event(self) -> h11.Event:
-        """The application's next event between requests, watching a kept-alive stream meanwhile.
+    async def _next_request_head(self) -> h11.Event | None:
+        """The application's next request head (or ConnectionClosed); None once idle_timeout passed
+        without a byte of it.
+
+        Once a byte of the head is there, the whole head must follow within request_head_timeout
+        (`_TooSlow` otherwise). A kept-alive stream is given back (closed cleanly) once the
+        connection has waited stream_idle_timeout: an idle connection holds no tunnel stream.
+        """
+        settings = self.settings
+        now = trio.current_time()
+        idle_deadline = now + settings.idle_timeout
+        release_at = now + settings.stream_idle_timeout if self.upstream is not None else math.inf
+        head_deadline = math.inf
+        while True:
+            event = self.conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event  # type: ignore[return-value]
+            if head_deadline == math.inf and self.conn.trailing_data[0]:
+                head_deadline = trio.current_time() + settings.request_head_timeout
+            deadline = head_deadline if head_deadline < math.inf else min(idle_deadline, release_at)
+            with trio.move_on_at(deadline):
+                self.conn.receive_data(await self._receive_client())
+                continue
+            if head_deadline < math.inf:
+                raise _TooSlow("request_head_timeout", "the request head did not arrive in time")
+            if trio.current_time() >= idle_deadline:
+                return None
+            release_at = math.inf
+            await self._drop_upstream(clean=True)
+
+    async def _next_request_event(self) -> h11.Event | None:
+        """`_next_request_head`, watching a kept-alive stream meanwhile.
 
         The node may close an idle stream (FIN or reset); seeing that before the next request
         arrives lets that request go to a fresh stream with nothing sent on the dead one.
         """
         upstream = self.upstream
         if upstream is None:
-            return await self._next_client_event()
+            return await self._next_request_head()
         probe = getattr(upstream.stream, "peer_activity", None)
         if probe is not None:
             # A tunnel session stream knows without a reader what arrived on it: ask it when
             # the request is there (a watcher task per request cost about a sixth of the CPU)
-            next_event = await self._next_client_event()
-            activity = probe()
-            if activity != "idle":
-                upstream.closed_by_node = True
-                upstream.unsolicited = activity == "data"
-                if upstream.unsolicited:
-                    log.warning("HTTP proxy: the node sent bytes on an idle stream; dropping it")
+            next_event = await self._next_request_head()
+            if self.upstream is upstream:  # not given back meanwhile
+                activity = probe()
+                if activity != "idle":
+                    upstream.closed_by_node = True
+                    upstream.unsolicited = activity == "data"
+                    if upstream.unsolicited:
+                        log.warning("HTTP proxy: the node sent bytes on an idle stream; dropping it")
             return next_event
         error: Exception | None = None
         event: h11.Event | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_idle_upstream, upstream)
             try:
-                event = await self._next_client_event()
-            except (h11.RemoteProtocolError, _ClientGone) as exc:
+                event = await self._next_request_head()
+            except (h11.RemoteProtocolError, _ClientGone, _TooSlow) as exc:
                 error = exc  # raised below, outside the nursery (no exception group)
             nursery.cancel_scope.cancel()
         if error is not None:
             raise error
-        assert event is not None
         return event
 
     async def _watch_idle_upstream(self, upstream: _Upstream) -> None:
@@ -355,10 +491,11 @@ class _ProxyConnection:
             log.warning("HTTP proxy: the node sent %d bytes on an idle stream; dropping it", len(data))
 
     async def serve(self) -> None:
+        first = b""
         with trio.move_on_after(self.settings.idle_timeout):
             first = await self._receive_client()
         if not first:
-            return
+            return  # closed or idle before its first byte: nothing to answer
         if first[0] == TLS_HANDSHAKE_RECORD:
             log.warning(
                 "TLS ClientHello from %s on the HTTP proxy port: HTTPS to the proxy itself is refused; "
@@ -369,22 +506,33 @@ class _ProxyConnection:
             return
         self.conn.receive_data(first)
         while True:
+            self.seen = _Seen(trio.current_time())
             try:
-                with trio.move_on_after(self.settings.idle_timeout) as idle:
-                    event = await self._next_request_event()
-                if idle.cancelled_caught:
-                    return
+                event = await self._next_request_event()
             except h11.RemoteProtocolError as exc:
                 await self._reject_malformed(exc)
                 return
+            except _TooSlow as exc:
+                PROXY_REQUESTS.labels("http", "408").inc()
+                try:
+                    await self._refuse(408, exc.reason, exc.message, close=True)
+                    await self._linger()
+                except _ClientGone:
+                    pass
+                return
             except _ClientGone:
                 return
-            if isinstance(event, h11.ConnectionClosed):
+            if event is None or isinstance(event, h11.ConnectionClosed):
                 return
             if not isinstance(event, h11.Request):
                 return
             try:
                 await self._handle_request(event)
+            except _ResponseNotRead:
+                log.info("HTTP proxy: response to %s aborted: a write was not taken within %g s",
+                         self.peer, self.settings.response_write_timeout)
+                self._audit("response_not_read", None)
+                return
             except _ClientGone:
                 return
             if self.conn.our_state is h11.SWITCHED_PROTOCOL:
@@ -399,14 +547,40 @@ class _ProxyConnection:
     async def _reject_malformed(self, exc: h11.RemoteProtocolError) -> None:
         status = exc.error_status_hint
         PROXY_REQUESTS.labels("http", str(status)).inc()
-        if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return
         reason = "request_header_too_large" if status == 431 else "malformed_request"
         try:
-            await self._send_error(status, reason, f"malformed HTTP request: {exc}", close=True)
+            await self._refuse(status, reason, f"malformed HTTP request: {exc}", close=True)
             await self._linger()
         except _ClientGone:
             pass
+
+    async def _refuse(
+        self,
+        status: int,
+        reason: str,
+        message: str,
+        *,
+        extra: list[tuple[bytes, bytes]] | None = None,
+        close: bool = False,
+    ) -> int:
+        """Turn the current request away: a log line, an audit record, then the error response
+        (if the application can still be answered); returns `status`."""
+        log.info("HTTP proxy: %d %s for %s: %s", status, reason, self.peer, message)
+        self._audit(reason, status)
+        if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            await self._send_error(status, reason, message, extra=extra, close=close)
+        return status
+
+    def _audit(self, reason: str, status: int | None) -> None:
+        seen = self.seen
+        self.proxy.audit.refusal(
+            proxy="http", client=self.peer, reason=reason, status=status,
+            duration_seconds=trio.current_time() - seen.started,
+            method=seen.method.decode("ascii", "replace") if seen.method is not None else None,
+            subaccount=seen.subaccount, location=seen.location,
+            virtual_target=f"http://{seen.host}:{seen.port}" if seen.host is not None else None,
+            path=seen.path.decode("ascii", "replace") if seen.path is not None else None,
+        )
 
     async def _send_error(
         self,
@@ -477,8 +651,15 @@ class _ProxyConnection:
 
     async def _proxy_request(self, request: h11.Request) -> int | None:
         """Answer one request; return the status sent to the application (None if aborted)."""
+        seen = self.seen
+        seen.method = request.method
+        headers = list(request.headers)
+        framing = framing_error(headers)
+        if framing is not None:
+            # nothing after this head can be trusted to start a request: answer and close
+            return await self._refuse(400, "ambiguous_framing", framing, close=True)
         if request.method == b"CONNECT":
-            await self._send_error(
+            return await self._refuse(
                 405,
                 "connect_not_supported",
                 "CONNECT is not supported: the connectivity proxy does not tunnel HTTPS. Send plain "
@@ -487,33 +668,30 @@ class _ProxyConnection:
                 extra=[(b"allow", b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")],
                 close=True,
             )
-            return 405
-        headers = list(request.headers)
         authorization = next((v for n, v in headers if n == b"proxy-authorization"), None)
         challenge = [(b"proxy-authenticate", b'Bearer realm="connectivity-proxy"')]
         if authorization is None:
-            await self._send_error(
-                407, "proxy_authentication_required",
-                "send Proxy-Authorization: Bearer <token>", extra=challenge,
+            return await self._refuse(
+                407, "proxy_authentication_required", "send Proxy-Authorization: Bearer <token>", extra=challenge
             )
-            return 407
         subaccount = await self.proxy.authenticate_header(authorization)
         if subaccount is None:
-            await self._send_error(
+            return await self._refuse(
                 407, "invalid_proxy_credentials", "the proxy credentials were not accepted", extra=challenge
             )
-            return 407
+        seen.subaccount = subaccount
         try:
             host, port, origin_target = parse_proxy_target(request.target)
         except BadTargetError as exc:
-            await self._send_error(400, "bad_request_target", str(exc))
-            return 400
+            # the target is not recorded: it may carry anything (user information, ...)
+            return await self._refuse(400, "bad_request_target", str(exc))
+        seen.host, seen.port, seen.path = host, port, origin_target
         location_raw = next((v for n, v in headers if n == LOCATION_HEADER), b"")
         try:
             location_id = location_raw.decode("ascii").strip()
         except UnicodeDecodeError:
-            await self._send_error(400, "bad_location_id", "the location id header must be ASCII")
-            return 400
+            return await self._refuse(400, "bad_location_id", "the location id header must be ASCII")
+        seen.location = location_id
 
         key = (subaccount, location_id, host, port)
         # _parsed: h11 validated every part when it parsed the request (the host and target
@@ -541,8 +719,7 @@ class _ProxyConnection:
                         subaccount, location_id, Target(host, port, StreamProtocol.HTTP)
                     )
                 except NoConnectorError as exc:
-                    await self._send_error(503, exc.code, exc.reason)
-                    return 503
+                    return await self._refuse(503, exc.code, exc.reason)
                 except StreamResetError as exc:
                     status, reason, message = reset_status(exc)
                     await self._send_error(status, reason, message)
@@ -597,15 +774,16 @@ class _ProxyConnection:
                 if progress.request_done:  # a retry of a request whose end was already read
                     await send_upstream(h11.EndOfMessage())
                     return
+                body_rate = RateBudget(self.settings.request_body_rate)
                 while True:
-                    event = await self._next_client_event()
+                    event = await self._next_client_event(body_rate)
                     if isinstance(event, h11.Data):
                         progress.body_consumed = True
                         await send_upstream(event)
                     elif isinstance(event, h11.EndOfMessage):
                         progress.request_done = True
-                        # trailers are headers too: the proxy's own and hop-by-hop ones stay here
-                        await send_upstream(h11.EndOfMessage(headers=strip_hop_by_hop(event.headers, PROXY_ONLY)))
+                        # the one trailer rule of both hops (RFC 9110 6.5.1), and the proxy's own fields
+                        await send_upstream(h11.EndOfMessage(headers=trailer_fields(event.headers, PROXY_ONLY)))
                         return
                     elif isinstance(event, h11.ConnectionClosed):  # in the middle of a body
                         raise _ClientGone()
@@ -614,10 +792,10 @@ class _ProxyConnection:
             except _STREAM_ERRORS:
                 # the node stopped reading; the response side reports why (or relays its answer)
                 return
-            except (h11.RemoteProtocolError, _ClientGone) as exc:
+            except (h11.RemoteProtocolError, _ClientGone, _TooSlow) as exc:
+                # the request ends here: the response side stops at once (the stream is reset
+                # once both sides stopped) and the exchange's end answers the application
                 attempt.client_error = exc
-                with trio.CancelScope(shield=True):
-                    await upstream.stream.reset(ErrorCode.CANCEL, "client request broken")
                 nursery.cancel_scope.cancel()
 
         async def relay_response() -> None:
@@ -746,12 +924,16 @@ class _ProxyConnection:
         if isinstance(client_error, _ClientGone):
             await self._drop_upstream(clean=False)
             raise client_error
-        if isinstance(client_error, h11.RemoteProtocolError) and attempt.status is None:
+        if isinstance(client_error, (h11.RemoteProtocolError, _TooSlow)):
             await self._drop_upstream(clean=False)
-            if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                await self._send_error(400, "malformed_request", f"malformed request body: {client_error}", close=True)
-                return 400
-            return None
+            if isinstance(client_error, _TooSlow):
+                status, reason, message = 408, client_error.reason, client_error.message
+            else:
+                status, reason, message = 400, "malformed_request", f"malformed request body: {client_error}"
+            # answered if no response had started; otherwise audited and the connection closes
+            # (the request is not DONE)
+            await self._refuse(status, reason, message, close=True)
+            return status if attempt.status is None else None
         if attempt.retry:
             await self._drop_upstream(clean=False)
             if not progress.body_consumed:
@@ -784,6 +966,8 @@ class _ProxyConnection:
         return True
 
     async def _upstream_failed(self, attempt: _Attempt, status: int, reason: str, message: str) -> None:
+        if attempt.client_error is not None:
+            return  # the application broke the request: the exchange's end answers that
         # Stop the request-body pump first (it is suspended: cancelling it loses no client bytes),
         # so that an already-buffered end of request can be consumed here and keep-alive survives.
         attempt.body_scope.cancel()
@@ -795,10 +979,7 @@ class _ProxyConnection:
         else:
             # the response had started: the only way to tell the application is to break the connection
             log.info("HTTP proxy: response to %s aborted: %s", self.peer, message)
-            try:
-                await self.out.flush()  # what was relayed so far, as without the write queue
-            except _ClientGone:
-                pass
+            await self.out.flush()  # what was relayed so far, as without the write queue
             raise _ClientGone()
 
     # --- WebSocket ------------------------------------------------------------------------------

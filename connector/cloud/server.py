@@ -15,14 +15,16 @@ import trio
 from connector import metrics, pki
 from connector.admin import AdminRequest, AdminServer, Reply
 from connector.cloud.admission import StreamAdmission
+from connector.cloud.audit import CloudAudit
 from connector.cloud.auth import Authenticator
 from connector.cloud.clients import AuthThrottle
 from connector.cloud.destinations import DestinationService, DestinationSettings
 from connector.cloud.endpoint import EndpointSettings, TunnelEndpoint
-from connector.cloud.proxy import HttpProxy
+from connector.cloud.proxy import HttpProxy, ProxySettings
 from connector.cloud.registry import Registry
 from connector.cloud.socks5 import Socks5Proxy
 from connector.config import CloudConfig
+from connector.datarate import MinDataRate
 from connector.tunnel.session import TunnelSettings
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,17 @@ class CloudPorts:
     socks5_proxy: int
     admin: int
     destinations: int | None
+
+
+def proxy_settings(config: CloudConfig) -> ProxySettings:
+    """The HTTP proxy's limits from [proxy]."""
+    return ProxySettings(
+        request_head_timeout=config.request_head_timeout,
+        idle_timeout=config.idle_timeout,
+        stream_idle_timeout=config.stream_idle_timeout,
+        request_body_rate=MinDataRate(config.min_request_body_rate, config.request_body_grace),
+        response_write_timeout=config.response_write_timeout,
+    )
 
 
 class CloudServer:
@@ -52,6 +65,7 @@ class CloudServer:
         self.authenticator = Authenticator(
             {s.id: s.token_sha256 for s in config.subaccounts}, throttle=AuthThrottle(config.auth_throttle)
         )
+        self.audit = CloudAudit.open(str(config.audit_log) if config.audit_log else None)
         self.endpoint = TunnelEndpoint(
             self.registry,
             cert=config.tunnel_cert,
@@ -69,15 +83,20 @@ class CloudServer:
         metrics.CERT_EXPIRY.labels("tunnel-server").set(pki.expiry_timestamp(config.tunnel_cert))
         for sub in config.subaccounts:
             metrics.CERT_EXPIRY.labels(f"ca-{sub.id}").set(pki.expiry_timestamp(sub.ca))
+        try:
+            await self._serve(task_status)
+        finally:
+            self.audit.close()
+
+    async def _serve(self, task_status: trio.TaskStatus[CloudPorts]) -> None:
+        config = self.config
         async with trio.open_nursery() as nursery:
             await nursery.start(self.registry.run)
             tunnel = await nursery.start(self.endpoint.run, config.tunnel_listen.host, config.tunnel_listen.port)
-            http = await nursery.start(
-                HttpProxy(self.registry, self.authenticator).run, config.http_listen.host, config.http_listen.port
-            )
-            socks = await nursery.start(
-                Socks5Proxy(self.registry, self.authenticator).run, config.socks5_listen.host, config.socks5_listen.port
-            )
+            http_proxy = HttpProxy(self.registry, self.authenticator, settings=proxy_settings(config), audit=self.audit)
+            http = await nursery.start(http_proxy.run, config.http_listen.host, config.http_listen.port)
+            socks_proxy = Socks5Proxy(self.registry, self.authenticator, audit=self.audit)
+            socks = await nursery.start(socks_proxy.run, config.socks5_listen.host, config.socks5_listen.port)
             destinations = None
             if config.destinations_listen is not None and config.destinations_store is not None:
                 store = config.destinations_store

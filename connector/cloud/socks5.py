@@ -40,6 +40,7 @@ import struct
 import attrs
 import trio
 
+from connector.cloud.audit import CloudAudit
 from connector.cloud.auth import Authenticator
 from connector.cloud.router import NoConnectorError, ProxyService, Router
 from connector.metrics import PROXY_REQUEST_SECONDS, PROXY_REQUESTS
@@ -148,9 +149,29 @@ class Socks5Proxy(ProxyService[Socks5Settings]):
     default_port = DEFAULT_SOCKS5_PORT
 
     def __init__(
-        self, router: Router, authenticator: Authenticator, *, settings: Socks5Settings = Socks5Settings()
+        self,
+        router: Router,
+        authenticator: Authenticator,
+        *,
+        settings: Socks5Settings = Socks5Settings(),
+        audit: CloudAudit | None = None,
     ) -> None:
         super().__init__(router, authenticator, settings=settings)
+        self.audit = audit if audit is not None else CloudAudit()
+
+    def _audit_refusal(
+        self, sock: trio.SocketStream, reason: str, reply_code: int | None, *,
+        subaccount: str | None = None, location: str | None = None, virtual_target: str | None = None,
+    ) -> None:
+        """One audit record per refused connection (`connector.cloud.audit`)."""
+        try:
+            host, port = sock.socket.getpeername()[:2]
+            client = f"{host}:{port}"
+        except OSError:
+            client = "?"
+        reply_name = REPLY_NAMES.get(reply_code) if reply_code is not None else None
+        self.audit.refusal(proxy="socks5", client=client, reason=reason, reply=reply_name, subaccount=subaccount,
+                           location=location, virtual_target=virtual_target)
 
     async def _handle(self, sock: trio.SocketStream) -> None:
         started = trio.current_time()
@@ -185,15 +206,20 @@ class Socks5Proxy(ProxyService[Socks5Settings]):
                 target = await self._read_request(sock, reader)
         except _HandshakeError as exc:
             log.info("SOCKS5 handshake refused: %s", exc)
+            if exc.status != "truncated_handshake":  # the client left (a TCP health check): nothing refused
+                self._audit_refusal(sock, exc.status, None)
             return exc.status, None, b""
         except trio.TooSlowError:
             log.info("SOCKS5 handshake timed out after %.1f s", self.settings.handshake_timeout)
+            self._audit_refusal(sock, "handshake_timeout", None)
             return "handshake_timeout", None, b""
 
         try:
             stream = await self.router.open_stream(subaccount, location_id, target)
         except NoConnectorError as exc:
             log.info("SOCKS5 %s for subaccount %s: no connector: %s", target, subaccount, exc.reason)
+            self._audit_refusal(sock, "no_connector", REP_NETWORK_UNREACHABLE, subaccount=subaccount,
+                                location=location_id, virtual_target=str(target))
             return await self._refuse(sock, REP_NETWORK_UNREACHABLE), None, b""
         except StreamResetError as exc:
             return await self._refuse(sock, reset_reply(exc)), None, b""
@@ -205,6 +231,8 @@ class Socks5Proxy(ProxyService[Socks5Settings]):
             await sock.send_all(reply(REP_SUCCEEDED))
         except StreamResetError as exc:
             log.info("SOCKS5 %s refused by the connector: %s", target, exc)
+            self._audit_refusal(sock, exc.code.name.lower(), reset_reply(exc), subaccount=subaccount,
+                                location=location_id, virtual_target=str(target))
             await self._close_stream(stream, None)
             return await self._refuse(sock, reset_reply(exc)), None, b""
         except trio.TooSlowError:
