@@ -104,7 +104,8 @@ CLOUD_NO_MASTER_SECONDS = Counter(
 CLOUD_STATE_PERSISTED = Gauge(
     NS + "_cloud_state_persisted",
     "1 while state_file holds the highest epochs the cloud knows, 0 after a write failed (the fence "
-    "still works from memory, but a restart would forget epochs)",
+    "still works from memory, but a restart would forget epochs). Only a cloud with a state_file has it.",
+    ["state_file"],
 )
 CLOUD_HAS_MASTER = Gauge(
     NS + "_cloud_location_has_master", "1 while a known location has a master tunnel", ["subaccount", "location"]

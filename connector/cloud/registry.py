@@ -180,7 +180,13 @@ class Registry:
         self._persist_failing = False
         self._persisted = trio.Event()  # set while state_file holds the current epochs
         self._persisted.set()
-        metrics.CLOUD_STATE_PERSISTED.set(1)  # nothing failed yet (and nothing to write)
+        # A labelled gauge has no sample until set: a node (or a cloud without a state_file) shows
+        # no "0, not persisted" that the alert would fire on.
+        self._persisted_gauge = (
+            metrics.CLOUD_STATE_PERSISTED.labels(str(state_file)) if state_file is not None else None
+        )
+        if self._persisted_gauge is not None:
+            self._persisted_gauge.set(1)  # nothing failed yet (and nothing to write)
         self._locations: dict[LocationKey, _Location] = {}
         self._held = 0
         self._nursery: trio.Nursery | None = None
@@ -594,7 +600,8 @@ class Registry:
                 os.fsync(f.fileno())
             os.replace(tmp, self.state_file)
         except OSError as exc:
-            metrics.CLOUD_STATE_PERSISTED.set(0)
+            if self._persisted_gauge is not None:
+                self._persisted_gauge.set(0)
             if not self._persist_failing:
                 self._persisted = trio.Event()
                 log.error("cannot write the fencing state to %s: %s; fencing goes on from memory, "
@@ -606,7 +613,8 @@ class Registry:
             log.warning("fencing state written to %s again", self.state_file)
         self._persist_failing = False
         self._persisted.set()
-        metrics.CLOUD_STATE_PERSISTED.set(1)
+        if self._persisted_gauge is not None:
+            self._persisted_gauge.set(1)
 
     @property
     def persisted(self) -> bool:

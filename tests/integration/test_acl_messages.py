@@ -67,4 +67,4 @@ def test_unreachable_etcd_is_named(tmp_path):
     url = f"http://127.0.0.1:{free_port()}"
     result = cli(node_toml(tmp_path, url), "list")
     assert result.returncode == 3
-    assert f"etcd at {url}" in result.stderr and "not reachable" in result.stderr
+    assert f"etcd unreachable at {url}" in result.stderr and "node.toml" in result.stderr

@@ -19,8 +19,8 @@ def handle(node: str) -> TunnelHandle:
     return TunnelHandle(None, "acme", "", node)  # type: ignore[arg-type]  # no fencing here: no session used
 
 
-def sample(name: str) -> float:
-    return REGISTRY.get_sample_value(name) or 0.0
+def sample(name: str, state_file: object) -> float | None:
+    return REGISTRY.get_sample_value(name, {"state_file": str(state_file)})
 
 
 async def test_failed_state_write_keeps_serving_then_recovers(tmp_path, autojump_clock, caplog):
@@ -32,14 +32,14 @@ async def test_failed_state_write_keeps_serving_then_recovers(tmp_path, autojump
         with caplog.at_level(logging.ERROR, logger="connector.cloud.registry"):
             assert registry.register(handle("node-a"), 7).accepted  # raised FileNotFoundError before
         assert not registry.persisted
-        assert sample("connector_cloud_state_persisted") == 0
+        assert sample("connector_cloud_state_persisted", state_file) == 0
         assert any(str(state_file) in r.getMessage() and "from memory" in r.getMessage() for r in caplog.records)
         assert not registry.register(handle("stale"), 3).accepted  # the fence holds, in memory
 
         state_file.parent.mkdir()
         await registry.wait_persisted()
         assert trio.current_time() - start == RETRY
-        assert sample("connector_cloud_state_persisted") == 1
+        assert sample("connector_cloud_state_persisted", state_file) == 1
         nursery.cancel_scope.cancel()
     assert json.loads(state_file.read_text())["epochs"] == [
         {"subaccount": "acme", "location_id": "", "epoch": 7, "cluster": ""}]
