@@ -63,7 +63,9 @@ import attrs
 import h11
 import trio
 
+from connector import metrics
 from connector.cloud.auth import Authenticator
+from connector.cloud.clients import address_key
 from connector.cloud.destination_store import (
     SECRET_PROPERTIES,
     DestinationStore,
@@ -275,6 +277,15 @@ def resolve(path: str) -> _Endpoint:
     raise DestinationError(404, "not_found", f"no such endpoint: {path}")
 
 
+def _client_address(stream: trio.abc.Stream) -> str:
+    """The peer's address key (as the proxies count failed authentications), or "?"."""
+    sock = getattr(stream, "socket", None)
+    try:
+        return address_key(str(sock.getpeername()[0])) if sock is not None else "?"
+    except OSError:
+        return "?"
+
+
 class DestinationService:
     """Serves the destination REST API over h11; the store loads at construction (fails early).
 
@@ -376,7 +387,7 @@ class DestinationService:
             )
             headers.append((b"connection", b"close"))
         else:
-            status, headers, payload = await self._respond(request, body)
+            status, headers, payload = await self._respond(request, body, _client_address(stream))
         await self._send(stream, conn, h11.Response(status_code=status, headers=headers, reason=REASONS.get(status, b"")))
         if request.method != b"HEAD":  # HEAD: the same head, no body (h11 refuses one)
             await self._send(stream, conn, h11.Data(data=payload))
@@ -443,11 +454,19 @@ class DestinationService:
             pass
 
     # --- one request ---------------------------------------------------------------------------
-    async def _respond(self, request: h11.Request, body: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    async def _respond(
+        self, request: h11.Request, body: bytes, client_address: str
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         authorization = next((v for n, v in request.headers if n == b"authorization"), None)
         subaccounts = {Right.USE: self.users.authenticate_header(authorization),
                        Right.MANAGE: self.admins.authenticate_header(authorization)}
         if not any(subaccounts.values()):
+            # Guessing tokens here is slowed as at the proxies (and counted with them when the
+            # cloud hands both the same throttle): past the threshold, answers are spaced out.
+            delay = self.users.throttle.failed(client_address)
+            if delay > 0:
+                metrics.PROXY_AUTH_DELAYED.inc()
+                await trio.sleep(delay)
             return error_parts(
                 401, "unauthorized", "send Authorization: Bearer <token>",
                 [(b"www-authenticate", b'Bearer realm="destination-service"')],

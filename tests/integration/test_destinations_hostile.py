@@ -272,3 +272,24 @@ async def test_a_slow_but_steady_request_within_its_deadline_is_served(tmp_path:
             await trio.sleep(step)
         answer = await _read_to_close(client)
         assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"[]")
+
+
+async def test_guessing_tokens_is_slowed_per_address_and_others_are_served_at_once(tmp_path: Path) -> None:
+    # Before: wrong tokens were answered 401 as fast as they came (the proxies' throttle did not
+    # cover this service). Past the threshold (10) an address gets about one answer a second.
+    window = 2.0
+    answered = 0
+    async with running(tmp_path) as port:
+        with trio.move_on_after(window):
+            while True:
+                status, _, _ = await call(port, "GET", COLLECTION, token=f"guess-{answered}")
+                assert status == 401
+                answered += 1
+        assert 10 <= answered <= 10 + window + 1, answered
+        # another address is not slowed by the guesser's failures
+        with trio.fail_after(1.0):
+            sock = await trio.open_tcp_stream("127.0.0.1", port, local_address="127.0.0.2")
+            client = HttpClient(sock)
+            response = await client.request("GET", COLLECTION, [("host", "d"), ("authorization", f"Bearer {USER_1}")])
+            await client.aclose()
+        assert response.status == 403  # a valid proxy token: known, but without the right to list
