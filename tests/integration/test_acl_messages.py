@@ -11,25 +11,11 @@ import sys
 from pathlib import Path
 
 from tests.support.etcdserver import free_port
+from tests.support.nodeconfig import cluster_node_toml
 
 
 def node_toml(tmp_path: Path, etcd_url: str) -> Path:
-    for name in ("node.pem", "node.key"):
-        (tmp_path / name).write_text("placeholder")  # acl commands talk to etcd only
-    path = tmp_path / "node.toml"
-    path.write_text(f"""
-[node]
-id = "node-a"
-subaccount = "acme"
-[tunnel]
-url = "wss://127.0.0.1:8443/tunnel"
-cert = "node.pem"
-key = "node.key"
-[cluster]
-name = "msg"
-etcd = ["{etcd_url}"]
-""")
-    return path
+    return cluster_node_toml(tmp_path, "msg", [etcd_url])  # acl commands talk to etcd only
 
 
 def cli(config: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -17,6 +17,7 @@ import trio
 from connector.demo import DemoError, claim_pointer, find_etcd, read_pointer, release_pointer
 from connector.listen import ListenError, serve_tcp
 from tests.support.etcdserver import etcd_binary
+from tests.support.nodeconfig import cluster_node_toml
 
 
 def _fake_etcd(tmp_path: Path, version_line: str) -> Path:
@@ -131,21 +132,7 @@ def test_status_against_an_unreachable_etcd_names_the_endpoint(tmp_path: Path) -
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
-    for name in ("node.pem", "node.key"):
-        (tmp_path / name).write_text("placeholder")  # the tunnel is not used here
-    config = tmp_path / "node.toml"
-    config.write_text(f"""
-[node]
-id = "node-a"
-subaccount = "acme"
-[tunnel]
-url = "wss://127.0.0.1:8443/tunnel"
-cert = "node.pem"
-key = "node.key"
-[cluster]
-name = "prod"
-etcd = ["{dead}"]
-""")
+    config = cluster_node_toml(tmp_path, "prod", [dead])
     result = subprocess.run([sys.executable, "-m", "connector", "status", "--config", str(config)],
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 3

@@ -24,6 +24,7 @@ from connector import pki
 from ha.etcd import EtcdSettings, EtcdStore
 from ha.store import StoreUnavailable
 from tests.support.etcdserver import EtcdServer
+from tests.support.nodeconfig import cluster_node_toml
 
 USER, PASSWORD = "node", "s3cret-for-tests"
 CLUSTER = "demo"
@@ -147,23 +148,10 @@ async def test_a_node_config_with_a_password_file_reaches_the_store(auth_etcd: d
     from connector.agent.runtime import open_store
     from connector.config import load_node_config
 
-    for name in ("node.pem", "node.key"):
-        (tmp_path / name).write_text("placeholder")  # the tunnel is not used here
     password_file = tmp_path / "etcd.pw"
     password_file.write_text(PASSWORD + "\n")
     password_file.chmod(0o600)
-    config_file = tmp_path / "node.toml"
-    config_file.write_text(f"""
-[node]
-id = "node-a"
-subaccount = "acme"
-[tunnel]
-url = "wss://127.0.0.1:8443/tunnel"
-cert = "node.pem"
-key = "node.key"
-[cluster]
-name = "{CLUSTER}"
-etcd = ["{auth_etcd['server'].url}"]
+    config_file = cluster_node_toml(tmp_path, CLUSTER, [auth_etcd["server"].url], f"""\
 etcd_ca = "{auth_etcd['ca']}"
 etcd_user = "{USER}"
 etcd_password_file = "etcd.pw"
