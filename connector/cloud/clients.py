@@ -27,11 +27,15 @@ import contextvars
 import ipaddress
 import socket
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import TypeVar
 
 import attrs
 import trio
 
 from connector import metrics
+
+T = TypeVar("T")
 
 
 def address_key(host: str) -> str:
@@ -124,6 +128,37 @@ class AuthThrottle:
     def __init__(self, settings: AuthThrottleSettings = AuthThrottleSettings()) -> None:
         self.settings = settings
         self._addresses: OrderedDict[str, _Failures] = OrderedDict()  # least recently failing first
+
+    async def check(self, address: str | None, identify: Callable[[], T | None]) -> T | None:
+        """Authenticate through `identify` on behalf of `address`; refusals are counted and delayed.
+
+        While an address's queue of delayed answers is full, its credentials are not even looked
+        at: the refusal comes after `max_delay` without an evaluation. So an address gets about one
+        evaluated guess per `delay` however many connections it opens (with a cap alone, C
+        connections would buy C guesses per `max_delay`). A correct token is answered at once,
+        except from an address that is guessing hard right now. `address` None: not throttled.
+        """
+        if address is not None and self._saturated(address):
+            metrics.PROXY_AUTH_FAILURES.inc()
+            metrics.PROXY_AUTH_DELAYED.inc()
+            await trio.sleep(self.settings.max_delay)
+            return None
+        result = identify()
+        if result is not None:
+            return result
+        metrics.PROXY_AUTH_FAILURES.inc()
+        if address is not None:
+            delay = self.failed(address)
+            if delay > 0:
+                metrics.PROXY_AUTH_DELAYED.inc()
+                await trio.sleep(delay)
+        return None
+
+    def _saturated(self, address: str) -> bool:
+        entry = self._addresses.get(address)
+        if entry is None or entry.count < self.settings.failures:
+            return False
+        return entry.next_answer - trio.current_time() > self.settings.max_delay - self.settings.delay
 
     def failed(self, address: str) -> float:
         """Record a failure of `address` now; return the seconds its answer must wait."""

@@ -63,7 +63,6 @@ import attrs
 import h11
 import trio
 
-from connector import metrics
 from connector.cloud.auth import Authenticator
 from connector.cloud.clients import address_key
 from connector.cloud.destination_store import (
@@ -458,15 +457,15 @@ class DestinationService:
         self, request: h11.Request, body: bytes, client_address: str
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         authorization = next((v for n, v in request.headers if n == b"authorization"), None)
-        subaccounts = {Right.USE: self.users.authenticate_header(authorization),
-                       Right.MANAGE: self.admins.authenticate_header(authorization)}
-        if not any(subaccounts.values()):
-            # Guessing tokens here is slowed as at the proxies (and counted with them when the
-            # cloud hands both the same throttle): past the threshold, answers are spaced out.
-            delay = self.users.throttle.failed(client_address)
-            if delay > 0:
-                metrics.PROXY_AUTH_DELAYED.inc()
-                await trio.sleep(delay)
+        # Guessing tokens here is slowed as at the proxies, and counted with them: the cloud hands
+        # this service the proxies' throttle.
+        subaccounts = await self.users.throttle.check(client_address, lambda: {
+            right: subaccount for right, subaccount in (
+                (Right.USE, self.users.authenticate_header(authorization)),
+                (Right.MANAGE, self.admins.authenticate_header(authorization)),
+            ) if subaccount is not None
+        } or None) or {}
+        if not subaccounts:
             return error_parts(
                 401, "unauthorized", "send Authorization: Bearer <token>",
                 [(b"www-authenticate", b'Bearer realm="destination-service"')],
@@ -479,7 +478,7 @@ class DestinationService:
                     405, "method_not_allowed", f"use {', '.join(m.decode() for m in endpoint.methods)} here",
                     [(b"allow", b", ".join(endpoint.methods))],
                 )
-            subaccount = subaccounts[endpoint.right]
+            subaccount = subaccounts.get(endpoint.right)
             if subaccount is None:
                 raise DestinationError(403, "forbidden", (
                     "finding a destination needs a proxy token of the subaccount" if endpoint.right is Right.USE

@@ -21,7 +21,6 @@ from typing import ClassVar, Generic, Protocol, TypeVar
 
 import trio
 
-from connector import metrics
 from connector.cloud.auth import Authenticator, Credentials, parse_authorization
 from connector.cloud.clients import ClientConnection, current_client
 from connector.listen import serve_tcp
@@ -98,16 +97,9 @@ class ProxyService(Generic[SettingsT]):
         """Authenticate for the current connection: an accepted token becomes its principal; a
         refusal is counted for its client address and answered only after the throttle's delay."""
         client = current_client.get()
-        principal = self.authenticator.identify(credentials)
-        if principal is not None:
-            if client is not None:
-                client.principal = principal
-            return principal.subaccount
-        metrics.PROXY_AUTH_FAILURES.inc()
+        principal = await self.authenticator.throttle.check(
+            client.address if client is not None else None, lambda: self.authenticator.identify(credentials)
+        )
         if client is not None:
-            client.principal = None
-            delay = self.authenticator.throttle.failed(client.address)
-            if delay > 0:
-                metrics.PROXY_AUTH_DELAYED.inc()
-                await trio.sleep(delay)
-        return None
+            client.principal = principal
+        return principal.subaccount if principal is not None else None

@@ -199,3 +199,32 @@ async def test_tracked_addresses_are_bounded_least_recently_failing_dropped(auto
 def test_inconsistent_settings_are_refused(settings: dict) -> None:
     with pytest.raises(ValueError):
         AuthThrottleSettings(**settings)
+
+
+async def test_many_connections_of_one_address_buy_no_extra_guesses(autojump_clock) -> None:
+    # Before: past max_delay every further failure was still evaluated and answered at now +
+    # max_delay, so C parallel guessers got C / max_delay guesses a second (200 -> 40/s).
+    settings = AuthThrottleSettings(failures=10, delay=1.0, max_delay=5.0)
+    throttle = AuthThrottle(settings)
+    evaluated = 0
+
+    def wrong_token() -> None:
+        nonlocal evaluated
+        evaluated += 1
+        return None
+
+    async def guesser() -> None:
+        while True:
+            assert await throttle.check("203.0.113.9", wrong_token) is None
+
+    duration = 60.0
+    with trio.move_on_after(duration):
+        async with trio.open_nursery() as nursery:
+            for _ in range(200):
+                nursery.start_soon(guesser)
+    # the free failures, one queue of max_delay / delay, then one guess per delay
+    assert evaluated <= settings.failures + (settings.max_delay + duration) / settings.delay + 1, evaluated
+    # a correct token from another address is answered at once
+    start = trio.current_time()
+    assert await throttle.check("198.51.100.7", lambda: "acme") == "acme"
+    assert trio.current_time() == start
