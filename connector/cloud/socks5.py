@@ -43,6 +43,7 @@ import trio
 from connector.cloud.audit import CloudAudit
 from connector.cloud.auth import Authenticator
 from connector.cloud.router import NoConnectorError, ProxyService, Router
+from connector.httperrors import reset_error
 from connector.metrics import PROXY_REQUEST_SECONDS, PROXY_REQUESTS
 from connector.tunnel.streams import TunnelStream
 from connector.tunnel.types import ErrorCode, StreamProtocol, StreamResetError, Target
@@ -218,10 +219,12 @@ class Socks5Proxy(ProxyService[Socks5Settings]):
             stream = await self.router.open_stream(subaccount, location_id, target)
         except NoConnectorError as exc:
             log.info("SOCKS5 %s for subaccount %s: no connector: %s", target, subaccount, exc.reason)
-            self._audit_refusal(sock, "no_connector", REP_NETWORK_UNREACHABLE, subaccount=subaccount,
+            self._audit_refusal(sock, exc.code, REP_NETWORK_UNREACHABLE, subaccount=subaccount,
                                 location=location_id, virtual_target=str(target))
             return await self._refuse(sock, REP_NETWORK_UNREACHABLE), None, b""
         except StreamResetError as exc:
+            self._audit_refusal(sock, reset_error(exc.code)[1], reset_reply(exc), subaccount=subaccount,
+                                location=location_id, virtual_target=str(target))
             return await self._refuse(sock, reset_reply(exc)), None, b""
         # From here until it is returned, the stream is ours to close on every exit (the last
         # clause): the client may reset before our reply, or this task may be cancelled.
@@ -231,11 +234,14 @@ class Socks5Proxy(ProxyService[Socks5Settings]):
             await sock.send_all(reply(REP_SUCCEEDED))
         except StreamResetError as exc:
             log.info("SOCKS5 %s refused by the connector: %s", target, exc)
-            self._audit_refusal(sock, exc.code.name.lower(), reset_reply(exc), subaccount=subaccount,
+            self._audit_refusal(sock, reset_error(exc.code)[1], reset_reply(exc), subaccount=subaccount,
                                 location=location_id, virtual_target=str(target))
             await self._close_stream(stream, None)
             return await self._refuse(sock, reset_reply(exc)), None, b""
         except trio.TooSlowError:
+            log.info("SOCKS5 %s: the connector did not connect within %.1f s", target, self.settings.connect_timeout)
+            self._audit_refusal(sock, reset_error(ErrorCode.CONNECT_TIMEOUT)[1], REP_HOST_UNREACHABLE,
+                                subaccount=subaccount, location=location_id, virtual_target=str(target))
             await self._close_stream(stream, ErrorCode.CONNECT_TIMEOUT)
             return await self._refuse(sock, REP_HOST_UNREACHABLE), None, b""
         except BaseException:

@@ -67,7 +67,7 @@ async def test_auth_failure_no_connector_and_not_allowed_are_audited(audited: tu
     assert [(r["reason"], r["reply"], r["subaccount"], r["location"], r["virtual_target"]) for r in records] == [
         ("auth_failed", None, None, None, None),
         ("no_connector", "network_unreachable", "sub1", "nowhere", "tcp://erp.virtual:3300"),
-        ("denied", "not_allowed", "sub1", "", "tcp://denied.virtual:3300"),
+        ("denied_by_allowlist", "not_allowed", "sub1", "", "tcp://denied.virtual:3300"),  # the HTTP side's word
     ]
     assert OTHER_TOKEN not in json.dumps(records) and TOKEN not in json.dumps(records)
 
