@@ -8,7 +8,7 @@ one write.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import h11
@@ -168,3 +168,29 @@ class Outbox:
     async def send(self, event: Any) -> None:
         self.queue(event)
         await self.flush()
+
+
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+
+
+def framing_error(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
+    """Why the framing of a request cannot be trusted, or None.
+
+    Both Content-Length and Transfer-Encoding is how request smuggling starts: a front-end that
+    frames the request by its length and h11 (by its chunks) disagree on where the next request
+    begins, so RFC 9112 section 6.3 has such a request refused and its connection closed.
+    """
+    length = chunked = connection = False
+    for name, _ in headers:
+        if name == b"content-length":
+            length = True
+        elif name == b"transfer-encoding":
+            chunked = True
+        elif name == b"connection":
+            connection = True
+    if length and chunked:
+        return "Content-Length and Transfer-Encoding in one request (RFC 9112 section 6.3)"
+    listed = header_tokens(headers, b"connection") & _FRAMING if connection else None
+    if listed:
+        return f"the Connection header names {', '.join(sorted(t.decode() for t in listed))}, which frames the request"
+    return None

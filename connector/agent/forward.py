@@ -59,7 +59,7 @@ from connector.agent import acl as acl_mod
 from connector.agent.acl import AccessControl, Decision, Mapping
 from connector.agent.audit import AuditLog
 from connector.datarate import MinDataRate, RateBudget, receive_some_at_rate
-from connector.http1 import Outbox, header_tokens, strip_hop_by_hop, trailer_fields
+from connector.http1 import Outbox, framing_error, header_tokens, strip_hop_by_hop, trailer_fields
 from connector.httperrors import ERRORS, REASON_PHRASES, RESET_REASONS, error_parts, reset_error
 from connector.tunnel.streams import TunnelStream
 from connector.tunnel.types import ErrorCode, StreamResetError
@@ -621,10 +621,9 @@ class _HttpSession:
             # h11 only bounds *incomplete* heads; a complete one may still exceed our limit
             await self._refuse(exchange, 431, acl_mod.BAD_REQUEST, "request head too large", close=True)
             return False
-        names = [k for k, _ in headers]
-        if b"content-length" in names and b"transfer-encoding" in names:
-            await self._refuse(exchange, 400, acl_mod.BAD_REQUEST,
-                               "both Content-Length and Transfer-Encoding", close=True)
+        framing = framing_error(headers)  # the proxy refuses these too: a second line of defence
+        if framing is not None:
+            await self._refuse(exchange, 400, acl_mod.BAD_REQUEST, framing, close=True)
             return False
         decision = self.acl.check_request(self.mapping, request.method, request.target, headers)
         if not decision.allowed:

@@ -79,7 +79,14 @@ from connector.cloud.audit import CloudAudit
 from connector.cloud.auth import Authenticator
 from connector.cloud.router import NoConnectorError, ProxyService, Router
 from connector.datarate import MinDataRate, RateBudget, receive_some_at_rate
-from connector.http1 import HOP_BY_HOP, Outbox, header_tokens, strip_hop_by_hop, trailer_fields
+from connector.http1 import (
+    HOP_BY_HOP,
+    Outbox,
+    framing_error,
+    header_tokens,
+    strip_hop_by_hop,
+    trailer_fields,
+)
 from connector.httperrors import REASON_PHRASES, error_parts, reset_error
 from connector.metrics import PROXY_REQUEST_SECONDS, PROXY_REQUESTS
 from connector.tunnel.streams import TunnelStream
@@ -180,32 +187,6 @@ def is_websocket_upgrade(request: h11.Request) -> bool:
 
 # Framing headers: a Connection header naming one would have this hop drop it, and the node
 # would frame the request differently from the application and from us.
-_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
-
-
-def framing_error(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
-    """Why the framing of a request cannot be trusted, or None.
-
-    Both Content-Length and Transfer-Encoding is how request smuggling starts: a front-end that
-    frames the request by its length and h11 (by its chunks) disagree on where the next request
-    begins, so RFC 9112 section 6.3 has such a request refused and its connection closed.
-    """
-    length = chunked = connection = False
-    for name, _ in headers:
-        if name == b"content-length":
-            length = True
-        elif name == b"transfer-encoding":
-            chunked = True
-        elif name == b"connection":
-            connection = True
-    if length and chunked:
-        return "Content-Length and Transfer-Encoding in one request (RFC 9112 section 6.3)"
-    listed = header_tokens(headers, b"connection") & _FRAMING if connection else None
-    if listed:
-        return f"the Connection header names {', '.join(sorted(t.decode() for t in listed))}, which frames the request"
-    return None
-
-
 def forwarded_headers(
     headers: Sequence[tuple[bytes, bytes]], host: str, port: int, *, websocket: bool = False
 ) -> list[tuple[bytes, bytes]]:
@@ -846,8 +827,8 @@ class _ProxyConnection:
                         self.out.queue(event)
                         if len(self.out) >= self.settings.chunk:
                             await self.out.flush()
-                    elif isinstance(event, h11.EndOfMessage):
-                        await self.out.send(h11.EndOfMessage())
+                    elif isinstance(event, h11.EndOfMessage):  # response trailers: the one rule of both hops
+                        await self.out.send(h11.EndOfMessage(headers=trailer_fields(event.headers)))
                         return
                     else:
                         raise StreamResetError(

@@ -772,3 +772,19 @@ async def test_client_reset_mid_download_ends_the_stream_task(nursery: trio.Nurs
     with trio.fail_after(2):
         await finished.wait()
     assert backend.connections == 1
+
+
+@pytest.mark.parametrize("framing", [
+    b"content-length: 3\r\ntransfer-encoding: chunked\r\n",
+    b"connection: content-length\r\ncontent-length: 3\r\n",
+], ids=["cl_and_te", "connection_names_content_length"])
+async def test_ambiguous_framing_is_refused_by_the_node_too(nursery: trio.Nursery, framing: bytes) -> None:
+    """The proxy refuses these; the node is a second line of defence with the same rule
+    (`http1.framing_error`): before, it missed a Connection header naming a framing header."""
+    backend = BodyIgnoringBackend()
+    port = await serve(nursery, backend.handle)
+    stream = open_stream(nursery, AccessControl([mapping_for(port)]), context(AuditLog(None)))
+    await stream.send_all(b"POST /echo HTTP/1.1\r\nhost: x\r\n" + framing + b"\r\nabc")
+    answer = await read_raw_until_closed(stream)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:80]
+    assert backend.lines == []

@@ -28,10 +28,11 @@ from connector.agent.audit import REQUEST_FIELDS
 from connector.cli import init_certs
 from connector.cloud.audit import CloudAudit
 from connector.cloud.auth import Authenticator, hash_token
-from connector.cloud.proxy import HttpProxy, ProxySettings, framing_error
+from connector.cloud.proxy import HttpProxy, ProxySettings
 from connector.cloud.server import CloudServer
 from connector.config import load_cloud_config
 from connector.datarate import MinDataRate
+from connector.http1 import framing_error
 from connector.tunnel.session import SessionStream, TunnelSession, TunnelSettings
 from connector.tunnel.streams import TunnelStream
 from connector.tunnel.testing import memory_stream_pair

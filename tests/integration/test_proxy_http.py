@@ -101,6 +101,15 @@ class FakeRouter:
                     return
                 if path == "/gate":
                     await self.gate.wait()
+                if path == "/with-trailers":  # a chunked answer whose trailers hold fields no trailer may carry
+                    while not isinstance(await next_event(), h11.EndOfMessage):
+                        pass
+                    await send(h11.Response(status_code=200, headers=[(b"transfer-encoding", b"chunked")]))
+                    await send(h11.Data(data=b"hello"))
+                    await send(h11.EndOfMessage(headers=[(b"x-checksum", b"5d41"), (b"set-cookie", b"admin=1"),
+                                                         (b"content-length", b"999")]))
+                    conn.start_next_cycle()
+                    continue
                 if path == "/early":
                     # a whole answer before reading the body (an echo of a small body can, an
                     # early error does); then the body, then the next request on the stream
@@ -917,3 +926,20 @@ async def test_proxy_headers_in_request_trailers_do_not_reach_the_node() -> None
         assert b"location_id" not in sent and TOKEN.encode().lower() not in sent
         await sock.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_response_trailers_reach_the_application_through_the_one_trailer_rule(
+    proxy_env: tuple[int, FakeRouter],
+) -> None:
+    """Before: the proxy ended every response with no trailer fields at all (checksums lost)."""
+    port, _ = proxy_env
+    sock = await trio.open_tcp_stream("127.0.0.1", port)
+    await sock.send_all(b"GET http://erp.virtual:8000/with-trailers HTTP/1.1\r\nhost: erp.virtual:8000\r\n"
+                        b"proxy-authorization: Bearer " + TOKEN.encode() + b"\r\n\r\n")
+    answer = b""
+    while not answer.endswith(b"\r\n\r\n") or b"\r\n0\r\n" not in answer:
+        answer += await sock.receive_some(65536)
+    trailers = answer.split(b"\r\n0\r\n", 1)[1].lower()
+    assert b"x-checksum: 5d41" in trailers
+    assert b"set-cookie" not in trailers and b"content-length" not in trailers
+    await sock.aclose()
