@@ -14,14 +14,26 @@ names and issuer the certificate carries, and the CA the node trusts), the port 
 HTTP, the cloud refused the node's certificate, the connection was refused or timed out.
 The certificate of a server that failed verification is fetched for that message over a second,
 non-verifying connection that presents no client certificate and sends nothing.
+
+Where to dial (`DialTarget`, `dial_targets`): the cloud is several replicas and the node holds a
+tunnel to each. It finds them as the union of the configured URLs (``[tunnel] url``, one or a
+list), each address a configured host name resolves to (a Kubernetes headless service names every
+replica's pod; each address is dialled with the TLS server name and ``Host`` of the name, so one
+certificate for the name serves), and the replicas the cloud announces. `dial_targets` is that
+union as a pure function; `resolve_addresses` is the resolver the node calls periodically, and
+tests inject their own.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 import ssl
 import urllib.parse
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 
+import attrs
 import trio
 import trio_websocket
 from cryptography import x509
@@ -48,11 +60,69 @@ class DialError(Exception):
     """One attempt to open the tunnel failed; the message is the cause, in an operator's words."""
 
 
+@attrs.frozen(order=True)
+class DialTarget:
+    """One place to dial: a tunnel URL, optionally at one address of its host name."""
+
+    url: str
+    address: str | None = None  # connect here; TLS server name and Host stay the URL's host
+
+    @property
+    def key(self) -> str:
+        return self.url if self.address is None else f"{self.url}@{self.address}"
+
+    @property
+    def host(self) -> str:
+        return urllib.parse.urlsplit(self.url).hostname or ""
+
+    def __str__(self) -> str:
+        return self.key
+
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+
+def is_address(host: str) -> bool:
+    """Whether `host` is an IP literal (nothing to resolve) rather than a name."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def url_port(url: str) -> int:
+    return urllib.parse.urlsplit(url).port or 443
+
+
+async def resolve_addresses(host: str, port: int) -> list[str]:
+    """Every address `host` resolves to for TCP, sorted; OSError (socket.gaierror) when it does not."""
+    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return sorted({str(info[4][0]) for info in infos})
+
+
+def dial_targets(configured: Iterable[str], resolved: Mapping[str, list[str]],
+                 announced: Iterable[str]) -> frozenset[DialTarget]:
+    """Where the node dials: each configured URL whose host is an address, or whose host name has
+    no resolution yet, as is; one target per address of a host name in `resolved` (keyed by the
+    URL); each announced URL as is. Pure: the caller resolves and remembers announcements."""
+    targets: set[DialTarget] = set()
+    for url in configured:
+        addresses = resolved.get(url)
+        if addresses:
+            targets.update(DialTarget(url, address) for address in addresses)
+        else:
+            targets.add(DialTarget(url))
+    targets.update(DialTarget(url) for url in announced)
+    return frozenset(targets)
+
+
 async def open_tunnel_websocket(
     nursery: trio.Nursery,
     url: str,
     ssl_context: ssl.SSLContext,
     *,
+    address: str | None = None,  # connect to this address of the URL's host (TLS still verifies the host)
     timeout: float,  # noqa: ASYNC109 - one budget for all steps; the failure names it
     client_cert: Path | None = None,
     max_message_size: int,
@@ -62,13 +132,13 @@ async def open_tunnel_websocket(
     parsed = urllib.parse.urlsplit(url)
     host = parsed.hostname or ""
     port = parsed.port or 443
-    where = f"{host}:{port}"
+    where = f"{host}:{port}" + (f" (at {address})" if address is not None else "")
     resource = (parsed.path or "/") + (f"?{parsed.query}" if parsed.query else "")
     deadline = trio.current_time() + timeout
 
     try:
         with trio.fail_at(deadline):
-            tcp = await trio.open_tcp_stream(host, port)
+            tcp = await trio.open_tcp_stream(address or host, port)
     except trio.TooSlowError:
         raise DialError(f"no TCP connection to {where} within {timeout:g} s (host down, or a firewall "
                         "dropping packets?)") from None
@@ -114,7 +184,7 @@ async def open_tunnel_websocket(
                 async def upgrade() -> None:
                     nonlocal ws
                     ws = await trio_websocket.wrap_client_stream(
-                        nursery, tls, where if port != 443 else host, resource,
+                        nursery, tls, f"{host}:{port}" if port != 443 else host, resource,
                         max_message_size=max_message_size, receive_buffer_size=receive_buffer_size,
                     )
                     watch.cancel_scope.cancel()
