@@ -1,0 +1,231 @@
+"""A node and several cloud replicas on loopback: one tunnel per replica, found without config edits.
+
+Each replica is a real in-process `CloudServer` (its own registry, tunnel endpoint and proxies) and
+the node a real `Node`; TLS, sockets and the TOML loaders are the real ones (`tests/support/stack`).
+The replicas are told apart by the id their HELLO names (`cloud-a`, `cloud-b`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+from connector.admin import http_request
+from connector.agent.node import Node
+from connector.cli import init_certs
+from connector.cloud.coverage import masters_here
+from connector.cloud.replicas import Replica
+from connector.cloud.server import CloudPorts, CloudServer
+from connector.config import load_cloud_config, load_node_config
+from connector.demo_backend import run_backend
+from connector.tunnel.dial import DialTarget, resolve_addresses
+from tests.failover.faultproxy import FaultProxy
+from tests.support.httpclient import HttpClient
+from tests.support.stack import SUBACCOUNT, TOKEN, cloud_toml, node_toml
+
+ERP = "http://erp.virtual:8000/sap/opu/odata/x"
+AUTH = ("Proxy-Authorization", f"Bearer {TOKEN}")
+WITHIN = 15  # seconds: a redial backs off to at most 5 s; registration is one round trip
+
+
+@attrs.define
+class Cloud:
+    name: str
+    server: CloudServer
+    ports: CloudPorts
+    scope: trio.CancelScope
+
+    @property
+    def url(self) -> str:
+        return f"wss://127.0.0.1:{self.ports.tunnel}/tunnel"
+
+    def has_master(self) -> bool:
+        return self.server.registry.master_of(SUBACCOUNT, "") is not None
+
+
+@attrs.define
+class Site:
+    workdir: Path
+    certs: dict[str, Path]
+    backend_http: int
+    backend_tcp: int
+
+
+@pytest.fixture
+async def site(nursery: trio.Nursery, tmp_path: Path) -> Site:
+    certs = init_certs(tmp_path / "certs", SUBACCOUNT, ["node-a"], ["127.0.0.1", "localhost", "cloud.test"])
+    backend_http, backend_tcp = await nursery.start(run_backend, "127.0.0.1", 0, 0)
+    return Site(tmp_path, certs, backend_http, backend_tcp)
+
+
+async def start_replica(nursery: trio.Nursery, site: Site, name: str, *, port: int = 0,
+                        host: str = "127.0.0.1") -> Cloud:
+    workdir = site.workdir / name
+    workdir.mkdir(exist_ok=True)
+    path = cloud_toml(workdir, site.certs, tunnel_port=port)
+    path.write_text(path.read_text().replace(f'listen = "127.0.0.1:{port}"', f'listen = "{host}:{port}"', 1))
+    server = CloudServer(load_cloud_config(path))
+    scope = trio.CancelScope()
+
+    async def run(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        with scope:
+            await server.run(task_status=task_status)
+
+    ports = await nursery.start(run)
+    server.replicas.me = attrs.evolve(server.replicas.me, id=name)
+    return Cloud(name, server, ports, scope)
+
+
+async def start_node(nursery: trio.Nursery, site: Site, urls: list[str], **node_kwargs: Any) -> Node:
+    path = node_toml(site.workdir, site.certs, 0, site.backend_http, site.backend_tcp)
+    path.write_text(path.read_text().replace('url = "wss://127.0.0.1:0/tunnel"', f"url = {json.dumps(urls)}"))
+    node = Node(load_node_config(path), **node_kwargs)
+    await nursery.start(node.run)
+    return node
+
+
+async def get_through(cloud: Cloud) -> int:
+    client = await HttpClient.connect(cloud.ports.http_proxy)
+    try:
+        with trio.fail_after(5):
+            return (await client.request("GET", ERP, [AUTH])).status
+    finally:
+        await client.aclose()
+
+
+async def readyz(cloud: Cloud) -> tuple[int, str]:
+    status, body = await http_request("127.0.0.1", cloud.ports.admin, "/readyz")
+    return status, json.loads(body)["reason"]
+
+
+async def test_the_master_registers_on_every_replica_and_is_redialled_after_a_crash(nursery, site):
+    a = await start_replica(nursery, site, "cloud-a")
+    b = await start_replica(nursery, site, "cloud-b")
+    node = await start_node(nursery, site, [a.url, b.url])
+    with trio.fail_after(WITHIN):
+        await node.wait_tunnels(2, registered=True)
+    assert a.has_master() and b.has_master()
+    assert [(t["replica"], t["state"]) for t in node.status()["tunnels"]] == [
+        ("cloud-a", "registered"), ("cloud-b", "registered")]
+    assert node.status()["ready"]
+    assert await get_through(a) == 200 and await get_through(b) == 200
+
+    a.scope.cancel()  # replica a is gone (its listener and every tunnel with it)
+    with trio.fail_after(WITHIN):
+        await node.wait_tunnels(1)
+    assert await get_through(b) == 200  # the other replica keeps serving
+    assert node.status()["tunnel_failures"] == {} or a.url in node.status()["tunnel_failures"]
+
+    again = await start_replica(nursery, site, "cloud-a", port=a.ports.tunnel)  # back at its address
+    with trio.fail_after(WITHIN):
+        await node.wait_tunnels(2, registered=True)
+    assert again.has_master()
+    assert await get_through(again) == 200
+
+
+async def test_a_replica_the_cloud_announces_is_dialled_and_dropped_when_no_longer_announced(nursery, site):
+    a = await start_replica(nursery, site, "cloud-a")
+    b = await start_replica(nursery, site, "cloud-b")
+    b.server.endpoint.replicas = None  # an old cloud: announces nothing, so only a's word counts
+    node = await start_node(nursery, site, [a.url])  # configured with replica a only
+    with trio.fail_after(WITHIN):
+        await node.wait_tunnels(1, registered=True)
+    assert not b.has_master()
+
+    a.server.replicas.update([Replica("cloud-b", b.url)])
+    with trio.fail_after(5):
+        await node.wait_tunnels(2, registered=True)
+    assert b.has_master() and await get_through(b) == 200
+    assert node.targets() == {DialTarget(a.url), DialTarget(b.url)}
+
+    a.server.replicas.update([])
+    with trio.fail_after(5):
+        await node.wait_tunnels(1)
+        await b.server.endpoint.wait_connections(0)  # closed by the node, not left to time out
+    assert node.targets() == {DialTarget(a.url)}
+    assert not b.has_master() and a.has_master()
+
+
+async def test_a_malformed_replica_set_is_ignored(nursery, site):
+    a = await start_replica(nursery, site, "cloud-a")
+    node = await start_node(nursery, site, [a.url])
+    with trio.fail_after(WITHIN):
+        await node.wait_tunnels(1, registered=True)
+    tunnel = node.tunnels["cloud-a"]
+    await node._on_control(tunnel, "replicas", {"replicas": [{"id": "x", "tunnel_url": "http://nope"}]})
+    assert tunnel.announced == (a.server.replicas.me,)  # the last good announcement stands
+    assert node.targets() == {DialTarget(a.url)} and a.has_master()
+
+
+async def test_a_name_is_dialled_at_each_address_it_resolves_to(nursery, site):
+    a = await start_replica(nursery, site, "cloud-a")
+    b = await start_replica(nursery, site, "cloud-b", port=a.ports.tunnel, host="127.0.0.2")
+    url = f"wss://cloud.test:{a.ports.tunnel}/tunnel"  # as a headless service names every replica
+    for cloud in (a, b):  # each announces the name: the server certificate is for it
+        cloud.server.replicas.me = attrs.evolve(cloud.server.replicas.me, tunnel_url=url)
+    asked: list[tuple[str, int]] = []
+
+    async def resolver(host: str, port: int) -> list[str]:
+        asked.append((host, port))
+        return ["127.0.0.1", "127.0.0.2"]
+
+    node = await start_node(nursery, site, [url], resolver=resolver)
+    with trio.fail_after(WITHIN):
+        await node.wait_tunnels(2, registered=True)
+    assert asked[0] == ("cloud.test", a.ports.tunnel)
+    assert {t.target for t in node.tunnels.values()} == {DialTarget(url, "127.0.0.1"), DialTarget(url, "127.0.0.2")}
+    assert a.has_master() and b.has_master()
+
+
+async def test_localhost_is_resolved_and_dialled_at_its_address(nursery, site):
+    a = await start_replica(nursery, site, "cloud-a")
+    assert "127.0.0.1" in await resolve_addresses("localhost", a.ports.tunnel)
+    url = f"wss://localhost:{a.ports.tunnel}/tunnel"
+    node = await start_node(nursery, site, [url])
+    with trio.fail_after(WITHIN):
+        await node.wait_tunnels(1, registered=True)
+    assert node.tunnels["cloud-a"].target in {DialTarget(url, "127.0.0.1"), DialTarget(a.url)}
+    assert DialTarget(url, "127.0.0.1") in node.targets()
+
+
+class RegistryPeers:
+    """The other replicas' tunnels read from their registries (what the shared state publishes)."""
+
+    def __init__(self, *others: Cloud) -> None:
+        self.others = others
+
+    def masters_by_replica(self) -> dict[str, frozenset[str]]:
+        return {c.name: masters_here(c.server.registry.snapshot()) for c in self.others}
+
+
+async def test_a_replica_cut_off_from_the_master_leaves_the_rotation_and_the_others_serve(nursery, site):
+    a = await start_replica(nursery, site, "cloud-a")
+    b = await start_replica(nursery, site, "cloud-b")
+    a.server.peer_masters, b.server.peer_masters = RegistryPeers(b), RegistryPeers(a)
+    cut = FaultProxy("127.0.0.1", a.ports.tunnel)  # the only path from the node to replica a
+    proxy_port = await nursery.start(cut.run)
+    proxied = f"wss://127.0.0.1:{proxy_port}/tunnel"
+    a.server.replicas.me = attrs.evolve(a.server.replicas.me, tunnel_url=proxied)  # how nodes reach a
+    node = await start_node(nursery, site, [proxied, b.url])
+    with trio.fail_after(WITHIN):
+        await node.wait_tunnels(2, registered=True)
+    assert await readyz(a) == (200, "serving") and await readyz(b) == (200, "serving")
+
+    cut.set_mode("blackhole")  # a partition: packets vanish, nothing is closed
+    with trio.fail_after(WITHIN):
+        await a.server.endpoint.wait_connections(0)  # a dropped the dead tunnel (ping timeout)
+    assert await readyz(a) == (503, "no tunnel from the master of acme/, which replica cloud-b holds: out of "
+                               "rotation until the node dials this replica")
+    assert await readyz(b) == (200, "serving")
+    assert await get_through(b) == 200  # the load balancer now sends everything to b, which serves
+
+    cut.set_mode("pass")
+    with trio.fail_after(WITHIN):
+        await node.wait_tunnels(2, registered=True)
+    assert await readyz(a) == (200, "serving")
+    assert await get_through(a) == 200
