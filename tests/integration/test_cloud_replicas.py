@@ -7,7 +7,10 @@ The replicas are told apart by the id their HELLO names (`cloud-a`, `cloud-b`).
 
 from __future__ import annotations
 
+import functools
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -274,6 +277,13 @@ async def test_one_cut_path_deposes_no_master_and_a_crash_fails_over_on_every_re
         await shadow.wait_tunnels(2)
     epoch = master.registered_epoch
     assert master.role == "master" and shadow.role == "shadow" and epoch is not None
+    status = await trio.to_thread.run_sync(functools.partial(
+        subprocess.run, [sys.executable, "-m", "connector", "status", "--config", str(master.config.file)],
+        capture_output=True, timeout=60))
+    lines = status.stdout.decode().splitlines()
+    assert status.returncode == 0, status.stderr
+    assert f"node-a tunnels: cloud-b registered, {proxied} registered" in lines  # one per replica
+    assert f"node-b tunnels: cloud-b standby, {a.url} standby" in lines
 
     cut.set_mode("blackhole")  # only the path master -> a breaks
     with trio.fail_after(WITHIN):
