@@ -87,6 +87,7 @@ REGISTER_TIMEOUT = 2.0
 REFUSED_RETRY = 10.0  # seconds between tunnels while the cloud refuses this node's cluster
 RESOLVE_INTERVAL = 5.0  # seconds between resolutions of the configured host names
 LOST_EPOCHS_KEPT = 4  # master_lost reports remembered, per epoch (bounded: the cloud sends them)
+MAX_REPLICAS = 32  # replicas announced, or addresses of one name, the node dials at most
 
 
 @attrs.define(eq=False)
@@ -261,6 +262,10 @@ class Node:
                     log.warning("cannot resolve %s (tunnel.url %s): %s; keeping %s", host, url, exc or "timeout",
                                 ", ".join(self._resolved.get(url, [])) or "the name itself")
                     continue
+                if len(addresses) > MAX_REPLICAS:
+                    log.warning("%s resolves to %d addresses: dialling the first %d", host, len(addresses),
+                                MAX_REPLICAS)
+                    addresses = addresses[:MAX_REPLICAS]
                 if addresses != self._resolved.get(url):
                     log.info("%s resolves to %s", host, ", ".join(addresses) or "nothing")
                     self._resolved[url] = addresses
@@ -431,10 +436,13 @@ class Node:
             tunnel.drained = trio.Event()
         elif op == REPLICAS_OP:
             try:
-                tunnel.announced = from_body(body)
+                announced = from_body(body)
+                if len(announced) > MAX_REPLICAS:
+                    raise ValueError(f"{len(announced)} replicas, more than the {MAX_REPLICAS} a node dials")
             except ValueError as exc:
                 log.warning("ignoring a malformed replica set from replica %s: %s", tunnel.replica, exc)
                 return
+            tunnel.announced = announced
             log.info("replica %s announces replicas %s", tunnel.replica,
                      ", ".join(f"{r.id} ({r.tunnel_url})" for r in tunnel.announced))
             self._update_targets()

@@ -17,12 +17,13 @@ from typing import Any
 import attrs
 import pytest
 import trio
+import trio.testing
 
 from connector.admin import http_request
-from connector.agent.node import Node
+from connector.agent.node import MAX_REPLICAS, Node
 from connector.cli import init_certs
 from connector.cloud.coverage import masters_here
-from connector.cloud.replicas import Replica
+from connector.cloud.replicas import Replica, to_body
 from connector.cloud.server import CloudPorts, CloudServer
 from connector.config import load_cloud_config, load_node_config
 from connector.demo_backend import run_backend
@@ -154,15 +155,28 @@ async def test_a_replica_the_cloud_announces_is_dialled_and_dropped_when_no_long
     assert not b.has_master() and a.has_master()
 
 
-async def test_a_malformed_replica_set_is_ignored(nursery, site):
+async def test_a_malformed_or_oversized_replica_set_is_ignored(nursery, site):
     a = await start_replica(nursery, site, "cloud-a")
     node = await start_node(nursery, site, [a.url])
     with trio.fail_after(WITHIN):
         await node.wait_tunnels(1, registered=True)
-    tunnel = node.tunnels["cloud-a"]
-    await node._on_control(tunnel, "replicas", {"replicas": [{"id": "x", "tunnel_url": "http://nope"}]})
-    assert tunnel.announced == (a.server.replicas.me,)  # the last good announcement stands
-    assert node.targets() == {DialTarget(a.url)} and a.has_master()
+    cloud_side = a.server.registry.master_of(SUBACCOUNT, "").session
+    too_many = [Replica(f"r{i}", f"wss://10.9.0.{i}:8443/tunnel") for i in range(MAX_REPLICAS + 1)]
+    closed = Replica("cloud-z", "wss://127.0.0.1:1/tunnel")  # nothing listens: fails at once
+    failed = node.wait_tunnel_failure
+    async with trio.open_nursery() as watch:
+        watch.start_soon(failed)
+        await trio.testing.wait_all_tasks_blocked()
+        await cloud_side.send_control("replicas", {"replicas": [{"id": "x", "tunnel_url": "http://nope"}]})
+        await cloud_side.send_control("replicas", to_body(too_many))  # a bound on what a node dials
+        await cloud_side.send_control("replicas", to_body([a.server.replicas.me, closed]))  # in order: last
+    assert node.targets() == {DialTarget(a.url), DialTarget(closed.tunnel_url)}  # only the good one counted
+    assert a.has_master() and node.status()["ready"]
+    tunnel = node.tunnels["cloud-a"]  # and each bad one on its own leaves the last good set standing
+    for body in ({"replicas": [{"id": "x", "tunnel_url": "http://nope"}]}, to_body(too_many), {"replicas": 3}):
+        await node._on_control(tunnel, "replicas", body)
+        assert tunnel.announced == (a.server.replicas.me, closed)
+    assert node.targets() == {DialTarget(a.url), DialTarget(closed.tunnel_url)}
 
 
 async def test_a_name_is_dialled_at_each_address_it_resolves_to(nursery, site):
