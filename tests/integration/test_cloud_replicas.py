@@ -317,3 +317,76 @@ async def test_one_cut_path_deposes_no_master_and_a_crash_fails_over_on_every_re
     assert {a.server.registry.master_of(SUBACCOUNT, "").node, b.server.registry.master_of(SUBACCOUNT, "").node} == {
         "node-b"}
     assert await get_through(a) == 200 and await get_through(b) == 200
+
+
+@attrs.define
+class Load:
+    """Requests one after another through each replica's proxy, counting the answers."""
+
+    statuses: dict[str, list[int]] = attrs.field(factory=dict)
+
+    async def run(self, cloud: Cloud) -> None:
+        answers = self.statuses.setdefault(cloud.name, [])
+        while True:
+            try:
+                answers.append(await get_through(cloud))
+            except (OSError, trio.TooSlowError, trio.BrokenResourceError):
+                answers.append(0)
+
+    def failed(self) -> dict[str, int]:
+        return {name: sum(s != 200 for s in statuses) for name, statuses in self.statuses.items()}
+
+    async def wait_served(self, name: str, count: int) -> None:
+        while sum(s == 200 for s in self.statuses.get(name, [])) < count:  # noqa: ASYNC110 - bounded by the caller
+            await trio.sleep(0.01)
+
+
+async def test_a_replica_added_under_load_serves_within_seconds(nursery, site):
+    a = await start_replica(nursery, site, "cloud-a")
+    node = await start_node(nursery, site, [a.url])
+    with trio.fail_after(WITHIN):
+        await node.wait_tunnels(1, registered=True)
+    b = await start_replica(nursery, site, "cloud-b")
+    load = Load()
+    async with trio.open_nursery() as traffic:
+        traffic.start_soon(load.run, a)
+        with trio.fail_after(5):
+            await load.wait_served("cloud-a", 20)
+        a.server.replicas.update([b.server.replicas.me])  # the shared state learns of replica b
+        with trio.fail_after(5):
+            await node.wait_tunnels(2, registered=True)
+        traffic.start_soon(load.run, b)
+        with trio.fail_after(5):
+            await load.wait_served("cloud-b", 20)
+            await load.wait_served("cloud-a", len(load.statuses["cloud-a"]) + 20)
+        traffic.cancel_scope.cancel()
+    assert load.failed() == {"cloud-a": 0, "cloud-b": 0}
+
+
+async def test_a_handover_drains_on_every_replica_without_a_failed_request(nursery, site, etcd):
+    site.certs = init_certs(site.workdir / "certs", SUBACCOUNT, ["node-a", "node-b"], ["127.0.0.1"], force=True)
+    a = await start_replica(nursery, site, "cloud-a")
+    b = await start_replica(nursery, site, "cloud-b")
+    master = await start_cluster_node(nursery, site, "node-a", [a.url, b.url], etcd.url)
+    with trio.fail_after(WITHIN):
+        await master.wait_tunnels(2, registered=True)
+    shadow = await start_cluster_node(nursery, site, "node-b", [a.url, b.url], etcd.url)
+    with trio.fail_after(WITHIN):
+        await shadow.wait_tunnels(2)
+    load = Load()
+    async with trio.open_nursery() as traffic:
+        traffic.start_soon(load.run, a)
+        traffic.start_soon(load.run, b)
+        with trio.fail_after(5):
+            await load.wait_served("cloud-a", 10)
+            await load.wait_served("cloud-b", 10)
+        with trio.fail_after(WITHIN):
+            await master.handover()  # `connector switch`: drain at a and b, resign
+            await shadow.wait_tunnels(2, registered=True)
+        with trio.fail_after(5):
+            await load.wait_served("cloud-a", len(load.statuses["cloud-a"]) + 10)
+            await load.wait_served("cloud-b", len(load.statuses["cloud-b"]) + 10)
+        traffic.cancel_scope.cancel()
+    assert load.failed() == {"cloud-a": 0, "cloud-b": 0}
+    for cloud in (a, b):
+        assert cloud.server.registry.master_of(SUBACCOUNT, "").node == "node-b"
