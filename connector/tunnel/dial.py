@@ -158,7 +158,7 @@ async def open_tunnel_websocket(
     except trio.BrokenResourceError as exc:
         await trio.aclose_forcefully(tls)
         raise DialError(await _describe_tls_failure(exc.__cause__, host, port, ssl_context, client_cert,
-                                                    deadline)) from None
+                                                    deadline, address)) from None
 
     failure: list[BaseException | None] = []
     broken = trio.Event()
@@ -240,15 +240,16 @@ def _refused(reason: str, where: str, client_cert: Path | None) -> str:
             f"{_REFUSED_ALERTS[reason]}; the cloud's [[subaccounts]] ca must be that issuer")
 
 
-async def _describe_tls_failure(cause: BaseException | None, host: str, port: int,
-                                context: ssl.SSLContext, client_cert: Path | None, deadline: float) -> str:
-    where = f"{host}:{port}"
+async def _describe_tls_failure(cause: BaseException | None, host: str, port: int, context: ssl.SSLContext,
+                                client_cert: Path | None, deadline: float, address: str | None = None) -> str:
+    where = f"{host}:{port}" + (f" (at {address})" if address is not None else "")
+    connect = address or host  # the probes below go where the failed handshake went
     if isinstance(cause, ssl.SSLCertVerificationError):
         message = f"the cloud's certificate at {where} failed verification: {cause.verify_message}"
         trusted = ", ".join(repr(x509.load_der_x509_certificate(der).subject.rfc4514_string())
                             for der in context.get_ca_certs(binary_form=True)) or "the system's CAs"
         with trio.move_on_at(deadline):
-            der = await _unverified_certificate(host, port)
+            der = await _unverified_certificate(host, port, connect)
             if der is not None:
                 cert = x509.load_der_x509_certificate(der)
                 message += (f"; the node dialled {host!r}, the certificate names {_names(cert)} and is issued "
@@ -260,7 +261,7 @@ async def _describe_tls_failure(cause: BaseException | None, host: str, port: in
     if isinstance(cause, ssl.SSLError) and cause.reason in _NOT_TLS:
         answer = b""
         with trio.move_on_at(deadline):
-            answer = await _first_bytes(host, port)
+            answer = await _first_bytes(host, port, connect)
         if answer.startswith(b"HTTP/"):
             line = answer.split(b"\r\n")[0].decode("ascii", "replace")
             return (f"{where} answered plain HTTP ({line!r}) to the TLS handshake: the tunnel URL points at "
@@ -272,13 +273,14 @@ async def _describe_tls_failure(cause: BaseException | None, host: str, port: in
     return f"TLS handshake with {where} failed: {cause}"
 
 
-async def _unverified_certificate(host: str, port: int) -> bytes | None:
-    """The certificate the server presents, fetched without verifying it or showing ours."""
+async def _unverified_certificate(host: str, port: int, connect: str) -> bytes | None:
+    """The certificate the server at `connect` presents for `host`, fetched without verifying it or
+    showing ours."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     try:
-        tls = trio.SSLStream(await trio.open_tcp_stream(host, port), context, server_hostname=host)
+        tls = trio.SSLStream(await trio.open_tcp_stream(connect, port), context, server_hostname=host)
     except OSError:
         return None
     try:
@@ -290,7 +292,7 @@ async def _unverified_certificate(host: str, port: int) -> bytes | None:
         await trio.aclose_forcefully(tls)
 
 
-async def _first_bytes(host: str, port: int) -> bytes:
+async def _first_bytes(host: str, port: int, connect: str) -> bytes:
     """What the server answers to a TLS ClientHello (made by ssl itself), as raw bytes."""
     hello = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(),
                                                   server_hostname=host)
@@ -299,7 +301,7 @@ async def _first_bytes(host: str, port: int) -> bytes:
     except ssl.SSLWantReadError:
         pass
     try:
-        tcp = await trio.open_tcp_stream(host, port)
+        tcp = await trio.open_tcp_stream(connect, port)
     except OSError:
         return b""
     try:
