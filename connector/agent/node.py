@@ -8,9 +8,11 @@ by the address dialled). Where to dial is the union of the configured URLs, the 
 host names resolve to (re-resolved every ``RESOLVE_INTERVAL``) and the replicas the cloud announces
 (``replicas`` control op); see `connector.tunnel.dial.dial_targets`. Each target has its own dial
 loop with its own full-jitter backoff; two targets that reach the same replica keep one tunnel
-(the second waits until the first ends). A target no longer announced nor configured is retired:
-its tunnel drained and closed. Every replica announces itself, so a replica is dropped once it is
-gone from the others' announcements (the cloud's etcd) and its own tunnel has ended.
+(the second waits until the first ends). A replica's announcement of itself is not counted (the
+node reached it already, and a replica without shared state knows no address of its own that
+nodes can dial), so a target is retired, its tunnel drained and closed, once no configured name
+and no *other* replica names it: a replica removed from the cloud's etcd is dropped within
+seconds, and the addresses of replicas that are gone (a pod's old IP) are not dialled forever.
 
 While the HA layer says it is master, the node *registers* on every tunnel with its fencing epoch;
 each replica accepts the highest epoch only. A shadow's tunnels are standby connections: promotion
@@ -278,7 +280,7 @@ class Node:
 
     def _update_targets(self) -> None:
         """Dial every target of `dial_targets` and retire those no longer in it."""
-        announced = {r.tunnel_url for t in self.tunnels.values() for r in t.announced}
+        announced = {r.tunnel_url for t in self.tunnels.values() for r in t.announced if r.id != t.replica}
         wanted = dial_targets(self.config.tunnel_urls, self._resolved, announced)
         if self.stopping:
             return
