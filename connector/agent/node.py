@@ -88,8 +88,39 @@ WS_MAX_MESSAGE = 4 << 20
 REGISTER_TIMEOUT = 2.0
 REFUSED_RETRY = 10.0  # seconds between tunnels while the cloud refuses this node's cluster
 RESOLVE_INTERVAL = 5.0  # seconds between resolutions of the configured host names
-LOST_EPOCHS_KEPT = 4  # master_lost reports remembered, per epoch (bounded: the cloud sends them)
+LOST_EPOCHS_KEPT = 4  # epochs whose master_lost reports are remembered (bounded: the cloud sends them)
+LOST_REPORT_WINDOW = 10.0  # seconds a replica's master_lost counts towards a hint
 MAX_REPLICAS = 32  # replicas announced, or addresses of one name, the node dials at most
+
+
+class MasterLostReports:
+    """The replicas' ``master_lost`` reports per epoch: a hint once every replica we hold agrees.
+
+    A crash or a freeze of the master is seen by every replica within a ping interval or so; one
+    replica alone losing the master means that path broke while the others still route to it.
+    Reports older than `window` say nothing about now (the master may have re-registered there
+    since), so they do not count. Pure: the caller passes trio's clock.
+    """
+
+    def __init__(self, window: float = LOST_REPORT_WINDOW, epochs_kept: int = LOST_EPOCHS_KEPT) -> None:
+        self.window = window
+        self.epochs_kept = epochs_kept
+        self.reports: dict[int, dict[str, float]] = {}  # epoch -> replica -> when it reported
+
+    def report(self, epoch: int, replica: str, now: float) -> None:
+        self.reports.setdefault(epoch, {})[replica] = now
+        for old in sorted(self.reports)[:-self.epochs_kept]:
+            del self.reports[old]
+
+    def agreed(self, replicas: set[str], now: float) -> list[int]:
+        """The epochs every one of `replicas` reported within the window (forgotten once returned)."""
+        epochs = []
+        for epoch, by_replica in list(self.reports.items()):
+            recent = {r for r, at in by_replica.items() if now - at <= self.window}
+            if recent and replicas <= recent:
+                epochs.append(epoch)
+                del self.reports[epoch]
+        return epochs
 
 
 @attrs.define(eq=False)
@@ -132,7 +163,7 @@ class Node:
         self._resolver = resolver
         self._resolved: dict[str, list[str]] = {}  # configured URL -> addresses of its host name
         self._dialers: dict[DialTarget, trio.CancelScope] = {}
-        self._lost_reports: dict[int, set[str]] = {}  # epoch -> replicas that said its master is lost
+        self._lost_reports = MasterLostReports()
         self.admin_port: int | None = None
         self.stopping = False
         self._handing_over = False
@@ -409,8 +440,7 @@ class Node:
             del self.tunnels[tunnel.replica]
             metrics.TUNNEL_CONNECTED.labels(*self._labels).set(1 if self.tunnels else 0)
             self._update_targets()  # what only this replica announced is dropped with it
-            for epoch in list(self._lost_reports):
-                self._maybe_hint_master_lost(epoch)
+            self._hint_master_lost()  # the replicas left may all have reported already
             self.poke()
             nursery.cancel_scope.cancel()
         log.warning("tunnel to replica %s closed: %s", tunnel.replica, session.close_reason)
@@ -452,20 +482,15 @@ class Node:
             log.warning("unknown control op %r from replica %s", op, tunnel.replica)
 
     def _master_lost(self, tunnel: ReplicaTunnel, epoch: int) -> None:
-        """A replica lost the master's tunnel. Only when every replica we hold says so is it a hint:
-        one replica alone may only be cut off from the master (the others still route to it)."""
-        self._lost_reports.setdefault(epoch, set()).add(tunnel.replica)
-        for old in sorted(self._lost_reports)[:-LOST_EPOCHS_KEPT]:
-            del self._lost_reports[old]
-        self._maybe_hint_master_lost(epoch)
+        """A replica lost the master's tunnel: a hint for the elector once every replica we hold
+        said so (`MasterLostReports`); one replica alone may only be cut off from the master."""
+        self._lost_reports.report(epoch, tunnel.replica, trio.current_time())
+        self._hint_master_lost()
 
-    def _maybe_hint_master_lost(self, epoch: int) -> None:
-        reports = self._lost_reports.get(epoch, set())
-        if not reports or not set(self.tunnels) <= reports:
-            return
-        del self._lost_reports[epoch]
-        if self.elector is not None:
-            self.elector.hint_master_lost(epoch, "cloud")
+    def _hint_master_lost(self) -> None:
+        for epoch in self._lost_reports.agreed(set(self.tunnels), trio.current_time()):
+            if self.elector is not None:
+                self.elector.hint_master_lost(epoch, "cloud")
 
     def _refused_by_cloud(self, tunnel: ReplicaTunnel, why: str) -> None:
         """Another cluster owns our location (or our certificate names another cluster). Not a newer
