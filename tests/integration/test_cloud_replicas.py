@@ -93,8 +93,9 @@ async def start_node(nursery: trio.Nursery, site: Site, urls: list[str], **node_
     return node
 
 
-async def get_through(cloud: Cloud) -> int:
-    client = await HttpClient.connect(cloud.ports.http_proxy)
+async def get_through(cloud: Cloud | int) -> int:
+    """One request through a replica's HTTP proxy (a `Cloud`, or its port); its status."""
+    client = await HttpClient.connect(cloud if isinstance(cloud, int) else cloud.ports.http_proxy)
     try:
         with trio.fail_after(5):
             return (await client.request("GET", ERP, [AUTH])).status
@@ -390,3 +391,50 @@ async def test_a_handover_drains_on_every_replica_without_a_failed_request(nurse
     assert load.failed() == {"cloud-a": 0, "cloud-b": 0}
     for cloud in (a, b):
         assert cloud.server.registry.master_of(SUBACCOUNT, "").node == "node-b"
+
+
+async def start_cloud_process(site: Site, name: str, ports: dict[str, int]) -> trio.Process:
+    """`connector cloud` as its own process (its replica id is the host name), on fixed ports."""
+    workdir = site.workdir / name
+    workdir.mkdir(exist_ok=True)
+    path = cloud_toml(workdir, site.certs, tunnel_port=ports["tunnel"])
+    text = path.read_text()
+    for key in ("http_listen", "socks5_listen"):
+        text = text.replace(f'{key} = "127.0.0.1:0"', f'{key} = "127.0.0.1:{ports[key]}"')
+    path.write_text(text.replace('[admin]\nlisten = "127.0.0.1:0"', f'[admin]\nlisten = "127.0.0.1:{ports["admin"]}"'))
+    process = await trio.lowlevel.open_process([sys.executable, "-m", "connector", "cloud", "--config", str(path)],
+                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with trio.fail_after(WITHIN):
+        while True:
+            try:
+                if (await http_request("127.0.0.1", ports["admin"], "/readyz"))[0] in (200, 503):
+                    return process
+            except OSError:
+                await trio.sleep(0.05)  # the process is starting: nothing to wait on but its port
+
+
+async def test_a_replica_killed_with_sigkill_is_redialled_when_it_returns(nursery, site):
+    from connector.demo import free_port
+
+    ports = {"tunnel": free_port(), "http_listen": free_port(), "socks5_listen": free_port(), "admin": free_port()}
+    process = await start_cloud_process(site, "cloud-p", ports)
+    try:
+        b = await start_replica(nursery, site, "cloud-b")
+        node = await start_node(nursery, site, [f"wss://127.0.0.1:{ports['tunnel']}/tunnel", b.url])
+        with trio.fail_after(WITHIN):
+            await node.wait_tunnels(2, registered=True)
+        assert await get_through(ports["http_listen"]) == 200 and await get_through(b) == 200
+
+        process.kill()  # kill -9
+        await process.wait()
+        with trio.fail_after(WITHIN):
+            await node.wait_tunnels(1)
+        assert await get_through(b) == 200  # the others serve new requests
+
+        process = await start_cloud_process(site, "cloud-p", ports)
+        with trio.fail_after(WITHIN):
+            await node.wait_tunnels(2, registered=True)  # the node redials it
+        assert await get_through(ports["http_listen"]) == 200
+    finally:
+        process.kill()
+        await process.wait()
