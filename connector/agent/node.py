@@ -342,7 +342,7 @@ class Node:
         backoff = Backoff(base=0.1, cap=5.0)
         first = True
         with scope:
-            while not self.stopping:
+            while self._dialing(target, scope):
                 if not first:
                     metrics.TUNNEL_RECONNECTS.labels(*self._labels).inc()
                 first = False
@@ -352,13 +352,16 @@ class Node:
                          TunnelError, trio.BrokenResourceError, trio.TooSlowError, DialError) as group:
                     self._tunnel_failed_because(target, "; ".join(describe_failure(e, target.url)
                                                                  for e in group.exceptions))
-                if self.stopping:
-                    return
+                if not self._dialing(target, scope):
+                    return  # stopping, or retired: `_retire` closes the tunnel, nothing redials it
                 delay = backoff.next_delay()
                 if self.cloud_refusal is not None:
                     delay = max(delay, REFUSED_RETRY)
                 log.info("reconnecting to %s in %.2f s", target, delay)
                 await trio.sleep(delay)
+
+    def _dialing(self, target: DialTarget, scope: trio.CancelScope) -> bool:
+        return not self.stopping and self._dialers.get(target) is scope
 
     def _tunnel_failed_because(self, target: DialTarget, reason: str) -> None:
         log.warning("tunnel to %s failed: %s", target, reason)
