@@ -315,11 +315,11 @@ class Node:
         wanted = dial_targets(self.config.tunnel_urls, self._resolved, announced)
         if self.stopping:
             return
-        for target in sorted(wanted - self._dialers.keys()):
+        for target in sorted(wanted - self._dialers.keys(), key=str):
             scope = trio.CancelScope()
             self._dialers[target] = scope
             self._nursery.start_soon(self._dial_loop, target, scope, name=f"tunnel {target}")
-        for target in sorted(self._dialers.keys() - wanted):
+        for target in sorted(self._dialers.keys() - wanted, key=str):
             log.info("dropping %s: neither configured nor announced by the cloud any more", target)
             self._nursery.start_soon(self._retire, target, self._dialers.pop(target))
 

@@ -60,7 +60,7 @@ class DialError(Exception):
     """One attempt to open the tunnel failed; the message is the cause, in an operator's words."""
 
 
-@attrs.frozen(order=True)
+@attrs.frozen
 class DialTarget:
     """One place to dial: a tunnel URL, optionally at one address of its host name."""
 

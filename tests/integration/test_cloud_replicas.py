@@ -199,6 +199,14 @@ async def test_a_name_is_dialled_at_each_address_it_resolves_to(nursery, site):
     assert {t.target for t in node.tunnels.values()} == {DialTarget(url, "127.0.0.1"), DialTarget(url, "127.0.0.2")}
     assert a.has_master() and b.has_master()
 
+    failed = node.wait_tunnel_failure
+    async with trio.open_nursery() as watch:
+        watch.start_soon(failed)
+        await trio.testing.wait_all_tasks_blocked()
+        a.server.replicas.update([b.server.replicas.me])  # b announced by the name: dialled by name too
+    assert DialTarget(url) in node.targets()  # (only the injected resolver knows cloud.test: it fails)
+    assert len(node.tunnels) == 2 and a.has_master() and b.has_master()
+
 
 async def test_localhost_is_resolved_and_dialled_at_its_address(nursery, site):
     a = await start_replica(nursery, site, "cloud-a")
