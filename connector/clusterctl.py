@@ -127,6 +127,7 @@ async def collect_status(config: NodeConfig) -> tuple[list[dict[str, Any]], dict
             "health": member.data.get("health", "ok"),
             "pid": member.data.get("pid"),
             "tunnel": live["tunnel"] if live else "unknown",
+            "tunnels": live.get("tunnels", []) if live else [],  # one per cloud replica
             "cloud_refusal": live.get("cloud_refusal") if live else None,
             "admin_answered": answered,
             "admin_url": member.data.get("admin_url"),
@@ -155,6 +156,9 @@ async def _status(target: Target, as_json: bool) -> int:
         for row in rows:
             print(f"{row['node']:<12} {row['role']:<8} {str(row['epoch'] or '-'):>6} {row['health']:<8} "
                   f"{row['tunnel']:<11} {str(row['pid']):>7}  {row['last_seen']}")
+        for row in rows:
+            if len(row["tunnels"]) > 1 or any(t["state"] != row["tunnel"] for t in row["tunnels"]):
+                print(f"{row['node']} tunnels: " + ", ".join(f"{t['replica']} {t['state']}" for t in row["tunnels"]))
         for row in rows:
             if row["cloud_refusal"]:
                 print(f"{row['node']}: the cloud refuses this node: {row['cloud_refusal']}")

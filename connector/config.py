@@ -13,6 +13,7 @@ import builtins
 import difflib
 import os
 import tomllib
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar, overload
@@ -387,7 +388,7 @@ class NodeConfig:
     subaccount: str
     location_id: str
     priority: int
-    tunnel_url: str
+    tunnel_urls: tuple[str, ...]  # every cloud replica (or a name resolving to them): see tunnel.dial
     tunnel_ca: Path | None
     tunnel_cert: Path
     tunnel_key: Path
@@ -411,6 +412,11 @@ class NodeConfig:
     request_body_grace: float = 5.0
     response_write_timeout: float = 60.0
     keepalive_timeout: float = 120.0
+
+    @property
+    def tunnel_url(self) -> str:
+        """The first configured tunnel URL (messages and tools that name one cloud address)."""
+        return self.tunnel_urls[0]
 
 
 def _owner_only(path: Path) -> bool:
@@ -465,6 +471,29 @@ def _etcd_password(cluster: _Section) -> str | None:
     return inline
 
 
+def _tunnel_urls(tunnel: _Section) -> tuple[str, ...]:
+    """[tunnel] url: one wss:// URL or a non-empty list of them (the cloud's replicas)."""
+    value = tunnel._get("url", (str, list), None, True)
+    urls = [value] if isinstance(value, str) else value
+    if not urls:
+        raise ConfigError(tunnel.file, tunnel.key("url"), "needs at least one URL")
+    for i, url in enumerate(urls):
+        key = tunnel.key("url") if isinstance(value, str) else f"{tunnel.key('url')}[{i}]"
+        if not isinstance(url, str):
+            raise ConfigError(tunnel.file, key, "must be a string")
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme != "wss" or not parsed.hostname:
+            raise ConfigError(tunnel.file, key, f"must be wss://HOST[:PORT]/tunnel (the tunnel is always TLS), "
+                              f"got {url!r}")
+        try:
+            parsed.port  # noqa: B018 - raises ValueError for a port out of range
+        except ValueError:
+            raise ConfigError(tunnel.file, key, f"has an invalid port: {url!r}") from None
+    if len(set(urls)) != len(urls):
+        raise ConfigError(tunnel.file, tunnel.key("url"), "lists a URL twice")
+    return tuple(urls)
+
+
 def check_node_certificate(config: NodeConfig) -> list[str]:
     """Compare the node's configuration with what its tunnel certificate says (the cloud trusts only
     the certificate). A different subaccount (O=) or cluster (OU=) is a ConfigError naming file, key
@@ -509,9 +538,7 @@ def load_node_config(path: str | Path) -> NodeConfig:
     names = [m.name for m in mappings]
     if len(set(names)) != len(names):
         raise ConfigError(file, "mappings", "two mappings share a virtual host:port")
-    url = tunnel.str("url", required=True)
-    if not url.startswith("wss://"):
-        raise ConfigError(file, "tunnel.url", "must start with wss:// (the tunnel is always TLS)")
+    urls = _tunnel_urls(tunnel)
     cluster = None
     cluster_section = root.sub("cluster")
     if cluster_section is not None:
@@ -554,7 +581,7 @@ def load_node_config(path: str | Path) -> NodeConfig:
         location_id=node.str("location_id", ""),
         priority=node.int("priority", 100, minimum=0),
         audit_log=node.path("audit_log", must_exist=False),
-        tunnel_url=url,
+        tunnel_urls=urls,
         tunnel_ca=tunnel.path("ca"),
         tunnel_cert=tunnel.path("cert", required=True),
         tunnel_key=tunnel.path("key", required=True),

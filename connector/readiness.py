@@ -9,9 +9,12 @@ here does I/O or reads a clock, so the whole decision is a table, unit-tested on
 What a caller asks for decides the rule (`want`):
 
 - ``"master"`` (the default, for a load balancer or a Kubernetes readiness probe of the serving
-  node): ready when this node is master and holds a tunnel the cloud registered (it accepted our
-  epoch). A master that lost etcd stays ready: the cloud fences by epoch, so an etcd outage need
-  not become a traffic outage; the reason says that no failover is possible meanwhile.
+  node): ready when this node is master and at least one cloud replica registered its tunnel (it
+  accepted our epoch). One replica is enough: the application's requests reach the replicas through
+  a load balancer, and a replica without our tunnel takes itself out of its rotation
+  (`cloud_readiness`); the reason counts the replicas registered, so a partial one shows. A master
+  that lost etcd stays ready: the cloud fences by epoch, so an etcd outage need not become a
+  traffic outage; the reason says that no failover is possible meanwhile.
 - ``"shadow"`` (is this standby fit to take over?): ready when this node is shadow, has its
   configuration loaded, and either holds a standby tunnel or reaches etcd (so it can be elected).
 - ``"any"``: either of the above.
@@ -36,8 +39,10 @@ class NodeState:
     """What a node knows about itself at one instant; build a fresh one for each question."""
 
     role: str = attrs.field(validator=attrs.validators.in_(ROLES))
-    tunnel_connected: bool = False
-    tunnel_registered: bool = False  # the cloud accepted our epoch on this tunnel
+    tunnel_connected: bool = False  # a tunnel to at least one cloud replica is up
+    tunnel_registered: bool = False  # at least one replica accepted our epoch
+    replicas_connected: int = 0  # cloud replicas we hold a tunnel to
+    replicas_registered: int = 0  # of those, the ones that accepted our epoch
     etcd_reachable: bool = False
     config_loaded: bool = False
     last_config_revision: int | None = None  # etcd revision of the configuration applied, if any
@@ -78,9 +83,12 @@ def _as_master(state: NodeState) -> Readiness:
         return Readiness(False, "master without a tunnel to the cloud")
     if not state.tunnel_registered:
         return Readiness(False, "master with a tunnel the cloud has not registered (epoch not accepted yet)")
+    tunnels = "a registered tunnel"
+    if state.replicas_connected > 1 or state.replicas_registered < state.replicas_connected:
+        tunnels = f"tunnels registered on {state.replicas_registered} of {state.replicas_connected} cloud replicas"
     if not state.etcd_reachable:
-        return Readiness(True, "master with a registered tunnel; etcd unreachable, no failover possible")
-    return Readiness(True, "master with a registered tunnel")
+        return Readiness(True, f"master with {tunnels}; etcd unreachable, no failover possible")
+    return Readiness(True, f"master with {tunnels}")
 
 
 def _as_shadow(state: NodeState) -> Readiness:
@@ -89,7 +97,42 @@ def _as_shadow(state: NodeState) -> Readiness:
     if not state.config_loaded:
         return Readiness(False, "shadow without configuration loaded")
     if state.tunnel_connected:
-        return Readiness(True, "shadow with a standby tunnel")
+        return Readiness(True, "shadow with a standby tunnel" if state.replicas_connected <= 1 else
+                         f"shadow with standby tunnels to {state.replicas_connected} cloud replicas")
     if state.etcd_reachable:
         return Readiness(True, "shadow reaching etcd, no standby tunnel")
     return Readiness(False, "shadow with neither a standby tunnel nor etcd")
+
+
+# --- a cloud replica ---------------------------------------------------------------------------
+
+@attrs.frozen(kw_only=True)
+class CloudState:
+    """What one cloud replica knows at one instant, for its `/readyz` (the load balancer's check).
+
+    Locations are named ``"subaccount/location"``.
+    """
+
+    # Where the masters' tunnels are: the locations whose master is registered here, and, for each
+    # other serving replica (from the shared state's replica records), the locations whose master
+    # is registered there.
+    masters_here: frozenset[str] = frozenset()
+    masters_elsewhere: dict[str, frozenset[str]] = attrs.field(factory=dict)
+
+
+def cloud_readiness(state: CloudState) -> Readiness:
+    """Whether a cloud replica should be in the load balancer's rotation.
+
+    A replica without the tunnel of a location's master cannot serve that location's requests (the
+    node has not dialled it yet, or only the path between them is cut). It takes itself out of
+    rotation while another replica *covers* it: holds the master of every location held here and
+    at least one more. So requests go where they can be served, with no data path between replicas;
+    and, since covering is strict, no two replicas can take each other out: when the replicas lack
+    different locations (two partial partitions at once) each stays in and serves what it has.
+    """
+    for replica, theirs in sorted(state.masters_elsewhere.items()):
+        missing = theirs - state.masters_here
+        if missing and state.masters_here <= theirs:
+            return Readiness(False, f"no tunnel from the master of {', '.join(sorted(missing))}, which replica "
+                             f"{replica} holds: out of rotation until the node dials this replica")
+    return Readiness(True, "serving")

@@ -2,12 +2,25 @@
 
 Theory of operation
 -------------------
-The node always keeps one tunnel to the cloud (reconnecting with full-jitter backoff). While the
-HA layer says it is master, it *registers* that tunnel with its fencing epoch; the cloud accepts the
-highest epoch only. A shadow's tunnel is a standby connection: promotion is one ``register``
-message, and the cloud tells standbys at once when the master's tunnel drops (``master_lost``),
-which the node passes to the elector as a hint. Streams are served only while the cloud has
-confirmed our registration (``registered_epoch``); anything else is reset with NOT_MASTER.
+The cloud is one or more replicas behind a load balancer, and the node keeps one tunnel to *each*
+(`ReplicaTunnel`, keyed by the replica id the cloud's HELLO names; a cloud that names none is keyed
+by the address dialled). Where to dial is the union of the configured URLs, the addresses their
+host names resolve to (re-resolved every ``RESOLVE_INTERVAL``) and the replicas the cloud announces
+(``replicas`` control op); see `connector.tunnel.dial.dial_targets`. Each target has its own dial
+loop with its own full-jitter backoff; two targets that reach the same replica keep one tunnel
+(the second waits until the first ends). A replica's announcement of itself is not counted (the
+node reached it already, and a replica without shared state knows no address of its own that
+nodes can dial), so a target is retired, its tunnel drained and closed, once no configured name
+and no *other* replica names it: a replica removed from the cloud's etcd is dropped within
+seconds, and the addresses of replicas that are gone (a pod's old IP) are not dialled forever.
+
+While the HA layer says it is master, the node *registers* on every tunnel with its fencing epoch;
+each replica accepts the highest epoch only. A shadow's tunnels are standby connections: promotion
+is one ``register`` message per replica. The cloud tells standbys at once when the master's tunnel
+drops (``master_lost``); the node passes that to the elector as a hint once every replica it holds
+a tunnel to has said so, so a path from the master to one replica that breaks (a partition) does
+not depose a master the other replicas still reach. Streams are served on a tunnel only while that
+replica has confirmed our registration; anything else is reset with NOT_MASTER.
 
 Without a ``[cluster]`` section the node runs standalone: always master, epoch 0.
 
@@ -21,18 +34,20 @@ shows in `/status` and `/readyz`, and answers by reconnecting only every ``REFUS
 The admin API's `/status`, `/switch` and `/audit` need the bearer token of ``[admin] token_file``;
 `/healthz` (the shadows' probe), `/readyz` and `/metrics` stay open (see `connector.admin`).
 
-Shutdown (SIGTERM) is a graceful handover: tell the cloud we drain (new requests are held there),
-resign the leader key so a shadow takes over at once, let in-flight streams finish (bounded by
-``drain_seconds``), then close.
+Shutdown (SIGTERM) is a graceful handover: tell every replica we drain (new requests are held
+there), resign the leader key so a shadow takes over at once, let in-flight streams finish
+(bounded by ``drain_seconds``), then close.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import ssl
 from typing import Any
 
+import attrs
 import trio
 import trio_websocket
 
@@ -43,9 +58,20 @@ from connector.agent.acl import AccessControl
 from connector.agent.audit import AuditLog
 from connector.agent.forward import ForwardSettings, StreamContext, serve_stream
 from connector.backoff import Backoff
+from connector.cloud.replicas import HELLO_REPLICA_KEY, REPLICAS_OP, Replica, from_body
 from connector.config import NodeConfig, check_node_certificate
 from connector.readiness import NodeState, readiness
-from connector.tunnel.dial import DialError, describe_failure, open_tunnel_websocket
+from connector.tunnel.dial import (
+    DialError,
+    DialTarget,
+    Resolver,
+    describe_failure,
+    dial_targets,
+    is_address,
+    open_tunnel_websocket,
+    resolve_addresses,
+    url_port,
+)
 from connector.tunnel.session import TunnelError, TunnelSession, TunnelSettings
 from connector.tunnel.streams import TunnelStream
 from connector.tunnel.types import ErrorCode
@@ -61,10 +87,63 @@ WS_RECEIVE_BUFFER = 262144
 WS_MAX_MESSAGE = 4 << 20
 REGISTER_TIMEOUT = 2.0
 REFUSED_RETRY = 10.0  # seconds between tunnels while the cloud refuses this node's cluster
+RESOLVE_INTERVAL = 5.0  # seconds between resolutions of the configured host names
+LOST_EPOCHS_KEPT = 4  # epochs whose master_lost reports are remembered (bounded: the cloud sends them)
+LOST_REPORT_WINDOW = 10.0  # seconds a replica's master_lost counts towards a hint
+MAX_REPLICAS = 32  # replicas announced, or addresses of one name, the node dials at most
+
+
+class MasterLostReports:
+    """The replicas' ``master_lost`` reports per epoch: a hint once every replica we hold agrees.
+
+    A crash or a freeze of the master is seen by every replica within a ping interval or so; one
+    replica alone losing the master means that path broke while the others still route to it.
+    Reports older than `window` say nothing about now (the master may have re-registered there
+    since), so they do not count. Pure: the caller passes trio's clock.
+    """
+
+    def __init__(self, window: float = LOST_REPORT_WINDOW, epochs_kept: int = LOST_EPOCHS_KEPT) -> None:
+        self.window = window
+        self.epochs_kept = epochs_kept
+        self.reports: dict[int, dict[str, float]] = {}  # epoch -> replica -> when it reported
+
+    def report(self, epoch: int, replica: str, now: float) -> None:
+        self.reports.setdefault(epoch, {})[replica] = now
+        for old in sorted(self.reports)[:-self.epochs_kept]:
+            del self.reports[old]
+
+    def agreed(self, replicas: set[str], now: float) -> list[int]:
+        """The epochs every one of `replicas` reported within the window (forgotten once returned)."""
+        epochs = []
+        for epoch, by_replica in list(self.reports.items()):
+            recent = {r for r, at in by_replica.items() if now - at <= self.window}
+            if recent and replicas <= recent:
+                epochs.append(epoch)
+                del self.reports[epoch]
+        return epochs
+
+
+@attrs.define(eq=False)
+class ReplicaTunnel:
+    """The node's tunnel to one cloud replica, and what that replica told us on it."""
+
+    target: DialTarget
+    session: TunnelSession
+    replica: str  # the id the replica's HELLO names, or the target's key for a cloud naming none
+    registered_epoch: int | None = None  # the epoch this replica accepted from us
+    refused: bool = False  # the replica refuses our cluster: register no more on this tunnel
+    announced: tuple[Replica, ...] = ()  # the replica set it announced last
+    drained: trio.Event = attrs.field(factory=trio.Event)  # its answer to our `drain`
+
+    def describe(self) -> dict[str, Any]:
+        state = "refused" if self.refused else ("registered" if self.registered_epoch is not None else "standby")
+        return {"replica": self.replica, "url": self.target.key, "state": state, "epoch": self.registered_epoch,
+                "streams_open": self.session.statistics().streams_open}
 
 
 class Node:
-    def __init__(self, config: NodeConfig, *, elector: Any = None, config_source: Any = None) -> None:
+    def __init__(self, config: NodeConfig, *, elector: Any = None, config_source: Any = None,
+                 resolver: Resolver = resolve_addresses) -> None:
         for warning in check_node_certificate(config):  # ConfigError when subaccount or cluster differ
             log.warning("%s", warning)
         self.config = config
@@ -79,18 +158,20 @@ class Node:
             keepalive_timeout=config.keepalive_timeout,
         )
         self.tunnel_settings = TunnelSettings(ping_interval=config.ping_interval, ping_timeout=config.ping_timeout)
-        self.session: TunnelSession | None = None
-        self.registered_epoch: int | None = None
+        self.tunnels: dict[str, ReplicaTunnel] = {}  # by replica id: the tunnels that passed HELLO
         self.cloud_refusal: str | None = None  # why the cloud refuses our cluster, until it accepts us
-        self._refused_session: TunnelSession | None = None  # no registering again on this tunnel
+        self._resolver = resolver
+        self._resolved: dict[str, list[str]] = {}  # configured URL -> addresses of its host name
+        self._dialers: dict[DialTarget, trio.CancelScope] = {}
+        self._lost_reports = MasterLostReports()
         self.admin_port: int | None = None
         self.stopping = False
         self._handing_over = False
         self._draining: trio.Event | None = None  # set while handing over; streams end between requests
         self._mastership_drain: trio.Event | None = None
-        self._drained = trio.Event()
         self._changed = trio.Event()
-        self.tunnel_failure: str | None = None  # why the last attempt to open the tunnel failed
+        self.tunnel_failure: str | None = None  # why the last attempt to open a tunnel failed
+        self.tunnel_failures: dict[str, str] = {}  # target -> why its last attempt failed
         self._tunnel_failed = trio.Event()
         self._ssl = pki.client_context(config.tunnel_ca, config.tunnel_cert, config.tunnel_key)
         self._labels = (config.location_id, config.node_id)
@@ -118,11 +199,29 @@ class Node:
         self._changed.set()
         self._changed = trio.Event()
 
+    @property
+    def session(self) -> TunnelSession | None:
+        """One tunnel's session (the first replica's by id), or None without any tunnel."""
+        return self.tunnels[min(self.tunnels)].session if self.tunnels else None
+
+    @property
+    def registered_epoch(self) -> int | None:
+        """The epoch the cloud accepted from us on at least one replica, or None."""
+        epochs = [t.registered_epoch for t in self.tunnels.values() if t.registered_epoch is not None]
+        return max(epochs) if epochs else None
+
+    def targets(self) -> frozenset[DialTarget]:
+        """Where the node dials now (one dial loop each)."""
+        return frozenset(self._dialers)
+
     def state(self) -> NodeState:
+        tunnels = list(self.tunnels.values())
         return NodeState(
             role=self.role,
-            tunnel_connected=self.session is not None,
+            tunnel_connected=bool(tunnels),
             tunnel_registered=self.registered_epoch is not None,
+            replicas_connected=len(tunnels),
+            replicas_registered=sum(t.registered_epoch is not None for t in tunnels),
             cloud_refusal=self.cloud_refusal,
             etcd_reachable=bool(getattr(self.elector, "etcd_reachable", True)),
             config_loaded=True,
@@ -150,26 +249,28 @@ class Node:
                 nursery.start_soon(self._export_role)
             if self.config_source is not None:
                 await nursery.start(self.config_source.run, self._apply_mappings)
-            nursery.start_soon(self._tunnel_loop)
-            nursery.start_soon(self._reconcile_loop)
+            await nursery.start(self._resolve_loop)
             task_status.started(self.admin_port)
 
     async def shutdown(self) -> None:
         """Graceful handover: drain at the cloud, resign, finish in-flight streams, close."""
         was_master = self.registered_epoch is not None
         self.stopping = True
-        session = self.session
-        if was_master and session is not None:
-            log.info("handing over: draining at the cloud and resigning the leader key")
-            await self._begin_drain(session)
+        if was_master:
+            log.info("handing over: draining at every replica and resigning the leader key")
+            await self._begin_drain()
         if self.elector is not None:
             with trio.move_on_after(2.0):
                 await self.elector.resign(hold_off=60.0)
-        if session is not None:
-            with trio.move_on_after(self.config.drain_seconds):
-                await session.wait_no_streams()
-            with trio.move_on_after(1.0):
-                await session.aclose(ErrorCode.GOING_AWAY, "node shutting down")
+        sessions = [t.session for t in self.tunnels.values()]
+        with trio.move_on_after(self.config.drain_seconds):
+            async with trio.open_nursery() as waits:
+                for session in sessions:
+                    waits.start_soon(session.wait_no_streams)
+        with trio.move_on_after(1.0):
+            async with trio.open_nursery() as closes:
+                for session in sessions:
+                    closes.start_soon(session.aclose, ErrorCode.GOING_AWAY, "node shutting down")
         if self.elector is not None and self.elector.lease is not None:
             with trio.move_on_after(1.0):
                 try:  # leave the member list now rather than when the lease expires
@@ -178,49 +279,122 @@ class Node:
                     log.info("could not revoke our lease on the way out: %s", exc)
         self._nursery.cancel_scope.cancel()
 
-    # --- tunnel ----------------------------------------------------------------------------
+    # --- where to dial ---------------------------------------------------------------------
 
-    async def _tunnel_loop(self) -> None:
+    async def _resolve_loop(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Resolve the configured host names now and every RESOLVE_INTERVAL; dial what they name.
+        A failed resolution keeps the addresses known before (a DNS hiccup drops no tunnel)."""
+        names = [url for url in self.config.tunnel_urls if not is_address(DialTarget(url).host)]
+        while True:
+            for url in names:
+                host = DialTarget(url).host
+                try:
+                    with trio.fail_after(self.config.tunnel_connect_timeout):
+                        addresses = await self._resolver(host, url_port(url))
+                except (OSError, trio.TooSlowError) as exc:
+                    log.warning("cannot resolve %s (tunnel.url %s): %s; keeping %s", host, url, exc or "timeout",
+                                ", ".join(self._resolved.get(url, [])) or "the name itself")
+                    continue
+                if len(addresses) > MAX_REPLICAS:
+                    log.warning("%s resolves to %d addresses: dialling the first %d", host, len(addresses),
+                                MAX_REPLICAS)
+                    addresses = addresses[:MAX_REPLICAS]
+                if addresses != self._resolved.get(url):
+                    log.info("%s resolves to %s", host, ", ".join(addresses) or "nothing")
+                    self._resolved[url] = addresses
+            self._update_targets()
+            task_status.started()
+            task_status = trio.TASK_STATUS_IGNORED
+            if not names:
+                return
+            await trio.sleep(RESOLVE_INTERVAL)
+
+    def _update_targets(self) -> None:
+        """Dial every target of `dial_targets` and retire those no longer in it."""
+        announced = {r.tunnel_url for t in self.tunnels.values() for r in t.announced if r.id != t.replica}
+        wanted = dial_targets(self.config.tunnel_urls, self._resolved, announced)
+        if self.stopping:
+            return
+        for target in sorted(wanted - self._dialers.keys(), key=str):
+            scope = trio.CancelScope()
+            self._dialers[target] = scope
+            self._nursery.start_soon(self._dial_loop, target, scope, name=f"tunnel {target}")
+        for target in sorted(self._dialers.keys() - wanted, key=str):
+            log.info("dropping %s: neither configured nor announced by the cloud any more", target)
+            self._nursery.start_soon(self._retire, target, self._dialers.pop(target))
+
+    async def _retire(self, target: DialTarget, scope: trio.CancelScope) -> None:
+        """Close a dropped target's tunnel gracefully (drain, streams finish), then stop dialling it."""
+        tunnel = next((t for t in self.tunnels.values() if t.target == target), None)
+        if tunnel is not None:
+            if tunnel.registered_epoch is not None:
+                await self._drain_tunnel(tunnel)
+            with trio.move_on_after(self.config.drain_seconds):
+                await tunnel.session.wait_no_streams()
+            with trio.move_on_after(1.0):
+                await tunnel.session.aclose(ErrorCode.GOING_AWAY, "replica no longer announced")
+        scope.cancel()
+        self.tunnel_failures.pop(target.key, None)
+
+    # --- tunnels ---------------------------------------------------------------------------
+
+    async def _dial_loop(self, target: DialTarget, scope: trio.CancelScope) -> None:
         backoff = Backoff(base=0.1, cap=5.0)
         first = True
-        while not self.stopping:
-            if not first:
-                metrics.TUNNEL_RECONNECTS.labels(*self._labels).inc()
-            first = False
-            try:
-                await self._connect_once(backoff)
-            except* (OSError, ssl.SSLError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed,
-                     TunnelError, trio.BrokenResourceError, trio.TooSlowError, DialError) as group:
-                self._tunnel_failed_because("; ".join(describe_failure(e, self.config.tunnel_url)
-                                                      for e in group.exceptions))
-            if self.stopping:
-                return
-            delay = backoff.next_delay()
-            if self.cloud_refusal is not None:
-                delay = max(delay, REFUSED_RETRY)
-            log.info("reconnecting in %.2f s", delay)
-            await trio.sleep(delay)
+        with scope:
+            while self._dialing(target, scope):
+                if not first:
+                    metrics.TUNNEL_RECONNECTS.labels(*self._labels).inc()
+                first = False
+                try:
+                    await self._connect_once(target, backoff)
+                except* (OSError, ssl.SSLError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed,
+                         TunnelError, trio.BrokenResourceError, trio.TooSlowError, DialError) as group:
+                    self._tunnel_failed_because(target, "; ".join(describe_failure(e, target.url)
+                                                                 for e in group.exceptions))
+                if not self._dialing(target, scope):
+                    return  # stopping, or retired: `_retire` closes the tunnel, nothing redials it
+                delay = backoff.next_delay()
+                if self.cloud_refusal is not None:
+                    delay = max(delay, REFUSED_RETRY)
+                log.info("reconnecting to %s in %.2f s", target, delay)
+                await trio.sleep(delay)
 
-    def _tunnel_failed_because(self, reason: str) -> None:
-        log.warning("tunnel to %s failed: %s", self.config.tunnel_url, reason)
+    def _dialing(self, target: DialTarget, scope: trio.CancelScope) -> bool:
+        return not self.stopping and self._dialers.get(target) is scope
+
+    def _tunnel_failed_because(self, target: DialTarget, reason: str) -> None:
+        log.warning("tunnel to %s failed: %s", target, reason)
         self.tunnel_failure = reason
+        self.tunnel_failures[target.key] = reason
         self._tunnel_failed.set()
         self._tunnel_failed = trio.Event()
 
     async def wait_tunnel_failure(self) -> str:
-        """Wait for the next failed attempt to open the tunnel; return its cause."""
+        """Wait for the next failed attempt to open a tunnel; return its cause."""
         await self._tunnel_failed.wait()
         return self.tunnel_failure or ""
 
-    async def _connect_once(self, backoff: Backoff) -> None:
+    async def wait_tunnels(self, count: int, *, registered: bool = False) -> None:
+        """Return once the node holds `count` tunnels (registered ones, if `registered`)."""
+        while True:
+            changed = self._changed
+            tunnels = [t for t in self.tunnels.values() if not registered or t.registered_epoch is not None]
+            if len(tunnels) == count:
+                return
+            await changed.wait()
+
+    async def _connect_once(self, target: DialTarget, backoff: Backoff) -> None:
+        holder: ReplicaTunnel | None = None
         async with trio.open_nursery() as nursery:
             # TCP, TLS and the WebSocket upgrade each report their own cause (`tunnel.dial`); the
             # tunnel's HELLO gets what is left of the same budget (tunnel.connect_timeout).
             timeout = self.config.tunnel_connect_timeout
             deadline = trio.current_time() + timeout
             ws = await open_tunnel_websocket(
-                nursery, self.config.tunnel_url, self._ssl, timeout=timeout, client_cert=self.config.tunnel_cert,
-                max_message_size=WS_MAX_MESSAGE, receive_buffer_size=WS_RECEIVE_BUFFER,
+                nursery, target.url, self._ssl, address=target.address, timeout=timeout,
+                client_cert=self.config.tunnel_cert, max_message_size=WS_MAX_MESSAGE,
+                receive_buffer_size=WS_RECEIVE_BUFFER,
             )
             session = TunnelSession(
                 ws, client=True, settings=self.tunnel_settings,
@@ -233,76 +407,118 @@ class Node:
                 },
             )
             with trio.move_on_at(deadline) as hello:
-                await session.handshake()
+                peer = await session.handshake()
             if hello.cancelled_caught:
-                raise DialError(f"the cloud at {self.config.tunnel_url} did not answer the tunnel handshake "
+                raise DialError(f"the cloud at {target} did not answer the tunnel handshake "
                                 f"(HELLO) within {timeout:g} s")
             backoff.reset()
-            self.session = session
-            self.registered_epoch = None
-            metrics.TUNNEL_CONNECTED.labels(*self._labels).set(1)
-            log.info("tunnel up to %s", self.config.tunnel_url)
-            self.poke()
-            try:
-                await session.run(stream_handler=self._serve_stream, control_handler=self._on_control)
-            finally:
-                code, reason = session.close_reason or (ErrorCode.NO_ERROR, "")
-                if code == ErrorCode.DENIED and reason.partition(":")[0] in CLUSTER_REFUSALS:
-                    self._refused_by_cloud(reason)  # said in the GOAWAY when refused at connection
-                self.session = None
-                self.registered_epoch = None
-                metrics.TUNNEL_CONNECTED.labels(*self._labels).set(0)
-                self.poke()
+            self.tunnel_failures.pop(target.key, None)
+            replica = str(peer.get(HELLO_REPLICA_KEY) or target.key)
+            holder = self.tunnels.get(replica)
+            if holder is not None:  # two addresses of one replica: keep the tunnel we have
+                log.info("%s reaches replica %s, already held through %s: dialling it again when that ends",
+                         target, replica, holder.target)
+                await session.aclose(ErrorCode.GOING_AWAY, "this node holds a tunnel to this replica already")
                 nursery.cancel_scope.cancel()
-            log.warning("tunnel closed: %s", session.close_reason)
+            else:
+                await self._hold(nursery, ReplicaTunnel(target, session, replica))
+        if holder is not None:
+            await holder.session.wait_closed()
 
-    async def _on_control(self, op: str, body: dict[str, Any]) -> None:
+    async def _hold(self, nursery: trio.Nursery, tunnel: ReplicaTunnel) -> None:
+        """Run one replica's tunnel until it closes: register, serve, follow its announcements."""
+        self.tunnels[tunnel.replica] = tunnel
+        metrics.TUNNEL_CONNECTED.labels(*self._labels).set(1)
+        log.info("tunnel up to replica %s at %s", tunnel.replica, tunnel.target)
+        self.poke()
+        session = tunnel.session
+        try:
+            nursery.start_soon(self._reconcile, tunnel)
+            await session.run(stream_handler=functools.partial(self._serve_stream, tunnel),
+                              control_handler=functools.partial(self._on_control, tunnel))
+        finally:
+            code, reason = session.close_reason or (ErrorCode.NO_ERROR, "")
+            if code == ErrorCode.DENIED and reason.partition(":")[0] in CLUSTER_REFUSALS:
+                self._refused_by_cloud(tunnel, reason)  # said in the GOAWAY when refused at connection
+            del self.tunnels[tunnel.replica]
+            metrics.TUNNEL_CONNECTED.labels(*self._labels).set(1 if self.tunnels else 0)
+            self._update_targets()  # what only this replica announced is dropped with it
+            self._hint_master_lost()  # the replicas left may all have reported already
+            self.poke()
+            nursery.cancel_scope.cancel()
+        log.warning("tunnel to replica %s closed: %s", tunnel.replica, session.close_reason)
+
+    async def _on_control(self, tunnel: ReplicaTunnel, op: str, body: dict[str, Any]) -> None:
         if op == "registered":
-            self.registered_epoch = int(body["epoch"])
+            tunnel.registered_epoch = int(body["epoch"])
             self.cloud_refusal = None
-            log.info("cloud accepted registration with epoch %d", self.registered_epoch)
+            log.info("replica %s accepted registration with epoch %d", tunnel.replica, tunnel.registered_epoch)
             self.poke()
         elif op == "refused" and body.get("reason") in CLUSTER_REFUSALS:
-            self._refused_by_cloud(f"{body.get('reason')}: {body.get('message')}")
+            self._refused_by_cloud(tunnel, f"{body.get('reason')}: {body.get('message')}")
         elif op in ("refused", "fenced"):
-            self.registered_epoch = None
-            log.warning("cloud %s us: %s (highest epoch %s)", op, body.get("reason"), body.get("highest_epoch", body.get("epoch")))
+            tunnel.registered_epoch = None
+            log.warning("replica %s %s us: %s (highest epoch %s)", tunnel.replica, op, body.get("reason"),
+                        body.get("highest_epoch", body.get("epoch")))
             if self.elector is not None:
                 self.elector.force_shadow(f"cloud {op} our registration: {body.get('reason', 'newer epoch')}")
             self.poke()
         elif op == "master_lost":
-            if self.elector is not None and body.get("epoch") is not None:
-                self.elector.hint_master_lost(int(body["epoch"]), "cloud")
+            if body.get("epoch") is not None:
+                self._master_lost(tunnel, int(body["epoch"]))
         elif op == "drained":
-            self._drained.set()
-            self._drained = trio.Event()
+            tunnel.drained.set()
+            tunnel.drained = trio.Event()
+        elif op == REPLICAS_OP:
+            try:
+                announced = from_body(body)
+                if len(announced) > MAX_REPLICAS:
+                    raise ValueError(f"{len(announced)} replicas, more than the {MAX_REPLICAS} a node dials")
+            except ValueError as exc:
+                log.warning("ignoring a malformed replica set from replica %s: %s", tunnel.replica, exc)
+                return
+            tunnel.announced = announced
+            log.info("replica %s announces replicas %s", tunnel.replica,
+                     ", ".join(f"{r.id} ({r.tunnel_url})" for r in tunnel.announced))
+            self._update_targets()
         else:
-            log.warning("unknown control op %r from the cloud", op)
+            log.warning("unknown control op %r from replica %s", op, tunnel.replica)
 
-    def _refused_by_cloud(self, why: str) -> None:
+    def _master_lost(self, tunnel: ReplicaTunnel, epoch: int) -> None:
+        """A replica lost the master's tunnel: a hint for the elector once every replica we hold
+        said so (`MasterLostReports`); one replica alone may only be cut off from the master."""
+        self._lost_reports.report(epoch, tunnel.replica, trio.current_time())
+        self._hint_master_lost()
+
+    def _hint_master_lost(self) -> None:
+        for epoch in self._lost_reports.agreed(set(self.tunnels), trio.current_time()):
+            if self.elector is not None:
+                self.elector.hint_master_lost(epoch, "cloud")
+
+    def _refused_by_cloud(self, tunnel: ReplicaTunnel, why: str) -> None:
         """Another cluster owns our location (or our certificate names another cluster). Not a newer
         master of our cluster: resigning would only hand the refusal to the next node of our
         cluster. The cloud closes the tunnel; we reconnect slowly and register no more on it."""
-        self.registered_epoch = None
+        tunnel.registered_epoch = None
         if why != self.cloud_refusal:
             log.error("the cloud refuses this node (cluster %r): %s", self._cluster, why)
         self.cloud_refusal = why
-        self._refused_session = self.session
+        tunnel.refused = True
         self.poke()
 
-    async def _reconcile_loop(self) -> None:
-        """Keep the cloud's view of us equal to the elector's: register, or unregister."""
+    async def _reconcile(self, tunnel: ReplicaTunnel) -> None:
+        """Keep one replica's view of us equal to the elector's: register, or unregister. One task
+        per tunnel, so a replica that stalls holds up no other."""
         while True:
             changed = self._changed
-            session = self.session
             desired = self.desired_epoch
-            if session is not None and desired != self.registered_epoch and session is not self._refused_session:
+            if desired != tunnel.registered_epoch and not tunnel.refused:
                 try:
                     if desired is not None:
-                        await session.send_control("register", {"epoch": desired})
+                        await tunnel.session.send_control("register", {"epoch": desired})
                     else:
-                        self.registered_epoch = None
-                        await session.send_control("unregister", {})
+                        tunnel.registered_epoch = None
+                        await tunnel.session.send_control("unregister", {})
                 except TunnelError:
                     pass
                 # wait for the reply (or any change) but retry if the cloud never answers
@@ -347,8 +563,8 @@ class Node:
 
     # --- streams ---------------------------------------------------------------------------
 
-    async def _serve_stream(self, stream: TunnelStream) -> None:
-        if self.registered_epoch is None and self._draining is None:
+    async def _serve_stream(self, tunnel: ReplicaTunnel, stream: TunnelStream) -> None:
+        if tunnel.registered_epoch is None and self._draining is None:
             await stream.reset(ErrorCode.NOT_MASTER, f"node {self.config.node_id} is not the master")
             return
         # A stream the cloud routed to us before it processed our drain is still ours to serve:
@@ -370,19 +586,27 @@ class Node:
             self._mastership_drain = trio.Event()
         return self._mastership_drain
 
-    async def _begin_drain(self, session: TunnelSession | None) -> None:
-        """Tell the cloud to route no new streams to us, and end idle kept-alive streams."""
+    async def _begin_drain(self) -> None:
+        """Tell every replica to route no new streams to us, and end idle kept-alive streams."""
         self._draining = self._draining_event()
-        if session is not None:
-            drained = self._drained  # captured first: the reply may come before we wait
-            with trio.move_on_after(REGISTER_TIMEOUT):
-                try:
-                    await session.send_control("drain", {})
-                    await drained.wait()
-                except TunnelError:
-                    pass
+        async with trio.open_nursery() as nursery:
+            for tunnel in list(self.tunnels.values()):
+                nursery.start_soon(self._drain_tunnel, tunnel)
         self._draining.set()
-        self.registered_epoch = None
+        for tunnel in self.tunnels.values():
+            tunnel.registered_epoch = None
+
+    @staticmethod
+    async def _drain_tunnel(tunnel: ReplicaTunnel) -> None:
+        """`drain` on one replica and its `drained` answer, within REGISTER_TIMEOUT."""
+        drained = tunnel.drained  # captured first: the reply may come before we wait
+        with trio.move_on_after(REGISTER_TIMEOUT):
+            try:
+                await tunnel.session.send_control("drain", {})
+                await drained.wait()
+            except TunnelError:
+                pass
+        tunnel.registered_epoch = None
 
     def _apply_mappings(self, mappings: Any, revision: int) -> None:
         self.acl = AccessControl(mappings)
@@ -392,8 +616,7 @@ class Node:
     # --- admin -----------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        session = self.session
-        stats = session.statistics() if session is not None else None
+        tunnels = [self.tunnels[replica].describe() for replica in sorted(self.tunnels)]
         return {
             "node": self.config.node_id,
             "cluster": self._cluster,
@@ -404,10 +627,12 @@ class Node:
             "elected_epoch": getattr(self.elector, "epoch", 0) if self.elector else 0,
             "pid": os.getpid(),
             "tunnel": "registered" if self.registered_epoch is not None else (
-                "refused" if self.cloud_refusal else ("standby" if session else "down")),
+                "refused" if self.cloud_refusal else ("standby" if tunnels else "down")),
+            "tunnels": tunnels,  # one per replica
             "cloud_refusal": self.cloud_refusal,
-            "tunnel_failure": None if session else self.tunnel_failure,
-            "streams_open": stats.streams_open if stats else 0,
+            "tunnel_failure": None if tunnels else self.tunnel_failure,
+            "tunnel_failures": dict(sorted(self.tunnel_failures.items())),  # targets without a tunnel
+            "streams_open": sum(t["streams_open"] for t in tunnels),
             "mappings": [m.name for m in self.acl.mappings] if hasattr(self.acl, "mappings") else [],
             "ready": readiness(self.state()).ready,
         }
@@ -458,7 +683,7 @@ class Node:
         """`connector switch`: stop serving, let a shadow take over, stay in the cluster as shadow."""
         self._handing_over = True
         try:
-            await self._begin_drain(self.session)
+            await self._begin_drain()
             await self.elector.resign(hold_off=5.0)
         finally:
             self._handing_over = False

@@ -18,6 +18,12 @@ the upgrade `_ReaderWatch` sees to it: trio-websocket alone would wait for the r
 closed peer until the deadline). `statistics()` counts the connections being handled and
 `wait_connections` waits for a count.
 
+Replicas: the cloud may be several replicas (see `connector.cloud.replicas`). The HELLO names this
+one (``replica``), and once a tunnel is admitted the endpoint announces the replica set to the node
+(``replicas`` control op, the directory's `current()`), again on every change, so nodes find
+replicas added and drop removed ones without a configuration change. Without a directory (a
+single replica) neither is sent and nodes key the tunnel by the address they dialled.
+
 Identity: the node id is the certificate's CN (a HELLO naming another node is logged and ignored).
 The node's cluster is the one its certificate names in OU= (a HELLO claiming another is refused),
 else the one its HELLO claims, else, for a standalone node, ``node:<CN>``. The registry admits a
@@ -41,6 +47,7 @@ from cryptography import x509
 
 from connector import pki
 from connector.cloud.registry import Registry, TunnelHandle, refuse_tunnel
+from connector.cloud.replicas import HELLO_REPLICA_KEY, REPLICAS_OP, ReplicaDirectory, to_body
 from connector.listen import serve_tcp
 from connector.tunnel.session import TunnelError, TunnelSession, TunnelSettings
 
@@ -76,8 +83,10 @@ class TunnelEndpoint:
         subaccount_cas: dict[str, Path],
         settings: TunnelSettings = DEFAULT_SETTINGS,
         endpoint_settings: EndpointSettings = EndpointSettings(),
+        replicas: ReplicaDirectory | None = None,
     ) -> None:
         self.registry = registry
+        self.replicas = replicas  # announced to every node; None: a single replica, nothing announced
         self.settings = settings
         self.endpoint_settings = endpoint_settings
         self._cas = {sub: pki.load_certificate(path) for sub, path in subaccount_cas.items()}
@@ -172,7 +181,10 @@ class TunnelEndpoint:
     async def _serve(
         self, ws: trio_websocket.WebSocketConnection, subaccount: str, node_cn: str, cert_cluster: str | None
     ) -> None:
-        session = TunnelSession(ws, client=False, settings=self.settings, hello_info={"role": "cloud"})
+        hello_info = {"role": "cloud"}
+        if self.replicas is not None:
+            hello_info[HELLO_REPLICA_KEY] = self.replicas.me.id
+        session = TunnelSession(ws, client=False, settings=self.settings, hello_info=hello_info)
         try:
             peer = await session.handshake()
         except TunnelError as exc:
@@ -197,10 +209,25 @@ class TunnelEndpoint:
         self.registry.add(handle)
         log.info("tunnel up: node %s of %s/%r", node, subaccount, location_id)
         try:
-            await session.run(control_handler=functools.partial(self._on_control, handle))
+            async with trio.open_nursery() as nursery:
+                if self.replicas is not None:
+                    nursery.start_soon(self._announce_replicas, session, self.replicas)
+                await session.run(control_handler=functools.partial(self._on_control, handle))
+                nursery.cancel_scope.cancel()
         finally:
             self.registry.remove(handle)
             log.info("tunnel down: node %s of %s/%r (%s)", node, subaccount, location_id, session.close_reason)
+
+    @staticmethod
+    async def _announce_replicas(session: TunnelSession, replicas: ReplicaDirectory) -> None:
+        """The replica set now, then after every change, until the tunnel closes."""
+        version = replicas.version
+        try:
+            while True:
+                await session.send_control(REPLICAS_OP, to_body(replicas.current()))
+                version = await replicas.wait_changed(version)
+        except TunnelError:
+            pass  # the tunnel closed: `run` returns too
 
     async def _on_control(self, handle: TunnelHandle, op: str, body: dict[str, Any]) -> None:
         if op == "register":

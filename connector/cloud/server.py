@@ -7,6 +7,7 @@ reports the bound ports (so tests and the demo can use port 0).
 from __future__ import annotations
 
 import logging
+import socket
 from typing import Any
 
 import attrs
@@ -18,13 +19,16 @@ from connector.cloud.admission import StreamAdmission
 from connector.cloud.audit import CloudAudit
 from connector.cloud.auth import Authenticator
 from connector.cloud.clients import AuthThrottle
+from connector.cloud.coverage import NoPeers, PeerMasters, cloud_state
 from connector.cloud.destinations import DestinationService, DestinationSettings
 from connector.cloud.endpoint import EndpointSettings, TunnelEndpoint
 from connector.cloud.proxy import HttpProxy, ProxySettings
 from connector.cloud.registry import Registry
+from connector.cloud.replicas import Replica, ReplicaDirectory
 from connector.cloud.socks5 import Socks5Proxy
 from connector.config import CloudConfig
 from connector.datarate import MinDataRate
+from connector.readiness import cloud_readiness
 from connector.tunnel.session import TunnelSettings
 
 log = logging.getLogger(__name__)
@@ -66,6 +70,8 @@ class CloudServer:
             {s.id: s.token_sha256 for s in config.subaccounts}, throttle=AuthThrottle(config.auth_throttle)
         )
         self.audit = CloudAudit.open(str(config.audit_log) if config.audit_log else None)
+        self.replicas = ReplicaDirectory(Replica(socket.gethostname(), f"wss://{config.tunnel_listen}/tunnel"))
+        self.peer_masters: PeerMasters = NoPeers()  # the shared state's replica records feed it
         self.endpoint = TunnelEndpoint(
             self.registry,
             cert=config.tunnel_cert,
@@ -75,6 +81,7 @@ class CloudServer:
                                     hello_timeout=config.hello_timeout),
             endpoint_settings=EndpointSettings(tls_handshake_timeout=config.tls_handshake_timeout,
                                                upgrade_timeout=config.upgrade_timeout),
+            replicas=self.replicas,
         )
         self.ports: CloudPorts | None = None
 
@@ -93,6 +100,8 @@ class CloudServer:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.registry.run)
             tunnel = await nursery.start(self.endpoint.run, config.tunnel_listen.host, config.tunnel_listen.port)
+            if config.tunnel_listen.port == 0:  # announce the port bound (tests, the demo)
+                self.replicas.me = attrs.evolve(self.replicas.me, tunnel_url=f"wss://{config.tunnel_listen.host}:{tunnel}/tunnel")
             http_proxy = HttpProxy(self.registry, self.authenticator, settings=proxy_settings(config), audit=self.audit)
             http = await nursery.start(http_proxy.run, config.http_listen.host, config.http_listen.port)
             socks_proxy = Socks5Proxy(self.registry, self.authenticator, audit=self.audit)
@@ -122,6 +131,7 @@ class CloudServer:
             return Reply.json(200, {"locations": self.registry.snapshot(), "refused_connections": self.endpoint.refused})
 
         async def readyz(request: AdminRequest) -> Reply:
-            return Reply.json(200, {"ready": True})
+            result = cloud_readiness(cloud_state(self.registry.snapshot(), self.peer_masters))
+            return Reply.json(200 if result.ready else 503, {"ready": result.ready, "reason": result.reason})
 
         return {("GET", "/status"): locations, ("GET", "/readyz"): readyz}

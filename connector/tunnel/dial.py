@@ -14,14 +14,26 @@ names and issuer the certificate carries, and the CA the node trusts), the port 
 HTTP, the cloud refused the node's certificate, the connection was refused or timed out.
 The certificate of a server that failed verification is fetched for that message over a second,
 non-verifying connection that presents no client certificate and sends nothing.
+
+Where to dial (`DialTarget`, `dial_targets`): the cloud is several replicas and the node holds a
+tunnel to each. It finds them as the union of the configured URLs (``[tunnel] url``, one or a
+list), each address a configured host name resolves to (a Kubernetes headless service names every
+replica's pod; each address is dialled with the TLS server name and ``Host`` of the name, so one
+certificate for the name serves), and the replicas the cloud announces. `dial_targets` is that
+union as a pure function; `resolve_addresses` is the resolver the node calls periodically, and
+tests inject their own.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 import ssl
 import urllib.parse
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 
+import attrs
 import trio
 import trio_websocket
 from cryptography import x509
@@ -48,11 +60,69 @@ class DialError(Exception):
     """One attempt to open the tunnel failed; the message is the cause, in an operator's words."""
 
 
+@attrs.frozen
+class DialTarget:
+    """One place to dial: a tunnel URL, optionally at one address of its host name."""
+
+    url: str
+    address: str | None = None  # connect here; TLS server name and Host stay the URL's host
+
+    @property
+    def key(self) -> str:
+        return self.url if self.address is None else f"{self.url}@{self.address}"
+
+    @property
+    def host(self) -> str:
+        return urllib.parse.urlsplit(self.url).hostname or ""
+
+    def __str__(self) -> str:
+        return self.key
+
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+
+def is_address(host: str) -> bool:
+    """Whether `host` is an IP literal (nothing to resolve) rather than a name."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def url_port(url: str) -> int:
+    return urllib.parse.urlsplit(url).port or 443
+
+
+async def resolve_addresses(host: str, port: int) -> list[str]:
+    """Every address `host` resolves to for TCP, sorted; OSError (socket.gaierror) when it does not."""
+    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return sorted({str(info[4][0]) for info in infos})
+
+
+def dial_targets(configured: Iterable[str], resolved: Mapping[str, list[str]],
+                 announced: Iterable[str]) -> frozenset[DialTarget]:
+    """Where the node dials: each configured URL whose host is an address, or whose host name has
+    no resolution yet, as is; one target per address of a host name in `resolved` (keyed by the
+    URL); each announced URL as is. Pure: the caller resolves and remembers announcements."""
+    targets: set[DialTarget] = set()
+    for url in configured:
+        addresses = resolved.get(url)
+        if addresses:
+            targets.update(DialTarget(url, address) for address in addresses)
+        else:
+            targets.add(DialTarget(url))
+    targets.update(DialTarget(url) for url in announced)
+    return frozenset(targets)
+
+
 async def open_tunnel_websocket(
     nursery: trio.Nursery,
     url: str,
     ssl_context: ssl.SSLContext,
     *,
+    address: str | None = None,  # connect to this address of the URL's host (TLS still verifies the host)
     timeout: float,  # noqa: ASYNC109 - one budget for all steps; the failure names it
     client_cert: Path | None = None,
     max_message_size: int,
@@ -62,13 +132,13 @@ async def open_tunnel_websocket(
     parsed = urllib.parse.urlsplit(url)
     host = parsed.hostname or ""
     port = parsed.port or 443
-    where = f"{host}:{port}"
+    where = f"{host}:{port}" + (f" (at {address})" if address is not None else "")
     resource = (parsed.path or "/") + (f"?{parsed.query}" if parsed.query else "")
     deadline = trio.current_time() + timeout
 
     try:
         with trio.fail_at(deadline):
-            tcp = await trio.open_tcp_stream(host, port)
+            tcp = await trio.open_tcp_stream(address or host, port)
     except trio.TooSlowError:
         raise DialError(f"no TCP connection to {where} within {timeout:g} s (host down, or a firewall "
                         "dropping packets?)") from None
@@ -88,7 +158,7 @@ async def open_tunnel_websocket(
     except trio.BrokenResourceError as exc:
         await trio.aclose_forcefully(tls)
         raise DialError(await _describe_tls_failure(exc.__cause__, host, port, ssl_context, client_cert,
-                                                    deadline)) from None
+                                                    deadline, address)) from None
 
     failure: list[BaseException | None] = []
     broken = trio.Event()
@@ -114,7 +184,7 @@ async def open_tunnel_websocket(
                 async def upgrade() -> None:
                     nonlocal ws
                     ws = await trio_websocket.wrap_client_stream(
-                        nursery, tls, where if port != 443 else host, resource,
+                        nursery, tls, f"{host}:{port}" if port != 443 else host, resource,
                         max_message_size=max_message_size, receive_buffer_size=receive_buffer_size,
                     )
                     watch.cancel_scope.cancel()
@@ -170,15 +240,16 @@ def _refused(reason: str, where: str, client_cert: Path | None) -> str:
             f"{_REFUSED_ALERTS[reason]}; the cloud's [[subaccounts]] ca must be that issuer")
 
 
-async def _describe_tls_failure(cause: BaseException | None, host: str, port: int,
-                                context: ssl.SSLContext, client_cert: Path | None, deadline: float) -> str:
-    where = f"{host}:{port}"
+async def _describe_tls_failure(cause: BaseException | None, host: str, port: int, context: ssl.SSLContext,
+                                client_cert: Path | None, deadline: float, address: str | None = None) -> str:
+    where = f"{host}:{port}" + (f" (at {address})" if address is not None else "")
+    connect = address or host  # the probes below go where the failed handshake went
     if isinstance(cause, ssl.SSLCertVerificationError):
         message = f"the cloud's certificate at {where} failed verification: {cause.verify_message}"
         trusted = ", ".join(repr(x509.load_der_x509_certificate(der).subject.rfc4514_string())
                             for der in context.get_ca_certs(binary_form=True)) or "the system's CAs"
         with trio.move_on_at(deadline):
-            der = await _unverified_certificate(host, port)
+            der = await _unverified_certificate(host, port, connect)
             if der is not None:
                 cert = x509.load_der_x509_certificate(der)
                 message += (f"; the node dialled {host!r}, the certificate names {_names(cert)} and is issued "
@@ -190,7 +261,7 @@ async def _describe_tls_failure(cause: BaseException | None, host: str, port: in
     if isinstance(cause, ssl.SSLError) and cause.reason in _NOT_TLS:
         answer = b""
         with trio.move_on_at(deadline):
-            answer = await _first_bytes(host, port)
+            answer = await _first_bytes(host, port, connect)
         if answer.startswith(b"HTTP/"):
             line = answer.split(b"\r\n")[0].decode("ascii", "replace")
             return (f"{where} answered plain HTTP ({line!r}) to the TLS handshake: the tunnel URL points at "
@@ -202,13 +273,14 @@ async def _describe_tls_failure(cause: BaseException | None, host: str, port: in
     return f"TLS handshake with {where} failed: {cause}"
 
 
-async def _unverified_certificate(host: str, port: int) -> bytes | None:
-    """The certificate the server presents, fetched without verifying it or showing ours."""
+async def _unverified_certificate(host: str, port: int, connect: str) -> bytes | None:
+    """The certificate the server at `connect` presents for `host`, fetched without verifying it or
+    showing ours."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     try:
-        tls = trio.SSLStream(await trio.open_tcp_stream(host, port), context, server_hostname=host)
+        tls = trio.SSLStream(await trio.open_tcp_stream(connect, port), context, server_hostname=host)
     except OSError:
         return None
     try:
@@ -220,7 +292,7 @@ async def _unverified_certificate(host: str, port: int) -> bytes | None:
         await trio.aclose_forcefully(tls)
 
 
-async def _first_bytes(host: str, port: int) -> bytes:
+async def _first_bytes(host: str, port: int, connect: str) -> bytes:
     """What the server answers to a TLS ClientHello (made by ssl itself), as raw bytes."""
     hello = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(),
                                                   server_hostname=host)
@@ -229,7 +301,7 @@ async def _first_bytes(host: str, port: int) -> bytes:
     except ssl.SSLWantReadError:
         pass
     try:
-        tcp = await trio.open_tcp_stream(host, port)
+        tcp = await trio.open_tcp_stream(connect, port)
     except OSError:
         return b""
     try:
