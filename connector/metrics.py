@@ -106,6 +106,23 @@ CLOUD_STATE_PERSISTED = Gauge(
     "1 while state_file holds the highest epochs the cloud knows, 0 after a write failed (the fence "
     "still works from memory, but a restart would forget epochs)",
 )
+CLOUD_SHARED_LOADED = Gauge(
+    NS + "_cloud_shared_fence_loaded",
+    "1 once this replica read the shared fence from the cloud's etcd ([shared]; until then it "
+    "admits no tunnel and routes nothing); 1 without [shared]",
+)
+CLOUD_SHARED_UP = Gauge(
+    NS + "_cloud_shared_up", "1 if the last operation of this replica on the cloud's etcd succeeded ([shared])"
+)
+CLOUD_SHARED_WRITES_PENDING = Gauge(
+    NS + "_cloud_shared_writes_pending",
+    "Fence advances accepted by this replica and not yet written to the cloud's etcd",
+)
+CLOUD_SHARED_WRITE_FAILURES = Counter(
+    NS + "_cloud_shared_write_failures_total", "Writes of this replica to the cloud's etcd that failed, by what",
+    ["what"],
+)
+CLOUD_REPLICAS = Gauge(NS + "_cloud_replicas", "Cloud replicas in the replica set this replica sees (itself included)")
 CLOUD_HAS_MASTER = Gauge(
     NS + "_cloud_location_has_master", "1 while a known location has a master tunnel", ["subaccount", "location"]
 )

@@ -93,3 +93,35 @@ def _as_shadow(state: NodeState) -> Readiness:
     if state.etcd_reachable:
         return Readiness(True, "shadow reaching etcd, no standby tunnel")
     return Readiness(False, "shadow with neither a standby tunnel nor etcd")
+
+
+# --- the cloud side: one replica -------------------------------------------------------------
+
+@attrs.frozen(kw_only=True)
+class CloudState:
+    """What a cloud replica knows about itself at one instant (`cloud_readiness`).
+
+    Each concern is its own field, so the rules stay one line each and can grow independently.
+    """
+
+    shared: bool = False  # [shared] configured: several replicas, state in the cloud's etcd
+    fence_loaded: bool = True  # the shared fence was read (always True without [shared])
+    shared_reachable: bool = True  # the last operation on the cloud's etcd succeeded
+    writes_pending: int = 0  # fence advances accepted here and not yet in the cloud's etcd
+
+
+def cloud_readiness(state: CloudState) -> Readiness:
+    """Whether a cloud replica should get traffic (its `/readyz`, a load balancer's health check).
+
+    A replica that has not read the shared fence is never ready: it admits no tunnel and routes
+    nothing rather than guess (fail closed). One that has read it stays ready through an outage
+    of the cloud's etcd: the cached fence keeps refusing stale masters, and higher epochs, always
+    safe, are accepted and written back later.
+    """
+    if state.shared and not state.fence_loaded:
+        return Readiness(False, "shared state not loaded (fail closed): the cloud's etcd has not answered since "
+                                "this replica started, so it cannot know the fence and serves nothing")
+    if state.shared and not state.shared_reachable:
+        return Readiness(True, f"serving from the cached fence; the cloud's etcd is unreachable "
+                               f"({state.writes_pending} fence advances to write back)")
+    return Readiness(True, "serving")
