@@ -142,8 +142,8 @@ class Fence:
         epoch, cluster = data.get("epoch"), data.get("cluster")
         if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < -1:
             raise ValueError(f"a fence's epoch must be an integer >= -1: {data!r}")
-        if cluster is not None and (not isinstance(cluster, str) or not cluster):
-            raise ValueError(f"a fence's cluster must be a non-empty string or null: {data!r}")
+        if cluster is not None and not isinstance(cluster, str):
+            raise ValueError(f"a fence's cluster must be a string or null: {data!r}")
         return cls(epoch, cluster)
 
 

@@ -24,10 +24,10 @@ from connector.cloud.admission import StreamAdmission
 from connector.cloud.audit import CloudAudit
 from connector.cloud.auth import Authenticator
 from connector.cloud.clients import AuthThrottle
+from connector.cloud.destination_store import EtcdDestinationStore, load_or_create_key
 from connector.cloud.destinations import DestinationService, DestinationSettings
 from connector.cloud.endpoint import EndpointSettings, TunnelEndpoint
 from connector.cloud.proxy import HttpProxy, ProxySettings
-from connector.cloud.destination_store import EtcdDestinationStore, load_or_create_key
 from connector.cloud.registry import Registry
 from connector.cloud.replicas import Replica, ReplicaDirectory
 from connector.cloud.shared import SharedState
