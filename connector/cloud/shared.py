@@ -104,18 +104,32 @@ class Reachability:
     def __init__(self) -> None:
         self.reachable = False
         self._logged_down = False
+        self._changed = trio.Event()
 
     def up(self) -> None:
         if not self.reachable and self._logged_down:
             log.warning("the cloud's etcd answers again")
-        self.reachable, self._logged_down = True, False
+        self._set(True)
+        self._logged_down = False
         metrics.CLOUD_SHARED_UP.set(1)
 
     def down(self, exc: Exception) -> None:
         if not self._logged_down:
             log.error("the cloud's etcd is unreachable: %s (serving from what this replica knows)", exc)
-        self.reachable, self._logged_down = False, True
+        self._set(False)
+        self._logged_down = True
         metrics.CLOUD_SHARED_UP.set(0)
+
+    def _set(self, reachable: bool) -> None:
+        if reachable != self.reachable:
+            self.reachable = reachable
+            self._changed.set()
+            self._changed = trio.Event()
+
+    async def wait(self, reachable: bool) -> None:
+        """Return once the cloud's etcd is (or is not) reachable, as last seen (for tests)."""
+        while self.reachable != reachable:
+            await self._changed.wait()
 
 
 # --- the fence --------------------------------------------------------------------------------
@@ -127,11 +141,12 @@ class FenceSync:
         self.store = store
         self.registry = registry
         self.reach = reach
-        self._pending: set[LocationKey] = set()
+        self._pending: dict[LocationKey, int] = {}  # location -> how many advances (a write clears its own)
         self._pending_changed = trio.Event()
         self._written = trio.Event()  # set while nothing is pending
         self._written.set()
         registry.fence_listener = self.advanced
+        self.on_loaded: Callable[[], None] = lambda: None  # the replica's readiness changed
         metrics.CLOUD_SHARED_LOADED.set(1 if registry.fence_loaded else 0)
 
     @property
@@ -140,7 +155,7 @@ class FenceSync:
 
     def advanced(self, key: LocationKey, fence: Fence) -> None:
         """The registry accepted a higher epoch (or bound a location): write it back."""
-        self._pending.add(key)
+        self._pending[key] = self._pending.get(key, 0) + 1
         self._changed()
 
     def _changed(self) -> None:
@@ -174,6 +189,7 @@ class FenceSync:
             fences = dict(filter(None, (parse_fence(kv.key, kv.value) for kv in snapshot.kvs.values())))
             self.registry.load_shared_fences(fences)
             metrics.CLOUD_SHARED_LOADED.set(1)
+            self.on_loaded()
             for key in self.registry.fences():  # etcd behind us (accepted during an outage): write back
                 if fences.get(key) != self.registry.fence_of(key):
                     self.advanced(key, self.registry.fence_of(key))
@@ -201,16 +217,17 @@ class FenceSync:
                 await self._pending_changed.wait()
                 continue
             key = min(self._pending)
-            self._pending.discard(key)
+            advances = self._pending[key]
             try:
                 await self._write(key)
             except StoreUnavailable as exc:
-                self._pending.add(key)
                 self.reach.down(exc)
                 metrics.CLOUD_SHARED_WRITE_FAILURES.labels("fence").inc()
                 await trio.sleep(RETRY)
             else:
                 self.reach.up()
+                if self._pending.get(key) == advances:  # else it advanced meanwhile: write again
+                    del self._pending[key]
             self._changed()
 
     async def _write(self, key: LocationKey) -> None:
@@ -388,6 +405,8 @@ class ReplicaSync:
         self.lease_ttl = lease_ttl
         self.reach = reach
         self.replicas: dict[str, dict[str, Any]] = {}  # the set as last read (this replica included)
+        self.version = 0  # bumped whenever `replicas` changed
+        self._replicas_changed = trio.Event()
         self._lease: int | None = None
         self._changed = trio.Event()
 
@@ -458,8 +477,19 @@ class ReplicaSync:
             except RevisionCompacted:
                 log.info("replica set: watch compacted away; reading it again")
 
+    async def wait_changed(self, seen_version: int) -> int:
+        """Return the version of `replicas` once it differs from `seen_version` (for tests and tools)."""
+        while self.version == seen_version:
+            await self._replicas_changed.wait()
+        return self.version
+
     def _install(self, kvs: Mapping[str, KeyValue]) -> None:
-        self.replicas = replicas_from(kvs)
+        replicas = replicas_from(kvs)
+        if replicas != self.replicas:
+            self.replicas = replicas
+            self.version += 1
+            self._replicas_changed.set()
+            self._replicas_changed = trio.Event()
         if self.directory.update(Replica.from_json(e) for e in self.replicas.values()):
             log.info("replica set: %s", ", ".join(r.id for r in self.directory.current()))
         metrics.CLOUD_REPLICAS.set(len(self.directory.current()))
@@ -479,6 +509,7 @@ class SharedState:
         self.fence = FenceSync(store, registry, self.reach)
         self.tokens = TokenSync(store, configured_tokens, authenticators, self.reach)
         self.replicas = ReplicaSync(store, directory, entry, lease_ttl=lease_ttl, reach=self.reach)
+        self.fence.on_loaded = self.replicas.poke
         self.destinations = destinations  # an EtcdDestinationStore, or None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -264,6 +264,8 @@ async def test_through_an_outage_higher_epochs_are_accepted_and_written_back(nur
     with trio.fail_after(5):
         await old.wait_closed()
     assert a.shared.fence.pending == 1
+    with trio.fail_after(5):
+        await a.shared.reach.wait(False)  # the write-back failed
     status, body = await a.readyz()
     assert status == 200 and "unreachable" in body["reason"], body
     stale = await dial(nursery, certs, a, "node-a")
@@ -377,6 +379,9 @@ async def test_the_replica_set_follows_starts_stops_and_kills(nursery, tmp_path,
     try:
         with trio.fail_after(20):
             await wait_replicas(a, {"cloud-a", "cloud-k"})
+            version = -1
+            while not a.shared.replicas.replicas["cloud-k"]["ready"]:  # published first while reading the fence
+                version = await a.shared.replicas.wait_changed(version)
         status, body = await http_request("127.0.0.1", a.ports.admin, "/status")
         entries = {r["id"]: r for r in json.loads(body)["replicas"]}
         assert entries["cloud-k"]["ready"] is True and entries["cloud-a"]["ready"] is True
