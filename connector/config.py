@@ -293,8 +293,7 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
     admin = root.sub("admin") or _Section(file, "admin", {})
     dest = root.sub("destinations")
     shared = _shared_config(root.sub("shared"))
-    replica = _replica_config(root.sub("replica") or _Section(file, "replica", {}), tunnel, admin,
-                              shared=shared is not None)
+    replica = _replica_config(root.sub("replica") or _Section(file, "replica", {}))
     subaccounts = []
     for section in root.subs("subaccounts"):
         clusters = section.sub("clusters") or _Section(file, section.key("clusters"), {})
@@ -368,6 +367,11 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
     root.done()
     if config.ping_timeout <= config.ping_interval:
         raise ConfigError(file, "tunnel.ping_timeout", "must be longer than tunnel.ping_interval")
+    for url, listen, what in ((replica.tunnel_url, config.tunnel_listen, "tunnel"),
+                              (replica.admin_url, config.admin_listen, "admin")):
+        if shared is not None and url is None and listen.host in _WILDCARDS:
+            raise ConfigError(file, f"replica.{what}_url", f"is required when {what}.listen is a wildcard address: "
+                              "nodes and operators must know where to reach this replica")
     if shared is not None and config.state_file is not None:
         raise ConfigError(file, "state_file", "with [shared] the fence lives in the cloud's etcd, which every "
                           "replica reads: remove state_file (a local copy could only be older)")
@@ -380,7 +384,7 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
 _WILDCARDS = ("0.0.0.0", "::", "")
 
 
-def _replica_config(section: _Section, tunnel: _Section, admin: _Section, *, shared: bool) -> ReplicaConfig:
+def _replica_config(section: _Section) -> ReplicaConfig:
     import socket
 
     replica = ReplicaConfig(
@@ -396,11 +400,6 @@ def _replica_config(section: _Section, tunnel: _Section, admin: _Section, *, sha
         raise ConfigError(section.file, section.key("tunnel_url"), "must start with wss:// (the tunnel is always TLS)")
     if replica.admin_url is not None and not replica.admin_url.startswith(("http://", "https://")):
         raise ConfigError(section.file, section.key("admin_url"), "must start with http:// or https://")
-    for url, listen_section, what in ((replica.tunnel_url, tunnel, "tunnel_url"), (replica.admin_url, admin, "admin_url")):
-        listen = listen_section.table.get("listen", "127.0.0.1")
-        if shared and url is None and isinstance(listen, str) and listen.rpartition(":")[0].strip("[]") in _WILDCARDS:
-            raise ConfigError(section.file, section.key(what), f"is required when {listen_section.key('listen')} is "
-                              "a wildcard address: nodes and operators must know where to reach this replica")
     return replica
 
 
