@@ -237,6 +237,7 @@ class Registry:
         self._nursery: trio.Nursery | None = None
         # with a shared fence: nothing is admitted or routed until it was read (fail closed)
         self.fence_loaded = not shared_fence
+        metrics.CLOUD_SHARED_LOADED.set(1 if self.fence_loaded else 0)
         self._fence_loaded_event = trio.Event()
         if self.fence_loaded:
             self._fence_loaded_event.set()
@@ -392,6 +393,7 @@ class Registry:
         if not self.fence_loaded:
             log.info("shared fence read (%d locations): admitting tunnels", len(fences))
         self.fence_loaded = True
+        metrics.CLOUD_SHARED_LOADED.set(1)
         self._fence_loaded_event.set()
 
     def apply_shared_fence(self, key: LocationKey, fence: Fence) -> Fence:
@@ -646,6 +648,14 @@ class Registry:
                 }
             )
         return result
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """Per location ("subaccount/location"): tunnels, master and its epoch (the replica set's view)."""
+        return {
+            f"{sub}/{loc}": {"tunnels": len(location.tunnels), "master": location.master.node if location.master else None,
+                             "epoch": location.master.epoch if location.master else None}
+            for (sub, loc), location in sorted(self._locations.items())
+        }
 
     def statistics(self) -> RegistryStatistics:
         return RegistryStatistics(self._held, self._waiting_for_streams)

@@ -181,13 +181,8 @@ class CloudServer:
     def _replica_entry(self) -> dict[str, Any]:
         """This replica in the replica set (`connector status` shows it)."""
         ready = self.readiness()
-        locations = {
-            f"{entry['subaccount']}/{entry['location_id']}": {
-                "tunnels": len(entry["tunnels"]), "master": entry["master"], "epoch": entry["epoch"],
-            }
-            for entry in self.registry.snapshot()
-        }
-        return {**self.replicas.me.to_json(), "ready": ready.ready, "reason": ready.reason, "locations": locations}
+        return {**self.replicas.me.to_json(), "ready": ready.ready, "reason": ready.reason,
+                "locations": self.registry.summary()}
 
     def replica_set(self) -> list[dict[str, Any]]:
         """Every replica as the cloud's etcd has it (this one live); without [shared], this one."""

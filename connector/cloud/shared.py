@@ -147,7 +147,6 @@ class FenceSync:
         self._written.set()
         registry.fence_listener = self.advanced
         self.on_loaded: Callable[[], None] = lambda: None  # the replica's readiness changed
-        metrics.CLOUD_SHARED_LOADED.set(1 if registry.fence_loaded else 0)
 
     @property
     def pending(self) -> int:
@@ -188,7 +187,6 @@ class FenceSync:
             self.reach.up()
             fences = dict(filter(None, (parse_fence(kv.key, kv.value) for kv in snapshot.kvs.values())))
             self.registry.load_shared_fences(fences)
-            metrics.CLOUD_SHARED_LOADED.set(1)
             self.on_loaded()
             for key in self.registry.fences():  # etcd behind us (accepted during an outage): write back
                 if fences.get(key) != self.registry.fence_of(key):
@@ -207,8 +205,14 @@ class FenceSync:
         parsed = parse_fence(event.key, event.value)
         if parsed is not None:
             key, fence = parsed
-            if self.registry.apply_shared_fence(key, fence) != fence:
-                self.advanced(key, fence)  # etcd is behind what we accepted: write ours
+            merged = self.registry.apply_shared_fence(key, fence)
+            # Differing here means our own advance is still pending (the writer merges it), or a
+            # pin in this cloud.toml contradicts another replica's: writing it back now would start
+            # a write war between the two, so it is only said.
+            if merged.cluster != fence.cluster and fence.cluster is not None and key not in self._pending:
+                log.warning("shared fence of %s names cluster %r but this replica's configuration pins %r: "
+                            "keep [[subaccounts]] clusters the same on every replica", key, fence.cluster,
+                            merged.cluster)
 
     async def _writer(self) -> None:
         while True:
