@@ -190,6 +190,57 @@ def cmd_cloud_token(args: argparse.Namespace) -> int:
     return trio.run(run)
 
 
+def cmd_cloud_subaccount(args: argparse.Namespace) -> int:
+    """`connector cloud-subaccount show|set`: a subaccount's live settings in the cloud's etcd."""
+    import attrs
+
+    from connector.cloud import shared
+    from ha.store import StoreUnavailable
+
+    config, store = _cloud_store(args.config)
+    if args.subaccount not in {s.id for s in config.subaccounts}:
+        print(f"connector: subaccount {args.subaccount!r} is not in {config.file}", file=sys.stderr)
+        return 2
+    pins: dict[str, str | None] = {}
+    for pin in args.pin or []:
+        location, sep, cluster = pin.partition("=")
+        if not sep:
+            print(f"connector: --pin takes LOCATION=CLUSTER (CLUSTER empty: unpin), got {pin!r}", file=sys.stderr)
+            return 2
+        pins[location] = cluster or None
+
+    def change(current: shared.SubaccountSettings) -> shared.SubaccountSettings:
+        clusters = {**current.clusters, **pins}
+        return attrs.evolve(
+            current,
+            locations=tuple(dict.fromkeys([*current.locations, *(args.location or [])])),
+            clusters={loc: c for loc, c in clusters.items() if c is not None},
+            max_streams_per_token=current.max_streams_per_token if args.max_streams_per_token is None
+            else (None if args.max_streams_per_token < 0 else args.max_streams_per_token),
+        )
+
+    async def run() -> int:
+        try:
+            if args.action == "set":
+                settings, revision = await shared.update_subaccount(store, args.subaccount, change)
+                print(json.dumps({**settings.to_json(), "subaccount": args.subaccount, "revision": revision}))
+            else:
+                kv = await store.get(shared.subaccount_key(args.subaccount))
+                current = shared.SubaccountSettings.from_json(json.loads(kv.value)) if kv else shared.SubaccountSettings()
+                print(json.dumps({**current.to_json(), "subaccount": args.subaccount}))
+            return 0
+        except ValueError as exc:
+            print(f"connector: {exc}", file=sys.stderr)
+            return 2
+        except StoreUnavailable as exc:
+            print(f"connector: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await store.aclose()
+
+    return trio.run(run)
+
+
 def cloud_replicas_status(config_path: str, *, as_json: bool) -> int:
     """`connector status --cloud cloud.toml`: the replicas as the cloud's etcd has them; exit 1 if
     none is ready."""
@@ -384,6 +435,21 @@ def build_parser() -> argparse.ArgumentParser:
     cloud_token.add_argument("--label", help="a note kept with the digest (who the token is for)")
     cloud_token.add_argument("--sha256", help="revoke: the token's SHA-256 (at least its first 8 characters)")
     cloud_token.set_defaults(func=cmd_cloud_token)
+
+    cloud_sub = sub.add_parser(
+        "cloud-subaccount", help="show or change a subaccount's live settings in the cloud's etcd (no restart)",
+        description="Settings kept in the cloud's etcd ([shared]) apply on every replica at once and override "
+                    "cloud.toml's (locations are added to cloud.toml's).")
+    cloud_sub.add_argument("action", choices=("show", "set"))
+    cloud_sub.add_argument("--config", required=True, help="cloud.toml (with [shared])")
+    cloud_sub.add_argument("--subaccount", required=True)
+    cloud_sub.add_argument("--location", action="append", help="set: hold requests for this location too (repeatable)")
+    cloud_sub.add_argument("--pin", action="append", metavar="LOCATION=CLUSTER",
+                           help="set: only CLUSTER may serve LOCATION; LOCATION= removes the pin (repeatable)")
+    cloud_sub.add_argument("--max-streams-per-token", type=int,
+                           help="set: streams one token of the subaccount may hold at once (0: no limit; -1: "
+                                "back to cloud.toml's)")
+    cloud_sub.set_defaults(func=cmd_cloud_subaccount)
 
     node = sub.add_parser("node", help="run an on-premise connector node")
     node.add_argument("--config", required=True, help="node.toml")

@@ -430,6 +430,28 @@ class Registry:
                     self._spawn(self._fence, master, location.highest_epoch)
         self._refuse_other_clusters(location)
 
+    def pin(self, key: LocationKey, cluster: str | None) -> None:
+        """Assign (or, with None, un-assign) the cluster that alone may serve a location, live
+        (a subaccount setting from the cloud's etcd): its master and standbys of any other
+        cluster are refused at once, its epochs start afresh when its new cluster registers."""
+        location = self._location(key)
+        location.known = True
+        if location.pinned == cluster:
+            return
+        log.warning("location %s is now pinned to cluster %r (was %r)", key, cluster, location.pinned)
+        location.pinned = cluster
+        self._enforce(location)
+        self._export(location)
+
+    def know(self, key: LocationKey) -> None:
+        """Hold requests for this location during a failover even before its first master."""
+        location = self._location(key)
+        if not location.known:
+            location.known = True
+            if location.master is None and location.no_master_since is None:
+                location.no_master_since = trio.current_time()
+            self._export(location)
+
     def fences(self) -> list[LocationKey]:
         """The locations with a fence (an accepted epoch or a binding)."""
         return [key for key, loc in sorted(self._locations.items()) if loc.highest_epoch >= 0 or loc.cluster is not None]

@@ -30,7 +30,7 @@ from connector.cloud.endpoint import EndpointSettings, TunnelEndpoint
 from connector.cloud.proxy import HttpProxy, ProxySettings
 from connector.cloud.registry import Registry
 from connector.cloud.replicas import Replica, ReplicaDirectory
-from connector.cloud.shared import SharedState
+from connector.cloud.shared import SharedState, SubaccountSettings
 from connector.cloud.socks5 import Socks5Proxy
 from connector.config import CloudConfig, ReplicaConfig, etcd_settings
 from connector.datarate import MinDataRate
@@ -99,6 +99,8 @@ class CloudServer:
                 },
                 authenticators={"proxy": self.authenticator, "destination_admin": self.admin_authenticator},
                 destinations=self.shared_destinations,
+                settings={s.id: SubaccountSettings(s.locations, s.clusters, s.max_streams_per_token)
+                          for s in config.subaccounts},
             )
         self.audit = CloudAudit.open(str(config.audit_log) if config.audit_log else None)
         self.endpoint = TunnelEndpoint(

@@ -9,6 +9,7 @@ lives in the cloud's etcd (never the on-premise one: the cloud cannot reach it),
     fence/<subaccount>/<location>   {"epoch", "cluster"}   the highest epoch any replica accepted,
                                     and the cluster the location is bound to (`registry.Fence`)
     tokens/<sha256>                 {"subaccount", "kind", "label", "created"}   live credentials
+    subaccounts/<subaccount>        {"locations", "clusters", "max_streams_per_token"}   live settings
     replicas/<id>                   {"id", "tunnel_url", "admin_url", "ready", "reason",
                                      "locations"}   bound to the replica's lease
     destinations/<sub>/<Name>       see `destination_store.EtcdDestinationStore`
@@ -28,6 +29,10 @@ lives in the cloud's etcd (never the on-premise one: the cloud cannot reach it),
   ``connector cloud-token`` are followed through a watch and handed to the live `Authenticator`s,
   united with those of cloud.toml: an added token works, a revoked one is refused, within the
   watch's delay, on every replica, without a restart.
+* **Subaccount settings** (`SettingsSync`). Locations held for, pins (which cluster alone may
+  serve a location) and the per-token stream limit, set by ``connector cloud-subaccount``, override
+  cloud.toml's (locations are united) on every replica at once; a pin moved in etcd refuses the
+  old cluster's tunnels at once on every replica, the way a pin in cloud.toml does at a restart.
 * **Replica set** (`ReplicaSync`). Each replica writes its entry under its own lease (``[replica]
   lease_ttl``), refreshes it, and rewrites it when its readiness or tunnels change; a replica
   that dies is dropped when its lease expires, one that stops revokes it at once. A watch feeds
@@ -44,9 +49,11 @@ import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import attrs
 import trio
 
 from connector import metrics
+from connector.cloud.admission import StreamAdmission
 from connector.cloud.auth import Authenticator
 from connector.cloud.registry import Fence, LocationKey, Registry
 from connector.cloud.replicas import Replica, ReplicaDirectory
@@ -57,6 +64,7 @@ log = logging.getLogger(__name__)
 FENCE_PREFIX = "fence/"
 TOKENS_PREFIX = "tokens/"
 REPLICAS_PREFIX = "replicas/"
+SUBACCOUNTS_PREFIX = "subaccounts/"
 TOKEN_KINDS = ("proxy", "destination_admin")
 RETRY = 0.5  # seconds between attempts while the cloud's etcd is unreachable
 REPLICA_PUBLISH_INTERVAL = 1.0  # how often a replica compares its entry with what it published
@@ -499,6 +507,132 @@ class ReplicaSync:
         metrics.CLOUD_REPLICAS.set(len(self.directory.current()))
 
 
+# --- subaccount settings ----------------------------------------------------------------------
+
+@attrs.frozen
+class SubaccountSettings:
+    """What may change about a subaccount live: locations held for, pins, the per-token limit."""
+
+    locations: tuple[str, ...] = ()
+    clusters: Mapping[str, str] = attrs.field(factory=dict)  # location -> the one cluster serving it
+    max_streams_per_token: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"locations": list(self.locations), "clusters": dict(self.clusters),
+                "max_streams_per_token": self.max_streams_per_token}
+
+    @classmethod
+    def from_json(cls, data: Any) -> SubaccountSettings:
+        """ValueError naming what is wrong."""
+        if not isinstance(data, dict):
+            raise ValueError("subaccount settings must be an object")
+        unknown = sorted(set(data) - {"locations", "clusters", "max_streams_per_token"})
+        if unknown:
+            raise ValueError(f"unknown subaccount settings {unknown}")
+        locations, clusters = data.get("locations", []), data.get("clusters", {})
+        limit = data.get("max_streams_per_token")
+        if not isinstance(locations, list) or not all(isinstance(x, str) for x in locations):
+            raise ValueError("locations must be a list of strings")
+        if not isinstance(clusters, dict) or not all(isinstance(v, str) and v for v in clusters.values()):
+            raise ValueError("clusters must map locations to cluster names")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+            raise ValueError("max_streams_per_token must be an integer >= 0 (0: no limit) or null")
+        return cls(tuple(locations), dict(clusters), limit)
+
+
+def subaccount_key(subaccount: str) -> str:
+    return SUBACCOUNTS_PREFIX + _quote(subaccount)
+
+
+def effective_settings(configured: Mapping[str, SubaccountSettings],
+                       shared: Mapping[str, SubaccountSettings]) -> dict[str, SubaccountSettings]:
+    """cloud.toml's settings with the shared ones applied: locations united, pins and the limit
+    of etcd override those of cloud.toml. Subaccounts not in cloud.toml are left out (a
+    subaccount needs its CA there)."""
+    result = {}
+    for subaccount, mine in configured.items():
+        theirs = shared.get(subaccount, SubaccountSettings())
+        result[subaccount] = SubaccountSettings(
+            tuple(dict.fromkeys([*mine.locations, *theirs.locations])),
+            {**mine.clusters, **theirs.clusters},
+            theirs.max_streams_per_token if theirs.max_streams_per_token is not None else mine.max_streams_per_token,
+        )
+    return result
+
+
+class SettingsSync:
+    """Follows ``subaccounts/`` into the registry (locations, pins) and the stream admission."""
+
+    def __init__(self, store: Store, configured: Mapping[str, SubaccountSettings], registry: Registry,
+                 admission: StreamAdmission, reach: Reachability) -> None:
+        self.store = store
+        self.configured = configured
+        self.registry = registry
+        self.admission = admission
+        self.reach = reach
+        self.revision = 0
+        self._revision_changed = trio.Event()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                snapshot = await self.store.get_prefix(SUBACCOUNTS_PREFIX)
+            except StoreUnavailable as exc:
+                self.reach.down(exc)
+                await trio.sleep(RETRY)
+                continue
+            kvs = dict(snapshot.kvs)
+            self._install(kvs, snapshot.revision)
+            try:
+                async with self.store.watch(SUBACCOUNTS_PREFIX, snapshot.revision + 1) as events:
+                    async for event in events:
+                        if event.kind == "put":
+                            kvs[event.key] = KeyValue(event.key, event.value, event.create_revision, event.revision)
+                        else:
+                            kvs.pop(event.key, None)
+                        self._install(kvs, event.revision)
+            except RevisionCompacted:
+                log.info("subaccount settings: watch compacted away; reading them again")
+
+    def _install(self, kvs: Mapping[str, KeyValue], revision: int) -> None:
+        shared: dict[str, SubaccountSettings] = {}
+        for key, kv in kvs.items():
+            try:
+                shared[_unquote(key[len(SUBACCOUNTS_PREFIX):])] = SubaccountSettings.from_json(json.loads(kv.value))
+            except ValueError as exc:
+                log.error("subaccount settings: %s is unusable (%s); ignored", key, exc)
+        settings = effective_settings(self.configured, shared)
+        for subaccount, effective in settings.items():
+            for location in effective.locations:
+                self.registry.know((subaccount, location))
+            configured_pins = self.configured[subaccount].clusters
+            for location in {*configured_pins, *effective.clusters}:
+                self.registry.pin((subaccount, location), effective.clusters.get(location))
+        self.admission.limits = attrs.evolve(self.admission.limits, per_token_by_subaccount={
+            s: e.max_streams_per_token for s, e in settings.items() if e.max_streams_per_token is not None})
+        self.revision = revision
+        self._revision_changed.set()
+        self._revision_changed = trio.Event()
+
+    async def wait_revision(self, revision: int) -> None:
+        """Return once the settings reflect etcd at `revision` (for tests: no polling)."""
+        while self.revision < revision:
+            await self._revision_changed.wait()
+
+
+async def update_subaccount(store: Store, subaccount: str, change: Callable[[SubaccountSettings], SubaccountSettings]) -> tuple[SubaccountSettings, int]:
+    """Read-modify-write one subaccount's shared settings by compare-and-set (`connector
+    cloud-subaccount`); the settings written and the revision."""
+    while True:
+        kv = await store.get(subaccount_key(subaccount))
+        current = SubaccountSettings.from_json(json.loads(kv.value)) if kv is not None else SubaccountSettings()
+        new = change(current)
+        revision = await store.put(subaccount_key(subaccount), encode(new.to_json()),
+                                   prev_revision=kv.mod_revision if kv is not None else 0)
+        if revision is not None:
+            return new, revision
+
+
 # --- all of it --------------------------------------------------------------------------------
 
 class SharedState:
@@ -507,13 +641,16 @@ class SharedState:
     def __init__(self, store: Store, *, registry: Registry, directory: ReplicaDirectory,
                  entry: Callable[[], dict[str, Any]], lease_ttl: int,
                  configured_tokens: Mapping[str, Mapping[str, tuple[str, ...]]],
-                 authenticators: Mapping[str, Authenticator], destinations: Any = None) -> None:
+                 authenticators: Mapping[str, Authenticator], destinations: Any = None,
+                 settings: Mapping[str, SubaccountSettings] | None = None,
+                 admission: StreamAdmission | None = None) -> None:
         self.store = store
         self.reach = Reachability()
         self.fence = FenceSync(store, registry, self.reach)
         self.tokens = TokenSync(store, configured_tokens, authenticators, self.reach)
         self.replicas = ReplicaSync(store, directory, entry, lease_ttl=lease_ttl, reach=self.reach)
         self.fence.on_loaded = self.replicas.poke
+        self.settings = SettingsSync(store, settings or {}, registry, admission or registry.admission, self.reach)
         self.destinations = destinations  # an EtcdDestinationStore, or None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -522,6 +659,7 @@ class SharedState:
                 nursery.start_soon(self.fence.run)
                 nursery.start_soon(self.tokens.run)
                 nursery.start_soon(self.replicas.run)
+                nursery.start_soon(self.settings.run)
                 if self.destinations is not None:
                     await nursery.start(self.destinations.run)
                 task_status.started()

@@ -350,6 +350,28 @@ async def test_a_destination_written_through_one_replica_is_read_through_another
     assert status == 404
 
 
+async def test_subaccount_settings_changed_through_the_cli_apply_on_every_replica(nursery, tmp_path, etcd):
+    certs = make_certs(tmp_path)
+    a = await start_replica(nursery, tmp_path, certs, etcd, "cloud-a")
+    b = await start_replica(nursery, tmp_path, certs, etcd, "cloud-b")
+    with trio.fail_after(10):
+        await b.registry.wait_fence_loaded()
+    master = await dial(nursery, certs, b, "node-a")
+    await register(master, b, 5)
+
+    changed = await cli("cloud-subaccount", "set", "--config", str(a.config), "--subaccount", SUBACCOUNT,
+                        "--pin", "=beta", "--location", "plant-2", "--max-streams-per-token", "3")
+    assert (changed["clusters"], changed["locations"], changed["max_streams_per_token"]) == ({"": "beta"}, ["plant-2"], 3)
+    with trio.fail_after(5):
+        await b.shared.settings.wait_revision(changed["revision"])
+        await master.wait_closed()  # moved to cluster beta: onprem's master is refused at once
+    assert master.close_reason is not None and master.close_reason[1].startswith("wrong_cluster:")
+    assert b.registry.admission.limits.for_subaccount(SUBACCOUNT) == 3
+    assert [e["location_id"] for e in b.registry.snapshot()] == ["", "plant-2"]  # held for from now on
+    shown = await cli("cloud-subaccount", "show", "--config", str(b.config), "--subaccount", SUBACCOUNT)
+    assert shown["clusters"] == {"": "beta"}
+
+
 # --- the replica set ----------------------------------------------------------------------------
 
 async def wait_replicas(replica: Replica, ids: set[str]) -> None:

@@ -12,7 +12,13 @@ import trio.testing
 from connector.cloud.auth import hash_token
 from connector.cloud.registry import Fence, Registry, merge_fence
 from connector.cloud.router import NoConnectorError
-from connector.cloud.shared import fence_key, merge_tokens, parse_fence_key
+from connector.cloud.shared import (
+    SubaccountSettings,
+    effective_settings,
+    fence_key,
+    merge_tokens,
+    parse_fence_key,
+)
 from connector.readiness import CloudState, cloud_readiness
 from connector.tunnel.types import ErrorCode
 from tests.unit.test_registry import TARGET, handle
@@ -143,3 +149,34 @@ def test_a_replica_that_knows_the_fence_stays_ready_through_an_outage():
     assert result.ready
     assert "2 fence advances to write back" in result.reason
     assert cloud_readiness(CloudState()).ready
+
+
+# --- subaccount settings ------------------------------------------------------------------------
+
+def test_shared_subaccount_settings_override_cloud_toml_and_add_locations():
+    configured = {"acme": SubaccountSettings(("",), {"": "alpha", "p2": "beta"}, 10), "other": SubaccountSettings()}
+    shared = {"acme": SubaccountSettings(("p3",), {"p2": "gamma"}, None), "stranger": SubaccountSettings(("x",))}
+    assert effective_settings(configured, shared) == {
+        "acme": SubaccountSettings(("", "p3"), {"": "alpha", "p2": "gamma"}, 10),
+        "other": SubaccountSettings(),  # and no subaccount without a CA in cloud.toml
+    }
+
+
+def test_subaccount_settings_json_is_validated():
+    assert SubaccountSettings.from_json({"max_streams_per_token": 0}) == SubaccountSettings(max_streams_per_token=0)
+    for bad in ([], {"colour": 1}, {"locations": "x"}, {"clusters": {"": ""}}, {"max_streams_per_token": -1},
+                {"max_streams_per_token": True}):
+        with pytest.raises(ValueError):
+            SubaccountSettings.from_json(bad)
+
+
+async def test_a_live_pin_refuses_the_other_clusters_master_at_once(shared_registry):
+    shared_registry.load_shared_fences({})
+    master = handle("a")
+    shared_registry.add(master)
+    assert shared_registry.register(master, 5).accepted
+    shared_registry.pin(("acme", ""), "beta")
+    await trio.testing.wait_all_tasks_blocked()
+    assert shared_registry.master_of("acme", "") is None
+    assert master.session.closed[0] == ErrorCode.DENIED
+    assert not shared_registry.admit(handle("a2")).accepted  # cluster "" no longer owns it
