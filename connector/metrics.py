@@ -111,18 +111,10 @@ CLOUD_SHARED_LOADED = Gauge(
     "1 once this replica read the shared fence from the cloud's etcd ([shared]; until then it "
     "admits no tunnel and routes nothing); 1 without [shared]",
 )
-CLOUD_SHARED_UP = Gauge(
-    NS + "_cloud_shared_up", "1 if the last operation of this replica on the cloud's etcd succeeded ([shared])"
-)
 CLOUD_SHARED_WRITES_PENDING = Gauge(
     NS + "_cloud_shared_writes_pending",
-    "Fence advances accepted by this replica and not yet written to the cloud's etcd",
+    "Locations whose fence advance, accepted by this replica, is not yet written to the cloud's etcd",
 )
-CLOUD_SHARED_WRITE_FAILURES = Counter(
-    NS + "_cloud_shared_write_failures_total", "Writes of this replica to the cloud's etcd that failed, by what",
-    ["what"],
-)
-CLOUD_REPLICAS = Gauge(NS + "_cloud_replicas", "Cloud replicas in the replica set this replica sees (itself included)")
 CLOUD_HAS_MASTER = Gauge(
     NS + "_cloud_location_has_master", "1 while a known location has a master tunnel", ["subaccount", "location"]
 )

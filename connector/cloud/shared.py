@@ -119,14 +119,12 @@ class Reachability:
             log.warning("the cloud's etcd answers again")
         self._set(True)
         self._logged_down = False
-        metrics.CLOUD_SHARED_UP.set(1)
 
     def down(self, exc: Exception) -> None:
         if not self._logged_down:
             log.error("the cloud's etcd is unreachable: %s (serving from what this replica knows)", exc)
         self._set(False)
         self._logged_down = True
-        metrics.CLOUD_SHARED_UP.set(0)
 
     def _set(self, reachable: bool) -> None:
         if reachable != self.reachable:
@@ -234,7 +232,6 @@ class FenceSync:
                 await self._write(key)
             except StoreUnavailable as exc:
                 self.reach.down(exc)
-                metrics.CLOUD_SHARED_WRITE_FAILURES.labels("fence").inc()
                 await trio.sleep(RETRY)
             else:
                 self.reach.up()
@@ -463,7 +460,6 @@ class ReplicaSync:
                 continue
             except StoreUnavailable as exc:
                 self.reach.down(exc)
-                metrics.CLOUD_SHARED_WRITE_FAILURES.labels("replica").inc()
             self._changed = trio.Event()
             with trio.move_on_after(min(REPLICA_PUBLISH_INTERVAL, self.lease_ttl / 3)):
                 await self._changed.wait()
@@ -504,7 +500,6 @@ class ReplicaSync:
             self._replicas_changed = trio.Event()
         if self.directory.update(Replica.from_json(e) for e in self.replicas.values()):
             log.info("replica set: %s", ", ".join(r.id for r in self.directory.current()))
-        metrics.CLOUD_REPLICAS.set(len(self.directory.current()))
 
 
 # --- subaccount settings ----------------------------------------------------------------------
