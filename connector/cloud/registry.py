@@ -781,10 +781,15 @@ class Registry:
 
 async def refuse_tunnel(session: TunnelSession, body: dict[str, Any]) -> None:
     """Tell a node why the cloud will not use its tunnel (``refused`` with a reason and a message),
-    then close the tunnel: used when it connects and when its registration is refused."""
-    with trio.move_on_after(1.0):
-        try:
-            await session.send_control("refused", body)
-        except TunnelError:
-            pass
+    then close the tunnel: used when it connects and when its registration is refused.
+
+    A replica that has not read the shared fence (``fence_unknown``) only closes the tunnel (the
+    reason in the GOAWAY): a node takes a ``refused`` control as a verdict on its registration and
+    steps down, which one replica that cannot reach its etcd must never cause; closed, it redials."""
+    if body["reason"] != "fence_unknown":
+        with trio.move_on_after(1.0):
+            try:
+                await session.send_control("refused", body)
+            except TunnelError:
+                pass
     await session.aclose(ErrorCode.DENIED, f"{body['reason']}: {body['message']}")
