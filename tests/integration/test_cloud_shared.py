@@ -280,6 +280,13 @@ async def test_through_an_outage_higher_epochs_are_accepted_and_written_back(nur
         await fresh.registry.wait_fence_loaded()
     assert fresh.registry.fence_of(LOCATION) == Fence(7, "onprem")
 
+    # A's watch resumed after the restart: an epoch accepted on B now fences A's master at once
+    await register(await dial(nursery, certs, fresh, "node-a"), fresh, 12)
+    with trio.fail_after(5):
+        await new.wait_closed()
+    assert new.close_reason is not None and new.close_reason[0] == ErrorCode.STALE_EPOCH
+    assert a.registry.fence_of(LOCATION) == Fence(12, "onprem")
+
 
 # --- tokens and destinations --------------------------------------------------------------------
 
@@ -295,6 +302,10 @@ async def test_a_token_added_through_the_cli_works_on_every_replica_and_revoked_
     b = await start_replica(nursery, tmp_path, certs, etcd, "cloud-b")
     added = await cli("cloud-token", "add", "--config", str(a.config), "--subaccount", SUBACCOUNT, "--label", "app1")
     token = added["token"]
+    listed = await cli("cloud-token", "list", "--config", str(b.config))
+    assert (listed["sha256"], listed["subaccount"], listed["kind"], listed["label"]) == (
+        added["token_sha256"], SUBACCOUNT, "proxy", "app1")
+    assert "token" not in listed  # only its digest is kept
     with trio.fail_after(5):
         await b.shared.tokens.wait_revision(added["revision"])
     status, _, _ = await call(b.ports.destinations, "GET", f"{FIND}/nothing", token=token)
