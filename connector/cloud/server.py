@@ -164,11 +164,14 @@ class CloudServer:
         replica, me = self.config.replica, self.replicas.me
         tunnel_url = replica.tunnel_url if replica is not None else None
         admin_url = replica.admin_url if replica is not None else None
-        listen = self.config.tunnel_listen
+
+        def authority(host: str, port: int) -> str:
+            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
         self.replicas.me = Replica(
             me.id,
-            tunnel_url or f"wss://{listen.host}:{self.ports.tunnel}/tunnel",
-            admin_url or f"http://{self.config.admin_listen.host}:{self.ports.admin}",
+            tunnel_url or f"wss://{authority(self.config.tunnel_listen.host, self.ports.tunnel)}/tunnel",
+            admin_url or f"http://{authority(self.config.admin_listen.host, self.ports.admin)}",
         )
 
     def readiness(self) -> Readiness:
