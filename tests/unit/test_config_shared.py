@@ -6,8 +6,8 @@ import socket
 
 import pytest
 
-from connector.config import ConfigError, load_cloud_config
-from tests.unit.test_config import GOOD_CLOUD, cloud, files  # noqa: F401 - the fixture
+from connector.config import ConfigError, check_cloud_files, load_cloud_config
+from tests.unit.test_config import GOOD_CLOUD, cloud, files, real  # noqa: F401 - the fixtures
 
 SHARED = """
 [shared]
@@ -76,3 +76,22 @@ def test_a_wildcard_listen_needs_the_replica_urls_only_with_shared_state(files):
         load_cloud_config(cloud(files, wildcard + SHARED))
     config = load_cloud_config(cloud(files, wildcard + '[replica]\ntunnel_url = "wss://c1:8443/tunnel"\n' + SHARED))
     assert config.replica is not None and config.replica.tunnel_url == "wss://c1:8443/tunnel"
+
+
+@pytest.mark.parametrize(("shared", "key", "message"), [
+    ('etcd_ca = "server.key"\n', "shared.etcd_ca", "private key"),
+    ('etcd_cert = "node.pem"\netcd_key = "server.key"\n', "shared.etcd_key", "is not the private key"),
+    ('secrets_key = "absent/cloud.key"\n', "shared.secrets_key", "does not exist"),
+])
+def test_shared_start_up_files_are_checked_and_named(real, shared, key, message):  # noqa: F811
+    config = load_cloud_config(cloud(real, GOOD_CLOUD + SHARED + shared))
+    with pytest.raises(ConfigError) as info:
+        check_cloud_files(config)
+    assert info.value.key == key, str(info.value)
+    assert message in str(info.value)
+
+
+def test_shared_destinations_need_no_store_directory(real):  # noqa: F811
+    (real / "cloud.key").write_text("")
+    body = GOOD_CLOUD.replace("[[subaccounts]]", '[destinations]\nstore = "absent/d.json"\n[[subaccounts]]')
+    check_cloud_files(load_cloud_config(cloud(real, body + SHARED + 'secrets_key = "cloud.key"\n')))
