@@ -132,6 +132,145 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cloud_store(config_path: str) -> tuple[Any, Any]:
+    """The cloud's configuration and its shared etcd store ([shared] required)."""
+    from connector.config import ConfigError, etcd_settings, load_cloud_config
+    from ha.etcd import EtcdStore
+
+    config = load_cloud_config(config_path)
+    if config.shared is None:
+        raise ConfigError(config.file, "shared", "is not configured: without the cloud's etcd, tokens live in "
+                          "cloud.toml ([[subaccounts]] token_sha256) and change with a restart")
+    return config, EtcdStore(config.shared.prefix.lstrip("/"), etcd_settings(config.shared.etcd))
+
+
+def cmd_cloud_token(args: argparse.Namespace) -> int:
+    """`connector cloud-token add|revoke|list`: application tokens in the cloud's etcd, live on
+    every replica (see `connector.cloud.shared`)."""
+    from connector.cloud import shared
+    from connector.cloud.auth import hash_token, new_token
+    from ha.store import StoreUnavailable
+
+    if args.action in ("add", "revoke") and args.subaccount is None:
+        print(f"connector: cloud-token {args.action} needs --subaccount", file=sys.stderr)
+        return 2
+    if args.action == "revoke" and args.sha256 is None:
+        print("connector: cloud-token revoke needs --sha256 (see `connector cloud-token list`)", file=sys.stderr)
+        return 2
+    config, store = _cloud_store(args.config)
+    if args.subaccount is not None and args.subaccount not in {s.id for s in config.subaccounts}:
+        print(f"connector: subaccount {args.subaccount!r} is not in {config.file}", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        try:
+            if args.action == "add":
+                token = new_token()
+                kind = args.kind.replace("-", "_")
+                revision = await shared.add_token(store, hash_token(token), subaccount=args.subaccount, kind=kind,
+                                                  label=args.label or "")
+                print(json.dumps({"token": token, "token_sha256": hash_token(token), "subaccount": args.subaccount,
+                                  "kind": kind, "revision": revision}))
+            elif args.action == "revoke":
+                revoked = await shared.revoke_tokens(store, args.sha256, subaccount=args.subaccount)
+                print(json.dumps({"revoked": revoked}))
+            else:
+                for record in await shared.list_tokens(store, subaccount=args.subaccount):
+                    print(json.dumps(record))
+            return 0
+        except ValueError as exc:
+            print(f"connector: {exc}", file=sys.stderr)
+            return 2
+        except StoreUnavailable as exc:
+            print(f"connector: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await store.aclose()
+
+    return trio.run(run)
+
+
+def cmd_cloud_subaccount(args: argparse.Namespace) -> int:
+    """`connector cloud-subaccount show|set`: a subaccount's live settings in the cloud's etcd."""
+    import attrs
+
+    from connector.cloud import shared
+    from ha.store import StoreUnavailable
+
+    config, store = _cloud_store(args.config)
+    if args.subaccount not in {s.id for s in config.subaccounts}:
+        print(f"connector: subaccount {args.subaccount!r} is not in {config.file}", file=sys.stderr)
+        return 2
+    pins: dict[str, str | None] = {}
+    for pin in args.pin or []:
+        location, sep, cluster = pin.partition("=")
+        if not sep:
+            print(f"connector: --pin takes LOCATION=CLUSTER (CLUSTER empty: unpin), got {pin!r}", file=sys.stderr)
+            return 2
+        pins[location] = cluster or None
+
+    def change(current: shared.SubaccountSettings) -> shared.SubaccountSettings:
+        clusters = {**current.clusters, **pins}
+        return attrs.evolve(
+            current,
+            locations=tuple(dict.fromkeys([*current.locations, *(args.location or [])])),
+            clusters={loc: c for loc, c in clusters.items() if c is not None},
+            max_streams_per_token=current.max_streams_per_token if args.max_streams_per_token is None
+            else (None if args.max_streams_per_token < 0 else args.max_streams_per_token),
+        )
+
+    async def run() -> int:
+        try:
+            if args.action == "set":
+                settings, revision = await shared.update_subaccount(store, args.subaccount, change)
+                print(json.dumps({**settings.to_json(), "subaccount": args.subaccount, "revision": revision}))
+            else:
+                kv = await store.get(shared.subaccount_key(args.subaccount))
+                current = shared.SubaccountSettings.from_json(json.loads(kv.value)) if kv else shared.SubaccountSettings()
+                print(json.dumps({**current.to_json(), "subaccount": args.subaccount}))
+            return 0
+        except ValueError as exc:
+            print(f"connector: {exc}", file=sys.stderr)
+            return 2
+        except StoreUnavailable as exc:
+            print(f"connector: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await store.aclose()
+
+    return trio.run(run)
+
+
+def cloud_replicas_status(config_path: str, *, as_json: bool) -> int:
+    """`connector status --cloud cloud.toml`: the replicas as the cloud's etcd has them; exit 1 if
+    none is ready."""
+    from connector.cloud import shared
+    from ha.store import StoreUnavailable
+
+    _, store = _cloud_store(config_path)
+
+    async def read() -> dict[str, Any]:
+        try:
+            return shared.replicas_from((await store.get_prefix(shared.REPLICAS_PREFIX)).kvs)
+        finally:
+            await store.aclose()
+
+    try:
+        replicas = trio.run(read)
+    except StoreUnavailable as exc:
+        print(f"connector: {exc}", file=sys.stderr)
+        return 1
+    for rid, entry in sorted(replicas.items()):
+        if as_json:
+            print(json.dumps(entry))
+            continue
+        tunnels = ", ".join(f"{loc or '/'}: {info['tunnels']} (master {info['master'] or '-'})"
+                            for loc, info in sorted(entry.get("locations", {}).items())) or "no tunnels"
+        print(f"{rid:<16} {'ready' if entry.get('ready') else 'NOT READY':<9} {entry['tunnel_url']:<40} "
+              f"{entry.get('admin_url', '')}  {tunnels}")
+    return 0 if any(e.get("ready") for e in replicas.values()) else 1
+
+
 # --- long-running processes ----------------------------------------------------------------------
 
 async def _watch_parent(parent: int, stop: trio.Event) -> None:
@@ -205,6 +344,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from connector.clusterctl import status
 
+    if args.cloud is not None:
+        return cloud_replicas_status(args.cloud, as_json=args.json)
     return status(config=args.config, as_json=args.json)
 
 
@@ -282,6 +423,34 @@ def build_parser() -> argparse.ArgumentParser:
     cloud.add_argument("--check", action="store_true", help="validate the configuration and exit (0 valid, 2 not)")
     cloud.set_defaults(func=cmd_cloud)
 
+    cloud_token = sub.add_parser(
+        "cloud-token", help="add, revoke or list application tokens in the cloud's etcd (live, no restart)",
+        description="Tokens kept in the cloud's etcd ([shared]) work on every replica within moments of `add` and "
+                    "are refused within moments of `revoke`; those of cloud.toml keep working beside them.")
+    cloud_token.add_argument("action", choices=("add", "revoke", "list"))
+    cloud_token.add_argument("--config", required=True, help="cloud.toml (with [shared])")
+    cloud_token.add_argument("--subaccount", help="the subaccount the token acts for (required for add and revoke)")
+    cloud_token.add_argument("--kind", choices=("proxy", "destination-admin"), default="proxy",
+                             help="proxy: the proxies and finding destinations; destination-admin: managing them")
+    cloud_token.add_argument("--label", help="a note kept with the digest (who the token is for)")
+    cloud_token.add_argument("--sha256", help="revoke: the token's SHA-256 (at least its first 8 characters)")
+    cloud_token.set_defaults(func=cmd_cloud_token)
+
+    cloud_sub = sub.add_parser(
+        "cloud-subaccount", help="show or change a subaccount's live settings in the cloud's etcd (no restart)",
+        description="Settings kept in the cloud's etcd ([shared]) apply on every replica at once and override "
+                    "cloud.toml's (locations are added to cloud.toml's).")
+    cloud_sub.add_argument("action", choices=("show", "set"))
+    cloud_sub.add_argument("--config", required=True, help="cloud.toml (with [shared])")
+    cloud_sub.add_argument("--subaccount", required=True)
+    cloud_sub.add_argument("--location", action="append", help="set: hold requests for this location too (repeatable)")
+    cloud_sub.add_argument("--pin", action="append", metavar="LOCATION=CLUSTER",
+                           help="set: only CLUSTER may serve LOCATION; LOCATION= removes the pin (repeatable)")
+    cloud_sub.add_argument("--max-streams-per-token", type=int,
+                           help="set: streams one token of the subaccount may hold at once (0: no limit; -1: "
+                                "back to cloud.toml's)")
+    cloud_sub.set_defaults(func=cmd_cloud_subaccount)
+
     node = sub.add_parser("node", help="run an on-premise connector node")
     node.add_argument("--config", required=True, help="node.toml")
     node.add_argument("--check", action="store_true", help="validate the configuration and exit (0 valid, 2 not)")
@@ -298,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="the cluster at a glance; exit 1 when there is no master")
     status.add_argument("--config", help="a node.toml of the cluster (default: the running demo's)")
     status.add_argument("--json", action="store_true", help="one JSON object per node")
+    status.add_argument("--cloud", metavar="CLOUD_TOML", help="show the cloud's replicas (from its etcd) instead")
     status.set_defaults(func=cmd_status)
 
     switch = sub.add_parser("switch", help="graceful handover: the master resigns, a shadow takes over")

@@ -239,6 +239,27 @@ class CloudConfig:
     stream_wait_seconds: float = 5.0
     stream_limits: StreamLimits = StreamLimits()
     auth_throttle: AuthThrottleSettings = AuthThrottleSettings()
+    replica: ReplicaConfig | None = None  # None only for configurations built by hand (tests)
+    shared: SharedConfig | None = None  # None: one replica, local files
+
+
+@attrs.frozen
+class ReplicaConfig:
+    """[replica]: who this cloud replica is, as other replicas, nodes and operators see it."""
+
+    id: str  # unique per replica; default: the host name
+    tunnel_url: str | None  # how nodes dial this replica; None: wss://<tunnel listen>/tunnel (bound port)
+    admin_url: str | None  # how operators reach its admin API; None: http://<admin listen> (bound port)
+    lease_ttl: int = 10  # seconds its entry in the replica set outlives it (kill -9)
+
+
+@attrs.frozen
+class SharedConfig:
+    """[shared]: the cloud's own etcd, holding what every replica must agree on."""
+
+    etcd: EtcdConfig
+    prefix: str  # the key space, "/connector-cloud" (one path segment)
+    secrets_key: Path | None  # Fernet key shared by the replicas, encrypting destination secrets
 
 
 def _digests(section: _Section, name: str) -> list[str]:
@@ -272,6 +293,8 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
     proxy = root.sub("proxy") or _Section(file, "proxy", {})
     admin = root.sub("admin") or _Section(file, "admin", {})
     dest = root.sub("destinations")
+    shared = _shared_config(root.sub("shared"))
+    replica = _replica_config(root.sub("replica") or _Section(file, "replica", {}))
     subaccounts = []
     for section in root.subs("subaccounts"):
         clusters = section.sub("clusters") or _Section(file, section.key("clusters"), {})
@@ -337,13 +360,59 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
         state_file=root.path("state_file", must_exist=False),
         subaccounts=tuple(subaccounts),
         destination_limits=_destination_limits(dest) if dest else DestinationLimits(),
+        replica=replica,
+        shared=shared,
     )
     for section in (tunnel, proxy, admin, *( [dest] if dest else [] )):
         section.done()
     root.done()
     if config.ping_timeout <= config.ping_interval:
         raise ConfigError(file, "tunnel.ping_timeout", "must be longer than tunnel.ping_interval")
+    for url, listen, what in ((replica.tunnel_url, config.tunnel_listen, "tunnel"),
+                              (replica.admin_url, config.admin_listen, "admin")):
+        if shared is not None and url is None and listen.host in _WILDCARDS:
+            raise ConfigError(file, f"replica.{what}_url", f"is required when {what}.listen is a wildcard address: "
+                              "nodes and operators must know where to reach this replica")
+    if shared is not None and config.state_file is not None:
+        raise ConfigError(file, "state_file", "with [shared] the fence lives in the cloud's etcd, which every "
+                          "replica reads: remove state_file (a local copy could only be older)")
+    if shared is not None and config.destinations_store is not None and shared.secrets_key is None:
+        raise ConfigError(file, "shared.secrets_key", "is required with [destinations] and [shared]: the key file "
+                          "(the same on every replica) that encrypts the destinations' secrets in etcd")
     return config
+
+
+_WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def _replica_config(section: _Section) -> ReplicaConfig:
+    import socket
+
+    replica = ReplicaConfig(
+        id=section.str("id", socket.gethostname()),
+        tunnel_url=section.str("tunnel_url"),
+        admin_url=section.str("admin_url"),
+        lease_ttl=section.int("lease_ttl", 10, minimum=1),
+    )
+    section.done()
+    if not replica.id or "/" in replica.id:
+        raise ConfigError(section.file, section.key("id"), f"must be a non-empty name without '/', got {replica.id!r}")
+    if replica.tunnel_url is not None and not replica.tunnel_url.startswith("wss://"):
+        raise ConfigError(section.file, section.key("tunnel_url"), "must start with wss:// (the tunnel is always TLS)")
+    if replica.admin_url is not None and not replica.admin_url.startswith(("http://", "https://")):
+        raise ConfigError(section.file, section.key("admin_url"), "must start with http:// or https://")
+    return replica
+
+
+def _shared_config(section: _Section | None) -> SharedConfig | None:
+    if section is None:
+        return None
+    prefix = section.str("prefix", "/connector-cloud")
+    if not prefix.startswith("/") or len(prefix) < 2 or "/" in prefix[1:] or "\x00" in prefix:
+        raise ConfigError(section.file, section.key("prefix"), f"must be one path segment like /connector-cloud, got {prefix!r}")
+    shared = SharedConfig(etcd=_etcd_config(section), prefix=prefix, secrets_key=section.path("secrets_key", must_exist=False))
+    section.done()
+    return shared
 
 
 def _auth_throttle(proxy: _Section) -> AuthThrottleSettings:
@@ -494,6 +563,45 @@ def _tunnel_urls(tunnel: _Section) -> tuple[str, ...]:
     return tuple(urls)
 
 
+def _etcd_config(section: _Section) -> EtcdConfig:
+    """The etcd client keys (etcd, etcd_ca, etcd_cert, etcd_key, etcd_user, etcd_password[_file],
+    etcd_timeout) of the node's [cluster] or the cloud's [shared], validated the same way."""
+    name = section.prefix
+    etcd = EtcdConfig(
+        endpoints=tuple(section.str_list("etcd", ["http://127.0.0.1:2379"])),
+        ca=section.path("etcd_ca"),
+        cert=section.path("etcd_cert"),
+        key=section.path("etcd_key"),
+        user=section.str("etcd_user"),
+        password=_etcd_password(section),
+        timeout=section.float("etcd_timeout", 1.0),
+    )
+    if not etcd.endpoints:
+        raise ConfigError(section.file, f"{name}.etcd", "needs at least one endpoint")
+    if (etcd.user is None) != (etcd.password is None):
+        raise ConfigError(section.file, f"{name}.etcd_user", "etcd_user and a password go together (or neither)")
+    if etcd.user is not None and not all(
+            e.startswith("https://") or ("://" not in e and etcd.ca) for e in etcd.endpoints):
+        raise ConfigError(section.file, f"{name}.etcd_user", "password authentication needs https:// etcd "
+                          "endpoints (and etcd_ca): a password never crosses the network in clear text")
+    return etcd
+
+
+def etcd_settings(etcd: EtcdConfig) -> Any:
+    """The `ha.etcd.EtcdSettings` of an [cluster] or [shared] etcd (imported late: grpc is heavy)."""
+    from ha.etcd import EtcdSettings
+
+    return EtcdSettings(
+        endpoints=tuple(etcd.endpoints),
+        ca_file=str(etcd.ca) if etcd.ca else None,
+        cert_file=str(etcd.cert) if etcd.cert else None,
+        key_file=str(etcd.key) if etcd.key else None,
+        user=etcd.user,
+        password=etcd.password,
+        timeout=etcd.timeout,
+    )
+
+
 def check_node_certificate(config: NodeConfig) -> list[str]:
     """Compare the node's configuration with what its tunnel certificate says (the cloud trusts only
     the certificate). A different subaccount (O=) or cluster (OU=) is a ConfigError naming file, key
@@ -542,23 +650,7 @@ def load_node_config(path: str | Path) -> NodeConfig:
     cluster = None
     cluster_section = root.sub("cluster")
     if cluster_section is not None:
-        etcd = EtcdConfig(
-            endpoints=tuple(cluster_section.str_list("etcd", ["http://127.0.0.1:2379"])),
-            ca=cluster_section.path("etcd_ca"),
-            cert=cluster_section.path("etcd_cert"),
-            key=cluster_section.path("etcd_key"),
-            user=cluster_section.str("etcd_user"),
-            password=_etcd_password(cluster_section),
-            timeout=cluster_section.float("etcd_timeout", 1.0),
-        )
-        if not etcd.endpoints:
-            raise ConfigError(file, "cluster.etcd", "needs at least one endpoint")
-        if (etcd.user is None) != (etcd.password is None):
-            raise ConfigError(file, "cluster.etcd_user", "etcd_user and a password go together (or neither)")
-        if etcd.user is not None and not all(
-                e.startswith("https://") or ("://" not in e and etcd.ca) for e in etcd.endpoints):
-            raise ConfigError(file, "cluster.etcd_user", "password authentication needs https:// etcd "
-                              "endpoints (and etcd_ca): a password never crosses the network in clear text")
+        etcd = _etcd_config(cluster_section)
         timing_keys = {"ttl", "loop_wait", "retry_timeout", "probe_interval", "probe_failures",
                        "priority_step", "keep_serving_without_store"}
         raw_timing = {k: v for k, v in cluster_section.table.items() if k in timing_keys}
@@ -630,8 +722,13 @@ def check_cloud_files(config: CloudConfig) -> None:
         _trust_store(file, f"subaccounts[{i}].ca", subaccount.ca)
     if config.state_file is not None:
         _writable_directory(file, "state_file", config.state_file)
-    if config.destinations_store is not None:
+    if config.destinations_store is not None and config.shared is None:
         _writable_directory(file, "destinations.store", config.destinations_store)
+    if config.shared is not None:
+        _etcd_files(file, "shared", config.shared.etcd)
+        key = config.shared.secrets_key
+        if key is not None and not key.exists():
+            _writable_directory(file, "shared.secrets_key", key)
 
 
 def check_node_files(config: NodeConfig) -> None:
@@ -644,16 +741,19 @@ def check_node_files(config: NodeConfig) -> None:
     if config.audit_log is not None:
         _writable_directory(file, "node.audit_log", config.audit_log)
     if config.cluster is not None:
-        etcd = config.cluster.etcd
-        if etcd.ca is not None:
-            _trust_store(file, "cluster.etcd_ca", etcd.ca)
-        if (etcd.cert is None) != (etcd.key is None):
-            raise ConfigError(file, "cluster.etcd_cert", "etcd_cert and etcd_key go together (or neither)")
-        if etcd.cert is not None and etcd.key is not None:
-            _key_pair(file, "cluster.etcd_cert", "cluster.etcd_key", etcd.cert, etcd.key)
+        _etcd_files(file, "cluster", config.cluster.etcd)
     for i, mapping in enumerate(config.mappings):
         if mapping.trust_store is not None:
             _trust_store(file, f"mappings[{i}].trust_store", Path(mapping.trust_store))
+
+
+def _etcd_files(file: Path, section: str, etcd: EtcdConfig) -> None:
+    if etcd.ca is not None:
+        _trust_store(file, f"{section}.etcd_ca", etcd.ca)
+    if (etcd.cert is None) != (etcd.key is None):
+        raise ConfigError(file, f"{section}.etcd_cert", "etcd_cert and etcd_key go together (or neither)")
+    if etcd.cert is not None and etcd.key is not None:
+        _key_pair(file, f"{section}.etcd_cert", f"{section}.etcd_key", etcd.cert, etcd.key)
 
 
 def _key_pair(file: Path, cert_key: str, key_key: str, cert: Path, key: Path) -> None:

@@ -107,6 +107,15 @@ CLOUD_STATE_PERSISTED = Gauge(
     "still works from memory, but a restart would forget epochs). Only a cloud with a state_file has it.",
     ["state_file"],
 )
+CLOUD_SHARED_LOADED = Gauge(
+    NS + "_cloud_shared_fence_loaded",
+    "1 once this replica read the shared fence from the cloud's etcd ([shared]; until then it "
+    "admits no tunnel and routes nothing); 1 without [shared]",
+)
+CLOUD_SHARED_WRITES_PENDING = Gauge(
+    NS + "_cloud_shared_writes_pending",
+    "Locations whose fence advance, accepted by this replica, is not yet written to the cloud's etcd",
+)
 CLOUD_HAS_MASTER = Gauge(
     NS + "_cloud_location_has_master", "1 while a known location has a master tunnel", ["subaccount", "location"]
 )

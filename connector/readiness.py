@@ -104,15 +104,20 @@ def _as_shadow(state: NodeState) -> Readiness:
     return Readiness(False, "shadow with neither a standby tunnel nor etcd")
 
 
-# --- a cloud replica ---------------------------------------------------------------------------
+# --- the cloud side: one replica -------------------------------------------------------------
 
 @attrs.frozen(kw_only=True)
 class CloudState:
     """What one cloud replica knows at one instant, for its `/readyz` (the load balancer's check).
 
+    Each concern is its own field, so the rules stay one line each and can grow independently.
     Locations are named ``"subaccount/location"``.
     """
 
+    shared: bool = False  # [shared] configured: several replicas, state in the cloud's etcd
+    fence_loaded: bool = True  # the shared fence was read (always True without [shared])
+    shared_reachable: bool = True  # the last operation on the cloud's etcd succeeded
+    writes_pending: int = 0  # fence advances accepted here and not yet in the cloud's etcd
     # Where the masters' tunnels are: the locations whose master is registered here, and, for each
     # other serving replica (from the shared state's replica records), the locations whose master
     # is registered there.
@@ -123,6 +128,11 @@ class CloudState:
 def cloud_readiness(state: CloudState) -> Readiness:
     """Whether a cloud replica should be in the load balancer's rotation.
 
+    A replica that has not read the shared fence is never ready: it admits no tunnel and routes
+    nothing rather than guess (fail closed). One that has read it stays ready through an outage
+    of the cloud's etcd: the cached fence keeps refusing stale masters, and higher epochs, always
+    safe, are accepted and written back later.
+
     A replica without the tunnel of a location's master cannot serve that location's requests (the
     node has not dialled it yet, or only the path between them is cut). It takes itself out of
     rotation while another replica *covers* it: holds the master of every location held here and
@@ -130,9 +140,15 @@ def cloud_readiness(state: CloudState) -> Readiness:
     and, since covering is strict, no two replicas can take each other out: when the replicas lack
     different locations (two partial partitions at once) each stays in and serves what it has.
     """
+    if state.shared and not state.fence_loaded:
+        return Readiness(False, "shared state not loaded (fail closed): the cloud's etcd has not answered since "
+                                "this replica started, so it cannot know the fence and serves nothing")
     for replica, theirs in sorted(state.masters_elsewhere.items()):
         missing = theirs - state.masters_here
         if missing and state.masters_here <= theirs:
             return Readiness(False, f"no tunnel from the master of {', '.join(sorted(missing))}, which replica "
                              f"{replica} holds: out of rotation until the node dials this replica")
+    if state.shared and not state.shared_reachable:
+        return Readiness(True, f"serving from the cached fence; the cloud's etcd is unreachable "
+                               f"({state.writes_pending} fence advances to write back)")
     return Readiness(True, "serving")

@@ -74,14 +74,24 @@ def parse_authorization(value: bytes | str | None) -> Credentials | None:
 
 
 class Authenticator:
-    """Maps bearer tokens to subaccounts; immutable, replace it as a whole on configuration change
-    (handing the new one the same `throttle`, which remembers the failures of client addresses
-    for the proxies; see `connector.cloud.clients.AuthThrottle`)."""
+    """Maps bearer tokens to subaccounts. The proxies and the destination service share one
+    instance; `replace` swaps its digests as a whole (tokens added and revoked live, from the
+    cloud's etcd: `connector.cloud.shared`), and its `throttle` remembers the failures of client
+    addresses for the proxies (see `connector.cloud.clients.AuthThrottle`)."""
 
     def __init__(
         self, digests_by_subaccount: Mapping[str, Iterable[str]], *, throttle: AuthThrottle | None = None
     ) -> None:
         self.throttle = throttle if throttle is not None else AuthThrottle()
+        self._entries = self._build(digests_by_subaccount)
+
+    def replace(self, digests_by_subaccount: Mapping[str, Iterable[str]]) -> None:
+        """Authenticate with these digests from now on (ValueError, and nothing changes, if one
+        is malformed or names two subaccounts). A request already authenticated is not undone."""
+        self._entries = self._build(digests_by_subaccount)
+
+    @staticmethod
+    def _build(digests_by_subaccount: Mapping[str, Iterable[str]]) -> tuple[tuple[bytes, str], ...]:
         entries: list[tuple[bytes, str]] = []
         seen: dict[str, str] = {}
         for subaccount, digests in digests_by_subaccount.items():
@@ -100,9 +110,10 @@ class Authenticator:
                     raise ValueError(
                         f"one token digest is configured for both {seen[digest]!r} and {subaccount!r}"
                     )
-                seen[digest] = subaccount
-                entries.append((bytes.fromhex(digest), subaccount))
-        self._entries = tuple(entries)
+                if digest not in seen:
+                    seen[digest] = subaccount
+                    entries.append((bytes.fromhex(digest), subaccount))
+        return tuple(entries)
 
     @property
     def subaccounts(self) -> frozenset[str]:

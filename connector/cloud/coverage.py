@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from connector.cloud.replicas import ReplicaDirectory
 from connector.readiness import CloudState
 
 
@@ -40,6 +41,24 @@ class NoPeers:
 
     def masters_by_replica(self) -> Mapping[str, frozenset[str]]:
         return {}
+
+
+class SharedPeers:
+    """The other replicas' masters from the replica records in the cloud's etcd (`ReplicaSync`):
+    each record's ``locations`` names the master registered there. Replicas that are not ready
+    (draining, fence not loaded, themselves out of rotation) do not count."""
+
+    def __init__(self, records: Any, directory: ReplicaDirectory) -> None:
+        self.records = records  # has `.replicas`: id -> the published entry
+        self.directory = directory
+
+    def masters_by_replica(self) -> Mapping[str, frozenset[str]]:
+        me = self.directory.me.id
+        return {
+            rid: frozenset(name for name, info in entry.get("locations", {}).items() if info.get("master"))
+            for rid, entry in self.records.replicas.items()
+            if rid != me and entry.get("ready")
+        }
 
 
 def cloud_state(snapshot: list[dict[str, Any]], peers: PeerMasters) -> CloudState:

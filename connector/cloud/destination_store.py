@@ -38,6 +38,8 @@ from typing import Any
 import trio
 from cryptography.fernet import Fernet, InvalidToken
 
+from ha.store import RevisionCompacted, Store, StoreUnavailable
+
 log = logging.getLogger(__name__)
 
 SECRET_PROPERTIES = frozenset({"Password", "clientSecret", "tokenServicePassword", "KeyStorePassword"})
@@ -112,6 +114,48 @@ def _write_file(path: Path, payload: bytes) -> None:
     _fsync_directory(path.parent)
 
 
+def serialise(fernet: Fernet, props: dict[str, Any]) -> bytes:
+    """One destination as stored (a file, or an etcd value): secret properties encrypted."""
+    encrypted = {
+        key: {"fernet": fernet.encrypt(value.encode("utf-8")).decode("ascii")}
+        if key in SECRET_PROPERTIES and isinstance(value, str) else value
+        for key, value in props.items()
+    }
+    return json.dumps({"format": FILE_FORMAT, "destination": encrypted}, indent=1, sort_keys=True).encode()
+
+
+def decrypt_all(fernet: Fernet, props: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return {
+            key: fernet.decrypt(value["fernet"].encode("ascii")).decode("utf-8")
+            if isinstance(value, dict) else value
+            for key, value in props.items()
+        }
+    except InvalidToken as exc:
+        raise StoreError("secrets cannot be decrypted with this key") from exc
+
+
+class MalformedDestination(StoreError):
+    """A stored destination that is not one (not JSON, fields missing)."""
+
+
+def parse_stored(fernet: Fernet, payload: bytes) -> dict[str, Any]:
+    """A stored destination back (StoreError if the key is wrong, MalformedDestination if it is
+    not a destination at all)."""
+    try:
+        document = json.loads(payload)
+        if document.get("format") != FILE_FORMAT:
+            raise StoreError(f"unknown format {document.get('format')!r}")
+        props = decrypt_all(fernet, document["destination"])
+    except StoreError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise MalformedDestination(str(exc)) from exc
+    if not isinstance(props.get("Name"), str):
+        raise MalformedDestination("no Name")
+    return props
+
+
 class DestinationStore:
     """Destinations per subaccount in memory, one encrypted file each on disk."""
 
@@ -162,14 +206,11 @@ class DestinationStore:
 
     def _read_destination(self, path: Path) -> dict[str, Any]:
         try:
-            document = json.loads(path.read_bytes())
-            if document.get("format") != FILE_FORMAT:
-                raise StoreError(f"unknown format {document.get('format')!r}")
-            props = self._decrypt_all(document["destination"])
+            props = parse_stored(self._fernet, path.read_bytes())
+        except MalformedDestination as exc:
+            raise StoreError(f"{path} is not a valid destination file: {exc}") from exc
         except StoreError as exc:
             raise StoreError(f"{path}: {exc}") from exc
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise StoreError(f"{path} is not a valid destination file: {exc}") from exc
         if props.get("Name") != path.name[: -len(_SUFFIX)]:
             raise StoreError(f"{path} holds the destination {props.get('Name')!r}, not the one its name says")
         return props
@@ -206,22 +247,10 @@ class DestinationStore:
 
     # --- encryption ------------------------------------------------------------------------
     def _serialise(self, props: dict[str, Any]) -> bytes:
-        encrypted = {
-            key: {"fernet": self._fernet.encrypt(value.encode("utf-8")).decode("ascii")}
-            if key in SECRET_PROPERTIES and isinstance(value, str) else value
-            for key, value in props.items()
-        }
-        return json.dumps({"format": FILE_FORMAT, "destination": encrypted}, indent=1, sort_keys=True).encode()
+        return serialise(self._fernet, props)
 
     def _decrypt_all(self, props: dict[str, Any]) -> dict[str, Any]:
-        try:
-            return {
-                key: self._fernet.decrypt(value["fernet"].encode("ascii")).decode("utf-8")
-                if isinstance(value, dict) else value
-                for key, value in props.items()
-            }
-        except InvalidToken as exc:
-            raise StoreError("secrets cannot be decrypted with this key") from exc
+        return decrypt_all(self._fernet, props)
 
     # --- changes (the caller serialises them) ----------------------------------------------
     async def put(self, subaccount: str, destinations: Iterable[dict[str, Any]]) -> None:
@@ -265,3 +294,198 @@ class DestinationStore:
     def _remove_file(path: Path) -> None:
         path.unlink()
         _fsync_directory(path.parent)
+
+
+# --- several replicas: the destinations in the cloud's etcd -----------------------------------
+
+DESTINATIONS_PREFIX = "destinations/"  # destinations/<subaccount>/<Name>, both percent-encoded
+KEY_CHECK = "destinations-key"  # a constant encrypted with the shared key: every replica must hold the same
+_KEY_CHECK_TEXT = b"connector-cloud destinations key"
+SHARED_RETRY = 0.5  # seconds between attempts to read the destinations while etcd is unreachable
+
+
+class SharedStoreUnavailable(OSError):
+    """The destinations cannot be read or written: the cloud's etcd is unreachable (or was not
+    read yet). Nothing changed; the service answers 503."""
+
+
+def shared_key(subaccount: str, name: str) -> str:
+    """The etcd key (relative to the shared prefix) of one destination."""
+    return f"{DESTINATIONS_PREFIX}{_folder_name(subaccount)}/{_folder_name(name)}"
+
+
+def _parse_shared_key(key: str) -> tuple[str, str] | None:
+    folder, sep, name = key[len(DESTINATIONS_PREFIX):].partition("/")
+    if not key.startswith(DESTINATIONS_PREFIX) or not sep or not folder or not name or "/" in name:
+        return None
+    return urllib.parse.unquote(folder), urllib.parse.unquote(name)
+
+
+class EtcdDestinationStore:
+    """The `DestinationStore` interface over the cloud's etcd, for several replicas ([shared]).
+
+    One key per destination (`shared_key`), the value exactly what the file store writes (secret
+    properties encrypted with the Fernet key in ``[shared] secrets_key``, the same file on every
+    replica). Reads are answered from memory: `run` reads every destination, then follows the
+    keys through a watch, so what one replica writes every replica answers within moments. A
+    write goes to etcd first and changes the memory only once etcd took it; a multi-destination
+    write that fails half-way puts back what it had written (best effort, like the file store).
+    Concurrent writes of one destination on two replicas: the last one wins.
+
+    Until the first read succeeded every call raises `SharedStoreUnavailable` (the service
+    answers 503): an empty list would be a wrong answer. At that read the key is checked against
+    the one the first replica recorded (`KEY_CHECK`): a replica with another key stops with
+    StoreError instead of writing secrets the others cannot read.
+    """
+
+    def __init__(self, store: Store, fernet: Fernet) -> None:
+        self._store = store
+        self._fernet = fernet
+        self._data: Destinations = {}
+        self._revisions: dict[tuple[str, str], int] = {}  # the etcd revision each destination is at
+        self.loaded = False
+        self.revision = 0  # the etcd revision the memory reflects (at least)
+        self._revision_changed = trio.Event()
+
+    # --- reading ---------------------------------------------------------------------------
+    def _loaded(self) -> Destinations:
+        if not self.loaded:
+            raise SharedStoreUnavailable("the destinations were not read from the cloud's etcd yet (unreachable)")
+        return self._data
+
+    def list(self, subaccount: str) -> list[dict[str, Any]]:
+        return [dict(props) for _, props in sorted(self._loaded().get(subaccount, {}).items())]
+
+    def get(self, subaccount: str, name: str) -> dict[str, Any] | None:
+        props = self._loaded().get(subaccount, {}).get(name)
+        return None if props is None else dict(props)
+
+    def count(self, subaccount: str) -> int:
+        return len(self._loaded().get(subaccount, {}))
+
+    def load(self) -> None:
+        """Nothing to do at construction: `run` reads etcd (the service calls this for files)."""
+
+    # --- following etcd --------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Read every destination (retrying while etcd is unreachable), then follow the changes."""
+        task_status.started()
+        failing = False
+        while True:
+            try:
+                await self._check_key()
+                snapshot = await self._store.get_prefix(DESTINATIONS_PREFIX)
+            except StoreUnavailable as exc:
+                if not failing:
+                    log.warning("destinations: cannot read the cloud's etcd (%s); retrying", exc)
+                failing = True
+                await trio.sleep(SHARED_RETRY)
+                continue
+            failing = False
+            self._data, self._revisions = {}, {}
+            for kv in snapshot.kvs.values():
+                self._apply_put(kv.key, kv.value, kv.mod_revision)
+            self.loaded = True
+            self._advance(snapshot.revision)
+            try:
+                async with self._store.watch(DESTINATIONS_PREFIX, snapshot.revision + 1) as events:
+                    async for event in events:
+                        if event.kind == "put":
+                            self._apply_put(event.key, event.value, event.revision)
+                        else:
+                            self._apply_delete(event.key, event.revision)
+                        self._advance(event.revision)
+            except RevisionCompacted:
+                log.info("destinations: watch compacted away; reading them again")
+
+    async def _check_key(self) -> None:
+        found = await self._store.get(KEY_CHECK)
+        if found is None:
+            await self._store.put(KEY_CHECK, self._fernet.encrypt(_KEY_CHECK_TEXT), prev_revision=0)
+            return
+        try:
+            self._fernet.decrypt(found.value)
+        except InvalidToken:
+            raise StoreError("[shared] secrets_key is not the key the other replicas use (the destinations in "
+                             "the cloud's etcd cannot be decrypted with it): copy their key file here") from None
+
+    def _apply_put(self, key: str, value: bytes, revision: int) -> None:
+        names = _parse_shared_key(key)
+        if names is None or self._revisions.get(names, 0) >= revision:
+            return
+        try:
+            props = parse_stored(self._fernet, value)
+        except StoreError as exc:
+            log.error("destinations: %s in the cloud's etcd is unusable (%s); ignored", key, exc)
+            return
+        if props["Name"] != names[1]:
+            log.error("destinations: %s holds the destination %r; ignored", key, props["Name"])
+            return
+        self._revisions[names] = revision
+        self._data.setdefault(names[0], {})[names[1]] = props
+
+    def _apply_delete(self, key: str, revision: int) -> None:
+        names = _parse_shared_key(key)
+        if names is None or self._revisions.get(names, 0) >= revision:
+            return
+        self._revisions.pop(names, None)
+        self._forget(*names)
+
+    def _forget(self, subaccount: str, name: str) -> None:
+        own = self._data.get(subaccount, {})
+        own.pop(name, None)
+        if not own:
+            self._data.pop(subaccount, None)
+
+    def _advance(self, revision: int) -> None:
+        if revision > self.revision:
+            self.revision = revision
+            self._revision_changed.set()
+            self._revision_changed = trio.Event()
+
+    async def wait_revision(self, revision: int) -> None:
+        """Return once the memory reflects etcd at `revision` (for tests and the CLI: no polling)."""
+        while self.revision < revision:
+            await self._revision_changed.wait()
+
+    # --- changes (the caller serialises them on this replica) ------------------------------
+    async def put(self, subaccount: str, destinations: Iterable[dict[str, Any]]) -> None:
+        """Create or replace these destinations in etcd, all or (best effort) none."""
+        self._loaded()
+        items = builtins.list(destinations)
+        written: builtins.list[tuple[dict[str, Any], int]] = []
+        try:
+            for props in items:
+                revision = await self._store.put(shared_key(subaccount, props["Name"]), serialise(self._fernet, props))
+                assert revision is not None  # an unconditional put
+                written.append((props, revision))
+        except StoreUnavailable as exc:
+            for props, _ in written:
+                await self._undo(subaccount, props["Name"])
+            raise SharedStoreUnavailable(f"the cloud's etcd did not take the change: {exc}") from exc
+        for props, revision in written:
+            names = (subaccount, props["Name"])
+            if self._revisions.get(names, 0) < revision:
+                self._revisions[names] = revision
+                self._data.setdefault(subaccount, {})[props["Name"]] = dict(props)
+            self._advance(revision)
+
+    async def _undo(self, subaccount: str, name: str) -> None:
+        previous = self.get(subaccount, name)
+        try:
+            if previous is None:
+                await self._store.delete(shared_key(subaccount, name))
+            else:
+                await self._store.put(shared_key(subaccount, name), serialise(self._fernet, previous))
+        except StoreUnavailable as exc:
+            log.error("destination store: could not undo the write of %r: %s", name, exc)
+
+    async def remove(self, subaccount: str, name: str) -> None:
+        """Delete one destination in etcd, then forget it."""
+        self._loaded()
+        try:
+            await self._store.delete(shared_key(subaccount, name))
+        except StoreUnavailable as exc:
+            raise SharedStoreUnavailable(f"the cloud's etcd did not take the change: {exc}") from exc
+        self._revisions.pop((subaccount, name), None)
+        self._forget(subaccount, name)

@@ -68,6 +68,8 @@ from connector.cloud.clients import address_key
 from connector.cloud.destination_store import (
     SECRET_PROPERTIES,
     DestinationStore,
+    EtcdDestinationStore,
+    SharedStoreUnavailable,
     StoreError,
     load_or_create_key,
 )
@@ -292,17 +294,22 @@ class DestinationService:
     Right.MANAGE; a subaccount without admin tokens has its destinations managed by nobody.
     """
 
-    def __init__(self, users: Authenticator, admins: Authenticator, *, settings: DestinationSettings) -> None:
+    def __init__(self, users: Authenticator, admins: Authenticator, *, settings: DestinationSettings,
+                 store: EtcdDestinationStore | None = None) -> None:
         self.users = users
         self.admins = admins
         self.settings = settings
         self.limits = settings.limits
-        directory = Path(settings.path).parent
-        if not directory.is_dir():  # else the key file's creation fails with a bare FileNotFoundError
-            raise StoreError(f"destination store directory {directory} does not exist: create it, writable "
-                             "by the user the cloud side runs as")
-        self.store = DestinationStore(Path(settings.path), load_or_create_key(Path(settings.key_path)))
-        self.store.load()
+        self.store: DestinationStore | EtcdDestinationStore
+        if store is not None:  # several replicas: the destinations live in the cloud's etcd
+            self.store = store
+        else:
+            directory = Path(settings.path).parent
+            if not directory.is_dir():  # else the key file's creation fails with a bare FileNotFoundError
+                raise StoreError(f"destination store directory {directory} does not exist: create it, writable "
+                                 "by the user the cloud side runs as")
+            self.store = DestinationStore(Path(settings.path), load_or_create_key(Path(settings.key_path)))
+            self.store.load()
         self._writes = trio.Lock()
         self._connections = 0
         self._connections_changed = trio.Event()
@@ -487,6 +494,9 @@ class DestinationService:
             status, document = await self._route(subaccount, request.method, endpoint, body)
         except DestinationError as exc:
             return error_parts(exc.status, exc.reason, exc.message, exc.headers)
+        except SharedStoreUnavailable as exc:
+            log.error("destination store unavailable: %s", exc)
+            return error_parts(503, "store_unavailable", f"{exc}; nothing changed, try again")
         except OSError as exc:
             log.error("destination store write failed: %s", exc)
             return error_parts(500, "store_write_failed", "the destination store could not be written; nothing changed")

@@ -34,6 +34,16 @@ When a master's tunnel drops, the standbys of its location are told at once (``m
 is the fastest signal a shadow node can get that the master process died.
 
 Highest epochs are persisted to ``state_file`` (when configured) so a restarted cloud keeps fencing.
+
+Several replicas (``[shared]``): the fence and the binding of every location are shared through the
+cloud's etcd (`connector.cloud.shared`), as a `Fence` per location. The registry stays the one
+place that decides; the shared state feeds it what other replicas accepted (`apply_shared_fence`,
+merged by the pure `merge_fence`: epochs only rise, the first binding in etcd wins unless a pin
+says otherwise), and hears of what this replica accepted through `fence_listener`, to write it
+back. A master whose epoch falls below the merged fence (another replica accepted a newer one) is
+fenced at once, exactly as on a higher registration here. Such a registry starts *fail closed*
+(``shared_fence=True``): until `load_shared_fences` ran, it admits no tunnel (``fence_unknown``)
+and routes nothing, because a fence it has not read cannot refuse a stale master.
 """
 
 from __future__ import annotations
@@ -115,9 +125,46 @@ class RegistryStatistics:
 
 
 @attrs.frozen
+class Fence:
+    """What fences a location: the highest epoch accepted, of the cluster the location is bound to."""
+
+    epoch: int = -1
+    cluster: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "cluster": self.cluster}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Fence:
+        """ValueError unless `data` is {"epoch": int >= -1, "cluster": str or null}."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a fence must be an object, not {type(data).__name__}")
+        epoch, cluster = data.get("epoch"), data.get("cluster")
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < -1:
+            raise ValueError(f"a fence's epoch must be an integer >= -1: {data!r}")
+        if cluster is not None and not isinstance(cluster, str):
+            raise ValueError(f"a fence's cluster must be a string or null: {data!r}")
+        return cls(epoch, cluster)
+
+
+def merge_fence(shared: Fence, local: Fence, *, pinned: str | None) -> Fence:
+    """The fence of a location once the `shared` one (in etcd, written by any replica) meets this
+    replica's `local` one.
+
+    The owner is the pin, else the cluster bound in the shared fence (the first replica to bind
+    the location won the compare-and-set), else the local binding. Epochs only ever rise: the
+    result is the highest epoch of the two that belongs to the owner (an unbound epoch, from a
+    state file of before bindings, counts for any owner, as in `decide_registration`).
+    """
+    owner = pinned if pinned is not None else shared.cluster if shared.cluster is not None else local.cluster
+    epochs = [f.epoch for f in (shared, local) if f.cluster in (None, owner)]
+    return Fence(max(epochs, default=-1), owner)
+
+
+@attrs.frozen
 class RegistrationResult:
     accepted: bool
-    reason: str  # accepted, stale_epoch, wrong_cluster
+    reason: str  # accepted, stale_epoch, wrong_cluster, fence_unknown
     highest_epoch: int
     cluster: str | None = None  # the cluster that owns the location (after an acceptance: the caller's)
 
@@ -127,6 +174,9 @@ class RegistrationResult:
             return f"this location is served by cluster {self.cluster!r}"
         if self.reason == "stale_epoch":
             return f"a master with epoch {self.highest_epoch} registered since"
+        if self.reason == "fence_unknown":
+            return ("this cloud replica has not read the shared fence yet (its etcd is unreachable): "
+                    "it accepts no tunnel until it has")
         return "accepted"
 
     def control_body(self) -> dict[str, Any]:
@@ -169,6 +219,7 @@ class Registry:
         state_file: Path | None = None,
         stream_wait_seconds: float = 5.0,
         admission: StreamAdmission | None = None,
+        shared_fence: bool = False,
     ) -> None:
         self.hold_seconds = hold_seconds
         self.hold_max = hold_max
@@ -190,6 +241,13 @@ class Registry:
         self._locations: dict[LocationKey, _Location] = {}
         self._held = 0
         self._nursery: trio.Nursery | None = None
+        # with a shared fence: nothing is admitted or routed until it was read (fail closed)
+        self.fence_loaded = not shared_fence
+        metrics.CLOUD_SHARED_LOADED.set(1 if self.fence_loaded else 0)
+        self._fence_loaded_event = trio.Event()
+        if self.fence_loaded:
+            self._fence_loaded_event.set()
+        self.fence_listener: Callable[[LocationKey, Fence], None] | None = None  # told of local advances
         for key in known_locations:
             self._location(key).known = True
         for key, (epoch, cluster) in self._load_epochs().items():
@@ -239,6 +297,9 @@ class Registry:
             self._refused(handle, verdict)
         return verdict
 
+    def _fence_unknown(self, location: _Location) -> RegistrationResult:
+        return RegistrationResult(False, "fence_unknown", location.highest_epoch, None)
+
     def add(self, handle: TunnelHandle) -> None:
         location = self._location(handle.key)
         location.known = True
@@ -266,12 +327,13 @@ class Registry:
         if not verdict.accepted:
             self._refused(handle, verdict, epoch)
             return verdict
+        fence_changed = False
         if location.cluster != verdict.cluster:
             if location.cluster is not None:  # moved by a pin: the old cluster's epochs do not apply
                 log.warning("location %s now belongs to cluster %r (was %r)", handle.key, verdict.cluster, location.cluster)
                 location.highest_epoch = -1
             location.cluster = verdict.cluster
-            self._save_epochs()
+            fence_changed = True
         previous = location.master
         if previous is not None and previous is not handle:
             # A newer (or the same, reconnected) master: the old tunnel must never carry traffic again.
@@ -282,7 +344,11 @@ class Registry:
         handle.draining = False
         if epoch > location.highest_epoch:
             location.highest_epoch = epoch
+            fence_changed = True
+        if fence_changed:
             self._save_epochs()
+            if self.fence_listener is not None:
+                self.fence_listener(location.key, Fence(location.highest_epoch, location.cluster))
         self._set_master(location, handle)
         self._refuse_other_clusters(location)
         metrics.CLOUD_REGISTRATIONS.labels(sub, loc, "accepted").inc()
@@ -292,6 +358,8 @@ class Registry:
         return verdict
 
     def _decide(self, location: _Location, handle: TunnelHandle, epoch: int | None) -> RegistrationResult:
+        if not self.fence_loaded:
+            return self._fence_unknown(location)
         return decide_registration(
             pinned=location.pinned, bound=location.cluster, highest_epoch=location.highest_epoch,
             cluster=handle.cluster, epoch=epoch,
@@ -306,6 +374,9 @@ class Registry:
                 "to move the location, pin it in the cloud configuration)",
                 handle.node, handle.cluster, handle.key, verdict.cluster,
             )
+        elif verdict.reason == "fence_unknown":
+            log.warning("refused %s for %s: the shared fence is not read yet (cloud etcd unreachable)",
+                        handle.node, handle.key)
         else:
             log.warning("refused %s for %s: epoch %s is lower than %d", handle.node, handle.key, epoch,
                         verdict.highest_epoch)
@@ -318,6 +389,85 @@ class Registry:
                 self._refused(tunnel, verdict)
                 location.tunnels.discard(tunnel)
                 self._spawn(refuse_tunnel, tunnel.session, verdict.control_body())
+
+    # --- the shared fence (several replicas) -------------------------------------------------
+
+    def load_shared_fences(self, fences: dict[LocationKey, Fence]) -> None:
+        """The shared fence was read: apply it, then admit and route (see the module docstring)."""
+        for key, fence in fences.items():
+            self.apply_shared_fence(key, fence)
+        if not self.fence_loaded:
+            log.info("shared fence read (%d locations): admitting tunnels", len(fences))
+        self.fence_loaded = True
+        metrics.CLOUD_SHARED_LOADED.set(1)
+        self._fence_loaded_event.set()
+
+    def apply_shared_fence(self, key: LocationKey, fence: Fence) -> Fence:
+        """Merge a fence another replica wrote (or read at start) into ours; fence a master it
+        outdates. Returns the merged fence: when it differs from `fence`, etcd is behind us."""
+        location = self._location(key)
+        location.known = True
+        local = Fence(location.highest_epoch, location.cluster)
+        merged = merge_fence(fence, local, pinned=location.pinned)
+        if merged != local:
+            if merged.cluster != location.cluster and location.cluster is not None:
+                log.warning("location %s is bound to cluster %r by another replica (was %r here)",
+                            key, merged.cluster, location.cluster)
+            location.highest_epoch, location.cluster = merged.epoch, merged.cluster
+            self._enforce(location)
+            self._export(location)
+        return merged
+
+    def _enforce(self, location: _Location) -> None:
+        """The fence rose or the binding moved: a master it outdates never serves again here."""
+        master = location.master
+        if master is not None:
+            verdict = self._decide(location, master, master.epoch)
+            if not verdict.accepted:
+                self._refused(master, verdict, master.epoch)
+                master.epoch = None
+                self._set_master(location, None)
+                if verdict.reason == "wrong_cluster":
+                    location.tunnels.discard(master)
+                    self._spawn(refuse_tunnel, master.session, verdict.control_body())
+                else:
+                    log.warning("master %s of %s fenced: another replica accepted epoch %d",
+                                master.node, location.key, location.highest_epoch)
+                    self._spawn(self._fence, master, location.highest_epoch)
+        self._refuse_other_clusters(location)
+
+    def pin(self, key: LocationKey, cluster: str | None) -> None:
+        """Assign (or, with None, un-assign) the cluster that alone may serve a location, live
+        (a subaccount setting from the cloud's etcd): its master and standbys of any other
+        cluster are refused at once, its epochs start afresh when its new cluster registers."""
+        location = self._location(key)
+        location.known = True
+        if location.pinned == cluster:
+            return
+        log.warning("location %s is now pinned to cluster %r (was %r)", key, cluster, location.pinned)
+        location.pinned = cluster
+        self._enforce(location)
+        self._export(location)
+
+    def know(self, key: LocationKey) -> None:
+        """Hold requests for this location during a failover even before its first master."""
+        location = self._location(key)
+        if not location.known:
+            location.known = True
+            if location.master is None and location.no_master_since is None:
+                location.no_master_since = trio.current_time()
+            self._export(location)
+
+    def fences(self) -> list[LocationKey]:
+        """The locations with a fence (an accepted epoch or a binding)."""
+        return [key for key, loc in sorted(self._locations.items()) if loc.highest_epoch >= 0 or loc.cluster is not None]
+
+    def fence_of(self, key: LocationKey) -> Fence:
+        location = self._locations.get(key)
+        return Fence(location.highest_epoch, location.cluster) if location is not None else Fence()
+
+    async def wait_fence_loaded(self) -> None:
+        await self._fence_loaded_event.wait()
 
     def unregister(self, handle: TunnelHandle, *, draining: bool) -> None:
         """The master stops taking new streams (graceful drain, or it lost leadership)."""
@@ -354,6 +504,9 @@ class Registry:
     async def open_stream(self, subaccount: str, location_id: str, target: Target) -> TunnelStream:
         """A stream to `target` on the location's master; see "Waiting for a stream" above."""
         await trio.lowlevel.checkpoint()
+        if not self.fence_loaded:
+            raise NoConnectorError("this cloud replica has not read the shared fence yet (its etcd is unreachable): "
+                                   "it routes nothing until it has", code="fence_unknown")
         location = self._locations.get((subaccount, location_id))
         if location is None or not location.known:
             raise NoConnectorError(f"no connector is connected for location {location_id!r} of subaccount {subaccount!r}")
@@ -524,6 +677,14 @@ class Registry:
             )
         return result
 
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """Per location ("subaccount/location"): tunnels, master and its epoch (the replica set's view)."""
+        return {
+            f"{sub}/{loc}": {"tunnels": len(location.tunnels), "master": location.master.node if location.master else None,
+                             "epoch": location.master.epoch if location.master else None}
+            for (sub, loc), location in sorted(self._locations.items())
+        }
+
     def statistics(self) -> RegistryStatistics:
         return RegistryStatistics(self._held, self._waiting_for_streams)
 
@@ -628,10 +789,15 @@ class Registry:
 
 async def refuse_tunnel(session: TunnelSession, body: dict[str, Any]) -> None:
     """Tell a node why the cloud will not use its tunnel (``refused`` with a reason and a message),
-    then close the tunnel: used when it connects and when its registration is refused."""
-    with trio.move_on_after(1.0):
-        try:
-            await session.send_control("refused", body)
-        except TunnelError:
-            pass
+    then close the tunnel: used when it connects and when its registration is refused.
+
+    A replica that has not read the shared fence (``fence_unknown``) only closes the tunnel (the
+    reason in the GOAWAY): a node takes a ``refused`` control as a verdict on its registration and
+    steps down, which one replica that cannot reach its etcd must never cause; closed, it redials."""
+    if body["reason"] != "fence_unknown":
+        with trio.move_on_after(1.0):
+            try:
+                await session.send_control("refused", body)
+            except TunnelError:
+                pass
     await session.aclose(ErrorCode.DENIED, f"{body['reason']}: {body['message']}")

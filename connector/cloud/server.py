@@ -2,6 +2,11 @@
 
 Each service is a `run(host, port, *, task_status)` started in one nursery; `CloudServer.run`
 reports the bound ports (so tests and the demo can use port 0).
+
+With ``[shared]`` the process is one replica of several: the fence, live tokens, destinations and
+the replica set live in the cloud's etcd (`connector.cloud.shared`), and the replica stays not
+ready (admitting and routing nothing) until it has read the shared fence. ``/readyz`` answers
+`connector.readiness.cloud_readiness`; ``/status`` shows the replica set.
 """
 
 from __future__ import annotations
@@ -19,16 +24,18 @@ from connector.cloud.admission import StreamAdmission
 from connector.cloud.audit import CloudAudit
 from connector.cloud.auth import Authenticator
 from connector.cloud.clients import AuthThrottle
-from connector.cloud.coverage import NoPeers, PeerMasters, cloud_state
+from connector.cloud.coverage import NoPeers, PeerMasters, SharedPeers, cloud_state
+from connector.cloud.destination_store import EtcdDestinationStore, load_or_create_key
 from connector.cloud.destinations import DestinationService, DestinationSettings
 from connector.cloud.endpoint import EndpointSettings, TunnelEndpoint
 from connector.cloud.proxy import HttpProxy, ProxySettings
 from connector.cloud.registry import Registry
 from connector.cloud.replicas import Replica, ReplicaDirectory
+from connector.cloud.shared import SharedState, SubaccountSettings
 from connector.cloud.socks5 import Socks5Proxy
-from connector.config import CloudConfig
+from connector.config import CloudConfig, ReplicaConfig, etcd_settings
 from connector.datarate import MinDataRate
-from connector.readiness import cloud_readiness
+from connector.readiness import Readiness, cloud_readiness
 from connector.tunnel.session import TunnelSettings
 
 log = logging.getLogger(__name__)
@@ -65,13 +72,42 @@ class CloudServer:
             state_file=config.state_file,
             stream_wait_seconds=config.stream_wait_seconds,
             admission=StreamAdmission(config.stream_limits),
+            shared_fence=config.shared is not None,
         )
         self.authenticator = Authenticator(
             {s.id: s.token_sha256 for s in config.subaccounts}, throttle=AuthThrottle(config.auth_throttle)
         )
+        self.admin_authenticator = Authenticator({s.id: s.destination_admin_sha256 for s in config.subaccounts})
+        replica = config.replica or ReplicaConfig(id=socket.gethostname(), tunnel_url=None, admin_url=None)
+        self.replicas = ReplicaDirectory(Replica(
+            replica.id, replica.tunnel_url or f"wss://{config.tunnel_listen}/tunnel",
+            replica.admin_url or f"http://{config.admin_listen}",
+        ))
+        self.shared: SharedState | None = None
+        self.shared_destinations: EtcdDestinationStore | None = None
+        if config.shared is not None:
+            from ha.etcd import EtcdStore  # grpc: only for several replicas
+
+            store = EtcdStore(config.shared.prefix.lstrip("/"), etcd_settings(config.shared.etcd))
+            if config.destinations_listen is not None and config.shared.secrets_key is not None:
+                self.shared_destinations = EtcdDestinationStore(store, load_or_create_key(config.shared.secrets_key))
+            self.shared = SharedState(
+                store, registry=self.registry, directory=self.replicas, entry=self._replica_entry,
+                lease_ttl=replica.lease_ttl,
+                configured_tokens={
+                    "proxy": {s.id: s.token_sha256 for s in config.subaccounts},
+                    "destination_admin": {s.id: s.destination_admin_sha256 for s in config.subaccounts},
+                },
+                authenticators={"proxy": self.authenticator, "destination_admin": self.admin_authenticator},
+                destinations=self.shared_destinations,
+                settings={s.id: SubaccountSettings(s.locations, s.clusters, s.max_streams_per_token)
+                          for s in config.subaccounts},
+            )
         self.audit = CloudAudit.open(str(config.audit_log) if config.audit_log else None)
-        self.replicas = ReplicaDirectory(Replica(socket.gethostname(), f"wss://{config.tunnel_listen}/tunnel"))
-        self.peer_masters: PeerMasters = NoPeers()  # the shared state's replica records feed it
+        # the other replicas' masters, for readiness: from the shared state's replica records
+        self.peer_masters: PeerMasters = (
+            SharedPeers(self.shared.replicas, self.replicas) if self.shared is not None else NoPeers()
+        )
         self.endpoint = TunnelEndpoint(
             self.registry,
             cert=config.tunnel_cert,
@@ -111,10 +147,11 @@ class CloudServer:
                 store = config.destinations_store
                 service = DestinationService(
                     self.authenticator,
-                    Authenticator({s.id: s.destination_admin_sha256 for s in config.subaccounts}),
+                    self.admin_authenticator,
                     settings=DestinationSettings(
                         path=store, key_path=store.with_name(store.name + ".key"), limits=config.destination_limits
                     ),
+                    store=self.shared_destinations,
                 )
                 destinations = await nursery.start(
                     service.run, config.destinations_listen.host, config.destinations_listen.port
@@ -123,15 +160,57 @@ class CloudServer:
                 AdminServer(self._admin_routes()).run, config.admin_listen.host, config.admin_listen.port
             )
             self.ports = CloudPorts(tunnel, http, socks, admin, destinations)
-            log.info("cloud side up: %s", self.ports)
+            self._announce_bound_ports()
+            if self.shared is not None:
+                await nursery.start(self.shared.run)
+            log.info("cloud side up (replica %s): %s", self.replicas.me.id, self.ports)
             task_status.started(self.ports)
+
+    def _announce_bound_ports(self) -> None:
+        """The default URLs of this replica name the ports actually bound (port 0 in tests)."""
+        assert self.ports is not None
+        replica, me = self.config.replica, self.replicas.me
+        tunnel_url = replica.tunnel_url if replica is not None else None
+        admin_url = replica.admin_url if replica is not None else None
+
+        def authority(host: str, port: int) -> str:
+            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+        self.replicas.me = Replica(
+            me.id,
+            tunnel_url or f"wss://{authority(self.config.tunnel_listen.host, self.ports.tunnel)}/tunnel",
+            admin_url or f"http://{authority(self.config.admin_listen.host, self.ports.admin)}",
+        )
+
+    def readiness(self) -> Readiness:
+        shared = self.shared
+        return cloud_readiness(attrs.evolve(
+            cloud_state(self.registry.snapshot(), self.peer_masters),
+            shared=shared is not None,
+            fence_loaded=self.registry.fence_loaded,
+            shared_reachable=shared.reach.reachable if shared is not None else True,
+            writes_pending=shared.fence.pending if shared is not None else 0,
+        ))
+
+    def _replica_entry(self) -> dict[str, Any]:
+        """This replica in the replica set (`connector status` shows it)."""
+        ready = self.readiness()
+        return {**self.replicas.me.to_json(), "ready": ready.ready, "reason": ready.reason,
+                "locations": self.registry.summary()}
+
+    def replica_set(self) -> list[dict[str, Any]]:
+        """Every replica as the cloud's etcd has it (this one live); without [shared], this one."""
+        replicas = dict(self.shared.replicas.replicas) if self.shared is not None else {}
+        replicas[self.replicas.me.id] = self._replica_entry()
+        return [replicas[rid] for rid in sorted(replicas)]
 
     def _admin_routes(self) -> dict[tuple[str, str], Any]:
         async def locations(request: AdminRequest) -> Reply:
-            return Reply.json(200, {"locations": self.registry.snapshot(), "refused_connections": self.endpoint.refused})
+            return Reply.json(200, {"locations": self.registry.snapshot(), "refused_connections": self.endpoint.refused,
+                                    "replica": self.replicas.me.id, "replicas": self.replica_set()})
 
         async def readyz(request: AdminRequest) -> Reply:
-            result = cloud_readiness(cloud_state(self.registry.snapshot(), self.peer_masters))
+            result = self.readiness()
             return Reply.json(200 if result.ready else 503, {"ready": result.ready, "reason": result.reason})
 
         return {("GET", "/status"): locations, ("GET", "/readyz"): readyz}

@@ -72,3 +72,23 @@ def test_masters_here_reads_the_registry_snapshot() -> None:
     ]
     assert masters_here(snapshot) == {L1}
     assert cloud_state(snapshot, NoPeers()) == CloudState(masters_here=frozenset({L1}))
+
+
+def test_shared_peers_reads_the_masters_of_the_other_ready_replicas() -> None:
+    """The replica records in the cloud's etcd feed readiness: this replica and the replicas that
+    are not ready (draining, fence not loaded, out of rotation) do not count."""
+    from types import SimpleNamespace
+
+    from connector.cloud.coverage import SharedPeers
+    from connector.cloud.replicas import Replica, ReplicaDirectory
+
+    def entry(ready: bool, **masters: str | None) -> dict[str, object]:
+        return {"ready": ready, "locations": {loc: {"tunnels": 1, "master": m, "epoch": 7} for loc, m in masters.items()}}
+
+    records = SimpleNamespace(replicas={
+        "me": entry(True, **{"acme/": "node-a"}),
+        "b": entry(True, **{"acme/": "node-a", "acme/plant2": "node-c", "acme/empty": None}),
+        "c": entry(False, **{"acme/plant3": "node-d"}),
+    })
+    peers = SharedPeers(records, ReplicaDirectory(Replica("me", "wss://me:1/tunnel")))
+    assert peers.masters_by_replica() == {"b": frozenset({"acme/", "acme/plant2"})}
