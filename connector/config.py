@@ -23,7 +23,7 @@ import attrs
 from connector import pki
 from connector.agent.acl import Mapping
 from connector.cloud.admission import StreamLimits
-from connector.cloud.clients import AuthThrottleSettings
+from connector.cloud.clients import AuthThrottleSettings, ConnectionLimits
 from connector.cloud.destinations import DestinationLimits
 from ha.timing import HATiming
 
@@ -239,6 +239,7 @@ class CloudConfig:
     stream_wait_seconds: float = 5.0
     stream_limits: StreamLimits = StreamLimits()
     auth_throttle: AuthThrottleSettings = AuthThrottleSettings()
+    connection_limits: ConnectionLimits = ConnectionLimits()
     replica: ReplicaConfig | None = None  # None only for configurations built by hand (tests)
     shared: SharedConfig | None = None  # None: one replica, local files
 
@@ -279,6 +280,8 @@ def _destination_limits(dest: _Section) -> DestinationLimits:
             max_destination_bytes=dest.int("max_destination_bytes", defaults.max_destination_bytes, minimum=1),
             max_destinations=dest.int("max_destinations", defaults.max_destinations, minimum=1),
             max_connections=dest.int("max_connections", defaults.max_connections, minimum=1),
+            max_connections_per_client_address=dest.int(
+                "max_connections_per_client_address", defaults.max_connections_per_client_address, minimum=1),
             request_timeout=dest.float("request_timeout", defaults.request_timeout),
             idle_timeout=dest.float("idle_timeout", defaults.idle_timeout),
         )
@@ -347,6 +350,10 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
             },
         ),
         auth_throttle=_auth_throttle(proxy),
+        connection_limits=ConnectionLimits(
+            total=proxy.int("max_connections", 8192, minimum=0),
+            per_client_address=proxy.int("max_connections_per_client_address", 1024, minimum=0),
+        ),
         audit_log=proxy.path("audit_log", must_exist=False),
         request_head_timeout=proxy.float("request_head_timeout", 30.0),
         idle_timeout=proxy.float("idle_timeout", 120.0),

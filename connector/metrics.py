@@ -161,6 +161,13 @@ PROXY_AUTH_DELAYED = Counter(
     NS + "_proxy_auth_failures_delayed_total",
     "Refusals answered late because their client address failed too often (AuthThrottle)",
 )
+PROXY_CONNECTIONS = Gauge(
+    NS + "_proxy_connections", "Application connections the connectivity proxies hold (HTTP and SOCKS5)"
+)
+PROXY_CONNECTIONS_REFUSED = Counter(
+    NS + "_proxy_connections_refused_total",
+    "Application connections closed at once: a connection limit was reached", ["reason"],
+)
 PROXY_AUTH_FAILING_ADDRESSES = Gauge(
     NS + "_proxy_auth_failing_addresses", "Client addresses with remembered authentication failures"
 )

@@ -222,6 +222,13 @@ SECURITY = {
                 "sum(connector_proxy_auth_failing_addresses)", "addresses")]),
         ],
         [
+            panel("Application connections held (cloud)", [q(
+                "sum by (instance) (connector_proxy_connections)", "{{instance}}")]),
+            panel("Connections closed at a limit (cloud)", [q(
+                f"sum by (reason) (rate(connector_proxy_connections_refused_total[{RI}])) or on() vector(0)",
+                "{{reason}}")], unit="ops"),
+        ],
+        [
             panel("Streams held by applications (cloud)", [
                 q("sum by (subaccount) (connector_proxy_streams_admitted)", "{{subaccount}}"),
                 q("sum(connector_proxy_stream_waiting)", "waiting for a free stream")], width=8),

@@ -32,6 +32,7 @@ from typing import TypeVar
 
 import attrs
 import trio
+from prometheus_client import Gauge
 
 from connector import metrics
 
@@ -198,3 +199,68 @@ class AuthThrottle:
     @property
     def tracked(self) -> int:
         return len(self._addresses)
+
+
+@attrs.frozen
+class ConnectionLimits:
+    """How many application connections the proxies hold at once (0 = no limit)."""
+
+    total: int = 8192  # both proxies together
+    per_client_address: int = 1024  # per address_key, whatever it authenticates as
+
+    def __attrs_post_init__(self) -> None:
+        if self.total < 0 or self.per_client_address < 0:
+            raise ValueError(f"connection limits cannot be negative: {self}")
+
+
+class ConnectionCounter:
+    """Counts the proxies' open connections; `admit` refuses one beyond a limit.
+
+    Every connection holds a file descriptor and a task from its first byte, before any token is
+    checked, and the tunnel endpoint shares the process's descriptors: without a bound, one
+    address opening sockets could leave no descriptor for a node's reconnect.
+    """
+
+    def __init__(self, limits: ConnectionLimits = ConnectionLimits(), *, gauge: Gauge | None = None) -> None:
+        self.limits = limits
+        self.gauge = gauge  # follows `total`, if given
+        self.total = 0
+        self._by_address: dict[str, int] = {}
+        self._changed = trio.lowlevel.ParkingLot()
+
+    def admit(self, address: str) -> str | None:
+        """Count a new connection of `address`; None if admitted (then `release` it), else why not."""
+        limits = self.limits
+        if limits.total and self.total >= limits.total:
+            return "too_many_connections"
+        held = self._by_address.get(address, 0)
+        if limits.per_client_address and held >= limits.per_client_address:
+            return "too_many_connections_from_address"
+        self.total += 1
+        self._by_address[address] = held + 1
+        if self.gauge is not None:
+            self.gauge.set(self.total)
+        self._changed.unpark_all()
+        return None
+
+    def release(self, address: str) -> None:
+        self.total -= 1
+        held = self._by_address.pop(address) - 1
+        if held:
+            self._by_address[address] = held
+        if self.gauge is not None:
+            self.gauge.set(self.total)
+        self._changed.unpark_all()
+
+    def held_by(self, address: str) -> int:
+        return self._by_address.get(address, 0)
+
+    async def wait_held(self, address: str, count: int) -> None:
+        """Return once `address` holds exactly `count` connections."""
+        while self.held_by(address) != count:
+            await self._changed.park()
+
+    async def wait_total(self, count: int) -> None:
+        """Return once exactly `count` connections are held."""
+        while self.total != count:
+            await self._changed.park()

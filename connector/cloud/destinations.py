@@ -64,7 +64,7 @@ import h11
 import trio
 
 from connector.cloud.auth import Authenticator
-from connector.cloud.clients import address_key
+from connector.cloud.clients import ConnectionCounter, ConnectionLimits, address_key
 from connector.cloud.destination_store import (
     SECRET_PROPERTIES,
     DestinationStore,
@@ -139,12 +139,13 @@ class DestinationLimits:
     max_destination_bytes: int = 16384
     max_destinations: int = 1000  # per subaccount
     max_connections: int = 256  # served at once; more are answered 503 and closed
+    max_connections_per_client_address: int = 32  # the same per client address (IPv4, or IPv6 /64)
     request_timeout: float = 30.0  # from a request's first byte until its answer is sent
     idle_timeout: float = 120.0  # keep-alive connection waiting for its next request
 
     def __attrs_post_init__(self) -> None:
         for name in ("max_body_bytes", "max_header_bytes", "max_destination_bytes", "max_destinations",
-                     "max_connections"):
+                     "max_connections", "max_connections_per_client_address"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         # 2 = a list of destination objects; the ceiling keeps json.loads far from Python's recursion limit
@@ -311,8 +312,8 @@ class DestinationService:
             self.store = DestinationStore(Path(settings.path), load_or_create_key(Path(settings.key_path)))
             self.store.load()
         self._writes = trio.Lock()
-        self._connections = 0
-        self._connections_changed = trio.Event()
+        self.connections = ConnectionCounter(ConnectionLimits(
+            total=self.limits.max_connections, per_client_address=self.limits.max_connections_per_client_address))
 
     async def run(
         self,
@@ -326,27 +327,23 @@ class DestinationService:
     # --- one connection ----------------------------------------------------------------------
     async def wait_connections(self, count: int) -> None:
         """Until exactly `count` connections are being served."""
-        while self._connections != count:
-            await self._connections_changed.wait()
-
-    def _count_connection(self, delta: int) -> None:
-        self._connections += delta
-        self._connections_changed.set()
-        self._connections_changed = trio.Event()
+        await self.connections.wait_total(count)
 
     async def serve_connection(self, stream: trio.abc.HalfCloseableStream) -> None:
         """Answer the requests of one connection until it closes, idles or breaks a bound."""
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
-        if self._connections >= self.limits.max_connections:
+        address = _client_address(stream)
+        refused = self.connections.admit(address)
+        if refused is not None:
             try:  # bounded by LINGER_SECONDS, twice
-                await self._send_final_error(stream, conn, 503, "too_many_connections",
+                await self._send_final_error(stream, conn, 503, refused,
                                              f"the destination service serves {self.limits.max_connections} "
-                                             "connections at most; retry later")
+                                             f"connections at most, {self.limits.max_connections_per_client_address}"
+                                             " of one client address; retry later")
             finally:
                 with trio.CancelScope(shield=True):
                     await stream.aclose()
             return
-        self._count_connection(+1)
         try:
             while True:
                 if not conn.trailing_data[0]:  # nothing pipelined: wait for the next request to start
@@ -377,7 +374,7 @@ class DestinationService:
         except Exception:
             log.exception("destination service connection failed")
         finally:
-            self._count_connection(-1)
+            self.connections.release(address)
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 

@@ -17,17 +17,22 @@ an address that fails too often (`AuthThrottle`).
 
 from __future__ import annotations
 
+import logging
 from typing import ClassVar, Generic, Protocol, TypeVar
 
 import trio
 
+from connector import metrics
 from connector.cloud.auth import Authenticator, Credentials, parse_authorization
-from connector.cloud.clients import ClientConnection, current_client
+from connector.cloud.clients import ClientConnection, ConnectionCounter, current_client
 from connector.listen import serve_tcp
 from connector.tunnel.streams import TunnelStream
 from connector.tunnel.types import Target
 
 SettingsT = TypeVar("SettingsT")
+
+
+log = logging.getLogger(__name__)
 
 
 class NoConnectorError(Exception):
@@ -66,6 +71,7 @@ class ProxyService(Generic[SettingsT]):
         self.router = router
         self.authenticator = authenticator
         self.settings = settings
+        self.connections = ConnectionCounter(gauge=metrics.PROXY_CONNECTIONS)  # the cloud shares one
 
     async def run(
         self,
@@ -79,8 +85,19 @@ class ProxyService(Generic[SettingsT]):
                         name=self.name, task_status=task_status)
 
     async def _serve_client(self, sock: trio.SocketStream) -> None:
-        current_client.set(ClientConnection.of(sock))  # this connection's task only
-        await self._handle(sock)
+        client = ClientConnection.of(sock)
+        refused = self.connections.admit(client.address)
+        if refused is not None:
+            # Closed before a byte is read: nothing to answer yet, and an answer would cost more.
+            metrics.PROXY_CONNECTIONS_REFUSED.labels(refused).inc()
+            log.info("%s: connection from %s closed at once: %s", self.name, client.address, refused)
+            await trio.aclose_forcefully(sock)
+            return
+        try:
+            current_client.set(client)  # this connection's task only
+            await self._handle(sock)
+        finally:
+            self.connections.release(client.address)
 
     async def _handle(self, sock: trio.SocketStream) -> None:
         raise NotImplementedError

@@ -23,7 +23,7 @@ from connector.admin import AdminRequest, AdminServer, Reply
 from connector.cloud.admission import StreamAdmission
 from connector.cloud.audit import CloudAudit
 from connector.cloud.auth import Authenticator
-from connector.cloud.clients import AuthThrottle
+from connector.cloud.clients import AuthThrottle, ConnectionCounter
 from connector.cloud.coverage import NoPeers, PeerMasters, SharedPeers, cloud_state
 from connector.cloud.destination_store import EtcdDestinationStore, load_or_create_key
 from connector.cloud.destinations import DestinationService, DestinationSettings
@@ -103,6 +103,7 @@ class CloudServer:
                 settings={s.id: SubaccountSettings(s.locations, s.clusters, s.max_streams_per_token)
                           for s in config.subaccounts},
             )
+        self.connections = ConnectionCounter(config.connection_limits, gauge=metrics.PROXY_CONNECTIONS)  # both proxies'
         self.audit = CloudAudit.open(str(config.audit_log) if config.audit_log else None)
         # the other replicas' masters, for readiness: from the shared state's replica records
         self.peer_masters: PeerMasters = (
@@ -141,6 +142,7 @@ class CloudServer:
             http_proxy = HttpProxy(self.registry, self.authenticator, settings=proxy_settings(config), audit=self.audit)
             http = await nursery.start(http_proxy.run, config.http_listen.host, config.http_listen.port)
             socks_proxy = Socks5Proxy(self.registry, self.authenticator, audit=self.audit)
+            http_proxy.connections = socks_proxy.connections = self.connections
             socks = await nursery.start(socks_proxy.run, config.socks5_listen.host, config.socks5_listen.port)
             destinations = None
             if config.destinations_listen is not None and config.destinations_store is not None:

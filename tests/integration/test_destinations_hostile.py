@@ -109,6 +109,28 @@ async def test_connections_beyond_the_bound_get_503_and_the_others_are_served(tm
         nursery.cancel_scope.cancel()
 
 
+async def test_one_address_cannot_hold_every_connection(tmp_path: Path) -> None:
+    """Before: the bound was global only, so one address holding every slot idle locked all
+    other applications out (503) for as long as it liked."""
+    async with trio.open_nursery() as nursery:
+        service = new_service(tmp_path, max_connections=4, max_connections_per_client_address=2)
+        port = await nursery.start(service.run, "127.0.0.1", 0)
+        with trio.fail_after(TEST_TIMEOUT):
+            held = [await HttpClient.connect(port) for _ in range(2)]
+            await service.wait_connections(2)
+            refused = await trio.open_tcp_stream("127.0.0.1", port)
+            answer = b""
+            while chunk := await refused.receive_some(65536):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 503 ") and b"too_many_connections_from_address" in answer
+            other = HttpClient(await trio.open_tcp_stream("127.0.0.1", port, local_address="127.0.0.2"))
+            auth = [("authorization", "Bearer dest-admin-sub1")]
+            assert (await other.request("GET", COLLECTION, auth)).status == 200  # another address is served
+            for client in (*held, other):
+                await client.aclose()
+        nursery.cancel_scope.cancel()
+
+
 async def test_count_per_subaccount_is_bounded(tmp_path: Path) -> None:
     async with running(tmp_path, max_destinations=3) as port:
         with trio.fail_after(TEST_TIMEOUT):

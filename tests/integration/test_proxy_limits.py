@@ -251,3 +251,26 @@ async def test_a_flood_of_wrong_tokens_is_slowed_and_others_are_served(nursery, 
         started = trio.current_time()
         _, code = await socks5_connect(stack.ports.socks5_proxy, "echo.virtual", 7000, token="wrong", subaccount=SUBACCOUNT)
         assert code == -1 and trio.current_time() - started >= delay * 0.9
+
+
+async def test_one_address_cannot_take_every_connection_of_the_proxies(nursery, tmp_path) -> None:
+    """Before: no bound on connections, which hold a descriptor and a task from their first byte;
+    one address could leave the cloud process no descriptor for a node's reconnect. HTTP and
+    SOCKS5 share the count."""
+    stack = await limited_stack(nursery, tmp_path, "max_connections_per_client_address = 3")
+    held = [await connect_from("127.0.0.1", stack.ports.http_proxy) for _ in range(2)]
+    held.append(await connect_from("127.0.0.1", stack.ports.socks5_proxy))
+    with trio.fail_after(TEST_TIMEOUT):
+        await stack.cloud.connections.wait_held("127.0.0.1", 3)  # accepted in the background
+        for port in (stack.ports.http_proxy, stack.ports.socks5_proxy):
+            extra = await connect_from("127.0.0.1", port)
+            assert await extra.receive_some(1) == b""  # closed at once, nothing read or answered
+            await extra.aclose()
+        other = HttpClient(await connect_from(OTHER_ADDRESS, stack.ports.http_proxy))  # another address is served
+        assert (await other.request("GET", URL, auth(OTHER_TOKEN))).status == 200
+        await held.pop().aclose()
+        await stack.cloud.connections.wait_held("127.0.0.1", 2)
+        again = HttpClient(await connect_from("127.0.0.1", stack.ports.http_proxy))
+        assert (await again.request("GET", URL, auth(TOKEN))).status == 200
+    for sock in held:
+        await sock.aclose()

@@ -15,6 +15,8 @@ from connector.cloud.clients import (
     AuthThrottle,
     AuthThrottleSettings,
     ClientConnection,
+    ConnectionCounter,
+    ConnectionLimits,
     Principal,
     address_key,
 )
@@ -228,3 +230,21 @@ async def test_many_connections_of_one_address_buy_no_extra_guesses(autojump_clo
     start = trio.current_time()
     assert await throttle.check("198.51.100.7", lambda: "acme") == "acme"
     assert trio.current_time() == start
+
+
+def test_connection_counter_bounds_each_address_and_the_total() -> None:
+    counter = ConnectionCounter(ConnectionLimits(total=3, per_client_address=2))
+    assert counter.admit("10.0.0.1") is None and counter.admit("10.0.0.1") is None
+    assert counter.admit("10.0.0.1") == "too_many_connections_from_address"
+    assert counter.admit("10.0.0.2") is None
+    assert counter.admit("10.0.0.3") == "too_many_connections"
+    counter.release("10.0.0.1")
+    assert counter.admit("10.0.0.3") is None  # a released connection frees its place at once
+    assert (counter.total, counter.held_by("10.0.0.1"), counter.held_by("10.0.0.3")) == (3, 1, 1)
+
+
+def test_connection_limits_of_zero_mean_no_limit() -> None:
+    counter = ConnectionCounter(ConnectionLimits(total=0, per_client_address=0))
+    assert all(counter.admit("10.0.0.1") is None for _ in range(100))
+    with pytest.raises(ValueError):
+        ConnectionLimits(total=-1)

@@ -267,6 +267,7 @@ def healthy_demo() -> list[dict[str, str]]:
     out += counter("connector_proxy_auth_failures_total", cloud)
     out += counter("connector_proxy_auth_failures_delayed_total", cloud)
     out += gauge("connector_proxy_auth_failing_addresses", cloud, 0)
+    out += gauge("connector_proxy_connections", cloud, 0)
     out += gauge("connector_proxy_stream_waiting", cloud, 0)
     out += gauge("connector_proxy_streams_admitted", {**cloud, "subaccount": "demo"}, 0)
     out += gauge("connector_proxy_stream_holders", {**cloud, "kind": "token"}, 0)
