@@ -24,6 +24,7 @@ from connector.agent.acl import Mapping
 from connector.cloud.admission import StreamLimits
 from connector.cloud.clients import AuthThrottleSettings
 from connector.cloud.destinations import DestinationLimits
+from connector.cloud.oauth import OAuthSettings
 from ha.timing import HATiming
 
 T = TypeVar("T")
@@ -208,6 +209,19 @@ class SubaccountConfig:
 
 
 @attrs.frozen
+class OAuthConfig:
+    """[oauth]: the token service and the application bindings (connector.cloud.oauth)."""
+
+    listen: Listen
+    cert: Path  # TLS certificate (default: the tunnel endpoint's, signed by the cloud CA)
+    key: Path
+    bindings: Path  # the bindings file (`connector binding` writes it, the cloud reads it)
+    signing_keys: Path  # the signing key ring (written by the cloud, mode 0600)
+    proxy_host: str  # the proxies' host as applications reach it (onpremise_proxy_host)
+    settings: OAuthSettings
+
+
+@attrs.frozen
 class CloudConfig:
     file: Path
     tunnel_listen: Listen
@@ -238,6 +252,7 @@ class CloudConfig:
     stream_wait_seconds: float = 5.0
     stream_limits: StreamLimits = StreamLimits()
     auth_throttle: AuthThrottleSettings = AuthThrottleSettings()
+    oauth: OAuthConfig | None = None  # None: no token service, static tokens only
 
 
 def _digests(section: _Section, name: str) -> list[str]:
@@ -271,6 +286,7 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
     proxy = root.sub("proxy") or _Section(file, "proxy", {})
     admin = root.sub("admin") or _Section(file, "admin", {})
     dest = root.sub("destinations")
+    oauth_section = root.sub("oauth")
     subaccounts = []
     for section in root.subs("subaccounts"):
         clusters = section.sub("clusters") or _Section(file, section.key("clusters"), {})
@@ -337,12 +353,44 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
         subaccounts=tuple(subaccounts),
         destination_limits=_destination_limits(dest) if dest else DestinationLimits(),
     )
-    for section in (tunnel, proxy, admin, *( [dest] if dest else [] )):
+    if oauth_section is not None:
+        config = attrs.evolve(config, oauth=_oauth(oauth_section, config))
+    for section in (tunnel, proxy, admin, *( [dest] if dest else [] ), *([oauth_section] if oauth_section else [])):
         section.done()
     root.done()
     if config.ping_timeout <= config.ping_interval:
         raise ConfigError(file, "tunnel.ping_timeout", "must be longer than tunnel.ping_interval")
     return config
+
+
+def _oauth(section: _Section, cloud: CloudConfig) -> OAuthConfig:
+    listen = section.listen("listen", "127.0.0.1:20007")
+    defaults = OAuthSettings(url="https://localhost")
+    try:
+        settings = OAuthSettings(
+            url=section.str("url", f"https://{listen.host}:{listen.port}"),
+            token_lifetime=section.float("token_lifetime", defaults.token_lifetime),
+            rotate_after=section.float("rotate_after", defaults.rotate_after),
+            key_overlap=section.float("key_overlap", defaults.key_overlap),
+            max_body_bytes=section.int("max_body_bytes", defaults.max_body_bytes, minimum=1),
+            max_connections=section.int("max_connections", defaults.max_connections, minimum=1),
+            request_timeout=section.float("request_timeout", defaults.request_timeout),
+            idle_timeout=section.float("idle_timeout", defaults.idle_timeout),
+        )
+    except ValueError as exc:
+        raise ConfigError(section.file, section.prefix, str(exc)) from None
+    cert, key = section.path("cert"), section.path("key")
+    if (cert is None) != (key is None):
+        raise ConfigError(section.file, section.key("cert"), "cert and key go together (or neither: the tunnel's)")
+    return OAuthConfig(
+        listen=listen,
+        cert=cert or cloud.tunnel_cert,
+        key=key or cloud.tunnel_key,
+        bindings=section.path("bindings", must_exist=False) or section.file.parent / "bindings.json",
+        signing_keys=section.path("signing_keys", must_exist=False) or section.file.parent / "signing-keys.json",
+        proxy_host=section.str("proxy_host", cloud.http_listen.host),
+        settings=settings,
+    )
 
 
 def _auth_throttle(proxy: _Section) -> AuthThrottleSettings:
@@ -605,6 +653,9 @@ def check_cloud_files(config: CloudConfig) -> None:
         _writable_directory(file, "state_file", config.state_file)
     if config.destinations_store is not None:
         _writable_directory(file, "destinations.store", config.destinations_store)
+    if config.oauth is not None:
+        _key_pair(file, "oauth.cert", "oauth.key", config.oauth.cert, config.oauth.key)
+        _writable_directory(file, "oauth.signing_keys", config.oauth.signing_keys)
 
 
 def check_node_files(config: NodeConfig) -> None:

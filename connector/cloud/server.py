@@ -7,6 +7,8 @@ reports the bound ports (so tests and the demo can use port 0).
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -17,9 +19,12 @@ from connector.admin import AdminRequest, AdminServer, Reply
 from connector.cloud.admission import StreamAdmission
 from connector.cloud.audit import CloudAudit
 from connector.cloud.auth import Authenticator
+from connector.cloud.bindings import FileBindingStore
 from connector.cloud.clients import AuthThrottle
 from connector.cloud.destinations import DestinationService, DestinationSettings
 from connector.cloud.endpoint import EndpointSettings, TunnelEndpoint
+from connector.cloud.jwks import FileKeyStore
+from connector.cloud.oauth import TokenService, server_ssl_context
 from connector.cloud.proxy import HttpProxy, ProxySettings
 from connector.cloud.registry import Registry
 from connector.cloud.socks5 import Socks5Proxy
@@ -37,6 +42,7 @@ class CloudPorts:
     socks5_proxy: int
     admin: int
     destinations: int | None
+    oauth: int | None = None
 
 
 def proxy_settings(config: CloudConfig) -> ProxySettings:
@@ -50,9 +56,19 @@ def proxy_settings(config: CloudConfig) -> ProxySettings:
     )
 
 
+def token_service(config: CloudConfig, clock: Callable[[], float]) -> TokenService:
+    """The token service of [oauth] (bindings and signing keys in their files)."""
+    assert config.oauth is not None
+    oauth = config.oauth
+    return TokenService(oauth.settings, bindings=FileBindingStore(oauth.bindings),
+                        keys=FileKeyStore(oauth.signing_keys),
+                        ssl_context=server_ssl_context(oauth.cert, oauth.key), clock=clock)
+
+
 class CloudServer:
-    def __init__(self, config: CloudConfig) -> None:
+    def __init__(self, config: CloudConfig, *, clock: Callable[[], float] = time.time) -> None:
         self.config = config
+        self.oauth = token_service(config, clock) if config.oauth is not None else None
         self.registry = Registry(
             hold_seconds=config.hold_seconds,
             hold_max=config.hold_max,
@@ -63,9 +79,12 @@ class CloudServer:
             admission=StreamAdmission(config.stream_limits),
         )
         self.authenticator = Authenticator(
-            {s.id: s.token_sha256 for s in config.subaccounts}, throttle=AuthThrottle(config.auth_throttle)
+            {s.id: s.token_sha256 for s in config.subaccounts}, throttle=AuthThrottle(config.auth_throttle),
+            jwt=self.oauth.validator if self.oauth is not None else None,
         )
         self.audit = CloudAudit.open(str(config.audit_log) if config.audit_log else None)
+        if self.oauth is not None:  # its refusals and failed guesses count with the proxies'
+            self.oauth.audit, self.oauth.throttle = self.audit, self.authenticator.throttle
         self.endpoint = TunnelEndpoint(
             self.registry,
             cert=config.tunnel_cert,
@@ -110,10 +129,13 @@ class CloudServer:
                 destinations = await nursery.start(
                     service.run, config.destinations_listen.host, config.destinations_listen.port
                 )
+            oauth = None
+            if self.oauth is not None and config.oauth is not None:
+                oauth = await nursery.start(self.oauth.run, config.oauth.listen.host, config.oauth.listen.port)
             admin = await nursery.start(
                 AdminServer(self._admin_routes()).run, config.admin_listen.host, config.admin_listen.port
             )
-            self.ports = CloudPorts(tunnel, http, socks, admin, destinations)
+            self.ports = CloudPorts(tunnel, http, socks, admin, destinations, oauth)
             log.info("cloud side up: %s", self.ports)
             task_status.started(self.ports)
 
