@@ -140,7 +140,8 @@ def test_rotation_keeps_the_old_key_for_the_overlap_only() -> None:
     assert said == f"dropped {KEY.kid} (overlap over)"
     assert [k["kid"] for k in ring.jwks(T0 + 4500)["keys"]] == [ring.current.kid]
     assert refusal(validator(ring, Clock(T0 + 4500)), old_token) == "unknown_key"  # its key is gone
-    assert validator(ring, Clock(T0 + 4500)).validate(new_token)["zid"] == "acme"
+    assert validator(ring, Clock(T0 + 4199)).validate(new_token)["zid"] == "acme"
+    assert validator(ring, Clock(T0 + 4500)).validate(token(ring, T0 + 4500))["zid"] == "acme"
 
 
 def test_a_retired_key_is_refused_at_its_retirement_even_before_pruning() -> None:
