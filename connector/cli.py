@@ -136,7 +136,13 @@ def cmd_binding(args: argparse.Namespace) -> int:
     """Application credentials of the token service ([oauth] of cloud.toml): create, list, revoke."""
     import time
 
-    from connector.cloud.bindings import BindingError, Endpoints, FileBindingStore, new_binding, vcap_services
+    from connector.cloud.bindings import (
+        BindingError,
+        Endpoints,
+        FileBindingStore,
+        new_binding,
+        vcap_services,
+    )
     from connector.config import ConfigError, load_cloud_config
 
     config = load_cloud_config(args.config)
