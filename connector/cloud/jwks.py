@@ -20,6 +20,7 @@ its etcd behind the same interface.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import secrets
@@ -37,6 +38,15 @@ RSA_BITS = 2048
 def _b64url_uint(value: int) -> str:
     raw = value.to_bytes((value.bit_length() + 7) // 8, "big")
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+@functools.lru_cache(maxsize=16)
+def _load_private_key(pem: bytes) -> rsa.RSAPrivateKey:
+    """Parsed once per key: loading checks the RSA key, about 50 ms, and every token check needs it."""
+    key = serialization.load_pem_private_key(pem, password=None)
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise ValueError("a signing key is not an RSA key")
+    return key
 
 
 @attrs.frozen
@@ -57,10 +67,7 @@ class SigningKey:
 
     @property
     def private_key(self) -> rsa.RSAPrivateKey:
-        key = serialization.load_pem_private_key(self.private_pem, password=None)
-        if not isinstance(key, rsa.RSAPrivateKey):
-            raise ValueError(f"signing key {self.kid} is not an RSA key")
-        return key
+        return _load_private_key(self.private_pem)
 
     @property
     def public_key(self) -> rsa.RSAPublicKey:

@@ -130,7 +130,12 @@ class JwtValidator:
             raise JwtError("expired", "the token has expired")
         if not isinstance(claims["zid"], str) or not claims["zid"] or not isinstance(claims["client_id"], str):
             raise JwtError("missing_claim", "zid and client_id must be non-empty strings")
-        if self.bindings is not None and not self.bindings.is_active(claims["client_id"]):
+        try:
+            active = self.bindings is None or self.bindings.is_active(claims["client_id"])
+        except OSError as exc:  # fail closed: a revocation we cannot read must not let a token through
+            log.error("binding store unreadable: %s", exc)
+            raise JwtError("binding_store_unreadable", "the binding store cannot be read") from None
+        if not active:
             raise JwtError("binding_revoked", f"binding {claims['client_id']!r} is revoked or unknown")
         return claims
 

@@ -22,7 +22,7 @@ and `jku` in its header and the claims XSUAA writes that applications read: `iss
 /.well-known/openid-configuration` names the endpoints.
 
 Served over TLS only (the cloud CA's certificate). Bounds: at most `max_connections` at once
-(more get 503); the TLS handshake, and each request until answered, within `request_timeout`;
+(one more is closed before its TLS handshake); the TLS handshake, and each request until answered, within `request_timeout`;
 a keep-alive connection idles at most `idle_timeout`; bodies over `max_body_bytes` get 413
 unread; secrets are checked by scrypt in worker threads, at most `HASH_THREADS` at once, with a
 dummy check for unknown client ids so timing does not tell which exist. Failed client
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import logging
 import secrets
@@ -79,7 +80,6 @@ GRANT_JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 GRANT_PASSWORD = "password"
 HASH_THREADS = 2  # scrypt checks at once: each holds 16 MiB and a core for about 50 ms
 _CHUNK = 16384
-_UNKNOWN_CLIENT_HASH = hash_secret("no such client", n=1 << 14)  # the dummy check's work equals a real one
 REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found", 405: b"Method Not Allowed",
            408: b"Request Timeout", 413: b"Content Too Large", 431: b"Request Header Fields Too Large",
            500: b"Internal Server Error", 503: b"Service Unavailable"}
@@ -214,7 +214,7 @@ class TokenService:
                                       bindings=bindings, clock=lambda: self.clock())
         self._hashing = trio.CapacityLimiter(HASH_THREADS)
         self._connections = 0
-        self._ring_changed = trio.Event()
+        self._connections_changed = trio.Event()
 
     # --- keys ----------------------------------------------------------------------------------
     def maintain_keys(self) -> str | None:
@@ -257,19 +257,29 @@ class TokenService:
     async def _listen(self, host: str, port: int, *, task_status: trio.TaskStatus[int]) -> None:
         await serve_tcp(self.serve_connection, host, port, name="token service", task_status=task_status)
 
+    async def wait_connections(self, count: int) -> None:
+        """Until exactly `count` connections are being served."""
+        while self._connections != count:
+            await self._connections_changed.wait()
+
+    def _count_connection(self, delta: int) -> None:
+        self._connections += delta
+        self._connections_changed.set()
+        self._connections_changed = trio.Event()
+
     async def serve_connection(self, sock: trio.SocketStream) -> None:
         client = _peer(sock)
+        if self._connections >= self.settings.max_connections:  # before TLS: a handshake costs memory too
+            log.warning("token service: %d connections at once, closing one from %s", self._connections, client)
+            await trio.aclose_forcefully(sock)
+            return
         stream = trio.SSLStream(sock, self.ssl_context, server_side=True, https_compatible=True)
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.settings.max_header_bytes)
-        self._connections += 1
+        self._count_connection(+1)
         try:
             with trio.move_on_after(self.settings.request_timeout) as handshake:
                 await stream.do_handshake()
             if handshake.cancelled_caught:
-                return
-            if self._connections > self.settings.max_connections:
-                await self._answer(stream, conn, *_error(503, "temporarily_unavailable",
-                                                         "too many connections; retry later"), close=True)
                 return
             while True:
                 if not conn.trailing_data[0]:
@@ -291,7 +301,7 @@ class TokenService:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
-            self._connections -= 1
+            self._count_connection(-1)
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await trio.aclose_forcefully(stream)
 
@@ -392,7 +402,7 @@ class TokenService:
         except OSError as exc:
             log.error("binding store unreadable: %s", exc)
             raise OAuthError(500, "server_error", "the binding store cannot be read") from None
-        stored = binding.secret_hash if binding is not None else _UNKNOWN_CLIENT_HASH
+        stored = binding.secret_hash if binding is not None else _unknown_client_hash()
         ok = await trio.to_thread.run_sync(check_secret, secret, stored, limiter=self._hashing)
         if binding is not None and ok and binding.active:
             return binding
@@ -411,6 +421,12 @@ class TokenService:
                 "grant_types_supported": [GRANT_CLIENT_CREDENTIALS, GRANT_JWT_BEARER],
                 "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
                 "id_token_signing_alg_values_supported": [ALGORITHM]}
+
+
+@functools.cache
+def _unknown_client_hash() -> str:
+    """What a secret is checked against when the client id is unknown: the same work as a real check."""
+    return hash_secret("no such client")
 
 
 def _error(status: int, error: str, description: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:

@@ -29,11 +29,15 @@ from tests.support.stack import SUBACCOUNT, Stack, cloud_toml, node_toml, start_
 
 ERP = "http://erp.virtual:8000"
 LIFETIME = 600  # token_lifetime and key_overlap of the test's [oauth]
+REQUEST_TIMEOUT = 1.0
+MAX_CONNECTIONS = 3
 OAUTH = f"""
 [oauth]
 listen = "127.0.0.1:0"
 token_lifetime = {LIFETIME}
 key_overlap = {LIFETIME}
+request_timeout = {REQUEST_TIMEOUT}
+max_connections = {MAX_CONNECTIONS}
 """
 
 
@@ -164,7 +168,7 @@ async def test_bodies_are_bounded_and_grants_named(oauth: OAuthStack) -> None:
     assert (password.status, password.json()["error"]) == (400, "unsupported_grant_type")
 
 
-async def test_jwt_bearer_grant_carries_the_user(oauth: OAuthStack) -> None:
+async def test_jwt_bearer_grant_exchanges_a_valid_assertion_only(oauth: OAuthStack) -> None:
     basic = (oauth.credentials["clientid"], oauth.credentials["clientsecret"])
     assertion = await oauth.fetch_token()
     exchanged = await oauth.token_request({"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
@@ -221,3 +225,21 @@ async def test_rotation_old_key_valid_during_the_overlap_refused_after(oauth: OA
     assert await oauth.through_proxy(old) == 407
     assert len((await client.request("GET", "/token_keys")).json()["keys"]) == 1
     assert await oauth.through_proxy(await oauth.fetch_token()) == 200
+
+
+async def test_silent_and_surplus_connections_are_closed(oauth: OAuthStack) -> None:
+    service = oauth.cloud.oauth
+    assert service is not None and oauth.ports.oauth is not None
+    start = trio.current_time()
+    silent = [await trio.open_tcp_stream("127.0.0.1", oauth.ports.oauth) for _ in range(MAX_CONNECTIONS)]
+    with trio.fail_after(5):
+        await service.wait_connections(MAX_CONNECTIONS)
+    surplus = await trio.open_tcp_stream("127.0.0.1", oauth.ports.oauth)
+    with trio.fail_after(REQUEST_TIMEOUT / 2):  # closed at once, before any TLS
+        assert await surplus.receive_some(1) == b""
+    with trio.fail_after(REQUEST_TIMEOUT * 3):
+        for stream in silent:  # a TLS handshake that never starts ends at request_timeout
+            assert await stream.receive_some(1) == b""
+        await service.wait_connections(0)
+    assert trio.current_time() - start >= REQUEST_TIMEOUT
+    assert await oauth.fetch_token()  # and the service serves again
