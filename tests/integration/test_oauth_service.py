@@ -38,6 +38,9 @@ token_lifetime = {LIFETIME}
 key_overlap = {LIFETIME}
 request_timeout = {REQUEST_TIMEOUT}
 max_connections = {MAX_CONNECTIONS}
+
+[destinations]
+listen = "127.0.0.1:0"
 """
 
 
@@ -243,3 +246,18 @@ async def test_silent_and_surplus_connections_are_closed(oauth: OAuthStack) -> N
         await service.wait_connections(0)
     assert trio.current_time() - start >= REQUEST_TIMEOUT
     assert await oauth.fetch_token()  # and the service serves again
+
+
+async def test_the_destination_service_takes_our_jwt_from_the_destination_binding(
+    oauth: OAuthStack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    vcap = json.loads(binding_cli(capsys, "create", "--config", str(oauth.config), "--subaccount", SUBACCOUNT))
+    assert vcap["destination"][0]["credentials"]["uri"].startswith("http://127.0.0.1:")
+    token = await oauth.fetch_token()
+    assert oauth.ports.destinations is not None
+    client = await HttpClient.connect(oauth.ports.destinations)
+    find = "/destination-configuration/v1/destinations/missing"
+    found = await client.request("GET", find, [("authorization", f"Bearer {token}")])
+    assert (found.status, found.json()["error"]) == (404, "destination_not_found")  # authenticated as acme
+    refused = await client.request("GET", find, [("authorization", f"Bearer {token[:-4]}AAAA")])
+    assert refused.status == 401
