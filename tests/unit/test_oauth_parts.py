@@ -205,3 +205,48 @@ def test_json_roundtrip_of_a_binding(tmp_path: Path) -> None:
     FileBindingStore(path).add(binding)
     assert json.loads(path.read_text())["bindings"][0]["client_id"] == binding.client_id
     assert FileBindingStore(path).all() == [binding]
+
+
+# --- the service's key maintenance, on trio's clock ---------------------------------------------
+
+class MemoryKeys:
+    def __init__(self) -> None:
+        self.saved: list[KeyRing] = []
+        self.fail = False
+
+    def load(self) -> KeyRing | None:
+        return self.saved[-1] if self.saved else None
+
+    def save(self, ring: KeyRing) -> None:
+        if self.fail:
+            raise OSError("disk full")
+        self.saved.append(ring)
+
+
+async def test_the_service_rotates_and_prunes_on_schedule(autojump_clock: trio.testing.MockClock,
+                                                          tmp_path: Path) -> None:
+    import ssl
+
+    from connector.cloud.oauth import OAuthSettings, TokenService
+
+    settings = OAuthSettings(url="https://t.example", token_lifetime=100, key_overlap=200, rotate_after=1000)
+    keys = MemoryKeys()
+    service = TokenService(settings, bindings=FileBindingStore(tmp_path / "b.json"), keys=keys,
+                           ssl_context=ssl.create_default_context(ssl.Purpose.CLIENT_AUTH),
+                           clock=lambda: T0 + trio.current_time())
+    first = service.ring.current
+    assert len(keys.saved) == 1  # created and saved before first use
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(service._maintain_keys_forever)  # checks every min(60, overlap / 10) = 20 s
+        await trio.sleep(999)
+        assert service.ring.current is first
+        await trio.sleep(21)  # the check at 1000 s rotated
+        assert service.ring.current is not first and [k.kid for k in service.ring.keys][1] == first.kid
+        assert keys.saved[-1] is service.ring
+        keys.fail = True  # a failed save keeps the ring in use (and is retried)
+        await trio.sleep(200)
+        assert len(service.ring.keys) == 2
+        keys.fail = False
+        await trio.sleep(20)
+        assert [k.kid for k in service.ring.keys] == [service.ring.current.kid]
+        nursery.cancel_scope.cancel()
