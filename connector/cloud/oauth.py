@@ -22,15 +22,15 @@ and `jku` in its header and the claims XSUAA writes that applications read: `iss
 /.well-known/openid-configuration` names the endpoints.
 
 Served over TLS only (the cloud CA's certificate). Bounds: at most `max_connections` at once
-(one more is closed before its TLS handshake); the TLS handshake, and each request until answered, within `request_timeout`;
-a keep-alive connection idles at most `idle_timeout`; bodies over `max_body_bytes` get 413
-unread; secrets are checked by scrypt in worker threads, at most `HASH_THREADS` at once, with a
+(one more is closed before its TLS handshake); the handshake, and each request until it is
+answered, within `request_timeout`; a keep-alive connection idles at most `idle_timeout`;
+bodies over `max_body_bytes` get 413 unread; secrets are checked by scrypt in worker threads, at most `HASH_THREADS` at once, with a
 dummy check for unknown client ids so timing does not tell which exist. Failed client
 authentications count in the proxies' `AuthThrottle` per client address and are answered after
 its delay; every refusal is written to the cloud's audit log (`proxy = "oauth"`).
 
 `TokenCache` is the other side: a client's cache of tokens that refreshes ahead of `expires_in`,
-on trio's clock (used by the destination service's token retrieval and by tests).
+on trio's clock (for the destination service's token retrieval, to come).
 """
 
 from __future__ import annotations
@@ -228,9 +228,10 @@ class TokenService:
             log.info("token signing keys: %s", said)
         return said
 
-    def rotate_keys(self) -> str:
-        """Rotate now (an operator's request, or a suspected key leak: then also shorten the overlap)."""
-        ring = self.ring.rotate(self.clock(), self.settings.key_overlap)
+    def rotate_keys(self, overlap: float | None = None) -> str:
+        """Rotate now: an operator's request, or a suspected key leak (then with a short `overlap`,
+        or 0 to refuse the old key's tokens at once). Default overlap: `key_overlap`."""
+        ring = self.ring.rotate(self.clock(), self.settings.key_overlap if overlap is None else overlap)
         self.keys.save(ring)
         old, self.ring = self.ring, ring
         said = f"rotated: {ring.current.kid} signs, {old.current.kid} trusted during the overlap"
@@ -270,7 +271,7 @@ class TokenService:
     async def serve_connection(self, sock: trio.SocketStream) -> None:
         client = _peer(sock)
         if self._connections >= self.settings.max_connections:  # before TLS: a handshake costs memory too
-            log.warning("token service: %d connections at once, closing one from %s", self._connections, client)
+            log.debug("token service: %d connections at once, closing one from %s", self._connections, client)
             await trio.aclose_forcefully(sock)
             return
         stream = trio.SSLStream(sock, self.ssl_context, server_side=True, https_compatible=True)
@@ -300,6 +301,8 @@ class TokenService:
             await self._answer(stream, conn, *_error(exc.error_status_hint, "invalid_request", str(exc)), close=True)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        except Exception:  # one connection's failure must not end the service
+            log.exception("token service connection failed")
         finally:
             self._count_connection(-1)
             with trio.CancelScope(shield=True), trio.move_on_after(1):

@@ -261,3 +261,23 @@ async def test_the_destination_service_takes_our_jwt_from_the_destination_bindin
     assert (found.status, found.json()["error"]) == (404, "destination_not_found")  # authenticated as acme
     refused = await client.request("GET", find, [("authorization", f"Bearer {token[:-4]}AAAA")])
     assert refused.status == 401
+
+
+async def test_an_emergency_rotation_without_overlap_refuses_old_tokens_at_once(oauth: OAuthStack) -> None:
+    service = oauth.cloud.oauth
+    assert service is not None
+    old = await oauth.fetch_token()
+    service.rotate_keys(overlap=0)  # a leaked key
+    assert await oauth.through_proxy(old) == 407
+    assert await oauth.through_proxy(await oauth.fetch_token()) == 200
+
+
+async def test_garbage_gets_400_and_the_service_carries_on(oauth: OAuthStack) -> None:
+    client = await oauth.tls_client()
+    await client.stream.send_all(b"NOT HTTP AT ALL\r\n\r\n")
+    answer = b""
+    with trio.fail_after(5):
+        while chunk := await client.stream.receive_some(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert await oauth.fetch_token()
