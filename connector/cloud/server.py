@@ -83,8 +83,6 @@ class CloudServer:
             jwt=self.oauth.validator if self.oauth is not None else None,
         )
         self.audit = CloudAudit.open(str(config.audit_log) if config.audit_log else None)
-        if self.oauth is not None:  # its refusals and failed guesses count with the proxies'
-            self.oauth.audit, self.oauth.throttle = self.audit, self.authenticator.throttle
         self.endpoint = TunnelEndpoint(
             self.registry,
             cert=config.tunnel_cert,
@@ -131,6 +129,8 @@ class CloudServer:
                 )
             oauth = None
             if self.oauth is not None and config.oauth is not None:
+                # its refusals and failed guesses count with the proxies'
+                self.oauth.audit, self.oauth.throttle = self.audit, self.authenticator.throttle
                 oauth = await nursery.start(self.oauth.run, config.oauth.listen.host, config.oauth.listen.port)
             admin = await nursery.start(
                 AdminServer(self._admin_routes()).run, config.admin_listen.host, config.admin_listen.port
