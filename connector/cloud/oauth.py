@@ -71,6 +71,9 @@ from connector.listen import serve_tcp
 
 log = logging.getLogger(__name__)
 
+WallClock = Callable[[], float]  # Unix seconds: token claims are compared with other parties' clocks
+wall_clock: WallClock = time.time
+
 DEFAULT_OAUTH_PORT = 20007
 TOKEN_PATH = "/oauth/token"
 KEYS_PATH = "/token_keys"

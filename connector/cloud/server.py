@@ -7,8 +7,6 @@ reports the bound ports (so tests and the demo can use port 0).
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -24,7 +22,7 @@ from connector.cloud.clients import AuthThrottle
 from connector.cloud.destinations import DestinationService, DestinationSettings
 from connector.cloud.endpoint import EndpointSettings, TunnelEndpoint
 from connector.cloud.jwks import FileKeyStore
-from connector.cloud.oauth import TokenService, server_ssl_context
+from connector.cloud.oauth import TokenService, WallClock, server_ssl_context, wall_clock
 from connector.cloud.proxy import HttpProxy, ProxySettings
 from connector.cloud.registry import Registry
 from connector.cloud.socks5 import Socks5Proxy
@@ -56,7 +54,7 @@ def proxy_settings(config: CloudConfig) -> ProxySettings:
     )
 
 
-def token_service(config: CloudConfig, clock: Callable[[], float]) -> TokenService:
+def token_service(config: CloudConfig, clock: WallClock) -> TokenService:
     """The token service of [oauth] (bindings and signing keys in their files)."""
     assert config.oauth is not None
     oauth = config.oauth
@@ -66,7 +64,7 @@ def token_service(config: CloudConfig, clock: Callable[[], float]) -> TokenServi
 
 
 class CloudServer:
-    def __init__(self, config: CloudConfig, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, config: CloudConfig, *, clock: WallClock = wall_clock) -> None:
         self.config = config
         self.oauth = token_service(config, clock) if config.oauth is not None else None
         self.registry = Registry(
