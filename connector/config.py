@@ -248,11 +248,11 @@ class CloudConfig:
     hello_timeout: float
     state_file: Path | None  # highest epochs, so a restarted cloud keeps fencing
     subaccounts: tuple[SubaccountConfig, ...]
+    oauth: OAuthConfig | None = None  # None: no token service, static tokens only
     destination_limits: DestinationLimits = DestinationLimits()
     stream_wait_seconds: float = 5.0
     stream_limits: StreamLimits = StreamLimits()
     auth_throttle: AuthThrottleSettings = AuthThrottleSettings()
-    oauth: OAuthConfig | None = None  # None: no token service, static tokens only
 
 
 def _digests(section: _Section, name: str) -> list[str]:
@@ -286,7 +286,6 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
     proxy = root.sub("proxy") or _Section(file, "proxy", {})
     admin = root.sub("admin") or _Section(file, "admin", {})
     dest = root.sub("destinations")
-    oauth_section = root.sub("oauth")
     subaccounts = []
     for section in root.subs("subaccounts"):
         clusters = section.sub("clusters") or _Section(file, section.key("clusters"), {})
@@ -353,6 +352,7 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
         subaccounts=tuple(subaccounts),
         destination_limits=_destination_limits(dest) if dest else DestinationLimits(),
     )
+    oauth_section = root.sub("oauth")
     if oauth_section is not None:
         config = attrs.evolve(config, oauth=_oauth(oauth_section, config))
     for section in (tunnel, proxy, admin, *( [dest] if dest else [] ), *([oauth_section] if oauth_section else [])):
@@ -361,6 +361,20 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
     if config.ping_timeout <= config.ping_interval:
         raise ConfigError(file, "tunnel.ping_timeout", "must be longer than tunnel.ping_interval")
     return config
+
+
+def _auth_throttle(proxy: _Section) -> AuthThrottleSettings:
+    delay = proxy.float("auth_failure_delay", 1.0)
+    max_delay = proxy.float("auth_failure_max_delay", 5.0)
+    if max_delay < delay:
+        raise ConfigError(proxy.file, proxy.key("auth_failure_max_delay"), "must be at least auth_failure_delay")
+    return AuthThrottleSettings(
+        failures=proxy.int("auth_failures_before_delay", 10, minimum=0),
+        delay=delay,
+        max_delay=max_delay,
+        forget_after=proxy.float("auth_failure_memory_seconds", 60.0),
+        max_addresses=proxy.int("auth_tracked_addresses", 10000, minimum=1),
+    )
 
 
 def _oauth(section: _Section, cloud: CloudConfig) -> OAuthConfig:
@@ -390,20 +404,6 @@ def _oauth(section: _Section, cloud: CloudConfig) -> OAuthConfig:
         signing_keys=section.path("signing_keys", must_exist=False) or section.file.parent / "signing-keys.json",
         proxy_host=section.str("proxy_host", cloud.http_listen.host),
         settings=settings,
-    )
-
-
-def _auth_throttle(proxy: _Section) -> AuthThrottleSettings:
-    delay = proxy.float("auth_failure_delay", 1.0)
-    max_delay = proxy.float("auth_failure_max_delay", 5.0)
-    if max_delay < delay:
-        raise ConfigError(proxy.file, proxy.key("auth_failure_max_delay"), "must be at least auth_failure_delay")
-    return AuthThrottleSettings(
-        failures=proxy.int("auth_failures_before_delay", 10, minimum=0),
-        delay=delay,
-        max_delay=max_delay,
-        forget_after=proxy.float("auth_failure_memory_seconds", 60.0),
-        max_addresses=proxy.int("auth_tracked_addresses", 10000, minimum=1),
     )
 
 
@@ -649,13 +649,13 @@ def check_cloud_files(config: CloudConfig) -> None:
     _key_pair(file, "tunnel.cert", "tunnel.key", config.tunnel_cert, config.tunnel_key)
     for i, subaccount in enumerate(config.subaccounts):
         _trust_store(file, f"subaccounts[{i}].ca", subaccount.ca)
+    if config.oauth is not None:
+        _key_pair(file, "oauth.cert", "oauth.key", config.oauth.cert, config.oauth.key)
+        _writable_directory(file, "oauth.signing_keys", config.oauth.signing_keys)
     if config.state_file is not None:
         _writable_directory(file, "state_file", config.state_file)
     if config.destinations_store is not None:
         _writable_directory(file, "destinations.store", config.destinations_store)
-    if config.oauth is not None:
-        _key_pair(file, "oauth.cert", "oauth.key", config.oauth.cert, config.oauth.key)
-        _writable_directory(file, "oauth.signing_keys", config.oauth.signing_keys)
 
 
 def check_node_files(config: NodeConfig) -> None:
