@@ -250,3 +250,19 @@ async def test_the_service_rotates_and_prunes_on_schedule(autojump_clock: trio.t
         await trio.sleep(20)
         assert [k.kid for k in service.ring.keys] == [service.ring.current.kid]
         nursery.cancel_scope.cancel()
+
+
+def test_binding_cli_refuses_what_it_cannot_do(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from connector.cli import main
+
+    without = write_cloud(tmp_path, "")
+    assert main(["binding", "create", "--config", str(without), "--subaccount", "acme"]) == 2
+    assert "no [oauth] section" in capsys.readouterr().err
+    config = str(write_cloud(tmp_path, "[oauth]\n"))
+    assert main(["binding", "create", "--config", config, "--subaccount", "nobody"]) == 2
+    assert "no subaccount 'nobody'" in capsys.readouterr().err
+    assert main(["binding", "revoke", "sb-unknown", "--config", config]) == 2
+    assert "no binding 'sb-unknown'" in capsys.readouterr().err
+    assert main(["binding", "create", "--config", config, "--subaccount", "acme", "--location", "a b"]) == 2
+    assert "location id" in capsys.readouterr().err
+    assert main(["binding", "list", "--config", config]) == 0 and capsys.readouterr().out == ""
