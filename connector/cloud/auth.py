@@ -81,9 +81,9 @@ class TokenValidator(Protocol):
 
 
 class Authenticator:
-    """Maps bearer tokens to subaccounts (JWTs through `jwt`, if given); immutable, replace it as a
-    whole on configuration change (handing the new one the same `throttle`, which remembers the
-    failures of client addresses for the proxies; see `connector.cloud.clients.AuthThrottle`)."""
+    """Maps bearer tokens to subaccounts; immutable, replace it as a whole on configuration change
+    (handing the new one the same `throttle`, which remembers the failures of client addresses
+    for the proxies; see `connector.cloud.clients.AuthThrottle`)."""
 
     def __init__(
         self, digests_by_subaccount: Mapping[str, Iterable[str]], *, throttle: AuthThrottle | None = None,
