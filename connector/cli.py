@@ -1,4 +1,4 @@
-"""The `connector` command: certs, token, cloud, node, demo, status, acl, secret, switch."""
+"""The `connector` command: certs, token, binding, cloud, node, demo, status, acl, secret, switch."""
 
 from __future__ import annotations
 
@@ -270,6 +270,52 @@ def cloud_replicas_status(config_path: str, *, as_json: bool) -> int:
               f"{entry.get('admin_url', '')}  {tunnels}")
     return 0 if any(e.get("ready") for e in replicas.values()) else 1
 
+def cmd_binding(args: argparse.Namespace) -> int:
+    """Application credentials of the token service ([oauth] of cloud.toml): create, list, revoke."""
+    import time
+
+    from connector.cloud.bindings import (
+        BindingError,
+        Endpoints,
+        FileBindingStore,
+        new_binding,
+        vcap_services,
+    )
+    from connector.config import ConfigError, load_cloud_config
+
+    config = load_cloud_config(args.config)
+    if config.oauth is None:
+        raise ConfigError(config.file, "oauth", "no [oauth] section: the token service is not configured")
+    store = FileBindingStore(config.oauth.bindings)
+    try:
+        if args.binding_command == "create":
+            if args.subaccount not in {s.id for s in config.subaccounts}:
+                raise ConfigError(config.file, "subaccounts", f"no subaccount {args.subaccount!r} is configured")
+            binding, secret = new_binding(args.subaccount, time.time(), location=args.location or "")
+            store.add(binding)
+            dest = config.destinations_listen
+            endpoints = Endpoints(
+                token_url=config.oauth.settings.url.rstrip("/"), proxy_host=config.oauth.proxy_host,
+                http_proxy_port=config.http_listen.port, socks5_proxy_port=config.socks5_listen.port,
+                destination_url=f"http://{dest.host}:{dest.port}" if dest is not None else None,
+            )
+            print(f"connector: binding {binding.client_id} for subaccount {binding.subaccount}; its secret is "
+                  "shown only here (stored hashed)", file=sys.stderr)
+            print(json.dumps(vcap_services(binding, secret, endpoints), indent=None if args.compact else 2))
+        elif args.binding_command == "list":
+            for binding in store.all():
+                record = {"client_id": binding.client_id, "subaccount": binding.subaccount,
+                          "location": binding.location, "created": binding.created, "revoked": binding.revoked}
+                print(json.dumps(record))
+        else:
+            binding = store.revoke(args.client_id, time.time())
+            print(f"binding {binding.client_id} of subaccount {binding.subaccount} is revoked: it gets no new "
+                  "tokens, and its tokens are refused")
+    except (BindingError, ValueError, OSError) as exc:
+        print(f"connector: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
 
 # --- long-running processes ----------------------------------------------------------------------
 
@@ -417,6 +463,20 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--bare", action="store_true", help="print the token alone (for TOKEN=$(...))")
     output.add_argument("--sha256", action="store_true", help="print its SHA-256 alone (for cloud.toml)")
     token.set_defaults(func=cmd_token)
+
+    binding = sub.add_parser("binding", help="application credentials for the token service (VCAP_SERVICES)")
+    binding_sub = binding.add_subparsers(dest="binding_command", required=True, metavar="ACTION")
+    binding_create = binding_sub.add_parser(
+        "create", help="issue a client id and secret; print VCAP_SERVICES (connectivity, destination, xsuaa)")
+    binding_create.add_argument("--subaccount", required=True, help="a subaccount of cloud.toml")
+    binding_create.add_argument("--location", help="the Cloud Connector location id the application uses")
+    binding_create.add_argument("--compact", action="store_true", help="one line (for export VCAP_SERVICES=...)")
+    binding_sub.add_parser("list", help="every binding, one JSON object per line (secrets never shown)")
+    binding_revoke = binding_sub.add_parser("revoke", help="revoke a binding: no new tokens, its tokens refused")
+    binding_revoke.add_argument("client_id")
+    for p in binding_sub.choices.values():
+        p.add_argument("--config", required=True, help="cloud.toml (its [oauth] section names the files)")
+    binding.set_defaults(func=cmd_binding)
 
     cloud = sub.add_parser("cloud", help="run the cloud side: tunnel endpoint, HTTP and SOCKS5 proxies, destinations")
     cloud.add_argument("--config", required=True, help="cloud.toml")

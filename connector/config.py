@@ -25,6 +25,7 @@ from connector.agent.acl import Mapping
 from connector.cloud.admission import StreamLimits
 from connector.cloud.clients import AuthThrottleSettings, ConnectionLimits
 from connector.cloud.destinations import DestinationLimits
+from connector.cloud.oauth import OAuthSettings
 from ha.timing import HATiming
 
 T = TypeVar("T")
@@ -209,6 +210,19 @@ class SubaccountConfig:
 
 
 @attrs.frozen
+class OAuthConfig:
+    """[oauth]: the token service and the application bindings (connector.cloud.oauth)."""
+
+    listen: Listen
+    cert: Path  # TLS certificate (default: the tunnel endpoint's, signed by the cloud CA)
+    key: Path
+    bindings: Path  # the bindings file (`connector binding` writes it, the cloud reads it)
+    signing_keys: Path  # the signing key ring (written by the cloud, mode 0600)
+    proxy_host: str  # the proxies' host as applications reach it (onpremise_proxy_host)
+    settings: OAuthSettings
+
+
+@attrs.frozen
 class CloudConfig:
     file: Path
     tunnel_listen: Listen
@@ -235,6 +249,7 @@ class CloudConfig:
     hello_timeout: float
     state_file: Path | None  # highest epochs, so a restarted cloud keeps fencing
     subaccounts: tuple[SubaccountConfig, ...]
+    oauth: OAuthConfig | None = None  # None: no token service, static tokens only
     destination_limits: DestinationLimits = DestinationLimits()
     stream_wait_seconds: float = 5.0
     stream_limits: StreamLimits = StreamLimits()
@@ -370,7 +385,10 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
         replica=replica,
         shared=shared,
     )
-    for section in (tunnel, proxy, admin, *( [dest] if dest else [] )):
+    oauth_section = root.sub("oauth")
+    if oauth_section is not None:
+        config = attrs.evolve(config, oauth=_oauth(oauth_section, config))
+    for section in (tunnel, proxy, admin, *( [dest] if dest else [] ), *([oauth_section] if oauth_section else [])):
         section.done()
     root.done()
     if config.ping_timeout <= config.ping_interval:
@@ -433,6 +451,36 @@ def _auth_throttle(proxy: _Section) -> AuthThrottleSettings:
         max_delay=max_delay,
         forget_after=proxy.float("auth_failure_memory_seconds", 60.0),
         max_addresses=proxy.int("auth_tracked_addresses", 10000, minimum=1),
+    )
+
+
+def _oauth(section: _Section, cloud: CloudConfig) -> OAuthConfig:
+    listen = section.listen("listen", "127.0.0.1:20007")
+    defaults = OAuthSettings(url="https://localhost")
+    try:
+        settings = OAuthSettings(
+            url=section.str("url", f"https://{listen.host}:{listen.port}"),
+            token_lifetime=section.float("token_lifetime", defaults.token_lifetime),
+            rotate_after=section.float("rotate_after", defaults.rotate_after),
+            key_overlap=section.float("key_overlap", defaults.key_overlap),
+            max_body_bytes=section.int("max_body_bytes", defaults.max_body_bytes, minimum=1),
+            max_connections=section.int("max_connections", defaults.max_connections, minimum=1),
+            request_timeout=section.float("request_timeout", defaults.request_timeout),
+            idle_timeout=section.float("idle_timeout", defaults.idle_timeout),
+        )
+    except ValueError as exc:
+        raise ConfigError(section.file, section.prefix, str(exc)) from None
+    cert, key = section.path("cert"), section.path("key")
+    if (cert is None) != (key is None):
+        raise ConfigError(section.file, section.key("cert"), "cert and key go together (or neither: the tunnel's)")
+    return OAuthConfig(
+        listen=listen,
+        cert=cert or cloud.tunnel_cert,
+        key=key or cloud.tunnel_key,
+        bindings=section.path("bindings", must_exist=False) or section.file.parent / "bindings.json",
+        signing_keys=section.path("signing_keys", must_exist=False) or section.file.parent / "signing-keys.json",
+        proxy_host=section.str("proxy_host", cloud.http_listen.host),
+        settings=settings,
     )
 
 
@@ -727,6 +775,9 @@ def check_cloud_files(config: CloudConfig) -> None:
     _key_pair(file, "tunnel.cert", "tunnel.key", config.tunnel_cert, config.tunnel_key)
     for i, subaccount in enumerate(config.subaccounts):
         _trust_store(file, f"subaccounts[{i}].ca", subaccount.ca)
+    if config.oauth is not None:
+        _key_pair(file, "oauth.cert", "oauth.key", config.oauth.cert, config.oauth.key)
+        _writable_directory(file, "oauth.signing_keys", config.oauth.signing_keys)
     if config.state_file is not None:
         _writable_directory(file, "state_file", config.state_file)
     if config.destinations_store is not None and config.shared is None:

@@ -20,6 +20,7 @@ import hmac
 import re
 import secrets
 from collections.abc import Iterable, Mapping
+from typing import Protocol
 
 import attrs
 
@@ -73,6 +74,12 @@ def parse_authorization(value: bytes | str | None) -> Credentials | None:
     return None
 
 
+class TokenValidator(Protocol):
+    """Identifies a JWT (`connector.cloud.jwtauth.JwtValidator`): its principal, or None."""
+
+    def identify(self, token: str) -> Principal | None: ...
+
+
 class Authenticator:
     """Maps bearer tokens to subaccounts. The proxies and the destination service share one
     instance; `replace` swaps its digests as a whole (tokens added and revoked live, from the
@@ -80,9 +87,11 @@ class Authenticator:
     addresses for the proxies (see `connector.cloud.clients.AuthThrottle`)."""
 
     def __init__(
-        self, digests_by_subaccount: Mapping[str, Iterable[str]], *, throttle: AuthThrottle | None = None
+        self, digests_by_subaccount: Mapping[str, Iterable[str]], *, throttle: AuthThrottle | None = None,
+        jwt: TokenValidator | None = None,
     ) -> None:
         self.throttle = throttle if throttle is not None else AuthThrottle()
+        self.jwt = jwt
         self._entries = self._build(digests_by_subaccount)
 
     def replace(self, digests_by_subaccount: Mapping[str, Iterable[str]]) -> None:
@@ -137,6 +146,10 @@ class Authenticator:
         """Like `authenticate_credentials`, and also the token's digest (what per-token limits count)."""
         if credentials is None:
             return None
+        if self.jwt is not None and credentials.token.count(".") == 2:  # shaped as a JWT: subaccount = its zid
+            principal = self.jwt.identify(credentials.token)
+            if principal is not None:
+                return principal if credentials.subaccount in (None, principal.subaccount) else None
         subaccount = self.authenticate(credentials.token)
         if subaccount is None:
             return None

@@ -23,11 +23,14 @@ from connector.admin import AdminRequest, AdminServer, Reply
 from connector.cloud.admission import StreamAdmission
 from connector.cloud.audit import CloudAudit
 from connector.cloud.auth import Authenticator
+from connector.cloud.bindings import FileBindingStore
 from connector.cloud.clients import AuthThrottle, ConnectionCounter
 from connector.cloud.coverage import NoPeers, PeerMasters, SharedPeers, cloud_state
 from connector.cloud.destination_store import EtcdDestinationStore, load_or_create_key
 from connector.cloud.destinations import DestinationService, DestinationSettings
 from connector.cloud.endpoint import EndpointSettings, TunnelEndpoint
+from connector.cloud.jwks import FileKeyStore
+from connector.cloud.oauth import TokenService, WallClock, server_ssl_context, wall_clock
 from connector.cloud.proxy import HttpProxy, ProxySettings
 from connector.cloud.registry import Registry
 from connector.cloud.replicas import Replica, ReplicaDirectory
@@ -48,6 +51,7 @@ class CloudPorts:
     socks5_proxy: int
     admin: int
     destinations: int | None
+    oauth: int | None = None
 
 
 def proxy_settings(config: CloudConfig) -> ProxySettings:
@@ -61,9 +65,19 @@ def proxy_settings(config: CloudConfig) -> ProxySettings:
     )
 
 
+def token_service(config: CloudConfig, clock: WallClock) -> TokenService:
+    """The token service of [oauth] (bindings and signing keys in their files)."""
+    assert config.oauth is not None
+    oauth = config.oauth
+    return TokenService(oauth.settings, bindings=FileBindingStore(oauth.bindings),
+                        keys=FileKeyStore(oauth.signing_keys),
+                        ssl_context=server_ssl_context(oauth.cert, oauth.key), clock=clock)
+
+
 class CloudServer:
-    def __init__(self, config: CloudConfig) -> None:
+    def __init__(self, config: CloudConfig, *, clock: WallClock = wall_clock) -> None:
         self.config = config
+        self.oauth = token_service(config, clock) if config.oauth is not None else None
         self.registry = Registry(
             hold_seconds=config.hold_seconds,
             hold_max=config.hold_max,
@@ -75,7 +89,8 @@ class CloudServer:
             shared_fence=config.shared is not None,
         )
         self.authenticator = Authenticator(
-            {s.id: s.token_sha256 for s in config.subaccounts}, throttle=AuthThrottle(config.auth_throttle)
+            {s.id: s.token_sha256 for s in config.subaccounts}, throttle=AuthThrottle(config.auth_throttle),
+            jwt=self.oauth.validator if self.oauth is not None else None,
         )
         self.admin_authenticator = Authenticator({s.id: s.destination_admin_sha256 for s in config.subaccounts})
         replica = config.replica or ReplicaConfig(id=socket.gethostname(), tunnel_url=None, admin_url=None)
@@ -158,10 +173,15 @@ class CloudServer:
                 destinations = await nursery.start(
                     service.run, config.destinations_listen.host, config.destinations_listen.port
                 )
+            oauth = None
+            if self.oauth is not None and config.oauth is not None:
+                # its refusals and failed guesses count with the proxies'
+                self.oauth.audit, self.oauth.throttle = self.audit, self.authenticator.throttle
+                oauth = await nursery.start(self.oauth.run, config.oauth.listen.host, config.oauth.listen.port)
             admin = await nursery.start(
                 AdminServer(self._admin_routes()).run, config.admin_listen.host, config.admin_listen.port
             )
-            self.ports = CloudPorts(tunnel, http, socks, admin, destinations)
+            self.ports = CloudPorts(tunnel, http, socks, admin, destinations, oauth)
             self._announce_bound_ports()
             if self.shared is not None:
                 await nursery.start(self.shared.run)

@@ -1,0 +1,509 @@
+"""The token service: OAuth2 access tokens (RS256 JWTs) for applications holding a binding.
+
+Theory of operation. SAP's clients (the Cloud SDK, xssec, any OAuth2 library) fetch a token with
+`POST {url}/oauth/token`, form-encoded, authenticating the client with HTTP Basic
+(`clientid:clientsecret`) or with `client_id` / `client_secret` form fields (RFC 6749 2.3.1; not
+both). Grants:
+
+- `client_credentials`: a token for the binding itself.
+- `urn:ietf:params:oauth:grant-type:jwt-bearer` (RFC 7523): `assertion` is a user's token that
+  we issued and that is still valid; the answer is a token for the requesting binding that
+  carries the user (`user_name`, `user_id`, `origin`, `sub`). Tokens of other issuers are
+  refused (trusted external issuers come with principal propagation).
+- `password`: refused as `unsupported_grant_type` (we keep no user store yet).
+
+A token is a JWT signed with the key ring's current key (`connector.cloud.jwks`), with `kid`
+and `jku` in its header and the claims XSUAA writes that applications read: `iss`
+(`{url}/oauth/token`), `zid` and `ext_attr.subaccountid` (the subaccount), `client_id` /
+`cid` / `azp`, `scope`, `aud`, `iat`, `exp`, `jti`, `grant_type`. The answer is
+`{access_token, token_type: "bearer", expires_in, scope, jti}`; errors are RFC 6749's
+`{error, error_description}` (401 `invalid_client` with `WWW-Authenticate: Basic`).
+`GET /token_keys` serves the JWKS (current and overlapping keys); `GET
+/.well-known/openid-configuration` names the endpoints.
+
+Served over TLS only (the cloud CA's certificate). Bounds: at most `max_connections` at once
+(one more is closed before its TLS handshake); the handshake, and each request until it is
+answered, within `request_timeout`; a keep-alive connection idles at most `idle_timeout`;
+bodies over `max_body_bytes` get 413 unread; secrets are checked by scrypt in worker threads, at most `HASH_THREADS` at once, with a
+dummy check for unknown client ids so timing does not tell which exist. Failed client
+authentications count in the proxies' `AuthThrottle` per client address and are answered after
+its delay; every refusal is written to the cloud's audit log (`proxy = "oauth"`).
+
+`TokenCache` is the other side: a client's cache of tokens that refreshes ahead of `expires_in`,
+on trio's clock (for the destination service's token retrieval, to come).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import json
+import logging
+import secrets
+import ssl
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import h11
+import jwt
+import trio
+
+from connector import metrics
+from connector.cloud.audit import CloudAudit
+from connector.cloud.bindings import (
+    AUDIENCES,
+    SCOPES,
+    Binding,
+    BindingStore,
+    check_secret,
+    hash_secret,
+)
+from connector.cloud.clients import AuthThrottle, address_key
+from connector.cloud.jwks import ALGORITHM, KeyRing, KeyStore, load_or_create
+from connector.cloud.jwtauth import JwtError, JwtValidator
+from connector.httperrors import error_parts
+from connector.listen import serve_tcp
+
+log = logging.getLogger(__name__)
+
+WallClock = Callable[[], float]  # Unix seconds: token claims are compared with other parties' clocks
+wall_clock: WallClock = time.time
+
+DEFAULT_OAUTH_PORT = 20007
+TOKEN_PATH = "/oauth/token"
+KEYS_PATH = "/token_keys"
+DISCOVERY_PATH = "/.well-known/openid-configuration"
+GRANT_CLIENT_CREDENTIALS = "client_credentials"
+GRANT_JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+GRANT_PASSWORD = "password"
+HASH_THREADS = 2  # scrypt checks at once: each holds 16 MiB and a core for about 50 ms
+_CHUNK = 16384
+REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found", 405: b"Method Not Allowed",
+           408: b"Request Timeout", 413: b"Content Too Large", 431: b"Request Header Fields Too Large",
+           500: b"Internal Server Error", 503: b"Service Unavailable"}
+
+
+@attrs.frozen
+class OAuthSettings:
+    """The token service's public URL, token lifetime, key rotation and bounds ([oauth])."""
+
+    url: str  # public base URL: tokens at {url}/oauth/token, `iss` = {url}/oauth/token
+    token_lifetime: float = 3600.0
+    rotate_after: float = 30 * 86400.0  # a signing key signs this long, then a new one takes over
+    key_overlap: float = 7200.0  # a replaced key is trusted this much longer (>= token_lifetime)
+    max_body_bytes: int = 8192
+    max_header_bytes: int = 16384
+    max_connections: int = 256
+    request_timeout: float = 10.0
+    idle_timeout: float = 60.0
+
+    def __attrs_post_init__(self) -> None:
+        if not self.url.startswith("https://"):
+            raise ValueError("url must start with https:// (the token service is served over TLS only)")
+        if min(self.token_lifetime, self.rotate_after, self.key_overlap, self.request_timeout, self.idle_timeout) <= 0:
+            raise ValueError("token_lifetime, rotate_after, key_overlap and the timeouts must be positive")
+        if self.key_overlap < self.token_lifetime:
+            raise ValueError("key_overlap must be at least token_lifetime, or a token could outlive the key "
+                             "that signed it")
+        if min(self.max_body_bytes, self.max_header_bytes, self.max_connections) < 1:
+            raise ValueError("max_body_bytes, max_header_bytes and max_connections must be at least 1")
+
+    @property
+    def issuer(self) -> str:
+        return self.url.rstrip("/") + TOKEN_PATH
+
+
+class OAuthError(Exception):
+    """A refused token request: status, RFC 6749 error code, description, and the audit reason."""
+
+    def __init__(self, status: int, error: str, description: str, *, subaccount: str | None = None) -> None:
+        super().__init__(description)
+        self.status, self.error, self.description, self.subaccount = status, error, description, subaccount
+
+
+def issue_token(ring: KeyRing, settings: OAuthSettings, binding: Binding, grant: str, now: float,
+                user: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The token response for `binding` (pure but for the random `jti`): signed with the ring's
+    current key, claims as the module docstring lists them; `user` adds a user's claims."""
+    jti = secrets.token_hex(16)
+    lifetime = int(settings.token_lifetime)
+    claims: dict[str, Any] = {
+        "jti": jti, "iss": settings.issuer, "zid": binding.subaccount, "aud": list(AUDIENCES),
+        "client_id": binding.client_id, "cid": binding.client_id, "azp": binding.client_id,
+        "sub": binding.client_id, "scope": list(SCOPES), "grant_type": grant,
+        "iat": int(now), "exp": int(now) + lifetime,
+        "ext_attr": {"enhancer": "XSUAA", "subaccountid": binding.subaccount, "zdn": binding.subaccount},
+    }
+    if user is not None:
+        claims.update({key: user[key] for key in ("sub", "user_name", "user_id", "origin", "email") if key in user})
+    key = ring.current
+    token = jwt.encode(claims, key.private_key, algorithm=ALGORITHM,
+                       headers={"kid": key.kid, "jku": settings.url.rstrip("/") + KEYS_PATH})
+    return {"access_token": token, "token_type": "bearer", "expires_in": lifetime - 1,
+            "scope": " ".join(SCOPES), "jti": jti}
+
+
+def _form(body: bytes) -> dict[str, str]:
+    try:
+        pairs = urllib.parse.parse_qsl(body.decode("ascii"), keep_blank_values=True, strict_parsing=bool(body),
+                                       max_num_fields=32)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise OAuthError(400, "invalid_request", f"the body is not form-encoded: {exc}") from None
+    form: dict[str, str] = {}
+    for name, value in pairs:
+        if name in form:  # RFC 6749 3.1: parameters must not repeat
+            raise OAuthError(400, "invalid_request", f"parameter {name!r} appears twice")
+        form[name] = value
+    return form
+
+
+def client_credentials_of(authorization: bytes | None, form: dict[str, str]) -> tuple[str, str]:
+    """(client id, secret) from HTTP Basic (form-urlencoded parts, RFC 6749 2.3.1) or the form."""
+    in_form = "client_id" in form or "client_secret" in form
+    if authorization is not None:
+        if in_form and "client_secret" in form:
+            raise OAuthError(400, "invalid_request", "authenticate with Basic or with form fields, not both")
+        scheme, _, value = authorization.decode("latin-1").strip().partition(" ")
+        if scheme.lower() == "basic":
+            try:
+                user, sep, password = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                raise OAuthError(401, "invalid_client", "the Basic credentials are not base64 UTF-8") from None
+            if sep:
+                return urllib.parse.unquote_plus(user), urllib.parse.unquote_plus(password)
+        raise OAuthError(401, "invalid_client", "send Authorization: Basic base64(clientid:clientsecret)")
+    if form.get("client_id") and form.get("client_secret"):
+        return form["client_id"], form["client_secret"]
+    raise OAuthError(401, "invalid_client", "client authentication is required (Basic, or client_id and "
+                     "client_secret form fields)")
+
+
+def server_ssl_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """TLS 1.2+ server context with the cloud CA's certificate; no client certificate asked."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+class TokenService:
+    """`POST /oauth/token`, `GET /token_keys` over TLS (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: OAuthSettings,
+        *,
+        bindings: BindingStore,
+        keys: KeyStore,
+        ssl_context: ssl.SSLContext,
+        audit: CloudAudit | None = None,
+        throttle: AuthThrottle | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.bindings = bindings
+        self.keys = keys
+        self.ssl_context = ssl_context
+        self.audit = audit if audit is not None else CloudAudit()
+        self.throttle = throttle if throttle is not None else AuthThrottle()
+        self.clock = clock
+        self.ring = load_or_create(keys, clock())
+        self.validator = JwtValidator(lambda: self.ring, issuer=settings.issuer, audiences=AUDIENCES,
+                                      bindings=bindings, clock=lambda: self.clock())
+        self._hashing = trio.CapacityLimiter(HASH_THREADS)
+        self._connections = 0
+        self._connections_changed = trio.Event()
+
+    # --- keys ----------------------------------------------------------------------------------
+    def maintain_keys(self) -> str | None:
+        """Prune and rotate the signing keys as due now; the sentence of what changed, or None.
+        The ring is saved before it is used, so a restart never loses a key that signed."""
+        ring, said = self.ring.maintain(self.clock(), rotate_after=self.settings.rotate_after,
+                                        overlap=self.settings.key_overlap)
+        if ring is not self.ring:
+            self.keys.save(ring)
+            self.ring = ring
+            log.info("token signing keys: %s", said)
+        return said
+
+    def rotate_keys(self, overlap: float | None = None) -> str:
+        """Rotate now: an operator's request, or a suspected key leak (then with a short `overlap`,
+        or 0 to refuse the old key's tokens at once). Default overlap: `key_overlap`."""
+        ring = self.ring.rotate(self.clock(), self.settings.key_overlap if overlap is None else overlap)
+        self.keys.save(ring)
+        old, self.ring = self.ring, ring
+        said = f"rotated: {ring.current.kid} signs, {old.current.kid} trusted during the overlap"
+        log.info("token signing keys: %s", said)
+        return said
+
+    async def _maintain_keys_forever(self) -> None:
+        interval = min(60.0, self.settings.key_overlap / 10)
+        while True:
+            try:
+                self.maintain_keys()
+            except OSError as exc:  # the old ring stays in use; retried next turn
+                log.error("token signing keys could not be saved: %s", exc)
+            await trio.sleep(interval)
+
+    # --- serving -------------------------------------------------------------------------------
+    async def run(self, host: str = "127.0.0.1", port: int = DEFAULT_OAUTH_PORT, *,
+                  task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._maintain_keys_forever)
+            bound = await nursery.start(self._listen, host, port)
+            task_status.started(bound)
+
+    async def _listen(self, host: str, port: int, *, task_status: trio.TaskStatus[int]) -> None:
+        await serve_tcp(self.serve_connection, host, port, name="token service", task_status=task_status)
+
+    async def wait_connections(self, count: int) -> None:
+        """Until exactly `count` connections are being served."""
+        while self._connections != count:
+            await self._connections_changed.wait()
+
+    def _count_connection(self, delta: int) -> None:
+        self._connections += delta
+        self._connections_changed.set()
+        self._connections_changed = trio.Event()
+
+    async def serve_connection(self, sock: trio.SocketStream) -> None:
+        client = _peer(sock)
+        if self._connections >= self.settings.max_connections:  # before TLS: a handshake costs memory too
+            log.debug("token service: %d connections at once, closing one from %s", self._connections, client)
+            await trio.aclose_forcefully(sock)
+            return
+        stream = trio.SSLStream(sock, self.ssl_context, server_side=True, https_compatible=True)
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.settings.max_header_bytes)
+        self._count_connection(+1)
+        try:
+            with trio.move_on_after(self.settings.request_timeout) as handshake:
+                await stream.do_handshake()
+            if handshake.cancelled_caught:
+                return
+            while True:
+                if not conn.trailing_data[0]:
+                    with trio.move_on_after(self.settings.idle_timeout):
+                        conn.receive_data(bytes(await stream.receive_some(_CHUNK)))
+                    if not conn.trailing_data[0]:
+                        return
+                with trio.move_on_after(self.settings.request_timeout) as deadline:
+                    await self._serve_request(stream, conn, client)
+                if deadline.cancelled_caught:
+                    await self._answer(stream, conn, *_error(408, "invalid_request", "the request took too long"),
+                                       close=True)
+                    return
+                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    return
+                conn.start_next_cycle()
+        except h11.RemoteProtocolError as exc:
+            await self._answer(stream, conn, *_error(exc.error_status_hint, "invalid_request", str(exc)), close=True)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception:  # one connection's failure must not end the service
+            log.exception("token service connection failed")
+        finally:
+            self._count_connection(-1)
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await trio.aclose_forcefully(stream)
+
+    async def _serve_request(self, stream: trio.SSLStream[trio.SocketStream], conn: h11.Connection,
+                             client: str) -> None:
+        request = await _next_event(stream, conn)
+        if not isinstance(request, h11.Request):
+            return
+        path = request.target.decode("ascii", "replace").partition("?")[0]
+        started = trio.current_time()
+        try:
+            if path == TOKEN_PATH:
+                if request.method != b"POST":
+                    raise OAuthError(405, "invalid_request", "use POST")
+                body = await self._read_body(stream, conn, request)
+                authorization = next((v for n, v in request.headers if n == b"authorization"), None)
+                document = await self._token(authorization, _form(body), client)
+            elif path in (KEYS_PATH, DISCOVERY_PATH) and request.method in (b"GET", b"HEAD"):
+                await self._read_body(stream, conn, request)
+                document = self.ring.jwks(self.clock()) if path == KEYS_PATH else self._discovery()
+            else:
+                raise OAuthError(404, "not_found", f"no such endpoint: {path}")
+        except OAuthError as exc:
+            self.audit.refusal(proxy="oauth", client=client, reason=exc.error, status=exc.status,
+                               subaccount=exc.subaccount, method=request.method.decode("ascii", "replace"),
+                               path=path, duration_seconds=trio.current_time() - started)
+            close = exc.status in (413, 405)
+            await self._answer(stream, conn, *_error(exc.status, exc.error, exc.description), close=close,
+                               head_only=request.method == b"HEAD")
+            return
+        payload = json.dumps(document).encode("utf-8")
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                   (b"cache-control", b"no-store"), (b"pragma", b"no-cache")]
+        await self._answer(stream, conn, 200, headers, payload, head_only=request.method == b"HEAD")
+
+    async def _read_body(self, stream: trio.SSLStream[trio.SocketStream], conn: h11.Connection,
+                         request: h11.Request) -> bytes:
+        limit = self.settings.max_body_bytes
+        length = next((int(v) for n, v in request.headers if n == b"content-length"), 0)
+        if length > limit:
+            raise OAuthError(413, "invalid_request", f"request bodies are limited to {limit} bytes")
+        body = bytearray()
+        while True:
+            event = await _next_event(stream, conn)
+            if isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > limit:
+                    raise OAuthError(413, "invalid_request", f"request bodies are limited to {limit} bytes")
+            elif isinstance(event, h11.EndOfMessage):
+                return bytes(body)
+            else:
+                raise h11.RemoteProtocolError("the connection closed inside a request body", error_status_hint=400)
+
+    async def _answer(self, stream: trio.SSLStream[trio.SocketStream], conn: h11.Connection, status: int,
+                      headers: list[tuple[bytes, bytes]], payload: bytes, *, close: bool = False,
+                      head_only: bool = False) -> None:
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        if close:
+            headers = [*headers, (b"connection", b"close")]
+        out = conn.send(h11.Response(status_code=status, headers=headers, reason=REASONS.get(status, b"")))
+        if not head_only:
+            out += conn.send(h11.Data(data=payload))
+        out += conn.send(h11.EndOfMessage())
+        with trio.move_on_after(self.settings.request_timeout):
+            await stream.send_all(out)
+
+    # --- one token request ---------------------------------------------------------------------
+    async def _token(self, authorization: bytes | None, form: dict[str, str], client: str) -> dict[str, Any]:
+        grant = form.get("grant_type", "")
+        client_id, secret = client_credentials_of(authorization, form)
+        binding = await self._authenticate_client(client_id, secret, client)
+        now = self.clock()
+        if grant == GRANT_CLIENT_CREDENTIALS:
+            document = issue_token(self.ring, self.settings, binding, grant, now)
+        elif grant == GRANT_JWT_BEARER:
+            try:
+                user = self.validator.validate(form.get("assertion", ""))
+            except JwtError as exc:
+                raise OAuthError(400, "invalid_grant", f"the assertion was refused ({exc.reason}): {exc}",
+                                 subaccount=binding.subaccount) from None
+            if user["zid"] != binding.subaccount:
+                raise OAuthError(400, "invalid_grant", "the assertion belongs to another subaccount",
+                                 subaccount=binding.subaccount)
+            document = issue_token(self.ring, self.settings, binding, grant, now, user=user)
+        elif grant == GRANT_PASSWORD:
+            raise OAuthError(400, "unsupported_grant_type", "the password grant is not supported yet (no user "
+                             "store); use client_credentials or jwt-bearer", subaccount=binding.subaccount)
+        else:
+            raise OAuthError(400, "unsupported_grant_type", f"grant_type {grant!r} is not supported",
+                             subaccount=binding.subaccount)
+        log.info("token issued: %s for %s (subaccount %s)", grant, binding.client_id, binding.subaccount)
+        return document
+
+    async def _authenticate_client(self, client_id: str, secret: str, client: str) -> Binding:
+        try:
+            binding = self.bindings.get(client_id)
+        except OSError as exc:
+            log.error("binding store unreadable: %s", exc)
+            raise OAuthError(500, "server_error", "the binding store cannot be read") from None
+        stored = binding.secret_hash if binding is not None else _unknown_client_hash()
+        ok = await trio.to_thread.run_sync(check_secret, secret, stored, limiter=self._hashing)
+        if binding is not None and ok and binding.active:
+            return binding
+        metrics.PROXY_AUTH_FAILURES.inc()
+        delay = self.throttle.failed(client)
+        if delay > 0:
+            metrics.PROXY_AUTH_DELAYED.inc()
+            await trio.sleep(delay)
+        revoked = binding is not None and ok and not binding.active
+        raise OAuthError(401, "invalid_client", "this binding is revoked" if revoked else "bad client credentials",
+                         subaccount=binding.subaccount if revoked and binding is not None else None)
+
+    def _discovery(self) -> dict[str, Any]:
+        base = self.settings.url.rstrip("/")
+        return {"issuer": self.settings.issuer, "token_endpoint": base + TOKEN_PATH, "jwks_uri": base + KEYS_PATH,
+                "grant_types_supported": [GRANT_CLIENT_CREDENTIALS, GRANT_JWT_BEARER],
+                "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+                "id_token_signing_alg_values_supported": [ALGORITHM]}
+
+
+@functools.cache
+def _unknown_client_hash() -> str:
+    """What a secret is checked against when the client id is unknown: the same work as a real check."""
+    return hash_secret("no such client")
+
+
+def _error(status: int, error: str, description: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    _, headers, _ = error_parts(status, error)
+    payload = json.dumps({"error": error, "error_description": description}).encode("utf-8")
+    headers = [(n, str(len(payload)).encode() if n == b"content-length" else v) for n, v in headers]
+    if error == "invalid_client":
+        headers.append((b"www-authenticate", b'Basic realm="oauth"'))
+    return status, headers, payload
+
+
+def _peer(sock: trio.SocketStream) -> str:
+    """The client's address key (as the proxies count and audit clients), or "?"."""
+    try:
+        return address_key(str(sock.socket.getpeername()[0]))
+    except OSError:
+        return "?"
+
+
+async def _next_event(stream: trio.abc.Stream, conn: h11.Connection) -> Any:
+    while True:
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        conn.receive_data(bytes(await stream.receive_some(_CHUNK)))
+
+
+# --- the client side: cached tokens ------------------------------------------------------------
+
+@attrs.frozen
+class CachedToken:
+    access_token: str
+    expires_at: float  # trio clock
+    refresh_at: float  # trio clock: fetched again from here on
+
+
+class TokenCache:
+    """Tokens by key (e.g. token URL + client id), fetched by `fetch` and reused until
+    `refresh_fraction` of their `expires_in` has passed (or `min_remaining` seconds are left,
+    whichever comes first). Concurrent callers of one key share one fetch. Times: trio's clock."""
+
+    def __init__(self, fetch: Callable[[str], Awaitable[dict[str, Any]]], *, refresh_fraction: float = 0.8,
+                 min_remaining: float = 30.0, max_entries: int = 1024) -> None:
+        if not 0 < refresh_fraction <= 1:
+            raise ValueError("refresh_fraction must be in (0, 1]")
+        self.fetch = fetch
+        self.refresh_fraction = refresh_fraction
+        self.min_remaining = min_remaining
+        self.max_entries = max_entries
+        self._entries: dict[str, CachedToken] = {}
+        self._locks: dict[str, trio.Lock] = {}
+        self.fetches = 0
+
+    async def get(self, key: str) -> str:
+        lock = self._locks.setdefault(key, trio.Lock())
+        async with lock:
+            entry = self._entries.get(key)
+            now = trio.current_time()
+            if entry is not None and now < entry.refresh_at:
+                return entry.access_token
+            response = await self.fetch(key)
+            self.fetches += 1
+            token = response.get("access_token")
+            expires_in = response.get("expires_in")
+            if not isinstance(token, str) or not isinstance(expires_in, (int, float)) or expires_in <= 0:
+                raise ValueError("the token response lacks access_token or a positive expires_in")
+            now = trio.current_time()
+            refresh_at = now + min(expires_in * self.refresh_fraction, max(0.0, expires_in - self.min_remaining))
+            if len(self._entries) >= self.max_entries and key not in self._entries:
+                oldest = min(self._entries, key=lambda k: self._entries[k].expires_at)
+                del self._entries[oldest]
+                self._locks.pop(oldest, None)
+            self._entries[key] = CachedToken(token, now + expires_in, refresh_at)
+            return token
