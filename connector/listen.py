@@ -24,6 +24,7 @@ LISTEN_SETTINGS = {
     "SOCKS5 connectivity proxy": "[proxy] socks5_listen",
     "destination service": "[destinations] listen",
     "admin API": "[admin] listen",
+    "token service": "[oauth] listen",
 }
 
 
