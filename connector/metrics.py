@@ -110,11 +110,15 @@ CLOUD_STATE_PERSISTED = Gauge(
 CLOUD_SHARED_LOADED = Gauge(
     NS + "_cloud_shared_fence_loaded",
     "1 once this replica read the shared fence from the cloud's etcd ([shared]; until then it "
-    "admits no tunnel and routes nothing); 1 without [shared]",
+    "admits no tunnel and routes nothing); 1 without [shared]. `fence` is shared or local: a cloud has "
+    "it, a node does not (an unlabelled gauge would show a node's 0)",
+    ["fence"],
 )
 CLOUD_SHARED_WRITES_PENDING = Gauge(
     NS + "_cloud_shared_writes_pending",
-    "Locations whose fence advance, accepted by this replica, is not yet written to the cloud's etcd",
+    "Locations whose fence advance, accepted by this replica, is not yet written to the cloud's etcd "
+    "(only a cloud with [shared] has it)",
+    ["fence"],
 )
 CLOUD_HAS_MASTER = Gauge(
     NS + "_cloud_location_has_master", "1 while a known location has a master tunnel", ["subaccount", "location"]

@@ -243,7 +243,10 @@ class Registry:
         self._nursery: trio.Nursery | None = None
         # with a shared fence: nothing is admitted or routed until it was read (fail closed)
         self.fence_loaded = not shared_fence
-        metrics.CLOUD_SHARED_LOADED.set(1 if self.fence_loaded else 0)
+        self._fence_gauge = metrics.CLOUD_SHARED_LOADED.labels("shared" if shared_fence else "local")
+        self._fence_gauge.set(1 if self.fence_loaded else 0)
+        if not shared_fence:  # nothing to write to a cloud etcd: the series exists, and says so
+            metrics.CLOUD_SHARED_WRITES_PENDING.labels("local").set(0)
         self._fence_loaded_event = trio.Event()
         if self.fence_loaded:
             self._fence_loaded_event.set()
@@ -399,7 +402,7 @@ class Registry:
         if not self.fence_loaded:
             log.info("shared fence read (%d locations): admitting tunnels", len(fences))
         self.fence_loaded = True
-        metrics.CLOUD_SHARED_LOADED.set(1)
+        self._fence_gauge.set(1)
         self._fence_loaded_event.set()
 
     def apply_shared_fence(self, key: LocationKey, fence: Fence) -> Fence:

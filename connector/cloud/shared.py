@@ -164,7 +164,7 @@ class FenceSync:
         self._changed()
 
     def _changed(self) -> None:
-        metrics.CLOUD_SHARED_WRITES_PENDING.set(len(self._pending))
+        metrics.CLOUD_SHARED_WRITES_PENDING.labels("shared").set(len(self._pending))
         if self._pending:
             if self._written.is_set():
                 self._written = trio.Event()
