@@ -175,7 +175,7 @@ def cmd_cloud(args: argparse.Namespace) -> int:
         print(f"{args.config}: configuration is valid")
         return 0
     server = CloudServer(config)
-    trio.run(_run_until_signal, server.run)
+    trio.run(_run_until_signal, server.run, server.shutdown)  # SIGTERM: drain (connector.cloud.drain)
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import builtins
 import difflib
 import os
+import socket
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,7 @@ from connector.agent.acl import Mapping
 from connector.cloud.admission import StreamLimits
 from connector.cloud.clients import AuthThrottleSettings
 from connector.cloud.destinations import DestinationLimits
+from connector.cloud.drain import DrainSettings
 from ha.timing import HATiming
 
 T = TypeVar("T")
@@ -238,6 +240,22 @@ class CloudConfig:
     stream_wait_seconds: float = 5.0
     stream_limits: StreamLimits = StreamLimits()
     auth_throttle: AuthThrottleSettings = AuthThrottleSettings()
+    drain: DrainSettings = DrainSettings()  # [drain]: graceful shutdown (connector.cloud.drain)
+    # [replica] and [shared] (issue 10): read minimally here; the shared state owns their meaning
+    replica_id: str = ""  # [replica] id; default: the host name
+    replica_tunnel_url: str | None = None  # [replica] tunnel_url; default: wss://<tunnel listen>/tunnel
+    shared_etcd: tuple[str, ...] = ()  # [shared] etcd; empty: single-replica mode
+    shared_prefix: str = "/connector-cloud"  # [shared] prefix
+
+
+def _drain_settings(drain: _Section) -> DrainSettings:
+    """[drain]: how long a replica stays in rotation after SIGTERM, and how long requests get."""
+    values = {}
+    for name, default in attrs.asdict(DrainSettings()).items():
+        values[name] = drain.float(name, default, positive=False)
+        if values[name] < 0:
+            raise ConfigError(drain.file, drain.key(name), f"must be zero or more, got {values[name]:g}")
+    return DrainSettings(**values)
 
 
 def _digests(section: _Section, name: str) -> list[str]:
@@ -271,6 +289,9 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
     proxy = root.sub("proxy") or _Section(file, "proxy", {})
     admin = root.sub("admin") or _Section(file, "admin", {})
     dest = root.sub("destinations")
+    drain = root.sub("drain") or _Section(file, "drain", {})
+    replica = root.sub("replica") or _Section(file, "replica", {})
+    shared = root.sub("shared")
     subaccounts = []
     for section in root.subs("subaccounts"):
         clusters = section.sub("clusters") or _Section(file, section.key("clusters"), {})
@@ -336,8 +357,13 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
         state_file=root.path("state_file", must_exist=False),
         subaccounts=tuple(subaccounts),
         destination_limits=_destination_limits(dest) if dest else DestinationLimits(),
+        drain=_drain_settings(drain),
+        replica_id=replica.str("id", socket.gethostname()),
+        replica_tunnel_url=replica.str("tunnel_url"),
+        shared_etcd=tuple(shared.str_list("etcd")) if shared else (),
+        shared_prefix=shared.str("prefix", "/connector-cloud") if shared else "/connector-cloud",
     )
-    for section in (tunnel, proxy, admin, *( [dest] if dest else [] )):
+    for section in (tunnel, proxy, admin, drain, replica, *( [dest] if dest else [] ), *([shared] if shared else [])):
         section.done()
     root.done()
     if config.ping_timeout <= config.ping_interval:

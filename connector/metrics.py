@@ -154,3 +154,18 @@ PROXY_AUTH_DELAYED = Counter(
 PROXY_AUTH_FAILING_ADDRESSES = Gauge(
     NS + "_proxy_auth_failing_addresses", "Client addresses with remembered authentication failures"
 )
+
+# --- cloud replicas (issue 10) ------------------------------------------------------------------
+# Every cloud series also carries the scrape's `replica` target label (docs/metrics.md).
+CLOUD_REPLICA = Info(NS + "_cloud_replica", "This cloud replica's id ([replica] id), as label `replica`")
+CLOUD_READY = Gauge(
+    NS + "_cloud_ready", "1 while this cloud replica's /readyz says ready, 0 while not (draining, ...)"
+)
+CLOUD_DRAIN_CONNECTIONS = Gauge(
+    NS + "_cloud_drain_connections",
+    "Application connections (HTTP proxy, SOCKS5) this replica serves; a draining replica exits at 0",
+)
+CLOUD_SHARED_STATE_WRITE_FAILURES = Counter(
+    NS + "_cloud_shared_state_write_failures_total",
+    "Writes to the cloud's shared state (its etcd) that failed; the replica serves from memory meanwhile",
+)

@@ -93,3 +93,22 @@ def _as_shadow(state: NodeState) -> Readiness:
     if state.etcd_reachable:
         return Readiness(True, "shadow reaching etcd, no standby tunnel")
     return Readiness(False, "shadow with neither a standby tunnel nor etcd")
+
+
+# --- the cloud side ----------------------------------------------------------------------------
+
+@attrs.frozen(kw_only=True)
+class CloudState:
+    """What a cloud replica knows about itself at one instant (see `cloud_readiness`)."""
+
+    draining: bool = False  # SIGTERM: out of the load balancer's rotation, finishing requests
+
+
+def cloud_readiness(state: CloudState) -> Readiness:
+    """Whether a cloud replica should receive applications' connections (its `/readyz`).
+
+    A draining replica is not ready at once, so the load balancer stops sending before the
+    replica stops accepting (`connector.cloud.drain`)."""
+    if state.draining:
+        return Readiness(False, "draining: shutting down, finishing the requests under way")
+    return Readiness(True, "serving")

@@ -1,7 +1,9 @@
 """`connector cloud`: the cloud side as one process: tunnel endpoint, proxies, destinations, admin.
 
 Each service is a `run(host, port, *, task_status)` started in one nursery; `CloudServer.run`
-reports the bound ports (so tests and the demo can use port 0).
+reports the bound ports (so tests and the demo can use port 0). `CloudServer.shutdown` is the
+graceful end of a replica (SIGTERM): not ready, listeners closed, requests finished, GOAWAY to the
+nodes (see `connector.cloud.drain`).
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from connector.cloud.audit import CloudAudit
 from connector.cloud.auth import Authenticator
 from connector.cloud.clients import AuthThrottle
 from connector.cloud.destinations import DestinationService, DestinationSettings
+from connector.cloud.drain import Drain
 from connector.cloud.endpoint import EndpointSettings, TunnelEndpoint
 from connector.cloud.proxy import HttpProxy, ProxySettings
 from connector.cloud.registry import Registry
 from connector.cloud.socks5 import Socks5Proxy
 from connector.config import CloudConfig
 from connector.datarate import MinDataRate
+from connector.readiness import CloudState, Readiness, cloud_readiness
 from connector.tunnel.session import TunnelSettings
 
 log = logging.getLogger(__name__)
@@ -77,6 +81,33 @@ class CloudServer:
                                                upgrade_timeout=config.upgrade_timeout),
         )
         self.ports: CloudPorts | None = None
+        self.drain = Drain()
+        metrics.CLOUD_REPLICA.info({"replica": config.replica_id})
+        metrics.CLOUD_READY.set_function(lambda: float(self.readiness().ready))
+        metrics.CLOUD_DRAIN_CONNECTIONS.set_function(lambda: self.drain.statistics().connections)
+
+    def readiness(self) -> Readiness:
+        return cloud_readiness(CloudState(draining=self.drain.draining))
+
+    async def shutdown(self) -> None:
+        """Leave the rotation without failing a request, then GOAWAY to the nodes (see
+        `connector.cloud.drain` for the phases); returns when the replica may exit."""
+        settings = self.config.drain
+        self.drain.begin()
+        log.info("draining: not ready; accepting for %g s more while the load balancer notices",
+                 settings.notice_seconds)
+        await trio.sleep(settings.notice_seconds)  # the load balancer's time to notice, not a poll
+        self.drain.stop_accepting()
+        log.info("draining: listeners closed; waiting up to %g s for %d application connection(s)",
+                 settings.drain_seconds, self.drain.statistics().connections)
+        with trio.move_on_after(settings.drain_seconds):
+            await self.drain.wait_connections(0)
+        left = self.drain.statistics().connections
+        if left:
+            log.warning("draining: %d application connection(s) still open after %g s: closing them",
+                        left, settings.drain_seconds)
+        await self.endpoint.go_away("replica shutting down")
+        log.info("drained: exiting")
 
     async def run(self, *, task_status: trio.TaskStatus[CloudPorts] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
@@ -93,9 +124,10 @@ class CloudServer:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.registry.run)
             tunnel = await nursery.start(self.endpoint.run, config.tunnel_listen.host, config.tunnel_listen.port)
-            http_proxy = HttpProxy(self.registry, self.authenticator, settings=proxy_settings(config), audit=self.audit)
+            http_proxy = HttpProxy(self.registry, self.authenticator, settings=proxy_settings(config), audit=self.audit,
+                                   drain=self.drain)
             http = await nursery.start(http_proxy.run, config.http_listen.host, config.http_listen.port)
-            socks_proxy = Socks5Proxy(self.registry, self.authenticator, audit=self.audit)
+            socks_proxy = Socks5Proxy(self.registry, self.authenticator, audit=self.audit, drain=self.drain)
             socks = await nursery.start(socks_proxy.run, config.socks5_listen.host, config.socks5_listen.port)
             destinations = None
             if config.destinations_listen is not None and config.destinations_store is not None:
@@ -122,6 +154,8 @@ class CloudServer:
             return Reply.json(200, {"locations": self.registry.snapshot(), "refused_connections": self.endpoint.refused})
 
         async def readyz(request: AdminRequest) -> Reply:
-            return Reply.json(200, {"ready": True})
+            result = self.readiness()
+            return Reply.json(200 if result.ready else 503, {"ready": result.ready, "reason": result.reason,
+                                                             "replica": self.config.replica_id})
 
         return {("GET", "/status"): locations, ("GET", "/readyz"): readyz}

@@ -1,0 +1,135 @@
+"""A cloud replica's graceful shutdown, phase by phase, on a real cloud, node and backend in-process.
+
+`connector.cloud.drain` describes the phases: not ready and `Connection: close` on every response
+(`Drain.begin`), listeners closed and idle connections closed (`Drain.stop_accepting`), requests
+under way finish, then GOAWAY to the nodes. The end-to-end run (real processes behind HAProxy,
+under load) is tests/failover/test_cloud_rolling.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from connector.admin import http_request
+from tests.support.httpclient import HttpClient
+from tests.support.stack import start_stack
+
+TEST_TIMEOUT = 20.0
+URL = "http://erp.virtual:8000/sap/opu/odata/x"
+DRAIN = "\n[drain]\nnotice_seconds = 0.2\ndrain_seconds = 10\n"
+
+
+async def _eof(client: HttpClient) -> bytes:
+    """What the proxy still sends on `client`'s connection until it closes it."""
+    data = b""
+    while chunk := await client.stream.receive_some(65536):
+        data += chunk
+    return data
+
+
+async def test_drain_phases(tmp_path: Path) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            stack = await start_stack(nursery, tmp_path, extra=DRAIN)
+            cloud, ports = stack.cloud, stack.ports
+            kept, idle = await HttpClient.connect(ports.http_proxy), await HttpClient.connect(ports.http_proxy)
+            for client in (kept, idle):
+                response = await client.request("GET", URL, [stack.proxy_auth])
+                assert response.status == 200 and "connection" not in response.headers
+            status, body = await http_request("127.0.0.1", ports.admin, "/readyz")
+            assert status == 200, body
+
+            # a request under way: its body waits for `release`
+            release = trio.Event()
+            slow = await HttpClient.connect(ports.http_proxy)
+            slow_result: list[int] = []
+
+            async def body() -> AsyncIterator[bytes]:
+                yield b"first "
+                await release.wait()
+                yield b"second"
+
+            async def slow_request() -> None:
+                response = await slow.request("POST", "http://erp.virtual:8000/sap/opu/odata/echo",
+                                              [stack.proxy_auth], body())
+                assert response.body == b"first second"
+                slow_result.append(response.status)
+
+            nursery.start_soon(slow_request)
+            await cloud.drain.wait_connections(3)
+
+            # phase 1: not ready at once; the next response closes its connection
+            cloud.drain.begin()
+            status, body = await http_request("127.0.0.1", ports.admin, "/readyz")
+            assert status == 503 and b"draining" in body
+            response = await kept.request("GET", URL, [stack.proxy_auth])
+            assert response.status == 200 and response.headers["connection"] == "close"
+            assert await _eof(kept) == b""
+            # a connection the load balancer still sends is served, once
+            late = await HttpClient.connect(ports.http_proxy)
+            response = await late.request("GET", URL, [stack.proxy_auth])
+            assert response.status == 200 and response.headers["connection"] == "close"
+            await late.aclose()
+
+            # phase 2: the listener closes, the idle connection is closed, the slow one goes on
+            cloud.drain.stop_accepting()
+            assert await _eof(idle) == b""
+            with pytest.raises(OSError):
+                await trio.open_tcp_stream("127.0.0.1", ports.http_proxy)
+            with pytest.raises(OSError):
+                await trio.open_tcp_stream("127.0.0.1", ports.socks5_proxy)
+            assert slow_result == []
+            release.set()
+            await cloud.drain.wait_connections(0)
+            assert slow_result == [200]
+
+            # phase 4: GOAWAY; the node's tunnel goes, and a redial is sent away too
+            await cloud.endpoint.go_away("replica shutting down")
+            await cloud.endpoint.wait_connections(0)
+            assert all(not loc["tunnels"] for loc in cloud.registry.snapshot())
+            for client in (kept, idle, slow):
+                await client.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_shutdown_returns_once_the_last_request_finished(tmp_path: Path) -> None:
+    """`CloudServer.shutdown` (what SIGTERM runs) waits for a request under way, not longer."""
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            stack = await start_stack(nursery, tmp_path, extra=DRAIN)
+            release = trio.Event()
+            client = await HttpClient.connect(stack.ports.http_proxy)
+            statuses: list[int] = []
+
+            async def body() -> AsyncIterator[bytes]:
+                yield b"a"
+                await release.wait()
+                yield b"b"
+
+            async def request() -> None:
+                response = await client.request("POST", "http://erp.virtual:8000/sap/opu/odata/echo",
+                                                [stack.proxy_auth], body())
+                statuses.append(response.status)
+
+            nursery.start_soon(request)
+            await stack.cloud.drain.wait_connections(1)
+            done = trio.Event()
+
+            async def shutdown() -> None:
+                await stack.cloud.shutdown()
+                done.set()
+
+            nursery.start_soon(shutdown)
+            await stack.cloud.drain.wait_stopped_accepting()  # after the notice period (0.2 s)
+            assert not done.is_set()  # the request is still under way
+            started = trio.current_time()
+            release.set()
+            await done.wait()
+            assert statuses == [200]
+            assert trio.current_time() - started < 5.0  # not drain_seconds (10 s)
+            await client.aclose()
+            nursery.cancel_scope.cancel()
