@@ -199,7 +199,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from connector.demo import run_demo
 
     return run_demo(state_file=Path(args.state_file) if args.state_file else None, workdir=Path(args.dir) if args.dir else None,
-                    http_port=args.http_port, socks5_port=args.socks5_port, etcd=args.etcd)
+                    http_port=args.http_port, socks5_port=args.socks5_port, etcd=args.etcd,
+                    cloud_replicas=args.cloud_replicas)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -293,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--http-port", type=int, default=20003, help="HTTP proxy port (0 = any free port)")
     demo.add_argument("--socks5-port", type=int, default=20004, help="SOCKS5 proxy port (0 = any free port)")
     demo.add_argument("--etcd", metavar="PATH", help="the etcd binary to run (default: $ETCD_BINARY, else etcd on PATH)")
+    demo.add_argument("--cloud-replicas", type=int, default=1, metavar="N",
+                      help="run N cloud replicas and a cloud etcd behind HAProxy, the front door whose ports "
+                           "--http-port and --socks5-port then name (default 1: one cloud process)")
     demo.set_defaults(func=cmd_demo)
 
     status = sub.add_parser("status", help="the cluster at a glance; exit 1 when there is no master")
