@@ -156,8 +156,9 @@ PROXY_AUTH_FAILING_ADDRESSES = Gauge(
 )
 
 # --- cloud replicas (issue 10) ------------------------------------------------------------------
-# Every cloud series also carries the scrape's `replica` target label (docs/metrics.md).
-CLOUD_REPLICA = Info(NS + "_cloud_replica", "This cloud replica's id ([replica] id), as label `replica`")
+# Every cloud series also carries the scrape's `replica` target label (docs/metrics.md); the info
+# metric's label is `id`, not `replica`, so that it never collides with that target label.
+CLOUD_REPLICA = Info(NS + "_cloud_replica", "This cloud replica's id ([replica] id), as label `id`")
 CLOUD_READY = Gauge(
     NS + "_cloud_ready", "1 while this cloud replica's /readyz says ready, 0 while not (draining, ...)"
 )

@@ -82,7 +82,7 @@ class CloudServer:
         )
         self.ports: CloudPorts | None = None
         self.drain = Drain()
-        metrics.CLOUD_REPLICA.info({"replica": config.replica_id})
+        metrics.CLOUD_REPLICA.info({"id": config.replica_id})
         metrics.CLOUD_READY.set_function(lambda: float(self.readiness().ready))
         metrics.CLOUD_DRAIN_CONNECTIONS.set_function(lambda: self.drain.statistics().connections)
 
