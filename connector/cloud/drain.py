@@ -11,9 +11,10 @@ through these phases; this module holds the state the application-facing service
    and its next request opens a connection the load balancer sends elsewhere). The listeners
    stay open for `DrainSettings.notice_seconds`: connections the load balancer still sends
    before its health check noticed are served, one request each.
-2. **Stop accepting** (`Drain.stop_accepting`): the listeners close, and every connection that
-   waits for its next request without having sent a byte of it is closed (`while_idle`). A
-   connection with a request under way is never interrupted.
+2. **Stop accepting** (`Drain.stop_accepting`): the listeners close, and every kept-alive
+   connection that waits for its next request without having sent a byte of it is closed
+   (`while_idle`). A connection with a request under way is never interrupted, nor one accepted
+   just before that has not sent its first request yet (it is on the way).
 3. **In-flight requests finish**: the replica waits until every application connection ended
    (`wait_connections(0)`), at most `DrainSettings.drain_seconds`; what is left then is cut.
 4. **GOAWAY**: the tunnel endpoint closes every node's tunnel with GOAWAY(GOING_AWAY); the

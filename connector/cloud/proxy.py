@@ -62,8 +62,9 @@ for `stream_idle_timeout` gives its stream back (FIN), so idle application conne
 hold the streams of a location's tunnel.
 
 Draining (`connector.cloud.drain`, a replica's SIGTERM): every response says `Connection: close`
-once the drain began, and a connection waiting for its next request with no byte of it read is
-closed once the replica stopped accepting; a request under way always runs to its end.
+once the drain began, and a kept-alive connection waiting for its next request with no byte of it
+read is closed once the replica stopped accepting; a request under way always runs to its end, and
+so does a new connection's first request.
 """
 
 from __future__ import annotations
@@ -503,7 +504,9 @@ class _ProxyConnection:
 
     async def serve(self) -> None:
         first = b""
-        with self.proxy.drain.while_idle(), trio.move_on_after(self.settings.idle_timeout):
+        # not `while_idle`: a connection accepted just before the listener closed has its first
+        # request on the way (the load balancer opened it for one); the drain's deadline bounds it
+        with trio.move_on_after(self.settings.idle_timeout):
             first = await self._receive_client()
         if not first:
             return  # closed or idle before its first byte: nothing to answer

@@ -16,7 +16,8 @@ import trio
 
 from connector.admin import http_request
 from tests.support.httpclient import HttpClient
-from tests.support.stack import start_stack
+from tests.support.socks import socks5_connect
+from tests.support.stack import SUBACCOUNT, TOKEN, start_stack
 
 TEST_TIMEOUT = 20.0
 URL = "http://erp.virtual:8000/sap/opu/odata/x"
@@ -60,7 +61,13 @@ async def test_drain_phases(tmp_path: Path) -> None:
                 slow_result.append(response.status)
 
             nursery.start_soon(slow_request)
-            await cloud.drain.wait_connections(3)
+            # a SOCKS5 session under way (the echo service through the node)
+            session, code = await socks5_connect(ports.socks5_proxy, "echo.virtual", 7000, token=TOKEN,
+                                                 subaccount=SUBACCOUNT)
+            assert code == 0
+            await session.send_all(b"ping")
+            assert await session.receive_some(4) == b"ping"
+            await cloud.drain.wait_connections(4)  # kept, idle, slow, the SOCKS5 session
 
             # phase 1: not ready at once; the next response closes its connection
             cloud.drain.begin()
@@ -75,17 +82,34 @@ async def test_drain_phases(tmp_path: Path) -> None:
             assert response.status == 200 and response.headers["connection"] == "close"
             await late.aclose()
 
+            # a connection the load balancer opened just before the listener closes: its first
+            # request is on the way and must be served
+            fresh = await HttpClient.connect(ports.http_proxy)
+            await cloud.drain.wait_connections(5)
+
             # phase 2: the listener closes, the idle connection is closed, the slow one goes on
             cloud.drain.stop_accepting()
             assert await _eof(idle) == b""
+            response = await fresh.request("GET", URL, [stack.proxy_auth])
+            assert response.status == 200 and response.headers["connection"] == "close"
+            await fresh.aclose()
             with pytest.raises(OSError):
                 await trio.open_tcp_stream("127.0.0.1", ports.http_proxy)
             with pytest.raises(OSError):
                 await trio.open_tcp_stream("127.0.0.1", ports.socks5_proxy)
             assert slow_result == []
             release.set()
-            await cloud.drain.wait_connections(0)
+            await cloud.drain.wait_connections(1)
             assert slow_result == [200]
+            await session.send_all(b"still here")  # the SOCKS5 session runs to its end
+            echoed = b""
+            while len(echoed) < len(b"still here"):
+                echoed += await session.receive_some(64)
+            assert echoed == b"still here"
+            await session.send_eof()
+            assert await session.receive_some(64) == b""
+            await session.aclose()
+            await cloud.drain.wait_connections(0)
 
             # phase 4: GOAWAY; the node's tunnel goes, and a redial is sent away too
             await cloud.endpoint.go_away("replica shutting down")
