@@ -105,10 +105,9 @@ class CloudState:
 
 
 def cloud_readiness(state: CloudState) -> Readiness:
-    """Whether a cloud replica should receive applications' connections (its `/readyz`).
-
-    A draining replica is not ready at once, so the load balancer stops sending before the
-    replica stops accepting (`connector.cloud.drain`)."""
+    """Whether a cloud replica should receive applications' connections (its `/readyz`)."""
+    # A draining replica is not ready at once, so the load balancer stops sending before the
+    # replica stops accepting (`connector.cloud.drain`); nothing else matters then.
     if state.draining:
         return Readiness(False, "draining: shutting down, finishing the requests under way")
     return Readiness(True, "serving")

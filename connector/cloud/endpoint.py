@@ -27,8 +27,7 @@ told why (``refused`` with reason ``wrong_cluster``) and closed.
 Going away (a replica's graceful shutdown, `connector.cloud.drain`): `go_away` closes every
 tunnel with GOAWAY(GOING_AWAY) once the application requests finished and closes the listener
 (a node that redials is refused and backs off; one caught in its handshake gets GOAWAY after its
-HELLO). A node keeps its tunnels to the other replicas and
-redials this one with its usual backoff.
+HELLO). A node keeps its tunnels to the other replicas and redials this one with its usual backoff.
 """
 
 from __future__ import annotations
@@ -92,7 +91,7 @@ class TunnelEndpoint:
         self.refused = 0  # connections refused for certificate reasons (tests and status read it)
         self._connections = 0
         self._connections_lot = trio.lowlevel.ParkingLot()
-        self._sessions: set[TunnelSession] = set()  # tunnels past their HELLO
+        self._sessions: set[TunnelSession] = set()  # tunnels admitted to the registry
         self.going_away: str | None = None  # the GOAWAY reason once `go_away` ran
         self._accepting = trio.CancelScope()
 
@@ -203,14 +202,6 @@ class TunnelEndpoint:
         if self.going_away is not None:
             await session.aclose(ErrorCode.GOING_AWAY, self.going_away)
             return
-        self._sessions.add(session)
-        try:
-            await self._serve_session(session, peer, subaccount, node_cn, cert_cluster)
-        finally:
-            self._sessions.discard(session)
-
-    async def _serve_session(self, session: TunnelSession, peer: dict[str, Any], subaccount: str, node_cn: str,
-                             cert_cluster: str | None) -> None:
         location_id = str(peer.get("location_id", ""))
         node = node_cn
         if peer.get("node") not in (None, node_cn):
@@ -228,10 +219,12 @@ class TunnelEndpoint:
             await refuse_tunnel(session, verdict.control_body())
             return
         self.registry.add(handle)
+        self._sessions.add(session)
         log.info("tunnel up: node %s of %s/%r", node, subaccount, location_id)
         try:
             await session.run(control_handler=functools.partial(self._on_control, handle))
         finally:
+            self._sessions.discard(session)
             self.registry.remove(handle)
             log.info("tunnel down: node %s of %s/%r (%s)", node, subaccount, location_id, session.close_reason)
 
