@@ -64,6 +64,8 @@ ROLE_MAPPINGS = [{"type": "value", "options": {
     "1": {"text": "shadow", "color": "blue", "index": 1},
     "2": {"text": "master", "color": "green", "index": 2},
 }}]
+# Unlabelled gauges exist in every process (at 0 on the nodes): this join keeps the cloud replicas.
+ON_REPLICAS = "* on (job, instance) group_left () connector_cloud_replica_info"
 READY_MAPPINGS = [{"type": "value", "options": {
     "0": {"text": "not ready", "color": "orange", "index": 0},
     "1": {"text": "ready", "color": "green", "index": 1},
@@ -127,17 +129,17 @@ CLUSTER = {
         [
             panel("Cloud replicas", [
                 q("count(connector_cloud_replica_info)", "replicas"),
-                q("sum(connector_cloud_ready)", "ready"),
+                q(f"sum(connector_cloud_ready {ON_REPLICAS})", "ready"),
             ], kind="stat", width=6,
                 description="Replicas exporting metrics, and how many of them are ready (in the load balancer's rotation)."),
-            panel("Cloud replicas ready", [q("max by (replica) (connector_cloud_ready)", "{{replica}}")],
+            panel("Cloud replicas ready", [q(f"max by (replica) (connector_cloud_ready {ON_REPLICAS})", "{{replica}}")],
                   kind="state-timeline", width=6, mappings=READY_MAPPINGS,
                   description="A replica is not ready while it drains (SIGTERM) or cannot load the shared state."),
             panel("Cloud tunnels per replica", [q(
                 f"sum by (replica, location) (connector_cloud_tunnels{{{LOC}}})", "{{replica}} {{location}}")],
                 width=6, description="Every replica should hold the same tunnels: see ConnectorReplicaMissingTunnels."),
             panel("Application connections per replica", [q(
-                "sum by (replica) (connector_cloud_drain_connections)", "{{replica}}")], width=6,
+                f"sum by (replica) (connector_cloud_drain_connections {ON_REPLICAS})", "{{replica}}")], width=6,
                 description="HTTP proxy and SOCKS5 connections served; a draining replica exits once at 0."),
         ],
         [

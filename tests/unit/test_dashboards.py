@@ -232,6 +232,8 @@ def healthy_demo() -> list[dict[str, str]]:
         out += counter("connector_lease_renewal_failures_total", at)
         out += counter("connector_audit_write_errors_total", at)
         out += gauge("connector_held_requests_waiting", at, 0)
+        out += gauge("connector_cloud_ready", at, 1 if job == "cloud" else 0)  # unlabelled: everywhere
+        out += gauge("connector_cloud_drain_connections", at, 0)
         out += histogram("connector_held_request_duration_seconds", at, fail)
         out += gauge("connector_certificate_expiry_timestamp_seconds",
                      {**at, "certificate": "tunnel-server" if job == "cloud" else "tunnel-client"}, 2e9)
@@ -258,8 +260,9 @@ def healthy_demo() -> list[dict[str, str]]:
         # every cloud replica's series carry the scrape's `replica` label (docs/metrics.md)
         at = {"job": "cloud", "instance": instance, "replica": replica}
         out += gauge("connector_cloud_replica_info", {**at, "id": replica}, 1)
-        out += gauge("connector_cloud_ready", at, 1)
-        out += gauge("connector_cloud_drain_connections", at, 3)
+        if instance != "cloud:8081":  # the first one's unlabelled gauges come with the other processes'
+            out += gauge("connector_cloud_ready", at, 1)
+            out += gauge("connector_cloud_drain_connections", at, 3)
         out += counter("connector_cloud_shared_state_write_failures_total", at)
         out += gauge("connector_cloud_tunnels", {**at, **cloud_location, "role": "master"}, 1)
         out += gauge("connector_cloud_tunnels", {**at, **cloud_location, "role": "standby"}, 1)
