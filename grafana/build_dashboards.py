@@ -64,8 +64,9 @@ ROLE_MAPPINGS = [{"type": "value", "options": {
     "1": {"text": "shadow", "color": "blue", "index": 1},
     "2": {"text": "master", "color": "green", "index": 2},
 }}]
-# Unlabelled gauges exist in every process (at 0 on the nodes): this join keeps the cloud replicas.
-ON_REPLICAS = "* on (job, instance) group_left () connector_cloud_replica_info"
+# Unlabelled gauges exist in every process (at 0 on the nodes), and so does the info metric, but only
+# a cloud replica's has an `id`: this join keeps the replicas.
+ON_REPLICAS = '* on (job, instance) group_left () connector_cloud_replica_info{id!=""}'
 READY_MAPPINGS = [{"type": "value", "options": {
     "0": {"text": "not ready", "color": "orange", "index": 0},
     "1": {"text": "ready", "color": "green", "index": 1},
@@ -128,7 +129,7 @@ CLUSTER = {
         ],
         [
             panel("Cloud replicas", [
-                q("count(connector_cloud_replica_info)", "replicas"),
+                q('count(connector_cloud_replica_info{id!=""})', "replicas"),
                 q(f"sum(connector_cloud_ready {ON_REPLICAS})", "ready"),
             ], kind="stat", width=6,
                 description="Replicas exporting metrics, and how many of them are ready (in the load balancer's rotation)."),

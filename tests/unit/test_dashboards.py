@@ -234,6 +234,8 @@ def healthy_demo() -> list[dict[str, str]]:
         out += gauge("connector_held_requests_waiting", at, 0)
         out += gauge("connector_cloud_ready", at, 1 if job == "cloud" else 0)  # unlabelled: everywhere
         out += gauge("connector_cloud_drain_connections", at, 0)
+        if job != "cloud":  # an info metric without labels is exported by every process, without `id`
+            out += gauge("connector_cloud_replica_info", at, 1)
         out += histogram("connector_held_request_duration_seconds", at, fail)
         out += gauge("connector_certificate_expiry_timestamp_seconds",
                      {**at, "certificate": "tunnel-server" if job == "cloud" else "tunnel-client"}, 2e9)
