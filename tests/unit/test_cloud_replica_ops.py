@@ -240,3 +240,37 @@ def test_each_replica_is_scraped_once_with_its_replica_label() -> None:
     single = {"cloud": {"metrics_url": "http://127.0.0.1:1/metrics"}}  # one cloud process: as before
     assert prometheus_config(scrape_targets(single), [])["scrape_configs"][0]["static_configs"] == [
         {"targets": ["127.0.0.1:1"], "labels": {"component": "cloud"}}]
+
+
+def test_demo_refuses_zero_replicas_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from connector.demo import run_demo
+
+    if shutil.which("etcd") is None:
+        pytest.skip("etcd not installed: the demo checks it first")
+    assert run_demo(state_file=None, workdir=tmp_path, cloud_replicas=0) == 2
+    assert capsys.readouterr().err.strip() == "connector demo: --cloud-replicas 0: give 1 (one cloud process) or more"
+
+
+def test_demo_writes_replica_tables_only_with_two_or_more(tmp_path: Path) -> None:
+    from connector.cli import init_certs
+    from connector.demo import DemoSpec, write_configs
+
+    certs = init_certs(tmp_path / "certs", "demo", ["node-a"], ["127.0.0.1"])
+    ports = {name: 1000 + i for i, name in enumerate([
+        "tunnel", "http_proxy", "socks5_proxy", "cloud_admin", "destinations", "etcd_client", "backend_http",
+        "backend_tcp", "node-a_admin", "cloud_etcd_client",
+        *(f"cloud-{r}_{s}" for r in (1, 2) for s in ("tunnel", "admin", "http_proxy", "socks5", "destinations"))])}
+    single = write_configs(tmp_path, certs, ports, SHA, DemoSpec(nodes=("node-a",)))
+    assert set(single) == {"cloud", "node-a"}
+    config = load_cloud_config(single["cloud"])
+    assert config.shared_etcd == () and "[replica]" not in single["cloud"].read_text()
+    (tmp_path / "state").mkdir(exist_ok=True)
+    two = write_configs(tmp_path, certs, ports, SHA, DemoSpec(nodes=("node-a",), cloud_replicas=2))
+    assert set(two) == {"cloud-1", "cloud-2", "node-a"}
+    for replica in ("cloud-1", "cloud-2"):
+        config = load_cloud_config(two[replica])
+        assert config.replica_id == replica
+        assert config.replica_tunnel_url == f"wss://127.0.0.1:{ports[f'{replica}_tunnel']}/tunnel"
+        assert config.shared_etcd == (f"http://127.0.0.1:{ports['cloud_etcd_client']}",)
+        assert config.http_listen.port == ports[f"{replica}_http_proxy"]
+        assert config.state_file == tmp_path / "state" / replica / "cloud-epochs.json"
