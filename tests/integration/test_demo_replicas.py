@@ -114,3 +114,33 @@ async def test_every_request_through_the_front_door_is_served(tmp_path: Path) ->
 
     with trio.fail_after(START_TIMEOUT + STOP_TIMEOUT + 60):
         await run_demo(tmp_path, check)
+
+
+async def test_a_busy_front_door_port_is_named(tmp_path: Path) -> None:
+    """HAProxy cannot bind port 0: a taken --http-port is reported naming the option, nothing strays."""
+    import socket
+
+    env = {**os.environ, "CONNECTOR_DEMO_POINTER": str(tmp_path / "pointer.json")}
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        with trio.fail_after(START_TIMEOUT):
+            result = await trio.run_process(
+                [sys.executable, "-m", "connector", "demo", "--cloud-replicas", "2", "--http-port", str(port),
+                 "--socks5-port", "0", "--dir", str(tmp_path / "demo")],
+                capture_stdout=True, capture_stderr=True, env=env, check=False)
+    assert result.returncode == 1
+    first = result.stderr.decode().splitlines()[0]
+    assert f"port {port} is in use by another process: choose another with --http-port N" in first
+    assert "haproxy" in first
+    assert (tmp_path / "demo" / "logs" / "haproxy.log").exists()  # the log it points to is kept
+    workdir = str(tmp_path / "demo")
+    strays = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and workdir in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                strays.append(proc.name)
+        except OSError:
+            continue  # gone meanwhile
+    assert strays == []
