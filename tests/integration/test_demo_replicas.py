@@ -135,12 +135,16 @@ async def test_a_busy_front_door_port_is_named(tmp_path: Path) -> None:
     assert f"port {port} is in use by another process: choose another with --http-port N" in first
     assert "haproxy" in first
     assert (tmp_path / "demo" / "logs" / "haproxy.log").exists()  # the log it points to is kept
-    workdir = str(tmp_path / "demo")
-    strays = []
+    assert processes_naming(str(tmp_path / "demo")) == []
+
+
+def processes_naming(text: str) -> list[str]:
+    """Pids of the processes whose command line contains `text`."""
+    found = []
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and workdir in (proc / "cmdline").read_bytes().decode(errors="replace"):
-                strays.append(proc.name)
+            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(proc.name)
         except OSError:
             continue  # gone meanwhile
-    assert strays == []
+    return found
