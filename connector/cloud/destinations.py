@@ -70,6 +70,7 @@ from connector.cloud.destination_store import (
     StoreError,
     load_or_create_key,
 )
+from connector.cloud.drain import Drain
 from connector.httperrors import error_parts
 from connector.listen import serve_tcp
 
@@ -282,8 +283,10 @@ class DestinationService:
     Right.MANAGE; a subaccount without admin tokens has its destinations managed by nobody.
     """
 
-    def __init__(self, users: Authenticator, admins: Authenticator, *, settings: DestinationSettings) -> None:
+    def __init__(self, users: Authenticator, admins: Authenticator, *, settings: DestinationSettings,
+                 drain: Drain | None = None) -> None:
         self.users = users
+        self.drain = drain if drain is not None else Drain()  # a replica's graceful shutdown
         self.admins = admins
         self.settings = settings
         self.limits = settings.limits
@@ -304,7 +307,10 @@ class DestinationService:
         *,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        await serve_tcp(self.serve_connection, host, port, name="destination service", task_status=task_status)
+        async with trio.open_nursery() as connections:  # they outlive the listener while draining
+            with self.drain.accepting_scope():
+                await serve_tcp(self.serve_connection, host, port, name="destination service",
+                                handler_nursery=connections, task_status=task_status)
 
     # --- one connection ----------------------------------------------------------------------
     async def wait_connections(self, count: int) -> None:
@@ -330,14 +336,19 @@ class DestinationService:
                     await stream.aclose()
             return
         self._count_connection(+1)
+        first = True
         try:
             while True:
                 if not conn.trailing_data[0]:  # nothing pipelined: wait for the next request to start
-                    with trio.move_on_after(self.limits.idle_timeout):
+                    # a draining replica closes a kept-alive connection here (not a new one: its
+                    # first request is on the way)
+                    idle = trio.CancelScope() if first else self.drain.while_idle()
+                    with idle, trio.move_on_after(self.limits.idle_timeout):
                         data = await stream.receive_some(_CHUNK)
                         conn.receive_data(bytes(data))
                     if not conn.trailing_data[0]:
                         return  # idle, or closed between requests
+                first = False
                 with trio.move_on_after(self.limits.request_timeout) as deadline:
                     await self._serve_request(stream, conn)
                 if deadline.cancelled_caught:
@@ -377,6 +388,8 @@ class DestinationService:
             headers.append((b"connection", b"close"))
         else:
             status, headers, payload = await self._respond(request, body)
+            if self.drain.draining:  # the next request opens a connection to another replica
+                headers.append((b"connection", b"close"))
         await self._send(stream, conn, h11.Response(status_code=status, headers=headers, reason=REASONS.get(status, b"")))
         if request.method != b"HEAD":  # HEAD: the same head, no body (h11 refuses one)
             await self._send(stream, conn, h11.Data(data=payload))

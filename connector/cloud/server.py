@@ -138,6 +138,7 @@ class CloudServer:
                     settings=DestinationSettings(
                         path=store, key_path=store.with_name(store.name + ".key"), limits=config.destination_limits
                     ),
+                    drain=self.drain,
                 )
                 destinations = await nursery.start(
                     service.run, config.destinations_listen.host, config.destinations_listen.port

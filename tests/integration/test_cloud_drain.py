@@ -22,6 +22,8 @@ from tests.support.stack import SUBACCOUNT, TOKEN, start_stack
 TEST_TIMEOUT = 20.0
 URL = "http://erp.virtual:8000/sap/opu/odata/x"
 DRAIN = "\n[drain]\nnotice_seconds = 0.2\ndrain_seconds = 10\n"
+DESTINATIONS = '\n[destinations]\nlisten = "127.0.0.1:0"\nstore = "destinations.json"\n'
+FIND = "/destination-configuration/v1/destinations/nothing-here"
 
 
 async def _eof(client: HttpClient) -> bytes:
@@ -35,12 +37,20 @@ async def _eof(client: HttpClient) -> bytes:
 async def test_drain_phases(tmp_path: Path) -> None:
     with trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
-            stack = await start_stack(nursery, tmp_path, extra=DRAIN)
+            stack = await start_stack(nursery, tmp_path, extra=DRAIN + DESTINATIONS)
             cloud, ports = stack.cloud, stack.ports
+            assert ports.destinations is not None
             kept, idle = await HttpClient.connect(ports.http_proxy), await HttpClient.connect(ports.http_proxy)
             for client in (kept, idle):
                 response = await client.request("GET", URL, [stack.proxy_auth])
                 assert response.status == 200 and "connection" not in response.headers
+            # the destination service, fronted by the load balancer too
+            bearer = ("Authorization", f"Bearer {TOKEN}")
+            dest_kept, dest_idle = (await HttpClient.connect(ports.destinations),
+                                    await HttpClient.connect(ports.destinations))
+            for client in (dest_kept, dest_idle):
+                response = await client.request("GET", FIND, [bearer])
+                assert response.status == 404 and "connection" not in response.headers
             status, body = await http_request("127.0.0.1", ports.admin, "/readyz")
             assert status == 200, body
 
@@ -76,6 +86,9 @@ async def test_drain_phases(tmp_path: Path) -> None:
             response = await kept.request("GET", URL, [stack.proxy_auth])
             assert response.status == 200 and response.headers["connection"] == "close"
             assert await _eof(kept) == b""
+            response = await dest_kept.request("GET", FIND, [bearer])
+            assert response.status == 404 and response.headers["connection"] == "close"
+            assert await _eof(dest_kept) == b""
             # a connection the load balancer still sends is served, once
             late = await HttpClient.connect(ports.http_proxy)
             response = await late.request("GET", URL, [stack.proxy_auth])
@@ -90,6 +103,9 @@ async def test_drain_phases(tmp_path: Path) -> None:
             # phase 2: the listener closes, the idle connection is closed, the slow one goes on
             cloud.drain.stop_accepting()
             assert await _eof(idle) == b""
+            assert await _eof(dest_idle) == b""
+            with pytest.raises(OSError):
+                await trio.open_tcp_stream("127.0.0.1", ports.destinations)
             response = await fresh.request("GET", URL, [stack.proxy_auth])
             assert response.status == 200 and response.headers["connection"] == "close"
             await fresh.aclose()
@@ -115,7 +131,7 @@ async def test_drain_phases(tmp_path: Path) -> None:
             await cloud.endpoint.go_away("replica shutting down")
             await cloud.endpoint.wait_connections(0)
             assert all(not loc["tunnels"] for loc in cloud.registry.snapshot())
-            for client in (kept, idle, slow):
+            for client in (kept, idle, slow, dest_kept, dest_idle):
                 await client.aclose()
             nursery.cancel_scope.cancel()
 
