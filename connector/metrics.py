@@ -164,7 +164,7 @@ CLOUD_READY = Gauge(
 )
 CLOUD_DRAIN_CONNECTIONS = Gauge(
     NS + "_cloud_drain_connections",
-    "Application connections (HTTP proxy, SOCKS5) this replica serves; a draining replica exits at 0",
+    "Application connections (HTTP proxy, SOCKS5, destinations) this replica serves; a draining replica exits at 0",
 )
 CLOUD_SHARED_STATE_WRITE_FAILURES = Counter(
     NS + "_cloud_shared_state_write_failures_total",

@@ -309,8 +309,12 @@ class DestinationService:
     ) -> None:
         async with trio.open_nursery() as connections:  # they outlive the listener while draining
             with self.drain.accepting_scope():
-                await serve_tcp(self.serve_connection, host, port, name="destination service",
+                await serve_tcp(self._serve_drained, host, port, name="destination service",
                                 handler_nursery=connections, task_status=task_status)
+
+    async def _serve_drained(self, stream: trio.SocketStream) -> None:
+        with self.drain.connection():  # a draining replica waits for it
+            await self.serve_connection(stream)
 
     # --- one connection ----------------------------------------------------------------------
     async def wait_connections(self, count: int) -> None:

@@ -6,7 +6,8 @@ A replica that gets SIGTERM runs `CloudServer.drain` (see `connector.cloud.serve
 through these phases; this module holds the state the application-facing services consult:
 
 1. **Not ready** (`Drain.begin`): `/readyz` answers 503 at once, so the load balancer's health
-   check takes the replica out of rotation. Every HTTP response from now on says
+   check takes the replica out of rotation. Every HTTP response (connectivity proxy, destination
+   service) from now on says
    ``Connection: close`` (an application's kept-alive connection ends after its next response,
    and its next request opens a connection the load balancer sends elsewhere). The listeners
    stay open for `DrainSettings.notice_seconds`: connections the load balancer still sends
@@ -47,7 +48,7 @@ class DrainSettings:
 class DrainStatistics:
     draining: bool
     accepting: bool
-    connections: int  # application connections being served (HTTP proxy and SOCKS5)
+    connections: int  # application connections being served (HTTP proxy, SOCKS5, destinations)
 
 
 class Drain:

@@ -69,6 +69,7 @@ async def test_drain_phases(tmp_path: Path) -> None:
                                               [stack.proxy_auth], body())
                 assert response.body == b"first second"
                 slow_result.append(response.status)
+                await slow.aclose()  # it was told Connection: close
 
             nursery.start_soon(slow_request)
             # a SOCKS5 session under way (the echo service through the node)
@@ -77,7 +78,7 @@ async def test_drain_phases(tmp_path: Path) -> None:
             assert code == 0
             await session.send_all(b"ping")
             assert await session.receive_some(4) == b"ping"
-            await cloud.drain.wait_connections(4)  # kept, idle, slow, the SOCKS5 session
+            await cloud.drain.wait_connections(6)  # kept, idle, dest_kept, dest_idle, slow, SOCKS5
 
             # phase 1: not ready at once; the next response closes its connection
             cloud.drain.begin()
@@ -86,9 +87,11 @@ async def test_drain_phases(tmp_path: Path) -> None:
             response = await kept.request("GET", URL, [stack.proxy_auth])
             assert response.status == 200 and response.headers["connection"] == "close"
             assert await _eof(kept) == b""
+            await kept.aclose()
             response = await dest_kept.request("GET", FIND, [bearer])
             assert response.status == 404 and response.headers["connection"] == "close"
             assert await _eof(dest_kept) == b""
+            await dest_kept.aclose()
             # a connection the load balancer still sends is served, once
             late = await HttpClient.connect(ports.http_proxy)
             response = await late.request("GET", URL, [stack.proxy_auth])
@@ -98,12 +101,14 @@ async def test_drain_phases(tmp_path: Path) -> None:
             # a connection the load balancer opened just before the listener closes: its first
             # request is on the way and must be served
             fresh = await HttpClient.connect(ports.http_proxy)
-            await cloud.drain.wait_connections(5)
+            await cloud.drain.wait_connections(5)  # idle, dest_idle, slow, SOCKS5, fresh
 
             # phase 2: the listener closes, the idle connection is closed, the slow one goes on
             cloud.drain.stop_accepting()
             assert await _eof(idle) == b""
             assert await _eof(dest_idle) == b""
+            await idle.aclose()
+            await dest_idle.aclose()
             with pytest.raises(OSError):
                 await trio.open_tcp_stream("127.0.0.1", ports.destinations)
             response = await fresh.request("GET", URL, [stack.proxy_auth])
@@ -131,8 +136,6 @@ async def test_drain_phases(tmp_path: Path) -> None:
             await cloud.endpoint.go_away("replica shutting down")
             await cloud.endpoint.wait_connections(0)
             assert all(not loc["tunnels"] for loc in cloud.registry.snapshot())
-            for client in (kept, idle, slow, dest_kept, dest_idle):
-                await client.aclose()
             nursery.cancel_scope.cancel()
 
 
