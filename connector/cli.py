@@ -144,7 +144,10 @@ async def _watch_parent(parent: int, stop: trio.Event) -> None:
 
 
 async def _run_until_signal(service_run: Any, on_stop: Any = None) -> None:
+    """Run until SIGTERM or SIGINT, then `on_stop` (a graceful drain or handover); a second signal
+    during it stops at once (Ctrl-C twice in a terminal)."""
     stop = trio.Event()
+    graceful = trio.CancelScope()
     async with trio.open_nursery() as nursery:
         await nursery.start(service_run)
         parent = os.environ.get("CONNECTOR_PARENT_PID")
@@ -154,14 +157,19 @@ async def _run_until_signal(service_run: Any, on_stop: Any = None) -> None:
 
             async def _signals() -> None:
                 async for signum in signals:
-                    log.info("received %s, stopping", signal.Signals(signum).name)
-                    stop.set()
-                    return
+                    if not stop.is_set():
+                        log.info("received %s, stopping (again: at once)", signal.Signals(signum).name)
+                        stop.set()
+                    else:
+                        log.warning("received %s again, stopping at once", signal.Signals(signum).name)
+                        graceful.cancel()
+                        return
 
             nursery.start_soon(_signals)
             await stop.wait()
             if on_stop is not None:
-                await on_stop()
+                with graceful:
+                    await on_stop()
             nursery.cancel_scope.cancel()
 
 
