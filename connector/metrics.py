@@ -166,7 +166,3 @@ CLOUD_DRAIN_CONNECTIONS = Gauge(
     NS + "_cloud_drain_connections",
     "Application connections (HTTP proxy, SOCKS5, destinations) this replica serves; a draining replica exits at 0",
 )
-CLOUD_SHARED_STATE_WRITE_FAILURES = Counter(
-    NS + "_cloud_shared_state_write_failures_total",
-    "Writes to the cloud's shared state (its etcd) that failed; the replica serves from memory meanwhile",
-)

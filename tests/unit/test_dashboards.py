@@ -265,7 +265,6 @@ def healthy_demo() -> list[dict[str, str]]:
         if instance != "cloud:8081":  # the first one's unlabelled gauges come with the other processes'
             out += gauge("connector_cloud_ready", at, 1)
             out += gauge("connector_cloud_drain_connections", at, 3)
-        out += counter("connector_cloud_shared_state_write_failures_total", at)
         out += gauge("connector_cloud_tunnels", {**at, **cloud_location, "role": "master"}, 1)
         out += gauge("connector_cloud_tunnels", {**at, **cloud_location, "role": "standby"}, 1)
     out += gauge("connector_cloud_master_epoch", {**cloud, **cloud_location}, 7)
