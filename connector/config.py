@@ -246,6 +246,7 @@ class CloudConfig:
     replica_tunnel_url: str | None = None  # [replica] tunnel_url; default: wss://<tunnel listen>/tunnel
     shared_etcd: tuple[str, ...] = ()  # [shared] etcd; empty: single-replica mode
     shared_prefix: str = "/connector-cloud"  # [shared] prefix
+    shared_secrets_key: Path | None = None  # [shared] secrets_key: encrypts destination secrets in etcd
 
 
 def _drain_settings(drain: _Section) -> DrainSettings:
@@ -362,12 +363,19 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
         replica_tunnel_url=replica.str("tunnel_url"),
         shared_etcd=tuple(shared.str_list("etcd")) if shared else (),
         shared_prefix=shared.str("prefix", "/connector-cloud") if shared else "/connector-cloud",
+        shared_secrets_key=shared.path("secrets_key", must_exist=False) if shared else None,
     )
     for section in (tunnel, proxy, admin, drain, replica, *( [dest] if dest else [] ), *([shared] if shared else [])):
         section.done()
     root.done()
     if config.ping_timeout <= config.ping_interval:
         raise ConfigError(file, "tunnel.ping_timeout", "must be longer than tunnel.ping_interval")
+    if shared is not None and config.state_file is not None:
+        raise ConfigError(file, "state_file", "with [shared] the fence lives in the cloud's etcd, which every "
+                          "replica reads: remove state_file (a local copy could only be older)")
+    if shared is not None and config.destinations_store is not None and config.shared_secrets_key is None:
+        raise ConfigError(file, "shared.secrets_key", "is required with [destinations] and [shared]: the key file "
+                          "encrypting destination secrets, the same on every replica")
     return config
 
 

@@ -142,9 +142,10 @@ def cloud_toml(certs: dict[str, Path], token_sha256: str, spec: DemoSpec, admin_
                replica: str = "") -> str:
     """One cloud configuration; `replica` holds the [replica], [shared] and [drain] tables of a
     replica of a cluster (empty: the single cloud process of today)."""
+    # with [shared] the fence lives in the cloud's etcd: no state_file
+    state_file = "" if "[shared]" in replica else f'state_file = "{state}/cloud-epochs.json"\n'
     return f"""\
-state_file = "{state}/cloud-epochs.json"
-
+{state_file}
 [tunnel]
 listen = "127.0.0.1:{tunnel}"
 cert = "{certs['server_cert']}"
@@ -202,6 +203,13 @@ def write_configs(
         result["cloud"] = cloud
     else:
         tunnel_urls = [f"wss://127.0.0.1:{ports[f'{r}_tunnel']}/tunnel" for r in replicas]
+        secrets_key = workdir / "state" / "cloud-secrets.key"  # one key for every replica
+        if not secrets_key.exists():
+            from cryptography.fernet import Fernet
+
+            from connector import pki
+
+            pki.write_private(secrets_key, Fernet.generate_key(), overwrite=False)
         for replica, url in zip(replicas, tunnel_urls, strict=True):
             (workdir / "state" / replica).mkdir(parents=True, exist_ok=True)
             tables = f"""
@@ -212,6 +220,7 @@ tunnel_url = "{url}"
 [shared]
 etcd = ["http://127.0.0.1:{ports['cloud_etcd_client']}"]
 prefix = "/connector-cloud"
+secrets_key = "state/cloud-secrets.key"
 
 [drain]
 {spec.drain}

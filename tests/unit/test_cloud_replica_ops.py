@@ -134,6 +134,7 @@ prefix = "/c"
 
 
 @pytest.mark.parametrize(("extra", "key", "message"), [
+    ('[destinations]\n[shared]\netcd = ["http://10.0.0.1:2379"]\n', "shared.secrets_key", "is required"),
     ("[drain]\nnotice_seconds = -1\n", "drain.notice_seconds", "must be zero or more"),
     ("[drain]\ndrain_seconds = \"long\"\n", "drain.drain_seconds", "must be"),
     ("[drain]\ngrace = 3\n", "drain.grace", "unknown key"),
@@ -142,6 +143,11 @@ def test_bad_drain_settings_are_refused_naming_the_key(files: Path, extra: str, 
     with pytest.raises(ConfigError) as info:
         load_cloud_config(_write(files, CLOUD + extra))
     assert key in str(info.value) and message in str(info.value)
+
+
+def test_a_state_file_beside_shared_state_is_refused(files: Path) -> None:
+    with pytest.raises(ConfigError, match="remove state_file"):
+        load_cloud_config(_write(files, 'state_file = "epochs.json"\n' + CLOUD + '[shared]\netcd = ["http://10.0.0.1:2379"]\n'))
 
 
 # --- HAProxy ---------------------------------------------------------------------------------
@@ -273,4 +279,6 @@ def test_demo_writes_replica_tables_only_with_two_or_more(tmp_path: Path) -> Non
         assert config.replica_tunnel_url == f"wss://127.0.0.1:{ports[f'{replica}_tunnel']}/tunnel"
         assert config.shared_etcd == (f"http://127.0.0.1:{ports['cloud_etcd_client']}",)
         assert config.http_listen.port == ports[f"{replica}_http_proxy"]
-        assert config.state_file == tmp_path / "state" / replica / "cloud-epochs.json"
+        assert config.state_file is None  # the fence is in the cloud's etcd
+        assert config.shared_secrets_key == tmp_path / "state" / "cloud-secrets.key"  # one for all
+    assert oct((tmp_path / "state" / "cloud-secrets.key").stat().st_mode & 0o777) == "0o600"
