@@ -72,7 +72,6 @@ from connector.cloud.destination_store import (
 )
 from connector.cloud.drain import Drain
 from connector.httperrors import error_parts
-from connector.listen import serve_tcp
 
 __all__ = ["DestinationError", "DestinationLimits", "DestinationService", "DestinationSettings", "Right",
            "StoreError", "find_destination", "json_depth", "validate_destination"]
@@ -307,10 +306,7 @@ class DestinationService:
         *,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        async with trio.open_nursery() as connections:  # they outlive the listener while draining
-            with self.drain.accepting_scope():
-                await serve_tcp(self._serve_drained, host, port, name="destination service",
-                                handler_nursery=connections, task_status=task_status)
+        await self.drain.serve(self._serve_drained, host, port, name="destination service", task_status=task_status)
 
     async def _serve_drained(self, stream: trio.SocketStream) -> None:
         with self.drain.connection():  # a draining replica waits for it

@@ -30,10 +30,12 @@ few seconds for GOAWAY.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import attrs
 import trio
+
+from connector.listen import serve_tcp
 
 
 @attrs.frozen
@@ -105,6 +107,21 @@ class Drain:
                 yield scope
             finally:
                 self._idle.discard(scope)
+
+    async def serve(
+        self,
+        handler: Callable[[trio.SocketStream], Awaitable[object]],
+        host: str,
+        port: int,
+        *,
+        name: str,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """`connector.listen.serve_tcp` for an application-facing service: `stop_accepting` closes
+        the listener, the connections being served run on, and this returns once they ended."""
+        async with trio.open_nursery() as connections:
+            with self.accepting_scope():
+                await serve_tcp(handler, host, port, name=name, handler_nursery=connections, task_status=task_status)
 
     @contextlib.contextmanager
     def accepting_scope(self) -> Iterator[trio.CancelScope]:

@@ -25,7 +25,6 @@ from connector import metrics
 from connector.cloud.auth import Authenticator, Credentials, parse_authorization
 from connector.cloud.clients import ClientConnection, current_client
 from connector.cloud.drain import Drain
-from connector.listen import serve_tcp
 from connector.tunnel.streams import TunnelStream
 from connector.tunnel.types import Target
 
@@ -82,10 +81,8 @@ class ProxyService(Generic[SettingsT]):
 
         Once the drain stops accepting (`Drain.stop_accepting`), the listener closes and this
         returns when the connections being served ended."""
-        async with trio.open_nursery() as connections:
-            with self.drain.accepting_scope():
-                await serve_tcp(self._serve_client, host, self.default_port if port is None else port,
-                                name=self.name, handler_nursery=connections, task_status=task_status)
+        await self.drain.serve(self._serve_client, host, self.default_port if port is None else port,
+                               name=self.name, task_status=task_status)
 
     async def _serve_client(self, sock: trio.SocketStream) -> None:
         current_client.set(ClientConnection.of(sock))  # this connection's task only
