@@ -329,7 +329,10 @@ async def _watch_parent(parent: int, stop: trio.Event) -> None:
 
 
 async def _run_until_signal(service_run: Any, on_stop: Any = None) -> None:
+    """Run until SIGTERM or SIGINT, then `on_stop` (a graceful drain or handover); a second signal
+    during it stops at once (Ctrl-C twice in a terminal)."""
     stop = trio.Event()
+    graceful = trio.CancelScope()
     async with trio.open_nursery() as nursery:
         await nursery.start(service_run)
         parent = os.environ.get("CONNECTOR_PARENT_PID")
@@ -339,14 +342,19 @@ async def _run_until_signal(service_run: Any, on_stop: Any = None) -> None:
 
             async def _signals() -> None:
                 async for signum in signals:
-                    log.info("received %s, stopping", signal.Signals(signum).name)
-                    stop.set()
-                    return
+                    if not stop.is_set():
+                        log.info("received %s, stopping (again: at once)", signal.Signals(signum).name)
+                        stop.set()
+                    else:
+                        log.warning("received %s again, stopping at once", signal.Signals(signum).name)
+                        graceful.cancel()
+                        return
 
             nursery.start_soon(_signals)
             await stop.wait()
             if on_stop is not None:
-                await on_stop()
+                with graceful:
+                    await on_stop()
             nursery.cancel_scope.cancel()
 
 
@@ -360,7 +368,7 @@ def cmd_cloud(args: argparse.Namespace) -> int:
         print(f"{args.config}: configuration is valid")
         return 0
     server = CloudServer(config)
-    trio.run(_run_until_signal, server.run)
+    trio.run(_run_until_signal, server.run, server.shutdown)  # SIGTERM: drain (connector.cloud.drain)
     return 0
 
 
@@ -384,7 +392,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from connector.demo import run_demo
 
     return run_demo(state_file=Path(args.state_file) if args.state_file else None, workdir=Path(args.dir) if args.dir else None,
-                    http_port=args.http_port, socks5_port=args.socks5_port, etcd=args.etcd)
+                    http_port=args.http_port, socks5_port=args.socks5_port, etcd=args.etcd,
+                    cloud_replicas=args.cloud_replicas)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -522,6 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--http-port", type=int, default=20003, help="HTTP proxy port (0 = any free port)")
     demo.add_argument("--socks5-port", type=int, default=20004, help="SOCKS5 proxy port (0 = any free port)")
     demo.add_argument("--etcd", metavar="PATH", help="the etcd binary to run (default: $ETCD_BINARY, else etcd on PATH)")
+    demo.add_argument("--cloud-replicas", type=int, default=1, metavar="N",
+                      help="run N cloud replicas and a cloud etcd behind HAProxy, the front door whose ports "
+                           "--http-port and --socks5-port then name (default 1: one cloud process)")
     demo.set_defaults(func=cmd_demo)
 
     status = sub.add_parser("status", help="the cluster at a glance; exit 1 when there is no master")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import builtins
 import difflib
 import os
+import socket
 import tomllib
 import urllib.parse
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from connector.agent.acl import Mapping
 from connector.cloud.admission import StreamLimits
 from connector.cloud.clients import AuthThrottleSettings, ConnectionLimits
 from connector.cloud.destinations import DestinationLimits
+from connector.cloud.drain import DrainSettings
 from connector.cloud.oauth import OAuthSettings
 from ha.timing import HATiming
 
@@ -255,6 +257,7 @@ class CloudConfig:
     stream_limits: StreamLimits = StreamLimits()
     auth_throttle: AuthThrottleSettings = AuthThrottleSettings()
     connection_limits: ConnectionLimits = ConnectionLimits()
+    drain: DrainSettings = DrainSettings()  # [drain]: graceful shutdown (connector.cloud.drain)
     replica: ReplicaConfig | None = None  # None only for configurations built by hand (tests)
     shared: SharedConfig | None = None  # None: one replica, local files
 
@@ -276,6 +279,16 @@ class SharedConfig:
     etcd: EtcdConfig
     prefix: str  # the key space, "/connector-cloud" (one path segment)
     secrets_key: Path | None  # Fernet key shared by the replicas, encrypting destination secrets
+
+
+def _drain_settings(drain: _Section) -> DrainSettings:
+    """[drain]: how long a replica stays in rotation after SIGTERM, and how long requests get."""
+    values = {}
+    for name, default in attrs.asdict(DrainSettings()).items():
+        values[name] = drain.float(name, default, positive=False)
+        if values[name] < 0:
+            raise ConfigError(drain.file, drain.key(name), f"must be zero or more, got {values[name]:g}")
+    return DrainSettings(**values)
 
 
 def _digests(section: _Section, name: str) -> list[str]:
@@ -313,6 +326,7 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
     dest = root.sub("destinations")
     shared = _shared_config(root.sub("shared"))
     replica = _replica_config(root.sub("replica") or _Section(file, "replica", {}))
+    drain = root.sub("drain") or _Section(file, "drain", {})
     subaccounts = []
     for section in root.subs("subaccounts"):
         clusters = section.sub("clusters") or _Section(file, section.key("clusters"), {})
@@ -384,11 +398,12 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
         destination_limits=_destination_limits(dest) if dest else DestinationLimits(),
         replica=replica,
         shared=shared,
+        drain=_drain_settings(drain),
     )
     oauth_section = root.sub("oauth")
     if oauth_section is not None:
         config = attrs.evolve(config, oauth=_oauth(oauth_section, config))
-    for section in (tunnel, proxy, admin, *( [dest] if dest else [] ), *([oauth_section] if oauth_section else [])):
+    for section in (tunnel, proxy, admin, drain, *( [dest] if dest else [] ), *([oauth_section] if oauth_section else [])):
         section.done()
     root.done()
     if config.ping_timeout <= config.ping_interval:
@@ -411,7 +426,6 @@ _WILDCARDS = ("0.0.0.0", "::", "")
 
 
 def _replica_config(section: _Section) -> ReplicaConfig:
-    import socket
 
     replica = ReplicaConfig(
         id=section.str("id", socket.gethostname()),

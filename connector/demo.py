@@ -1,7 +1,10 @@
 """`connector demo`: a whole local cluster on 127.0.0.1, for trying the connector and for tests.
 
 It starts, as child processes, a single-member etcd, the cloud side, two connector nodes (master
-and shadow) and a small internal host (`connector.demo_backend`), waits until a master is
+and shadow) and a small internal host (`connector.demo_backend`). With ``--cloud-replicas N``
+(N >= 2) the cloud side is N replicas (`cloud-1` ...) sharing a cloud etcd of their own (never the
+nodes' etcd), behind HAProxy (`connector.haproxy`), whose ports are the HTTP proxy, SOCKS5 and
+destination ports the demo prints: the front door. It waits until a master is
 registered, prints every endpoint and a ready-to-paste curl, and writes a state file (ports,
 pids, URLs; keys ending in ``metrics_url`` for Prometheus). Ctrl-C or SIGTERM stops everything it
 started; connector children also stop by themselves if the demo dies (they watch their parent
@@ -37,6 +40,7 @@ from typing import Any
 import attrs
 import trio
 
+from connector import haproxy
 from connector.admin import http_request
 
 log = logging.getLogger(__name__)
@@ -129,42 +133,105 @@ class DemoSpec:
     start_etcd: bool = True
     extra_token_sha256: tuple[str, ...] = ()  # more application credentials (a second application)
     etcd: str | None = None  # the etcd binary (`--etcd`); None: see find_etcd
+    cloud_replicas: int = 1  # N >= 2: N replicas and a cloud etcd behind HAProxy (the front door)
+    drain: str = "notice_seconds = 1.0\ndrain_seconds = 10.0"  # each replica's [drain] table (N >= 2)
 
 
-def write_configs(
-    workdir: Path, certs: dict[str, Path], ports: dict[str, int], token_sha256: str, spec: DemoSpec = DemoSpec(),
-    *, destination_admin_sha256: str | None = None,
-) -> dict[str, Path]:
-    admin_digests = [destination_admin_sha256] if destination_admin_sha256 else []
-    cloud = workdir / "cloud.toml"
-    cloud.write_text(f"""\
-state_file = "state/cloud-epochs.json"
-
+def cloud_toml(certs: dict[str, Path], token_sha256: str, spec: DemoSpec, admin_digests: list[str], *,
+               tunnel: int, http: int, socks5: int, admin: int, destinations: int, state: str = "state",
+               replica: str = "") -> str:
+    """One cloud configuration; `replica` holds the [replica], [shared] and [drain] tables of a
+    replica of a cluster (empty: the single cloud process of today)."""
+    # with [shared] the fence lives in the cloud's etcd: no state_file
+    state_file = "" if "[shared]" in replica else f'state_file = "{state}/cloud-epochs.json"\n'
+    return f"""\
+{state_file}
 [tunnel]
-listen = "127.0.0.1:{ports['tunnel']}"
+listen = "127.0.0.1:{tunnel}"
 cert = "{certs['server_cert']}"
 key = "{certs['server_key']}"
 
 [proxy]
-http_listen = "127.0.0.1:{ports['http_proxy']}"
-socks5_listen = "127.0.0.1:{ports['socks5_proxy']}"
+http_listen = "127.0.0.1:{http}"
+socks5_listen = "127.0.0.1:{socks5}"
 hold_seconds = {spec.hold_seconds}
 
 [admin]
-listen = "127.0.0.1:{ports['cloud_admin']}"
+listen = "127.0.0.1:{admin}"
 
 [destinations]
-listen = "127.0.0.1:{ports['destinations']}"
-store = "state/destinations.json"
-
+listen = "127.0.0.1:{destinations}"
+store = "{state}/destinations.json"
+{replica}
 [[subaccounts]]
 id = "{SUBACCOUNT}"
 ca = "{certs['subaccount_ca']}"
 token_sha256 = {json.dumps([token_sha256, *spec.extra_token_sha256])}
 destination_admin_sha256 = {json.dumps(admin_digests)}
 locations = ["{LOCATION}"]
-""")
-    result = {"cloud": cloud}
+"""
+
+
+def replica_ids(spec: DemoSpec) -> list[str]:
+    """The replicas' ids (also their process and log names): cloud-1 ... cloud-N."""
+    return [f"cloud-{i}" for i in range(1, spec.cloud_replicas + 1)] if spec.cloud_replicas >= 2 else []
+
+
+def nodes_dial_every_replica() -> bool:
+    """Whether a node's [tunnel] url takes a list (issue 10's node side, which dials each replica).
+
+    Until then a node dials one URL, and the demo's nodes dial the first replica only."""
+    from connector.config import NodeConfig
+
+    return "tunnel_urls" in attrs.fields_dict(NodeConfig)
+
+
+def write_configs(
+    workdir: Path, certs: dict[str, Path], ports: dict[str, int], token_sha256: str, spec: DemoSpec = DemoSpec(),
+    *, destination_admin_sha256: str | None = None,
+) -> dict[str, Path]:
+    """cloud.toml (or cloud-1.toml ... with `spec.cloud_replicas` >= 2) and one toml per node."""
+    admin_digests = [destination_admin_sha256] if destination_admin_sha256 else []
+    result: dict[str, Path] = {}
+    replicas = replica_ids(spec)
+    tunnel_urls = [f"wss://127.0.0.1:{ports['tunnel']}/tunnel"]
+    if not replicas:
+        cloud = workdir / "cloud.toml"
+        cloud.write_text(cloud_toml(certs, token_sha256, spec, admin_digests, tunnel=ports["tunnel"],
+                                    http=ports["http_proxy"], socks5=ports["socks5_proxy"], admin=ports["cloud_admin"],
+                                    destinations=ports["destinations"]))
+        result["cloud"] = cloud
+    else:
+        tunnel_urls = [f"wss://127.0.0.1:{ports[f'{r}_tunnel']}/tunnel" for r in replicas]
+        secrets_key = workdir / "state" / "cloud-secrets.key"  # one key for every replica
+        if not secrets_key.exists():
+            from cryptography.fernet import Fernet
+
+            from connector import pki
+
+            pki.write_private(secrets_key, Fernet.generate_key(), overwrite=False)
+        for replica, url in zip(replicas, tunnel_urls, strict=True):
+            (workdir / "state" / replica).mkdir(parents=True, exist_ok=True)
+            tables = f"""
+[replica]
+id = "{replica}"
+tunnel_url = "{url}"
+
+[shared]
+etcd = ["http://127.0.0.1:{ports['cloud_etcd_client']}"]
+prefix = "/connector-cloud"
+secrets_key = "state/cloud-secrets.key"
+
+[drain]
+{spec.drain}
+"""
+            path = workdir / f"{replica}.toml"
+            path.write_text(cloud_toml(
+                certs, token_sha256, spec, admin_digests, tunnel=ports[f"{replica}_tunnel"],
+                http=ports[f"{replica}_http_proxy"], socks5=ports[f"{replica}_socks5"], admin=ports[f"{replica}_admin"],
+                destinations=ports[f"{replica}_destinations"], state=f"state/{replica}", replica=tables))
+            result[replica] = path
+    dial = json.dumps(tunnel_urls if len(tunnel_urls) > 1 and nodes_dial_every_replica() else tunnel_urls[0])
     for index, node in enumerate(spec.nodes):
         path = workdir / f"{node}.toml"
         endpoints = (spec.etcd_endpoints or {}).get(node) or [f"http://127.0.0.1:{ports['etcd_client']}"]
@@ -177,7 +244,7 @@ priority = {100 - index * 10}
 audit_log = "logs/{node}-audit.jsonl"
 
 [tunnel]
-url = "wss://127.0.0.1:{ports['tunnel']}/tunnel"
+url = {dial}
 ca = "{certs['cloud_ca']}"
 cert = "{certs[f'node_{node}_cert']}"
 key = "{certs[f'node_{node}_key']}"
@@ -338,11 +405,21 @@ class Demo:
                            force=True, cluster=CLUSTER)
         token = new_token()
         destination_admin_token = new_token()  # manages destinations; the proxy token only finds them
+        replicas = replica_ids(spec)
         ports = self.ports = {name: self.pick_port(name) for name in (
-            "tunnel", "cloud_admin", "destinations", "etcd_client", "etcd_peer", "backend_http", "backend_tcp",
+            "destinations", "etcd_client", "etcd_peer", "backend_http", "backend_tcp",
             *(f"{n}_admin" for n in spec.nodes))}
         ports["http_proxy"] = spec.http_port or self.pick_port("http_proxy")
         ports["socks5_proxy"] = spec.socks5_port or self.pick_port("socks5_proxy")
+        if replicas:
+            for name in ("cloud_etcd_client", "cloud_etcd_peer"):
+                ports[name] = self.pick_port(name)
+            for replica in replicas:
+                for service in ("tunnel", "admin", "http_proxy", "socks5", "destinations"):
+                    ports[f"{replica}_{service}"] = self.pick_port(f"{replica}_{service}")
+            ports["tunnel"], ports["cloud_admin"] = ports["cloud-1_tunnel"], ports["cloud-1_admin"]
+        else:
+            ports["tunnel"], ports["cloud_admin"] = self.pick_port("tunnel"), self.pick_port("cloud_admin")
         configs = self.configs = write_configs(
             self.workdir, certs, ports, hash_token(token), spec,
             destination_admin_sha256=hash_token(destination_admin_token),
@@ -362,14 +439,24 @@ class Demo:
         backend = await self.start_process("backend", [
             python, "-m", "connector.demo_backend", "--http-port", str(ports["backend_http"]),
             "--tcp-port", str(ports["backend_tcp"])])
-        cloud = await self.start_process("cloud", [python, "-m", "connector", "cloud", "--config", str(configs["cloud"])])
-        await self.wait_http("cloud", ports["cloud_admin"], "/healthz")
+        cluster: dict[str, Any] = {}
+        if replicas:
+            cluster = await self._start_cloud_cluster(replicas)
+            cloud = self.processes["cloud-1"]
+        else:
+            cloud = await self.start_process("cloud", [python, "-m", "connector", "cloud", "--config",
+                                                       str(configs["cloud"])])
+            await self.wait_http("cloud", ports["cloud_admin"], "/healthz")
         for node in spec.nodes:
             await self.start_node(node)
-        await self.wait_http(
-            "cloud", ports["cloud_admin"], "/status",
-            lambda v: any(loc["master"] and len(loc["tunnels"]) == len(spec.nodes) for loc in v["locations"]),
-        )
+        # the replicas the nodes dial: every one, or (a node that takes one URL) the first
+        dialled = (replicas if nodes_dial_every_replica() else replicas[:1]) if replicas else ["cloud"]
+        for name in dialled:
+            admin = ports["cloud_admin"] if name == "cloud" else ports[f"{name}_admin"]
+            await self.wait_http(
+                name, admin, "/status",
+                lambda v: any(loc["master"] and len(loc["tunnels"]) == len(spec.nodes) for loc in v["locations"]),
+            )
         self.state = {
             "workdir": str(self.workdir),
             "pid": os.getpid(),
@@ -382,7 +469,7 @@ class Demo:
             "backend": {"pid": backend.pid, "http_port": ports["backend_http"], "tcp_port": ports["backend_tcp"]},
             "cloud": {
                 "pid": cloud.pid,
-                "config": str(configs["cloud"]),
+                "config": str(configs["cloud" if not replicas else "cloud-1"]),
                 "tunnel_port": ports["tunnel"],
                 "http_proxy_port": ports["http_proxy"],
                 "socks5_port": ports["socks5_proxy"],
@@ -399,8 +486,73 @@ class Demo:
                 }
                 for node in spec.nodes
             },
+            **cluster,
         }
         return self.state
+
+    async def _start_cloud_cluster(self, replicas: list[str]) -> dict[str, Any]:
+        """The cloud etcd, the replicas and HAProxy in front of them; their part of the state.
+
+        `cloud` keeps its keys: the first replica's pid, admin and tunnel ports, the front door's
+        application ports (so what used `cloud` for requests now goes through the front door)."""
+        ports, python = self.ports, sys.executable
+        cloud_etcd = await self.start_process("cloud-etcd", etcd_command(
+            find_etcd(self.spec.etcd), self.workdir / "state" / "cloud-etcd", ports["cloud_etcd_client"],
+            ports["cloud_etcd_peer"], name="cloud-etcd"))
+        await self.wait_http("cloud-etcd", ports["cloud_etcd_client"], "/health")
+        for replica in replicas:
+            await self.start_process(replica, [python, "-m", "connector", "cloud", "--config",
+                                               str(self.configs[replica])])
+        for replica in replicas:
+            await self.wait_http(replica, ports[f"{replica}_admin"], "/healthz")
+        front = haproxy.Front("127.0.0.1", ports["http_proxy"], ports["socks5_proxy"], ports["destinations"])
+        backends = [haproxy.Backend(r, "127.0.0.1", ports[f"{r}_http_proxy"], ports[f"{r}_socks5"],
+                                    ports[f"{r}_destinations"], ports[f"{r}_admin"]) for r in replicas]
+        try:
+            binary = haproxy.find_haproxy()
+            config = haproxy.write_config(self.workdir / "haproxy.cfg", front, backends)
+            haproxy.check_config(binary, config)
+        except haproxy.HAProxyError as exc:
+            raise DemoError(str(exc)) from None
+        balancer = await self.start_process("haproxy", haproxy.haproxy_command(binary, config))
+        await self.wait_tcp("haproxy", [ports["http_proxy"], ports["socks5_proxy"], ports["destinations"]])
+        return {
+            "front": {"pid": balancer.pid, "config": str(config), "http_proxy_port": ports["http_proxy"],
+                      "socks5_port": ports["socks5_proxy"], "destinations_port": ports["destinations"]},
+            "cloud_replicas": [
+                {
+                    "id": r,
+                    "pid": self.processes[r].pid,
+                    "config": str(self.configs[r]),
+                    "admin_port": ports[f"{r}_admin"],
+                    "metrics_url": f"http://127.0.0.1:{ports[f'{r}_admin']}/metrics",
+                    "tunnel_port": ports[f"{r}_tunnel"],
+                    "http_proxy_port": ports[f"{r}_http_proxy"],
+                    "socks5_port": ports[f"{r}_socks5"],
+                    "destinations_port": ports[f"{r}_destinations"],
+                }
+                for r in replicas
+            ],
+            "cloud_etcd": {"pid": cloud_etcd.pid, "client_url": f"http://127.0.0.1:{ports['cloud_etcd_client']}"},
+        }
+
+    async def wait_tcp(self, name: str, ports: list[int]) -> None:
+        """Until `name` (a child that is no connector: HAProxy) accepts on each of `ports`."""
+        with trio.fail_after(STARTUP_TIMEOUT):
+            for port in ports:
+                while True:
+                    process = self.processes[name]
+                    if process.poll() is not None:
+                        last = self.last_words(name)
+                        raise RuntimeError(f"{name} exited with {process.returncode}" + (f" ({last})" if last else "")
+                                           + f"; see {self.log_path(name)}")
+                    try:
+                        stream = await trio.open_tcp_stream("127.0.0.1", port)
+                    except OSError:
+                        await trio.sleep(0.05)
+                        continue
+                    await stream.aclose()
+                    break
 
     async def start_node(self, node: str) -> trio.Process:
         """Start (or restart, after a drill killed it) one node process."""
@@ -409,13 +561,16 @@ class Demo:
         )
 
     async def stop(self) -> None:
-        """SIGTERM nodes first (graceful handover), then the rest; SIGKILL whatever lingers."""
-        order = [*self.spec.nodes, "cloud", "backend", "etcd"]
+        """SIGTERM nodes first (graceful handover), then the rest; SIGKILL whatever lingers.
+
+        Cloud replicas drain (`[drain]`), so they get SIGTERM before the load balancer in front
+        of them; the etcd processes are killed last (their data is the demo's, thrown away)."""
+        order = [*self.spec.nodes, "cloud", *replica_ids(self.spec), "haproxy", "backend", "etcd", "cloud-etcd"]
         for name in order:
             process = self.processes.get(name)
             if process is None or process.poll() is not None:
                 continue
-            if name == "etcd":
+            if name in ("etcd", "cloud-etcd"):
                 process.kill()
             else:
                 process.terminate()
@@ -452,6 +607,18 @@ def print_banner(state: dict[str, Any], other: dict[str, Any] | None = None) -> 
         f"  cloud metrics     {cloud['metrics_url']}",
         f"  admin token       {state['admin_token_file']} (nodes' /status, /switch, /audit)",
     ]
+    if "front" in state:
+        lines[2:8] = [
+            f"  etcd              {state['etcd'].get('client_url')} (the nodes')",
+            f"  cloud etcd        {state['cloud_etcd']['client_url']} (the replicas' shared state)",
+            f"  front door        HAProxy, pid {state['front']['pid']} ({state['front']['config']})",
+            f"  HTTP proxy        http://127.0.0.1:{cloud['http_proxy_port']}",
+            f"  SOCKS5 proxy      127.0.0.1:{cloud['socks5_port']}",
+            f"  destinations      http://127.0.0.1:{cloud['destinations_port']}/destination-configuration/v1/",
+        ]
+        for replica in state["cloud_replicas"]:
+            lines.append(f"  {replica['id']:<17} tunnel wss://127.0.0.1:{replica['tunnel_port']}/tunnel  "
+                         f"ready http://127.0.0.1:{replica['admin_port']}/readyz  metrics {replica['metrics_url']}")
     for node, info in state["nodes"].items():
         lines.append(f"  {node:<17} admin http://127.0.0.1:{info['admin_port']}/status  metrics {info['metrics_url']}")
     socks = f"{state['subaccount']}:{state['token']}@127.0.0.1:{cloud['socks5_port']}"
@@ -535,10 +702,14 @@ def release_pointer(pointer: Path | None = None) -> None:
 
 
 def run_demo(*, state_file: Path | None, workdir: Path | None, http_port: int = 20003, socks5_port: int = 20004,
-             etcd: str | None = None) -> int:
+             etcd: str | None = None, cloud_replicas: int = 1) -> int:
     try:
         etcd_binary = find_etcd(etcd)
-    except DemoError as exc:
+        if cloud_replicas < 1:
+            raise DemoError(f"--cloud-replicas {cloud_replicas}: give 1 (one cloud process) or more")
+        if cloud_replicas >= 2:
+            haproxy.find_haproxy()
+    except (DemoError, haproxy.HAProxyError) as exc:
         print(f"connector demo: {exc}", file=sys.stderr)
         return 2
     owned = workdir is None
@@ -547,7 +718,8 @@ def run_demo(*, state_file: Path | None, workdir: Path | None, http_port: int = 
     failed: list[BaseException] = []
 
     async def main() -> int:
-        demo = Demo(workdir.resolve(), DemoSpec(http_port=http_port, socks5_port=socks5_port, etcd=etcd_binary))
+        demo = Demo(workdir.resolve(), DemoSpec(http_port=http_port, socks5_port=socks5_port, etcd=etcd_binary,
+                                                       cloud_replicas=cloud_replicas))
         try:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async with trio.open_nursery() as nursery:

@@ -51,11 +51,13 @@ async def serve_tcp(
     port: int,
     *,
     name: str,
+    handler_nursery: trio.Nursery | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on host:port (0 = any free port), `task_status.started(bound_port)`, then run
     `handler` in its own task for every connection until cancelled. A failure to bind raises
-    `ListenError`."""
+    `ListenError`. With `handler_nursery`, connections run there and outlive the listener (a
+    draining replica stops accepting and lets them finish)."""
     try:
         listeners = await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
@@ -63,4 +65,4 @@ async def serve_tcp(
     bound_port: int = listeners[0].socket.getsockname()[1]
     log.info("%s listening on %s:%d", name, host, bound_port)
     task_status.started(bound_port)
-    await trio.serve_listeners(handler, listeners)
+    await trio.serve_listeners(handler, listeners, handler_nursery=handler_nursery)

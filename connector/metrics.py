@@ -175,3 +175,15 @@ PROXY_CONNECTIONS_REFUSED = Counter(
 PROXY_AUTH_FAILING_ADDRESSES = Gauge(
     NS + "_proxy_auth_failing_addresses", "Client addresses with remembered authentication failures"
 )
+
+# --- cloud replicas (issue 10) ------------------------------------------------------------------
+# Every cloud series also carries the scrape's `replica` target label (docs/metrics.md); the info
+# metric's label is `id`, not `replica`, so that it never collides with that target label.
+CLOUD_REPLICA = Info(NS + "_cloud_replica", "This cloud replica's id ([replica] id), as label `id`")
+CLOUD_READY = Gauge(
+    NS + "_cloud_ready", "1 while this cloud replica's /readyz says ready, 0 while not (draining, ...)"
+)
+CLOUD_DRAIN_CONNECTIONS = Gauge(
+    NS + "_cloud_drain_connections",
+    "Application connections (HTTP proxy, SOCKS5, destinations) this replica serves; a draining replica exits at 0",
+)

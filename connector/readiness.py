@@ -114,6 +114,7 @@ class CloudState:
     Locations are named ``"subaccount/location"``.
     """
 
+    draining: bool = False  # SIGTERM: out of the load balancer's rotation, finishing requests
     shared: bool = False  # [shared] configured: several replicas, state in the cloud's etcd
     fence_loaded: bool = True  # the shared fence was read (always True without [shared])
     shared_reachable: bool = True  # the last operation on the cloud's etcd succeeded
@@ -140,6 +141,10 @@ def cloud_readiness(state: CloudState) -> Readiness:
     and, since covering is strict, no two replicas can take each other out: when the replicas lack
     different locations (two partial partitions at once) each stays in and serves what it has.
     """
+    # A draining replica is not ready at once, so the load balancer stops sending before the
+    # replica stops accepting (`connector.cloud.drain`); nothing else matters then.
+    if state.draining:
+        return Readiness(False, "draining: shutting down, finishing the requests under way")
     if state.shared and not state.fence_loaded:
         return Readiness(False, "shared state not loaded (fail closed): the cloud's etcd has not answered since "
                                 "this replica started, so it cannot know the fence and serves nothing")

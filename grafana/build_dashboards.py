@@ -64,6 +64,13 @@ ROLE_MAPPINGS = [{"type": "value", "options": {
     "1": {"text": "shadow", "color": "blue", "index": 1},
     "2": {"text": "master", "color": "green", "index": 2},
 }}]
+# Unlabelled gauges exist in every process (at 0 on the nodes), and so does the info metric, but only
+# a cloud replica's has an `id`: this join keeps the replicas.
+ON_REPLICAS = '* on (job, instance) group_left () connector_cloud_replica_info{id!=""}'
+READY_MAPPINGS = [{"type": "value", "options": {
+    "0": {"text": "not ready", "color": "orange", "index": 0},
+    "1": {"text": "ready", "color": "green", "index": 1},
+}}]
 UP_MAPPINGS = [{"type": "value", "options": {
     "0": {"text": "down", "color": "red", "index": 0},
     "1": {"text": "up", "color": "green", "index": 1},
@@ -119,6 +126,22 @@ CLUSTER = {
             panel("Time without master (cloud)", [q(
                 f"sum by (subaccount, location) (increase(connector_cloud_no_master_seconds_total{{{LOC}}}[{RI}])) or on() vector(0)",
                 "{{subaccount}} / {{location}}")], unit="s"),
+        ],
+        [
+            panel("Cloud replicas", [
+                q('count(connector_cloud_replica_info{id!=""})', "replicas"),
+                q(f"sum(connector_cloud_ready {ON_REPLICAS})", "ready"),
+            ], kind="stat", width=6,
+                description="Replicas exporting metrics, and how many of them are ready (in the load balancer's rotation)."),
+            panel("Cloud replicas ready", [q(f"max by (replica) (connector_cloud_ready {ON_REPLICAS})", "{{replica}}")],
+                  kind="state-timeline", width=6, mappings=READY_MAPPINGS,
+                  description="A replica is not ready while it drains (SIGTERM) or cannot load the shared state."),
+            panel("Cloud tunnels per replica", [q(
+                f"sum by (replica, location) (connector_cloud_tunnels{{{LOC}}})", "{{replica}} {{location}}")],
+                width=6, description="Every replica should hold the same tunnels: see ConnectorReplicaMissingTunnels."),
+            panel("Application connections per replica", [q(
+                f"sum by (replica) (connector_cloud_drain_connections {ON_REPLICAS})", "{{replica}}")], width=6,
+                description="HTTP proxy and SOCKS5 connections served; a draining replica exits once at 0."),
         ],
         [
             panel("Cloud tunnels by role", [q(

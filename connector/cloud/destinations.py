@@ -73,8 +73,8 @@ from connector.cloud.destination_store import (
     StoreError,
     load_or_create_key,
 )
+from connector.cloud.drain import Drain
 from connector.httperrors import error_parts
-from connector.listen import serve_tcp
 
 __all__ = ["DestinationError", "DestinationLimits", "DestinationService", "DestinationSettings", "Right",
            "StoreError", "find_destination", "json_depth", "validate_destination"]
@@ -296,8 +296,9 @@ class DestinationService:
     """
 
     def __init__(self, users: Authenticator, admins: Authenticator, *, settings: DestinationSettings,
-                 store: EtcdDestinationStore | None = None) -> None:
+                 store: EtcdDestinationStore | None = None, drain: Drain | None = None) -> None:
         self.users = users
+        self.drain = drain if drain is not None else Drain()  # a replica's graceful shutdown
         self.admins = admins
         self.settings = settings
         self.limits = settings.limits
@@ -322,7 +323,11 @@ class DestinationService:
         *,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        await serve_tcp(self.serve_connection, host, port, name="destination service", task_status=task_status)
+        await self.drain.serve(self._serve_drained, host, port, name="destination service", task_status=task_status)
+
+    async def _serve_drained(self, stream: trio.SocketStream) -> None:
+        with self.drain.connection():  # a draining replica waits for it
+            await self.serve_connection(stream)
 
     # --- one connection ----------------------------------------------------------------------
     async def wait_connections(self, count: int) -> None:
@@ -344,14 +349,19 @@ class DestinationService:
                 with trio.CancelScope(shield=True):
                     await stream.aclose()
             return
+        first = True
         try:
             while True:
                 if not conn.trailing_data[0]:  # nothing pipelined: wait for the next request to start
-                    with trio.move_on_after(self.limits.idle_timeout):
+                    # a draining replica closes a kept-alive connection here (not a new one: its
+                    # first request is on the way)
+                    idle = trio.CancelScope() if first else self.drain.while_idle()
+                    with idle, trio.move_on_after(self.limits.idle_timeout):
                         data = await stream.receive_some(_CHUNK)
                         conn.receive_data(bytes(data))
                     if not conn.trailing_data[0]:
                         return  # idle, or closed between requests
+                first = False
                 with trio.move_on_after(self.limits.request_timeout) as deadline:
                     await self._serve_request(stream, conn)
                 if deadline.cancelled_caught:
@@ -391,6 +401,8 @@ class DestinationService:
             headers.append((b"connection", b"close"))
         else:
             status, headers, payload = await self._respond(request, body, _client_address(stream))
+            if self.drain.draining:  # the next request opens a connection to another replica
+                headers.append((b"connection", b"close"))
         await self._send(stream, conn, h11.Response(status_code=status, headers=headers, reason=REASONS.get(status, b"")))
         if request.method != b"HEAD":  # HEAD: the same head, no body (h11 refuses one)
             await self._send(stream, conn, h11.Data(data=payload))

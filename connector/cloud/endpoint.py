@@ -29,6 +29,11 @@ The node's cluster is the one its certificate names in OU= (a HELLO claiming ano
 else the one its HELLO claims, else, for a standalone node, ``node:<CN>``. The registry admits a
 tunnel only from the cluster that owns its location (see `connector.cloud.registry`); any other is
 told why (``refused`` with reason ``wrong_cluster``) and closed.
+
+Going away (a replica's graceful shutdown, `connector.cloud.drain`): `go_away` closes every
+tunnel with GOAWAY(GOING_AWAY) once the application requests finished and closes the listener
+(a node that redials is refused and backs off; one caught in its handshake gets GOAWAY after its
+HELLO). A node keeps its tunnels to the other replicas and redials this one with its usual backoff.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from connector.cloud.registry import Registry, TunnelHandle, refuse_tunnel
 from connector.cloud.replicas import HELLO_REPLICA_KEY, REPLICAS_OP, ReplicaDirectory, to_body
 from connector.listen import serve_tcp
 from connector.tunnel.session import TunnelError, TunnelSession, TunnelSettings
+from connector.tunnel.types import ErrorCode
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +100,24 @@ class TunnelEndpoint:
         self.refused = 0  # connections refused for certificate reasons (tests and status read it)
         self._connections = 0
         self._connections_lot = trio.lowlevel.ParkingLot()
+        self._sessions: set[TunnelSession] = set()  # tunnels admitted to the registry
+        self.going_away: str | None = None  # the GOAWAY reason once `go_away` ran
+        self._accepting = trio.CancelScope()
 
     async def run(self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        await serve_tcp(self._handle, host, port, name="tunnel endpoint", task_status=task_status)
+        async with trio.open_nursery() as connections:
+            with self._accepting:  # `go_away` closes the listener; the tunnels close themselves
+                await serve_tcp(self._handle, host, port, name="tunnel endpoint", handler_nursery=connections,
+                                task_status=task_status)
+
+    async def go_away(self, reason: str) -> None:
+        """Close the listener, and every tunnel with GOAWAY(GOING_AWAY, reason) (one still in its
+        handshake gets it after its HELLO); a node's redial is refused, so it backs off."""
+        self.going_away = reason
+        self._accepting.cancel()
+        async with trio.open_nursery() as nursery:
+            for session in list(self._sessions):
+                nursery.start_soon(session.aclose, ErrorCode.GOING_AWAY, reason)
 
     def statistics(self) -> EndpointStatistics:
         return EndpointStatistics(self._connections, self.refused)
@@ -190,6 +211,9 @@ class TunnelEndpoint:
         except TunnelError as exc:
             log.warning("tunnel handshake with %s/%s failed: %s", subaccount, node_cn, exc)
             return
+        if self.going_away is not None:
+            await session.aclose(ErrorCode.GOING_AWAY, self.going_away)
+            return
         location_id = str(peer.get("location_id", ""))
         node = node_cn
         if peer.get("node") not in (None, node_cn):
@@ -207,6 +231,7 @@ class TunnelEndpoint:
             await refuse_tunnel(session, verdict.control_body())
             return
         self.registry.add(handle)
+        self._sessions.add(session)
         log.info("tunnel up: node %s of %s/%r", node, subaccount, location_id)
         try:
             async with trio.open_nursery() as nursery:
@@ -215,6 +240,7 @@ class TunnelEndpoint:
                 await session.run(control_handler=functools.partial(self._on_control, handle))
                 nursery.cancel_scope.cancel()
         finally:
+            self._sessions.discard(session)
             self.registry.remove(handle)
             log.info("tunnel down: node %s of %s/%r (%s)", node, subaccount, location_id, session.close_reason)
 

@@ -60,6 +60,11 @@ the response started); an application that does not take one write of its respon
 `response_write_timeout` is disconnected. Both reset the stream. A kept-alive connection idle
 for `stream_idle_timeout` gives its stream back (FIN), so idle application connections do not
 hold the streams of a location's tunnel.
+
+Draining (`connector.cloud.drain`, a replica's SIGTERM): every response says `Connection: close`
+once the drain began, and a kept-alive connection waiting for its next request with no byte of it
+read is closed once the replica stopped accepting; a request under way always runs to its end, and
+so does a new connection's first request.
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ import trio
 
 from connector.cloud.audit import CloudAudit
 from connector.cloud.auth import Authenticator
+from connector.cloud.drain import Drain
 from connector.cloud.router import NoConnectorError, ProxyService, Router
 from connector.datarate import MinDataRate, RateBudget, receive_some_at_rate
 from connector.http1 import (
@@ -327,8 +333,9 @@ class HttpProxy(ProxyService[ProxySettings]):
         *,
         settings: ProxySettings = ProxySettings(),
         audit: CloudAudit | None = None,
+        drain: Drain | None = None,
     ) -> None:
-        super().__init__(router, authenticator, settings=settings)
+        super().__init__(router, authenticator, settings=settings, drain=drain)
         self.audit = audit if audit is not None else CloudAudit()
 
     async def _handle(self, sock: trio.SocketStream) -> None:
@@ -413,12 +420,17 @@ class _ProxyConnection:
                 return event  # type: ignore[return-value]
             if head_deadline == math.inf and self.conn.trailing_data[0]:
                 head_deadline = trio.current_time() + settings.request_head_timeout
-            deadline = head_deadline if head_deadline < math.inf else min(idle_deadline, release_at)
-            with trio.move_on_at(deadline):
+            if head_deadline < math.inf:
+                with trio.move_on_at(head_deadline):
+                    self.conn.receive_data(await self._receive_client())
+                    continue
+                raise _TooSlow("request_head_timeout", "the request head did not arrive in time")
+            # no byte of a next request yet: a draining replica closes the connection here
+            with self.proxy.drain.while_idle() as idle, trio.move_on_at(min(idle_deadline, release_at)):
                 self.conn.receive_data(await self._receive_client())
                 continue
-            if head_deadline < math.inf:
-                raise _TooSlow("request_head_timeout", "the request head did not arrive in time")
+            if idle.cancelled_caught:
+                return None
             if trio.current_time() >= idle_deadline:
                 return None
             release_at = math.inf
@@ -473,6 +485,8 @@ class _ProxyConnection:
 
     async def serve(self) -> None:
         first = b""
+        # not `while_idle`: a connection accepted just before the listener closed has its first
+        # request on the way (the load balancer opened it for one); the drain's deadline bounds it
         with trio.move_on_after(self.settings.idle_timeout):
             first = await self._receive_client()
         if not first:
@@ -577,11 +591,18 @@ class _ProxyConnection:
         if close or self.conn.their_state not in (h11.DONE, h11.MIGHT_SWITCH_PROTOCOL):
             # the rest of the request body is not read: the connection cannot be reused
             headers.append((b"connection", b"close"))
+        else:
+            headers += self._closing()
         self.out.queue(
             h11.Response(status_code=status, headers=headers, reason=REASON_PHRASES.get(status, b""))
         )
         self.out.queue(h11.Data(data=body))
         await self.out.send(h11.EndOfMessage())
+
+    def _closing(self) -> list[tuple[bytes, bytes]]:
+        """`Connection: close` for a response of a draining replica: the application's next
+        request opens a new connection, which the load balancer sends to another replica."""
+        return [(b"connection", b"close")] if self.proxy.drain.draining else []
 
     def _discard_buffered_body(self) -> None:
         """Consume a request body that is already fully buffered (typically: none), no I/O.
@@ -817,7 +838,7 @@ class _ProxyConnection:
                     elif isinstance(event, h11.Response):
                         relayed = h11.Response(
                             status_code=event.status_code,
-                            headers=response_headers(event.headers),
+                            headers=response_headers(event.headers) + self._closing(),
                             reason=event.reason,
                             _parsed=True,  # parsed (and validated) by h11 from the node's answer
                         )

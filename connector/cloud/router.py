@@ -25,7 +25,7 @@ import trio
 from connector import metrics
 from connector.cloud.auth import Authenticator, Credentials, parse_authorization
 from connector.cloud.clients import ClientConnection, ConnectionCounter, current_client
-from connector.listen import serve_tcp
+from connector.cloud.drain import Drain
 from connector.tunnel.streams import TunnelStream
 from connector.tunnel.types import Target
 
@@ -67,11 +67,13 @@ class ProxyService(Generic[SettingsT]):
     name: ClassVar[str]
     default_port: ClassVar[int]
 
-    def __init__(self, router: Router, authenticator: Authenticator, *, settings: SettingsT) -> None:
+    def __init__(self, router: Router, authenticator: Authenticator, *, settings: SettingsT,
+                 drain: Drain | None = None) -> None:
         self.router = router
         self.authenticator = authenticator
         self.settings = settings
         self.connections = ConnectionCounter(gauge=metrics.PROXY_CONNECTIONS)  # the cloud shares one
+        self.drain = drain if drain is not None else Drain()
 
     async def run(
         self,
@@ -80,9 +82,12 @@ class ProxyService(Generic[SettingsT]):
         *,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve until cancelled; `task_status.started` gets the bound port (0 picks a free one)."""
-        await serve_tcp(self._serve_client, host, self.default_port if port is None else port,
-                        name=self.name, task_status=task_status)
+        """Serve until cancelled; `task_status.started` gets the bound port (0 picks a free one).
+
+        Once the drain stops accepting (`Drain.stop_accepting`), the listener closes and this
+        returns when the connections being served ended."""
+        await self.drain.serve(self._serve_client, host, self.default_port if port is None else port,
+                               name=self.name, task_status=task_status)
 
     async def _serve_client(self, sock: trio.SocketStream) -> None:
         client = ClientConnection.of(sock)
@@ -95,7 +100,8 @@ class ProxyService(Generic[SettingsT]):
             return
         try:
             current_client.set(client)  # this connection's task only
-            await self._handle(sock)
+            with self.drain.connection():
+                await self._handle(sock)
         finally:
             self.connections.release(client.address)
 

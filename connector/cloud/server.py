@@ -7,6 +7,8 @@ With ``[shared]`` the process is one replica of several: the fence, live tokens,
 the replica set live in the cloud's etcd (`connector.cloud.shared`), and the replica stays not
 ready (admitting and routing nothing) until it has read the shared fence. ``/readyz`` answers
 `connector.readiness.cloud_readiness`; ``/status`` shows the replica set.
+ `CloudServer.shutdown` is the graceful end of a replica (SIGTERM): not ready, listeners
+closed, requests finished, GOAWAY to the nodes (see `connector.cloud.drain`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from connector.cloud.clients import AuthThrottle, ConnectionCounter
 from connector.cloud.coverage import NoPeers, PeerMasters, SharedPeers, cloud_state
 from connector.cloud.destination_store import EtcdDestinationStore, load_or_create_key
 from connector.cloud.destinations import DestinationService, DestinationSettings
+from connector.cloud.drain import Drain
 from connector.cloud.endpoint import EndpointSettings, TunnelEndpoint
 from connector.cloud.jwks import FileKeyStore
 from connector.cloud.oauth import TokenService, WallClock, server_ssl_context, wall_clock
@@ -136,6 +139,30 @@ class CloudServer:
             replicas=self.replicas,
         )
         self.ports: CloudPorts | None = None
+        self.drain = Drain()
+        metrics.CLOUD_REPLICA.info({"id": self.replicas.me.id})
+        metrics.CLOUD_READY.set_function(lambda: float(self.readiness().ready))
+        metrics.CLOUD_DRAIN_CONNECTIONS.set_function(lambda: self.drain.statistics().connections)
+
+    async def shutdown(self) -> None:
+        """Leave the rotation without failing a request, then GOAWAY to the nodes (see
+        `connector.cloud.drain` for the phases); returns when the replica may exit."""
+        settings = self.config.drain
+        self.drain.begin()
+        log.info("draining: not ready; accepting for %g s more while the load balancer notices",
+                 settings.notice_seconds)
+        await trio.sleep(settings.notice_seconds)  # the load balancer's time to notice, not a poll
+        self.drain.stop_accepting()
+        log.info("draining: listeners closed; waiting up to %g s for %d application connection(s)",
+                 settings.drain_seconds, self.drain.statistics().connections)
+        with trio.move_on_after(settings.drain_seconds):
+            await self.drain.wait_connections(0)
+        left = self.drain.statistics().connections
+        if left:
+            log.warning("draining: %d application connection(s) still open after %g s: closing them",
+                        left, settings.drain_seconds)
+        await self.endpoint.go_away("replica shutting down")
+        log.info("drained: exiting")
 
     async def run(self, *, task_status: trio.TaskStatus[CloudPorts] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
@@ -152,11 +179,10 @@ class CloudServer:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.registry.run)
             tunnel = await nursery.start(self.endpoint.run, config.tunnel_listen.host, config.tunnel_listen.port)
-            if config.tunnel_listen.port == 0:  # announce the port bound (tests, the demo)
-                self.replicas.me = attrs.evolve(self.replicas.me, tunnel_url=f"wss://{config.tunnel_listen.host}:{tunnel}/tunnel")
-            http_proxy = HttpProxy(self.registry, self.authenticator, settings=proxy_settings(config), audit=self.audit)
+            http_proxy = HttpProxy(self.registry, self.authenticator, settings=proxy_settings(config), audit=self.audit,
+                                   drain=self.drain)
             http = await nursery.start(http_proxy.run, config.http_listen.host, config.http_listen.port)
-            socks_proxy = Socks5Proxy(self.registry, self.authenticator, audit=self.audit)
+            socks_proxy = Socks5Proxy(self.registry, self.authenticator, audit=self.audit, drain=self.drain)
             http_proxy.connections = socks_proxy.connections = self.connections
             socks = await nursery.start(socks_proxy.run, config.socks5_listen.host, config.socks5_listen.port)
             destinations = None
@@ -169,6 +195,7 @@ class CloudServer:
                         path=store, key_path=store.with_name(store.name + ".key"), limits=config.destination_limits
                     ),
                     store=self.shared_destinations,
+                    drain=self.drain,
                 )
                 destinations = await nursery.start(
                     service.run, config.destinations_listen.host, config.destinations_listen.port
@@ -208,6 +235,7 @@ class CloudServer:
         shared = self.shared
         return cloud_readiness(attrs.evolve(
             cloud_state(self.registry.snapshot(), self.peer_masters),
+            draining=self.drain.draining,
             shared=shared is not None,
             fence_loaded=self.registry.fence_loaded,
             shared_reachable=shared.reach.reachable if shared is not None else True,
@@ -233,6 +261,7 @@ class CloudServer:
 
         async def readyz(request: AdminRequest) -> Reply:
             result = self.readiness()
-            return Reply.json(200 if result.ready else 503, {"ready": result.ready, "reason": result.reason})
+            return Reply.json(200 if result.ready else 503, {"ready": result.ready, "reason": result.reason,
+                                                             "replica": self.replicas.me.id})
 
         return {("GET", "/status"): locations, ("GET", "/readyz"): readyz}

@@ -26,6 +26,10 @@ Theory of operation (RFC 1928, CONNECT only). The whole handshake runs under one
    speed a quarter of the syscalls and loop turns of 64 KiB reads); each direction holds at most
    one read, so a connection buffers at most 512 KiB here besides the stream's window. A stream reset ends the client connection
    with a TCP RST so the application sees an error, not a clean end of data.
+
+A draining replica (`connector.cloud.drain`) lets its SOCKS5 connections run to their end (at
+most `[drain] drain_seconds` after its listener closed): a SOCKS5 connection carries one TCP
+session, so there is no next request to turn away.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import trio
 
 from connector.cloud.audit import CloudAudit
 from connector.cloud.auth import Authenticator
+from connector.cloud.drain import Drain
 from connector.cloud.router import NoConnectorError, ProxyService, Router
 from connector.httperrors import reset_error
 from connector.metrics import PROXY_REQUEST_SECONDS, PROXY_REQUESTS
@@ -156,8 +161,9 @@ class Socks5Proxy(ProxyService[Socks5Settings]):
         *,
         settings: Socks5Settings = Socks5Settings(),
         audit: CloudAudit | None = None,
+        drain: Drain | None = None,
     ) -> None:
-        super().__init__(router, authenticator, settings=settings)
+        super().__init__(router, authenticator, settings=settings, drain=drain)
         self.audit = audit if audit is not None else CloudAudit()
 
     def _audit_refusal(

@@ -44,6 +44,7 @@ class ScrapeTarget:
     component: str
     job: str
     url: str
+    labels: dict[str, str] = attrs.field(factory=dict)  # more target labels (a cloud replica's `replica`)
 
     @property
     def address(self) -> str:
@@ -68,9 +69,17 @@ def metrics_urls(state: dict[str, Any], prefix: tuple[str, ...] = ()) -> Iterato
 
 
 def scrape_targets(state: dict[str, Any]) -> list[ScrapeTarget]:
-    """Targets of a demo state: ``nodes.<name>.metrics_url`` is job ``node``, ``<x>.metrics_url`` job ``x``."""
-    targets = []
+    """Targets of a demo state: ``nodes.<name>.metrics_url`` is job ``node``, ``<x>.metrics_url`` job ``x``.
+
+    A demo with several cloud replicas (``cloud_replicas``) gives each its own target of job
+    ``cloud`` with the target label ``replica`` (docs/metrics.md); ``cloud`` names the first of them
+    then, and is not scraped twice."""
+    targets = [ScrapeTarget(component=r["id"], job="cloud", url=r["metrics_url"], labels={"replica": r["id"]})
+               for r in state.get("cloud_replicas", [])]
+    replicated = {target.url for target in targets}
     for keys, url in metrics_urls(state):
+        if url in replicated:
+            continue
         if len(keys) >= 3 and keys[0] == "nodes":
             targets.append(ScrapeTarget(component=keys[1], job="node", url=url))
         elif len(keys) >= 2:
@@ -104,7 +113,8 @@ def config(targets: Iterable[ScrapeTarget], rule_files: Iterable[Path], interval
         job_name = job if names.count(job) == 1 else f"{job}{path.replace('/', '_')}"
         scrape_configs.append({
             "job_name": job_name, "scheme": scheme, "metrics_path": path,
-            "static_configs": [{"targets": [t.address], "labels": {"component": t.component}} for t in members],
+            "static_configs": [{"targets": [t.address], "labels": {"component": t.component, **t.labels}}
+                               for t in members],
         })
     seconds = f"{interval:g}s"
     return {

@@ -232,6 +232,10 @@ def healthy_demo() -> list[dict[str, str]]:
         out += counter("connector_lease_renewal_failures_total", at)
         out += counter("connector_audit_write_errors_total", at)
         out += gauge("connector_held_requests_waiting", at, 0)
+        out += gauge("connector_cloud_ready", at, 1 if job == "cloud" else 0)  # unlabelled: everywhere
+        out += gauge("connector_cloud_drain_connections", at, 0)
+        if job != "cloud":  # an info metric without labels is exported by every process, without `id`
+            out += gauge("connector_cloud_replica_info", at, 1)
         out += histogram("connector_held_request_duration_seconds", at, fail)
         out += gauge("connector_certificate_expiry_timestamp_seconds",
                      {**at, "certificate": "tunnel-server" if job == "cloud" else "tunnel-client"}, 2e9)
@@ -254,8 +258,15 @@ def healthy_demo() -> list[dict[str, str]]:
     out += histogram("connector_request_duration_seconds", {**master, **mapping, "protocol": "http"}, lat, 2)
     out += counter("connector_requests_total", {**master, **mapping, "decision": "allowed"}, 2)
     cloud = {"job": "cloud", "instance": "cloud:8081"}
-    out += gauge("connector_cloud_tunnels", {**cloud, **cloud_location, "role": "master"}, 1)
-    out += gauge("connector_cloud_tunnels", {**cloud, **cloud_location, "role": "standby"}, 1)
+    for replica, instance in (("cloud-1", "cloud:8081"), ("cloud-2", "cloud-2:8081")):
+        # every cloud replica's series carry the scrape's `replica` label (docs/metrics.md)
+        at = {"job": "cloud", "instance": instance, "replica": replica}
+        out += gauge("connector_cloud_replica_info", {**at, "id": replica}, 1)
+        if instance != "cloud:8081":  # the first one's unlabelled gauges come with the other processes'
+            out += gauge("connector_cloud_ready", at, 1)
+            out += gauge("connector_cloud_drain_connections", at, 3)
+        out += gauge("connector_cloud_tunnels", {**at, **cloud_location, "role": "master"}, 1)
+        out += gauge("connector_cloud_tunnels", {**at, **cloud_location, "role": "standby"}, 1)
     out += gauge("connector_cloud_master_epoch", {**cloud, **cloud_location}, 7)
     out += gauge("connector_cloud_registrations_total", {**cloud, **cloud_location, "result": "accepted"}, 1)
     out += gauge("connector_cloud_location_has_master", {**cloud, **cloud_location}, 1)

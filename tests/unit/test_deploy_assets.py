@@ -29,6 +29,8 @@ DEPLOY = REPO / "deploy"
 COMPOSE = DEPLOY / "compose"
 KUBE = DEPLOY / "kubernetes"
 DRILL = DEPLOY / "chaos" / "drill.py"
+REPLICAS = ("cloud-1", "cloud-2")
+GOAWAY_SECONDS = 5.0  # a replica's stop beyond notice + drain: GOAWAY to the nodes (ping_timeout 3 s)
 HANDOVER_HANDSHAKES = 6.0  # node shutdown beyond drain_seconds: drain 2 s, resign 2 s, close 1 s, leave 1 s
 
 
@@ -83,16 +85,20 @@ def test_example_cloud_token_hash_is_a_placeholder_not_a_known_token() -> None:
 
 
 def test_compose_configs_load_and_token_matches(tmp_path: Path) -> None:
-    cloud = load_cloud_config(_write(tmp_path, "cloud.toml", (COMPOSE / "config" / "cloud.toml").read_text()))
     compose_text = (COMPOSE / "docker-compose.yml").read_text()
     token = re.search(r"Bearer (compose-demo-token[\w-]*)", compose_text)
     assert token is not None
-    assert cloud.subaccounts[0].token_sha256 == (hash_token(token.group(1)),)
+    for replica in REPLICAS:
+        cloud = load_cloud_config(_write(tmp_path, f"{replica}.toml", (COMPOSE / "config" / f"{replica}.toml").read_text()))
+        assert cloud.subaccounts[0].token_sha256 == (hash_token(token.group(1)),)
+        assert cloud.replica is not None and cloud.shared is not None
+        assert (cloud.replica.id, cloud.replica.tunnel_url) == (replica, f"wss://{replica}:8443/tunnel")
+        assert cloud.shared.etcd.endpoints == ("http://cloud-etcd:2379",)
     for node in ("node-a", "node-b"):
         config = load_node_config(_write(tmp_path, f"{node}.toml", (COMPOSE / "config" / f"{node}.toml").read_text()))
         assert config.node_id == node
         assert config.admin_listen.host == node  # resolvable by the other containers
-        assert config.tunnel_url == "wss://cloud:8443/tunnel"
+        assert config.tunnel_url == "wss://cloud-tunnel:8443/tunnel"  # both replicas' network alias
 
 
 def _kube_docs(name: str) -> list[dict[str, Any]]:
@@ -107,8 +113,16 @@ def _configmap(name: str) -> dict[str, str]:
     raise AssertionError(f"no ConfigMap {name}")
 
 
+def _cloud_toml_of_a_pod() -> str:
+    """The cloud ConfigMap's template as the init container renders it for one pod."""
+    template = _configmap("connector-cloud-config")["cloud.toml.template"]
+    return template.replace("__POD_NAME__", "connector-cloud-5d8f-x2k").replace("__POD_IP__", "10.1.2.9")
+
+
 def test_kubernetes_configmaps_load(tmp_path: Path) -> None:
-    load_cloud_config(_write(tmp_path, "cloud.toml", _configmap("connector-cloud-config")["cloud.toml"]))
+    cloud = load_cloud_config(_write(tmp_path, "cloud.toml", _cloud_toml_of_a_pod()))
+    assert cloud.shared is not None
+    assert cloud.shared.etcd.endpoints and all(".cloud-etcd.connector.svc:2379" in url for url in cloud.shared.etcd.endpoints)
     template = _configmap("connector-node-config")["node.toml.template"]
     rendered = template.replace("__NODE_ID__", "connector-node-1").replace("__POD_IP__", "10.1.2.3")
     config = load_node_config(_write(tmp_path, "node.toml", rendered))
@@ -142,7 +156,7 @@ def _seconds(value: str) -> float:
     return float(match.group(1)) * (60 if match.group(2) == "min" else 1)
 
 
-@pytest.mark.parametrize("name", ["connector-cloud.service", "connector-node@.service"])
+@pytest.mark.parametrize("name", ["connector-cloud.service", "connector-cloud@.service", "connector-node@.service"])
 def test_systemd_units_are_hardened(name: str) -> None:
     unit = _unit(name)
     expected = {
@@ -162,6 +176,17 @@ def test_node_unit_instance_is_node_id_and_stop_timeout_covers_the_drain(tmp_pat
     drain = load_node_config(_write(tmp_path, "node.toml", (DEPLOY / "examples" / "node.toml").read_text())).drain_seconds
     assert _seconds(unit["Service.TimeoutStopSec"][0]) >= drain + HANDOVER_HANDSHAKES
     assert _seconds(_unit("connector-cloud.service")["Service.TimeoutStopSec"][0]) >= 5.0 + 5  # hold_seconds + streams
+
+
+@pytest.mark.parametrize("name", ["connector-cloud.service", "connector-cloud@.service"])
+def test_cloud_units_stop_timeout_covers_the_drain(tmp_path: Path, name: str) -> None:
+    drain = load_cloud_config(_write(tmp_path, "cloud.toml", (DEPLOY / "examples" / "cloud.toml").read_text())).drain
+    assert _seconds(_unit(name)["Service.TimeoutStopSec"][0]) >= drain.notice_seconds + drain.drain_seconds + GOAWAY_SECONDS
+
+
+def test_cloud_replica_unit_instance_is_the_replica() -> None:
+    unit = _unit("connector-cloud@.service")
+    assert unit["Service.ExecStart"] == ["/opt/connector/bin/connector cloud --config /etc/connector/%i.toml"]
 
 
 @pytest.mark.parametrize(("unit_name", "example"), [("connector-cloud.service", "cloud.toml"),
@@ -196,7 +221,10 @@ def test_exec_start_pre_exits_2_on_a_bad_config_so_systemd_does_not_loop(
 def test_systemd_analyze_verify_finds_only_the_missing_install(tmp_path: Path) -> None:
     node = tmp_path / "connector-node@node-a.service"
     shutil.copy(DEPLOY / "systemd" / "connector-node@.service", node)
-    units = [str(node), str(DEPLOY / "systemd" / "connector-cloud.service"), str(DEPLOY / "systemd" / "connector-etcd.service")]
+    replica = tmp_path / "connector-cloud@cloud-1.service"
+    shutil.copy(DEPLOY / "systemd" / "connector-cloud@.service", replica)
+    units = [str(node), str(replica), str(DEPLOY / "systemd" / "connector-cloud.service"),
+             str(DEPLOY / "systemd" / "connector-etcd.service")]
     result = subprocess.run(["systemd-analyze", "verify", "--man=no", *units], capture_output=True, text=True, timeout=60)
     complaints = [line for line in (result.stdout + result.stderr).splitlines()
                   if line.strip() and "/opt/connector/bin/" not in line]  # not installed on a build machine
@@ -212,7 +240,8 @@ def _compose() -> dict[str, Any]:
 def test_compose_services_images_ports_and_volumes() -> None:
     compose = _compose()
     services = compose["services"]
-    assert {"etcd-1", "etcd-2", "etcd-3", "certs", "cloud", "node-a", "node-b", "backend", "prometheus", "grafana"} <= set(services)
+    assert {"etcd-1", "etcd-2", "etcd-3", "certs", "cloud-1", "cloud-2", "cloud-etcd", "haproxy", "node-a", "node-b",
+            "backend", "prometheus", "grafana"} <= set(services)
     named = set(compose["volumes"])
     for name, service in services.items():
         assert "image" in service or "build" in service, name
@@ -231,9 +260,30 @@ def test_compose_services_images_ports_and_volumes() -> None:
                 assert source in named, f"{name}: volume {source} not declared"
         for dependency in service.get("depends_on", []):
             assert dependency in services, f"{name} depends on unknown {dependency}"
-    published = {p.split(":")[1] for p in services["cloud"]["ports"]}
-    assert {"20003", "20004", "8443"} <= published
+    published = {p.split(":")[1] for p in services["haproxy"]["ports"]}
+    assert {"20003", "20004", "20005"} <= published
     assert services["node-a"]["stop_grace_period"] == "30s"
+
+
+def test_compose_two_replicas_behind_haproxy(tmp_path: Path) -> None:
+    """The committed haproxy.cfg is what connector.haproxy renders for the two replicas, both
+    replicas answer to the nodes' tunnel name, and their stop grace covers the drain."""
+    from connector import haproxy
+
+    services = _compose()["services"]
+    backends = [haproxy.Backend(r, r, 20003, 20004, 20005, 20006) for r in REPLICAS]
+    expected = haproxy.render_config(haproxy.Front("0.0.0.0", 20003, 20004, 20005), backends, maxconn=10000,
+                                     nameservers=["127.0.0.11:53"])
+    assert (COMPOSE / "haproxy.cfg").read_text() == expected
+    assert "./haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in services["haproxy"]["volumes"]
+    for replica in REPLICAS:
+        service = services[replica]
+        assert service["networks"]["default"]["aliases"] == ["cloud-tunnel"]
+        drain = load_cloud_config(_write(tmp_path, f"{replica}.toml",
+                                         (COMPOSE / "config" / f"{replica}.toml").read_text())).drain
+        grace = _seconds(service["stop_grace_period"])
+        assert grace >= drain.notice_seconds + drain.drain_seconds + GOAWAY_SECONDS
+        assert drain.notice_seconds >= 2 * haproxy.CHECK_FALL * haproxy.CHECK_INTERVAL_MS / 1000
 
 
 def test_compose_etcd_is_a_three_member_cluster() -> None:
@@ -248,7 +298,10 @@ def test_compose_prometheus_scrapes_every_component_and_loads_the_rules() -> Non
     services = _compose()["services"]
     prometheus = yaml.safe_load((COMPOSE / "prometheus.yml").read_text())
     targets = {t for job in prometheus["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
-    assert {"cloud:20006", "node-a:8081", "node-b:8081", "etcd-1:2381", "etcd-2:2381", "etcd-3:2381"} <= targets
+    assert {"cloud-1:20006", "cloud-2:20006", "node-a:8081", "node-b:8081", "etcd-1:2381", "etcd-2:2381",
+            "etcd-3:2381"} <= targets
+    cloud = next(job for job in prometheus["scrape_configs"] if job["job_name"] == "connector-cloud")
+    assert [c["labels"]["replica"] for c in cloud["static_configs"]] == list(REPLICAS)  # docs/metrics.md
     mounts = dict(v.split(":")[:2] for v in services["prometheus"]["volumes"])
     rule_mount = mounts["../../grafana/alerts/connector-rules.yml"]
     assert prometheus["rule_files"] == [rule_mount]
@@ -261,8 +314,8 @@ def test_compose_prometheus_scrapes_every_component_and_loads_the_rules() -> Non
 
 
 def test_compose_config_admin_ports_match_the_scrape_targets() -> None:
-    text = (COMPOSE / "config" / "cloud.toml").read_text()
-    assert 'listen = "0.0.0.0:20006"' in text
+    for replica in REPLICAS:
+        assert 'listen = "0.0.0.0:20006"' in (COMPOSE / "config" / f"{replica}.toml").read_text()
     for node in ("node-a", "node-b"):
         assert f'listen = "{node}:8081"' in (COMPOSE / "config" / f"{node}.toml").read_text()
 
@@ -313,7 +366,7 @@ def test_docker_compose_validation_catches_a_broken_file(tmp_path: Path) -> None
 
 # --- kubernetes ----------------------------------------------------------------------------------
 
-MANIFESTS = ["namespace.yaml", "etcd.yaml", "cloud.yaml", "nodes.yaml"]
+MANIFESTS = ["namespace.yaml", "etcd.yaml", "cloud-etcd.yaml", "cloud.yaml", "nodes.yaml"]
 
 
 def _all_manifests() -> list[dict[str, Any]]:
@@ -334,7 +387,8 @@ def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def test_kubernetes_probes_point_at_readyz_and_healthz() -> None:
-    workloads = [d for d in _all_manifests() if d["kind"] in ("Deployment", "StatefulSet") and d["metadata"]["name"] != "etcd"]
+    workloads = [d for d in _all_manifests() if d["kind"] in ("Deployment", "StatefulSet")
+                 and d["metadata"]["name"] not in ("etcd", "cloud-etcd")]
     assert {d["metadata"]["name"] for d in workloads} == {"connector-cloud", "connector-node"}
     for doc in workloads:
         for container in _containers(doc):
@@ -367,6 +421,39 @@ def test_kubernetes_nodes_statefulset_anti_affinity_pdb_and_grace(tmp_path: Path
     assert pod["terminationGracePeriodSeconds"] >= drain + HANDOVER_HANDSHAKES
     secrets = {v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
     assert secrets == {"connector-node-certs"}
+
+
+def test_kubernetes_cloud_replicas_roll_without_going_below_two_ready(tmp_path: Path) -> None:
+    cloud = _one("Deployment", "connector-cloud")
+    spec, pod = cloud["spec"], cloud["spec"]["template"]["spec"]
+    assert spec["replicas"] == 3
+    assert spec["strategy"]["type"] == "RollingUpdate"
+    assert spec["replicas"] - spec["strategy"]["rollingUpdate"]["maxUnavailable"] >= 2
+    pdb = _one("PodDisruptionBudget", "connector-cloud")
+    assert pdb["spec"]["minAvailable"] == 2 and pdb["spec"]["selector"] == spec["selector"]
+    required = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
+    assert required["topologyKey"] == "kubernetes.io/hostname"
+    assert required["labelSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    drain = load_cloud_config(_write(tmp_path, "cloud.toml", _cloud_toml_of_a_pod())).drain
+    assert pod["terminationGracePeriodSeconds"] >= drain.notice_seconds + drain.drain_seconds + GOAWAY_SECONDS
+    (container,) = _containers(cloud)
+    probe = container["readinessProbe"]  # the Service drops a draining replica within the notice
+    assert probe["periodSeconds"] * probe["failureThreshold"] <= drain.notice_seconds
+    assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v]  # 3 pods: no shared RWO volume
+    headless = _one("Service", "connector-cloud-replicas")
+    assert headless["spec"]["clusterIP"] == "None" and not headless["spec"].get("publishNotReadyAddresses")
+    assert headless["spec"]["selector"] == spec["selector"]["matchLabels"]
+    node_template = _configmap("connector-node-config")["node.toml.template"]
+    assert 'url = "wss://connector-cloud-replicas.connector.svc:8443/tunnel"' in node_template
+
+
+def test_kubernetes_cloud_etcd_is_its_own_three_member_cluster() -> None:
+    etcd = _one("StatefulSet", "cloud-etcd")
+    assert etcd["spec"]["replicas"] == 3 and etcd["spec"]["serviceName"] == "cloud-etcd"
+    command = " ".join(_containers(etcd)[0]["command"])
+    assert "--initial-cluster=cloud-etcd-0=http://cloud-etcd-0.cloud-etcd.connector.svc:2380" in command
+    assert "etcd.connector.svc" not in command.replace("cloud-etcd.connector.svc", "")  # never the nodes' etcd
+    assert _one("PodDisruptionBudget", "cloud-etcd")["spec"]["minAvailable"] == 2
 
 
 def test_kubernetes_cloud_services_and_secret() -> None:
