@@ -38,6 +38,7 @@ when the drill passed), so they are unit-tested on hand-made records:
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -57,11 +58,13 @@ import trio
 
 from connector import haproxy
 from connector.admin import http_request
+from connector.cloud.shared import FENCE_PREFIX, parse_fence
 from connector.demo import Demo, DemoSpec, etcd_command, find_etcd, replica_ids
 from tests.support.httpclient import HttpClient
 
 TARGET_PREFIX = "http://erp.virtual:8000/sap/opu/odata/drill"
 REPLICA_SERVICES = ("tunnel", "admin", "http_proxy", "socks5", "destinations")  # a replica's ports
+CLOUD_PREFIX = "/connector-cloud"  # the demo's [shared] prefix
 ADMIN_TIMEOUT = 1.0
 POLL = 0.02
 
@@ -625,6 +628,36 @@ class Cluster:
             find_etcd(self.demo.spec.etcd), self.workdir / "state" / "cloud-etcd", ports["cloud_etcd_client"],
             ports["cloud_etcd_peer"], name="cloud-etcd"))
         await self.demo.wait_http("cloud-etcd", ports["cloud_etcd_client"], "/health")
+
+    async def shared_fence(self) -> dict[tuple[str, str], int]:
+        """(subaccount, location) -> epoch, as the cloud's etcd holds the fence (its JSON gateway)."""
+        prefix = f"{CLOUD_PREFIX}/{FENCE_PREFIX}".encode()
+        query = {"key": base64.b64encode(prefix).decode(),
+                 "range_end": base64.b64encode(prefix[:-1] + bytes([prefix[-1] + 1])).decode()}
+        status, body = await http_request("127.0.0.1", self.demo.ports["cloud_etcd_client"], "/v3/kv/range",
+                                          method="POST", body=json.dumps(query).encode(), timeout=ADMIN_TIMEOUT)
+        if status != 200:
+            raise RuntimeError(f"cloud etcd range answered {status}: {body[:200]!r}")
+        fences = {}
+        for kv in json.loads(body).get("kvs", []):
+            parsed = parse_fence(base64.b64decode(kv["key"]).decode()[len(CLOUD_PREFIX) + 1:],
+                                 base64.b64decode(kv["value"]))
+            if parsed is not None:
+                fences[parsed[0]] = parsed[1].epoch
+        return fences
+
+    async def wait_shared_fence(self, expected: dict[tuple[str, str], int], timeout: float) -> None:
+        last: dict[tuple[str, str], int] | str = {}
+        with trio.move_on_after(timeout):
+            while True:
+                try:
+                    last = await self.shared_fence()
+                    if last == expected:
+                        return
+                except (OSError, trio.TooSlowError, ValueError, RuntimeError) as exc:
+                    last = repr(exc)
+                await trio.sleep(POLL)
+        raise AssertionError(f"timed out after {timeout} s waiting for the shared fence {expected}; last: {last}")
 
     # --- audit: who served what
 

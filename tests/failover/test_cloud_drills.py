@@ -21,9 +21,11 @@ from typing import Any
 import pytest
 import trio
 
+from connector.demo import LOCATION, SUBACCOUNT
 from tests.failover.harness import (
     Cluster,
     FaultWindow,
+    check_fenced_after,
     check_requests,
     check_routing,
     describe_failures,
@@ -42,7 +44,12 @@ REDIAL_WITHIN = 10.0  # nodes redial a replica within their backoff's cap (5 s) 
 HAPROXY_NOTICE = 2.0  # HAProxy takes a replica in or out within 2 checks of 200 ms; margin for a busy host
 ETCD_NOTICE = 10.0  # a replica notices its etcd is gone at its next read or write (about 1 s)
 NOT_READY_WATCH = 2.5  # how long the replica started during the outage is watched staying out
+TAKEOVER_WITHIN = 15.0  # the on-premise failover, seen on every replica
+LEASE_SECONDS = 3.0  # the nodes' default leader lease (ha/timing.py: ttl)
 SCALE_OUT_WITHIN = 10.0  # "a replica added under load starts serving within seconds"
+
+
+LOCATION_KEY = (SUBACCOUNT, LOCATION)
 
 
 def check_every_routing(routings: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -138,6 +145,55 @@ async def test_cloud_etcd_outage_under_load_keeps_serving_and_a_replica_started_
             assert await cluster.master(replica) == master, replica
 
 
+async def test_master_failover_during_a_cloud_etcd_outage_is_accepted_and_written_back() -> None:
+    """A replica that knows the fence keeps serving through the outage and accepts a higher epoch
+    (always safe) from its cache; etcd holds the new epoch once it is back."""
+    async with Cluster(fast_spec(cloud_replicas=2)) as cluster:
+        old, old_epoch = await cluster.wait_master()
+        assert await cluster.shared_fence() == {LOCATION_KEY: old_epoch}
+        load = cluster.load("failover-in-outage", concurrency=CONCURRENCY, max_seconds=LOAD_SECONDS,
+                            max_requests=LOAD_REQUESTS)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(load.run)
+            await load.wait_ok(STEADY)
+            cluster.stop_cloud_etcd()
+            await cluster.reap("cloud-etcd")
+            for replica in cluster.replicas:
+                await cluster.wait_ready(replica, lambda ready, why: ready and "unreachable" in why, ETCD_NOTICE,
+                                         "serving from its cached fence")
+            fault = cluster.signal(old, signal.SIGKILL)
+            with trio.fail_after(TAKEOVER_WITHIN):
+                seen = {r: await cluster.wait_master(other_than=old, above_epoch=old_epoch, replica=r)
+                        for r in cluster.replicas}
+            changed = trio.current_time()
+            assert len(set(seen.values())) == 1, f"the replicas name different masters: {seen}"
+            new, new_epoch = seen[cluster.replicas[0]]
+            for replica in cluster.replicas:  # accepted here, not yet in etcd
+                ready, why = await cluster.readyz(replica)
+                assert ready and "unreachable" in why and "(0 fence advances" not in why, (replica, why)
+            await load.wait_ok(STEADY, since=changed)
+            await cluster.start_cloud_etcd()
+            restored = trio.current_time()
+            await cluster.wait_shared_fence({LOCATION_KEY: new_epoch}, ETCD_NOTICE)
+            written_back = trio.current_time() - restored
+            for replica in cluster.replicas:
+                await cluster.wait_ready(replica, lambda ready, why: ready and why == "serving", ETCD_NOTICE,
+                                         "serving with its etcd back")
+            await load.wait_ok(STEADY)
+            load.stop()
+        results = load.results_by_start()
+        print(f"failover during a cloud etcd outage: {len(results)} requests, {len(failed(results))} failed; "
+              f"epoch {old_epoch} -> {new_epoch} written back {written_back:.2f} s after etcd returned")
+        # only the requests in flight on the killed master may fail (see harness.run_drill)
+        assert check_requests(results, [FaultWindow(fault, changed)]) == [], describe_failures(results)
+        assert len(failed(results)) <= CONCURRENCY, describe_failures(results)
+        every = await routings(cluster)
+        assert check_every_routing(every) == []
+        assert [f"{r}: {p}" for r, routing in every.items()
+                for p in check_fenced_after(routing, old, old_epoch, new_epoch)] == []
+        assert await cluster.shared_fence() == {LOCATION_KEY: new_epoch}
+
+
 async def test_scale_out_from_two_to_three_replicas_under_load() -> None:
     async with Cluster(fast_spec(cloud_replicas=2)) as cluster:
         added = "cloud-3"
@@ -185,3 +241,22 @@ async def test_master_kill9_with_three_replicas_every_replica_switches_and_never
             location = await cluster.cloud_status(replica)
             assert (location["master"], location["epoch"]) == (result.new_master, result.new_epoch), replica
             assert {e["node"] for e in location["routing"]} == {result.old_master, result.new_master}, replica
+
+
+async def test_master_frozen_past_its_lease_with_three_replicas_is_fenced_on_every_replica() -> None:
+    """SIGSTOP of the master for longer than its lease (3 s): a new master registers on every
+    replica; thawed, the old one is fenced on each and comes back as a standby everywhere."""
+    async with Cluster(fast_spec(cloud_replicas=3)) as cluster:
+        result = await run_drill(cluster, "freeze", "replicas-freeze", freeze_seconds=LEASE_SECONDS + 1.0,
+                                 concurrency=CONCURRENCY)
+        print(f"freeze with 3 replicas: {result.requests} requests, {result.failed} failed, takeover "
+              f"{result.takeover}")
+        assert result.problems == [], result.problems  # includes: a shadow again after SIGCONT
+        for replica in cluster.replicas:
+            location = await cluster.wait_cloud(
+                lambda loc: len(loc.get("tunnels", [])) == len(cluster.nodes), REDIAL_WITHIN,
+                "the thawed node's standby tunnel", replica)
+            assert (location["master"], location["epoch"]) == (result.new_master, result.new_epoch), replica
+            roles = {t["node"]: t["role"] for t in location["tunnels"]}
+            assert roles == {result.new_master: "master", result.old_master: "standby"}, (replica, roles)
+        assert check_every_routing(await routings(cluster)) == []
