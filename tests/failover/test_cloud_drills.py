@@ -1,15 +1,19 @@
-"""Drills of the cloud cluster (issue 10): a replica crashes, the cloud's etcd goes away, a replica
-is added, and the on-premise master fails over under three replicas; all under load.
+"""Drills of the cloud cluster (issue 10), all under load through the front door: a replica
+killed and restarted; the cloud's etcd killed and restarted (a replica started meanwhile stays out;
+an on-premise failover meanwhile is accepted and written back); a third replica added and removed;
+the on-premise master killed or frozen under three replicas.
 
 Real processes: `Cluster(fast_spec(cloud_replicas=N))` runs what `connector demo --cloud-replicas N`
 runs: N `connector cloud` replicas sharing a cloud etcd of their own, HAProxy in front of them
 health-checking each replica's ``/readyz`` (the front door every request of the load goes
 through), two nodes electing through their own etcd, and the demo backend. The faults are the
-real ones: SIGKILL of a replica or of the cloud's etcd, a replica process started later.
+real ones: SIGKILL, SIGSTOP or SIGTERM of a replica, a node or the cloud's etcd; a replica process
+started later.
 
 What each drill asserts comes from the client's records (`harness.Load`), each replica's own
 ``/status`` (its routing log, its master, its tunnels), ``/readyz`` and ``/metrics`` (how many
-requests it answered), read with deadlines (`Cluster.wait_*`), never after a fixed sleep.
+requests it answered), the nodes' ``/status`` and the cloud's etcd, read with deadlines
+(`Cluster.wait_*`), never after a fixed sleep. Each drill prints a one-line summary (``-s``).
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ ETCD_NOTICE = 10.0  # a replica notices its etcd is gone at its next read or wri
 NOT_READY_WATCH = 2.5  # how long the replica started during the outage is watched staying out
 TAKEOVER_WITHIN = 15.0  # the on-premise failover, seen on every replica
 LEASE_SECONDS = 3.0  # the nodes' default leader lease (ha/timing.py: ttl)
-SCALE_OUT_WITHIN = 10.0  # "a replica added under load starts serving within seconds"
+SCALE_OUT_WITHIN = 10.0
+DRAIN_EXIT_WITHIN = 15.0  # the demo's [drain]: notice 1 s, then up to 10 s for connections  # "a replica added under load starts serving within seconds"
 
 
 LOCATION_KEY = (SUBACCOUNT, LOCATION)
@@ -194,7 +199,9 @@ async def test_master_failover_during_a_cloud_etcd_outage_is_accepted_and_writte
         assert await cluster.shared_fence() == {LOCATION_KEY: new_epoch}
 
 
-async def test_scale_out_from_two_to_three_replicas_under_load() -> None:
+async def test_scale_out_from_two_to_three_replicas_under_load_and_back() -> None:
+    """2 -> 3: the nodes learn of the third replica from the others' announcements (not from their
+    configurations), dial it, and it serves within seconds. 3 -> 2 (SIGTERM): the nodes drop it."""
     async with Cluster(fast_spec(cloud_replicas=2)) as cluster:
         added = "cloud-3"
         await cluster.add_replica(added)
@@ -216,13 +223,23 @@ async def test_scale_out_from_two_to_three_replicas_under_load() -> None:
                 status = await cluster.node_status(node)
                 assert added in {t["replica"] for t in status["tunnels"]}, (node, status["tunnels"])
             await load.wait_ok(STEADY)
+            assert await cluster.master(added) == master
+            routing_of_added = await cluster.routing(added)
+            # scale in: the replica drains and leaves the replica set; the nodes retire its tunnel
+            stopping = cluster.signal(added, signal.SIGTERM)
+            await cluster.reap(added, timeout=DRAIN_EXIT_WITHIN)
+            assert cluster.demo.processes[added].returncode == 0
+            for node in cluster.nodes:
+                await cluster.wait_node(node, lambda s: added not in {t["replica"] for t in s["tunnels"]},
+                                        SCALE_OUT_WITHIN, f"without a tunnel to {added}")
+            dropped = trio.current_time() - stopping
+            await load.wait_ok(STEADY)
             load.stop()
         results = load.results_by_start()
-        print(f"scale out: {len(results)} requests, {len(failed(results))} failed; {added} serving "
-              f"{took:.2f} s after it started")
+        print(f"scale out and in: {len(results)} requests, {len(failed(results))} failed; {added} serving "
+              f"{took:.2f} s after it started, dropped by the nodes {dropped:.2f} s after SIGTERM")
         assert failed(results) == [], describe_failures(results)
-        assert check_every_routing(await routings(cluster)) == []
-        assert await cluster.master(added) == master
+        assert check_every_routing({**await routings(cluster), added: routing_of_added}) == []
         assert took < SCALE_OUT_WITHIN
 
 
