@@ -836,15 +836,15 @@ async def run_drill(
                 problems.append("load failed before the fault: " + describe_failures(load.results))
             fault = cluster.signal(old, SIGNALS[kind])
             try:
-                with trio.fail_after(takeover_timeout):  # every replica within the one budget
-                    seen = {r: await cluster.wait_master(other_than=old, above_epoch=old_epoch,
-                                                         timeout=takeover_timeout, replica=r) for r in replicas}
+                seen = {r: await cluster.wait_master(  # every replica within the one budget
+                    other_than=old, above_epoch=old_epoch, replica=r,
+                    timeout=max(POLL, fault + takeover_timeout - trio.current_time())) for r in replicas}
                 changed_at = trio.current_time()
                 new, new_epoch = seen[replicas[0]]
                 if len(set(seen.values())) > 1:
                     problems.append(f"the replicas name different new masters: {seen}")
-            except (AssertionError, trio.TooSlowError) as exc:
-                problems.append(str(exc) or f"not every replica named a new master within {takeover_timeout} s")
+            except AssertionError as exc:
+                problems.append(str(exc))
             if kind == "freeze":
                 await trio.sleep_until(fault + freeze_seconds)
                 await trio.sleep(after)
