@@ -399,7 +399,6 @@ class TunnelSession:
         self.peer_info: dict[str, Any] | None = None
         self._closing = False  # GOAWAY queued or tunnel dead: no more frames
         self._closed_event = trio.Event()
-        self._ws_closed: trio.Event | None = None  # set once the websocket's closing ended
         self._running = False
         self._streams: dict[int, SessionStream] = {}
         self._queue: collections.deque[bytes] = collections.deque()
@@ -795,19 +794,8 @@ class TunnelSession:
     async def _close_ws(self, *, graceful: bool) -> None:
         # trio-websocket's aclose() waits for the peer's close frame; when cancelled it closes
         # the transport anyway, which is how a dead peer is dropped without waiting.
-        # One closing handshake however many callers (`aclose` from another task, then `run`
-        # ending): a later caller waits for it, as aclose() itself would return at once, and the
-        # connection's owner would then cancel the websocket's reader before the peer's close
-        # frame was read (every GOAWAY then took a whole ping_timeout).
         with trio.move_on_after(self.settings.ping_timeout if graceful else 0):
-            if self._ws_closed is not None:
-                await self._ws_closed.wait()
-                return
-            self._ws_closed = trio.Event()
-            try:
-                await self._ws.aclose()
-            finally:
-                self._ws_closed.set()
+            await self._ws.aclose()
 
     async def wait_closed(self) -> None:
         await self._closed_event.wait()
