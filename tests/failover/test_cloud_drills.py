@@ -50,9 +50,8 @@ ETCD_NOTICE = 10.0  # a replica notices its etcd is gone at its next read or wri
 NOT_READY_WATCH = 2.5  # how long the replica started during the outage is watched staying out
 TAKEOVER_WITHIN = 15.0  # the on-premise failover, seen on every replica
 LEASE_SECONDS = 3.0  # the nodes' default leader lease (ha/timing.py: ttl)
-SCALE_OUT_WITHIN = 10.0
-DRAIN_EXIT_WITHIN = 15.0  # the demo's [drain]: notice 1 s, then up to 10 s for connections  # "a replica added under load starts serving within seconds"
-
+SCALE_OUT_WITHIN = 10.0  # "a replica added under load starts serving within seconds"
+DRAIN_EXIT_WITHIN = 15.0  # the demo's [drain]: notice 1 s, then up to 10 s for connections
 
 LOCATION_KEY = (SUBACCOUNT, LOCATION)
 
