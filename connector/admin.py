@@ -225,7 +225,8 @@ async def http_request(
     token: str | None = None, headers: list[tuple[str, str]] | None = None,
 ) -> tuple[int, bytes]:
     """Tiny HTTP/1.1 client for admin endpoints (probes, CLI): `token` is sent as a bearer token,
-    `headers` as they are. Raises OSError/TooSlowError."""
+    `headers` as they are. Raises OSError/TooSlowError (a connection reset or broken mid-exchange,
+    as by a killed peer, is an OSError too: callers catch those two and nothing else)."""
     with trio.fail_after(timeout):
         stream = await trio.open_tcp_stream(host, port)
         try:
@@ -242,5 +243,7 @@ async def http_request(
             return response.status_code, data
         except h11.ProtocolError as exc:
             raise OSError(f"bad HTTP from admin endpoint: {exc}") from None
+        except trio.BrokenResourceError as exc:
+            raise OSError(f"admin endpoint {exc}") from exc
         finally:
             await stream.aclose()

@@ -38,12 +38,15 @@ when the drill passed), so they are unit-tested on hand-made records:
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -53,11 +56,15 @@ import attrs
 import h11
 import trio
 
+from connector import haproxy
 from connector.admin import http_request
-from connector.demo import Demo, DemoSpec
+from connector.cloud.shared import FENCE_PREFIX, parse_fence
+from connector.demo import Demo, DemoSpec, etcd_command, find_etcd, replica_ids
 from tests.support.httpclient import HttpClient
 
 TARGET_PREFIX = "http://erp.virtual:8000/sap/opu/odata/drill"
+REPLICA_SERVICES = ("tunnel", "admin", "http_proxy", "socks5", "destinations")  # a replica's ports
+CLOUD_PREFIX = "/connector-cloud"  # the demo's [shared] prefix
 ADMIN_TIMEOUT = 1.0
 POLL = 0.02
 
@@ -244,6 +251,7 @@ class Load:
         self.results: list[RequestResult] = []
         self._next = 0
         self._stop = trio.Event()
+        self._progress = trio.Event()  # set (and replaced) at every result
 
     def stop(self) -> None:
         self._stop.set()
@@ -265,6 +273,8 @@ class Load:
             seq = self._next
             self._next += 1
             self.results.append(await self.one(seq))
+            self._progress.set()
+            self._progress = trio.Event()
             await trio.sleep(self.interval)
         if self._next >= self.max_requests:
             self._stop.set()
@@ -290,6 +300,20 @@ class Load:
                         await trio.aclose_forcefully(client.stream)
         return RequestResult(seq, path, start, trio.current_time(), status, reason)
 
+    async def wait_ok(self, count: int, *, since: float | None = None, timeout: float = 15.0) -> None:
+        """Until `count` more requests succeeded (started at `since` or later, if given): the load
+        is being served. Fails with the failures seen when that takes longer than `timeout`."""
+        def ok() -> int:
+            return sum(1 for r in self.results if r.ok and (since is None or r.start >= since))
+
+        target = ok() + count
+        with trio.move_on_after(timeout):
+            while ok() < target:
+                await self._progress.wait()
+            return
+        raise AssertionError(f"timed out after {timeout} s waiting for {count} successful requests; "
+                             + describe_failures(self.results))
+
     def results_by_start(self) -> list[RequestResult]:
         return sorted(self.results, key=lambda r: r.start)
 
@@ -311,6 +335,7 @@ class Cluster:
         self.demo = Demo(self.workdir, spec or fast_spec())
         self.state: dict[str, Any] = {}
         self.frozen: set[int] = set()
+        self.added_replicas: list[str] = []
 
     async def __aenter__(self) -> Cluster:
         # Ports are picked free and then bound by the children: another process on the machine
@@ -382,40 +407,47 @@ class Cluster:
         process = self.demo.processes.get(node)
         return process is not None and process.poll() is None
 
-    # --- the cloud's view
+    # --- the cloud's view (`replica`: one replica's own; None: the single cloud, or cloud-1)
 
-    async def cloud_status(self) -> dict[str, Any]:
-        status, body = await http_request("127.0.0.1", self.demo.ports["cloud_admin"], "/status", timeout=ADMIN_TIMEOUT)
+    def admin_port(self, replica: str | None = None) -> int:
+        return int(self.demo.ports["cloud_admin" if replica is None else f"{replica}_admin"])
+
+    async def cloud_status(self, replica: str | None = None) -> dict[str, Any]:
+        status, body = await http_request("127.0.0.1", self.admin_port(replica), "/status", timeout=ADMIN_TIMEOUT)
         if status != 200:
-            raise RuntimeError(f"cloud /status answered {status}")
+            raise RuntimeError(f"{replica or 'cloud'} /status answered {status}")
         locations = json.loads(body)["locations"]
         return dict(locations[0]) if locations else {}
 
-    async def routing(self) -> list[dict[str, Any]]:
-        return list((await self.cloud_status()).get("routing", []))
+    async def routing(self, replica: str | None = None) -> list[dict[str, Any]]:
+        """The replica's routing log: which node/epoch got each new stream, in order."""
+        return list((await self.cloud_status(replica)).get("routing", []))
 
-    async def master(self) -> tuple[str | None, int | None]:
-        location = await self.cloud_status()
+    async def master(self, replica: str | None = None) -> tuple[str | None, int | None]:
+        location = await self.cloud_status(replica)
         return location.get("master"), location.get("epoch")
 
-    async def wait_cloud(self, predicate: Callable[[dict[str, Any]], bool], timeout: float, what: str) -> dict[str, Any]:
-        last: dict[str, Any] = {}
+    async def wait_cloud(self, predicate: Callable[[dict[str, Any]], bool], timeout: float, what: str,
+                         replica: str | None = None) -> dict[str, Any]:
+        last: dict[str, Any] | str = {}
         with trio.move_on_after(timeout):
             while True:
                 try:
-                    last = await self.cloud_status()
+                    last = await self.cloud_status(replica)
                     if predicate(last):
                         return last
-                except (OSError, trio.TooSlowError, ValueError):
-                    pass
+                except (OSError, trio.TooSlowError, ValueError, RuntimeError) as exc:
+                    last = repr(exc)
                 await trio.sleep(POLL)
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}; cloud status: {last}")
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}; "
+                             f"{replica or 'cloud'} status: {last}")
 
-    async def wait_master(self, *, other_than: str | None = None, above_epoch: int = -1, timeout: float = 15.0) -> tuple[str, int]:
+    async def wait_master(self, *, other_than: str | None = None, above_epoch: int = -1, timeout: float = 15.0,
+                          replica: str | None = None) -> tuple[str, int]:
         location = await self.wait_cloud(
             lambda loc: loc.get("master") is not None and loc.get("master") != other_than
             and (loc.get("epoch") or -1) > above_epoch,
-            timeout, f"a master other than {other_than} above epoch {above_epoch}",
+            timeout, f"a master other than {other_than} above epoch {above_epoch}", replica,
         )
         return str(location["master"]), int(location["epoch"])
 
@@ -458,7 +490,8 @@ class Cluster:
             pass
 
     def signal(self, node: str, sig: int) -> float:
-        """Send `sig` to the node's process; returns the trio time it was sent."""
+        """Send `sig` to the process `node` (a node, or a cloud replica); returns the trio time it
+        was sent."""
         pid = self.pid(node)
         if sig == signal.SIGSTOP:
             self.frozen.add(pid)
@@ -482,6 +515,149 @@ class Cluster:
             timeout, f"{node} to reconnect",
         )
         await self.wait_node(node, lambda s: s.get("role") in ("shadow", "master"), timeout, "shadow or master")
+
+    # --- cloud replicas (`fast_spec(cloud_replicas=N)`, N >= 2)
+
+    @property
+    def replicas(self) -> list[str]:
+        """The running cluster's replica ids: the demo's, then those `add_replica` prepared."""
+        return [*replica_ids(self.demo.spec), *self.added_replicas]
+
+    async def readyz(self, replica: str) -> tuple[bool, str]:
+        """The replica's `/readyz`: (ready, reason)."""
+        status, body = await http_request("127.0.0.1", self.admin_port(replica), "/readyz", timeout=ADMIN_TIMEOUT)
+        return status == 200, str(json.loads(body).get("reason", ""))
+
+    async def wait_ready(self, replica: str, predicate: Callable[[bool, str], bool], timeout: float,
+                         what: str) -> tuple[bool, str]:
+        last: tuple[bool, str] | str = ""
+        with trio.move_on_after(timeout):
+            while True:
+                try:
+                    last = await self.readyz(replica)
+                    if predicate(*last):
+                        return last
+                except (OSError, trio.TooSlowError, ValueError) as exc:
+                    last = repr(exc)
+                await trio.sleep(POLL)
+        raise AssertionError(f"timed out after {timeout} s waiting for {replica} to be {what}; /readyz: {last}")
+
+    async def wait_replica_serving(self, replica: str, timeout: float = 15.0) -> dict[str, Any]:
+        """Until `replica` is ready and holds the master's tunnel and every node's."""
+        await self.wait_ready(replica, lambda ready, _: ready, timeout, "ready")
+        return await self.wait_cloud(
+            lambda loc: loc.get("master") is not None and len(loc.get("tunnels", [])) == len(self.nodes),
+            timeout, f"a master and {len(self.nodes)} tunnels", replica)
+
+    async def served(self, replica: str) -> float:
+        """Requests `replica`'s HTTP proxy answered 200 since it started (its own counter)."""
+        _, body = await http_request("127.0.0.1", self.admin_port(replica), "/metrics", timeout=ADMIN_TIMEOUT)
+        match = re.search(rb'connector_proxy_requests_total\{proxy="http",status="200"[^}]*\} (\S+)', body)
+        return float(match.group(1)) if match else 0.0
+
+    async def wait_served(self, replica: str, timeout: float = 10.0) -> float:
+        """Until `replica` answered a request (the load must be running); returns the count."""
+        last: float | str = 0.0
+        with trio.move_on_after(timeout):
+            while True:
+                try:
+                    last = await self.served(replica)
+                    if last > 0:
+                        return last
+                except (OSError, trio.TooSlowError) as exc:
+                    last = repr(exc)
+                await trio.sleep(POLL)
+        raise AssertionError(f"timed out after {timeout} s waiting for {replica} to serve a request; last: {last}")
+
+    async def start_replica(self, replica: str) -> None:
+        """Start a (killed or prepared) replica with its configuration; returns once its admin
+        port answers (not once it is ready: that may be the point of the test)."""
+        if self.alive(replica):
+            raise RuntimeError(f"{replica} is still running")
+        await self.demo.start_process(replica, [sys.executable, "-m", "connector", "cloud", "--config",
+                                                str(self.workdir / f"{replica}.toml")])
+        await self.demo.wait_http(replica, self.admin_port(replica), "/healthz")
+
+    async def add_replica(self, replica: str, *, like: str = "cloud-2") -> None:
+        """Prepare one more replica without starting it: its configuration (that of `like` on new
+        ports) and its slot in HAProxy, which is restarted with it (call this before any load).
+
+        The load balancer knows the slot in advance, as HAProxy's ``server-template`` or a
+        Kubernetes Service does; the nodes' configurations are left as they are."""
+        text = (self.workdir / f"{like}.toml").read_text()
+        for service in REPLICA_SERVICES:
+            port = self.demo.ports[f"{replica}_{service}"] = free_port()
+            text, count = re.subn(rf"127\.0\.0\.1:{self.demo.ports[f'{like}_{service}']}\b", f"127.0.0.1:{port}", text)
+            if count == 0:
+                raise AssertionError(f"{like}.toml names no {service} port to move")
+        for old, new in ((f'id = "{like}"', f'id = "{replica}"'), (f"state/{like}/", f"state/{replica}/")):
+            if old not in text:
+                raise AssertionError(f"{like}.toml has no {old!r}")
+            text = text.replace(old, new)
+        (self.workdir / "state" / replica).mkdir(parents=True, exist_ok=True)
+        (self.workdir / f"{replica}.toml").write_text(text)
+        self.added_replicas.append(replica)
+        await self.restart_front()
+
+    async def restart_front(self) -> None:
+        """HAProxy again, with every replica of `replicas` as a server (down until it is ready)."""
+        ports = self.demo.ports
+        old = self.demo.processes["haproxy"]
+        old.terminate()
+        with trio.fail_after(10.0):
+            await old.wait()
+        front = haproxy.Front("127.0.0.1", ports["http_proxy"], ports["socks5_proxy"], ports["destinations"])
+        backends = [haproxy.Backend(r, "127.0.0.1", ports[f"{r}_http_proxy"], ports[f"{r}_socks5"],
+                                    ports[f"{r}_destinations"], ports[f"{r}_admin"]) for r in self.replicas]
+        binary = haproxy.find_haproxy()
+        config = haproxy.write_config(self.workdir / "haproxy.cfg", front, backends)
+        haproxy.check_config(binary, config)
+        await self.demo.start_process("haproxy", haproxy.haproxy_command(binary, config))
+        await self.demo.wait_tcp("haproxy", [ports["http_proxy"], ports["socks5_proxy"], ports["destinations"]])
+
+    def stop_cloud_etcd(self) -> float:
+        """SIGKILL the cloud's etcd; returns the trio time it was sent."""
+        return self.signal("cloud-etcd", signal.SIGKILL)
+
+    async def start_cloud_etcd(self) -> None:
+        """The cloud's etcd again, on its data and ports; returns once it answers /health."""
+        if self.alive("cloud-etcd"):
+            raise RuntimeError("cloud-etcd is still running")
+        ports = self.demo.ports
+        await self.demo.start_process("cloud-etcd", etcd_command(
+            find_etcd(self.demo.spec.etcd), self.workdir / "state" / "cloud-etcd", ports["cloud_etcd_client"],
+            ports["cloud_etcd_peer"], name="cloud-etcd"))
+        await self.demo.wait_http("cloud-etcd", ports["cloud_etcd_client"], "/health")
+
+    async def shared_fence(self) -> dict[tuple[str, str], int]:
+        """(subaccount, location) -> epoch, as the cloud's etcd holds the fence (its JSON gateway)."""
+        prefix = f"{CLOUD_PREFIX}/{FENCE_PREFIX}".encode()
+        query = {"key": base64.b64encode(prefix).decode(),
+                 "range_end": base64.b64encode(prefix[:-1] + bytes([prefix[-1] + 1])).decode()}
+        status, body = await http_request("127.0.0.1", self.demo.ports["cloud_etcd_client"], "/v3/kv/range",
+                                          method="POST", body=json.dumps(query).encode(), timeout=ADMIN_TIMEOUT)
+        if status != 200:
+            raise RuntimeError(f"cloud etcd range answered {status}: {body[:200]!r}")
+        fences = {}
+        for kv in json.loads(body).get("kvs", []):
+            parsed = parse_fence(base64.b64decode(kv["key"]).decode()[len(CLOUD_PREFIX) + 1:],
+                                 base64.b64decode(kv["value"]))
+            if parsed is not None:
+                fences[parsed[0]] = parsed[1].epoch
+        return fences
+
+    async def wait_shared_fence(self, expected: dict[tuple[str, str], int], timeout: float) -> None:
+        last: dict[tuple[str, str], int] | str = {}
+        with trio.move_on_after(timeout):
+            while True:
+                try:
+                    last = await self.shared_fence()
+                    if last == expected:
+                        return
+                except (OSError, trio.TooSlowError, ValueError, RuntimeError) as exc:
+                    last = repr(exc)
+                await trio.sleep(POLL)
+        raise AssertionError(f"timed out after {timeout} s waiting for the shared fence {expected}; last: {last}")
 
     # --- audit: who served what
 
@@ -638,7 +814,13 @@ async def run_drill(
     For "freeze" the master stays stopped until a new master is named and at least
     `freeze_seconds` passed, then gets SIGCONT and must come back as a shadow. The killed or
     handed-over old master is left stopped: restart it with `Cluster.restart` to drill again.
+
+    With cloud replicas the load goes through the front door (HAProxy) and every replica is
+    checked: each must name the new master (the same one, with the same epoch), and each
+    replica's own routing log must pass `check_routing` and `check_fenced_after`. The fault's
+    window ends when the last replica named the new master (a request may have reached any).
     """
+    replicas: list[str | None] = [*cluster.replicas] or [None]
     old, old_epoch = await cluster.wait_master()
     load = cluster.load(label, concurrency=concurrency, max_seconds=warmup + takeover_timeout + after + 20.0,
                         max_requests=5000)
@@ -654,8 +836,13 @@ async def run_drill(
                 problems.append("load failed before the fault: " + describe_failures(load.results))
             fault = cluster.signal(old, SIGNALS[kind])
             try:
-                new, new_epoch = await cluster.wait_master(other_than=old, above_epoch=old_epoch, timeout=takeover_timeout)
+                seen = {r: await cluster.wait_master(  # every replica within the one budget
+                    other_than=old, above_epoch=old_epoch, replica=r,
+                    timeout=max(POLL, fault + takeover_timeout - trio.current_time())) for r in replicas}
                 changed_at = trio.current_time()
+                new, new_epoch = seen[replicas[0]]
+                if len(set(seen.values())) > 1:
+                    problems.append(f"the replicas name different new masters: {seen}")
             except AssertionError as exc:
                 problems.append(str(exc))
             if kind == "freeze":
@@ -675,9 +862,10 @@ async def run_drill(
                 cluster.signal(old, signal.SIGCONT)
     if kind in ("crash", "graceful"):
         await cluster.reap(old)
-    routing = await cluster.routing()
+    routings = {r: await cluster.routing(r) for r in replicas}
     results = load.results_by_start()
-    problems += check_routing(routing)
+    for replica, routing in routings.items():
+        problems += [f"{replica}: {p}" if replica else p for p in check_routing(routing)]
     problems += check_epoch_increased(old_epoch, new_epoch)
     # Until the cloud learns that the master is gone it routes new streams to it: a killed
     # process takes some milliseconds to exit and its tunnel's end to be read, and a frozen one is
@@ -691,7 +879,8 @@ async def run_drill(
         problems.append(f"{len(failed(results))} requests failed, more than the {concurrency} that can be in flight")
     takeover = None
     if new is not None and new_epoch is not None:
-        problems += check_fenced_after(routing, old, old_epoch, new_epoch)
+        for replica, routing in routings.items():
+            problems += [f"{replica}: {p}" if replica else p for p in check_fenced_after(routing, old, old_epoch, new_epoch)]
         takeover = takeover_time(results, fault, cluster.served_by(), new)
         if takeover is None:
             problems.append(f"no request was served by the new master {new}")
