@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from benchmarks.report import DEFAULT_PREAMBLE, MARKER, split_preamble
-from benchmarks.stats import Goal, PathResult, check_goals, median, percentile, ratio, render_table
+from benchmarks.stats import (
+    Goal,
+    PathResult,
+    check_goals,
+    disruption,
+    median,
+    percentile,
+    ratio,
+    render_table,
+)
 
 BASE = "ssh -R"
 
@@ -132,3 +143,39 @@ def test_failover_summary_block_is_inserted_once_and_replaced(tmp_path):
     assert text.count(BEGIN) == 1 and text.count(END) == 1
     assert "| crash | 30 ms |" in text and "20 ms" not in text and "| fact" not in text
     assert text.index(END) < text.index("<!-- everything below") and text.endswith("results\n")
+
+
+# --- disruption around a fault (benchmarks/failover.py's cloud drills) ---------------------------
+
+def test_disruption_is_the_longest_gap_between_successes_around_the_fault() -> None:
+    # steady successes every 10 ms, a fault at 1.0, nothing succeeds until 1.35, then steady again
+    outcomes = [(round(0.5 + i * 0.01, 3), True) for i in range(51)]  # up to 1.0
+    outcomes += [(1.2, False), (1.35, True), (1.36, True), (1.37, True)]
+    assert disruption(outcomes, 1.0, 1.0) == pytest.approx(0.35)
+
+
+def test_disruption_counts_from_the_last_success_before_the_fault_and_ignores_later_gaps() -> None:
+    outcomes = [(0.90, True), (1.10, True), (1.15, True), (3.0, True)]  # 3.0: long after the window
+    assert disruption(outcomes, 1.0, 1.12) == pytest.approx(0.20)  # 0.90 -> 1.10
+    # a gap beginning inside the window counts in full, even if it ends after it
+    assert disruption(outcomes, 1.0, 1.5) == pytest.approx(1.85)  # 1.15 -> 3.0
+
+
+def test_disruption_without_any_success_before_the_fault_counts_from_the_fault() -> None:
+    assert disruption([(1.4, True), (1.5, True)], 1.0, 1.0) == pytest.approx(0.4)
+
+
+def test_disruption_is_infinite_when_nothing_succeeds_after_the_window() -> None:
+    assert disruption([(0.9, True), (1.1, True), (1.3, False)], 1.0, 1.2) == math.inf
+    assert disruption([], 1.0, 1.0) == math.inf
+
+
+def test_disruption_ignores_order_and_failures() -> None:
+    outcomes = [(1.05, True), (0.99, True), (1.02, False), (1.01, True)]
+    assert disruption(outcomes, 1.0, 1.0) == pytest.approx(0.02)  # 0.99 -> 1.01
+    assert disruption(outcomes, 1.0, 1.02) == pytest.approx(0.04)  # 1.01 -> 1.05
+
+
+def test_disruption_rejects_a_window_ending_before_it_starts() -> None:
+    with pytest.raises(ValueError, match="before it starts"):
+        disruption([(1.0, True)], 2.0, 1.0)
