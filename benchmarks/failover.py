@@ -329,12 +329,12 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(text)
         if not args.no_write:
+            update_summary(SUMMARY, text)
             previous = OUTPUT.read_text() if OUTPUT.exists() else ""
             if CLOUD_BEGIN in previous and CLOUD_END in previous:  # keep the cloud drills' figures
                 kept = previous[previous.index(CLOUD_BEGIN):previous.index(CLOUD_END) + len(CLOUD_END)]
                 text = replace_block(text, CLOUD_BEGIN, CLOUD_END, kept)
             OUTPUT.write_text(text)
-            update_summary(SUMMARY, text)
             print(f"written to {OUTPUT.relative_to(REPO)} (summary in {SUMMARY.relative_to(REPO)})")
     if cloud_results:
         cloud_rows = {kind: summarize_cloud(kind, rs) for kind, rs in cloud_results.items()}
