@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -179,3 +180,19 @@ def test_disruption_ignores_order_and_failures() -> None:
 def test_disruption_rejects_a_window_ending_before_it_starts() -> None:
     with pytest.raises(ValueError, match="before it starts"):
         disruption([(1.0, True)], 2.0, 1.0)
+
+
+def test_cloud_drills_replace_their_own_block_and_keep_the_on_premise_figures(tmp_path: Path) -> None:
+    from benchmarks.failover import CLOUD_BEGIN, CLOUD_END, write_cloud
+
+    output, summary = tmp_path / "failover-benchmarks.md", tmp_path / "benchmarks.md"
+    output.write_text("# Failover benchmark\n\n| crash | 20 |\n")
+    summary.write_text(f"# Benchmarks\n\nintro\n\n{MARKER}\n\n## Results\n")
+    for run in ("first", "second"):
+        write_cloud(output, summary, f"{CLOUD_BEGIN}\n{run} section\n{CLOUD_END}",
+                    f"{CLOUD_BEGIN}\n{run} table\n{CLOUD_END}")
+    text, top = output.read_text(), summary.read_text()
+    assert "| crash | 20 |" in text and "second section" in text and "first" not in text
+    assert text.count(CLOUD_BEGIN) == 1
+    assert "second table" in top and "first" not in top
+    assert top.index("second table") < top.index(MARKER) < top.index("## Results")  # above run.py's part
