@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -64,7 +65,14 @@ class CloudDrillResult:
     requests: int
     failed: int
     problems: list[str]
+    failures: dict[str, int] = attrs.field(factory=dict)  # "status reason @ phase" -> count
+    marks: list[tuple[str, float]] = attrs.field(factory=list)  # the fault's steps, seconds after it began
     results: list[RequestResult] = attrs.field(repr=False, factory=list)
+
+
+def phase(marks: list[tuple[str, float]], offset: float) -> str:
+    """The last step of the fault at or before `offset` (seconds after the fault began)."""
+    return next((label for label, at in reversed(marks) if at <= offset), "before the fault")
 
 
 def cloud_spec() -> Any:
@@ -115,41 +123,51 @@ async def restored(cluster: Cluster) -> None:
         await wait_replica_serving(cluster, replica)
 
 
-async def fault_replica_kill(cluster: Cluster, index: int) -> str:
+Mark = Callable[[str], None]
+
+
+async def fault_replica_kill(cluster: Cluster, index: int, mark: Mark) -> str:
     replica = replica_ids(cluster.demo.spec)[index % REPLICAS]
     process = cluster.demo.processes[replica]
+    mark(f"kill -9 {replica}")
     process.kill()
     with trio.fail_after(10.0):
         await process.wait()
     await trio.sleep(1.0)  # the other replica serves alone for a while
+    mark(f"{replica} started")
     await start_replica(cluster, replica)
     return replica
 
 
-async def fault_rolling_restart(cluster: Cluster, index: int) -> str:
+async def fault_rolling_restart(cluster: Cluster, index: int, mark: Mark) -> str:
     for replica in replica_ids(cluster.demo.spec):
         process = cluster.demo.processes[replica]
+        mark(f"SIGTERM {replica}")
         process.send_signal(signal.SIGTERM)
         with trio.fail_after(RESTORE_TIMEOUT):
             await process.wait()
+        mark(f"{replica} exited")
         if process.returncode != 0:
             raise AssertionError(f"{replica} exited with {process.returncode} after SIGTERM")
         await start_replica(cluster, replica)
         await wait_replica_serving(cluster, replica)
+        mark(f"{replica} serving again")
     return "every replica"
 
 
-async def fault_cloud_etcd_outage(cluster: Cluster, index: int) -> str:
+async def fault_cloud_etcd_outage(cluster: Cluster, index: int, mark: Mark) -> str:
     process = cluster.demo.processes["cloud-etcd"]
+    mark("kill -9 cloud-etcd")
     process.kill()
     with trio.fail_after(10.0):
         await process.wait()
     await trio.sleep(OUTAGE_SECONDS)
+    mark("cloud-etcd started")
     await start_cloud_etcd(cluster)
     return "cloud-etcd"
 
 
-FAULTS: dict[str, Callable[[Cluster, int], Any]] = {
+FAULTS: dict[str, Callable[[Cluster, int, Mark], Any]] = {
     "replica-kill": fault_replica_kill,
     "rolling-restart": fault_rolling_restart,
     "cloud-etcd-outage": fault_cloud_etcd_outage,
@@ -175,8 +193,10 @@ async def run_cloud_drill(cluster: Cluster, kind: str, index: int, *, warmup: fl
             if failed(load.results):
                 problems.append(f"load failed before the fault: {len(failed(load.results))} requests")
             fault = trio.current_time()
+            marks: list[tuple[str, float]] = []
             try:
-                target = await FAULTS[kind](cluster, index)
+                target = await FAULTS[kind](cluster, index, lambda label: marks.append(
+                    (label, trio.current_time() - fault)))
                 await restored(cluster)
             except (AssertionError, RuntimeError, trio.TooSlowError) as exc:
                 problems.append(f"not restored: {exc}")
@@ -191,8 +211,10 @@ async def run_cloud_drill(cluster: Cluster, kind: str, index: int, *, warmup: fl
     lost = len(failed(results))
     if lost > allowed_failures(kind):
         problems.append(f"{lost} requests failed, more than the {allowed_failures(kind)} this drill allows")
+    failures = Counter(f"{r.status or 'no response'} {r.reason} @ {phase(marks, r.start - fault)}"
+                       for r in results if not r.ok)
     return CloudDrillResult(kind, target, disruption(outcomes, fault, done), quiet, done - fault,
-                            len(results), lost, problems, results)
+                            len(results), lost, problems, dict(failures), marks, results)
 
 
 async def repeat_cloud_drills(kind: str, repeat: int,

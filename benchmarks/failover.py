@@ -248,7 +248,14 @@ def render_cloud(rows: dict[str, dict[str, object]], results: dict[str, list[Clo
     problems = [(kind, i, p) for kind, rs in results.items() for i, r in enumerate(rs) for p in r.problems]
     if problems:
         lines += ["", "Checker failures:", ""]
-        lines += [f"- {kind} #{i}: {p}" for kind, i, p in problems[:30]]
+        lines += [f"- {kind} #{i + 1}: {p}" for kind, i, p in problems[:30]]
+    failing = [(kind, i, r) for kind, rs in results.items() for i, r in enumerate(rs) if r.failures]
+    if failing:
+        lines += ["", "Failed requests by status, reason and the step of the fault they started in "
+                  "(steps in seconds after the fault began):", ""]
+        lines += [f"- {kind} #{i + 1}: " + "; ".join(f"{n} x {what}" for what, n in r.failures.items())
+                  + " (steps: " + ", ".join(f"{label} +{at:.2f}" for label, at in r.marks) + ")"
+                  for kind, i, r in failing[:40]]
     lines += ["", "Disruption per drill (ms, in order; failed requests in brackets when any):", ""]
     for kind, rs in results.items():
         values = ", ".join(("inf" if r.disruption == float("inf") else f"{r.disruption * 1000:.0f}")
@@ -300,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         def report(index: int, result: CloudDrillResult) -> None:
             print(f"  {kind} #{index + 1}/{counts[kind]}: {result.target}, disruption {_gap(result.disruption)} "
                   f"(quiet {_ms(result.quiet_gap)}), window {_ms(result.window)}, failed {result.failed}/"
-                  f"{result.requests}" + (f", PROBLEMS {result.problems}" if result.problems else ""), flush=True)
+                  f"{result.requests}" + (f" {result.failures} steps {result.marks}" if result.failures else "")
+                  + (f", PROBLEMS {result.problems}" if result.problems else ""), flush=True)
         return report
 
     onprem = [k for k in kinds if k in KINDS]
