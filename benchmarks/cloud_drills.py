@@ -7,8 +7,10 @@ one fresh connection per request, so HAProxy balances every request) goes throug
 Each drill applies one fault and restores the cluster while the load runs:
 
 * replica-kill: kill -9 of one replica (they alternate), then it is started again;
-* rolling-restart: SIGTERM of each replica in turn (it drains and exits), started again, and
-  ready with both nodes' tunnels before the next one is stopped;
+* rolling-restart: SIGTERM of each replica in turn (it drains and exits), started again, ready
+  with both nodes' tunnels, and back in HAProxy's rotation (it answered a request of the load)
+  before the next one is stopped: a rolling update must wait for the load balancer, not only for
+  the replica's readiness, or for a moment no replica is in rotation;
 * cloud-etcd-outage: kill -9 of the cloud etcd, `outage` seconds without it, started again on
   its data.
 
@@ -28,6 +30,7 @@ The helpers here belong to the benchmark: `tests/failover/harness.py` is used, n
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 from collections import Counter
@@ -105,6 +108,28 @@ async def wait_replica_serving(cluster: Cluster, replica: str, timeout: float = 
     raise AssertionError(f"{replica} not serving after {timeout} s; last: {last}")
 
 
+async def served(cluster: Cluster, replica: str) -> float:
+    """Requests `replica` answered 200 since it started (its own counter)."""
+    _, body = await admin(cluster, replica, "/metrics")
+    match = re.search(rb'connector_proxy_requests_total\{[^}]*proxy="http"[^}]*status="200"[^}]*\} (\S+)', body)
+    return float(match.group(1)) if match else 0.0
+
+
+async def wait_in_rotation(cluster: Cluster, replica: str, timeout: float = RESTORE_TIMEOUT) -> None:
+    """Until the load balancer sends to `replica` again: it answered a request through the front
+    door. Ready is not enough: HAProxy takes a replica back after 2 passing checks (400 ms), and
+    stopping the next replica before that leaves HAProxy with none in rotation."""
+    with trio.move_on_after(timeout):
+        while True:
+            try:
+                if await served(cluster, replica) > 0:
+                    return
+            except (OSError, trio.TooSlowError):
+                pass
+            await trio.sleep(POLL)  # another process: its metrics are all there is to poll
+    raise AssertionError(f"{replica} took no request through the front door within {timeout} s")
+
+
 async def start_replica(cluster: Cluster, replica: str) -> None:
     await cluster.demo.start_process(
         replica, [sys.executable, "-m", "connector", "cloud", "--config", str(cluster.demo.configs[replica])])
@@ -151,7 +176,9 @@ async def fault_rolling_restart(cluster: Cluster, index: int, mark: Mark) -> str
             raise AssertionError(f"{replica} exited with {process.returncode} after SIGTERM")
         await start_replica(cluster, replica)
         await wait_replica_serving(cluster, replica)
-        mark(f"{replica} serving again")
+        mark(f"{replica} ready")
+        await wait_in_rotation(cluster, replica)
+        mark(f"{replica} in rotation")
     return "every replica"
 
 
