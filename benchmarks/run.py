@@ -161,7 +161,7 @@ class Bench:
         print(f"  throughput {path.name:<40} {result}", flush=True)
 
     def _cpu(self, path: BenchPath) -> dict[str, float]:
-        watched = {**path.processes, "backend": self.backend_pid}
+        watched = {"backend": self.backend_pid, **path.processes}  # a path with its own backend names it
         return {label: procs.cpu_seconds(pid) for label, pid in watched.items() if pid}
 
     async def measure_rate(self, path: BenchPath) -> None:
@@ -475,6 +475,7 @@ async def main_async(args: argparse.Namespace) -> int:
                               **{r["id"]: r["pid"] for r in state2["cloud_replicas"]}}
                 if master2:
                     processes2[f"node ({master2}, master)"] = state2["nodes"][master2]["pid"]
+                processes2["backend"] = state2["backend"]["pid"]  # that demo's own
                 bench.paths.append(front_path(FRONT_2, state2["front"]["http_proxy_port"], state2, processes2,
                                               "HAProxy + 2 replicas + tunnels + node"))
             else:
