@@ -17,8 +17,10 @@ location, and then, in one trio nursery:
    replicas and the cloud etcd): kill -9 a replica and start it again after SECONDS, a rolling
    restart (SIGTERM, drain, exit, start again, ready; replica after replica), or SIGSTOP/SIGCONT the
    cloud etcd. A replica is started again with the command line and working directory it had (read
-   from /proc before it is signalled), with ``CONNECTOR_PARENT_PID`` set to the demo's pid so that it
-   still ends with the demo, and its output appended to its log.
+   from /proc before it is signalled), in a session of its own, its output appended to its log. It
+   is no child of the demo, so the demo's stop does not stop it: the drill prints its pid to kill
+   after the demo (the demo's parent watch, ``CONNECTOR_PARENT_PID``, compares the parent pid and so
+   cannot be handed on).
 
 The report is computed by pure functions from the recorded samples: *master changed after* (fault
 to the first ``/status`` naming another master), *takeover* (fault to the first request that
@@ -40,6 +42,7 @@ import ipaddress
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -104,7 +107,6 @@ class ClusterTarget:
     etcd_pid: int | None
     replicas: dict[str, ReplicaInfo] = attrs.field(factory=dict)  # a cloud cluster's (state key cloud_replicas)
     cloud_etcd_pid: int | None = None
-    demo_pid: int | None = None  # restarted replicas watch it (CONNECTOR_PARENT_PID)
     workdir: str | None = None  # the demo's: its logs/ takes a restarted replica's output
 
 
@@ -152,7 +154,7 @@ def parse_state(text: str, *, source: str = "state file", host: str = "127.0.0.1
         replicas[name] = ReplicaInfo(name, _field(data, f"cloud_replicas.{index}.pid", int, source),
                                      _field(data, f"cloud_replicas.{index}.admin_port", int, source))
     cloud_etcd_pid = _field(data, "cloud_etcd.pid", int, source) if "cloud_etcd" in data else None
-    demo_pid, workdir = data.get("pid"), data.get("workdir")
+    workdir = data.get("workdir")
     return ClusterTarget(
         host=require_loopback(host),
         subaccount=_field(data, "subaccount", str, source),
@@ -165,7 +167,6 @@ def parse_state(text: str, *, source: str = "state file", host: str = "127.0.0.1
         etcd_pid=etcd_pid if isinstance(etcd_pid, int) and not isinstance(etcd_pid, bool) else None,
         replicas=replicas,
         cloud_etcd_pid=cloud_etcd_pid,
-        demo_pid=demo_pid if isinstance(demo_pid, int) and not isinstance(demo_pid, bool) else None,
         workdir=workdir if isinstance(workdir, str) else None,
     )
 
@@ -553,17 +554,37 @@ async def wait_ready(target: ClusterTarget, replica: ReplicaInfo) -> None:
     raise DrillError(f"{replica.name} not ready {READY_TIMEOUT:g} s after its restart (last /readyz: {last})")
 
 
+async def wait_in_rotation(target: ClusterTarget, replica: ReplicaInfo) -> None:
+    """Until the load balancer sends to `replica` again: it answered a request of the load (its own
+    counter). Ready is not enough: HAProxy takes a replica back after 2 passing checks, and
+    stopping the next one before that leaves HAProxy with none in rotation for a moment."""
+    from connector.admin import http_request
+
+    pattern = re.compile(rb'connector_proxy_requests_total\{[^}]*proxy="http"[^}]*status="200"[^}]*\} (\S+)')
+    with trio.move_on_after(READY_TIMEOUT):
+        while True:
+            try:
+                _, body = await http_request(target.host, replica.admin_port, "/metrics", timeout=1.0)
+                match = pattern.search(body)
+                if match and float(match.group(1)) > 0:
+                    return
+            except (OSError, trio.TooSlowError):
+                pass
+            await trio.sleep(POLL_INTERVAL)  # another process: its metrics are all there is to poll
+    raise DrillError(f"{replica.name} took no request through the load balancer {READY_TIMEOUT:g} s after its restart")
+
+
 def start_again(target: ClusterTarget, name: str, argv: list[str], cwd: str) -> int:
-    """Start a replica with the command line it had; it outlives this drill, not the demo."""
-    env = dict(os.environ)
-    if target.demo_pid is not None:
-        env["CONNECTOR_PARENT_PID"] = str(target.demo_pid)
+    """Start a replica with the command line it had, in a session of its own: it outlives this
+    drill and, no child of the demo, the demo's stop too (its pid is printed to stop it after)."""
+    env = {k: v for k, v in os.environ.items() if k != "CONNECTOR_PARENT_PID"}
     log_dir = Path(target.workdir or cwd) / "logs"
     log_path = log_dir / f"{name}.log" if log_dir.is_dir() else Path(os.devnull)
     with open(log_path, "ab") as log:
         process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
-    print(f"{name} started again: pid {process.pid} (the state file still names the old pid)", file=sys.stderr)
+    print(f"{name} started again: pid {process.pid}; the state file still names the old pid, and the demo's "
+          f"stop does not stop it: `kill {process.pid}` after the demo", file=sys.stderr)
     return process.pid
 
 
@@ -601,6 +622,7 @@ async def fault_rolling_restart(target: ClusterTarget, master: NodeInfo) -> floa
         await wait_gone(replica.pid, replica.name)
         pid = start_again(target, replica.name, argv, cwd)
         await wait_ready(target, attrs.evolve(replica, pid=pid))
+        await wait_in_rotation(target, replica)
     return trio.current_time() - started
 
 

@@ -42,7 +42,7 @@ def test_parse_state_reads_the_replicas_and_the_cloud_etcd() -> None:
     target = drill.parse_state(json.dumps(STATE))
     assert target.replicas == {"cloud-1": drill.ReplicaInfo("cloud-1", 21, 9001),
                                "cloud-2": drill.ReplicaInfo("cloud-2", 22, 9002)}
-    assert (target.cloud_etcd_pid, target.demo_pid, target.workdir) == (23, 1, "/tmp/x")
+    assert (target.cloud_etcd_pid, target.workdir) == (23, "/tmp/x")
 
 
 def test_a_single_cloud_state_file_has_no_replicas() -> None:
