@@ -14,8 +14,15 @@ failover tests). Per drill it records:
 * requests failed, and whether every checker passed (one server at a time on the cloud's routing
   log, higher epoch, every failure in flight on the lost master, the frozen master back as shadow).
 
-It prints the table and writes it, with the machine's facts and the commit, to
-docs/failover-benchmarks.md (unless --no-write). The exit status is 1 when a checker failed.
+The cloud drills (replica-kill, rolling-restart, cloud-etcd-outage: `benchmarks/cloud_drills.py`)
+run on a cluster with two cloud replicas and a cloud etcd behind HAProxy and record, per drill, the
+disruption (`benchmarks.stats.disruption`: the longest gap between successful requests around the
+fault) and the failed requests.
+
+It prints the tables and writes them, with the machine's facts and the commit, to
+docs/failover-benchmarks.md (unless --no-write); the cloud drills' section and their summary in
+docs/benchmarks.md sit between their own markers, so running only some kinds keeps the others'
+figures. The exit status is 1 when a checker failed.
 """
 
 from __future__ import annotations
