@@ -223,6 +223,11 @@ def render_cloud(rows: dict[str, dict[str, object]], results: dict[str, list[Clo
             f"{_ms(row['window_p50'])} | {float(row['failed_mean']):.2f} / {row['failed_max']} | "  # type: ignore[arg-type]
             f"{row['requests']} | {row['bad_drills']} |"
         )
+    facts = dict(machine_facts(REPO))
+    machine = (f"Run {facts.get('date (UTC)', '?')} UTC at commit {facts.get('commit', '?')}, "
+               f"{facts.get('cores', '?')} cores, load average at the end "
+               f"{facts.get('load average at the end (1/5/15 min)', '?')}: the machine may be shared "
+               "with other work, which these figures include.")
     lines = [
         CLOUD_BEGIN,
         "## Cloud drills",
@@ -249,6 +254,8 @@ def render_cloud(rows: dict[str, dict[str, object]], results: dict[str, list[Clo
         "  in flight on the killed replica: at most one per worker).",
         "",
         f"Settings: {settings}. Wall time of the cloud drills: {seconds:.0f} s.",
+        "",
+        machine,
         "",
         *table,
     ]

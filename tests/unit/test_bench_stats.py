@@ -196,3 +196,20 @@ def test_cloud_drills_replace_their_own_block_and_keep_the_on_premise_figures(tm
     assert text.count(CLOUD_BEGIN) == 1
     assert "second table" in top and "first" not in top
     assert top.index("second table") < top.index(MARKER) < top.index("## Results")  # above run.py's part
+
+
+def test_cloud_drills_report_the_disruption_percentiles_and_a_service_that_never_came_back() -> None:
+    from benchmarks.cloud_drills import CloudDrillResult
+    from benchmarks.failover import render_cloud, summarize_cloud
+
+    drills = [CloudDrillResult("rolling-restart", "every replica", d, 0.02, 10.0, 100, f, [],
+                               {"no response RemoteProtocolError @ SIGTERM cloud-2": f} if f else {},
+                               [("SIGTERM cloud-2", 3.2)])
+              for d, f in ((0.05, 0), (0.03, 0), (math.inf, 2))]
+    rows = {"rolling-restart": summarize_cloud("rolling-restart", drills)}
+    assert rows["rolling-restart"]["p50"] == 0.05 and rows["rolling-restart"]["failed_total"] == 2
+    section, summary = render_cloud(rows, {"rolling-restart": drills}, 30.0, "rolling-restart x 3")
+    assert "| 3 | 50 ms | none back | none back | 20 ms |" in section
+    assert "2 x no response RemoteProtocolError @ SIGTERM cloud-2 (steps: SIGTERM cloud-2 +3.20)" in section
+    assert "- rolling-restart: 50, 30, inf [2]" in section
+    assert "| 3 | 50 ms |" in summary and "Failed requests" not in summary
