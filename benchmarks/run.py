@@ -7,6 +7,10 @@ host process, and reports each path relative to `ssh -N -R` with OpenSSH's defau
 1. Start the demo cluster (`connector.demo.Demo`: etcd, cloud side, two nodes, demo backend) in a
    temporary directory. If it does not start, the report says why (with the log tails) and the
    run continues with direct and ssh only, against our launcher of the same backend handlers.
+   Beside it, the cloud cluster's front door twice: HAProxy (`connector.haproxy`, the demo's
+   configuration) in front of that one cloud process ("1 replica"), and a second demo with
+   `--cloud-replicas 2` (a cloud etcd, two replicas behind HAProxy, two nodes dialling both; its own
+   backend process, the same code). These two rows measure the request rate only.
 2. Start one private sshd + `ssh -N -R` per cipher (benchmarks/sshtunnel.py).
 3. Throughput, then request rate, path after path, for `rounds` rounds (median kept), so slow
    drifts of the shared machine spread over all paths. Latency: one loop with paths interleaved.
@@ -47,6 +51,12 @@ from benchmarks.stats import PathResult, check_goals, median, percentile, render
 
 DEFAULT_CIPHERS = ("default", "aes256-gcm@openssh.com")
 PROJECT = "connector"
+# The memory test holds 1,000 idle streams of one token from one address: above the hostile-client
+# defaults ([proxy] max_streams_per_token 256, max_streams_per_client_address 512), so the
+# benchmark's cloud raises both (the documented way to tune them), or it would measure refusals.
+STREAM_LIMITS = "max_streams_per_token = 2000\nmax_streams_per_client_address = 2000"
+FRONT_1 = "connector via HAProxy, 1 replica"
+FRONT_2 = "connector via HAProxy, 2 replicas"
 DIRECT = "direct"
 LOAD_SLACK = 30.0  # seconds a generator may exceed its own time bound before it is killed
 
@@ -95,6 +105,7 @@ class Bench:
         self.paths: list[BenchPath] = []
         self.commands: list[str] = []
         self.project_error = ""
+        self.front_errors: list[str] = []  # why a HAProxy row is missing
         self.latencies: dict[str, list[float]] = {}
         self.baseline = ""
         self.backend_pid = 0
@@ -150,7 +161,7 @@ class Bench:
         print(f"  throughput {path.name:<40} {result}", flush=True)
 
     def _cpu(self, path: BenchPath) -> dict[str, float]:
-        watched = {**path.processes, "backend": self.backend_pid}
+        watched = {"backend": self.backend_pid, **path.processes}  # a path with its own backend names it
         return {label: procs.cpu_seconds(pid) for label, pid in watched.items() if pid}
 
     async def measure_rate(self, path: BenchPath) -> None:
@@ -231,7 +242,7 @@ class Bench:
                 else {"error": "no answer"}
             )
             if "opened" in reply:
-                path.opened = reply["opened"]
+                path.opened = int(reply["opened"])
                 await trio.sleep(0.5)  # let buffers settle before reading
                 path.rss_loaded = self._read_rss(path)
             else:
@@ -295,10 +306,10 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
-async def start_demo(workdir: Path) -> tuple[Any, dict[str, Any] | None, str]:
+async def start_demo(workdir: Path, spec: Any = None) -> tuple[Any, dict[str, Any] | None, str]:
     from connector.demo import Demo, DemoSpec
 
-    demo = Demo(workdir, DemoSpec(http_port=0, socks5_port=0))
+    demo = Demo(workdir, spec or DemoSpec(http_port=0, socks5_port=0, proxy_extra=STREAM_LIMITS))
     try:
         with trio.fail_after(60.0):
             state = await demo.start()
@@ -328,6 +339,63 @@ async def master_node(state: dict[str, Any]) -> str | None:
     return None
 
 
+def front_config(workdir: Path, state: dict[str, Any]) -> tuple[str, Any, Path]:
+    """The binary, the front door and the checked configuration of HAProxy before one cloud."""
+    from connector import haproxy
+    from connector.demo import free_port
+
+    binary = haproxy.find_haproxy()
+    cloud = state["cloud"]
+    front = haproxy.Front("127.0.0.1", free_port(), free_port(), free_port())
+    backend = haproxy.Backend("cloud", "127.0.0.1", cloud["http_proxy_port"], cloud["socks5_port"],
+                              cloud["destinations_port"], cloud["admin_port"])
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = haproxy.write_config(workdir / "haproxy.cfg", front, [backend])
+    haproxy.check_config(binary, config)
+    return binary, front, config
+
+
+async def start_front(workdir: Path, state: dict[str, Any]) -> tuple[trio.Process | None, dict[str, Any] | None, str]:
+    """HAProxy with the demo's configuration in front of the demo's single cloud process."""
+    from connector import haproxy
+
+    try:
+        binary, front, config = front_config(workdir, state)
+    except (haproxy.HAProxyError, OSError) as exc:
+        return None, None, str(exc)
+    with open(workdir / "haproxy.log", "ab") as log:  # noqa: ASYNC230 - owned by the child
+        process = await trio.lowlevel.open_process(haproxy.haproxy_command(binary, config), stdout=log,
+                                                   stderr=subprocess.STDOUT)
+    # HAProxy starts with its server up (its checks may only take it out): it is ready when it listens
+    with trio.move_on_after(15.0):
+        while True:
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", front.http_proxy_port)
+                await stream.aclose()
+                break
+            except OSError:
+                await trio.sleep(0.05)  # another process: its port is all there is to poll
+    return process, {"http_proxy_port": front.http_proxy_port}, ""
+
+
+async def start_cluster_demo(workdir: Path) -> tuple[Any, dict[str, Any] | None, str]:
+    """The demo with two cloud replicas behind HAProxy (and a cloud etcd)."""
+    from connector.demo import DemoSpec
+
+    return await start_demo(workdir, DemoSpec(http_port=0, socks5_port=0, cloud_replicas=2,
+                                              proxy_extra=STREAM_LIMITS))
+
+
+def front_path(name: str, port: int, state: dict[str, Any], processes: dict[str, int], note: str) -> BenchPath:
+    return BenchPath(
+        name,
+        {"host": "127.0.0.1", "port": port, "proxy_token": state["token"], "virtual_host": "erp.virtual:8000"},
+        None,
+        processes,
+        note=note,
+    )
+
+
 async def main_async(args: argparse.Namespace) -> int:
     settings = QUICK if args.quick else FULL
     if args.rounds:
@@ -341,6 +409,8 @@ async def main_async(args: argparse.Namespace) -> int:
     else:
         demo, state, bench.project_error = await start_demo(workdir / "demo")
     backend: trio.Process | None = None
+    front1: trio.Process | None = None
+    demo2: Any = None
     tunnels: list[SshTunnel] = []
     try:
         if state is not None:
@@ -391,6 +461,25 @@ async def main_async(args: argparse.Namespace) -> int:
                     note="proxy + tunnel + node",
                 )
             )
+            front1, front1_state, error = await start_front(workdir / "front-1", state)
+            if front1_state is not None:
+                bench.paths.append(front_path(FRONT_1, front1_state["http_proxy_port"], state,
+                                              {"haproxy": front1.pid, **processes},  # type: ignore[union-attr]
+                                              "HAProxy + proxy + tunnel + node"))
+            else:
+                bench.front_errors.append(f"{FRONT_1}: {error}")
+            demo2, state2, error = await start_cluster_demo(workdir / "demo-2")
+            if state2 is not None:
+                master2 = await master_node(state2)
+                processes2 = {"haproxy": state2["front"]["pid"],
+                              **{r["id"]: r["pid"] for r in state2["cloud_replicas"]}}
+                if master2:
+                    processes2[f"node ({master2}, master)"] = state2["nodes"][master2]["pid"]
+                processes2["backend"] = state2["backend"]["pid"]  # that demo's own
+                bench.paths.append(front_path(FRONT_2, state2["front"]["http_proxy_port"], state2, processes2,
+                                              "HAProxy + 2 replicas + tunnels + node"))
+            else:
+                bench.front_errors.append(f"{FRONT_2}: {error}")
         for index, cipher in enumerate(args.ciphers):
             tunnel = SshTunnel(
                 workdir / f"ssh-{index}",
@@ -420,6 +509,11 @@ async def main_async(args: argparse.Namespace) -> int:
         with trio.CancelScope(shield=True):
             for tunnel in tunnels:
                 await tunnel.stop()
+            if front1 is not None:
+                front1.terminate()
+                await front1.wait()
+            if demo2 is not None:
+                await demo2.stop()
             if demo is not None:
                 await demo.stop()
             if backend is not None:
@@ -461,6 +555,8 @@ def render(bench: Bench, args: argparse.Namespace) -> str:
             bench.project_error.strip(),
             "```",
         ]
+    for error in bench.front_errors:
+        out += ["", f"- Not measured: {error}"]
     for path in bench.paths:
         for error in path.errors:
             out.append(f"- Error on {path.name}: {error}")

@@ -139,3 +139,26 @@ def check_goals(rows: Sequence[PathResult], *, project: str, baseline: str) -> l
         Goal(f"throughput at least that of {baseline}", None if tput is None else tput >= 1.0),
         Goal(f"request rate at least half of {baseline}'s", None if rate is None else rate >= 0.5),
     ]
+
+
+def disruption(outcomes: Sequence[tuple[float, bool]], start: float, end: float) -> float:
+    """The longest gap between successful requests around a fault, in the clock of `outcomes`.
+
+    `outcomes` are (completion time, succeeded) pairs of the load, in any order; the fault
+    window is [start, end] (from the first fault action to the moment everything was restored;
+    start == end for a fault that is a single signal). The gaps considered run between
+    consecutive successful completions, beginning with the last success at or before `start`
+    (or `start` itself if there was none), and the gaps counted are those that begin at or
+    before `end`: every stretch of the window in which no request succeeded is inside one of
+    them. Under a steady load a figure close to the load's normal gap means no visible pause.
+    Infinite when no request succeeded after the window, i.e. the service did not come back
+    while it was observed. Raises ValueError when end < start.
+    """
+    if end < start:
+        raise ValueError(f"fault window ends ({end}) before it starts ({start})")
+    ends = sorted(t for t, ok in outcomes if ok)
+    before = [t for t in ends if t <= start]
+    points = [before[-1] if before else start, *(t for t in ends if t > start)]
+    if points[-1] <= end:
+        return math.inf
+    return max(b - a for a, b in zip(points, points[1:], strict=False) if a <= end)

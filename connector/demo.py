@@ -135,6 +135,7 @@ class DemoSpec:
     etcd: str | None = None  # the etcd binary (`--etcd`); None: see find_etcd
     cloud_replicas: int = 1  # N >= 2: N replicas and a cloud etcd behind HAProxy (the front door)
     drain: str = "notice_seconds = 1.0\ndrain_seconds = 10.0"  # each replica's [drain] table (N >= 2)
+    proxy_extra: str = ""  # extra TOML lines for the cloud's [proxy] table (the benchmark's stream limits)
 
 
 def cloud_toml(certs: dict[str, Path], token_sha256: str, spec: DemoSpec, admin_digests: list[str], *,
@@ -155,7 +156,7 @@ key = "{certs['server_key']}"
 http_listen = "127.0.0.1:{http}"
 socks5_listen = "127.0.0.1:{socks5}"
 hold_seconds = {spec.hold_seconds}
-
+{spec.proxy_extra}
 [admin]
 listen = "127.0.0.1:{admin}"
 

@@ -13,15 +13,26 @@ location, and then, in one trio nursery:
 3. after a warm-up that must be clean (otherwise the drill refuses to act), the *fault* is applied:
    kill -9 the master, SIGSTOP/SIGCONT it, hand over (``POST /switch`` or SIGTERM), or
    SIGSTOP/SIGCONT etcd. SIGCONT is sent in a ``finally``, so Ctrl-C never leaves a process frozen.
+   Against a cloud cluster (``connector demo --cloud-replicas N``, whose state file lists the
+   replicas and the cloud etcd): kill -9 a replica and start it again after SECONDS, a rolling
+   restart (SIGTERM, drain, exit, start again, ready; replica after replica), or SIGSTOP/SIGCONT the
+   cloud etcd. A replica is started again with the command line and working directory it had (read
+   from /proc before it is signalled), in a session of its own, its output appended to its log. It
+   is no child of the demo, so the demo's stop does not stop it: the drill prints its pid to kill
+   after the demo (the demo's parent watch, ``CONNECTOR_PARENT_PID``, compares the parent pid and so
+   cannot be handed on).
 
 The report is computed by pure functions from the recorded samples: *master changed after* (fault
 to the first ``/status`` naming another master), *takeover* (fault to the first request that
 completed successfully once another master was named, i.e. the first request served by another
-node) and the count of failed requests by reason. Times come from ``trio.current_time()``.
+node), the *disruption* (`benchmarks.stats.disruption`: the longest gap between successful requests
+that begins in the fault window) and the count of failed requests by reason. Times come from
+``trio.current_time()``.
 
 Safety: the drill only signals pids from the state file after checking them (a node's pid must
 match what its own admin endpoint reports and its command line must name the connector; etcd's
-must name etcd), and it only talks to loopback addresses.
+must name etcd; a replica's must run ``connector cloud`` and its admin endpoint answer), and it
+only talks to loopback addresses.
 """
 
 from __future__ import annotations
@@ -31,7 +42,9 @@ import ipaddress
 import json
 import math
 import os
+import re
 import signal
+import subprocess
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -42,13 +55,19 @@ import attrs
 import h11
 import trio
 
+REPO = Path(__file__).resolve().parents[2]
 try:
     import connector  # noqa: F401
 except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    sys.path.insert(0, str(REPO))
+if str(REPO) not in sys.path:  # the benchmarks package (one definition of the disruption)
+    sys.path.append(str(REPO))
+
+from benchmarks.stats import disruption  # noqa: E402
 
 POLL_INTERVAL = 0.05
 ADMIN_TIMEOUT = 2.0
+READY_TIMEOUT = 60.0  # a restarted replica must be ready (its /readyz 200) within this
 DEFAULT_URL = "http://erp.virtual:8000/sap/opu/odata/chaos-drill"
 
 
@@ -67,6 +86,13 @@ class NodeInfo:
 
 
 @attrs.frozen
+class ReplicaInfo:
+    name: str
+    pid: int
+    admin_port: int
+
+
+@attrs.frozen
 class ClusterTarget:
     """What a drill acts on, from the state file of `connector demo --state-file`."""
 
@@ -79,11 +105,17 @@ class ClusterTarget:
     http_proxy_port: int
     nodes: dict[str, NodeInfo]
     etcd_pid: int | None
+    replicas: dict[str, ReplicaInfo] = attrs.field(factory=dict)  # a cloud cluster's (state key cloud_replicas)
+    cloud_etcd_pid: int | None = None
+    workdir: str | None = None  # the demo's: its logs/ takes a restarted replica's output
 
 
 def _field(data: Any, path: str, kind: type | tuple[type, ...], source: str) -> Any:
     value = data
     for part in path.split("."):
+        if isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+            continue
         if not isinstance(value, dict) or part not in value:
             raise DrillError(f"{source}: missing {path!r} (is this a `connector demo --state-file` file?)")
         value = value[part]
@@ -113,6 +145,16 @@ def parse_state(text: str, *, source: str = "state file", host: str = "127.0.0.1
         )
     etcd = data.get("etcd") or {}
     etcd_pid = etcd.get("pid") if isinstance(etcd, dict) else None
+    raw_replicas = data.get("cloud_replicas") or []
+    if not isinstance(raw_replicas, list):
+        raise DrillError(f"{source}: 'cloud_replicas' must be a list")
+    replicas = {}
+    for index in range(len(raw_replicas)):
+        name = _field(data, f"cloud_replicas.{index}.id", str, source)
+        replicas[name] = ReplicaInfo(name, _field(data, f"cloud_replicas.{index}.pid", int, source),
+                                     _field(data, f"cloud_replicas.{index}.admin_port", int, source))
+    cloud_etcd_pid = _field(data, "cloud_etcd.pid", int, source) if "cloud_etcd" in data else None
+    workdir = data.get("workdir")
     return ClusterTarget(
         host=require_loopback(host),
         subaccount=_field(data, "subaccount", str, source),
@@ -123,6 +165,9 @@ def parse_state(text: str, *, source: str = "state file", host: str = "127.0.0.1
         http_proxy_port=_field(data, "cloud.http_proxy_port", int, source),
         nodes=nodes,
         etcd_pid=etcd_pid if isinstance(etcd_pid, int) and not isinstance(etcd_pid, bool) else None,
+        replicas=replicas,
+        cloud_etcd_pid=cloud_etcd_pid,
+        workdir=workdir if isinstance(workdir, str) else None,
     )
 
 
@@ -199,6 +244,7 @@ class Report:
     failures: dict[str, int]
     max_latency: float | None
     p99_latency: float | None
+    disruption: float | None = None  # seconds; None when nothing succeeded after the fault window
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -261,7 +307,12 @@ def analyse(
         failures=dict(sorted(failures.items())),
         max_latency=max(latencies) if latencies else None,
         p99_latency=percentile(latencies, 0.99),
+        disruption=_finite(disruption([(r.finished, r.ok) for r in results], fault_at, fault_at + fault_seconds)),
     )
+
+
+def _finite(value: float) -> float | None:
+    return None if math.isinf(value) else value
 
 
 def _seconds(value: float | None) -> str:
@@ -278,6 +329,8 @@ def format_report(report: Report) -> str:
         f"  takeover (first request served by another node) {_seconds(report.takeover_seconds)}",
         f"  requests              {report.requests} sent, {report.succeeded} ok, {report.failed} failed",
         f"  latency               max {_seconds(report.max_latency)}, p99 {_seconds(report.p99_latency)}",
+        "  disruption (longest gap between successful requests around the fault) "
+        + ("none succeeded after it" if report.disruption is None else _seconds(report.disruption)),
     ]
     for reason, count in report.failures.items():
         lines.append(f"    failed: {count} x {reason}")
@@ -373,7 +426,7 @@ class Recorder:
                 master, epoch = master_of(status, target.subaccount, target.location_id)
                 self.samples.append(MasterSample(now, master, epoch))
             except (OSError, trio.TooSlowError, ValueError, DrillError):
-                pass  # the cloud side is not the target of any drill; a missed poll is just a gap
+                pass  # a missed poll is just a gap (the polled replica may be the one restarted)
             await trio.sleep(POLL_INTERVAL)
 
     async def load(self, target: ClusterTarget, bounds: LoadBounds) -> None:
@@ -450,6 +503,142 @@ def fault_etcd_outage(seconds: float) -> Fault:
     return outage
 
 
+def process_cwd(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError as exc:
+        raise DrillError(f"cannot read the working directory of pid {pid}: {exc.strerror}") from None
+
+
+def process_argv(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError as exc:
+        raise DrillError(f"cannot read the command line of pid {pid}: {exc.strerror}") from None
+    return [part.decode() for part in raw.split(b"\0") if part]
+
+
+async def check_replica(target: ClusterTarget, replica: ReplicaInfo) -> None:
+    """The replica's pid runs `connector cloud` and its admin endpoint answers."""
+    check_process(replica.pid, "connector cloud", f"cloud replica {replica.name}")
+    try:
+        await admin_json(target.host, replica.admin_port, "/status")
+    except (OSError, trio.TooSlowError) as exc:
+        raise DrillError(f"{replica.name}'s admin endpoint does not answer: {exc}") from None
+
+
+async def wait_gone(pid: int, what: str) -> None:
+    """Until `pid` is no longer a running connector (gone, or a zombie its parent has not reaped)."""
+    with trio.move_on_after(READY_TIMEOUT):
+        while True:
+            if "connector" not in process_cmdline(pid):
+                return
+            await trio.sleep(POLL_INTERVAL)  # another process: /proc is all there is to poll
+    raise DrillError(f"{what} (pid {pid}) still runs {READY_TIMEOUT:g} s after the signal")
+
+
+async def wait_ready(target: ClusterTarget, replica: ReplicaInfo) -> None:
+    from connector.admin import http_request
+
+    last = ""
+    with trio.move_on_after(READY_TIMEOUT):
+        while True:
+            try:
+                status, body = await http_request(target.host, replica.admin_port, "/readyz", timeout=1.0)
+                if status == 200:
+                    return
+                last = f"{status} {body[:120]!r}"
+            except (OSError, trio.TooSlowError) as exc:
+                last = repr(exc)
+            await trio.sleep(POLL_INTERVAL)
+    raise DrillError(f"{replica.name} not ready {READY_TIMEOUT:g} s after its restart (last /readyz: {last})")
+
+
+async def wait_in_rotation(target: ClusterTarget, replica: ReplicaInfo) -> None:
+    """Until the load balancer sends to `replica` again: it answered a request of the load (its own
+    counter). Ready is not enough: HAProxy takes a replica back after 2 passing checks, and
+    stopping the next one before that leaves HAProxy with none in rotation for a moment."""
+    from connector.admin import http_request
+
+    pattern = re.compile(rb'connector_proxy_requests_total\{[^}]*proxy="http"[^}]*status="200"[^}]*\} (\S+)')
+    with trio.move_on_after(READY_TIMEOUT):
+        while True:
+            try:
+                _, body = await http_request(target.host, replica.admin_port, "/metrics", timeout=1.0)
+                match = pattern.search(body)
+                if match and float(match.group(1)) > 0:
+                    return
+            except (OSError, trio.TooSlowError):
+                pass
+            await trio.sleep(POLL_INTERVAL)  # another process: its metrics are all there is to poll
+    raise DrillError(f"{replica.name} took no request through the load balancer {READY_TIMEOUT:g} s after its restart")
+
+
+def start_again(target: ClusterTarget, name: str, argv: list[str], cwd: str) -> int:
+    """Start a replica with the command line it had, in a session of its own: it outlives this
+    drill and, no child of the demo, the demo's stop too (its pid is printed to stop it after)."""
+    env = {k: v for k, v in os.environ.items() if k != "CONNECTOR_PARENT_PID"}
+    log_dir = Path(target.workdir or cwd) / "logs"
+    log_path = log_dir / f"{name}.log" if log_dir.is_dir() else Path(os.devnull)
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    print(f"{name} started again: pid {process.pid}; the state file still names the old pid, and the demo's "
+          f"stop does not stop it: `kill {process.pid}` after the demo", file=sys.stderr)
+    return process.pid
+
+
+def pick_replica(target: ClusterTarget, name: str | None) -> ReplicaInfo:
+    if not target.replicas:
+        raise DrillError("the state file lists no cloud replicas (start `connector demo --cloud-replicas 2`)")
+    if name is None:
+        return list(target.replicas.values())[-1]
+    if name not in target.replicas:
+        raise DrillError(f"no replica {name!r} in the state file; there are {sorted(target.replicas)}")
+    return target.replicas[name]
+
+
+def fault_kill_replica(name: str | None, seconds: float) -> Fault:
+    async def kill_replica(target: ClusterTarget, master: NodeInfo) -> float:
+        replica = pick_replica(target, name)
+        argv, cwd = process_argv(replica.pid), process_cwd(replica.pid)
+        started = trio.current_time()
+        _signal(replica.pid, signal.SIGKILL)
+        await wait_gone(replica.pid, replica.name)
+        await trio.sleep(seconds)
+        pid = start_again(target, replica.name, argv, cwd)
+        await wait_ready(target, attrs.evolve(replica, pid=pid))
+        return trio.current_time() - started
+    return kill_replica
+
+
+async def fault_rolling_restart(target: ClusterTarget, master: NodeInfo) -> float:
+    if not target.replicas:
+        raise DrillError("the state file lists no cloud replicas (start `connector demo --cloud-replicas 2`)")
+    started = trio.current_time()
+    for replica in target.replicas.values():
+        argv, cwd = process_argv(replica.pid), process_cwd(replica.pid)
+        _signal(replica.pid, signal.SIGTERM)
+        await wait_gone(replica.pid, replica.name)
+        pid = start_again(target, replica.name, argv, cwd)
+        await wait_ready(target, attrs.evolve(replica, pid=pid))
+        await wait_in_rotation(target, replica)
+    return trio.current_time() - started
+
+
+def fault_cloud_etcd_outage(seconds: float) -> Fault:
+    async def outage(target: ClusterTarget, master: NodeInfo) -> float:
+        assert target.cloud_etcd_pid is not None
+        started = trio.current_time()
+        _signal(target.cloud_etcd_pid, signal.SIGSTOP)
+        try:
+            await trio.sleep(seconds)
+        finally:
+            _signal(target.cloud_etcd_pid, signal.SIGCONT)
+        return trio.current_time() - started
+    return outage
+
+
 async def find_master(target: ClusterTarget) -> tuple[NodeInfo, int | None]:
     try:
         status = await admin_json(target.host, target.cloud_admin_port, "/status")
@@ -479,6 +668,15 @@ async def run_drill(
         if target.etcd_pid is None:
             raise DrillError("the state file has no etcd pid (was etcd started by the demo?)")
         check_process(target.etcd_pid, "etcd", "etcd")
+    if name == "cloud-etcd-outage":
+        if target.cloud_etcd_pid is None:
+            raise DrillError("the state file has no cloud etcd (start `connector demo --cloud-replicas 2`)")
+        check_process(target.cloud_etcd_pid, "etcd", "the cloud etcd")
+    if name in ("kill-replica", "rolling-restart"):
+        if not target.replicas:
+            raise DrillError("the state file lists no cloud replicas (start `connector demo --cloud-replicas 2`)")
+        for replica in target.replicas.values():
+            await check_replica(target, replica)
     master, epoch = await find_master(target)
     recorder = Recorder()
     fault_at = fault_seconds = 0.0
@@ -514,6 +712,11 @@ DRILLS: dict[str, str] = {
     "freeze-master": "SIGSTOP the master for SECONDS, then SIGCONT; a shadow takes over, the old master is fenced",
     "handover": "graceful handover: POST /switch to the master (like `connector switch`) or SIGTERM it",
     "etcd-outage": "SIGSTOP etcd for SECONDS, then SIGCONT; the master keeps serving, no failover",
+    "kill-replica": "kill -9 a cloud replica (--replica, default the last), start it again after SECONDS; "
+                    "the others serve meanwhile",
+    "rolling-restart": "SIGTERM each cloud replica in turn (it drains and exits), start it again, wait until "
+                       "ready, then the next; no request may fail",
+    "cloud-etcd-outage": "SIGSTOP the cloud etcd for SECONDS, then SIGCONT; the replicas keep serving",
 }
 
 
@@ -527,8 +730,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="drill", required=True, metavar="DRILL")
     for name, help_text in DRILLS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        if name in ("freeze-master", "etcd-outage"):
+        if name in ("freeze-master", "etcd-outage", "cloud-etcd-outage"):
             p.add_argument("seconds", type=float, metavar="SECONDS", help="how long to keep the process stopped")
+        if name == "kill-replica":
+            p.add_argument("seconds", type=float, metavar="SECONDS", help="how long the replica stays down")
+            p.add_argument("--replica", default=None, help="the replica's id (default: the last in the state file)")
         if name == "handover":
             p.add_argument("--method", choices=["switch", "sigterm"], default="switch",
                            help="switch: POST /switch, the node stays a shadow (default); sigterm: the node exits")
@@ -581,6 +787,12 @@ def main(argv: list[str] | None = None) -> int:
             fault = fault_freeze(args.seconds)
         elif args.drill == "handover":
             fault = fault_handover(args.method)
+        elif args.drill == "kill-replica":
+            fault = fault_kill_replica(args.replica, args.seconds)
+        elif args.drill == "rolling-restart":
+            fault = fault_rolling_restart
+        elif args.drill == "cloud-etcd-outage":
+            fault = fault_cloud_etcd_outage(args.seconds)
         else:
             fault = fault_etcd_outage(args.seconds)
         bounds = LoadBounds(concurrency=args.concurrency, requests=args.requests, rate=args.rate,

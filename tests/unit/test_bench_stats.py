@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import pytest
 
 from benchmarks.report import DEFAULT_PREAMBLE, MARKER, split_preamble
-from benchmarks.stats import Goal, PathResult, check_goals, median, percentile, ratio, render_table
+from benchmarks.stats import (
+    Goal,
+    PathResult,
+    check_goals,
+    disruption,
+    median,
+    percentile,
+    ratio,
+    render_table,
+)
 
 BASE = "ssh -R"
 
@@ -132,3 +144,72 @@ def test_failover_summary_block_is_inserted_once_and_replaced(tmp_path):
     assert text.count(BEGIN) == 1 and text.count(END) == 1
     assert "| crash | 30 ms |" in text and "20 ms" not in text and "| fact" not in text
     assert text.index(END) < text.index("<!-- everything below") and text.endswith("results\n")
+
+
+# --- disruption around a fault (benchmarks/failover.py's cloud drills) ---------------------------
+
+def test_disruption_is_the_longest_gap_between_successes_around_the_fault() -> None:
+    # steady successes every 10 ms, a fault at 1.0, nothing succeeds until 1.35, then steady again
+    outcomes = [(round(0.5 + i * 0.01, 3), True) for i in range(51)]  # up to 1.0
+    outcomes += [(1.2, False), (1.35, True), (1.36, True), (1.37, True)]
+    assert disruption(outcomes, 1.0, 1.0) == pytest.approx(0.35)
+
+
+def test_disruption_counts_from_the_last_success_before_the_fault_and_ignores_later_gaps() -> None:
+    outcomes = [(0.90, True), (1.10, True), (1.15, True), (3.0, True)]  # 3.0: long after the window
+    assert disruption(outcomes, 1.0, 1.12) == pytest.approx(0.20)  # 0.90 -> 1.10
+    # a gap beginning inside the window counts in full, even if it ends after it
+    assert disruption(outcomes, 1.0, 1.5) == pytest.approx(1.85)  # 1.15 -> 3.0
+
+
+def test_disruption_without_any_success_before_the_fault_counts_from_the_fault() -> None:
+    assert disruption([(1.4, True), (1.5, True)], 1.0, 1.0) == pytest.approx(0.4)
+
+
+def test_disruption_is_infinite_when_nothing_succeeds_after_the_window() -> None:
+    assert disruption([(0.9, True), (1.1, True), (1.3, False)], 1.0, 1.2) == math.inf
+    assert disruption([], 1.0, 1.0) == math.inf
+
+
+def test_disruption_ignores_order_and_failures() -> None:
+    outcomes = [(1.05, True), (0.99, True), (1.02, False), (1.01, True)]
+    assert disruption(outcomes, 1.0, 1.0) == pytest.approx(0.02)  # 0.99 -> 1.01
+    assert disruption(outcomes, 1.0, 1.02) == pytest.approx(0.04)  # 1.01 -> 1.05
+
+
+def test_disruption_rejects_a_window_ending_before_it_starts() -> None:
+    with pytest.raises(ValueError, match="before it starts"):
+        disruption([(1.0, True)], 2.0, 1.0)
+
+
+def test_cloud_drills_replace_their_own_block_and_keep_the_on_premise_figures(tmp_path: Path) -> None:
+    from benchmarks.failover import CLOUD_BEGIN, CLOUD_END, write_cloud
+
+    output, summary = tmp_path / "failover-benchmarks.md", tmp_path / "benchmarks.md"
+    output.write_text("# Failover benchmark\n\n| crash | 20 |\n")
+    summary.write_text(f"# Benchmarks\n\nintro\n\n{MARKER}\n\n## Results\n")
+    for run in ("first", "second"):
+        write_cloud(output, summary, f"{CLOUD_BEGIN}\n{run} section\n{CLOUD_END}",
+                    f"{CLOUD_BEGIN}\n{run} table\n{CLOUD_END}")
+    text, top = output.read_text(), summary.read_text()
+    assert "| crash | 20 |" in text and "second section" in text and "first" not in text
+    assert text.count(CLOUD_BEGIN) == 1
+    assert "second table" in top and "first" not in top
+    assert top.index("second table") < top.index(MARKER) < top.index("## Results")  # above run.py's part
+
+
+def test_cloud_drills_report_the_disruption_percentiles_and_a_service_that_never_came_back() -> None:
+    from benchmarks.cloud_drills import CloudDrillResult
+    from benchmarks.failover import render_cloud, summarize_cloud
+
+    drills = [CloudDrillResult("rolling-restart", "every replica", d, 0.02, 10.0, 100, f, [],
+                               {"no response RemoteProtocolError @ SIGTERM cloud-2": f} if f else {},
+                               [("SIGTERM cloud-2", 3.2)])
+              for d, f in ((0.05, 0), (0.03, 0), (math.inf, 2))]
+    rows = {"rolling-restart": summarize_cloud("rolling-restart", drills)}
+    assert rows["rolling-restart"]["p50"] == 0.05 and rows["rolling-restart"]["failed_total"] == 2
+    section, summary = render_cloud(rows, {"rolling-restart": drills}, 30.0, "rolling-restart x 3")
+    assert "| 3 | 50 ms | none back | none back | 20 ms |" in section
+    assert "2 x no response RemoteProtocolError @ SIGTERM cloud-2 (steps: SIGTERM cloud-2 +3.20)" in section
+    assert "- rolling-restart: 50, 30, inf [2]" in section
+    assert "| 3 | 50 ms |" in summary and "Failed requests" not in summary
