@@ -306,6 +306,32 @@ def merge_tokens(configured: Mapping[str, Mapping[str, tuple[str, ...]]],
     return result
 
 
+async def follow_prefix(store: Store, prefix: str, reach: Reachability, what: str,
+                        install: Callable[[Mapping[str, KeyValue], int], None]) -> None:
+    """Keep `install` fed with every key under `prefix` as etcd has it: read them all, then follow
+    the watch from the next revision; read them again after a compaction or while etcd is away.
+    `install(kvs, revision)` gets the whole current map after the read and after each event."""
+    while True:
+        try:
+            snapshot = await store.get_prefix(prefix)
+        except StoreUnavailable as exc:
+            reach.down(exc)
+            await trio.sleep(RETRY)
+            continue
+        kvs = dict(snapshot.kvs)
+        install(kvs, snapshot.revision)
+        try:
+            async with store.watch(prefix, snapshot.revision + 1) as events:
+                async for event in events:
+                    if event.kind == "put":
+                        kvs[event.key] = KeyValue(event.key, event.value, event.create_revision, event.revision)
+                    else:
+                        kvs.pop(event.key, None)
+                    install(kvs, event.revision)
+        except RevisionCompacted:
+            log.info("%s: watch compacted away; reading again", what)
+
+
 class TokenSync:
     """Follows ``tokens/`` into the live authenticators (proxy tokens, destination-admin tokens)."""
 
@@ -319,25 +345,7 @@ class TokenSync:
         self._revision_changed = trio.Event()
 
     async def run(self) -> None:
-        while True:
-            try:
-                snapshot = await self.store.get_prefix(TOKENS_PREFIX)
-            except StoreUnavailable as exc:
-                self.reach.down(exc)
-                await trio.sleep(RETRY)
-                continue
-            kvs = dict(snapshot.kvs)
-            self._install(kvs, snapshot.revision)
-            try:
-                async with self.store.watch(TOKENS_PREFIX, snapshot.revision + 1) as events:
-                    async for event in events:
-                        if event.kind == "put":
-                            kvs[event.key] = KeyValue(event.key, event.value, event.create_revision, event.revision)
-                        else:
-                            kvs.pop(event.key, None)
-                        self._install(kvs, event.revision)
-            except RevisionCompacted:
-                log.info("shared tokens: watch compacted away; reading them again")
+        await follow_prefix(self.store, TOKENS_PREFIX, self.reach, "shared tokens", self._install)
 
     def _install(self, kvs: Mapping[str, KeyValue], revision: int) -> None:
         merged = merge_tokens(self.configured, tokens_from(kvs))
@@ -465,25 +473,7 @@ class ReplicaSync:
                 await self._changed.wait()
 
     async def _follow(self) -> None:
-        while True:
-            try:
-                snapshot = await self.store.get_prefix(REPLICAS_PREFIX)
-            except StoreUnavailable as exc:
-                self.reach.down(exc)
-                await trio.sleep(RETRY)
-                continue
-            kvs = dict(snapshot.kvs)
-            self._install(kvs)
-            try:
-                async with self.store.watch(REPLICAS_PREFIX, snapshot.revision + 1) as events:
-                    async for event in events:
-                        if event.kind == "put":
-                            kvs[event.key] = KeyValue(event.key, event.value, event.create_revision, event.revision)
-                        else:
-                            kvs.pop(event.key, None)
-                        self._install(kvs)
-            except RevisionCompacted:
-                log.info("replica set: watch compacted away; reading it again")
+        await follow_prefix(self.store, REPLICAS_PREFIX, self.reach, "replica set", self._install)
 
     async def wait_changed(self, seen_version: int) -> int:
         """Return the version of `replicas` once it differs from `seen_version` (for tests and tools)."""
@@ -491,7 +481,7 @@ class ReplicaSync:
             await self._replicas_changed.wait()
         return self.version
 
-    def _install(self, kvs: Mapping[str, KeyValue]) -> None:
+    def _install(self, kvs: Mapping[str, KeyValue], revision: int) -> None:
         replicas = replicas_from(kvs)
         if replicas != self.replicas:
             self.replicas = replicas
@@ -569,25 +559,7 @@ class SettingsSync:
         self._revision_changed = trio.Event()
 
     async def run(self) -> None:
-        while True:
-            try:
-                snapshot = await self.store.get_prefix(SUBACCOUNTS_PREFIX)
-            except StoreUnavailable as exc:
-                self.reach.down(exc)
-                await trio.sleep(RETRY)
-                continue
-            kvs = dict(snapshot.kvs)
-            self._install(kvs, snapshot.revision)
-            try:
-                async with self.store.watch(SUBACCOUNTS_PREFIX, snapshot.revision + 1) as events:
-                    async for event in events:
-                        if event.kind == "put":
-                            kvs[event.key] = KeyValue(event.key, event.value, event.create_revision, event.revision)
-                        else:
-                            kvs.pop(event.key, None)
-                        self._install(kvs, event.revision)
-            except RevisionCompacted:
-                log.info("subaccount settings: watch compacted away; reading them again")
+        await follow_prefix(self.store, SUBACCOUNTS_PREFIX, self.reach, "subaccount settings", self._install)
 
     def _install(self, kvs: Mapping[str, KeyValue], revision: int) -> None:
         shared: dict[str, SubaccountSettings] = {}
