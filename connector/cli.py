@@ -144,12 +144,31 @@ def _cloud_store(config_path: str) -> tuple[Any, Any]:
     return config, EtcdStore(config.shared.prefix.lstrip("/"), etcd_settings(config.shared.etcd))
 
 
+def _on_cloud_store(store: Any, body: Any) -> int:
+    """Run `body()` (async, returning an exit status) against the cloud's etcd: a refused change
+    (ValueError) exits 2, an unreachable etcd 1, and the store is closed either way."""
+    from ha.store import StoreUnavailable
+
+    async def run() -> int:
+        try:
+            return int(await body())
+        except ValueError as exc:
+            print(f"connector: {exc}", file=sys.stderr)
+            return 2
+        except StoreUnavailable as exc:
+            print(f"connector: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await store.aclose()
+
+    return trio.run(run)
+
+
 def cmd_cloud_token(args: argparse.Namespace) -> int:
     """`connector cloud-token add|revoke|list`: application tokens in the cloud's etcd, live on
     every replica (see `connector.cloud.shared`)."""
     from connector.cloud import shared
     from connector.cloud.auth import hash_token, new_token
-    from ha.store import StoreUnavailable
 
     if args.action in ("add", "revoke") and args.subaccount is None:
         print(f"connector: cloud-token {args.action} needs --subaccount", file=sys.stderr)
@@ -163,31 +182,22 @@ def cmd_cloud_token(args: argparse.Namespace) -> int:
         return 2
 
     async def run() -> int:
-        try:
-            if args.action == "add":
-                token = new_token()
-                kind = args.kind.replace("-", "_")
-                revision = await shared.add_token(store, hash_token(token), subaccount=args.subaccount, kind=kind,
-                                                  label=args.label or "")
-                print(json.dumps({"token": token, "token_sha256": hash_token(token), "subaccount": args.subaccount,
-                                  "kind": kind, "revision": revision}))
-            elif args.action == "revoke":
-                revoked = await shared.revoke_tokens(store, args.sha256, subaccount=args.subaccount)
-                print(json.dumps({"revoked": revoked}))
-            else:
-                for record in await shared.list_tokens(store, subaccount=args.subaccount):
-                    print(json.dumps(record))
-            return 0
-        except ValueError as exc:
-            print(f"connector: {exc}", file=sys.stderr)
-            return 2
-        except StoreUnavailable as exc:
-            print(f"connector: {exc}", file=sys.stderr)
-            return 1
-        finally:
-            await store.aclose()
+        if args.action == "add":
+            token = new_token()
+            kind = args.kind.replace("-", "_")
+            revision = await shared.add_token(store, hash_token(token), subaccount=args.subaccount, kind=kind,
+                                              label=args.label or "")
+            print(json.dumps({"token": token, "token_sha256": hash_token(token), "subaccount": args.subaccount,
+                              "kind": kind, "revision": revision}))
+        elif args.action == "revoke":
+            revoked = await shared.revoke_tokens(store, args.sha256, subaccount=args.subaccount)
+            print(json.dumps({"revoked": revoked}))
+        else:
+            for record in await shared.list_tokens(store, subaccount=args.subaccount):
+                print(json.dumps(record))
+        return 0
 
-    return trio.run(run)
+    return _on_cloud_store(store, run)
 
 
 def cmd_cloud_subaccount(args: argparse.Namespace) -> int:
@@ -195,7 +205,6 @@ def cmd_cloud_subaccount(args: argparse.Namespace) -> int:
     import attrs
 
     from connector.cloud import shared
-    from ha.store import StoreUnavailable
 
     config, store = _cloud_store(args.config)
     if args.subaccount not in {s.id for s in config.subaccounts}:
@@ -220,25 +229,16 @@ def cmd_cloud_subaccount(args: argparse.Namespace) -> int:
         )
 
     async def run() -> int:
-        try:
-            if args.action == "set":
-                settings, revision = await shared.update_subaccount(store, args.subaccount, change)
-                print(json.dumps({**settings.to_json(), "subaccount": args.subaccount, "revision": revision}))
-            else:
-                kv = await store.get(shared.subaccount_key(args.subaccount))
-                current = shared.SubaccountSettings.from_json(json.loads(kv.value)) if kv else shared.SubaccountSettings()
-                print(json.dumps({**current.to_json(), "subaccount": args.subaccount}))
-            return 0
-        except ValueError as exc:
-            print(f"connector: {exc}", file=sys.stderr)
-            return 2
-        except StoreUnavailable as exc:
-            print(f"connector: {exc}", file=sys.stderr)
-            return 1
-        finally:
-            await store.aclose()
+        if args.action == "set":
+            settings, revision = await shared.update_subaccount(store, args.subaccount, change)
+            print(json.dumps({**settings.to_json(), "subaccount": args.subaccount, "revision": revision}))
+        else:
+            kv = await store.get(shared.subaccount_key(args.subaccount))
+            current = shared.SubaccountSettings.from_json(json.loads(kv.value)) if kv else shared.SubaccountSettings()
+            print(json.dumps({**current.to_json(), "subaccount": args.subaccount}))
+        return 0
 
-    return trio.run(run)
+    return _on_cloud_store(store, run)
 
 
 def cloud_replicas_status(config_path: str, *, as_json: bool) -> int:

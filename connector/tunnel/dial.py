@@ -275,7 +275,8 @@ async def _describe_tls_failure(cause: BaseException | None, host: str, port: in
 
 async def _unverified_certificate(host: str, port: int, connect: str) -> bytes | None:
     """The certificate the server at `connect` presents for `host`, fetched without verifying it or
-    showing ours."""
+    showing ours. Used only after verification of the real tunnel failed, to name in the log what
+    the server presented; nothing is sent on this connection and it is closed at once."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
