@@ -332,7 +332,25 @@ async def follow_prefix(store: Store, prefix: str, reach: Reachability, what: st
             log.info("%s: watch compacted away; reading again", what)
 
 
-class TokenSync:
+class _Revisions:
+    """The etcd revision a follower has applied, and a way to wait for one (tests: no polling)."""
+
+    def __init__(self) -> None:
+        self.revision = 0
+        self._revision_changed = trio.Event()
+
+    def _applied(self, revision: int) -> None:
+        self.revision = revision
+        self._revision_changed.set()
+        self._revision_changed = trio.Event()
+
+    async def wait_revision(self, revision: int) -> None:
+        """Return once what etcd held at `revision` is applied."""
+        while self.revision < revision:
+            await self._revision_changed.wait()
+
+
+class TokenSync(_Revisions):
     """Follows ``tokens/`` into the live authenticators (proxy tokens, destination-admin tokens)."""
 
     def __init__(self, store: Store, configured: Mapping[str, Mapping[str, tuple[str, ...]]],
@@ -341,8 +359,7 @@ class TokenSync:
         self.configured = configured
         self.authenticators = authenticators
         self.reach = reach
-        self.revision = 0
-        self._revision_changed = trio.Event()
+        super().__init__()
 
     async def run(self) -> None:
         await follow_prefix(self.store, TOKENS_PREFIX, self.reach, "shared tokens", self._install)
@@ -351,14 +368,7 @@ class TokenSync:
         merged = merge_tokens(self.configured, tokens_from(kvs))
         for kind, authenticator in self.authenticators.items():
             authenticator.replace(merged[kind])
-        self.revision = revision
-        self._revision_changed.set()
-        self._revision_changed = trio.Event()
-
-    async def wait_revision(self, revision: int) -> None:
-        """Return once the authenticators reflect etcd at `revision` (for tests: no polling)."""
-        while self.revision < revision:
-            await self._revision_changed.wait()
+        self._applied(revision)
 
 
 async def add_token(store: Store, digest: str, *, subaccount: str, kind: str, label: str = "") -> int:
@@ -545,7 +555,7 @@ def effective_settings(configured: Mapping[str, SubaccountSettings],
     return result
 
 
-class SettingsSync:
+class SettingsSync(_Revisions):
     """Follows ``subaccounts/`` into the registry (locations, pins) and the stream admission."""
 
     def __init__(self, store: Store, configured: Mapping[str, SubaccountSettings], registry: Registry,
@@ -555,8 +565,7 @@ class SettingsSync:
         self.registry = registry
         self.admission = admission
         self.reach = reach
-        self.revision = 0
-        self._revision_changed = trio.Event()
+        super().__init__()
 
     async def run(self) -> None:
         await follow_prefix(self.store, SUBACCOUNTS_PREFIX, self.reach, "subaccount settings", self._install)
@@ -577,14 +586,7 @@ class SettingsSync:
                 self.registry.pin((subaccount, location), effective.clusters.get(location))
         self.admission.limits = attrs.evolve(self.admission.limits, per_token_by_subaccount={
             s: e.max_streams_per_token for s, e in settings.items() if e.max_streams_per_token is not None})
-        self.revision = revision
-        self._revision_changed.set()
-        self._revision_changed = trio.Event()
-
-    async def wait_revision(self, revision: int) -> None:
-        """Return once the settings reflect etcd at `revision` (for tests: no polling)."""
-        while self.revision < revision:
-            await self._revision_changed.wait()
+        self._applied(revision)
 
 
 async def update_subaccount(store: Store, subaccount: str, change: Callable[[SubaccountSettings], SubaccountSettings]) -> tuple[SubaccountSettings, int]:
