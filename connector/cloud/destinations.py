@@ -363,7 +363,7 @@ class DestinationService:
                         return  # idle, or closed between requests
                 first = False
                 with trio.move_on_after(self.limits.request_timeout) as deadline:
-                    await self._serve_request(stream, conn)
+                    await self._serve_request(stream, conn, address)
                 if deadline.cancelled_caught:
                     await self._send_final_error(
                         stream, conn, 408, "request_timeout",
@@ -388,7 +388,7 @@ class DestinationService:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
-    async def _serve_request(self, stream: trio.abc.HalfCloseableStream, conn: h11.Connection) -> None:
+    async def _serve_request(self, stream: trio.abc.HalfCloseableStream, conn: h11.Connection, address: str) -> None:
         request = await self._next_event(stream, conn)
         if isinstance(request, h11.ConnectionClosed):
             return
@@ -400,7 +400,7 @@ class DestinationService:
             )
             headers.append((b"connection", b"close"))
         else:
-            status, headers, payload = await self._respond(request, body, _client_address(stream))
+            status, headers, payload = await self._respond(request, body, address)
             if self.drain.draining:  # the next request opens a connection to another replica
                 headers.append((b"connection", b"close"))
         await self._send(stream, conn, h11.Response(status_code=status, headers=headers, reason=REASONS.get(status, b"")))
