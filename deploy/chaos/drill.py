@@ -490,16 +490,21 @@ def fault_handover(method: str) -> Fault:
     return handover
 
 
+async def _freeze(pid: int | None, seconds: float) -> float:
+    """SIGSTOP `pid` for `seconds` (SIGCONT on every exit); the seconds it was stopped."""
+    assert pid is not None
+    started = trio.current_time()
+    _signal(pid, signal.SIGSTOP)
+    try:
+        await trio.sleep(seconds)
+    finally:
+        _signal(pid, signal.SIGCONT)
+    return trio.current_time() - started
+
+
 def fault_etcd_outage(seconds: float) -> Fault:
     async def outage(target: ClusterTarget, master: NodeInfo) -> float:
-        assert target.etcd_pid is not None
-        started = trio.current_time()
-        _signal(target.etcd_pid, signal.SIGSTOP)
-        try:
-            await trio.sleep(seconds)
-        finally:
-            _signal(target.etcd_pid, signal.SIGCONT)
-        return trio.current_time() - started
+        return await _freeze(target.etcd_pid, seconds)
     return outage
 
 
@@ -628,14 +633,7 @@ async def fault_rolling_restart(target: ClusterTarget, master: NodeInfo) -> floa
 
 def fault_cloud_etcd_outage(seconds: float) -> Fault:
     async def outage(target: ClusterTarget, master: NodeInfo) -> float:
-        assert target.cloud_etcd_pid is not None
-        started = trio.current_time()
-        _signal(target.cloud_etcd_pid, signal.SIGSTOP)
-        try:
-            await trio.sleep(seconds)
-        finally:
-            _signal(target.cloud_etcd_pid, signal.SIGCONT)
-        return trio.current_time() - started
+        return await _freeze(target.cloud_etcd_pid, seconds)
     return outage
 
 
