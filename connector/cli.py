@@ -381,7 +381,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     if args.check:
         for warning in check_node_certificate(config):
             print(f"connector: warning: {warning}", file=sys.stderr)
-        print(f"{args.config}: configuration is valid")
+        print(f"{args.config}: configuration is valid; {config.egress.describe()}")
         return 0
     node = build_node(config)
     trio.run(_run_until_signal, node.run, node.shutdown)

@@ -10,6 +10,7 @@ can be moved as a whole.
 from __future__ import annotations
 
 import builtins
+import collections.abc
 import difflib
 import os
 import socket
@@ -28,9 +29,11 @@ from connector.cloud.clients import AuthThrottleSettings, ConnectionLimits
 from connector.cloud.destinations import DestinationLimits
 from connector.cloud.drain import DrainSettings
 from connector.cloud.oauth import OAuthSettings
+from connector.tunnel.egress import EgressPolicy, egress_policy
 from ha.timing import HATiming
 
 T = TypeVar("T")
+Environment = collections.abc.Mapping[str, str]  # os.environ, or a test's own
 
 MIN_ADMIN_TOKEN = 16  # characters in [admin] token_file: `connector certs init` writes 43
 
@@ -550,6 +553,8 @@ class NodeConfig:
     request_body_grace: float = 5.0
     response_write_timeout: float = 60.0
     keepalive_timeout: float = 120.0
+    # [tunnel] proxy, else https_proxy/no_proxy of the environment (connector.tunnel.egress)
+    egress: EgressPolicy = EgressPolicy()
 
     @property
     def tunnel_url(self) -> str:
@@ -699,7 +704,19 @@ def check_node_certificate(config: NodeConfig) -> list[str]:
     return []
 
 
-def load_node_config(path: str | Path) -> NodeConfig:
+def _egress(tunnel: _Section, environ: Environment) -> EgressPolicy:
+    """[tunnel] proxy (a URL, or "none"/"" for direct), else the environment's https_proxy and no_proxy."""
+    key = tunnel.str("proxy")
+    try:
+        return egress_policy(key, environ)
+    except ValueError as exc:
+        if key is None:  # the message names the environment variable
+            raise ConfigError(tunnel.file, "tunnel.proxy", f"is not set, and {exc}") from None
+        raise ConfigError(tunnel.file, tunnel.key("proxy"), str(exc)) from None
+
+
+def load_node_config(path: str | Path, environ: Environment | None = None) -> NodeConfig:
+    """The node's configuration; `environ` (default os.environ) gives https_proxy and no_proxy."""
     file = Path(path).resolve()
     root = _Section(file, "", _read(file))
     node = root.sub("node", required=True)
@@ -764,6 +781,7 @@ def load_node_config(path: str | Path) -> NodeConfig:
         request_body_grace=forward.float("request_body_grace", 5.0),
         response_write_timeout=forward.float("response_write_timeout", 60.0),
         keepalive_timeout=forward.float("keepalive_timeout", 120.0),
+        egress=_egress(tunnel, os.environ if environ is None else environ),
     )
     for section in (node, tunnel, admin, forward):
         section.done()

@@ -232,6 +232,7 @@ class Node:
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         cert_expiry = pki.expiry_timestamp(self.config.tunnel_cert)
         metrics.CERT_EXPIRY.labels("tunnel-client").set(cert_expiry)
+        log.info("%s", self.config.egress.describe())
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             admin = AdminServer(self._admin_routes(), guarded=self._guarded_routes(), guard=self._admin_guard())
@@ -395,6 +396,7 @@ class Node:
                 nursery, target.url, self._ssl, address=target.address, timeout=timeout,
                 client_cert=self.config.tunnel_cert, max_message_size=WS_MAX_MESSAGE,
                 receive_buffer_size=WS_RECEIVE_BUFFER,
+                proxy=self.config.egress.proxy_for(target.host, url_port(target.url)),
             )
             session = TunnelSession(
                 ws, client=True, settings=self.tunnel_settings,
@@ -629,6 +631,7 @@ class Node:
             "tunnel": "registered" if self.registered_epoch is not None else (
                 "refused" if self.cloud_refusal else ("standby" if tunnels else "down")),
             "tunnels": tunnels,  # one per replica
+            "proxy": self.config.egress.proxy.url if self.config.egress.proxy else None,  # password masked
             "cloud_refusal": self.cloud_refusal,
             "tunnel_failure": None if tunnels else self.tunnel_failure,
             "tunnel_failures": dict(sorted(self.tunnel_failures.items())),  # targets without a tunnel

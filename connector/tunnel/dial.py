@@ -39,6 +39,8 @@ import trio_websocket
 from cryptography import x509
 from cryptography.x509.oid import ExtensionOID
 
+from connector.tunnel.egress import EgressError, EgressProxy, open_connect_tunnel
+
 # ssl's reasons for a TLS alert the cloud sends when it refuses the node's certificate
 _REFUSED_ALERTS = {
     "TLSV1_ALERT_UNKNOWN_CA": "unknown ca: the cloud does not trust the CA that issued it",
@@ -80,6 +82,7 @@ class DialTarget:
 
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
+Opener = Callable[[], Awaitable[trio.SocketStream]]  # a new TCP stream to where a dial goes
 
 
 def is_address(host: str) -> bool:
@@ -127,26 +130,23 @@ async def open_tunnel_websocket(
     client_cert: Path | None = None,
     max_message_size: int,
     receive_buffer_size: int,
+    proxy: EgressProxy | None = None,  # reach the cloud through this HTTP proxy's CONNECT
 ) -> trio_websocket.WebSocketConnection:
-    """TCP, TLS and WebSocket upgrade to `url` (wss://) within `timeout` seconds; DialError says why not."""
+    """TCP (or a proxy's CONNECT), TLS and WebSocket upgrade to `url` (wss://) within `timeout`
+    seconds; DialError says why not."""
     parsed = urllib.parse.urlsplit(url)
     host = parsed.hostname or ""
     port = parsed.port or 443
-    where = f"{host}:{port}" + (f" (at {address})" if address is not None else "")
+    where = f"{host}:{port}" + (f" (at {address})" if address is not None else "") + (
+        f" through proxy {proxy}" if proxy is not None else "")
     resource = (parsed.path or "/") + (f"?{parsed.query}" if parsed.query else "")
     deadline = trio.current_time() + timeout
 
-    try:
-        with trio.fail_at(deadline):
-            tcp = await trio.open_tcp_stream(address or host, port)
-    except trio.TooSlowError:
-        raise DialError(f"no TCP connection to {where} within {timeout:g} s (host down, or a firewall "
-                        "dropping packets?)") from None
-    except OSError as exc:
-        cause = exc.__cause__
-        detail = "; ".join(str(e) for e in getattr(cause, "exceptions", ())) or str(exc)
-        raise DialError(f"cannot connect to {where}: {detail}") from None
+    async def reopen() -> trio.SocketStream:
+        """The TCP connection the TLS handshake runs over: direct, or the proxy's CONNECT tunnel."""
+        return await _open_tcp(host, port, address, proxy, deadline, timeout, where)
 
+    tcp = await reopen()
     tls = trio.SSLStream(tcp, ssl_context, server_hostname=host, https_compatible=True)
     try:
         with trio.fail_at(deadline):
@@ -158,7 +158,7 @@ async def open_tunnel_websocket(
     except trio.BrokenResourceError as exc:
         await trio.aclose_forcefully(tls)
         raise DialError(await _describe_tls_failure(exc.__cause__, host, port, ssl_context, client_cert,
-                                                    deadline, address)) from None
+                                                    deadline, where, reopen)) from None
 
     failure: list[BaseException | None] = []
     broken = trio.Event()
@@ -213,6 +213,26 @@ async def open_tunnel_websocket(
     return ws
 
 
+async def _open_tcp(host: str, port: int, address: str | None, proxy: EgressProxy | None, deadline: float,
+                    timeout: float, where: str) -> trio.SocketStream:  # noqa: ASYNC109 - named in messages
+    """A TCP stream to the cloud by `deadline`: directly, or through `proxy` (`egress`); DialError if not."""
+    if proxy is not None:
+        try:
+            return await open_connect_tunnel(proxy, address or host, port, deadline=deadline, timeout=timeout)
+        except EgressError as exc:
+            raise DialError(str(exc)) from None
+    try:
+        with trio.fail_at(deadline):
+            return await trio.open_tcp_stream(address or host, port)
+    except trio.TooSlowError:
+        raise DialError(f"no TCP connection to {where} within {timeout:g} s (host down, or a firewall "
+                        "dropping packets?)") from None
+    except OSError as exc:
+        cause = exc.__cause__
+        detail = "; ".join(str(e) for e in getattr(cause, "exceptions", ())) or str(exc)
+        raise DialError(f"cannot connect to {where}: {detail}") from None
+
+
 def describe_failure(exc: BaseException, url: str) -> str:
     """A failed attempt's exception in words. trio-websocket raises a refused upgrade
     (`ConnectionRejected`) from its reader task, so it reaches the caller's nursery, not us."""
@@ -241,15 +261,14 @@ def _refused(reason: str, where: str, client_cert: Path | None) -> str:
 
 
 async def _describe_tls_failure(cause: BaseException | None, host: str, port: int, context: ssl.SSLContext,
-                                client_cert: Path | None, deadline: float, address: str | None = None) -> str:
-    where = f"{host}:{port}" + (f" (at {address})" if address is not None else "")
-    connect = address or host  # the probes below go where the failed handshake went
+                                client_cert: Path | None, deadline: float, where: str, reopen: Opener) -> str:
+    """The failed handshake's cause in words; the probes go where it went (`reopen`: direct or via the proxy)."""
     if isinstance(cause, ssl.SSLCertVerificationError):
         message = f"the cloud's certificate at {where} failed verification: {cause.verify_message}"
         trusted = ", ".join(repr(x509.load_der_x509_certificate(der).subject.rfc4514_string())
                             for der in context.get_ca_certs(binary_form=True)) or "the system's CAs"
         with trio.move_on_at(deadline):
-            der = await _unverified_certificate(host, port, connect)
+            der = await _unverified_certificate(host, reopen)
             if der is not None:
                 cert = x509.load_der_x509_certificate(der)
                 message += (f"; the node dialled {host!r}, the certificate names {_names(cert)} and is issued "
@@ -261,7 +280,7 @@ async def _describe_tls_failure(cause: BaseException | None, host: str, port: in
     if isinstance(cause, ssl.SSLError) and cause.reason in _NOT_TLS:
         answer = b""
         with trio.move_on_at(deadline):
-            answer = await _first_bytes(host, port, connect)
+            answer = await _first_bytes(host, reopen)
         if answer.startswith(b"HTTP/"):
             line = answer.split(b"\r\n")[0].decode("ascii", "replace")
             return (f"{where} answered plain HTTP ({line!r}) to the TLS handshake: the tunnel URL points at "
@@ -273,16 +292,16 @@ async def _describe_tls_failure(cause: BaseException | None, host: str, port: in
     return f"TLS handshake with {where} failed: {cause}"
 
 
-async def _unverified_certificate(host: str, port: int, connect: str) -> bytes | None:
-    """The certificate the server at `connect` presents for `host`, fetched without verifying it or
+async def _unverified_certificate(host: str, reopen: Opener) -> bytes | None:
+    """The certificate the server `reopen` reaches presents for `host`, fetched without verifying it or
     showing ours. Used only after verification of the real tunnel failed, to name in the log what
     the server presented; nothing is sent on this connection and it is closed at once."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     try:
-        tls = trio.SSLStream(await trio.open_tcp_stream(connect, port), context, server_hostname=host)
-    except OSError:
+        tls = trio.SSLStream(await reopen(), context, server_hostname=host)
+    except (OSError, DialError):
         return None
     try:
         await tls.do_handshake()
@@ -293,7 +312,7 @@ async def _unverified_certificate(host: str, port: int, connect: str) -> bytes |
         await trio.aclose_forcefully(tls)
 
 
-async def _first_bytes(host: str, port: int, connect: str) -> bytes:
+async def _first_bytes(host: str, reopen: Opener) -> bytes:
     """What the server answers to a TLS ClientHello (made by ssl itself), as raw bytes."""
     hello = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(),
                                                   server_hostname=host)
@@ -302,8 +321,8 @@ async def _first_bytes(host: str, port: int, connect: str) -> bytes:
     except ssl.SSLWantReadError:
         pass
     try:
-        tcp = await trio.open_tcp_stream(connect, port)
-    except OSError:
+        tcp = await reopen()
+    except (OSError, DialError):
         return b""
     try:
         await tcp.send_all(outgoing.read())
