@@ -8,7 +8,10 @@ opened. The proxy sees only the cloud's host and port; it cannot read or alter t
 Which proxy (`egress_policy`, pure): ``[tunnel] proxy`` when the key is present (a URL, or
 ``"none"``/``""`` for a direct connection whatever the environment says); otherwise the
 environment's ``https_proxy`` (or ``HTTPS_PROXY``) with the exemptions of ``no_proxy`` (or
-``NO_PROXY``), read as curl and requests read them (`bypasses`). The proxy URL is
+``NO_PROXY``), read as curl and requests read them (`bypasses`). A proxy from the environment is
+never used for a loopback destination (``localhost``, 127.0.0.0/8, ::1), as Go's net/http does:
+a proxy exported for a whole machine must not capture a node and cloud on one host (the demo,
+the tests); the explicit key applies to every destination. The proxy URL is
 ``http://[USER:PASSWORD@]HOST:PORT``; the credentials are sent as HTTP Basic and shown nowhere:
 `EgressProxy.__str__` and every message masks the password.
 
@@ -73,10 +76,13 @@ class EgressPolicy:
 
     proxy: EgressProxy | None = None
     no_proxy: tuple[str, ...] = ()
+    loopback_direct: bool = False  # the environment's proxy: loopback is never sent through it
 
     def proxy_for(self, host: str, port: int) -> EgressProxy | None:
         """The proxy to dial `host`:`port` through, None for a direct connection."""
         if self.proxy is None or bypasses(self.no_proxy, host, port):
+            return None
+        if self.loopback_direct and is_loopback(host):
             return None
         return self.proxy
 
@@ -84,8 +90,10 @@ class EgressPolicy:
         """One line for `connector node --check` and the start-up log."""
         if self.proxy is None:
             return "tunnels connect directly (no proxy)"
-        exempt = f", except no_proxy {','.join(self.no_proxy)}" if self.no_proxy else ""
-        return f"tunnels connect through proxy {self.proxy} ({self.proxy.source}){exempt}"
+        exempt = [f"no_proxy {','.join(self.no_proxy)}"] if self.no_proxy else []
+        exempt += ["loopback"] if self.loopback_direct else []
+        return (f"tunnels connect through proxy {self.proxy} ({self.proxy.source})"
+                + (f", except {' and '.join(exempt)}" if exempt else ""))
 
 
 def parse_proxy_url(text: str, source: str) -> EgressProxy:
@@ -139,7 +147,18 @@ def egress_policy(key: str | None, environ: Mapping[str, str]) -> EgressPolicy:
         raise ValueError(f"{variable} (environment) {exc}") from None
     exempt = _environment(environ, "no_proxy")
     entries = tuple(e.strip().lower() for e in exempt[1].split(",") if e.strip()) if exempt else ()
-    return EgressPolicy(proxy, entries)
+    return EgressPolicy(proxy, entries, loopback_direct=True)
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` (and its subdomains) or a loopback address: this machine, never behind a proxy."""
+    name = host.strip("[]").rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def _split_entry(entry: str) -> tuple[str, int | None]:

@@ -76,7 +76,7 @@ token_sha256 = ["{hash_token(TOKEN)}"]
 
 def node_toml(workdir: Path, certs: dict[str, Path], tunnel_port: int, backend_http: int, backend_tcp: int,
               *, node: str = "node-a", cert_name: str | None = None, extra_mappings: str = "",
-              cluster: str = "") -> Path:
+              cluster: str = "", tunnel_extra: str = "") -> Path:
     cert_name = cert_name or node
     path = workdir / f"{node}.toml"
     token_file = f'token_file = "{certs["admin_token"]}"' if "admin_token" in certs else ""
@@ -94,6 +94,7 @@ key = "{certs[f'node_{cert_name}_key']}"
 ping_interval = 0.5
 ping_timeout = 2.0
 connect_timeout = 1.0
+{tunnel_extra}
 
 [forward]
 connect_timeout = 2.0
