@@ -207,7 +207,7 @@ def _authority(host: str, port: int) -> str:
 
 
 def _refusal_hint(proxy: EgressProxy, status: int, target: str) -> str:
-    if status == 407:
+    if status in (401, 407):  # 407 is the standard answer; tinyproxy says 401 to wrong credentials
         if proxy.user is None:
             return (f"the proxy wants credentials: give them in {proxy.source} as "
                     "http://USER:PASSWORD@HOST:PORT")
