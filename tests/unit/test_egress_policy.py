@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -172,3 +175,27 @@ def test_config_refuses_a_bad_key_naming_it(tmp_path: Path) -> None:
 def test_config_refuses_a_bad_environment_proxy_naming_the_variable(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"HTTPS_PROXY \(environment\) needs the proxy's port"):
         load_node_config(node_toml(tmp_path), environ={"HTTPS_PROXY": "http://proxy.corp"})
+
+
+def test_check_reports_the_proxy_in_use_masked(tmp_path: Path) -> None:
+    """`connector node --check` (a real process) says which proxy the tunnels will use."""
+    from connector.cli import init_certs
+
+    certs = init_certs(tmp_path / "certs", "acme", ["node-a"], ["127.0.0.1"])
+    path = tmp_path / "node.toml"
+    path.write_text(f"""
+[node]
+id = "node-a"
+subaccount = "acme"
+[tunnel]
+url = "wss://{CLOUD}:8443/tunnel"
+ca = "{certs['cloud_ca']}"
+cert = "{certs['node_node-a_cert']}"
+key = "{certs['node_node-a_key']}"
+proxy = "http://svc:hunter2@proxy.corp:3128"
+""")
+    result = subprocess.run([sys.executable, "-m", "connector", "node", "--config", str(path), "--check"],
+                            capture_output=True, text=True, timeout=60, env={**os.environ, "https_proxy": ""})
+    assert result.returncode == 0, result.stderr
+    assert "tunnels connect through proxy http://svc:***@proxy.corp:3128 ([tunnel] proxy)" in result.stdout
+    assert "hunter2" not in result.stdout + result.stderr
