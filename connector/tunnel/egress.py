@@ -206,8 +206,14 @@ def _authority(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _refusal_hint(proxy: EgressProxy, status: int, target: str) -> str:
+def _refusal_hint(proxy: EgressProxy, answer: h11.Response, target: str) -> str:
+    status = answer.status_code
     if status in (401, 407):  # 407 is the standard answer; tinyproxy says 401 to wrong credentials
+        schemes = [value.split(b" ", 1)[0].decode("latin-1") for name, value in answer.headers
+                   if name == b"proxy-authenticate"]
+        if schemes and not any(scheme.lower() == "basic" for scheme in schemes):
+            return (f"the proxy asks for {' or '.join(schemes)} authentication; the node speaks Basic "
+                    "only: ask for a Basic account, or an exemption for the cloud's host")
         if proxy.user is None:
             return (f"the proxy wants credentials: give them in {proxy.source} as "
                     "http://USER:PASSWORD@HOST:PORT")
@@ -248,7 +254,8 @@ async def _connect(stream: trio.SocketStream, proxy: EgressProxy, target: str) -
 async def open_connect_tunnel(proxy: EgressProxy, host: str, port: int, *, deadline: float,
                               timeout: float) -> trio.SocketStream:  # noqa: ASYNC109 - named in the messages
     """TCP to `proxy` and ``CONNECT host:port`` by `deadline` (`timeout` seconds after the dial
-    began); the stream, now a tunnel to `host`:`port`, or EgressError saying why not."""
+    began); the stream, now a tunnel to `host`:`port`, or EgressError saying why not. The stream
+    is closed on every other way out (a refusal, an error, the caller's cancellation)."""
     target = _authority(host, port)
     named = f"proxy {proxy} ({proxy.source})"
     try:
@@ -264,22 +271,19 @@ async def open_connect_tunnel(proxy: EgressProxy, host: str, port: int, *, deadl
     try:
         with trio.fail_at(deadline):
             answer = await _connect(stream, proxy, target)
-    except trio.TooSlowError:
+        if not 200 <= answer.status_code < 300:
+            reason = answer.reason.decode("latin-1", "replace")
+            raise EgressError(f"proxy {proxy} refused CONNECT {target}: {answer.status_code} {reason} "
+                              f"({_refusal_hint(proxy, answer, target)})")
+    except BaseException as exc:
         await trio.aclose_forcefully(stream)
-        raise EgressError(f"{named} did not answer CONNECT {target} within {timeout:g} s") from None
-    except trio.BrokenResourceError as exc:
-        await trio.aclose_forcefully(stream)
-        raise EgressError(f"{named} broke the connection during CONNECT {target}: {exc.__cause__ or exc}") from None
-    except h11.RemoteProtocolError as exc:
-        await trio.aclose_forcefully(stream)
-        raise EgressError(f"{named} answered CONNECT {target} with something that is not HTTP ({exc}): "
-                          f"is {proxy.port} an HTTP proxy's port?") from None
-    except EgressError:
-        await trio.aclose_forcefully(stream)
+        if isinstance(exc, trio.TooSlowError):
+            raise EgressError(f"{named} did not answer CONNECT {target} within {timeout:g} s") from None
+        if isinstance(exc, trio.BrokenResourceError):
+            raise EgressError(f"{named} broke the connection during CONNECT {target}: "
+                              f"{exc.__cause__ or exc}") from None
+        if isinstance(exc, h11.RemoteProtocolError):
+            raise EgressError(f"{named} answered CONNECT {target} with something that is not HTTP ({exc}): "
+                              f"is {proxy.port} an HTTP proxy's port?") from None
         raise
-    if not 200 <= answer.status_code < 300:
-        await trio.aclose_forcefully(stream)
-        reason = answer.reason.decode("latin-1", "replace")
-        raise EgressError(f"proxy {proxy} refused CONNECT {target}: {answer.status_code} {reason} "
-                          f"({_refusal_hint(proxy, answer.status_code, target)})")
     return stream

@@ -183,6 +183,10 @@ async def fake_proxy(nursery: trio.Nursery, answer: bytes | None) -> EgressProxy
     (b"SSH-2.0-OpenSSH_9.2\r\n\r\n", "answered CONNECT cloud.example:443 with something that is not HTTP"),
     (b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=x\r\n\r\n",
      "refused CONNECT cloud.example:443: 407 Proxy Authentication Required (the proxy wants credentials"),
+    (b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: NTLM\r\n"
+     b"Proxy-Authenticate: Negotiate\r\n\r\n",
+     "407 Proxy Authentication Required (the proxy asks for NTLM or Negotiate authentication; the node "
+     "speaks Basic only"),
     (b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n",
      "refused CONNECT cloud.example:443: 502 Bad Gateway (the proxy could not reach cloud.example:443"),
 ])
@@ -193,6 +197,26 @@ async def test_misbehaving_proxies_are_described(nursery, answer, expected):
                                   timeout=TEST_DEADLINE)
     assert f"proxy http://127.0.0.1:{proxy.port}" in str(caught.value)
     assert expected in str(caught.value), caught.value
+
+
+@pytest.mark.filterwarnings("error::ResourceWarning", "error::pytest.PytestUnraisableExceptionWarning")
+async def test_the_proxy_connection_is_closed_when_the_caller_gives_up(nursery):
+    """Cancelled mid-CONNECT (the node stopping): the socket to the proxy is closed, not left to the
+    garbage collector (which would warn "unclosed socket")."""
+    closed = trio.Event()
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await stream.receive_some(4096)  # the CONNECT; then wait for the node's side to close
+        while await stream.receive_some(4096):
+            pass
+        closed.set()
+
+    port = await nursery.start(partial(serve_tcp, handler, "127.0.0.1", 0, name="silent proxy"))
+    with trio.move_on_after(0.2):
+        await open_connect_tunnel(EgressProxy("127.0.0.1", port), "cloud.example", 443,
+                                  deadline=trio.current_time() + TEST_DEADLINE, timeout=TEST_DEADLINE)
+    with trio.fail_after(TEST_DEADLINE):
+        await closed.wait()
 
 
 async def test_a_silent_proxy_times_out_by_the_dial_deadline(nursery):

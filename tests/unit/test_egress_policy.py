@@ -9,8 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from connector.cli import init_certs
 from connector.config import ConfigError, load_node_config
-from connector.tunnel.egress import EgressPolicy, EgressProxy, bypasses, egress_policy, parse_proxy_url
+from connector.tunnel.egress import (
+    EgressPolicy,
+    EgressProxy,
+    bypasses,
+    egress_policy,
+    parse_proxy_url,
+)
 
 CLOUD = "cloud.example"
 ENV_PROXY = {"https_proxy": "http://proxy.corp:3128"}
@@ -179,8 +186,6 @@ def test_config_refuses_a_bad_environment_proxy_naming_the_variable(tmp_path: Pa
 
 def test_check_reports_the_proxy_in_use_masked(tmp_path: Path) -> None:
     """`connector node --check` (a real process) says which proxy the tunnels will use."""
-    from connector.cli import init_certs
-
     certs = init_certs(tmp_path / "certs", "acme", ["node-a"], ["127.0.0.1"])
     path = tmp_path / "node.toml"
     path.write_text(f"""
