@@ -284,8 +284,11 @@ class Node:
 
     async def _resolve_loop(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Resolve the configured host names now and every RESOLVE_INTERVAL; dial what they name.
-        A failed resolution keeps the addresses known before (a DNS hiccup drops no tunnel)."""
-        names = [url for url in self.config.tunnel_urls if not is_address(DialTarget(url).host)]
+        A failed resolution keeps the addresses known before (a DNS hiccup drops no tunnel). A name
+        reached through a proxy is not resolved here: the proxy resolves it (its rules may allow the
+        name only, and the node may have no DNS for it), so it is CONNECTed by name."""
+        names = [url for url in self.config.tunnel_urls if not is_address(DialTarget(url).host)
+                 and self.config.egress.proxy_for(DialTarget(url).host, url_port(url)) is None]
         while True:
             for url in names:
                 host = DialTarget(url).host

@@ -99,6 +99,19 @@ async def test_tunnel_through_the_proxy_serves_requests(nursery, stack, tinyprox
     assert f"tunnels connect through proxy {tinyproxy.url} ([tunnel] proxy)" in caplog.text
 
 
+async def test_a_host_name_is_connected_by_name_for_the_proxy_to_resolve(nursery, stack, tinyproxy):
+    """Proxies' rules often name hosts, and the node may have no DNS for the cloud: CONNECT the
+    name of the URL, not the addresses the node would resolve it to without a proxy."""
+    path = proxied_node_toml(stack, tinyproxy.url)
+    path.write_text(path.read_text().replace("wss://127.0.0.1:", "wss://localhost:"))
+    node = await start_node(nursery, stack, path)
+    with trio.fail_after(TEST_DEADLINE):
+        await node.wait_tunnels(1, registered=True)
+        await request_through_tunnel(stack)
+    assert f"CONNECT localhost:{stack.ports.tunnel} " in tinyproxy.log()
+    assert "CONNECT 127.0.0.1:" not in tinyproxy.log()
+
+
 async def test_basic_credentials_are_accepted_and_never_shown(nursery, stack, auth_tinyproxy, caplog):
     with caplog.at_level(logging.DEBUG):
         node = await start_node(nursery, stack, proxied_node_toml(stack, auth_tinyproxy.url))
