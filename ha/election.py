@@ -117,6 +117,7 @@ class Elector:
         self.leader_node: str | None = None  # last leader seen (None: vacant or unknown)
         self.last_decision = ""
         self.decisions: deque[tuple[float, str]] = deque(maxlen=256)
+        self._decided = trio.lowlevel.ParkingLot()  # unparked by every recorded decision
         self._change = RoleChange("starting", None, "not started", 0, 0.0)
         self._changed = trio.Event()
         self._role_dirty = False
@@ -151,6 +152,19 @@ class Elector:
         while self._change.version <= since_version:
             await self._changed.wait()
         return self._change
+
+    async def wait_etcd_reachable(self, reachable: bool = True) -> None:
+        """Return once a cycle found the store reachable (or, with False, unreachable); at once
+        if the last one did. For tests and tools: the caller bounds the wait."""
+        await trio.lowlevel.checkpoint()
+        while self.etcd_reachable != reachable:
+            await self._decided.park()
+
+    async def wait_decision(self, decision: str) -> None:
+        """Return once `decision` is the last decision recorded (at once if it is)."""
+        await trio.lowlevel.checkpoint()
+        while self.last_decision != decision:
+            await self._decided.park()
 
     def hint_master_lost(self, epoch: int, source: str) -> None:
         """The cloud or a probe says the master of ``epoch`` is gone: try to take over now."""
@@ -451,6 +465,7 @@ class Elector:
             log.debug("%s: %s", self.node_id, decision)
         self.last_decision = decision
         self.decisions.append((trio.current_time(), decision))
+        self._decided.unpark_all()
         if self._role_dirty:
             self._role_dirty = False
             self._change = RoleChange(self.role, self.epoch, decision, self._change.version + 1,

@@ -9,7 +9,8 @@ of the whole line, unbuffered: a record exists in the file before the response i
 reaches the client (forward.py relies on that, and so do the failover drills), and a crash loses
 at most the line being written. Buffering lines and flushing on a timer was measured (about 4%
 of the node's CPU per request saved) and not done: it would give up that ordering.
-The most recent records are also kept in memory (a bounded deque) for tests and the admin API.
+The most recent records are also kept in memory (a bounded deque) for tests and the admin API,
+and counted per kind: `wait_records(n)` lets a test wait for the nth record instead of polling.
 
 Timestamps are wall-clock (UTC, ISO 8601): an audit trail is read by people against other logs.
 """
@@ -23,6 +24,8 @@ import logging
 import os
 from collections.abc import Callable
 from typing import IO, Any
+
+import trio
 
 from connector import metrics
 
@@ -69,6 +72,8 @@ class AuditLog:
         self._stream = stream
         self._clock = clock
         self._recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=keep)
+        self._written: collections.Counter[str | None] = collections.Counter()  # by kind; None: all
+        self._written_lot = trio.lowlevel.ParkingLot()
         self._fd: int | None = None
         if path is not None:
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -108,6 +113,14 @@ class AuditLog:
         """Like `recent`, optionally only the records of one kind ("request" or "config")."""
         return [r for r in self._recent if kind is None or r["kind"] == kind]
 
+    async def wait_records(self, n: int, kind: str | None = None) -> list[dict[str, Any]]:
+        """Wait until `n` records (of `kind`, if given) were written since opening, at once if
+        they were; return the recent ones (of that kind)."""
+        await trio.lowlevel.checkpoint()
+        while self._written[kind] < n:
+            await self._written_lot.park()
+        return self.records(kind)
+
     def close(self) -> None:
         if self._fd is not None:
             try:
@@ -118,6 +131,9 @@ class AuditLog:
 
     def _write(self, record: dict[str, Any]) -> None:
         self._recent.append(record)
+        self._written[record["kind"]] += 1
+        self._written[None] += 1
+        self._written_lot.unpark_all()
         try:
             line = _ENCODER.encode(record) + "\n"
         except (TypeError, ValueError):  # e.g. a circular structure: still leave a trace

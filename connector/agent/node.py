@@ -74,7 +74,7 @@ from connector.tunnel.dial import (
 )
 from connector.tunnel.session import TunnelError, TunnelSession, TunnelSettings
 from connector.tunnel.streams import TunnelStream
-from connector.tunnel.types import ErrorCode
+from connector.tunnel.types import ErrorCode, Target
 from ha.monitor import MasterProbe
 from ha.store import StoreError
 
@@ -164,6 +164,8 @@ class Node:
         self._resolved: dict[str, list[str]] = {}  # configured URL -> addresses of its host name
         self._dialers: dict[DialTarget, trio.CancelScope] = {}
         self._lost_reports = MasterLostReports()
+        self._lost_heard = 0  # master_lost reports received (`wait_master_lost_reports`)
+        self._lost_heard_lot = trio.lowlevel.ParkingLot()
         self.admin_port: int | None = None
         self.stopping = False
         self._handing_over = False
@@ -173,6 +175,8 @@ class Node:
         self.tunnel_failure: str | None = None  # why the last attempt to open a tunnel failed
         self.tunnel_failures: dict[str, str] = {}  # target -> why its last attempt failed
         self._tunnel_failed = trio.Event()
+        self._failed_attempts = 0  # attempts to open a tunnel that failed since start
+        self._mappings_changed = trio.Event()  # set (and replaced) when `acl` is replaced
         self._ssl = pki.client_context(config.tunnel_ca, config.tunnel_cert, config.tunnel_key)
         self._labels = (config.location_id, config.node_id)
         self._cluster = config.cluster.name if config.cluster else "standalone"
@@ -371,12 +375,21 @@ class Node:
         log.warning("tunnel to %s failed: %s", target, reason)
         self.tunnel_failure = reason
         self.tunnel_failures[target.key] = reason
+        self._failed_attempts += 1
         self._tunnel_failed.set()
         self._tunnel_failed = trio.Event()
 
     async def wait_tunnel_failure(self) -> str:
         """Wait for the next failed attempt to open a tunnel; return its cause."""
         await self._tunnel_failed.wait()
+        return self.tunnel_failure or ""
+
+    async def wait_tunnel_failures(self, count: int) -> str:
+        """Return once `count` attempts to open a tunnel failed since start (at once if they
+        did); the cause of the last one."""
+        await trio.lowlevel.checkpoint()
+        while self._failed_attempts < count:
+            await self._tunnel_failed.wait()
         return self.tunnel_failure or ""
 
     async def wait_tunnels(self, count: int, *, registered: bool = False) -> None:
@@ -387,6 +400,41 @@ class Node:
             if len(tunnels) == count:
                 return
             await changed.wait()
+
+    async def wait_registered(self) -> int:
+        """Return once a replica accepted our registration (at once if one has); the epoch."""
+        await trio.lowlevel.checkpoint()
+        while True:
+            changed = self._changed  # every acceptance pokes
+            if self.registered_epoch is not None:
+                return self.registered_epoch
+            await changed.wait()
+
+    async def wait_refused(self) -> str:
+        """Return once the cloud refuses our cluster (at once if it does); why (`cloud_refusal`)."""
+        await trio.lowlevel.checkpoint()
+        while True:
+            changed = self._changed  # `_refused_by_cloud` pokes
+            if self.cloud_refusal is not None:
+                return self.cloud_refusal
+            await changed.wait()
+
+    async def wait_mapping(self, target: Target, *, present: bool = True) -> None:
+        """Return once the access control serves `target` (with `present` False: no longer
+        serves it), at once if it does already; woken by each applied configuration."""
+        await trio.lowlevel.checkpoint()
+        while True:
+            changed = self._mappings_changed
+            if (self.acl.find_mapping(target) is not None) == present:
+                return
+            await changed.wait()
+
+    async def wait_master_lost_reports(self, count: int) -> None:
+        """Return once `count` ``master_lost`` reports arrived from the replicas since start
+        (whether or not they made a hint), at once if they have."""
+        await trio.lowlevel.checkpoint()
+        while self._lost_heard < count:
+            await self._lost_heard_lot.park()
 
     async def _connect_once(self, target: DialTarget, backoff: Backoff) -> None:
         holder: ReplicaTunnel | None = None
@@ -494,6 +542,8 @@ class Node:
         said so (`MasterLostReports`); one replica alone may only be cut off from the master."""
         self._lost_reports.report(epoch, tunnel.replica, trio.current_time())
         self._hint_master_lost()
+        self._lost_heard += 1
+        self._lost_heard_lot.unpark_all()
 
     def _hint_master_lost(self) -> None:
         for epoch in self._lost_reports.agreed(set(self.tunnels), trio.current_time()):
@@ -615,6 +665,8 @@ class Node:
 
     def _apply_mappings(self, mappings: Any, revision: int) -> None:
         self.acl = AccessControl(mappings)
+        self._mappings_changed.set()
+        self._mappings_changed = trio.Event()
         self.audit.config_change(action="apply", revision=revision, mappings=[m.name for m in mappings])
         log.info("applied shared configuration revision %d: %d mappings", revision, len(mappings))
 

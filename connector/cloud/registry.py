@@ -239,6 +239,7 @@ class Registry:
         if self._persisted_gauge is not None:
             self._persisted_gauge.set(1)  # nothing failed yet (and nothing to write)
         self._locations: dict[LocationKey, _Location] = {}
+        self._masters_changed = trio.lowlevel.ParkingLot()  # unparked whenever a location's master changes
         self._held = 0
         self._nursery: trio.Nursery | None = None
         # with a shared fence: nothing is admitted or routed until it was read (fail closed)
@@ -695,6 +696,22 @@ class Registry:
         location = self._locations.get((subaccount, location_id))
         return location.master if location else None
 
+    async def wait_master(self, subaccount: str, location_id: str, *, node: str | None = None) -> TunnelHandle:
+        """Return the location's master once it has one (node `node`, if given); at once if it
+        has. Woken by every change of master, never polling; the caller bounds the wait."""
+        await trio.lowlevel.checkpoint()
+        while True:
+            master = self.master_of(subaccount, location_id)
+            if master is not None and node in (None, master.node):
+                return master
+            await self._masters_changed.park()
+
+    async def wait_no_master(self, subaccount: str, location_id: str) -> None:
+        """Return once the location has no master (at once if it has none); the caller bounds it."""
+        await trio.lowlevel.checkpoint()
+        while self.master_of(subaccount, location_id) is not None:
+            await self._masters_changed.park()
+
     # --- internals -------------------------------------------------------------------------
 
     def _location(self, key: LocationKey) -> _Location:
@@ -712,6 +729,7 @@ class Registry:
             location.no_master_since = None
         location.master = handle
         location.signal()
+        self._masters_changed.unpark_all()
 
     def _account_no_master(self) -> None:
         now = trio.current_time()

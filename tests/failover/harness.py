@@ -66,7 +66,7 @@ TARGET_PREFIX = "http://erp.virtual:8000/sap/opu/odata/drill"
 REPLICA_SERVICES = ("tunnel", "admin", "http_proxy", "socks5", "destinations")  # a replica's ports
 CLOUD_PREFIX = "/connector-cloud"  # the demo's [shared] prefix
 ADMIN_TIMEOUT = 1.0
-POLL = 0.02
+POLL = 0.02  # seconds between polls of another process's admin API (all a real process offers)
 
 # How a request that was in flight on a lost master may fail.
 IN_FLIGHT_REASONS = frozenset({"connector_connection_lost", "no_response", "stale_epoch", "tunnel_lost"})

@@ -68,8 +68,7 @@ async def test_switch_and_audit_need_the_token_and_probes_stay_open(nursery, tmp
     switched = await trio.to_thread.run_sync(cli, "switch", "--config", str(paths[1]))
     assert switched.returncode == 0, switched.stderr
     with trio.fail_after(10):
-        while shadow.registered_epoch is None:  # noqa: ASYNC110 - bounded poll of synchronous state
-            await trio.sleep(0.02)
+        await shadow.wait_registered()
     assert stack.cloud.registry.master_of(SUBACCOUNT, "").node == shadow.config.node_id
     status = await trio.to_thread.run_sync(cli, "status", "--json", "--config", str(paths[0]))
     assert status.returncode == 0, status.stderr

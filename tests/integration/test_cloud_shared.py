@@ -336,9 +336,10 @@ async def test_a_destination_written_through_one_replica_is_read_through_another
     b = await start_replica(nursery, tmp_path, certs, etcd, "cloud-b")
     destination = {"Name": "ERP", "Type": "HTTP", "URL": "http://erp.virtual:8000", "Authentication": "BasicAuthentication",
                    "ProxyType": "OnPremise", "User": "u", "Password": "very-secret-password"}
-    with trio.fail_after(10):
-        while not (a.cloud.shared_destinations.loaded and b.cloud.shared_destinations.loaded):  # noqa: ASYNC110 - bounded poll of synchronous state
-            await trio.sleep(0.02)
+    with trio.fail_after(10):  # loaded: the memory reflects etcd (at revision 1 or later) only from the first read
+        await a.cloud.shared_destinations.wait_revision(1)
+        await b.cloud.shared_destinations.wait_revision(1)
+    assert a.cloud.shared_destinations.loaded and b.cloud.shared_destinations.loaded
     status, _, _ = await call(a.ports.destinations, "POST", COLLECTION, destination, token=ADMIN)
     assert status == 201
     with trio.fail_after(5):

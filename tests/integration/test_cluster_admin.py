@@ -45,8 +45,9 @@ async def start_cluster(nursery, tmp_path, etcd):
         nodes.append(node)
         paths.append(path)
     with trio.fail_after(10):
-        while stack.cloud.registry.master_of(SUBACCOUNT, "") is None or not all(n.session for n in nodes):  # noqa: ASYNC110 - bounded poll of synchronous state
-            await trio.sleep(0.02)
+        await stack.cloud.registry.wait_master(SUBACCOUNT, "")
+        for node in nodes:
+            await node.wait_tunnels(1)
     return stack, nodes, paths
 
 
@@ -83,8 +84,8 @@ async def test_status_readiness_and_live_shared_configuration(nursery, tmp_path,
     )
     assert added.returncode == 0, added.stderr
     with trio.fail_after(5):
-        while not all(n.acl.find_mapping(NEW) for n in nodes):  # noqa: ASYNC110 - bounded poll of synchronous state
-            await trio.sleep(0.02)
+        for node in nodes:
+            await node.wait_mapping(NEW)
     client = await HttpClient.connect(stack.ports.http_proxy)
     response = await client.request("GET", "http://new.virtual:9000/sap/x", [stack.proxy_auth])
     assert response.status == 200
@@ -107,8 +108,8 @@ async def test_status_readiness_and_live_shared_configuration(nursery, tmp_path,
     removed = await trio.to_thread.run_sync(cli, "acl", "--config", str(paths[0]), "remove", "--virtual", "new.virtual:9000")
     assert removed.returncode == 0, removed.stderr
     with trio.fail_after(5):
-        while any(n.acl.find_mapping(NEW) for n in nodes):  # noqa: ASYNC110 - bounded poll of synchronous state
-            await trio.sleep(0.02)
+        for node in nodes:
+            await node.wait_mapping(NEW, present=False)
     history = (await trio.to_thread.run_sync(cli, "acl", "--config", str(paths[0]), "history", "--json")).stdout.decode()
     actions = [json.loads(line)["action"] for line in history.splitlines()]
     assert actions[-2:] == ["add", "remove"] and "seed" in actions

@@ -291,7 +291,7 @@ async def test_a_slow_but_steady_request_within_its_deadline_is_served(tmp_path:
         step = (LIMITS.request_timeout - 1) / len(request)
         for byte in request:
             await client.send_all(bytes([byte]))
-            await trio.sleep(step)
+            await trio.sleep(step)  # the scenario: a client sending slowly (virtual time)
         answer = await _read_to_close(client)
         assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"[]")
 

@@ -160,7 +160,7 @@ async def test_frozen_etcd_is_unavailable_not_a_hang(etcd: EtcdServer) -> None:
                 await store.get_cluster()
                 break
             except StoreUnavailable:
-                await trio.sleep(0.1)
+                await trio.sleep(0.1)  # another process (etcd, thawing): only its answers to poll
     await store.aclose()
 
 

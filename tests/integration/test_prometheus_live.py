@@ -200,7 +200,7 @@ async def _wait_location(state: dict[str, Any], predicate: Any) -> dict[str, Any
             location = await _cloud_status(state)
             if predicate(location):
                 return location
-            await trio.sleep(0.02)
+            await trio.sleep(0.02)  # other processes (the demo's cloud): its admin API is all there is to poll
 
 
 async def _held_requests(state: dict[str, Any]) -> float:
@@ -237,10 +237,10 @@ async def _handover(demo: Demo, state: dict[str, Any], observed: Observations) -
         async with trio.open_nursery() as nursery:
             for _ in range(LOAD_WORKERS):
                 nursery.start_soon(load, stop)
-            await trio.sleep(0.2)
+            await trio.sleep(0.2)  # the scenario: traffic under way before the handover
             demo.processes[old].send_signal(signal.SIGTERM)
             new = await _wait_location(state, lambda loc, old=old: loc["master"] not in (None, old))
-            await trio.sleep(0.2)
+            await trio.sleep(0.2)  # ... and after it
             stop.set()
         with trio.fail_after(HANDOVER_TIMEOUT):
             await demo.processes[old].wait()

@@ -30,8 +30,7 @@ async def test_node_id_is_the_certificates_common_name(nursery, tmp_path):
                             {"node": "node-b", "cluster": "it"})  # node-a's certificate, claiming node-b
     await session.send_control("register", {"epoch": 3})
     with trio.fail_after(5):
-        while stack.cloud.registry.master_of(SUBACCOUNT, "") is None:  # noqa: ASYNC110 - bounded poll of synchronous state
-            await trio.sleep(0.01)
+        await stack.cloud.registry.wait_master(SUBACCOUNT, "")
     master = stack.cloud.registry.master_of(SUBACCOUNT, "")
     assert master.node == "node-a"
     assert master.cluster == "it"
@@ -56,8 +55,7 @@ async def test_a_cluster_named_in_the_certificate_is_the_only_one_a_node_may_cla
     honest = await connect(nursery, stack, "node_node-c_cert", "node_node-c_key", {"node": "node-c", "cluster": "alpha"})
     await honest.send_control("register", {"epoch": 1})
     with trio.fail_after(5):
-        while stack.cloud.registry.master_of(SUBACCOUNT, "") is None:  # noqa: ASYNC110 - bounded poll of synchronous state
-            await trio.sleep(0.01)
+        await stack.cloud.registry.wait_master(SUBACCOUNT, "")
     assert stack.cloud.registry.master_of(SUBACCOUNT, "").cluster == "alpha"
 
 
@@ -66,8 +64,7 @@ async def test_two_standalone_nodes_on_one_location_do_not_fence_each_other(nurs
     first = await connect(nursery, stack, "node_node-a_cert", "node_node-a_key", {"node": "node-a"})
     await first.send_control("register", {"epoch": 0})
     with trio.fail_after(5):
-        while stack.cloud.registry.master_of(SUBACCOUNT, "") is None:  # noqa: ASYNC110 - bounded poll of synchronous state
-            await trio.sleep(0.01)
+        await stack.cloud.registry.wait_master(SUBACCOUNT, "")
     second = await connect(nursery, stack, "node_node-b_cert", "node_node-b_key", {"node": "node-b"})
     with trio.fail_after(5):
         await second.wait_closed()

@@ -58,8 +58,7 @@ async def test_second_cluster_is_refused_and_the_first_keeps_serving(nursery, tm
     stack = await start_stack(nursery, tmp_path, with_node=False)
     alpha, _ = await start(nursery, stack, tmp_path, etcd, "node-a", "alpha")
     with trio.fail_after(10):
-        while alpha.registered_epoch is None:  # noqa: ASYNC110 - bounded poll of synchronous state
-            await trio.sleep(0.02)
+        await alpha.wait_registered()
     alpha_session: TunnelSession | None = alpha.session
     alpha_epoch = alpha.registered_epoch
     accepted_before, refused_before = registrations("accepted"), registrations("wrong_cluster")
@@ -81,8 +80,7 @@ async def test_second_cluster_is_refused_and_the_first_keeps_serving(nursery, tm
             for _ in range(LOAD_CLIENTS):
                 load_nursery.start_soon(load)
             beta, beta_path = await start(nursery, stack, tmp_path, etcd, "node-b", "beta")
-            while beta.cloud_refusal is None:  # noqa: ASYNC110 - bounded poll of synchronous state
-                await trio.sleep(0.02)
+            await beta.wait_refused()
             refused.set()
 
     # the first cluster served throughout: one registration, no fence, no reconnect, bodies intact

@@ -155,7 +155,7 @@ class EtcdServer:
                 last = exc
             except Exception as exc:  # any other failure means "not yet"
                 last = exc
-            time.sleep(0.05)
+            time.sleep(0.05)  # another process (in a worker thread): only its answers to poll
         raise RuntimeError(f"etcd not ready within {timeout} s ({last}); see {self.log_path}")
 
     def kill(self) -> None:

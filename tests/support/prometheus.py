@@ -175,7 +175,7 @@ class Prometheus:
                         break
                 except (OSError, trio.TooSlowError):
                     pass
-                await trio.sleep(0.1)
+                await trio.sleep(0.1)  # another process: its /-/ready is all there is to poll
         with trio.fail_after(READY_TIMEOUT):
             await self.wait_scraped_since(0.0)
 
@@ -229,7 +229,7 @@ class Prometheus:
                 t["health"] == "up" and _timestamp(t["lastScrape"]) >= since for t in targets
             ):
                 return
-            await trio.sleep(0.2)
+            await trio.sleep(0.2)  # another process: its targets API is all there is to poll
 
     async def wait_two_scrapes(self) -> None:
         """Wait until every target has been scraped twice after now (bounded by READY_TIMEOUT)."""

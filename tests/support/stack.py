@@ -42,8 +42,8 @@ class Stack:
 
     async def wait_registered(self) -> None:
         """Until the node has registered with the cloud; the caller bounds the wait."""
-        while self.node is None or self.node.registered_epoch is None:  # noqa: ASYNC110 - Node exposes no event for it
-            await trio.sleep(0.01)
+        assert self.node is not None, "start_node first"
+        await self.node.wait_registered()
 
 
 def cloud_toml(workdir: Path, certs: dict[str, Path], *, tunnel_port: int = 0, hold_seconds: float = 1.0,

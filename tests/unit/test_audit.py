@@ -9,6 +9,8 @@ import stat
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 
 from connector import metrics
 from connector.agent.audit import REQUEST_FIELDS, AuditLog
@@ -111,3 +113,25 @@ def test_unserialisable_field_written_as_string() -> None:
 def test_unopenable_path_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         AuditLog(str(tmp_path / "missing-dir" / "audit.log"))
+
+
+async def test_wait_records_returns_at_the_nth_record_of_its_kind(nursery, autojump_clock) -> None:
+    audit = AuditLog(None)
+    returned: list[tuple[list[str], float]] = []
+
+    async def wait(n: int, kind: str | None) -> None:
+        records = await audit.wait_records(n, kind)
+        returned.append(([r.get("path") or r["kind"] for r in records], trio.current_time()))
+
+    nursery.start_soon(wait, 2, "request")
+    audit.request(path="/one")
+    audit.config_change(action="apply")  # another kind: does not count towards 2 requests
+    await trio.sleep(1.0)
+    assert returned == []
+    nursery.start_soon(wait, 3, None)  # any kind: three are written by the next request
+    audit.request(path="/two")
+    await trio.testing.wait_all_tasks_blocked()
+    assert sorted(returned) == [(["/one", "/two"], 1.0), (["/one", "config", "/two"], 1.0)]
+    with trio.fail_after(1.0):  # reached already: at once (virtual time: a hang fails fast)
+        assert len(await audit.wait_records(1, "config")) == 1
+    assert trio.current_time() == 1.0

@@ -331,3 +331,32 @@ async def test_bad_arguments_are_refused() -> None:
         assert "hold_off" in str(exc)
     else:
         raise AssertionError("negative hold_off accepted")
+
+
+async def test_wait_etcd_reachable_and_wait_decision(autojump_clock: trio.abc.Clock) -> None:
+    """Both return at the cycle that records the state (at once if the last one did), not before;
+    each wait is bounded, so one that is never woken fails instead of hanging."""
+    store = MemoryStore()
+    async with trio.open_nursery() as nursery:
+        a = await Node(store, "a").start(nursery)
+        renewed = f"renewed lease, still master (epoch {a.elector.epoch})"
+        with trio.fail_after(TIMING.loop_wait / 2):  # at once: the first cycle reached the store
+            await a.elector.wait_etcd_reachable()
+        assert trio.current_time() == 0
+        with trio.fail_after(TIMING.ttl):
+            await a.elector.wait_decision(renewed)
+        assert trio.current_time() == 0.5  # the first renewal, not the acquisition before it
+        a.store.set_fault("error")
+        with trio.fail_after(TIMING.ttl):
+            await a.elector.wait_etcd_reachable(False)
+        unreachable_at = trio.current_time()
+        assert unreachable_at == decided(a.elector, "store unreachable")[0]
+        assert a.elector.last_decision.startswith("store unreachable")
+        a.store.set_fault(None)
+        with trio.fail_after(TIMING.ttl):
+            await a.elector.wait_etcd_reachable()
+        assert trio.current_time() == decided(a.elector, "renewed lease")[-1] > unreachable_at
+        assert a.elector.last_decision == renewed
+        with trio.fail_after(TIMING.loop_wait / 2):
+            await a.elector.wait_decision(renewed)  # the last decision: at once
+        nursery.cancel_scope.cancel()

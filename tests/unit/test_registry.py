@@ -390,3 +390,52 @@ async def test_a_client_that_sent_more_bytes_waits_for_the_deadline(limited, nur
     assert await ours.recv(10) == b"body"  # not consumed
     ours.close()
     theirs.close()
+
+
+async def test_wait_master_returns_when_a_master_registers_and_at_once_if_there_is_one(registry, nursery, autojump_clock):
+    found = []
+
+    async def wait(node=None):
+        found.append((await registry.wait_master("acme", "", node=node), trio.current_time()))
+
+    nursery.start_soon(wait)
+    nursery.start_soon(wait, "b")
+    a, b = handle("a"), handle("b")
+    registry.add(a)
+    registry.add(b)
+    await trio.sleep(1.0)
+    assert found == []  # no master yet: no return
+    registry.register(a, 1)
+    await trio.testing.wait_all_tasks_blocked()
+    assert found == [(a, 1.0)]  # the waiter for b still waits
+    await trio.sleep(1.0)
+    registry.register(b, 2)
+    await trio.testing.wait_all_tasks_blocked()
+    assert found == [(a, 1.0), (b, 2.0)]
+    with trio.fail_after(1.0):  # already there: at once (virtual time: a hang fails fast)
+        assert await registry.wait_master("acme", "") is b
+        assert await registry.wait_master("acme", "", node="b") is b
+    assert trio.current_time() == 2.0
+
+
+async def test_wait_no_master_returns_when_the_master_goes_and_at_once_if_there_is_none(registry, nursery, autojump_clock):
+    with trio.fail_after(1.0):  # none yet: at once (virtual time: a hang fails fast)
+        await registry.wait_no_master("acme", "")
+        await registry.wait_no_master("acme", "unknown")  # a location never seen has none either
+    assert trio.current_time() == 0.0
+    a = handle("a")
+    registry.add(a)
+    registry.register(a, 1)
+    gone = []
+
+    async def wait():
+        await registry.wait_no_master("acme", "")
+        gone.append(trio.current_time())
+
+    nursery.start_soon(wait)
+    await trio.sleep(1.0)
+    assert gone == []
+    registry.remove(a)
+    await trio.testing.wait_all_tasks_blocked()
+    assert gone == [1.0]
+    assert [loc["location_id"] for loc in registry.snapshot()] == [""]  # waiting created no location
