@@ -18,11 +18,20 @@ from another replica) or "master_switched" (`from_node`/`from_epoch` to `node`/`
 master switches from null). Every tunnel record carries TUNNEL_FIELDS in that order (null when
 unknown), `replica` (this cloud replica's id) last, then the event's own fields.
 
+Refusals are bounded: a node refused again and again (a standalone node fenced by a clone of
+itself re-registers at once, a revoked one redials) would otherwise fill the disk. An identical
+refusal (same subaccount, location, node, cluster, reason and epoch) within REFUSAL_REPEAT_SECONDS
+of the last one written is counted, not written; the next one written after that carries
+`repeated`, the number left out. At most REFUSALS_TRACKED such refusals are remembered (the least
+recently written is forgotten first). Time comes from trio's clock.
+
 `wait_records(n)` and `wait_tunnel_records(n)` let tests wait for the nth record instead of polling.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -33,16 +42,22 @@ from connector.agent.audit import AuditLog
 TUNNEL_FIELDS = ("event", "subaccount", "location", "node", "cluster", "epoch", "replica")
 # Why a tunnel or a registration is refused (`tunnel_refused`); the registry's verdicts and revocation.
 REFUSAL_REASONS = frozenset({"stale_epoch", "wrong_cluster", "fence_unknown", "revoked"})
+REFUSAL_REPEAT_SECONDS = 60.0  # an identical refusal is written at most once in this long
+REFUSALS_TRACKED = 10_000  # identical-refusal keys remembered at once (bounded memory)
 
 
 class CloudAudit:
     """Refusals of the cloud's proxies, as audit records (see the module docstring)."""
 
-    def __init__(self, log: AuditLog | None = None, *, replica: str | None = None) -> None:
+    def __init__(self, log: AuditLog | None = None, *, replica: str | None = None,
+                 clock: Callable[[], float] = trio.current_time) -> None:
         """`log` defaults to an in-memory log (the recent records only, no file); `replica` is this
         cloud replica's id, written in every tunnel record."""
         self.log = log if log is not None else AuditLog(None)
         self.replica = replica
+        self._clock = clock
+        # refusal key -> (when it was last written, identical refusals left out since)
+        self._refusals: OrderedDict[tuple[Any, ...], tuple[float, int]] = OrderedDict()
         self._written = 0
         self._tunnel_written = 0
         self._changed = trio.Event()
@@ -87,13 +102,25 @@ class CloudAudit:
                             epoch=epoch)
 
     def tunnel_refused(self, *, subaccount: str, location: str, node: str, cluster: str | None, reason: str,
-                       epoch: int | None = None, **extra: Any) -> dict[str, Any]:
+                       epoch: int | None = None, **extra: Any) -> dict[str, Any] | None:
         """A tunnel or a registration was refused; `reason` is one of REFUSAL_REASONS, `extra` says
-        more (the registry adds `highest_epoch` and `owner`, the owning cluster)."""
+        more (the registry adds `highest_epoch` and `owner`, the owning cluster). Returns the
+        record, or None when it was an identical repeat left out (see the module docstring)."""
         if reason not in REFUSAL_REASONS:
             raise ValueError(f"unknown tunnel refusal reason {reason!r} (not one of {sorted(REFUSAL_REASONS)})")
+        key = (subaccount, location, node, cluster, reason, epoch)
+        now = self._clock()
+        last = self._refusals.get(key)
+        if last is not None and now - last[0] < REFUSAL_REPEAT_SECONDS:
+            self._refusals[key] = (last[0], last[1] + 1)
+            return None
+        self._refusals[key] = (now, 0)
+        self._refusals.move_to_end(key)
+        while len(self._refusals) > REFUSALS_TRACKED:
+            self._refusals.popitem(last=False)
+        repeated = {"repeated": last[1]} if last is not None and last[1] else {}
         return self._tunnel("refused", subaccount=subaccount, location=location, node=node, cluster=cluster,
-                            epoch=epoch, reason=reason, **extra)
+                            epoch=epoch, reason=reason, **extra, **repeated)
 
     def fence_advanced(self, *, subaccount: str, location: str, cluster: str | None, old_epoch: int,
                        new_epoch: int, source: str, node: str | None = None) -> dict[str, Any]:

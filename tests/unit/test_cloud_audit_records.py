@@ -13,7 +13,13 @@ import trio
 import trio.testing
 
 from connector.agent.audit import AuditLog
-from connector.cloud.audit import REFUSAL_REASONS, TUNNEL_FIELDS, CloudAudit
+from connector.cloud.audit import (
+    REFUSAL_REASONS,
+    REFUSAL_REPEAT_SECONDS,
+    REFUSALS_TRACKED,
+    TUNNEL_FIELDS,
+    CloudAudit,
+)
 from connector.cloud.registry import Fence, Registry, TunnelHandle
 from tests.unit.test_registry import FakeSession
 
@@ -25,7 +31,7 @@ def _audit() -> tuple[CloudAudit, io.StringIO]:
     return CloudAudit(AuditLog(None, stream, clock=lambda: TS), replica="cloud-1"), stream
 
 
-def test_each_tunnel_event_is_one_json_line_with_the_tunnel_fields_first() -> None:
+async def test_each_tunnel_event_is_one_json_line_with_the_tunnel_fields_first() -> None:
     audit, stream = _audit()
     audit.tunnel_registered(subaccount="acme", location="eu", node="node-a", cluster="plant-1", epoch=7)
     audit.tunnel_refused(subaccount="acme", location="eu", node="node-b", cluster="plant-1", reason="stale_epoch",
@@ -54,12 +60,42 @@ def test_each_tunnel_event_is_one_json_line_with_the_tunnel_fields_first() -> No
         "registered", "refused", "fence_advanced", "master_switched", "refused"]
 
 
-def test_a_refusal_needs_a_known_reason() -> None:
+async def test_a_refusal_needs_a_known_reason() -> None:
     audit, stream = _audit()
     with pytest.raises(ValueError, match="unknown tunnel refusal reason 'nope'"):
         audit.tunnel_refused(subaccount="acme", location="", node="n", cluster=None, reason="nope")
     assert stream.getvalue() == "" and audit.tunnel_written == 0
     assert {"stale_epoch", "wrong_cluster", "fence_unknown", "revoked"} == REFUSAL_REASONS
+
+
+async def test_identical_refusals_are_written_once_per_window_with_the_count_left_out(autojump_clock) -> None:
+    audit, stream = _audit()
+
+    def refuse(epoch: int = 0) -> dict | None:
+        return audit.tunnel_refused(subaccount="acme", location="", node="a", cluster="c", reason="stale_epoch",
+                                    epoch=epoch)
+
+    assert refuse() is not None
+    assert [refuse() for _ in range(500)] == [None] * 500  # a node re-registering in a loop
+    assert refuse(epoch=1) is not None  # another refusal is written at once
+    await trio.sleep(REFUSAL_REPEAT_SECONDS - 0.001)
+    assert refuse() is None
+    await trio.sleep(0.001)
+    record = refuse()
+    assert record is not None and record["repeated"] == 501 and "repeated" not in audit.tunnel_records()[0]
+    assert refuse() is None
+    assert len(stream.getvalue().splitlines()) == audit.tunnel_written == 3
+
+
+async def test_identical_refusals_remembered_are_bounded() -> None:
+    audit, _ = _audit()
+
+    def refuse(node: int) -> dict | None:
+        return audit.tunnel_refused(subaccount="acme", location="", node=f"n{node}", cluster="c", reason="revoked")
+
+    assert all(refuse(n) is not None for n in range(REFUSALS_TRACKED + 1))
+    assert refuse(REFUSALS_TRACKED) is None  # remembered
+    assert refuse(0) is not None  # the least recently written was forgotten: written again
 
 
 async def test_wait_tunnel_records_returns_once_the_nth_is_written(nursery) -> None:
