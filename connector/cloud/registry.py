@@ -342,6 +342,7 @@ class Registry:
             location.cluster = verdict.cluster
             fence_changed = True
         previous = location.master
+        repeated = previous is handle and handle.epoch == epoch  # registering again: nothing to audit
         if previous is not None and previous is not handle:
             # A newer (or the same, reconnected) master: the old tunnel must never carry traffic again.
             previous.epoch = None
@@ -359,7 +360,8 @@ class Registry:
             if self.fence_listener is not None:
                 self.fence_listener(location.key, Fence(location.highest_epoch, location.cluster))
         self._set_master(location, handle)
-        self._audit_registration(location, handle, epoch)
+        if not repeated:
+            self._audit_registration(location, handle, epoch)
         self._refuse_other_clusters(location)
         metrics.CLOUD_REGISTRATIONS.labels(sub, loc, "accepted").inc()
         metrics.CLOUD_MASTER_EPOCH.labels(sub, loc).set(epoch)

@@ -183,3 +183,15 @@ async def test_a_fence_raised_by_another_replica_is_audited_as_shared(audited) -
         ("fence_advanced", None, 8, {"old_epoch": 3, "new_epoch": 8, "source": "shared"}),
         ("refused", "a", 3, {"reason": "stale_epoch", "highest_epoch": 8, "owner": "plant-1"}),
     ]
+
+
+async def test_a_master_registering_again_on_its_tunnel_is_not_written_again(audited) -> None:
+    """A node may send `register` as often as it likes; only a change is an event."""
+    registry, audit = audited
+    a = _handle("a")
+    registry.add(a)
+    for _ in range(100):
+        assert registry.register(a, 3).accepted
+    assert [event for event, *_ in _events(audit)] == ["fence_advanced", "registered", "master_switched"]
+    assert registry.register(a, 4).accepted  # a new term of the same node is
+    assert [event for event, *_ in _events(audit)][3:] == ["fence_advanced", "registered", "master_switched"]
