@@ -251,6 +251,8 @@ class Registry:
         self._fence_gauge.set(1 if self.fence_loaded else 0)
         if not shared_fence:  # nothing to write to a cloud etcd: the series exists, and says so
             metrics.CLOUD_SHARED_WRITES_PENDING.labels("local").set(0)
+        for outcome in ("released", "timeout", "overflow"):  # at 0 from the start: increase() sees the first
+            metrics.HELD_TOTAL.labels(outcome)
         self._fence_loaded_event = trio.Event()
         if self.fence_loaded:
             self._fence_loaded_event.set()
