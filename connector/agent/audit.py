@@ -99,7 +99,11 @@ class AuditLog:
 
     def config_change(self, **fields: Any) -> dict[str, Any]:
         """Record one configuration change (who/what/old/new as the caller provides)."""
-        record: dict[str, Any] = {"ts": self._clock(), "kind": "config"}
+        return self.event("config", **fields)
+
+    def event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        """Record one event of another `kind` (the cloud's "tunnel" events), fields in the caller's order."""
+        record: dict[str, Any] = {"ts": self._clock(), "kind": kind}
         record.update(fields)
         self._write(record)
         return record

@@ -61,6 +61,7 @@ import trio
 
 from connector import metrics
 from connector.cloud.admission import StreamAdmission
+from connector.cloud.audit import CloudAudit
 from connector.cloud.clients import ClientConnection, current_client
 from connector.cloud.router import NoConnectorError
 from connector.tunnel.session import TunnelError, TunnelSession
@@ -100,6 +101,7 @@ class _Location:
     tunnels: set[TunnelHandle] = attrs.Factory(set)
     master_changed: trio.Event = attrs.Factory(trio.Event)
     no_master_since: float | None = None
+    last_master: tuple[str, int] | None = None  # (node, epoch) of the last accepted registration, for the audit
     # Who carried this location's streams, run-length encoded: the drills check from this that
     # epochs never go backwards, i.e. that no two masters ever served at once.
     routing: deque[dict[str, Any]] = attrs.Factory(lambda: deque(maxlen=1000))
@@ -220,8 +222,10 @@ class Registry:
         stream_wait_seconds: float = 5.0,
         admission: StreamAdmission | None = None,
         shared_fence: bool = False,
+        audit: CloudAudit | None = None,
     ) -> None:
         self.hold_seconds = hold_seconds
+        self.audit = audit if audit is not None else CloudAudit()  # registrations, refusals, fence, switches
         self.hold_max = hold_max
         self.stream_wait_seconds = stream_wait_seconds
         self.admission = admission if admission is not None else StreamAdmission()
@@ -248,6 +252,8 @@ class Registry:
         self._fence_gauge.set(1 if self.fence_loaded else 0)
         if not shared_fence:  # nothing to write to a cloud etcd: the series exists, and says so
             metrics.CLOUD_SHARED_WRITES_PENDING.labels("local").set(0)
+        for outcome in ("released", "timeout", "overflow"):  # at 0 from the start: increase() sees the first
+            metrics.HELD_TOTAL.labels(outcome)
         self._fence_loaded_event = trio.Event()
         if self.fence_loaded:
             self._fence_loaded_event.set()
@@ -339,6 +345,7 @@ class Registry:
             location.cluster = verdict.cluster
             fence_changed = True
         previous = location.master
+        repeated = previous is handle and handle.epoch == epoch  # registering again: nothing to audit
         if previous is not None and previous is not handle:
             # A newer (or the same, reconnected) master: the old tunnel must never carry traffic again.
             previous.epoch = None
@@ -347,6 +354,8 @@ class Registry:
         handle.epoch = epoch
         handle.draining = False
         if epoch > location.highest_epoch:
+            self.audit.fence_advanced(subaccount=sub, location=loc, cluster=handle.cluster, node=handle.node,
+                                      old_epoch=location.highest_epoch, new_epoch=epoch, source="registration")
             location.highest_epoch = epoch
             fence_changed = True
         if fence_changed:
@@ -354,6 +363,8 @@ class Registry:
             if self.fence_listener is not None:
                 self.fence_listener(location.key, Fence(location.highest_epoch, location.cluster))
         self._set_master(location, handle)
+        if not repeated:
+            self._audit_registration(location, handle, epoch)
         self._refuse_other_clusters(location)
         metrics.CLOUD_REGISTRATIONS.labels(sub, loc, "accepted").inc()
         metrics.CLOUD_MASTER_EPOCH.labels(sub, loc).set(epoch)
@@ -369,8 +380,20 @@ class Registry:
             cluster=handle.cluster, epoch=epoch,
         )
 
+    def _audit_registration(self, location: _Location, handle: TunnelHandle, epoch: int) -> None:
+        sub, loc = handle.key
+        self.audit.tunnel_registered(subaccount=sub, location=loc, node=handle.node, cluster=handle.cluster, epoch=epoch)
+        if location.last_master != (handle.node, epoch):  # else the same master reconnecting
+            last_node, last_epoch = location.last_master or (None, None)
+            self.audit.master_switched(subaccount=sub, location=loc, node=handle.node, cluster=handle.cluster,
+                                       epoch=epoch, from_node=last_node, from_epoch=last_epoch)
+            location.last_master = (handle.node, epoch)
+
     def _refused(self, handle: TunnelHandle, verdict: RegistrationResult, epoch: int | None = None) -> None:
         metrics.CLOUD_REGISTRATIONS.labels(*handle.key, verdict.reason).inc()
+        self.audit.tunnel_refused(subaccount=handle.subaccount, location=handle.location_id, node=handle.node,
+                                  cluster=handle.cluster, reason=verdict.reason, epoch=epoch,
+                                  highest_epoch=verdict.highest_epoch, owner=verdict.cluster)
         if verdict.reason == "wrong_cluster":
             log.error(
                 "refused node %s of cluster %r for location %s: the location belongs to cluster %r "
@@ -417,6 +440,9 @@ class Registry:
             if merged.cluster != location.cluster and location.cluster is not None:
                 log.warning("location %s is bound to cluster %r by another replica (was %r here)",
                             key, merged.cluster, location.cluster)
+            if merged.epoch > location.highest_epoch:
+                self.audit.fence_advanced(subaccount=key[0], location=key[1], cluster=merged.cluster,
+                                          old_epoch=location.highest_epoch, new_epoch=merged.epoch, source="shared")
             location.highest_epoch, location.cluster = merged.epoch, merged.cluster
             self._enforce(location)
             self._export(location)

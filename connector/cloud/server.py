@@ -81,6 +81,8 @@ class CloudServer:
     def __init__(self, config: CloudConfig, *, clock: WallClock = wall_clock) -> None:
         self.config = config
         self.oauth = token_service(config, clock) if config.oauth is not None else None
+        replica = config.replica or ReplicaConfig(id=socket.gethostname(), tunnel_url=None, admin_url=None)
+        self.audit = CloudAudit.open(str(config.audit_log) if config.audit_log else None, replica=replica.id)
         self.registry = Registry(
             hold_seconds=config.hold_seconds,
             hold_max=config.hold_max,
@@ -90,13 +92,13 @@ class CloudServer:
             stream_wait_seconds=config.stream_wait_seconds,
             admission=StreamAdmission(config.stream_limits),
             shared_fence=config.shared is not None,
+            audit=self.audit,
         )
         self.authenticator = Authenticator(
             {s.id: s.token_sha256 for s in config.subaccounts}, throttle=AuthThrottle(config.auth_throttle),
             jwt=self.oauth.validator if self.oauth is not None else None,
         )
         self.admin_authenticator = Authenticator({s.id: s.destination_admin_sha256 for s in config.subaccounts})
-        replica = config.replica or ReplicaConfig(id=socket.gethostname(), tunnel_url=None, admin_url=None)
         self.replicas = ReplicaDirectory(Replica(
             replica.id, replica.tunnel_url or f"wss://{config.tunnel_listen}/tunnel",
             replica.admin_url or f"http://{config.admin_listen}",
@@ -122,7 +124,6 @@ class CloudServer:
                           for s in config.subaccounts},
             )
         self.connections = ConnectionCounter(config.connection_limits, gauge=metrics.PROXY_CONNECTIONS)  # both proxies'
-        self.audit = CloudAudit.open(str(config.audit_log) if config.audit_log else None)
         # the other replicas' masters, for readiness: from the shared state's replica records
         self.peer_masters: PeerMasters = (
             SharedPeers(self.shared.replicas, self.replicas) if self.shared is not None else NoPeers()

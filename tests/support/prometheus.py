@@ -102,8 +102,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def config(targets: Iterable[ScrapeTarget], rule_files: Iterable[Path], interval: float = SCRAPE_INTERVAL) -> dict[str, Any]:
-    """prometheus.yml as a dict: one scrape job per (job, scheme, path), one static config per target."""
+def config(targets: Iterable[ScrapeTarget], rule_files: Iterable[Path], interval: float = SCRAPE_INTERVAL,
+           alertmanagers: Iterable[str] = ()) -> dict[str, Any]:
+    """prometheus.yml as a dict: one scrape job per (job, scheme, path), one static config per target;
+    firing alerts go to `alertmanagers` (host:port), if any."""
     jobs: dict[tuple[str, str, str], list[ScrapeTarget]] = {}
     for target in targets:
         jobs.setdefault((target.job, target.scheme, target.path), []).append(target)
@@ -117,11 +119,14 @@ def config(targets: Iterable[ScrapeTarget], rule_files: Iterable[Path], interval
                                for t in members],
         })
     seconds = f"{interval:g}s"
-    return {
+    result: dict[str, Any] = {
         "global": {"scrape_interval": seconds, "scrape_timeout": seconds, "evaluation_interval": seconds},
         "rule_files": [str(path) for path in rule_files],
         "scrape_configs": scrape_configs,
     }
+    if alertmanagers:
+        result["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": list(alertmanagers)}]}]}
+    return result
 
 
 class PrometheusError(RuntimeError):
@@ -139,11 +144,12 @@ class Prometheus:
     """One Prometheus process; `await start()`, query, `await stop()` (SIGKILL)."""
 
     def __init__(self, workdir: Path, targets: list[ScrapeTarget], rule_files: list[Path],
-                 binary: str = BINARY) -> None:
+                 binary: str = BINARY, alertmanagers: list[str] | None = None) -> None:
         self.workdir = workdir
         self.targets = targets
         self.rule_files = rule_files
         self.binary = binary
+        self.alertmanagers = alertmanagers or []
         self.port = 0
         self.process: trio.Process | None = None
 
@@ -155,7 +161,8 @@ class Prometheus:
         """Start, then wait for /-/ready and for one successful scrape of every target."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         config_file = self.workdir / "prometheus.yml"
-        config_file.write_text(yaml.safe_dump(config(self.targets, self.rule_files), sort_keys=False))
+        config_file.write_text(yaml.safe_dump(
+            config(self.targets, self.rule_files, alertmanagers=self.alertmanagers), sort_keys=False))
         self.port = free_port()
         log = self._open_log()
         try:

@@ -47,8 +47,9 @@ class Stack:
 
 
 def cloud_toml(workdir: Path, certs: dict[str, Path], *, tunnel_port: int = 0, hold_seconds: float = 1.0,
-               extra: str = "") -> Path:
+               extra: str = "", audit_log: Path | None = None) -> Path:
     path = workdir / "cloud.toml"
+    audit = f'audit_log = "{audit_log}"' if audit_log is not None else ""
     path.write_text(f"""
 [tunnel]
 listen = "127.0.0.1:{tunnel_port}"
@@ -61,6 +62,7 @@ ping_timeout = 2.0
 http_listen = "127.0.0.1:0"
 socks5_listen = "127.0.0.1:0"
 hold_seconds = {hold_seconds}
+{audit}
 
 [admin]
 listen = "127.0.0.1:0"

@@ -1,8 +1,9 @@
-"""The Prometheus alert rules are valid, tested by promtool, and each has a runbook section.
+"""The Prometheus alert rules are valid, tested by promtool, and each has a runbook section; the
+Alertmanager configuration next to them is valid and routes every alert by its severity.
 
-`promtool check rules` and `promtool test rules` run as subprocesses on the shipped files. Without
-promtool the test is skipped on a workstation but fails under CI (env CI set), so a CI image that
-lost Prometheus cannot pass silently.
+`promtool check rules`, `promtool test rules`, `amtool check-config` and `amtool config routes test`
+run as subprocesses on the shipped files. Without the tool the test is skipped on a workstation but
+fails under CI (env CI set), so a CI image that lost Prometheus or Alertmanager cannot pass silently.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "grafana" / "alerts"
 RULES = ALERTS / "connector-rules.yml"
 RULE_TESTS = ALERTS / "connector-rules.test.yml"
+ALERTMANAGER = ALERTS / "alertmanager.yml"
 RUNBOOK = ROOT / "docs" / "runbook.md"
 SEVERITIES = {"critical", "warning", "info"}
+# severity -> the receiver Alertmanager must pick (the routing table of alertmanager.yml)
+RECEIVERS = {"critical": "connector-critical", "warning": "connector-default", "info": "connector-info"}
 PROMTOOL_TIMEOUT = 60.0
 
 
@@ -31,6 +35,15 @@ def _promtool() -> str:
         if os.environ.get("CI"):
             pytest.fail("promtool is required under CI (install Debian's `prometheus` package)")
         pytest.skip("promtool not installed (apt-get install prometheus)")
+    return path
+
+
+def _amtool() -> str:
+    path = shutil.which("amtool")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("amtool is required under CI (install Debian's `prometheus-alertmanager` package)")
+        pytest.skip("amtool not installed (apt-get install prometheus-alertmanager)")
     return path
 
 
@@ -100,3 +113,39 @@ def test_every_alert_is_tested_firing_and_not_firing() -> None:
     names = {rule["alert"] for rule in _alert_rules()}
     assert names - firing == set(), "alerts never shown firing"
     assert names - quiet == set(), "alerts never shown not firing"
+
+
+def test_amtool_check_config() -> None:
+    result = subprocess.run(
+        [_amtool(), "check-config", str(ALERTMANAGER)], capture_output=True, text=True, timeout=PROMTOOL_TIMEOUT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+@pytest.mark.parametrize("rule", _alert_rules(), ids=lambda rule: rule["alert"])
+def test_alert_routes_to_the_receiver_of_its_severity(rule: dict) -> None:
+    """What Alertmanager would do with this alert, asked of amtool (the shipped file's own routing)."""
+    severity = rule["labels"]["severity"]
+    result = subprocess.run(
+        [_amtool(), "config", "routes", "test", f"--config.file={ALERTMANAGER}",
+         f"--verify.receivers={RECEIVERS[severity]}", f"alertname={rule['alert']}", f"severity={severity}"],
+        capture_output=True, text=True, timeout=PROMTOOL_TIMEOUT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == RECEIVERS[severity]
+
+
+def test_inhibit_rules_name_alerts_that_exist() -> None:
+    """An inhibition naming a renamed alert silently mutes nothing."""
+    names = {rule["alert"] for rule in _alert_rules()}
+    named: set[str] = set()
+    for inhibit in yaml.safe_load(ALERTMANAGER.read_text())["inhibit_rules"]:
+        for matcher in inhibit.get("source_matchers", []) + inhibit.get("target_matchers", []):
+            label, op, value = re.match(r'^(\w+)\s*(=~|!=|!~|=)\s*"(.*)"$', matcher).groups()  # type: ignore[union-attr]
+            if label == "alertname":
+                assert op in ("=", "=~"), matcher
+                named |= set(value.split("|"))
+            else:
+                assert label == "severity" and value in SEVERITIES, matcher
+    assert named and named <= names, named - names
