@@ -27,6 +27,7 @@ from connector.cloud.admission import StreamLimits
 from connector.cloud.clients import AuthThrottleSettings, ConnectionLimits
 from connector.cloud.destinations import DestinationLimits
 from connector.cloud.drain import DrainSettings
+from connector.cloud.bindings import UserAccount
 from connector.cloud.oauth import OAuthSettings
 from ha.timing import HATiming
 
@@ -209,6 +210,7 @@ class SubaccountConfig:
     destination_admin_sha256: tuple[str, ...] = ()  # tokens that manage destinations (not proxy tokens)
     clusters: dict[str, str] = attrs.field(factory=dict)  # location -> the one cluster that may serve it
     max_streams_per_token: int | None = None  # None: [proxy] max_streams_per_token
+    users: tuple[UserAccount, ...] = ()  # [[subaccounts.users]]: the password grant's users ([oauth])
 
 
 @attrs.frozen
@@ -281,6 +283,25 @@ class SharedConfig:
     secrets_key: Path | None  # Fernet key shared by the replicas, encrypting destination secrets
 
 
+def _users(subaccount: _Section) -> tuple[UserAccount, ...]:
+    """[[subaccounts.users]]: user_name, password_scrypt (a hash_secret hash), email, origin, user_id."""
+    users: list[UserAccount] = []
+    for section in subaccount.subs("users"):
+        try:
+            users.append(UserAccount(
+                subaccount=subaccount.str("id", required=True), user_name=section.str("user_name", required=True),
+                password_hash=section.str("password_scrypt", required=True), email=section.str("email", ""),
+                origin=section.str("origin", "connector"), user_id=section.str("user_id", ""),
+            ))
+        except ValueError as exc:
+            raise ConfigError(section.file, section.prefix, str(exc)) from None
+        section.done()
+    names = [u.user_name for u in users]
+    if len(set(names)) != len(names):
+        raise ConfigError(subaccount.file, subaccount.key("users"), "a user_name appears twice")
+    return tuple(users)
+
+
 def _drain_settings(drain: _Section) -> DrainSettings:
     """[drain]: how long a replica stays in rotation after SIGTERM, and how long requests get."""
     values = {}
@@ -343,6 +364,7 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
                 destination_admin_sha256=tuple(_digests(section, "destination_admin_sha256")),
                 clusters=pins,
                 max_streams_per_token=section.int("max_streams_per_token", minimum=0),
+                users=_users(section),
             )
         )
         section.done()

@@ -74,7 +74,8 @@ def token_service(config: CloudConfig, clock: WallClock) -> TokenService:
     oauth = config.oauth
     return TokenService(oauth.settings, bindings=FileBindingStore(oauth.bindings),
                         keys=FileKeyStore(oauth.signing_keys),
-                        ssl_context=server_ssl_context(oauth.cert, oauth.key), clock=clock)
+                        ssl_context=server_ssl_context(oauth.cert, oauth.key), clock=clock,
+                        users={(u.subaccount, u.user_name): u for s in config.subaccounts for u in s.users})
 
 
 class CloudServer:
