@@ -24,11 +24,12 @@ import attrs
 from connector import pki
 from connector.agent.acl import Mapping
 from connector.cloud.admission import StreamLimits
+from connector.cloud.bindings import UserAccount
 from connector.cloud.clients import AuthThrottleSettings, ConnectionLimits
 from connector.cloud.destinations import DestinationLimits
 from connector.cloud.drain import DrainSettings
-from connector.cloud.bindings import UserAccount
 from connector.cloud.oauth import OAuthSettings
+from connector.cloud.token_client import TokenClientSettings
 from ha.timing import HATiming
 
 T = TypeVar("T")
@@ -255,6 +256,7 @@ class CloudConfig:
     subaccounts: tuple[SubaccountConfig, ...]
     oauth: OAuthConfig | None = None  # None: no token service, static tokens only
     destination_limits: DestinationLimits = DestinationLimits()
+    destination_tokens: TokenClientSettings = TokenClientSettings()  # [destinations] token_service_ca, token_timeout
     stream_wait_seconds: float = 5.0
     stream_limits: StreamLimits = StreamLimits()
     auth_throttle: AuthThrottleSettings = AuthThrottleSettings()
@@ -338,6 +340,15 @@ def _destination_limits(dest: _Section) -> DestinationLimits:
         raise ConfigError(dest.file, dest.prefix, str(exc)) from None
 
 
+def _destination_tokens(dest: _Section, limits: DestinationLimits) -> TokenClientSettings:
+    """[destinations] token_service_ca, token_timeout: how OAuth2 destinations' tokens are fetched."""
+    timeout = dest.float("token_timeout", min(TokenClientSettings().timeout, limits.request_timeout / 2))
+    if timeout >= limits.request_timeout:
+        raise ConfigError(dest.file, dest.key("token_timeout"), "must be shorter than request_timeout (a find "
+                          "fetches its token within its own deadline)")
+    return TokenClientSettings(ca=dest.path("token_service_ca"), timeout=timeout)
+
+
 def load_cloud_config(path: str | Path) -> CloudConfig:
     file = Path(path).resolve()
     root = _Section(file, "", _read(file))
@@ -418,6 +429,7 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
         state_file=root.path("state_file", must_exist=False),
         subaccounts=tuple(subaccounts),
         destination_limits=_destination_limits(dest) if dest else DestinationLimits(),
+        destination_tokens=_destination_tokens(dest, _destination_limits(dest)) if dest else TokenClientSettings(),
         replica=replica,
         shared=shared,
         drain=_drain_settings(drain),

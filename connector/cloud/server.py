@@ -193,10 +193,12 @@ class CloudServer:
                     self.authenticator,
                     self.admin_authenticator,
                     settings=DestinationSettings(
-                        path=store, key_path=store.with_name(store.name + ".key"), limits=config.destination_limits
+                        path=store, key_path=store.with_name(store.name + ".key"), limits=config.destination_limits,
+                        tokens=config.destination_tokens,
                     ),
                     store=self.shared_destinations,
                     drain=self.drain,
+                    jwt=self.oauth.validator if self.oauth is not None else None,
                 )
                 destinations = await nursery.start(
                     service.run, config.destinations_listen.host, config.destinations_listen.port

@@ -104,7 +104,7 @@ async def fetch_token(request: TokenRequest, settings: TokenClientSettings,
                 status, payload = await _exchange(stream, h11.Request(method="POST", target=target, headers=[
                     ("host", parsed.netloc.rpartition("@")[2]), ("connection", "close"),
                     ("content-type", "application/x-www-form-urlencoded"), ("accept", "application/json"),
-                    ("authorization", request.authorization()), ("content-length", str(len(body))),
+                    ("authorization", request.authorization().decode("ascii")), ("content-length", str(len(body))),
                 ]), body, settings.max_response_bytes)
             finally:
                 await trio.aclose_forcefully(stream)

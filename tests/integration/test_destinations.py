@@ -215,7 +215,7 @@ async def test_authentication_and_subaccount_scoping(service: int) -> None:
     [
         ({"Type": "HTTP", "URL": "http://a"}, "Name is required"),
         ({**ERP, "Name": "bad name"}, "Name is required"),
-        ({**ERP, "Type": "RFC"}, "Type must be"),
+        ({**ERP, "Type": "MAIL"}, "Type must be"),
         ({**ERP, "ProxyType": "Somewhere"}, "ProxyType must be"),
         ({**ERP, "Authentication": "OAuth2SAMLBearerAssertion"}, "Authentication must be"),
         ({**ERP, "URL": "ftp://erp"}, "URL of the form"),
