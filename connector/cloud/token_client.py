@@ -111,7 +111,8 @@ async def fetch_token(request: TokenRequest, settings: TokenClientSettings,
     except trio.TooSlowError:
         raise TokenError(f"the token service at {host}:{port} did not answer within {settings.timeout:g} s") from None
     except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:  # ssl.SSLError is an OSError
-        raise TokenError(f"the token service at {host}:{port} could not be reached: {exc}") from None
+        reason = exc.__cause__ or exc  # trio wraps a TLS failure: its cause says what failed
+        raise TokenError(f"the token service at {host}:{port} could not be reached: {reason}") from None
     except h11.ProtocolError as exc:
         raise TokenError(f"the token service at {host}:{port} broke HTTP: {exc}") from None
     try:
