@@ -130,8 +130,8 @@ class UserAccount:
 
     def claims(self) -> dict[str, str]:
         """The user's claims in a token, as XSUAA names them."""
-        return {"user_name": self.user_name, "user_id": self.user_id, "sub": self.user_id, "origin": self.origin,
-                "email": self.email}
+        claims = {"user_name": self.user_name, "user_id": self.user_id, "sub": self.user_id, "origin": self.origin}
+        return {**claims, "email": self.email} if self.email else claims
 
 
 class BindingError(Exception):
