@@ -629,7 +629,10 @@ class DestinationService:
             if not _INSTANCE.fullmatch(instance):
                 raise DestinationError(400, "instance_required", "instance-level management names the service "
                                        "instance (the binding's client id) in X-Instance-Id")
-        params = urllib.parse.parse_qs(query, max_num_fields=16)
+        try:
+            params = urllib.parse.parse_qs(query, max_num_fields=16)
+        except ValueError as exc:
+            raise DestinationError(400, "bad_query", f"the query string is refused: {exc}") from None
         skip = params.get(SKIP_TOKEN_RETRIEVAL, ["false"])[-1].lower() == "true"
         return _Call(subaccount, request.method, endpoint, body, caller_token, instance,
                      headers.get(b"x-user-token", "").strip() or None, skip)

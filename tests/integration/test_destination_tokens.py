@@ -152,6 +152,9 @@ async def test_skip_token_retrieval_fetches_nothing(rig: Rig) -> None:
     assert (await call(rig.destinations, "POST", COLLECTION, rig.oauth_destination("cc", "OAuth2ClientCredentials")))[0] == 201
     document = await find(rig, "cc", query="?$skipTokenRetrieval=true")
     assert "authTokens" not in document and rig.service.tokens.fetches == 0
+    status, answer, _ = await call(rig.destinations, "GET", f"{FIND}/cc?" + "&".join(["a=1"] * 17), token=USER_1)
+    assert (status, answer["error"]) == (400, "bad_query")
+    assert (await find(rig, "cc"))["authTokens"][0]["value"]  # and the service carries on
 
 
 async def test_the_token_services_certificate_is_verified(rig: Rig, tmp_path: Path) -> None:
