@@ -123,7 +123,8 @@ MASK = "********"  # stands for a stored secret in management answers (and in a 
 SECRET_BINDING = ("Type", "URL", "Address", "ProxyType", "CloudConnectorLocationId", "User", "Authentication",
                   "tokenServiceURL", "tokenServiceUser", "clientId", "KeyStoreLocation")
 STRING_PROPERTIES = ("Name", "Type", "URL", "Address", "ProxyType", "Authentication", "User",
-                     "Password", "CloudConnectorLocationId", "Description", *sorted(SECRET_PROPERTIES))
+                     "Password", "CloudConnectorLocationId", "Description", "tokenServiceURL", "tokenServiceUser",
+                     "clientId", "KeyStoreLocation", "TrustStoreLocation", *sorted(SECRET_PROPERTIES))
 TYPES = ("HTTP", "TCP", "LDAP", "RFC")  # LDAP and RFC are stored and found; the proxies do not read destinations
 PROXY_TYPES = ("Internet", "OnPremise")
 AUTHENTICATIONS = ("NoAuthentication", "BasicAuthentication", *destination_auth.TOKEN_AUTHENTICATIONS,
