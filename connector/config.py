@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import builtins
 import difflib
+import json
 import os
 import socket
 import tomllib
@@ -28,6 +29,7 @@ from connector.cloud.bindings import UserAccount
 from connector.cloud.clients import AuthThrottleSettings, ConnectionLimits
 from connector.cloud.destinations import DestinationLimits
 from connector.cloud.drain import DrainSettings
+from connector.cloud.jwtauth import TrustedIssuer
 from connector.cloud.oauth import OAuthSettings
 from connector.cloud.token_client import TokenClientSettings
 from ha.timing import HATiming
@@ -212,6 +214,7 @@ class SubaccountConfig:
     clusters: dict[str, str] = attrs.field(factory=dict)  # location -> the one cluster that may serve it
     max_streams_per_token: int | None = None  # None: [proxy] max_streams_per_token
     users: tuple[UserAccount, ...] = ()  # [[subaccounts.users]]: the password grant's users ([oauth])
+    trusted_issuers: tuple[TrustedIssuer, ...] = ()  # [[subaccounts.trusted_issuers]]: jwt-bearer assertions ([oauth])
 
 
 @attrs.frozen
@@ -304,6 +307,24 @@ def _users(subaccount: _Section) -> tuple[UserAccount, ...]:
     return tuple(users)
 
 
+def _trusted_issuers(subaccount: _Section) -> tuple[TrustedIssuer, ...]:
+    """[[subaccounts.trusted_issuers]]: issuer, jwks (a JWKS file, read at load), audience."""
+    issuers: list[TrustedIssuer] = []
+    for section in subaccount.subs("trusted_issuers"):
+        jwks = section.path("jwks", required=True)
+        try:
+            issuers.append(TrustedIssuer.from_jwks(
+                subaccount.str("id", required=True), section.str("issuer", required=True),
+                json.loads(jwks.read_bytes()), section.str("audience")))
+        except (ValueError, OSError) as exc:
+            raise ConfigError(section.file, section.key("jwks"), f"{jwks}: {exc}") from None
+        section.done()
+    names = [issuer.issuer for issuer in issuers]
+    if len(set(names)) != len(names):
+        raise ConfigError(subaccount.file, subaccount.key("trusted_issuers"), "an issuer appears twice")
+    return tuple(issuers)
+
+
 def _drain_settings(drain: _Section) -> DrainSettings:
     """[drain]: how long a replica stays in rotation after SIGTERM, and how long requests get."""
     values = {}
@@ -376,6 +397,7 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
                 clusters=pins,
                 max_streams_per_token=section.int("max_streams_per_token", minimum=0),
                 users=_users(section),
+                trusted_issuers=_trusted_issuers(section),
             )
         )
         section.done()

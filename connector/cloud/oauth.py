@@ -11,10 +11,12 @@ both). Grants:
   `user_id`, `email`, `origin`, `sub`). A wrong password or an unknown user is 400
   `invalid_grant` (the same answer and work for both), counted by the failure throttle.
 - `urn:ietf:params:oauth:grant-type:jwt-bearer` (RFC 7523): `assertion` is a *user* token of a
-  trusted issuer (the issuer is this service: tokens of the password grant or of an earlier
-  exchange), still valid and of the binding's subaccount; the answer is a token for the
-  requesting binding that carries the assertion's user claims. A client token as assertion, or
-  a token of another issuer, is 400 `invalid_grant`.
+  trusted issuer, still valid: this service (tokens of the password grant or of an earlier
+  exchange, of the binding's subaccount), or an identity provider the binding's subaccount
+  trusts (`TrustedIssuer`: its issuer and keys configured). The answer is a token for the
+  requesting binding that carries the user's claims (an identity provider's `email` or `sub`
+  stands in for a missing `user_name`). A client token as assertion, or a token of an issuer
+  not trusted, is 400 `invalid_grant`.
 
 A token is a JWT signed with the key ring's current key (`connector.cloud.jwks`), with `kid`
 and `jku` in its header and the claims XSUAA writes that applications read: `iss`
@@ -69,7 +71,7 @@ from connector.cloud.bindings import (
 )
 from connector.cloud.clients import AuthThrottle, address_key
 from connector.cloud.jwks import ALGORITHM, KeyRing, KeyStore, load_or_create
-from connector.cloud.jwtauth import JwtError, JwtValidator
+from connector.cloud.jwtauth import JwtError, JwtValidator, TrustedIssuer, unverified_issuer
 from connector.httperrors import error_parts
 from connector.listen import serve_tcp
 
@@ -209,11 +211,13 @@ class TokenService:
         audit: CloudAudit | None = None,
         throttle: AuthThrottle | None = None,
         users: Mapping[tuple[str, str], UserAccount] | None = None,
+        trusted_issuers: Mapping[tuple[str, str], TrustedIssuer] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.bindings = bindings
         self.users = dict(users or {})  # (subaccount, user_name) -> the user
+        self.trusted_issuers = dict(trusted_issuers or {})  # (subaccount, issuer) -> its keys
         self.keys = keys
         self.ssl_context = ssl_context
         self.audit = audit if audit is not None else CloudAudit()
@@ -391,26 +395,48 @@ class TokenService:
         if grant == GRANT_CLIENT_CREDENTIALS:
             document = issue_token(self.ring, self.settings, binding, grant, now)
         elif grant == GRANT_PASSWORD:
-            user = await self._authenticate_user(binding, form, client)
-            document = issue_token(self.ring, self.settings, binding, grant, now, user=user.claims())
+            account = await self._authenticate_user(binding, form, client)
+            document = issue_token(self.ring, self.settings, binding, grant, now, user=account.claims())
         elif grant == GRANT_JWT_BEARER:
-            try:
-                claims = self.validator.validate(form.get("assertion", ""))
-            except JwtError as exc:
-                raise OAuthError(400, "invalid_grant", f"the assertion was refused ({exc.reason}): {exc}",
-                                 subaccount=binding.subaccount) from None
-            if claims["zid"] != binding.subaccount:
-                raise OAuthError(400, "invalid_grant", "the assertion belongs to another subaccount",
-                                 subaccount=binding.subaccount)
-            if not isinstance(claims.get("user_name"), str):
-                raise OAuthError(400, "invalid_grant", "the assertion is not a user's token (no user_name)",
-                                 subaccount=binding.subaccount)
-            document = issue_token(self.ring, self.settings, binding, grant, now, user=claims)
+            document = issue_token(self.ring, self.settings, binding, grant, now,
+                                   user=self._assertion_user(binding, form.get("assertion", ""), now))
         else:
             raise OAuthError(400, "unsupported_grant_type", f"grant_type {grant!r} is not supported",
                              subaccount=binding.subaccount)
         log.info("token issued: %s for %s (subaccount %s)", grant, binding.client_id, binding.subaccount)
         return document
+
+    def _assertion_user(self, binding: Binding, assertion: str, now: float) -> dict[str, Any]:
+        """The user claims of a jwt-bearer assertion: a user token of ours (same subaccount) or of
+        an issuer the binding's subaccount trusts; OAuthError invalid_grant otherwise."""
+        issuer = unverified_issuer(assertion)
+        trusted = self.trusted_issuers.get((binding.subaccount, issuer or "")) if issuer != self.settings.issuer else None
+        try:
+            if trusted is not None:
+                claims = trusted.validate(assertion, now)
+            elif issuer is None or issuer == self.settings.issuer:
+                claims = self.validator.validate(assertion)
+            else:
+                raise JwtError("untrusted_issuer", f"subaccount {binding.subaccount!r} does not trust {issuer!r}")
+        except JwtError as exc:
+            raise OAuthError(400, "invalid_grant", f"the assertion was refused ({exc.reason}): {exc}",
+                             subaccount=binding.subaccount) from None
+        if trusted is not None:  # an identity provider's names for the user, as XSUAA maps them
+            subject = claims.get("sub")
+            user = {"sub": subject, "user_name": claims.get("user_name") or claims.get("email") or subject,
+                    "user_id": claims.get("user_id") or claims.get("user_uuid") or subject,
+                    "origin": claims.get("origin") or trusted.issuer, "email": claims.get("email")}
+            if not isinstance(user["user_name"], str) or not user["user_name"]:
+                raise OAuthError(400, "invalid_grant", "the assertion names no user (user_name, email or sub)",
+                                 subaccount=binding.subaccount)
+            return {key: value for key, value in user.items() if isinstance(value, str) and value}
+        if claims["zid"] != binding.subaccount:
+            raise OAuthError(400, "invalid_grant", "the assertion belongs to another subaccount",
+                             subaccount=binding.subaccount)
+        if not isinstance(claims.get("user_name"), str):
+            raise OAuthError(400, "invalid_grant", "the assertion is not a user's token (no user_name)",
+                             subaccount=binding.subaccount)
+        return claims
 
     async def _authenticate_user(self, binding: Binding, form: dict[str, str], client: str) -> UserAccount:
         """The user named by `username` / `password` in the binding's subaccount, or invalid_grant."""

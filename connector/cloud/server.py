@@ -75,7 +75,9 @@ def token_service(config: CloudConfig, clock: WallClock) -> TokenService:
     return TokenService(oauth.settings, bindings=FileBindingStore(oauth.bindings),
                         keys=FileKeyStore(oauth.signing_keys),
                         ssl_context=server_ssl_context(oauth.cert, oauth.key), clock=clock,
-                        users={(u.subaccount, u.user_name): u for s in config.subaccounts for u in s.users})
+                        users={(u.subaccount, u.user_name): u for s in config.subaccounts for u in s.users},
+                        trusted_issuers={(t.subaccount, t.issuer): t for s in config.subaccounts
+                                         for t in s.trusted_issuers})
 
 
 class CloudServer:

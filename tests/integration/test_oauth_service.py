@@ -17,6 +17,7 @@ import attrs
 import jwt
 import pytest
 import trio
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from connector import pki
 from connector.cli import init_certs, main
@@ -33,11 +34,18 @@ LIFETIME = 600  # token_lifetime and key_overlap of the test's [oauth]
 REQUEST_TIMEOUT = 1.0
 MAX_CONNECTIONS = 3
 USER, PASSWORD = "alice", "alice-password-1"
+IDP = "https://idp.example/oauth2"  # an identity provider the subaccount trusts
+IDP_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 OAUTH = f"""
 [[subaccounts.users]]
 user_name = "{USER}"
 password_scrypt = "{hash_secret(PASSWORD)}"
 email = "alice@example.com"
+
+[[subaccounts.trusted_issuers]]
+issuer = "{IDP}"
+jwks = "idp-jwks.json"
+audience = "app"
 
 [oauth]
 listen = "127.0.0.1:0"
@@ -118,6 +126,8 @@ def binding_cli(capsys: pytest.CaptureFixture[str], *args: str) -> str:
 async def oauth(nursery: trio.Nursery, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> OAuthStack:
     certs = init_certs(tmp_path / "certs", SUBACCOUNT, ["node-a"], ["127.0.0.1", "localhost"])
     backend_http, backend_tcp = await nursery.start(run_backend, "127.0.0.1", 0, 0)
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(IDP_KEY.public_key()))
+    (tmp_path / "idp-jwks.json").write_text(json.dumps({"keys": [{**jwk, "kid": "idp-1", "alg": "RS256"}]}))
     config = cloud_toml(tmp_path, certs, extra=OAUTH)
     clock = Clock()
     cloud = CloudServer(load_cloud_config(config), clock=clock)
@@ -328,3 +338,36 @@ async def test_garbage_gets_400_and_the_service_carries_on(oauth: OAuthStack) ->
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 400 ")
     assert await oauth.fetch_token()
+
+
+def idp_token(clock: Clock, *, key: rsa.RSAPrivateKey = IDP_KEY, kid: str = "idp-1", issuer: str = IDP,
+              audience: str = "app", lifetime: float = 300) -> str:
+    claims = {"iss": issuer, "aud": [audience], "sub": "P123", "email": "bob@example.com",
+              "iat": int(clock.now), "exp": int(clock.now + lifetime)}
+    return jwt.encode(claims, key, algorithm="RS256", headers={"kid": kid})
+
+
+async def test_jwt_bearer_takes_a_user_token_of_a_trusted_identity_provider(oauth: OAuthStack) -> None:
+    basic = (oauth.credentials["clientid"], oauth.credentials["clientsecret"])
+
+    async def exchange(assertion: str) -> Response:
+        return await oauth.token_request({"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
+                                          "assertion": assertion}, basic=basic)
+
+    exchanged = await exchange(idp_token(oauth.clock))
+    assert exchanged.status == 200, exchanged.body
+    claims = jwt.decode(exchanged.json()["access_token"], options={"verify_signature": False})
+    assert (claims["user_name"], claims["email"], claims["user_id"], claims["origin"], claims["zid"]) == (
+        "bob@example.com", "bob@example.com", "P123", IDP, SUBACCOUNT)
+    assert claims["iss"] == oauth.cloud.oauth.settings.issuer  # type: ignore[union-attr]  # ours, not the IdP's
+    other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    refusals = {
+        "bad_key": idp_token(oauth.clock, key=other_key),
+        "unknown_kid": idp_token(oauth.clock, kid="idp-2"),
+        "untrusted": idp_token(oauth.clock, issuer="https://evil.example"),
+        "audience": idp_token(oauth.clock, audience="other-app"),
+        "expired": idp_token(oauth.clock, lifetime=-1),
+    }
+    for case, assertion in refusals.items():
+        refused = await exchange(assertion)
+        assert (refused.status, refused.json()["error"]) == (400, "invalid_grant"), case
