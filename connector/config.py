@@ -14,6 +14,7 @@ import difflib
 import json
 import os
 import socket
+import ssl
 import tomllib
 import urllib.parse
 from collections.abc import Callable
@@ -367,7 +368,12 @@ def _destination_tokens(dest: _Section, limits: DestinationLimits) -> TokenClien
     if timeout >= limits.request_timeout:
         raise ConfigError(dest.file, dest.key("token_timeout"), "must be shorter than request_timeout (a find "
                           "fetches its token within its own deadline)")
-    return TokenClientSettings(ca=dest.path("token_service_ca"), timeout=timeout)
+    settings = TokenClientSettings(ca=dest.path("token_service_ca"), timeout=timeout)
+    try:
+        settings.ssl_context()  # a file that holds no certificate fails here, not at start
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(dest.file, dest.key("token_service_ca"), f"holds no usable CA certificate: {exc}") from None
+    return settings
 
 
 def load_cloud_config(path: str | Path) -> CloudConfig:

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from connector import pki
 from connector.cloud.bindings import hash_secret
 from connector.cloud.destinations import DestinationError, DestinationLimits, json_depth, parse_json
 from connector.config import ConfigError, load_cloud_config
@@ -115,8 +116,9 @@ def test_token_retrieval_and_user_settings_load(tmp_path: Path) -> None:
     config = load_cloud_config(_cloud(tmp_path, "request_timeout = 5"))
     assert (config.destination_tokens.ca, config.destination_tokens.timeout) == (None, 2.5)  # half the request's
     user = f'[[subaccounts.users]]\nuser_name = "alice"\npassword_scrypt = "{HASH}"\nemail = "a@example.com"'
-    config = load_cloud_config(_cloud(tmp_path, 'token_service_ca = "ca.pem"\ntoken_timeout = 3', user))
-    assert (config.destination_tokens.ca, config.destination_tokens.timeout) == (tmp_path / "ca.pem", 3.0)
+    ca = pki.create_ca(tmp_path / "pki", "token-ca", "token services' CA").cert_path
+    config = load_cloud_config(_cloud(tmp_path, f'token_service_ca = "{ca}"\ntoken_timeout = 3', user))
+    assert (config.destination_tokens.ca, config.destination_tokens.timeout) == (ca, 3.0)
     [alice] = config.subaccounts[0].users
     assert (alice.subaccount, alice.user_name, alice.email, alice.origin) == ("acme", "alice", "a@example.com",
                                                                              "connector")
@@ -133,6 +135,7 @@ def test_token_retrieval_and_user_settings_load(tmp_path: Path) -> None:
         ("", f'destination_admin_sha256 = ["{SHA}"]', "also a token_sha256 digest"),
         ("token_timeout = 30", "", "destinations.token_timeout: must be shorter than request_timeout"),
         ('token_service_ca = "missing.pem"', "", "destinations.token_service_ca"),
+        ('token_service_ca = "ca.pem"', "", "destinations.token_service_ca: holds no usable CA certificate"),
         ("", '[[subaccounts.users]]\nuser_name = "a"\npassword_scrypt = "plain"', "never the password"),
         ("", f'[[subaccounts.users]]\nuser_name = "a"\npassword_scrypt = "{HASH}"\n'
              f'[[subaccounts.users]]\nuser_name = "a"\npassword_scrypt = "{HASH}"', "user_name appears twice"),
