@@ -36,6 +36,7 @@ import trio
 from connector import pki
 
 _CHUNK = 16384
+MAX_ERROR_CHARS = 200  # of a token service's error and description, passed on in authTokens[].error
 
 
 class TokenError(Exception):
@@ -122,8 +123,9 @@ async def fetch_token(request: TokenRequest, settings: TokenClientSettings,
     if not isinstance(document, dict):
         raise TokenError(f"the token service answered {status} without a JSON object")
     if status != 200:
-        error, description = document.get("error", "?"), document.get("error_description", "")
-        raise TokenError(f"the token service answered {status} {error}" + (f": {description}" if description else ""))
+        error, description = str(document.get("error", "?")), str(document.get("error_description", ""))
+        said = f"{error[:MAX_ERROR_CHARS]}" + (f": {description[:MAX_ERROR_CHARS]}" if description else "")
+        raise TokenError(f"the token service answered {status} {said}")
     return document
 
 
