@@ -309,14 +309,14 @@ def _users(subaccount: _Section) -> tuple[UserAccount, ...]:
 
 
 def _trusted_issuers(subaccount: _Section) -> tuple[TrustedIssuer, ...]:
-    """[[subaccounts.trusted_issuers]]: issuer, jwks (a JWKS file, read at load), audience."""
+    """[[subaccounts.trusted_issuers]]: issuer, jwks (a JWKS file, read at load), audience (required)."""
     issuers: list[TrustedIssuer] = []
     for section in subaccount.subs("trusted_issuers"):
+        issuer, audience = section.str("issuer", required=True), section.str("audience", required=True)
         jwks = section.path("jwks", required=True)
         try:
-            issuers.append(TrustedIssuer.from_jwks(
-                subaccount.str("id", required=True), section.str("issuer", required=True),
-                json.loads(jwks.read_bytes()), section.str("audience")))
+            issuers.append(TrustedIssuer.from_jwks(subaccount.str("id", required=True), issuer,
+                                                   json.loads(jwks.read_bytes()), audience))
         except (ValueError, OSError) as exc:
             raise ConfigError(section.file, section.key("jwks"), f"{jwks}: {exc}") from None
         section.done()

@@ -16,8 +16,8 @@ service). `JwtValidator.validate` accepts it only if all of these hold, else rai
 
 `TrustedIssuer` checks the user tokens of an identity provider a subaccount trusts (its issuer
 and public keys configured, `[[subaccounts.trusted_issuers]]`), for the token service's
-jwt-bearer grant: the same rules (RS256 only, a configured `kid`, signature, `exp`, `iss`, and
-`aud` when an audience is configured), without `zid` or a binding.
+jwt-bearer grant: the same rules (RS256 only, a configured `kid`, signature, `exp`, `iss`, `aud`
+naming the configured audience), without `zid` or a binding.
 
 The subaccount is the token's `zid` (zone id, as XSUAA names the subaccount's identity zone),
 which we wrote when issuing it. `identify` turns a valid token into the `Principal` the
@@ -185,10 +185,10 @@ class TrustedIssuer:
     subaccount: str
     issuer: str
     keys: dict[str, Any] = attrs.field(eq=False, repr=False)
-    audience: str | None = None  # None: `aud` is not checked
+    audience: str  # `aud` must name it: a token the provider issued for another application is refused
 
     @classmethod
-    def from_jwks(cls, subaccount: str, issuer: str, jwks: Any, audience: str | None = None) -> TrustedIssuer:
+    def from_jwks(cls, subaccount: str, issuer: str, jwks: Any, audience: str) -> TrustedIssuer:
         """From a JWKS document (`{"keys": [...]}`, as /token_keys serves it); ValueError if it
         holds no RSA key with a `kid`."""
         try:
@@ -198,6 +198,8 @@ class TrustedIssuer:
         keys = {key.key_id: key.key for key in keyset.keys if key.key_type == "RSA" and key.key_id}
         if not keys:
             raise ValueError("the JWKS holds no RSA key with a kid")
+        if not audience:
+            raise ValueError("an audience is required (the application's client id at the provider)")
         return cls(subaccount, issuer, keys, audience)
 
     def validate(self, token: str, now: float) -> dict[str, Any]:
@@ -214,8 +216,8 @@ class TrustedIssuer:
         try:
             claims: dict[str, Any] = jwt.decode(
                 token, key, algorithms=[ALGORITHM], issuer=self.issuer, audience=self.audience,
-                options={"require": ["exp", "iss"], "verify_exp": False, "verify_iat": False, "verify_nbf": False,
-                         "verify_aud": self.audience is not None},
+                options={"require": ["exp", "iss", "aud"], "verify_exp": False, "verify_iat": False,
+                         "verify_nbf": False},
             )
         except jwt.PyJWTError as exc:
             raise JwtError("invalid", str(exc)) from None

@@ -140,7 +140,9 @@ def test_token_retrieval_and_user_settings_load(tmp_path: Path) -> None:
         ("", f'[[subaccounts.users]]\nuser_name = "a"\npassword_scrypt = "{HASH}"\n'
              f'[[subaccounts.users]]\nuser_name = "a"\npassword_scrypt = "{HASH}"', "user_name appears twice"),
         ("", '[[subaccounts.users]]\nuser_name = "a"', "users[0].password_scrypt"),
-        ("", '[[subaccounts.trusted_issuers]]\nissuer = "https://idp"\njwks = "ca.pem"', "trusted_issuers[0].jwks"),
+        ("", '[[subaccounts.trusted_issuers]]\nissuer = "https://idp"\njwks = "ca.pem"\naudience = "app"',
+         "trusted_issuers[0].jwks"),
+        ("", '[[subaccounts.trusted_issuers]]\nissuer = "https://idp"\njwks = "ca.pem"', "trusted_issuers[0].audience"),
     ],
 )
 def test_bad_destination_settings_are_refused(tmp_path: Path, extra: str, subaccount_extra: str, message: str) -> None:
