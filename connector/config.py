@@ -12,8 +12,10 @@ from __future__ import annotations
 import builtins
 import collections.abc
 import difflib
+import json
 import os
 import socket
+import ssl
 import tomllib
 import urllib.parse
 from collections.abc import Callable
@@ -25,11 +27,15 @@ import attrs
 from connector import pki
 from connector.agent.acl import Mapping
 from connector.cloud.admission import StreamLimits
+from connector.cloud.bindings import UserAccount
 from connector.cloud.clients import AuthThrottleSettings, ConnectionLimits
 from connector.cloud.destinations import DestinationLimits
 from connector.cloud.drain import DrainSettings
+from connector.cloud.jwtauth import TrustedIssuer
 from connector.cloud.oauth import OAuthSettings
 from connector.tunnel.egress import EgressPolicy, egress_policy
+
+from connector.cloud.token_client import TokenClientSettings
 from ha.timing import HATiming
 
 T = TypeVar("T")
@@ -212,6 +218,8 @@ class SubaccountConfig:
     destination_admin_sha256: tuple[str, ...] = ()  # tokens that manage destinations (not proxy tokens)
     clusters: dict[str, str] = attrs.field(factory=dict)  # location -> the one cluster that may serve it
     max_streams_per_token: int | None = None  # None: [proxy] max_streams_per_token
+    users: tuple[UserAccount, ...] = ()  # [[subaccounts.users]]: the password grant's users ([oauth])
+    trusted_issuers: tuple[TrustedIssuer, ...] = ()  # [[subaccounts.trusted_issuers]]: jwt-bearer assertions ([oauth])
 
 
 @attrs.frozen
@@ -256,6 +264,7 @@ class CloudConfig:
     subaccounts: tuple[SubaccountConfig, ...]
     oauth: OAuthConfig | None = None  # None: no token service, static tokens only
     destination_limits: DestinationLimits = DestinationLimits()
+    destination_tokens: TokenClientSettings = TokenClientSettings()  # [destinations] token_service_ca, token_timeout
     stream_wait_seconds: float = 5.0
     stream_limits: StreamLimits = StreamLimits()
     auth_throttle: AuthThrottleSettings = AuthThrottleSettings()
@@ -282,6 +291,43 @@ class SharedConfig:
     etcd: EtcdConfig
     prefix: str  # the key space, "/connector-cloud" (one path segment)
     secrets_key: Path | None  # Fernet key shared by the replicas, encrypting destination secrets
+
+
+def _users(subaccount: _Section) -> tuple[UserAccount, ...]:
+    """[[subaccounts.users]]: user_name, password_scrypt (a hash_secret hash), email, origin, user_id."""
+    users: list[UserAccount] = []
+    for section in subaccount.subs("users"):
+        try:
+            users.append(UserAccount(
+                subaccount=subaccount.str("id", required=True), user_name=section.str("user_name", required=True),
+                password_hash=section.str("password_scrypt", required=True), email=section.str("email", ""),
+                origin=section.str("origin", "connector"), user_id=section.str("user_id", ""),
+            ))
+        except ValueError as exc:
+            raise ConfigError(section.file, section.prefix, str(exc)) from None
+        section.done()
+    names = [u.user_name for u in users]
+    if len(set(names)) != len(names):
+        raise ConfigError(subaccount.file, subaccount.key("users"), "a user_name appears twice")
+    return tuple(users)
+
+
+def _trusted_issuers(subaccount: _Section) -> tuple[TrustedIssuer, ...]:
+    """[[subaccounts.trusted_issuers]]: issuer, jwks (a JWKS file, read at load), audience (required)."""
+    issuers: list[TrustedIssuer] = []
+    for section in subaccount.subs("trusted_issuers"):
+        issuer, audience = section.str("issuer", required=True), section.str("audience", required=True)
+        jwks = section.path("jwks", required=True)
+        try:
+            issuers.append(TrustedIssuer.from_jwks(subaccount.str("id", required=True), issuer,
+                                                   json.loads(jwks.read_bytes()), audience))
+        except (ValueError, OSError) as exc:
+            raise ConfigError(section.file, section.key("jwks"), f"{jwks}: {exc}") from None
+        section.done()
+    names = [issuer.issuer for issuer in issuers]
+    if len(set(names)) != len(names):
+        raise ConfigError(subaccount.file, subaccount.key("trusted_issuers"), "an issuer appears twice")
+    return tuple(issuers)
 
 
 def _drain_settings(drain: _Section) -> DrainSettings:
@@ -320,6 +366,20 @@ def _destination_limits(dest: _Section) -> DestinationLimits:
         raise ConfigError(dest.file, dest.prefix, str(exc)) from None
 
 
+def _destination_tokens(dest: _Section, limits: DestinationLimits) -> TokenClientSettings:
+    """[destinations] token_service_ca, token_timeout: how OAuth2 destinations' tokens are fetched."""
+    timeout = dest.float("token_timeout", min(TokenClientSettings().timeout, limits.request_timeout / 2))
+    if timeout >= limits.request_timeout:
+        raise ConfigError(dest.file, dest.key("token_timeout"), "must be shorter than request_timeout (a find "
+                          "fetches its token within its own deadline)")
+    settings = TokenClientSettings(ca=dest.path("token_service_ca"), timeout=timeout)
+    try:
+        settings.ssl_context()  # a file that holds no certificate fails here, not at start
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(dest.file, dest.key("token_service_ca"), f"holds no usable CA certificate: {exc}") from None
+    return settings
+
+
 def load_cloud_config(path: str | Path) -> CloudConfig:
     file = Path(path).resolve()
     root = _Section(file, "", _read(file))
@@ -346,6 +406,8 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
                 destination_admin_sha256=tuple(_digests(section, "destination_admin_sha256")),
                 clusters=pins,
                 max_streams_per_token=section.int("max_streams_per_token", minimum=0),
+                users=_users(section),
+                trusted_issuers=_trusted_issuers(section),
             )
         )
         section.done()
@@ -399,6 +461,7 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
         state_file=root.path("state_file", must_exist=False),
         subaccounts=tuple(subaccounts),
         destination_limits=_destination_limits(dest) if dest else DestinationLimits(),
+        destination_tokens=_destination_tokens(dest, _destination_limits(dest)) if dest else TokenClientSettings(),
         replica=replica,
         shared=shared,
         drain=_drain_settings(drain),

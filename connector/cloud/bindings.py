@@ -28,6 +28,7 @@ import json
 import os
 import re
 import secrets
+import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -100,6 +101,37 @@ def new_binding(subaccount: str, now: float, *, location: str = "") -> tuple[Bin
     secret = secrets.token_urlsafe(32)
     client_id = f"sb-connector-{secrets.token_hex(12)}"  # no ':' (Basic) or '!' (URL-encoding trouble)
     return Binding(client_id, subaccount, hash_secret(secret), now, location), secret
+
+
+@attrs.frozen
+class UserAccount:
+    """A user of a subaccount's zone, for the `password` grant ([[subaccounts.users]] in cloud.toml).
+
+    The password is configured only as its `hash_secret` hash, like a binding's secret. Tokens
+    for the user carry `user_name`, `user_id`, `email` and `origin` as XSUAA writes them.
+    """
+
+    subaccount: str
+    user_name: str
+    password_hash: str = attrs.field(repr=False)
+    email: str = ""
+    origin: str = "connector"  # XSUAA: the identity provider's origin key ("ldap", "sap.default", ...)
+    user_id: str = ""  # "": a stable UUID derived from the subaccount and the user name
+
+    def __attrs_post_init__(self) -> None:
+        if not self.user_name or not self.subaccount:
+            raise ValueError("a user needs a user_name and a subaccount")
+        if not self.password_hash.startswith("scrypt$") or len(self.password_hash.split("$")) != 6:
+            raise ValueError(f"user {self.user_name!r}: password_scrypt must be a hash of "
+                             "connector.cloud.bindings.hash_secret (scrypt$N$r$p$salt$hash), never the password")
+        if not self.user_id:
+            derived = uuid.uuid5(uuid.NAMESPACE_URL, f"connector:{self.subaccount}/{self.user_name}")
+            object.__setattr__(self, "user_id", str(derived))
+
+    def claims(self) -> dict[str, str]:
+        """The user's claims in a token, as XSUAA names them."""
+        claims = {"user_name": self.user_name, "user_id": self.user_id, "sub": self.user_id, "origin": self.origin}
+        return {**claims, "email": self.email} if self.email else claims
 
 
 class BindingError(Exception):

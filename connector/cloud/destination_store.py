@@ -18,6 +18,13 @@ read, written out per destination into a staging directory that is then renamed 
 crash leaves either no directory or a whole one), and the old file is renamed to
 ``<store>.migrated`` (encrypted, 0600; delete it once the service runs well).
 
+Owners. Destinations belong to a subaccount, or to one service instance of it (SAP's
+instance-level destinations; an instance is a binding's client id), and certificates likewise:
+an `Owner` names which set, and its `folder` is both the directory name and the etcd key segment:
+``<subaccount>`` (subaccount destinations, as before owners existed),
+``<subaccount>!instance!<instance>``, and either with ``!certificates`` appended. The parts are
+percent-encoded, which never leaves a ``!``, so no subaccount's folder can be another owner's.
+
 This module checks no request rules (names, counts, sizes): the destination service does, under
 its write lock, before it calls `put` or `remove`.
 """
@@ -35,6 +42,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 from cryptography.fernet import Fernet, InvalidToken
 
@@ -43,12 +51,51 @@ from ha.store import RevisionCompacted, Store, StoreUnavailable
 log = logging.getLogger(__name__)
 
 SECRET_PROPERTIES = frozenset({"Password", "clientSecret", "tokenServicePassword", "KeyStorePassword"})
+ENCRYPTED_PROPERTIES = SECRET_PROPERTIES | {"Content"}  # and a certificate's content (a key store, often)
 LEGACY_FORMAT = 1
 FILE_FORMAT = 2
 _SUFFIX = ".json"
 _TEMPORARY = ".tmp"
 
-Destinations = dict[str, dict[str, dict[str, Any]]]  # subaccount -> Name -> properties
+_INSTANCE, _CERTIFICATES = "!instance!", "!certificates"
+
+
+@attrs.frozen
+class Owner:
+    """Whose destinations (or certificates): a subaccount's, or one of its service instances'."""
+
+    subaccount: str
+    instance: str | None = None
+    certificates: bool = False  # the owner's certificates rather than its destinations
+
+    @property
+    def folder(self) -> str:
+        """The directory name and etcd key segment (see the module docstring)."""
+        folder = _folder_name(self.subaccount)
+        if self.instance is not None:
+            folder += _INSTANCE + _folder_name(self.instance)
+        return folder + (_CERTIFICATES if self.certificates else "")
+
+    @classmethod
+    def from_folder(cls, folder: str) -> Owner | None:
+        """The owner whose `folder` this is, or None if it is nobody's."""
+        certificates = folder.endswith(_CERTIFICATES)
+        if certificates:
+            folder = folder[: -len(_CERTIFICATES)]
+        subaccount, sep, instance = folder.partition(_INSTANCE)
+        if not subaccount or "!" in subaccount or "!" in instance or (sep and not instance):
+            return None
+        return cls(urllib.parse.unquote(subaccount), urllib.parse.unquote(instance) if sep else None, certificates)
+
+
+OwnerLike = Owner | str  # a plain string: that subaccount's own destinations
+
+
+def as_owner(owner: OwnerLike) -> Owner:
+    return owner if isinstance(owner, Owner) else Owner(owner)
+
+
+Destinations = dict[Owner, dict[str, dict[str, Any]]]  # owner -> Name -> properties
 
 
 class StoreError(Exception):
@@ -118,7 +165,7 @@ def serialise(fernet: Fernet, props: dict[str, Any]) -> bytes:
     """One destination as stored (a file, or an etcd value): secret properties encrypted."""
     encrypted = {
         key: {"fernet": fernet.encrypt(value.encode("utf-8")).decode("ascii")}
-        if key in SECRET_PROPERTIES and isinstance(value, str) else value
+        if key in ENCRYPTED_PROPERTIES and isinstance(value, str) else value
         for key, value in props.items()
     }
     return json.dumps({"format": FILE_FORMAT, "destination": encrypted}, indent=1, sort_keys=True).encode()
@@ -166,19 +213,19 @@ class DestinationStore:
         self._data: Destinations = {}
 
     # --- reading ---------------------------------------------------------------------------
-    def list(self, subaccount: str) -> list[dict[str, Any]]:
-        return [dict(props) for _, props in sorted(self._data.get(subaccount, {}).items())]
+    def list(self, owner: OwnerLike) -> list[dict[str, Any]]:
+        return [dict(props) for _, props in sorted(self._data.get(as_owner(owner), {}).items())]
 
-    def get(self, subaccount: str, name: str) -> dict[str, Any] | None:
-        props = self._data.get(subaccount, {}).get(name)
+    def get(self, owner: OwnerLike, name: str) -> dict[str, Any] | None:
+        props = self._data.get(as_owner(owner), {}).get(name)
         return None if props is None else dict(props)
 
-    def count(self, subaccount: str) -> int:
-        return len(self._data.get(subaccount, {}))
+    def count(self, owner: OwnerLike) -> int:
+        return len(self._data.get(as_owner(owner), {}))
 
-    def file_of(self, subaccount: str, name: str) -> Path:
-        """Where the destination `name` of `subaccount` is (or would be) stored."""
-        return self.directory / _folder_name(subaccount) / f"{name}{_SUFFIX}"
+    def file_of(self, owner: OwnerLike, name: str) -> Path:
+        """Where the destination `name` of `owner` is (or would be) stored."""
+        return self.directory / as_owner(owner).folder / f"{name}{_SUFFIX}"
 
     # --- load and migration ----------------------------------------------------------------
     def load(self) -> None:
@@ -191,9 +238,9 @@ class DestinationStore:
         data: Destinations = {}
         if self.directory.is_dir():
             for folder in sorted(self.directory.iterdir()):
-                if not folder.is_dir():
+                owner = Owner.from_folder(folder.name)
+                if not folder.is_dir() or owner is None:
                     continue
-                subaccount = urllib.parse.unquote(folder.name)
                 own: dict[str, dict[str, Any]] = {}
                 for path in sorted(folder.iterdir()):
                     if path.name.endswith(_TEMPORARY):
@@ -201,7 +248,7 @@ class DestinationStore:
                     elif path.name.endswith(_SUFFIX):
                         own[path.name[: -len(_SUFFIX)]] = self._read_destination(path)
                 if own:
-                    data[subaccount] = own
+                    data[owner] = own
         self._data = data
 
     def _read_destination(self, path: Path) -> dict[str, Any]:
@@ -225,7 +272,7 @@ class DestinationStore:
                 if document.get("format") != LEGACY_FORMAT:
                     raise StoreError(f"{legacy}: unknown format {document.get('format')!r}")
                 data = {
-                    subaccount: {name: self._decrypt_all(props) for name, props in destinations.items()}
+                    Owner(subaccount): {name: self._decrypt_all(props) for name, props in destinations.items()}
                     for subaccount, destinations in document["subaccounts"].items()
                 }
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -233,8 +280,8 @@ class DestinationStore:
             staging = self.directory.with_name(self.directory.name + ".migrating")
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(mode=0o700)
-            for subaccount, destinations in data.items():
-                folder = staging / _folder_name(subaccount)
+            for owner, destinations in data.items():
+                folder = staging / owner.folder
                 folder.mkdir(mode=0o700)
                 for name, props in destinations.items():
                     _write_file(folder / f"{name}{_SUFFIX}", self._serialise(props))
@@ -253,39 +300,41 @@ class DestinationStore:
         return decrypt_all(self._fernet, props)
 
     # --- changes (the caller serialises them) ----------------------------------------------
-    async def put(self, subaccount: str, destinations: Iterable[dict[str, Any]]) -> None:
+    async def put(self, owner: OwnerLike, destinations: Iterable[dict[str, Any]]) -> None:
         """Create or replace these destinations: their own files only, all or none."""
+        owner = as_owner(owner)
         items = builtins.list(destinations)  # `list` is the method above
-        await trio.to_thread.run_sync(self._put_files, subaccount, items)
-        own = self._data.setdefault(subaccount, {})
+        await trio.to_thread.run_sync(self._put_files, owner, items)
+        own = self._data.setdefault(owner, {})
         for props in items:
             own[props["Name"]] = dict(props)
 
-    async def remove(self, subaccount: str, name: str) -> None:
+    async def remove(self, owner: OwnerLike, name: str) -> None:
         """Delete one destination's file, then forget it."""
-        await trio.to_thread.run_sync(self._remove_file, self.file_of(subaccount, name))
-        own = self._data.get(subaccount, {})
+        owner = as_owner(owner)
+        await trio.to_thread.run_sync(self._remove_file, self.file_of(owner, name))
+        own = self._data.get(owner, {})
         own.pop(name, None)
         if not own:
-            self._data.pop(subaccount, None)
+            self._data.pop(owner, None)
 
-    def _put_files(self, subaccount: str, items: builtins.list[dict[str, Any]]) -> None:
-        folder = self.directory / _folder_name(subaccount)
+    def _put_files(self, owner: Owner, items: builtins.list[dict[str, Any]]) -> None:
+        folder = self.directory / owner.folder
         self.directory.mkdir(mode=0o700, exist_ok=True)
         folder.mkdir(mode=0o700, exist_ok=True)
         written: builtins.list[str] = []
         try:
             for props in items:
-                _write_file(self.file_of(subaccount, props["Name"]), self._serialise(props))
+                _write_file(self.file_of(owner, props["Name"]), self._serialise(props))
                 written.append(props["Name"])
         except OSError:
             for name in written:  # put back what this change already wrote; best effort
-                previous = self.get(subaccount, name)
+                previous = self.get(owner, name)
                 try:
                     if previous is None:
-                        self._remove_file(self.file_of(subaccount, name))
+                        self._remove_file(self.file_of(owner, name))
                     else:
-                        _write_file(self.file_of(subaccount, name), self._serialise(previous))
+                        _write_file(self.file_of(owner, name), self._serialise(previous))
                 except OSError as exc:
                     log.error("destination store: could not undo the write of %r: %s", name, exc)
             raise
@@ -298,7 +347,7 @@ class DestinationStore:
 
 # --- several replicas: the destinations in the cloud's etcd -----------------------------------
 
-DESTINATIONS_PREFIX = "destinations/"  # destinations/<subaccount>/<Name>, both percent-encoded
+DESTINATIONS_PREFIX = "destinations/"  # destinations/<owner folder>/<Name>, both percent-encoded
 KEY_CHECK = "destinations-key"  # a constant encrypted with the shared key: every replica must hold the same
 _KEY_CHECK_TEXT = b"connector-cloud destinations key"
 SHARED_RETRY = 0.5  # seconds between attempts to read the destinations while etcd is unreachable
@@ -309,16 +358,17 @@ class SharedStoreUnavailable(OSError):
     read yet). Nothing changed; the service answers 503."""
 
 
-def shared_key(subaccount: str, name: str) -> str:
+def shared_key(owner: OwnerLike, name: str) -> str:
     """The etcd key (relative to the shared prefix) of one destination."""
-    return f"{DESTINATIONS_PREFIX}{_folder_name(subaccount)}/{_folder_name(name)}"
+    return f"{DESTINATIONS_PREFIX}{as_owner(owner).folder}/{_folder_name(name)}"
 
 
-def _parse_shared_key(key: str) -> tuple[str, str] | None:
+def _parse_shared_key(key: str) -> tuple[Owner, str] | None:
     folder, sep, name = key[len(DESTINATIONS_PREFIX):].partition("/")
     if not key.startswith(DESTINATIONS_PREFIX) or not sep or not folder or not name or "/" in name:
         return None
-    return urllib.parse.unquote(folder), urllib.parse.unquote(name)
+    owner = Owner.from_folder(folder)
+    return None if owner is None else (owner, urllib.parse.unquote(name))
 
 
 class EtcdDestinationStore:
@@ -342,7 +392,7 @@ class EtcdDestinationStore:
         self._store = store
         self._fernet = fernet
         self._data: Destinations = {}
-        self._revisions: dict[tuple[str, str], int] = {}  # the etcd revision each destination is at
+        self._revisions: dict[tuple[Owner, str], int] = {}  # the etcd revision each destination is at
         self.loaded = False
         self.revision = 0  # the etcd revision the memory reflects (at least)
         self._revision_changed = trio.Event()
@@ -353,15 +403,15 @@ class EtcdDestinationStore:
             raise SharedStoreUnavailable("the destinations were not read from the cloud's etcd yet (unreachable)")
         return self._data
 
-    def list(self, subaccount: str) -> list[dict[str, Any]]:
-        return [dict(props) for _, props in sorted(self._loaded().get(subaccount, {}).items())]
+    def list(self, owner: OwnerLike) -> list[dict[str, Any]]:
+        return [dict(props) for _, props in sorted(self._loaded().get(as_owner(owner), {}).items())]
 
-    def get(self, subaccount: str, name: str) -> dict[str, Any] | None:
-        props = self._loaded().get(subaccount, {}).get(name)
+    def get(self, owner: OwnerLike, name: str) -> dict[str, Any] | None:
+        props = self._loaded().get(as_owner(owner), {}).get(name)
         return None if props is None else dict(props)
 
-    def count(self, subaccount: str) -> int:
-        return len(self._loaded().get(subaccount, {}))
+    def count(self, owner: OwnerLike) -> int:
+        return len(self._loaded().get(as_owner(owner), {}))
 
     def load(self) -> None:
         """Nothing to do at construction: `run` reads etcd (the service calls this for files)."""
@@ -431,11 +481,11 @@ class EtcdDestinationStore:
         self._revisions.pop(names, None)
         self._forget(*names)
 
-    def _forget(self, subaccount: str, name: str) -> None:
-        own = self._data.get(subaccount, {})
+    def _forget(self, owner: Owner, name: str) -> None:
+        own = self._data.get(owner, {})
         own.pop(name, None)
         if not own:
-            self._data.pop(subaccount, None)
+            self._data.pop(owner, None)
 
     def _advance(self, revision: int) -> None:
         if revision > self.revision:
@@ -449,43 +499,45 @@ class EtcdDestinationStore:
             await self._revision_changed.wait()
 
     # --- changes (the caller serialises them on this replica) ------------------------------
-    async def put(self, subaccount: str, destinations: Iterable[dict[str, Any]]) -> None:
+    async def put(self, owner: OwnerLike, destinations: Iterable[dict[str, Any]]) -> None:
         """Create or replace these destinations in etcd, all or (best effort) none."""
         self._loaded()
+        owner = as_owner(owner)
         items = builtins.list(destinations)
         written: builtins.list[tuple[dict[str, Any], int]] = []
         try:
             for props in items:
-                revision = await self._store.put(shared_key(subaccount, props["Name"]), serialise(self._fernet, props))
+                revision = await self._store.put(shared_key(owner, props["Name"]), serialise(self._fernet, props))
                 assert revision is not None  # an unconditional put
                 written.append((props, revision))
         except StoreUnavailable as exc:
             for props, _ in written:
-                await self._undo(subaccount, props["Name"])
+                await self._undo(owner, props["Name"])
             raise SharedStoreUnavailable(f"the cloud's etcd did not take the change: {exc}") from exc
         for props, revision in written:
-            names = (subaccount, props["Name"])
+            names = (owner, props["Name"])
             if self._revisions.get(names, 0) < revision:
                 self._revisions[names] = revision
-                self._data.setdefault(subaccount, {})[props["Name"]] = dict(props)
+                self._data.setdefault(owner, {})[props["Name"]] = dict(props)
             self._advance(revision)
 
-    async def _undo(self, subaccount: str, name: str) -> None:
-        previous = self.get(subaccount, name)
+    async def _undo(self, owner: Owner, name: str) -> None:
+        previous = self.get(owner, name)
         try:
             if previous is None:
-                await self._store.delete(shared_key(subaccount, name))
+                await self._store.delete(shared_key(owner, name))
             else:
-                await self._store.put(shared_key(subaccount, name), serialise(self._fernet, previous))
+                await self._store.put(shared_key(owner, name), serialise(self._fernet, previous))
         except StoreUnavailable as exc:
             log.error("destination store: could not undo the write of %r: %s", name, exc)
 
-    async def remove(self, subaccount: str, name: str) -> None:
+    async def remove(self, owner: OwnerLike, name: str) -> None:
         """Delete one destination in etcd, then forget it."""
         self._loaded()
+        owner = as_owner(owner)
         try:
-            await self._store.delete(shared_key(subaccount, name))
+            await self._store.delete(shared_key(owner, name))
         except StoreUnavailable as exc:
             raise SharedStoreUnavailable(f"the cloud's etcd did not take the change: {exc}") from exc
-        self._revisions.pop((subaccount, name), None)
-        self._forget(subaccount, name)
+        self._revisions.pop((owner, name), None)
+        self._forget(owner, name)

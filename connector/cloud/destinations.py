@@ -29,7 +29,25 @@ Endpoints (as SAP's Destination Service REST API):
     GET    /destination-configuration/v1/subaccountDestinations/{name}   read           MANAGE
     DELETE /destination-configuration/v1/subaccountDestinations/{name}   delete         MANAGE
     GET    /destination-configuration/v1/destinations/{name}             find           USE
-           {owner: {SubaccountId, InstanceId}, destinationConfiguration: {...}, authTokens: [...]}
+           {owner: {SubaccountId, InstanceId}, destinationConfiguration: {...}, authTokens: [...],
+            certificates: [...]}
+
+`instanceDestinations` (instance level) take the same methods as `subaccountDestinations`;
+`subaccountCertificates` and `instanceCertificates` take GET, POST and DELETE ({Name, Type,
+Content}, Content base64). An instance is a binding's client id (the `instanceid` of the
+destination binding). Find looks at the caller's instance first (a JWT's `client_id`; static
+tokens have no instance), then at the subaccount. Instance-level management needs an admin
+token and names the instance in `X-Instance-Id` (SAP takes it from the token: our admin tokens
+belong to the subaccount, not to one instance).
+
+Find, by Authentication (`connector.cloud.destination_auth` builds the token requests):
+BasicAuthentication answers a Basic token; the OAuth2 types (ClientCredentials, Password,
+JWTBearer and UserTokenExchange with the user's token from `X-user-token`) fetch a token from
+the destination's `tokenServiceURL` through a `TokenCache`, unless `$skipTokenRetrieval=true`; a
+failed retrieval is reported in `authTokens[].error` and the destination is still returned.
+ClientCertificateAuthentication answers the certificate named by `KeyStoreLocation` (instance,
+then subaccount) in `certificates`; PrincipalPropagation answers `authTokens: []` (the proxy
+forwards the user's token to the Cloud Connector).
 
 HEAD is GET without the body; other methods get 405 with an Allow header.
 
@@ -63,39 +81,57 @@ import attrs
 import h11
 import trio
 
-from connector.cloud.auth import Authenticator
+from connector.cloud import destination_auth
+from connector.cloud.auth import Authenticator, parse_authorization
 from connector.cloud.clients import ConnectionCounter, ConnectionLimits, address_key
 from connector.cloud.destination_store import (
     SECRET_PROPERTIES,
     DestinationStore,
     EtcdDestinationStore,
+    Owner,
     SharedStoreUnavailable,
     StoreError,
     load_or_create_key,
 )
 from connector.cloud.drain import Drain
+from connector.cloud.jwtauth import JwtError, JwtValidator, looks_like_jwt
+from connector.cloud.token_client import (
+    TokenCache,
+    TokenClientSettings,
+    TokenError,
+    TokenRequest,
+    fetch_token,
+)
 from connector.httperrors import error_parts
 
 __all__ = ["DestinationError", "DestinationLimits", "DestinationService", "DestinationSettings", "Right",
-           "StoreError", "find_destination", "json_depth", "validate_destination"]
+           "StoreError", "find_in", "json_depth", "validate_certificate", "validate_destination"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DESTINATION_PORT = 20005
 API_PREFIX = "/destination-configuration/v1"
 COLLECTION = f"{API_PREFIX}/subaccountDestinations"
+INSTANCE_COLLECTION = f"{API_PREFIX}/instanceDestinations"
+CERTIFICATES = f"{API_PREFIX}/subaccountCertificates"
+INSTANCE_CERTIFICATES = f"{API_PREFIX}/instanceCertificates"
 FIND = f"{API_PREFIX}/destinations"
+SKIP_TOKEN_RETRIEVAL = "$skipTokenRetrieval"
 MASK = "********"  # stands for a stored secret in management answers (and in a PUT: "keep it")
 # Where a secret goes: a PUT keeping a stored secret (MASK) must leave these as they are, or an
 # admin could send the secret to a host of their choosing and have applications deliver it there.
-SECRET_BINDING = ("Type", "URL", "Address", "ProxyType", "CloudConnectorLocationId", "User",
-                  "tokenServiceURL", "tokenServiceUser", "clientId")
+SECRET_BINDING = ("Type", "URL", "Address", "ProxyType", "CloudConnectorLocationId", "User", "Authentication",
+                  "tokenServiceURL", "tokenServiceUser", "clientId", "KeyStoreLocation")
 STRING_PROPERTIES = ("Name", "Type", "URL", "Address", "ProxyType", "Authentication", "User",
-                     "Password", "CloudConnectorLocationId", "Description", *sorted(SECRET_PROPERTIES))
-TYPES = ("HTTP", "TCP")
+                     "Password", "CloudConnectorLocationId", "Description", "tokenServiceURL", "tokenServiceUser",
+                     "clientId", "KeyStoreLocation", "TrustStoreLocation", *sorted(SECRET_PROPERTIES))
+TYPES = ("HTTP", "TCP", "LDAP", "RFC")  # LDAP and RFC are stored and found; the proxies do not read destinations
 PROXY_TYPES = ("Internet", "OnPremise")
-AUTHENTICATIONS = ("NoAuthentication", "BasicAuthentication")
+AUTHENTICATIONS = ("NoAuthentication", "BasicAuthentication", *destination_auth.TOKEN_AUTHENTICATIONS,
+                   "ClientCertificateAuthentication", "PrincipalPropagation")
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,200}")
+_CERTIFICATE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
+_INSTANCE = re.compile(r"[A-Za-z0-9._!-]{1,200}")
 _ADDRESS = re.compile(r"[A-Za-z0-9._-]+:[0-9]{1,5}")
 LINGER_SECONDS = 1.0  # reading what a client still sends after our last answer, so the close does not reset it
 _CHUNK = 65536
@@ -187,6 +223,11 @@ def masked(props: dict[str, Any]) -> dict[str, Any]:
     return {key: MASK if key in SECRET_PROPERTIES else value for key, value in props.items()}
 
 
+def _masked_certificate(props: dict[str, Any]) -> dict[str, Any]:
+    """A certificate as management answers show it: its Content (often a key store) masked."""
+    return {**props, "Content": MASK}
+
+
 def validate_destination(value: object) -> dict[str, Any]:
     """Check one destination; return a normalised copy (defaults filled in) or raise DestinationError."""
 
@@ -214,42 +255,71 @@ def validate_destination(value: object) -> dict[str, Any]:
         raise bad(f"ProxyType must be one of {', '.join(PROXY_TYPES)}")
     if props["Authentication"] not in AUTHENTICATIONS:
         raise bad(f"Authentication must be one of {', '.join(AUTHENTICATIONS)}")
-    if props["Type"] == "HTTP":
+    authentication = props["Authentication"]
+    if props["Type"] in ("HTTP", "LDAP"):
+        schemes = ("http", "https") if props["Type"] == "HTTP" else ("ldap", "ldaps")
         url = props.get("URL")
         parsed = urllib.parse.urlsplit(url) if isinstance(url, str) else None
-        if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise bad("an HTTP destination needs a URL of the form http(s)://host[:port][/path]")
+        if parsed is None or parsed.scheme not in schemes or not parsed.hostname:
+            raise bad(f"an {props['Type']} destination needs a URL of the form {schemes[0]}(s)://host[:port][/path]")
         try:
             parsed.port  # noqa: B018 - raises ValueError on a bad port
         except ValueError as exc:
             raise bad(f"URL port is invalid: {exc}") from exc
-    else:
+    elif props["Type"] == "TCP":
         address = props.get("Address")
         if not isinstance(address, str) or not _ADDRESS.fullmatch(address):
             raise bad("a TCP destination needs an Address of the form host:port")
-        if props["Authentication"] != "NoAuthentication":
-            raise bad("a TCP destination supports only NoAuthentication")
-    if props["Authentication"] == "BasicAuthentication":
+    if props["Type"] == "TCP" and authentication != "NoAuthentication":
+        raise bad("a TCP destination supports only NoAuthentication")
+    if props["Type"] in ("LDAP", "RFC") and authentication not in ("NoAuthentication", "BasicAuthentication"):
+        raise bad(f"an {props['Type']} destination supports NoAuthentication and BasicAuthentication")
+    if authentication == "BasicAuthentication":
         if not props.get("User") or not props.get("Password"):
             raise bad("BasicAuthentication needs User and Password")
         if ":" in props["User"]:
             raise bad("User must not contain ':' (it separates user and password in Basic)")
+    lacking = destination_auth.problem(props)
+    if lacking is not None:
+        raise bad(lacking)
     return props
 
 
-def find_destination(subaccount: str, props: dict[str, Any]) -> dict[str, Any]:
-    """The "find destination" document: owner, configuration and ready-to-use auth tokens."""
-    result: dict[str, Any] = {
-        # subaccount-level destinations: no service instance owns them (SAP sends null here too)
-        "owner": {"SubaccountId": subaccount, "InstanceId": None},
-        "destinationConfiguration": props,
-    }
-    if props.get("Authentication") == "BasicAuthentication":
-        value = base64.b64encode(f"{props['User']}:{props['Password']}".encode()).decode("ascii")
-        result["authTokens"] = [
-            {"type": "Basic", "value": value, "http_header": {"key": "Authorization", "value": f"Basic {value}"}}
-        ]
-    return result
+def validate_certificate(value: object) -> dict[str, Any]:
+    """Check one certificate ({Name, Type, Content}, Content base64); a normalised copy or DestinationError."""
+
+    def bad(message: str) -> DestinationError:
+        return DestinationError(400, "invalid_certificate", message)
+
+    if not isinstance(value, dict):
+        raise bad("a certificate is a JSON object: {Name, Type, Content}")
+    unknown = sorted(set(value) - {"Name", "Type", "Content"})
+    if unknown:
+        raise bad(f"unknown certificate properties: {', '.join(unknown)}")
+    props = {"Type": "CERTIFICATE", **value}
+    if not isinstance(props.get("Name"), str) or not _CERTIFICATE_NAME.fullmatch(props["Name"]):
+        raise bad("Name is required: 1 to 200 letters, digits, '.', '_' or '-', not starting with '.'")
+    if not isinstance(props["Type"], str) or not props["Type"]:
+        raise bad("Type must be a non-empty string (CERTIFICATE)")
+    content = props.get("Content")
+    try:
+        if not isinstance(content, str) or not content or not base64.b64decode(content, validate=True):
+            raise ValueError("empty")
+    except ValueError:
+        raise bad("Content is required: the certificate or key store file, base64-encoded") from None
+    return props
+
+
+def find_in(store: Any, subaccount: str, instance: str | None, name: str,
+            *, certificates: bool = False) -> tuple[dict[str, Any], str | None] | None:
+    """The destination (or certificate) `name` as find sees it, and the instance that owns it
+    (None: the subaccount): the caller's instance first, then the subaccount. None if neither has it."""
+    if instance is not None:
+        props = store.get(Owner(subaccount, instance, certificates), name)
+        if props is not None:
+            return props, instance
+    props = store.get(Owner(subaccount, None, certificates), name)
+    return None if props is None else (props, None)
 
 
 @attrs.frozen
@@ -259,24 +329,51 @@ class DestinationSettings:
     path: Path
     key_path: Path
     limits: DestinationLimits = DestinationLimits()
+    tokens: TokenClientSettings = TokenClientSettings()  # how OAuth2 destinations' tokens are fetched
 
 
 @attrs.frozen
 class _Endpoint:
     right: Right
     methods: tuple[bytes, ...]
-    name: str | None = None  # the destination the path names, if any
+    name: str | None = None  # the destination (or certificate) the path names, if any
+    instance: bool = False  # instance level: the instance is named by X-Instance-Id
+    certificates: bool = False
+
+
+# management collections: path -> (instance level, certificates, methods of the collection, of one item)
+_COLLECTIONS = {
+    COLLECTION: (False, False, (b"GET", b"HEAD", b"POST", b"PUT"), (b"GET", b"HEAD", b"DELETE")),
+    INSTANCE_COLLECTION: (True, False, (b"GET", b"HEAD", b"POST", b"PUT"), (b"GET", b"HEAD", b"DELETE")),
+    CERTIFICATES: (False, True, (b"GET", b"HEAD", b"POST"), (b"GET", b"HEAD", b"DELETE")),
+    INSTANCE_CERTIFICATES: (True, True, (b"GET", b"HEAD", b"POST"), (b"GET", b"HEAD", b"DELETE")),
+}
 
 
 def resolve(path: str) -> _Endpoint:
     """Which endpoint a (percent-decoded) path names; DestinationError 404 if none."""
-    if path == COLLECTION:
-        return _Endpoint(Right.MANAGE, (b"GET", b"HEAD", b"POST", b"PUT"))
-    if path.startswith(COLLECTION + "/"):
-        return _Endpoint(Right.MANAGE, (b"GET", b"HEAD", b"DELETE"), path[len(COLLECTION) + 1:])
+    for collection, (instance, certificates, methods, item_methods) in _COLLECTIONS.items():
+        if path == collection:
+            return _Endpoint(Right.MANAGE, methods, None, instance, certificates)
+        if path.startswith(collection + "/"):
+            return _Endpoint(Right.MANAGE, item_methods, path[len(collection) + 1:], instance, certificates)
     if path.startswith(FIND + "/"):
         return _Endpoint(Right.USE, (b"GET", b"HEAD"), path[len(FIND) + 1:])
     raise DestinationError(404, "not_found", f"no such endpoint: {path}")
+
+
+@attrs.frozen
+class _Call:
+    """What one request says besides its path and body."""
+
+    subaccount: str
+    method: bytes
+    endpoint: _Endpoint
+    body: bytes
+    caller_token: str | None = None  # the bearer token, for OAuth2UserTokenExchange
+    instance: str | None = None  # the caller's instance (find) or the managed one (X-Instance-Id)
+    user_token: str | None = None  # X-user-token
+    skip_token_retrieval: bool = False
 
 
 def _client_address(stream: trio.abc.Stream) -> str:
@@ -296,8 +393,10 @@ class DestinationService:
     """
 
     def __init__(self, users: Authenticator, admins: Authenticator, *, settings: DestinationSettings,
-                 store: EtcdDestinationStore | None = None, drain: Drain | None = None) -> None:
+                 store: EtcdDestinationStore | None = None, drain: Drain | None = None,
+                 jwt: JwtValidator | None = None) -> None:
         self.users = users
+        self.jwt = jwt  # tells a binding's JWT's instance (its client_id); None: no instance-level find
         self.drain = drain if drain is not None else Drain()  # a replica's graceful shutdown
         self.admins = admins
         self.settings = settings
@@ -313,6 +412,12 @@ class DestinationService:
             self.store = DestinationStore(Path(settings.path), load_or_create_key(Path(settings.key_path)))
             self.store.load()
         self._writes = trio.Lock()
+        token_settings, token_context = settings.tokens, settings.tokens.ssl_context()  # the trust store, read once
+
+        async def fetch(request: TokenRequest) -> dict[str, Any]:
+            return await fetch_token(request, token_settings, token_context)
+
+        self.tokens = TokenCache(fetch)
         self.connections = ConnectionCounter(ConnectionLimits(
             total=self.limits.max_connections, per_client_address=self.limits.max_connections_per_client_address))
 
@@ -487,8 +592,8 @@ class DestinationService:
                 [(b"www-authenticate", b'Bearer realm="destination-service"')],
             )
         try:
-            path = urllib.parse.unquote(request.target.decode("ascii", "replace").partition("?")[0])
-            endpoint = resolve(path)
+            target, _, query = request.target.decode("ascii", "replace").partition("?")
+            endpoint = resolve(urllib.parse.unquote(target))
             if request.method not in endpoint.methods:
                 raise DestinationError(
                     405, "method_not_allowed", f"use {', '.join(m.decode() for m in endpoint.methods)} here",
@@ -500,7 +605,7 @@ class DestinationService:
                     "finding a destination needs a proxy token of the subaccount" if endpoint.right is Right.USE
                     else "managing destinations needs a destination admin token of the subaccount"
                 ))
-            status, document = await self._route(subaccount, request.method, endpoint, body)
+            status, document = await self._route(self._call(subaccount, request, endpoint, body, query))
         except DestinationError as exc:
             return error_parts(exc.status, exc.reason, exc.message, exc.headers)
         except SharedStoreUnavailable as exc:
@@ -512,43 +617,76 @@ class DestinationService:
         payload = json.dumps(document).encode("utf-8")
         return status, [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())], payload
 
-    async def _route(self, subaccount: str, method: bytes, endpoint: _Endpoint, body: bytes) -> tuple[int, Any]:
-        name = endpoint.name
+    def _call(self, subaccount: str, request: h11.Request, endpoint: _Endpoint, body: bytes, query: str) -> _Call:
+        headers = {name: value.decode("latin-1") for name, value in request.headers
+                   if name in (b"authorization", b"x-user-token", b"x-instance-id")}
+        credentials = parse_authorization(headers.get(b"authorization"))
+        caller_token = credentials.token if credentials is not None else None
+        instance: str | None = None
+        if endpoint.right is Right.USE:
+            instance = self._instance_of(caller_token)
+        elif endpoint.instance:
+            instance = headers.get(b"x-instance-id", "").strip()
+            if not _INSTANCE.fullmatch(instance):
+                raise DestinationError(400, "instance_required", "instance-level management names the service "
+                                       "instance (the binding's client id) in X-Instance-Id")
+        try:
+            params = urllib.parse.parse_qs(query, max_num_fields=16)
+        except ValueError as exc:
+            raise DestinationError(400, "bad_query", f"the query string is refused: {exc}") from None
+        skip = params.get(SKIP_TOKEN_RETRIEVAL, ["false"])[-1].lower() == "true"
+        return _Call(subaccount, request.method, endpoint, body, caller_token, instance,
+                     headers.get(b"x-user-token", "").strip() or None, skip)
+
+    def _instance_of(self, token: str | None) -> str | None:
+        """The service instance a JWT of a binding names (its client_id); None for other tokens."""
+        if self.jwt is None or token is None or not looks_like_jwt(token):
+            return None
+        try:
+            return str(self.jwt.validate(token)["client_id"])
+        except JwtError:
+            return None  # authenticated otherwise (a static token that looks like a JWT)
+
+    async def _route(self, call: _Call) -> tuple[int, Any]:
+        endpoint, name, method = call.endpoint, call.endpoint.name, call.method
         if endpoint.right is Right.USE:
             assert name is not None
-            return 200, find_destination(subaccount, self._get(subaccount, name))
+            return 200, await self._find(call, name)
+        owner = Owner(call.subaccount, call.instance if endpoint.instance else None, endpoint.certificates)
+        shown = _masked_certificate if endpoint.certificates else masked
         if name is not None:
             if method == b"DELETE":
                 async with self._writes:
-                    self._get(subaccount, name)
-                    await self.store.remove(subaccount, name)
+                    self._get(owner, name)
+                    await self.store.remove(owner, name)
                 return 200, {"Count": 1}
-            return 200, masked(self._get(subaccount, name))
+            return 200, shown(self._get(owner, name))
         if method == b"POST":
-            parsed = parse_json(body, self.limits.max_json_depth)
+            parsed = parse_json(call.body, self.limits.max_json_depth)
             items = parsed if isinstance(parsed, list) else [parsed]
-            destinations = [self._check_size(validate_destination(item)) for item in items]
+            check = validate_certificate if endpoint.certificates else validate_destination
+            destinations = [self._check_size(check(item)) for item in items]
             names = [d["Name"] for d in destinations]
             if len(set(names)) != len(names):
                 raise DestinationError(400, "invalid_destination", "the same Name appears twice in the request")
-            if any(d.get(key) == MASK for d in destinations for key in SECRET_PROPERTIES):
+            if any(d.get(key) == MASK for d in destinations for key in (*SECRET_PROPERTIES, "Content")):
                 raise DestinationError(400, "invalid_destination", f"{MASK!r} stands for a stored secret; send the secret")
             async with self._writes:
                 for props in destinations:
-                    if self.store.get(subaccount, props["Name"]) is not None:
+                    if self.store.get(owner, props["Name"]) is not None:
                         raise DestinationError(409, "destination_exists", f"a destination named {props['Name']!r} exists")
-                if self.store.count(subaccount) + len(destinations) > self.limits.max_destinations:
+                if self.store.count(owner) + len(destinations) > self.limits.max_destinations:
                     raise DestinationError(
                         409, "too_many_destinations",
                         f"a subaccount holds at most {self.limits.max_destinations} destinations; delete some first",
                     )
-                await self.store.put(subaccount, destinations)
-            shown = [masked(d) for d in destinations]
-            return 201, shown if isinstance(parsed, list) else shown[0]
+                await self.store.put(owner, destinations)
+            answers = [shown(d) for d in destinations]
+            return 201, answers if isinstance(parsed, list) else answers[0]
         if method == b"PUT":
-            props = validate_destination(parse_json(body, self.limits.max_json_depth))
+            props = validate_destination(parse_json(call.body, self.limits.max_json_depth))
             async with self._writes:
-                stored = self._get(subaccount, props["Name"])
+                stored = self._get(owner, props["Name"])
                 kept = [key for key in SECRET_PROPERTIES if props.get(key) == MASK]
                 for key in kept:  # "keep the secret": a masked answer sent back edited
                     if key not in stored:
@@ -560,12 +698,48 @@ class DestinationService:
                         400, "secret_must_be_resent",
                         f"{', '.join(moved)} changed: send {', '.join(sorted(kept))} again rather than {MASK!r}",
                     )
-                await self.store.put(subaccount, [self._check_size(props)])
+                await self.store.put(owner, [self._check_size(props)])
             return 200, masked(props)
-        return 200, [masked(props) for props in self.store.list(subaccount)]  # GET, HEAD
+        return 200, [shown(props) for props in self.store.list(owner)]  # GET, HEAD
 
-    def _get(self, subaccount: str, name: str) -> dict[str, Any]:
-        props = self.store.get(subaccount, name)
+    async def _find(self, call: _Call, name: str) -> dict[str, Any]:
+        """The find document: owner, configuration, authTokens and certificates as SAP's service answers."""
+        found = find_in(self.store, call.subaccount, call.instance, name)
+        if found is None:
+            raise DestinationError(404, "destination_not_found", f"no destination named {name!r}")
+        props, instance = found
+        result: dict[str, Any] = {
+            "owner": {"SubaccountId": call.subaccount, "InstanceId": instance},
+            "destinationConfiguration": props,
+        }
+        certificates = []
+        for location in ("KeyStoreLocation", "TrustStoreLocation"):
+            certificate = props.get(location)
+            held = find_in(self.store, call.subaccount, call.instance, certificate, certificates=True) \
+                if isinstance(certificate, str) else None
+            if held is not None:
+                certificates.append(held[0])
+        if certificates:
+            result["certificates"] = certificates
+        authentication = props.get("Authentication")
+        if authentication == "BasicAuthentication":
+            result["authTokens"] = [destination_auth.basic_entry(props)]
+        elif authentication == "PrincipalPropagation":
+            result["authTokens"] = []
+        elif authentication in destination_auth.TOKEN_AUTHENTICATIONS and not call.skip_token_retrieval:
+            user_token = call.user_token
+            if user_token is None and authentication == "OAuth2UserTokenExchange":
+                user_token = call.caller_token if call.caller_token and looks_like_jwt(call.caller_token) else None
+            try:
+                token = await self.tokens.get(destination_auth.token_request(props, user_token))
+                result["authTokens"] = [destination_auth.bearer_entry(token)]
+            except TokenError as exc:
+                log.info("destination %r of %s: no token (%s)", name, call.subaccount, exc)
+                result["authTokens"] = [destination_auth.error_entry(str(exc))]
+        return result
+
+    def _get(self, owner: Owner, name: str) -> dict[str, Any]:
+        props = self.store.get(owner, name)
         if props is None:
             raise DestinationError(404, "destination_not_found", f"no destination named {name!r}")
         return props

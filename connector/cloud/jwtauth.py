@@ -14,6 +14,11 @@ service). `JwtValidator.validate` accepts it only if all of these hold, else rai
   leeway beyond `leeway`), `iss` is ours, `aud` names one of the audiences this service accepts;
 - its binding (`client_id`) is known and not revoked: revoking a binding ends its tokens too.
 
+`TrustedIssuer` checks the user tokens of an identity provider a subaccount trusts (its issuer
+and public keys configured, `[[subaccounts.trusted_issuers]]`), for the token service's
+jwt-bearer grant: the same rules (RS256 only, a configured `kid`, signature, `exp`, `iss`, `aud`
+naming the configured audience), without `zid` or a binding.
+
 The subaccount is the token's `zid` (zone id, as XSUAA names the subaccount's identity zone),
 which we wrote when issuing it. `identify` turns a valid token into the `Principal` the
 proxies count streams by: one per binding, however often its application fetches new tokens.
@@ -31,6 +36,7 @@ import time
 from collections.abc import Callable, Collection
 from typing import Any, Protocol
 
+import attrs
 import jwt
 
 from connector.cloud.clients import Principal
@@ -158,3 +164,63 @@ class JwtValidator:
         # per-token limits count per binding: a fresh token of the same application is the same client
         digest = hashlib.sha256(f"binding:{claims['client_id']}".encode()).hexdigest()
         return Principal(claims["zid"], digest)
+
+
+def unverified_issuer(token: str) -> str | None:
+    """The `iss` a JWT claims, read without any check (to choose who checks it), or None."""
+    if not looks_like_jwt(token):
+        return None
+    try:
+        issuer = jwt.decode(token, options={"verify_signature": False}).get("iss")
+    except jwt.PyJWTError:
+        return None
+    return issuer if isinstance(issuer, str) else None
+
+
+@attrs.frozen
+class TrustedIssuer:
+    """An identity provider whose user tokens a subaccount's applications may exchange (see the
+    module docstring). `keys` maps each `kid` to its RSA public key."""
+
+    subaccount: str
+    issuer: str
+    keys: dict[str, Any] = attrs.field(eq=False, repr=False)
+    audience: str  # `aud` must name it: a token the provider issued for another application is refused
+
+    @classmethod
+    def from_jwks(cls, subaccount: str, issuer: str, jwks: Any, audience: str) -> TrustedIssuer:
+        """From a JWKS document (`{"keys": [...]}`, as /token_keys serves it); ValueError if it
+        holds no RSA key with a `kid`."""
+        try:
+            keyset = jwt.PyJWKSet.from_dict(jwks)
+        except (jwt.PyJWTError, TypeError, AttributeError, KeyError) as exc:
+            raise ValueError(f"not a JWKS document: {exc}") from None
+        keys = {key.key_id: key.key for key in keyset.keys if key.key_type == "RSA" and key.key_id}
+        if not keys:
+            raise ValueError("the JWKS holds no RSA key with a kid")
+        if not audience:
+            raise ValueError("an audience is required (the application's client id at the provider)")
+        return cls(subaccount, issuer, keys, audience)
+
+    def validate(self, token: str, now: float) -> dict[str, Any]:
+        """The claims of a valid user token of this issuer at wall-clock `now`; JwtError otherwise."""
+        if not looks_like_jwt(token):
+            raise JwtError("malformed", "not a JWT (three base64url segments with a JSON header)")
+        header = _header(token)
+        if header.get("alg") != ALGORITHM:
+            raise JwtError("wrong_algorithm", f"tokens are checked with {ALGORITHM}, not {header.get('alg')!r}")
+        kid = header.get("kid")
+        key = self.keys.get(kid) if isinstance(kid, str) else None
+        if key is None:
+            raise JwtError("unknown_key", f"{self.issuer} has no configured key {kid!r}")
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token, key, algorithms=[ALGORITHM], issuer=self.issuer, audience=self.audience,
+                options={"require": ["exp", "iss", "aud"], "verify_exp": False, "verify_iat": False,
+                         "verify_nbf": False},
+            )
+        except jwt.PyJWTError as exc:
+            raise JwtError("invalid", str(exc)) from None
+        if not isinstance(claims["exp"], (int, float)) or now >= claims["exp"]:
+            raise JwtError("expired", "the token has expired")
+        return claims

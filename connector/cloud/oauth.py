@@ -6,11 +6,17 @@ Theory of operation. SAP's clients (the Cloud SDK, xssec, any OAuth2 library) fe
 both). Grants:
 
 - `client_credentials`: a token for the binding itself.
-- `urn:ietf:params:oauth:grant-type:jwt-bearer` (RFC 7523): `assertion` is a user's token that
-  we issued and that is still valid; the answer is a token for the requesting binding that
-  carries the user (`user_name`, `user_id`, `origin`, `sub`). Tokens of other issuers are
-  refused (trusted external issuers come with principal propagation).
-- `password`: refused as `unsupported_grant_type` (we keep no user store yet).
+- `password`: `username` and `password` of a user configured for the binding's subaccount
+  (`UserAccount`, password kept as a scrypt hash); the token carries the user (`user_name`,
+  `user_id`, `email`, `origin`, `sub`). A wrong password or an unknown user is 400
+  `invalid_grant` (the same answer and work for both), counted by the failure throttle.
+- `urn:ietf:params:oauth:grant-type:jwt-bearer` (RFC 7523): `assertion` is a *user* token of a
+  trusted issuer, still valid: this service (tokens of the password grant or of an earlier
+  exchange, of the binding's subaccount), or an identity provider the binding's subaccount
+  trusts (`TrustedIssuer`: its issuer and keys configured). The answer is a token for the
+  requesting binding that carries the user's claims (an identity provider's `email` or `sub`
+  stands in for a missing `user_name`). A client token as assertion, or a token of an issuer
+  not trusted, is 400 `invalid_grant`.
 
 A token is a JWT signed with the key ring's current key (`connector.cloud.jwks`), with `kid`
 and `jku` in its header and the claims XSUAA writes that applications read: `iss`
@@ -29,8 +35,7 @@ dummy check for unknown client ids so timing does not tell which exist. Failed c
 authentications count in the proxies' `AuthThrottle` per client address and are answered after
 its delay; every refusal is written to the cloud's audit log (`proxy = "oauth"`).
 
-`TokenCache` is the other side: a client's cache of tokens that refreshes ahead of `expires_in`,
-on trio's clock (for the destination service's token retrieval, to come).
+The client side (fetching tokens for destinations, cached) is `connector.cloud.token_client`.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ import secrets
 import ssl
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -60,12 +65,13 @@ from connector.cloud.bindings import (
     SCOPES,
     Binding,
     BindingStore,
+    UserAccount,
     check_secret,
     hash_secret,
 )
 from connector.cloud.clients import AuthThrottle, address_key
 from connector.cloud.jwks import ALGORITHM, KeyRing, KeyStore, load_or_create
-from connector.cloud.jwtauth import JwtError, JwtValidator
+from connector.cloud.jwtauth import JwtError, JwtValidator, TrustedIssuer, unverified_issuer
 from connector.httperrors import error_parts
 from connector.listen import serve_tcp
 
@@ -81,6 +87,7 @@ DISCOVERY_PATH = "/.well-known/openid-configuration"
 GRANT_CLIENT_CREDENTIALS = "client_credentials"
 GRANT_JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 GRANT_PASSWORD = "password"
+USER_CLAIMS = ("sub", "user_name", "user_id", "origin", "email")  # copied from a user into its tokens
 HASH_THREADS = 2  # scrypt checks at once: each holds 16 MiB and a core for about 50 ms
 _CHUNK = 16384
 REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found", 405: b"Method Not Allowed",
@@ -140,7 +147,7 @@ def issue_token(ring: KeyRing, settings: OAuthSettings, binding: Binding, grant:
         "ext_attr": {"enhancer": "XSUAA", "subaccountid": binding.subaccount, "zdn": binding.subaccount},
     }
     if user is not None:
-        claims.update({key: user[key] for key in ("sub", "user_name", "user_id", "origin", "email") if key in user})
+        claims.update({key: user[key] for key in USER_CLAIMS if key in user})
     key = ring.current
     token = jwt.encode(claims, key.private_key, algorithm=ALGORITHM,
                        headers={"kid": key.kid, "jku": settings.url.rstrip("/") + KEYS_PATH})
@@ -203,10 +210,14 @@ class TokenService:
         ssl_context: ssl.SSLContext,
         audit: CloudAudit | None = None,
         throttle: AuthThrottle | None = None,
+        users: Mapping[tuple[str, str], UserAccount] | None = None,
+        trusted_issuers: Mapping[tuple[str, str], TrustedIssuer] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.bindings = bindings
+        self.users = dict(users or {})  # (subaccount, user_name) -> the user
+        self.trusted_issuers = dict(trusted_issuers or {})  # (subaccount, issuer) -> its keys
         self.keys = keys
         self.ssl_context = ssl_context
         self.audit = audit if audit is not None else CloudAudit()
@@ -383,24 +394,67 @@ class TokenService:
         now = self.clock()
         if grant == GRANT_CLIENT_CREDENTIALS:
             document = issue_token(self.ring, self.settings, binding, grant, now)
-        elif grant == GRANT_JWT_BEARER:
-            try:
-                user = self.validator.validate(form.get("assertion", ""))
-            except JwtError as exc:
-                raise OAuthError(400, "invalid_grant", f"the assertion was refused ({exc.reason}): {exc}",
-                                 subaccount=binding.subaccount) from None
-            if user["zid"] != binding.subaccount:
-                raise OAuthError(400, "invalid_grant", "the assertion belongs to another subaccount",
-                                 subaccount=binding.subaccount)
-            document = issue_token(self.ring, self.settings, binding, grant, now, user=user)
         elif grant == GRANT_PASSWORD:
-            raise OAuthError(400, "unsupported_grant_type", "the password grant is not supported yet (no user "
-                             "store); use client_credentials or jwt-bearer", subaccount=binding.subaccount)
+            account = await self._authenticate_user(binding, form, client)
+            document = issue_token(self.ring, self.settings, binding, grant, now, user=account.claims())
+        elif grant == GRANT_JWT_BEARER:
+            document = issue_token(self.ring, self.settings, binding, grant, now,
+                                   user=self._assertion_user(binding, form.get("assertion", ""), now))
         else:
             raise OAuthError(400, "unsupported_grant_type", f"grant_type {grant!r} is not supported",
                              subaccount=binding.subaccount)
         log.info("token issued: %s for %s (subaccount %s)", grant, binding.client_id, binding.subaccount)
         return document
+
+    def _assertion_user(self, binding: Binding, assertion: str, now: float) -> dict[str, Any]:
+        """The user claims of a jwt-bearer assertion: a user token of ours (same subaccount) or of
+        an issuer the binding's subaccount trusts; OAuthError invalid_grant otherwise."""
+        issuer = unverified_issuer(assertion)
+        trusted = self.trusted_issuers.get((binding.subaccount, issuer or "")) if issuer != self.settings.issuer else None
+        try:
+            if trusted is not None:
+                claims = trusted.validate(assertion, now)
+            elif issuer is None or issuer == self.settings.issuer:
+                claims = self.validator.validate(assertion)
+            else:
+                raise JwtError("untrusted_issuer", f"subaccount {binding.subaccount!r} does not trust {issuer!r}")
+        except JwtError as exc:
+            raise OAuthError(400, "invalid_grant", f"the assertion was refused ({exc.reason}): {exc}",
+                             subaccount=binding.subaccount) from None
+        if trusted is not None:  # an identity provider's names for the user, as XSUAA maps them
+            subject = claims.get("sub")
+            user = {"sub": subject, "user_name": claims.get("user_name") or claims.get("email") or subject,
+                    "user_id": claims.get("user_id") or claims.get("user_uuid") or subject,
+                    "origin": claims.get("origin") or trusted.issuer, "email": claims.get("email")}
+            if not isinstance(user["user_name"], str) or not user["user_name"]:
+                raise OAuthError(400, "invalid_grant", "the assertion names no user (user_name, email or sub)",
+                                 subaccount=binding.subaccount)
+            return {key: value for key, value in user.items() if isinstance(value, str) and value}
+        if claims["zid"] != binding.subaccount:
+            raise OAuthError(400, "invalid_grant", "the assertion belongs to another subaccount",
+                             subaccount=binding.subaccount)
+        if not isinstance(claims.get("user_name"), str):
+            raise OAuthError(400, "invalid_grant", "the assertion is not a user's token (no user_name)",
+                             subaccount=binding.subaccount)
+        return claims
+
+    async def _authenticate_user(self, binding: Binding, form: dict[str, str], client: str) -> UserAccount:
+        """The user named by `username` / `password` in the binding's subaccount, or invalid_grant."""
+        user = self.users.get((binding.subaccount, form.get("username", "")))
+        stored = user.password_hash if user is not None else _unknown_client_hash()
+        ok = await trio.to_thread.run_sync(check_secret, form.get("password", ""), stored, limiter=self._hashing)
+        if user is not None and ok:
+            return user
+        await self._failed(client)
+        raise OAuthError(400, "invalid_grant", "bad user credentials", subaccount=binding.subaccount)
+
+    async def _failed(self, client: str) -> None:
+        """Count a failed authentication of `client` and wait out the throttle's delay."""
+        metrics.PROXY_AUTH_FAILURES.inc()
+        delay = self.throttle.failed(client)
+        if delay > 0:
+            metrics.PROXY_AUTH_DELAYED.inc()
+            await trio.sleep(delay)
 
     async def _authenticate_client(self, client_id: str, secret: str, client: str) -> Binding:
         try:
@@ -412,11 +466,7 @@ class TokenService:
         ok = await trio.to_thread.run_sync(check_secret, secret, stored, limiter=self._hashing)
         if binding is not None and ok and binding.active:
             return binding
-        metrics.PROXY_AUTH_FAILURES.inc()
-        delay = self.throttle.failed(client)
-        if delay > 0:
-            metrics.PROXY_AUTH_DELAYED.inc()
-            await trio.sleep(delay)
+        await self._failed(client)
         revoked = binding is not None and ok and not binding.active
         raise OAuthError(401, "invalid_client", "this binding is revoked" if revoked else "bad client credentials",
                          subaccount=binding.subaccount if revoked and binding is not None else None)
@@ -424,7 +474,7 @@ class TokenService:
     def _discovery(self) -> dict[str, Any]:
         base = self.settings.url.rstrip("/")
         return {"issuer": self.settings.issuer, "token_endpoint": base + TOKEN_PATH, "jwks_uri": base + KEYS_PATH,
-                "grant_types_supported": [GRANT_CLIENT_CREDENTIALS, GRANT_JWT_BEARER],
+                "grant_types_supported": [GRANT_CLIENT_CREDENTIALS, GRANT_PASSWORD, GRANT_JWT_BEARER],
                 "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
                 "id_token_signing_alg_values_supported": [ALGORITHM]}
 
@@ -458,52 +508,3 @@ async def _next_event(stream: trio.abc.Stream, conn: h11.Connection) -> Any:
         if event is not h11.NEED_DATA:
             return event
         conn.receive_data(bytes(await stream.receive_some(_CHUNK)))
-
-
-# --- the client side: cached tokens ------------------------------------------------------------
-
-@attrs.frozen
-class CachedToken:
-    access_token: str
-    expires_at: float  # trio clock
-    refresh_at: float  # trio clock: fetched again from here on
-
-
-class TokenCache:
-    """Tokens by key (e.g. token URL + client id), fetched by `fetch` and reused until
-    `refresh_fraction` of their `expires_in` has passed (or `min_remaining` seconds are left,
-    whichever comes first). Concurrent callers of one key share one fetch. Times: trio's clock."""
-
-    def __init__(self, fetch: Callable[[str], Awaitable[dict[str, Any]]], *, refresh_fraction: float = 0.8,
-                 min_remaining: float = 30.0, max_entries: int = 1024) -> None:
-        if not 0 < refresh_fraction <= 1:
-            raise ValueError("refresh_fraction must be in (0, 1]")
-        self.fetch = fetch
-        self.refresh_fraction = refresh_fraction
-        self.min_remaining = min_remaining
-        self.max_entries = max_entries
-        self._entries: dict[str, CachedToken] = {}
-        self._locks: dict[str, trio.Lock] = {}
-        self.fetches = 0
-
-    async def get(self, key: str) -> str:
-        lock = self._locks.setdefault(key, trio.Lock())
-        async with lock:
-            entry = self._entries.get(key)
-            now = trio.current_time()
-            if entry is not None and now < entry.refresh_at:
-                return entry.access_token
-            response = await self.fetch(key)
-            self.fetches += 1
-            token = response.get("access_token")
-            expires_in = response.get("expires_in")
-            if not isinstance(token, str) or not isinstance(expires_in, (int, float)) or expires_in <= 0:
-                raise ValueError("the token response lacks access_token or a positive expires_in")
-            now = trio.current_time()
-            refresh_at = now + min(expires_in * self.refresh_fraction, max(0.0, expires_in - self.min_remaining))
-            if len(self._entries) >= self.max_entries and key not in self._entries:
-                oldest = min(self._entries, key=lambda k: self._entries[k].expires_at)
-                del self._entries[oldest]
-                self._locks.pop(oldest, None)
-            self._entries[key] = CachedToken(token, now + expires_in, refresh_at)
-            return token

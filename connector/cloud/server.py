@@ -74,7 +74,10 @@ def token_service(config: CloudConfig, clock: WallClock) -> TokenService:
     oauth = config.oauth
     return TokenService(oauth.settings, bindings=FileBindingStore(oauth.bindings),
                         keys=FileKeyStore(oauth.signing_keys),
-                        ssl_context=server_ssl_context(oauth.cert, oauth.key), clock=clock)
+                        ssl_context=server_ssl_context(oauth.cert, oauth.key), clock=clock,
+                        users={(u.subaccount, u.user_name): u for s in config.subaccounts for u in s.users},
+                        trusted_issuers={(t.subaccount, t.issuer): t for s in config.subaccounts
+                                         for t in s.trusted_issuers})
 
 
 class CloudServer:
@@ -193,10 +196,12 @@ class CloudServer:
                     self.authenticator,
                     self.admin_authenticator,
                     settings=DestinationSettings(
-                        path=store, key_path=store.with_name(store.name + ".key"), limits=config.destination_limits
+                        path=store, key_path=store.with_name(store.name + ".key"), limits=config.destination_limits,
+                        tokens=config.destination_tokens,
                     ),
                     store=self.shared_destinations,
                     drain=self.drain,
+                    jwt=self.oauth.validator if self.oauth is not None else None,
                 )
                 destinations = await nursery.start(
                     service.run, config.destinations_listen.host, config.destinations_listen.port

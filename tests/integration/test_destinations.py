@@ -215,7 +215,7 @@ async def test_authentication_and_subaccount_scoping(service: int) -> None:
     [
         ({"Type": "HTTP", "URL": "http://a"}, "Name is required"),
         ({**ERP, "Name": "bad name"}, "Name is required"),
-        ({**ERP, "Type": "RFC"}, "Type must be"),
+        ({**ERP, "Type": "MAIL"}, "Type must be"),
         ({**ERP, "ProxyType": "Somewhere"}, "ProxyType must be"),
         ({**ERP, "Authentication": "OAuth2SAMLBearerAssertion"}, "Authentication must be"),
         ({**ERP, "URL": "ftp://erp"}, "URL of the form"),
@@ -224,6 +224,12 @@ async def test_authentication_and_subaccount_scoping(service: int) -> None:
         ({**ERP, "User": 5}, "must be a string"),
         ({**ERP, "clientSecret": 12345}, "must be a string"),  # a secret that is no string would be stored in clear
         ({**ERP, "Extra": {"nested": 1}}, "string, number or boolean"),
+        ({**ERP, "Authentication": "OAuth2ClientCredentials", "tokenServiceURL": 5, "clientId": "c",
+          "clientSecret": "s"}, "must be a string"),
+        ({**ERP, "Authentication": "OAuth2ClientCredentials", "tokenServiceURL": "https://uaa/oauth/token",
+          "clientId": 7, "clientSecret": "s"}, "must be a string"),
+        ({**ERP, "Authentication": "OAuth2ClientCredentials", "tokenServiceURL": "https://uaa/oauth/token"},
+         "needs clientId, clientSecret"),
         ({"Name": "db", "Type": "TCP"}, "Address"),
         ([ERP, ERP], "twice"),
         ("just a string", "JSON object"),

@@ -17,9 +17,11 @@ import attrs
 import jwt
 import pytest
 import trio
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from connector import pki
 from connector.cli import init_certs, main
+from connector.cloud.bindings import hash_secret
 from connector.cloud.server import CloudPorts, CloudServer
 from connector.config import load_cloud_config
 from connector.demo_backend import run_backend
@@ -31,7 +33,20 @@ ERP = "http://erp.virtual:8000"
 LIFETIME = 600  # token_lifetime and key_overlap of the test's [oauth]
 REQUEST_TIMEOUT = 1.0
 MAX_CONNECTIONS = 3
+USER, PASSWORD = "alice", "alice-password-1"
+IDP = "https://idp.example/oauth2"  # an identity provider the subaccount trusts
+IDP_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 OAUTH = f"""
+[[subaccounts.users]]
+user_name = "{USER}"
+password_scrypt = "{hash_secret(PASSWORD)}"
+email = "alice@example.com"
+
+[[subaccounts.trusted_issuers]]
+issuer = "{IDP}"
+jwks = "idp-jwks.json"
+audience = "app"
+
 [oauth]
 listen = "127.0.0.1:0"
 token_lifetime = {LIFETIME}
@@ -111,6 +126,8 @@ def binding_cli(capsys: pytest.CaptureFixture[str], *args: str) -> str:
 async def oauth(nursery: trio.Nursery, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> OAuthStack:
     certs = init_certs(tmp_path / "certs", SUBACCOUNT, ["node-a"], ["127.0.0.1", "localhost"])
     backend_http, backend_tcp = await nursery.start(run_backend, "127.0.0.1", 0, 0)
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(IDP_KEY.public_key()))
+    (tmp_path / "idp-jwks.json").write_text(json.dumps({"keys": [{**jwk, "kid": "idp-1", "alg": "RS256"}]}))
     config = cloud_toml(tmp_path, certs, extra=OAUTH)
     clock = Clock()
     cloud = CloudServer(load_cloud_config(config), clock=clock)
@@ -167,13 +184,53 @@ async def test_bodies_are_bounded_and_grants_named(oauth: OAuthStack) -> None:
     basic = (oauth.credentials["clientid"], oauth.credentials["clientsecret"])
     big = await oauth.token_request({"grant_type": "client_credentials", "pad": "x" * 9000}, basic=basic)
     assert big.status == 413
-    password = await oauth.token_request({"grant_type": "password", "username": "u", "password": "p"}, basic=basic)
-    assert (password.status, password.json()["error"]) == (400, "unsupported_grant_type")
+    other = await oauth.token_request({"grant_type": "authorization_code", "code": "c"}, basic=basic)
+    assert (other.status, other.json()["error"]) == (400, "unsupported_grant_type")
+
+
+async def test_password_grant_gives_a_user_token_and_refuses_bad_credentials_alike(oauth: OAuthStack) -> None:
+    basic = (oauth.credentials["clientid"], oauth.credentials["clientsecret"])
+    response = await oauth.token_request({"grant_type": "password", "username": USER, "password": PASSWORD},
+                                         basic=basic)
+    assert response.status == 200, response.body
+    claims = jwt.decode(response.json()["access_token"], options={"verify_signature": False})
+    assert (claims["grant_type"], claims["user_name"], claims["email"], claims["origin"], claims["zid"]) == (
+        "password", USER, "alice@example.com", "connector", SUBACCOUNT)
+    assert claims["sub"] == claims["user_id"] and claims["client_id"] == claims["cid"] == basic[0]
+    wrong = await oauth.token_request({"grant_type": "password", "username": USER, "password": "nope"}, basic=basic)
+    unknown = await oauth.token_request({"grant_type": "password", "username": "mallory", "password": "x"},
+                                        basic=basic)
+    for refused in (wrong, unknown):
+        assert (refused.status, refused.json()["error"], refused.json()["error_description"]) == (
+            400, "invalid_grant", "bad user credentials")
+    bad_client = await oauth.token_request({"grant_type": "password", "username": USER, "password": PASSWORD},
+                                           basic=(basic[0], "wrong"))
+    assert (bad_client.status, bad_client.json()["error"]) == (401, "invalid_client")
+
+
+async def test_jwt_bearer_carries_the_users_claims_and_refuses_a_client_token(oauth: OAuthStack) -> None:
+    basic = (oauth.credentials["clientid"], oauth.credentials["clientsecret"])
+    user_token = (await oauth.token_request({"grant_type": "password", "username": USER, "password": PASSWORD},
+                                            basic=basic)).json()["access_token"]
+    exchanged = await oauth.token_request({"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
+                                           "assertion": user_token}, basic=basic)
+    assert exchanged.status == 200, exchanged.body
+    claims = jwt.decode(exchanged.json()["access_token"], options={"verify_signature": False})
+    user = jwt.decode(user_token, options={"verify_signature": False})
+    assert claims["grant_type"] == "urn:ietf:params:oauth:grant-type:jwt-bearer"
+    assert [claims[k] for k in ("user_name", "user_id", "email", "origin")] == [
+        user[k] for k in ("user_name", "user_id", "email", "origin")]
+    client_token = await oauth.fetch_token()
+    refused = await oauth.token_request({"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
+                                         "assertion": client_token}, basic=basic)
+    assert (refused.status, refused.json()["error"]) == (400, "invalid_grant")
+    assert "user_name" in refused.json()["error_description"]
 
 
 async def test_jwt_bearer_grant_exchanges_a_valid_assertion_only(oauth: OAuthStack) -> None:
     basic = (oauth.credentials["clientid"], oauth.credentials["clientsecret"])
-    assertion = await oauth.fetch_token()
+    assertion = (await oauth.token_request({"grant_type": "password", "username": USER, "password": PASSWORD},
+                                           basic=basic)).json()["access_token"]
     exchanged = await oauth.token_request({"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
                                            "assertion": assertion}, basic=basic)
     assert exchanged.status == 200
@@ -281,3 +338,36 @@ async def test_garbage_gets_400_and_the_service_carries_on(oauth: OAuthStack) ->
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 400 ")
     assert await oauth.fetch_token()
+
+
+def idp_token(clock: Clock, *, key: rsa.RSAPrivateKey = IDP_KEY, kid: str = "idp-1", issuer: str = IDP,
+              audience: str = "app", lifetime: float = 300) -> str:
+    claims = {"iss": issuer, "aud": [audience], "sub": "P123", "email": "bob@example.com",
+              "iat": int(clock.now), "exp": int(clock.now + lifetime)}
+    return jwt.encode(claims, key, algorithm="RS256", headers={"kid": kid})
+
+
+async def test_jwt_bearer_takes_a_user_token_of_a_trusted_identity_provider(oauth: OAuthStack) -> None:
+    basic = (oauth.credentials["clientid"], oauth.credentials["clientsecret"])
+
+    async def exchange(assertion: str) -> Response:
+        return await oauth.token_request({"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
+                                          "assertion": assertion}, basic=basic)
+
+    exchanged = await exchange(idp_token(oauth.clock))
+    assert exchanged.status == 200, exchanged.body
+    claims = jwt.decode(exchanged.json()["access_token"], options={"verify_signature": False})
+    assert (claims["user_name"], claims["email"], claims["user_id"], claims["origin"], claims["zid"]) == (
+        "bob@example.com", "bob@example.com", "P123", IDP, SUBACCOUNT)
+    assert claims["iss"] == oauth.cloud.oauth.settings.issuer  # type: ignore[union-attr]  # ours, not the IdP's
+    other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    refusals = {
+        "bad_key": idp_token(oauth.clock, key=other_key),
+        "unknown_kid": idp_token(oauth.clock, kid="idp-2"),
+        "untrusted": idp_token(oauth.clock, issuer="https://evil.example"),
+        "audience": idp_token(oauth.clock, audience="other-app"),
+        "expired": idp_token(oauth.clock, lifetime=-1),
+    }
+    for case, assertion in refusals.items():
+        refused = await exchange(assertion)
+        assert (refused.status, refused.json()["error"]) == (400, "invalid_grant"), case

@@ -50,16 +50,18 @@ async def running(tmp_path: Path, **limits: Any) -> AsyncIterator[int]:
 
 
 async def call(
-    port: int, method: str, path: str, body: Any = None, *, token: str | None = ADMIN_1, raw: bytes | None = None
+    port: int, method: str, path: str, body: Any = None, *, token: str | None = ADMIN_1, raw: bytes | None = None,
+    headers: dict[str, str] | None = None,
 ) -> tuple[int, Any, dict[bytes, bytes]]:
     """One request on its own connection: (status, JSON body or None if empty, headers)."""
     sock = await trio.open_tcp_stream("127.0.0.1", port)
     conn = h11.Connection(h11.CLIENT)
     payload = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
-    headers = [(b"host", b"destinations"), (b"content-length", str(len(payload)).encode())]
+    head = [(b"host", b"destinations"), (b"content-length", str(len(payload)).encode())]
     if token is not None:
-        headers.append((b"authorization", f"Bearer {token}".encode()))
-    await sock.send_all(conn.send(h11.Request(method=method, target=path, headers=headers)) or b"")
+        head.append((b"authorization", f"Bearer {token}".encode()))
+    head += [(name.encode(), value.encode()) for name, value in (headers or {}).items()]
+    await sock.send_all(conn.send(h11.Request(method=method, target=path, headers=head)) or b"")
     await sock.send_all(conn.send(h11.Data(data=payload)) or b"")
     await sock.send_all(conn.send(h11.EndOfMessage()) or b"")
     response: h11.Response | None = None

@@ -9,6 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from connector import pki
+from connector.cloud.bindings import hash_secret
 from connector.cloud.destinations import DestinationError, DestinationLimits, json_depth, parse_json
 from connector.config import ConfigError, load_cloud_config
 
@@ -99,12 +101,28 @@ token_sha256 = ["{SHA}"]
     return path
 
 
+HASH = hash_secret("alice-password", n=2)  # a cheap hash: only its shape is checked at load
+
+
 def test_destination_settings_load(tmp_path: Path) -> None:
     config = load_cloud_config(_cloud(tmp_path, "max_destinations = 50\nrequest_timeout = 5\nmax_connections = 7",
                                       f'destination_admin_sha256 = ["{ADMIN_SHA}"]'))
     assert config.destination_limits == DestinationLimits(max_destinations=50, request_timeout=5.0, max_connections=7)
     assert config.subaccounts[0].destination_admin_sha256 == (ADMIN_SHA,)
     assert load_cloud_config(_cloud(tmp_path, "")).destination_limits == DestinationLimits()
+
+
+def test_token_retrieval_and_user_settings_load(tmp_path: Path) -> None:
+    config = load_cloud_config(_cloud(tmp_path, "request_timeout = 5"))
+    assert (config.destination_tokens.ca, config.destination_tokens.timeout) == (None, 2.5)  # half the request's
+    user = f'[[subaccounts.users]]\nuser_name = "alice"\npassword_scrypt = "{HASH}"\nemail = "a@example.com"'
+    ca = pki.create_ca(tmp_path / "pki", "token-ca", "token services' CA").cert_path
+    config = load_cloud_config(_cloud(tmp_path, f'token_service_ca = "{ca}"\ntoken_timeout = 3', user))
+    assert (config.destination_tokens.ca, config.destination_tokens.timeout) == (ca, 3.0)
+    [alice] = config.subaccounts[0].users
+    assert (alice.subaccount, alice.user_name, alice.email, alice.origin) == ("acme", "alice", "a@example.com",
+                                                                             "connector")
+    assert alice.user_id and alice.claims()["user_id"] == alice.user_id
 
 
 @pytest.mark.parametrize(
@@ -115,6 +133,16 @@ def test_destination_settings_load(tmp_path: Path) -> None:
         ("max_destinations = true", "", "destinations.max_destinations: must be an integer"),
         ("", 'destination_admin_sha256 = ["secret"]', "destination_admin_sha256[0]: must be a lowercase SHA-256"),
         ("", f'destination_admin_sha256 = ["{SHA}"]', "also a token_sha256 digest"),
+        ("token_timeout = 30", "", "destinations.token_timeout: must be shorter than request_timeout"),
+        ('token_service_ca = "missing.pem"', "", "destinations.token_service_ca"),
+        ('token_service_ca = "ca.pem"', "", "destinations.token_service_ca: holds no usable CA certificate"),
+        ("", '[[subaccounts.users]]\nuser_name = "a"\npassword_scrypt = "plain"', "never the password"),
+        ("", f'[[subaccounts.users]]\nuser_name = "a"\npassword_scrypt = "{HASH}"\n'
+             f'[[subaccounts.users]]\nuser_name = "a"\npassword_scrypt = "{HASH}"', "user_name appears twice"),
+        ("", '[[subaccounts.users]]\nuser_name = "a"', "users[0].password_scrypt"),
+        ("", '[[subaccounts.trusted_issuers]]\nissuer = "https://idp"\njwks = "ca.pem"\naudience = "app"',
+         "trusted_issuers[0].jwks"),
+        ("", '[[subaccounts.trusted_issuers]]\nissuer = "https://idp"\njwks = "ca.pem"', "trusted_issuers[0].audience"),
     ],
 )
 def test_bad_destination_settings_are_refused(tmp_path: Path, extra: str, subaccount_extra: str, message: str) -> None:

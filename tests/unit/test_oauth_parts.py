@@ -7,7 +7,6 @@ import base64
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
@@ -22,7 +21,7 @@ from connector.cloud.bindings import (
     vcap_services,
 )
 from connector.cloud.jwks import FileKeyStore, KeyRing, SigningKey, load_or_create
-from connector.cloud.oauth import OAuthError, TokenCache, _form, client_credentials_of
+from connector.cloud.oauth import OAuthError, _form, client_credentials_of
 from connector.config import ConfigError, load_cloud_config
 
 T0 = 1_800_000_000.0
@@ -117,39 +116,6 @@ def test_key_file_is_private_and_survives_a_restart(tmp_path: Path) -> None:
         store.load()
     with pytest.raises(ValueError, match="current key"):
         KeyRing((SigningKey.generate(T0).__class__("k", b"", T0, retires=T0),))
-
-
-# --- the token cache, on trio's clock -------------------------------------------------------------
-
-async def test_token_cache_refreshes_ahead_of_expiry(autojump_clock: trio.testing.MockClock) -> None:
-    answers: list[str] = []
-
-    async def fetch(key: str) -> dict[str, Any]:
-        await trio.sleep(1)  # the token service's round trip
-        answers.append(key)
-        return {"access_token": f"{key}-{len(answers)}", "expires_in": 100}
-
-    cache = TokenCache(fetch, refresh_fraction=0.8, min_remaining=30)
-    start = trio.current_time()
-    assert await cache.get("a") == "a-1"
-    assert trio.current_time() == start + 1
-    # refresh at min(0.8 x 100, 100 - 30) = 70 s after the answer arrived
-    await trio.sleep(69.9)
-    assert await cache.get("a") == "a-1"
-    await trio.sleep(0.1)
-    assert await cache.get("a") == "a-2" and cache.fetches == 2
-    async with trio.open_nursery() as nursery:  # concurrent callers share one fetch per key
-        for _ in range(5):
-            nursery.start_soon(cache.get, "b")
-    assert answers == ["a", "a", "b"]
-
-
-async def test_token_cache_refuses_a_response_without_expiry(autojump_clock: trio.testing.MockClock) -> None:
-    async def fetch(key: str) -> dict[str, Any]:
-        return {"access_token": "t"}
-
-    with pytest.raises(ValueError, match="expires_in"):
-        await TokenCache(fetch).get("a")
 
 
 # --- [oauth] in cloud.toml -----------------------------------------------------------------------
