@@ -242,6 +242,37 @@ def cmd_cloud_subaccount(args: argparse.Namespace) -> int:
     return _on_cloud_store(store, run)
 
 
+def cmd_cloud_fence(args: argparse.Namespace) -> int:
+    """`connector cloud-fence show|reset`: the fences in the cloud's etcd; an audited reset of one
+    location's (`connector.cloud.fenceadmin`)."""
+    from connector.cloud import fenceadmin
+
+    if args.action == "reset" and (args.subaccount is None or args.location is None or args.epoch is None):
+        print("connector: cloud-fence reset needs --subaccount, --location ('' for none) and --epoch", file=sys.stderr)
+        return 2
+    config, store = _cloud_store(args.config)
+    if args.subaccount is not None and args.subaccount not in {s.id for s in config.subaccounts}:
+        print(f"connector: subaccount {args.subaccount!r} is not in {config.file}", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        if args.action == "show":
+            for entry in await fenceadmin.fence_report(store):
+                if args.subaccount in (None, entry["subaccount"]):
+                    print(json.dumps(entry))
+            return 0
+        result = await fenceadmin.reset_fence(store, (args.subaccount, args.location), args.epoch,
+                                              reason=args.reason or "")
+        print(json.dumps({"subaccount": args.subaccount, "location_id": args.location, "applied": result.applied,
+                          "old": result.old.to_json(), "new": result.new.to_json(), "record": result.record_key}))
+        if not result.applied:
+            print("connector: the fence changed while it was being reset; nothing changed, run it again",
+                  file=sys.stderr)
+        return 0 if result.applied else 1
+
+    return _on_cloud_store(store, run)
+
+
 def cloud_replicas_status(config_path: str, *, as_json: bool) -> int:
     """`connector status --cloud cloud.toml`: the replicas as the cloud's etcd has them; exit 1 if
     none is ready."""
@@ -631,6 +662,21 @@ def build_parser() -> argparse.ArgumentParser:
                            help="set: streams one token of the subaccount may hold at once (0: no limit; -1: "
                                 "back to cloud.toml's)")
     cloud_sub.set_defaults(func=cmd_cloud_subaccount)
+
+    cloud_fence = sub.add_parser(
+        "cloud-fence", help="show the fences in the cloud's etcd, or reset one location's (audited)",
+        description="A fence only rises by itself. After an on-premise etcd was lost and restored below the fence "
+                    "(see docs/operations.md, Backup and restore), `reset` lowers one location's fence on every "
+                    "replica; it is refused while a replica has a master there, and recorded with who, when, the "
+                    "old and new epoch and --reason.")
+    cloud_fence.add_argument("action", choices=("show", "reset"))
+    cloud_fence.add_argument("--config", required=True, help="cloud.toml (with [shared])")
+    cloud_fence.add_argument("--subaccount", help="the location's subaccount (required for reset)")
+    cloud_fence.add_argument("--location", help="the location id ('' for the default location)")
+    cloud_fence.add_argument("--epoch", type=int, help="reset: the new fence; masters need an epoch at least this "
+                             "high (the restored backup's revision; -1: any)")
+    cloud_fence.add_argument("--reason", help="reset: why, kept in the record (required)")
+    cloud_fence.set_defaults(func=cmd_cloud_fence)
 
     node = sub.add_parser("node", help="run an on-premise connector node")
     node.add_argument("--config", required=True, help="node.toml")
