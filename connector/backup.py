@@ -46,7 +46,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from ha.store import Store
+from ha.store import Store, StoreError, check_key
 
 FORMAT = "connector-backup"
 VERSION = 1
@@ -209,6 +209,14 @@ def check_payload(payload: Any) -> None:
         raise BackupError("the archive's payload names no kind (cluster or cloud)")
     if not isinstance(payload.get("revision"), int) or not isinstance(payload.get("keys"), list):
         raise BackupError("the archive's payload has no revision or keys")
+    for entry in payload["keys"]:
+        try:
+            if not isinstance(entry, dict) or not isinstance(entry.get("key"), str) \
+                    or not isinstance(entry.get("value"), str):
+                raise ValueError("an entry is not {key, value}")
+            check_key(entry["key"])
+        except (ValueError, TypeError) as exc:
+            raise BackupError(f"the archive's payload holds a bad key: {exc}") from None
 
 
 def read_archive(path: Path, secret: Secret) -> dict[str, Any]:
@@ -281,17 +289,23 @@ async def bump_revision(store: Store, target: int, current: int) -> int:
     if current >= target:
         return current
     reached = current
+    failures: list[StoreError] = []  # the first ends every worker; it is raised as it is
 
     async def worker(index: int) -> None:
         nonlocal reached
-        while reached < target:
-            written = await store.put(f"{BUMP_KEY}{index}", b"")
-            assert written is not None  # an unconditional put always succeeds
-            reached = max(reached, written)
+        try:
+            while reached < target and not failures:
+                written = await store.put(f"{BUMP_KEY}{index}", b"")
+                assert written is not None  # an unconditional put always succeeds
+                reached = max(reached, written)
+        except StoreError as exc:
+            failures.append(exc)
 
     async with trio.open_nursery() as nursery:
         for index in range(min(BUMP_WORKERS, target - current)):
             nursery.start_soon(worker, index)
+    if failures:
+        raise failures[0]
     for index in range(BUMP_WORKERS):
         await store.delete(f"{BUMP_KEY}{index}")
     return reached

@@ -12,6 +12,7 @@ import pytest
 from connector import backup
 from connector.backup import BackupError, Secret
 from ha.memory import MemoryStore
+from ha.store import StoreUnavailable
 
 PASSPHRASE = b"correct horse battery staple"
 PAYLOAD = {"kind": "cluster", "name": "onprem", "revision": 41, "created": 1.0,
@@ -176,3 +177,29 @@ async def test_restore_refuses_another_kind_or_cluster(kind: str, name: str) -> 
     with pytest.raises(BackupError, match="this is a backup of cluster 'onprem'"):
         await backup.restore(fresh, payload, kind=kind, name=name)
     assert (await fresh.get_prefix("")).revision == before  # nothing written
+
+
+@pytest.mark.parametrize("entry", [{"key": "/absolute", "value": ""}, {"key": 3, "value": ""}, {"key": "a"}, "a"])
+def test_a_payload_with_a_bad_key_is_refused(entry) -> None:
+    key = Secret(key=os.urandom(32))
+    with pytest.raises(BackupError, match="bad key"):
+        backup.open_archive(backup.seal({**PAYLOAD, "keys": [entry]}, key), key)
+
+
+class FailingMidway(MemoryStore):
+    """etcd stops answering once the revision passed `after` (every worker of the bump sees it)."""
+
+    def __init__(self, after: int) -> None:
+        super().__init__("onprem")
+        self.after = after
+
+    async def put(self, key, value, **kwargs):  # type: ignore[no-untyped-def]
+        if self.backend.revision > self.after:
+            self.set_fault("error")
+        return await super().put(key, value, **kwargs)
+
+
+async def test_etcd_failing_during_the_bump_is_the_stores_error() -> None:
+    payload = await backup.collect(await filled_store(), kind="cluster", name="onprem")
+    with pytest.raises(StoreUnavailable):  # not an exception group: the CLI says it in one line
+        await backup.restore(FailingMidway(after=3), payload, kind="cluster", name="onprem")
