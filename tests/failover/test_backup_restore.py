@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 import trio_websocket
 
@@ -70,6 +71,7 @@ async def stale_registration(config_path: Path, tunnel_port: int, epoch: int) ->
     return answer
 
 
+@pytest.mark.slow
 async def test_backup_lose_etcd_restore_master_serves_again_and_stale_master_refused(tmp_path: Path) -> None:
     etcd = EtcdServer(tmp_path, "etcd-restore")
     await trio.to_thread.run_sync(etcd.start)
