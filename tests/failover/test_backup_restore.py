@@ -2,17 +2,19 @@
 and restore"), in order, against the demo's stack (a real etcd, the cloud, two nodes, the backend).
 
 The cluster first lives long enough for its revisions, hence its epochs and the cloud's fence, to
-be far above anything a fresh etcd would issue soon. Then: backup, etcd killed and its data wiped,
-a fresh etcd on the same address, restore; the master must serve proxied requests again within
-seconds (without the restore's revision bump the nodes would be refused ``stale_epoch`` until their
-churning elections had climbed thousands of revisions), the restored mappings and secrets are
-there, and a master with an epoch from before the loss is still refused by the cloud.
+be far above anything a fresh etcd would issue soon. Then: backup, the master frozen, etcd killed
+and its data wiped, a fresh etcd on the same address, restore; a master must serve proxied
+requests again within seconds (without the restore's revision bump the nodes would be refused
+``stale_epoch`` until their churning elections had climbed thousands of revisions), the restored
+mappings and secrets are there, and the master from before the loss, thawed, never serves again:
+a registration with its epoch is refused by the cloud.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +30,7 @@ from connector.config import load_node_config
 from connector.demo import CLUSTER, LOCATION
 from connector.tunnel.session import TunnelSession
 from ha.etcd import EtcdSettings, EtcdStore
-from tests.failover.harness import Cluster, check_routing, fast_spec
+from tests.failover.harness import Cluster, check_fenced_after, check_routing, fast_spec
 from tests.support.etcdserver import EtcdServer
 
 LIVED_REVISION = 3000  # how far the cluster's etcd got before the loss (a young cluster: small)
@@ -106,7 +108,9 @@ async def test_backup_lose_etcd_restore_master_serves_again_and_stale_master_ref
                 await nursery.start(load.run)
                 await load.wait_ok(10)
 
-                # The loss: etcd killed, its data gone, a fresh etcd on the same address.
+                # The loss: the master freezes (it will come back believing it is master), etcd
+                # is killed, its data gone, a fresh etcd on the same address.
+                cluster.signal(old_master, signal.SIGSTOP)
                 await trio.to_thread.run_sync(etcd.kill)
                 shutil.rmtree(etcd.data_dir)
                 await trio.to_thread.run_sync(etcd.start)
@@ -130,7 +134,16 @@ async def test_backup_lose_etcd_restore_master_serves_again_and_stale_master_ref
                 new_master, new_epoch = await cluster.wait_master(above_epoch=old_epoch, timeout=SERVING_AGAIN)
                 await load.wait_ok(10, since=trio.current_time(), timeout=SERVING_AGAIN)
                 assert trio.current_time() - done < SERVING_AGAIN
+                assert new_master != old_master
+
+                # 5. The frozen master resumes with its epoch from before the loss: it never serves
+                # again, and rejoins as a shadow.
+                cluster.signal(old_master, signal.SIGCONT)
+                await cluster.wait_node(old_master, lambda s: s.get("role") == "shadow", 15.0, "a shadow")
+                await load.wait_ok(10, since=trio.current_time())
                 load.stop()
+            routing = await cluster.routing()
+            assert check_fenced_after(routing, old_master, old_epoch, new_epoch) == [], routing
 
             # The restored state: the operator's mapping (and its history), the secret.
             mappings = json.loads(succeeded(await connector(cluster, "acl", "list", "--json", "--config", config)))
@@ -142,7 +155,7 @@ async def test_backup_lose_etcd_restore_master_serves_again_and_stale_master_ref
             again = await connector(cluster, "restore", "--config", config, "--key-file", str(key), str(archive))
             assert again.returncode == 2 and "already holds" in again.stderr.decode(), again
 
-            # 5. A master from before the loss is still refused.
+            # And a registration with that epoch is refused outright.
             answer = await stale_registration(cluster.demo.configs[old_master], cluster.demo.ports["tunnel"],
                                               old_epoch)
             assert answer[0] == "refused" and answer[1]["reason"] == "stale_epoch", answer
