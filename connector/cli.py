@@ -1,4 +1,5 @@
-"""The `connector` command: certs, token, binding, cloud, node, demo, status, acl, secret, switch."""
+"""The `connector` command: certs, token, binding, cloud, node, demo, status, acl, secret, switch,
+backup, restore."""
 
 from __future__ import annotations
 
@@ -241,6 +242,37 @@ def cmd_cloud_subaccount(args: argparse.Namespace) -> int:
     return _on_cloud_store(store, run)
 
 
+def cmd_cloud_fence(args: argparse.Namespace) -> int:
+    """`connector cloud-fence show|reset`: the fences in the cloud's etcd; an audited reset of one
+    location's (`connector.cloud.fenceadmin`)."""
+    from connector.cloud import fenceadmin
+
+    if args.action == "reset" and (args.subaccount is None or args.location is None or args.epoch is None):
+        print("connector: cloud-fence reset needs --subaccount, --location ('' for none) and --epoch", file=sys.stderr)
+        return 2
+    config, store = _cloud_store(args.config)
+    if args.subaccount is not None and args.subaccount not in {s.id for s in config.subaccounts}:
+        print(f"connector: subaccount {args.subaccount!r} is not in {config.file}", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        if args.action == "show":
+            for entry in await fenceadmin.fence_report(store):
+                if args.subaccount in (None, entry["subaccount"]):
+                    print(json.dumps(entry))
+            return 0
+        result = await fenceadmin.reset_fence(store, (args.subaccount, args.location), args.epoch,
+                                              reason=args.reason or "")
+        print(json.dumps({"subaccount": args.subaccount, "location_id": args.location, "applied": result.applied,
+                          "old": result.old.to_json(), "new": result.new.to_json(), "record": result.record_key}))
+        if not result.applied:
+            print("connector: the fence changed while it was being reset; nothing changed, run it again",
+                  file=sys.stderr)
+        return 0 if result.applied else 1
+
+    return _on_cloud_store(store, run)
+
+
 def cloud_replicas_status(config_path: str, *, as_json: bool) -> int:
     """`connector status --cloud cloud.toml`: the replicas as the cloud's etcd has them; exit 1 if
     none is ready."""
@@ -422,6 +454,117 @@ def cmd_secret(args: argparse.Namespace) -> int:
     return secret(args)
 
 
+# --- backup and restore ---------------------------------------------------------------------------
+
+def _backup_target(args: argparse.Namespace) -> tuple[str, str, Any]:
+    """(kind, name, store) of `backup` / `restore`: the cloud's etcd with --cloud, else the
+    cluster of --config (or of the running demo)."""
+    if args.cloud is not None:
+        config, store = _cloud_store(args.cloud)
+        return "cloud", config.shared.prefix, store
+    from connector.clusterctl import _cluster_store, find_config
+
+    config = find_config(args.config)
+    store = _cluster_store(config)  # UsageError when the node is standalone
+    assert config.cluster is not None
+    return "cluster", config.cluster.name, store
+
+
+def _backup_secret(args: argparse.Namespace, *, new: bool) -> Any:
+    from connector.backup import read_key_file, read_passphrase_file
+
+    if args.key_file is not None:
+        return read_key_file(Path(args.key_file))
+    return read_passphrase_file(Path(args.passphrase_file), new=new)
+
+
+def cmd_backup_key(args: argparse.Namespace) -> int:
+    """`connector backup-key FILE`: a new random key for `backup --key-file` (mode 0600)."""
+    from connector.backup import BackupError, write_key_file
+
+    try:
+        write_key_file(Path(args.file))
+    except BackupError as exc:
+        print(f"connector: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.file} (mode 0600): keep a copy apart from the backups, they cannot be read without it")
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    """`connector backup`: the shared state in etcd, into one encrypted archive (`connector.backup`)."""
+    from connector import backup
+    from connector.clusterctl import UsageError
+    from ha.store import StoreError
+
+    try:
+        secret = _backup_secret(args, new=True)
+        kind, name, store = _backup_target(args)
+    except (backup.BackupError, UsageError) as exc:
+        print(f"connector: {exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        try:
+            payload = await backup.collect(store, kind=kind, name=name)
+        finally:
+            await store.aclose()
+        backup.write_archive(Path(args.out), backup.seal(payload, secret))
+        print(json.dumps({"archive": args.out, "kind": kind, "name": name, "keys": len(payload["keys"]),
+                          "revision": payload["revision"]}))
+        return 0
+
+    try:
+        return trio.run(run)
+    except backup.BackupError as exc:
+        print(f"connector: {exc}", file=sys.stderr)
+        return 2
+    except StoreError as exc:
+        print(f"connector: {exc}", file=sys.stderr)
+        return 1
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """`connector restore`: an archive back into an (empty) etcd, its revision moved past the
+    backup's so the next epoch is above every earlier one."""
+    from connector import backup
+    from connector.agent.sharedconfig import record_history
+    from connector.clusterctl import UsageError
+    from ha.store import StoreError
+
+    try:
+        secret = _backup_secret(args, new=False)
+        payload = backup.read_archive(Path(args.archive), secret)
+        kind, name, store = _backup_target(args)
+    except (backup.BackupError, UsageError) as exc:
+        print(f"connector: {exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        try:
+            restored = await backup.restore(store, payload, kind=kind, name=name, force=args.force,
+                                            min_revision=args.min_revision)
+            if kind == "cluster":
+                await record_history(store, "restore", args.archive, restored.revision_after,
+                                     {"keys": restored.keys, "backup_revision": payload["revision"],
+                                      "backup_created": payload["created"]})
+        finally:
+            await store.aclose()
+        print(json.dumps({"archive": args.archive, "kind": kind, "name": name, "keys": restored.keys,
+                          "backup_revision": payload["revision"], "revision_before": restored.revision_before,
+                          "revision": restored.revision_after}))
+        return 0
+
+    try:
+        return trio.run(run)
+    except backup.BackupError as exc:
+        print(f"connector: {exc}", file=sys.stderr)
+        return 2
+    except StoreError as exc:
+        print(f"connector: {exc}", file=sys.stderr)
+        return 1
+
+
 # --- parser ------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -520,6 +663,21 @@ def build_parser() -> argparse.ArgumentParser:
                                 "back to cloud.toml's)")
     cloud_sub.set_defaults(func=cmd_cloud_subaccount)
 
+    cloud_fence = sub.add_parser(
+        "cloud-fence", help="show the fences in the cloud's etcd, or reset one location's (audited)",
+        description="A fence only rises by itself. After an on-premise etcd was lost and restored below the fence "
+                    "(see docs/operations.md, Backup and restore), `reset` lowers one location's fence on every "
+                    "replica; it is refused while a replica has a master there, and recorded with who, when, the "
+                    "old and new epoch and --reason.")
+    cloud_fence.add_argument("action", choices=("show", "reset"))
+    cloud_fence.add_argument("--config", required=True, help="cloud.toml (with [shared])")
+    cloud_fence.add_argument("--subaccount", help="the location's subaccount (required for reset)")
+    cloud_fence.add_argument("--location", help="the location id ('' for the default location)")
+    cloud_fence.add_argument("--epoch", type=int, help="reset: the new fence; masters need an epoch at least this "
+                             "high (the restored backup's revision; -1: any)")
+    cloud_fence.add_argument("--reason", help="reset: why, kept in the record (required)")
+    cloud_fence.set_defaults(func=cmd_cloud_fence)
+
     node = sub.add_parser("node", help="run an on-premise connector node")
     node.add_argument("--config", required=True, help="node.toml")
     node.add_argument("--check", action="store_true", help="validate the configuration and exit (0 valid, 2 not)")
@@ -578,6 +736,33 @@ def build_parser() -> argparse.ArgumentParser:
     secret_get.add_argument("name")
     secret_sub.add_parser("list", help="list secret names")
     secret.set_defaults(func=cmd_secret)
+
+    for name, func, text in (
+        ("backup", cmd_backup, "write the shared state in etcd (mappings, history, secrets; or the cloud's) into one "
+                               "encrypted archive"),
+        ("restore", cmd_restore, "put an archive back into an empty etcd, moving its revision past the backup's"),
+    ):
+        command = sub.add_parser(name, help=text, description=text + " (see docs/operations.md, Backup and restore)")
+        where = command.add_mutually_exclusive_group()
+        where.add_argument("--config", help="a node.toml of the cluster (default: the running demo's)")
+        where.add_argument("--cloud", metavar="CLOUD_TOML", help="the cloud's shared state ([shared] of cloud.toml)")
+        key = command.add_mutually_exclusive_group(required=True)
+        key.add_argument("--key-file", help="a 32-byte key, mode 0600 (`connector backup-key` makes one)")
+        key.add_argument("--passphrase-file", help="the passphrase is this file's first line ('-': standard input)")
+        if name == "backup":
+            command.add_argument("--out", required=True, help="the archive to write (mode 0600, replaced atomically)")
+        else:
+            command.add_argument("archive", help="the archive `connector backup` wrote")
+            command.add_argument("--force", action="store_true",
+                                 help="restore although etcd holds keys (the backup's keys are overwritten)")
+            command.add_argument("--min-revision", type=int, default=0, metavar="N",
+                                 help="move the revision to at least N (the fence's epoch the cloud reports, when "
+                                      "elections happened after the backup)")
+        command.set_defaults(func=func)
+
+    backup_key = sub.add_parser("backup-key", help="create a random key file for `backup --key-file` (mode 0600)")
+    backup_key.add_argument("file")
+    backup_key.set_defaults(func=cmd_backup_key)
     return parser
 
 

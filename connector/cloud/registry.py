@@ -39,7 +39,7 @@ Several replicas (``[shared]``): the fence and the binding of every location are
 cloud's etcd (`connector.cloud.shared`), as a `Fence` per location. The registry stays the one
 place that decides; the shared state feeds it what other replicas accepted (`apply_shared_fence`,
 merged by the pure `merge_fence`: epochs only rise, the first binding in etcd wins unless a pin
-says otherwise), and hears of what this replica accepted through `fence_listener`, to write it
+says otherwise; only an operator's reset, `connector cloud-fence reset`, lowers one), and hears of what this replica accepted through `fence_listener`, to write it
 back. A master whose epoch falls below the merged fence (another replica accepted a newer one) is
 fenced at once, exactly as on a higher registration here. Such a registry starts *fail closed*
 (``shared_fence=True``): until `load_shared_fences` ran, it admits no tunnel (``fence_unknown``)
@@ -97,6 +97,7 @@ class _Location:
     master: TunnelHandle | None = None
     highest_epoch: int = -1  # of the bound cluster
     cluster: str | None = None  # the cluster this location is bound to (None: not yet)
+    resets: int = 0  # operator resets of the shared fence seen (`Fence.resets`)
     pinned: str | None = None  # the cluster the cloud's configuration assigns (overrides `cluster`)
     tunnels: set[TunnelHandle] = attrs.Factory(set)
     master_changed: trio.Event = attrs.Factory(trio.Event)
@@ -115,6 +116,9 @@ class _Location:
             now = trio.current_time()
             self.routing.append({"node": node, "epoch": epoch, "first": now, "last": now, "streams": 1})
 
+    def fence(self) -> Fence:
+        return Fence(self.highest_epoch, self.cluster, self.resets)
+
     def signal(self) -> None:
         self.master_changed.set()
         self.master_changed = trio.Event()
@@ -128,25 +132,30 @@ class RegistryStatistics:
 
 @attrs.frozen
 class Fence:
-    """What fences a location: the highest epoch accepted, of the cluster the location is bound to."""
+    """What fences a location: the highest epoch accepted, of the cluster the location is bound to,
+    and how many times an operator reset it (`connector cloud-fence reset`)."""
 
     epoch: int = -1
     cluster: str | None = None
+    resets: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "cluster": self.cluster}
+        return {"epoch": self.epoch, "cluster": self.cluster, "resets": self.resets}
 
     @classmethod
     def from_json(cls, data: Any) -> Fence:
-        """ValueError unless `data` is {"epoch": int >= -1, "cluster": str or null}."""
+        """ValueError unless `data` is {"epoch": int >= -1, "cluster": str or null, "resets": int >= 0
+        (absent: 0)}."""
         if not isinstance(data, dict):
             raise ValueError(f"a fence must be an object, not {type(data).__name__}")
-        epoch, cluster = data.get("epoch"), data.get("cluster")
+        epoch, cluster, resets = data.get("epoch"), data.get("cluster"), data.get("resets", 0)
         if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < -1:
             raise ValueError(f"a fence's epoch must be an integer >= -1: {data!r}")
         if cluster is not None and not isinstance(cluster, str):
             raise ValueError(f"a fence's cluster must be a string or null: {data!r}")
-        return cls(epoch, cluster)
+        if not isinstance(resets, int) or isinstance(resets, bool) or resets < 0:
+            raise ValueError(f"a fence's resets must be an integer >= 0: {data!r}")
+        return cls(epoch, cluster, resets)
 
 
 def merge_fence(shared: Fence, local: Fence, *, pinned: str | None) -> Fence:
@@ -157,10 +166,13 @@ def merge_fence(shared: Fence, local: Fence, *, pinned: str | None) -> Fence:
     the location won the compare-and-set), else the local binding. Epochs only ever rise: the
     result is the highest epoch of the two that belongs to the owner (an unbound epoch, from a
     state file of before bindings, counts for any owner, as in `decide_registration`).
+    The one exception is an operator's reset: the fence with more `resets` replaces the other's
+    epoch instead of meeting it (a reset is how a fence is lowered, on every replica).
     """
     owner = pinned if pinned is not None else shared.cluster if shared.cluster is not None else local.cluster
-    epochs = [f.epoch for f in (shared, local) if f.cluster in (None, owner)]
-    return Fence(max(epochs, default=-1), owner)
+    newest = [f for f in (shared, local) if f.resets == max(shared.resets, local.resets)]
+    epochs = [f.epoch for f in newest if f.cluster in (None, owner)]
+    return Fence(max(epochs, default=-1), owner, newest[0].resets)
 
 
 @attrs.frozen
@@ -361,7 +373,7 @@ class Registry:
         if fence_changed:
             self._save_epochs()
             if self.fence_listener is not None:
-                self.fence_listener(location.key, Fence(location.highest_epoch, location.cluster))
+                self.fence_listener(location.key, location.fence())
         self._set_master(location, handle)
         if not repeated:
             self._audit_registration(location, handle, epoch)
@@ -434,7 +446,7 @@ class Registry:
         outdates. Returns the merged fence: when it differs from `fence`, etcd is behind us."""
         location = self._location(key)
         location.known = True
-        local = Fence(location.highest_epoch, location.cluster)
+        local = location.fence()
         merged = merge_fence(fence, local, pinned=location.pinned)
         if merged != local:
             if merged.cluster != location.cluster and location.cluster is not None:
@@ -443,7 +455,10 @@ class Registry:
             if merged.epoch > location.highest_epoch:
                 self.audit.fence_advanced(subaccount=key[0], location=key[1], cluster=merged.cluster,
                                           old_epoch=location.highest_epoch, new_epoch=merged.epoch, source="shared")
-            location.highest_epoch, location.cluster = merged.epoch, merged.cluster
+            if merged.resets > local.resets:
+                log.warning("the fence of %s was reset by an operator: epoch %d -> %d (reset %d)",
+                            key, local.epoch, merged.epoch, merged.resets)
+            location.highest_epoch, location.cluster, location.resets = merged.epoch, merged.cluster, merged.resets
             self._enforce(location)
             self._export(location)
         return merged
@@ -494,7 +509,7 @@ class Registry:
 
     def fence_of(self, key: LocationKey) -> Fence:
         location = self._locations.get(key)
-        return Fence(location.highest_epoch, location.cluster) if location is not None else Fence()
+        return location.fence() if location is not None else Fence()
 
     async def wait_fence_loaded(self) -> None:
         await self._fence_loaded_event.wait()
