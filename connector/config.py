@@ -33,9 +33,8 @@ from connector.cloud.destinations import DestinationLimits
 from connector.cloud.drain import DrainSettings
 from connector.cloud.jwtauth import TrustedIssuer
 from connector.cloud.oauth import OAuthSettings
-from connector.tunnel.egress import EgressPolicy, egress_policy
-
 from connector.cloud.token_client import TokenClientSettings
+from connector.tunnel.egress import EgressPolicy, egress_policy
 from ha.timing import HATiming
 
 T = TypeVar("T")
