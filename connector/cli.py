@@ -241,6 +241,42 @@ def cmd_cloud_subaccount(args: argparse.Namespace) -> int:
     return _on_cloud_store(store, run)
 
 
+def cmd_cloud_revoke(args: argparse.Namespace) -> int:
+    """`connector cloud-revoke`: put a node certificate's serial on the deny-list in the cloud's
+    etcd; every replica refuses it at the handshake and closes its live tunnels within moments."""
+    from connector import pki
+    from connector.cloud import shared
+    from connector.cloud.revocation import format_serial, parse_serial
+
+    serials: list[int] = []
+    try:
+        serials += [parse_serial(text) for text in args.serial or []]
+        serials += [pki.load_certificate(Path(path)).serial_number for path in args.cert or []]
+    except (ValueError, pki.CertificateError) as exc:
+        print(f"connector: {exc}", file=sys.stderr)
+        return 2
+    if args.action != "list" and not serials:
+        print(f"connector: cloud-revoke {args.action} needs --serial or --cert", file=sys.stderr)
+        return 2
+    _, store = _cloud_store(args.config)
+
+    async def run() -> int:
+        if args.action == "add":
+            for serial in serials:
+                revision = await shared.revoke_certificate(store, serial, reason=args.reason or "")
+                print(json.dumps({"revoked": format_serial(serial), "serial": serial, "revision": revision}))
+        elif args.action == "remove":
+            for serial in serials:
+                await shared.unrevoke_certificate(store, serial)
+                print(json.dumps({"unrevoked": format_serial(serial), "serial": serial}))
+        else:
+            for record in await shared.list_revoked(store):
+                print(json.dumps(record))
+        return 0
+
+    return _on_cloud_store(store, run)
+
+
 def cloud_replicas_status(config_path: str, *, as_json: bool) -> int:
     """`connector status --cloud cloud.toml`: the replicas as the cloud's etcd has them; exit 1 if
     none is ready."""
@@ -328,9 +364,9 @@ async def _watch_parent(parent: int, stop: trio.Event) -> None:
     stop.set()
 
 
-async def _run_until_signal(service_run: Any, on_stop: Any = None) -> None:
+async def _run_until_signal(service_run: Any, on_stop: Any = None, on_reload: Any = None) -> None:
     """Run until SIGTERM or SIGINT, then `on_stop` (a graceful drain or handover); a second signal
-    during it stops at once (Ctrl-C twice in a terminal)."""
+    during it stops at once (Ctrl-C twice in a terminal). SIGHUP calls `on_reload` (certificates)."""
     stop = trio.Event()
     graceful = trio.CancelScope()
     async with trio.open_nursery() as nursery:
@@ -338,11 +374,15 @@ async def _run_until_signal(service_run: Any, on_stop: Any = None) -> None:
         parent = os.environ.get("CONNECTOR_PARENT_PID")
         if parent and parent.isdigit():
             nursery.start_soon(_watch_parent, int(parent), stop)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
 
             async def _signals() -> None:
                 async for signum in signals:
-                    if not stop.is_set():
+                    if signum == signal.SIGHUP:
+                        log.info("received SIGHUP, reading the certificates again")
+                        if on_reload is not None:
+                            on_reload()
+                    elif not stop.is_set():
                         log.info("received %s, stopping (again: at once)", signal.Signals(signum).name)
                         stop.set()
                     else:
@@ -368,7 +408,8 @@ def cmd_cloud(args: argparse.Namespace) -> int:
         print(f"{args.config}: configuration is valid")
         return 0
     server = CloudServer(config)
-    trio.run(_run_until_signal, server.run, server.shutdown)  # SIGTERM: drain (connector.cloud.drain)
+    # SIGTERM: drain (connector.cloud.drain); SIGHUP: certificates read again
+    trio.run(_run_until_signal, server.run, server.shutdown, server.reload_certificates)
     return 0
 
 
@@ -384,7 +425,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         print(f"{args.config}: configuration is valid")
         return 0
     node = build_node(config)
-    trio.run(_run_until_signal, node.run, node.shutdown)
+    trio.run(_run_until_signal, node.run, node.shutdown, node.reload_certificates)
     return 0
 
 
@@ -519,6 +560,20 @@ def build_parser() -> argparse.ArgumentParser:
                            help="set: streams one token of the subaccount may hold at once (0: no limit; -1: "
                                 "back to cloud.toml's)")
     cloud_sub.set_defaults(func=cmd_cloud_subaccount)
+
+    cloud_revoke = sub.add_parser(
+        "cloud-revoke", help="revoke node certificates by serial in the cloud's etcd (live, every replica)",
+        description="A revoked serial is refused at the tunnel handshake and its live tunnels are closed within "
+                    "moments, on every replica. `openssl x509 -noout -serial -in node.pem` prints a serial in hex: "
+                    "give it as 0x<hex>, or give the certificate itself with --cert.")
+    cloud_revoke.add_argument("action", nargs="?", choices=("add", "remove", "list"), default="add",
+                              help="add (default): revoke; remove: take a serial off the list; list")
+    cloud_revoke.add_argument("--config", required=True, help="cloud.toml (with [shared])")
+    cloud_revoke.add_argument("--serial", action="append",
+                              help="a certificate serial: decimal, 0x<hex> or colon-separated hex (repeatable)")
+    cloud_revoke.add_argument("--cert", action="append", help="revoke the serial of this PEM certificate (repeatable)")
+    cloud_revoke.add_argument("--reason", help="a note kept with the serial (why)")
+    cloud_revoke.set_defaults(func=cmd_cloud_revoke)
 
     node = sub.add_parser("node", help="run an on-premise connector node")
     node.add_argument("--config", required=True, help="node.toml")

@@ -61,6 +61,7 @@ from connector.backoff import Backoff
 from connector.cloud.replicas import HELLO_REPLICA_KEY, REPLICAS_OP, Replica, from_body
 from connector.config import NodeConfig, check_node_certificate
 from connector.readiness import NodeState, readiness
+from connector.tlsreload import TlsReloader
 from connector.tunnel.dial import (
     DialError,
     DialTarget,
@@ -82,6 +83,7 @@ log = logging.getLogger(__name__)
 
 # Refusals that concern the node's cluster rather than its epoch (see connector.cloud.registry).
 CLUSTER_REFUSALS = frozenset({"wrong_cluster", "certificate_cluster"})
+CERTIFICATE_REVOKED = "certificate_revoked"  # the cloud's GOAWAY reason for a revoked certificate
 
 WS_RECEIVE_BUFFER = 262144
 WS_MAX_MESSAGE = 4 << 20
@@ -173,7 +175,10 @@ class Node:
         self.tunnel_failure: str | None = None  # why the last attempt to open a tunnel failed
         self.tunnel_failures: dict[str, str] = {}  # target -> why its last attempt failed
         self._tunnel_failed = trio.Event()
-        self._ssl = pki.client_context(config.tunnel_ca, config.tunnel_cert, config.tunnel_key)
+        # read again when the files change or on SIGHUP: new dials use it, tunnels up stay
+        self.tls = TlsReloader("tunnel client", [p for p in (config.tunnel_ca, config.tunnel_cert, config.tunnel_key)
+                                                 if p is not None], self._client_context)
+        self.tls.on_reload = lambda _: self._export_expiry()
         self._labels = (config.location_id, config.node_id)
         self._cluster = config.cluster.name if config.cluster else "standalone"
 
@@ -229,11 +234,26 @@ class Node:
 
     # --- main ------------------------------------------------------------------------------
 
+    def _client_context(self) -> ssl.SSLContext:
+        """The tunnel's TLS client context; CertificateError naming the file that is unusable."""
+        config = self.config
+        pki.check_key_pair(config.tunnel_cert, config.tunnel_key)
+        if config.tunnel_ca is not None:
+            pki.check_trust_store(config.tunnel_ca)
+        return pki.client_context(config.tunnel_ca, config.tunnel_cert, config.tunnel_key)
+
+    def _export_expiry(self) -> None:
+        metrics.CERT_EXPIRY.labels("tunnel-client").set(pki.expiry_timestamp(self.config.tunnel_cert))
+
+    def reload_certificates(self) -> None:
+        """SIGHUP: read the tunnel certificate, key and CA again now (see `connector.tlsreload`)."""
+        self.tls.reload()
+
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        cert_expiry = pki.expiry_timestamp(self.config.tunnel_cert)
-        metrics.CERT_EXPIRY.labels("tunnel-client").set(cert_expiry)
+        self._export_expiry()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self.tls.run)
             admin = AdminServer(self._admin_routes(), guarded=self._guarded_routes(), guard=self._admin_guard())
             self.admin_port = await nursery.start(admin.run, self.config.admin_listen.host, self.config.admin_listen.port)
             if self.elector is not None:
@@ -392,7 +412,7 @@ class Node:
             timeout = self.config.tunnel_connect_timeout
             deadline = trio.current_time() + timeout
             ws = await open_tunnel_websocket(
-                nursery, target.url, self._ssl, address=target.address, timeout=timeout,
+                nursery, target.url, self.tls.current, address=target.address, timeout=timeout,
                 client_cert=self.config.tunnel_cert, max_message_size=WS_MAX_MESSAGE,
                 receive_buffer_size=WS_RECEIVE_BUFFER,
             )
@@ -438,7 +458,7 @@ class Node:
                               control_handler=functools.partial(self._on_control, tunnel))
         finally:
             code, reason = session.close_reason or (ErrorCode.NO_ERROR, "")
-            if code == ErrorCode.DENIED and reason.partition(":")[0] in CLUSTER_REFUSALS:
+            if code == ErrorCode.DENIED and reason.partition(":")[0] in CLUSTER_REFUSALS | {CERTIFICATE_REVOKED}:
                 self._refused_by_cloud(tunnel, reason)  # said in the GOAWAY when refused at connection
             del self.tunnels[tunnel.replica]
             metrics.TUNNEL_CONNECTED.labels(*self._labels).set(1 if self.tunnels else 0)
