@@ -136,6 +136,7 @@ class ReplicaTunnel:
     refused: bool = False  # the replica refuses our cluster: register no more on this tunnel
     announced: tuple[Replica, ...] = ()  # the replica set it announced last
     drained: trio.Event = attrs.field(factory=trio.Event)  # its answer to our `drain`
+    tls_version: int = 0  # which of the node's certificates (`Node.tls` version) it was opened with
 
     def describe(self) -> dict[str, Any]:
         state = "refused" if self.refused else ("registered" if self.registered_epoch is not None else "standby")
@@ -178,7 +179,7 @@ class Node:
         # read again when the files change or on SIGHUP: new dials use it, tunnels up stay
         self.tls = TlsReloader("tunnel client", [p for p in (config.tunnel_ca, config.tunnel_cert, config.tunnel_key)
                                                  if p is not None], self._client_context)
-        self.tls.on_reload = lambda _: self._export_expiry()
+        self.tls.on_reload = lambda _: self._certificate_reloaded()
         self._labels = (config.location_id, config.node_id)
         self._cluster = config.cluster.name if config.cluster else "standalone"
 
@@ -244,6 +245,11 @@ class Node:
 
     def _export_expiry(self) -> None:
         metrics.CERT_EXPIRY.labels("tunnel-client").set(pki.expiry_timestamp(self.config.tunnel_cert))
+
+    def _certificate_reloaded(self) -> None:
+        self._export_expiry()
+        if (self.cloud_refusal or "").startswith(CERTIFICATE_REVOKED):
+            self.cloud_refusal = None  # the new certificate may well be accepted: no slow redial for it
 
     def reload_certificates(self) -> None:
         """SIGHUP: read the tunnel certificate, key and CA again now (see `connector.tlsreload`)."""
@@ -411,6 +417,7 @@ class Node:
             # tunnel's HELLO gets what is left of the same budget (tunnel.connect_timeout).
             timeout = self.config.tunnel_connect_timeout
             deadline = trio.current_time() + timeout
+            tls_version = self.tls.version
             ws = await open_tunnel_websocket(
                 nursery, target.url, self.tls.current, address=target.address, timeout=timeout,
                 client_cert=self.config.tunnel_cert, max_message_size=WS_MAX_MESSAGE,
@@ -441,7 +448,7 @@ class Node:
                 await session.aclose(ErrorCode.GOING_AWAY, "this node holds a tunnel to this replica already")
                 nursery.cancel_scope.cancel()
             else:
-                await self._hold(nursery, ReplicaTunnel(target, session, replica))
+                await self._hold(nursery, ReplicaTunnel(target, session, replica, tls_version=tls_version))
         if holder is not None:
             await holder.session.wait_closed()
 
@@ -458,8 +465,13 @@ class Node:
                               control_handler=functools.partial(self._on_control, tunnel))
         finally:
             code, reason = session.close_reason or (ErrorCode.NO_ERROR, "")
-            if code == ErrorCode.DENIED and reason.partition(":")[0] in CLUSTER_REFUSALS | {CERTIFICATE_REVOKED}:
+            why = reason.partition(":")[0] if code == ErrorCode.DENIED else ""
+            if why in CLUSTER_REFUSALS:
                 self._refused_by_cloud(tunnel, reason)  # said in the GOAWAY when refused at connection
+            elif why == CERTIFICATE_REVOKED and tunnel.tls_version == self.tls.version:
+                self._refused_by_cloud(tunnel, reason)  # until a new certificate is read
+            elif why == CERTIFICATE_REVOKED:
+                log.warning("the certificate this tunnel was opened with is revoked: dialling with the one read since")
             del self.tunnels[tunnel.replica]
             metrics.TUNNEL_CONNECTED.labels(*self._labels).set(1 if self.tunnels else 0)
             self._update_targets()  # what only this replica announced is dropped with it
