@@ -209,6 +209,7 @@ class SubaccountConfig:
     destination_admin_sha256: tuple[str, ...] = ()  # tokens that manage destinations (not proxy tokens)
     clusters: dict[str, str] = attrs.field(factory=dict)  # location -> the one cluster that may serve it
     max_streams_per_token: int | None = None  # None: [proxy] max_streams_per_token
+    ca_key: Path | None = None  # the CA's key: the cloud renews its nodes' certificates (None: offline)
 
 
 @attrs.frozen
@@ -343,6 +344,7 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
                 destination_admin_sha256=tuple(_digests(section, "destination_admin_sha256")),
                 clusters=pins,
                 max_streams_per_token=section.int("max_streams_per_token", minimum=0),
+                ca_key=section.path("ca_key"),
             )
         )
         section.done()
@@ -550,6 +552,9 @@ class NodeConfig:
     request_body_grace: float = 5.0
     response_write_timeout: float = 60.0
     keepalive_timeout: float = 120.0
+    # [tunnel] renew_at: the fraction of its validity after which the node asks the cloud to renew
+    # its certificate (connector.agent.renew); 0: never (renewed by an operator)
+    tunnel_renew_at: float = 0.67
 
     @property
     def tunnel_url(self) -> str:
@@ -749,6 +754,7 @@ def load_node_config(path: str | Path) -> NodeConfig:
         ping_interval=tunnel.float("ping_interval", 1.0),
         ping_timeout=tunnel.float("ping_timeout", 3.0),
         tunnel_connect_timeout=tunnel.float("connect_timeout", 5.0),
+        tunnel_renew_at=_fraction(tunnel, "renew_at", 0.67),
         admin_listen=admin.listen("listen", "127.0.0.1:0"),
         admin_advertise_url=admin.str("advertise_url"),
         admin_token_file=admin.path("token_file"),
@@ -779,6 +785,13 @@ def load_node_config(path: str | Path) -> NodeConfig:
     return config
 
 
+def _fraction(section: _Section, name: str, default: float) -> float:
+    value = float(section.float(name, default, positive=False))
+    if not 0 <= value < 1:
+        raise ConfigError(section.file, section.key(name), f"must be at least 0 (off) and below 1, got {value}")
+    return value
+
+
 # --- files start-up will open ----------------------------------------------------------------
 
 def check_cloud_files(config: CloudConfig) -> None:
@@ -789,6 +802,8 @@ def check_cloud_files(config: CloudConfig) -> None:
     _key_pair(file, "tunnel.cert", "tunnel.key", config.tunnel_cert, config.tunnel_key)
     for i, subaccount in enumerate(config.subaccounts):
         _trust_store(file, f"subaccounts[{i}].ca", subaccount.ca)
+        if subaccount.ca_key is not None:
+            _key_pair(file, f"subaccounts[{i}].ca", f"subaccounts[{i}].ca_key", subaccount.ca, subaccount.ca_key)
     if config.oauth is not None:
         _key_pair(file, "oauth.cert", "oauth.key", config.oauth.cert, config.oauth.key)
         _writable_directory(file, "oauth.signing_keys", config.oauth.signing_keys)

@@ -57,6 +57,7 @@ from connector.admin import LOCAL_HOSTS, AdminGuard, AdminRequest, AdminServer, 
 from connector.agent.acl import AccessControl
 from connector.agent.audit import AuditLog
 from connector.agent.forward import ForwardSettings, StreamContext, serve_stream
+from connector.agent.renew import RenewalError, Renewer
 from connector.backoff import Backoff
 from connector.cloud.replicas import HELLO_REPLICA_KEY, REPLICAS_OP, Replica, from_body
 from connector.config import NodeConfig, check_node_certificate
@@ -180,6 +181,8 @@ class Node:
         self.tls = TlsReloader("tunnel client", [p for p in (config.tunnel_ca, config.tunnel_cert, config.tunnel_key)
                                                  if p is not None], self._client_context)
         self.tls.on_reload = lambda _: self._certificate_reloaded()
+        self.renewer = Renewer(config.tunnel_cert, config.tunnel_key, self.tls, renew_at=config.tunnel_renew_at,
+                               send_control=self._send_to_any_replica)
         self._labels = (config.location_id, config.node_id)
         self._cluster = config.cluster.name if config.cluster else "standalone"
 
@@ -251,6 +254,16 @@ class Node:
         if (self.cloud_refusal or "").startswith(CERTIFICATE_REVOKED):
             self.cloud_refusal = None  # the new certificate may well be accepted: no slow redial for it
 
+    async def _send_to_any_replica(self, op: str, body: dict[str, Any]) -> None:
+        """A control message on one tunnel (the first replica's); RenewalError without any."""
+        session = self.session
+        if session is None:
+            raise RenewalError("no tunnel to the cloud")
+        try:
+            await session.send_control(op, body)
+        except TunnelError as exc:
+            raise RenewalError(f"the tunnel closed: {exc}") from None
+
     def reload_certificates(self) -> None:
         """SIGHUP: read the tunnel certificate, key and CA again now (see `connector.tlsreload`)."""
         self.tls.reload()
@@ -260,6 +273,8 @@ class Node:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self.tls.run)
+            if self.config.tunnel_renew_at > 0:
+                nursery.start_soon(self.renewer.run)
             admin = AdminServer(self._admin_routes(), guarded=self._guarded_routes(), guard=self._admin_guard())
             self.admin_port = await nursery.start(admin.run, self.config.admin_listen.host, self.config.admin_listen.port)
             if self.elector is not None:
@@ -498,6 +513,8 @@ class Node:
         elif op == "master_lost":
             if body.get("epoch") is not None:
                 self._master_lost(tunnel, int(body["epoch"]))
+        elif op in ("renewed", "renew_refused"):
+            self.renewer.answer(op, body)
         elif op == "drained":
             tunnel.drained.set()
             tunnel.drained = trio.Event()

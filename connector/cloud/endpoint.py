@@ -46,6 +46,7 @@ HELLO). A node keeps its tunnels to the other replicas and redials this one with
 
 from __future__ import annotations
 
+import datetime
 import functools
 import logging
 import ssl
@@ -106,6 +107,12 @@ class PeerCertificate:
     node: str  # the CN
     cluster: str | None  # the OU, when the certificate binds the node to a cluster
     serial: int
+    subject: x509.Name  # what a renewed certificate names again
+    lifetime: datetime.timedelta  # how long it was valid for: a renewed one is valid as long
+
+
+RENEW_OP = "renew"  # node -> cloud {"csr": PEM}; answered "renewed" {"cert": PEM} or "renew_refused"
+RENEW_INTERVAL = 60.0  # seconds of trio time between two renewals signed on one tunnel
 
 
 @attrs.frozen
@@ -126,6 +133,7 @@ class TunnelEndpoint:
         endpoint_settings: EndpointSettings = EndpointSettings(),
         replicas: ReplicaDirectory | None = None,
         revoked: RevokedSerials | None = None,
+        subaccount_ca_keys: dict[str, Path] | None = None,
         reload_interval: float = CHECK_INTERVAL,
     ) -> None:
         self.registry = registry
@@ -136,6 +144,9 @@ class TunnelEndpoint:
                                functools.partial(server_tls, cert, key, dict(subaccount_cas)),
                                interval=reload_interval)
         self.revoked = revoked if revoked is not None else RevokedSerials()
+        # subaccount -> (its CA, the CA's key): the cloud renews the certificates of those nodes
+        self._signers = {sub: pki.Issued(subaccount_cas[sub], key) for sub, key in (subaccount_ca_keys or {}).items()}
+        self._renewed_at: dict[TunnelSession, float] = {}  # the last renewal signed on each tunnel
         self.refused = 0  # connections refused for certificate reasons (tests and status read it)
         self._connections = 0
         self._connections_lot = trio.lowlevel.ParkingLot()
@@ -246,7 +257,8 @@ class TunnelEndpoint:
         node_cn = pki.common_name_of(cert)
         if not node_cn:
             raise pki.CertificateError("client certificate names no node in CN=")
-        return PeerCertificate(subaccount, node_cn, pki.cluster_of(cert), cert.serial_number)
+        return PeerCertificate(subaccount, node_cn, pki.cluster_of(cert), cert.serial_number, cert.subject,
+                               cert.not_valid_after_utc - cert.not_valid_before_utc)
 
     async def _serve(self, ws: trio_websocket.WebSocketConnection, peer_cert: PeerCertificate) -> None:
         subaccount, node_cn, cert_cluster = peer_cert.subaccount, peer_cert.node, peer_cert.cluster
@@ -294,10 +306,11 @@ class TunnelEndpoint:
                 if self.replicas is not None:
                     nursery.start_soon(self._announce_replicas, session, self.replicas)
                 nursery.start_soon(self._close_when_revoked, session, peer_cert)
-                await session.run(control_handler=functools.partial(self._on_control, handle))
+                await session.run(control_handler=functools.partial(self._on_control, handle, peer_cert))
                 nursery.cancel_scope.cancel()
         finally:
             self._sessions.discard(session)
+            self._renewed_at.pop(session, None)
             self.registry.remove(handle)
             log.info("tunnel down: node %s of %s/%r (%s)", node, subaccount, location_id, session.close_reason)
 
@@ -318,7 +331,36 @@ class TunnelEndpoint:
         log.error("closing the tunnel of %s/%s: %s", peer_cert.subaccount, peer_cert.node, message)
         await session.aclose(ErrorCode.DENIED, f"{REVOKED_REASON}: {message}")
 
-    async def _on_control(self, handle: TunnelHandle, op: str, body: dict[str, Any]) -> None:
+    def _renew(self, session: TunnelSession, peer: PeerCertificate, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Sign a node's CSR with its subaccount's CA: the reply op and body. The new certificate
+        names what the tunnel's certificate names (never the CSR's names) and is valid as long."""
+        def refused(reason: str, message: str) -> tuple[str, dict[str, Any]]:
+            log.warning("renewal for node %s of %s refused: %s", peer.node, peer.subaccount, message)
+            return "renew_refused", {"reason": reason, "message": message}
+
+        signer = self._signers.get(peer.subaccount)
+        if signer is None:
+            return refused("offline_ca", f"the cloud holds no CA key for subaccount {peer.subaccount!r}: an "
+                                         "operator renews this node's certificate (docs/operations.md)")
+        now = trio.current_time()
+        last = self._renewed_at.get(session)
+        if last is not None and now - last < RENEW_INTERVAL:
+            return refused("too_soon", f"a certificate was renewed on this tunnel {now - last:.0f} s ago; "
+                                       f"at most one every {RENEW_INTERVAL:g} s")
+        csr_text = body.get("csr")
+        try:
+            if not isinstance(csr_text, str):
+                raise pki.CertificateError("the body names no csr")
+            csr = pki.load_csr(csr_text.encode())
+            cert = pki.sign_client_csr(signer, csr, peer.subject, lifetime=peer.lifetime)
+        except pki.CertificateError as exc:
+            return refused("bad_csr", str(exc))
+        self._renewed_at[session] = now
+        log.info("renewed the certificate of node %s of %s (was serial %s, valid %s)", peer.node, peer.subaccount,
+                 format_serial(peer.serial), peer.lifetime)
+        return "renewed", {"cert": cert.decode()}
+
+    async def _on_control(self, handle: TunnelHandle, peer: PeerCertificate, op: str, body: dict[str, Any]) -> None:
         if op == "register":
             epoch = body.get("epoch")
             if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
@@ -337,6 +379,8 @@ class TunnelEndpoint:
             await handle.session.send_control("drained", {})
         elif op == "unregister":
             self.registry.unregister(handle, draining=False)
+        elif op == RENEW_OP:
+            await handle.session.send_control(*self._renew(handle.session, peer, body))
         else:
             log.warning("unknown control op %r from %s", op, handle.node)
 

@@ -141,6 +141,7 @@ class CloudServer:
                                                upgrade_timeout=config.upgrade_timeout),
             replicas=self.replicas,
             revoked=self.revoked,
+            subaccount_ca_keys={s.id: s.ca_key for s in config.subaccounts if s.ca_key is not None},
         )
         self.endpoint.tls.on_reload = lambda _: self._export_expiry()
         self.ports: CloudPorts | None = None
