@@ -76,6 +76,43 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs_renewal(args: argparse.Namespace) -> int:
+    """`connector certs csr|sign|install`: a node certificate renewed by an operator (the cloud
+    renews by itself when it holds the subaccount CA's key: `connector.agent.renew`)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    from connector import pki
+
+    if args.certs_command == "csr":
+        cert_path = Path(args.cert)
+        out = Path(args.out) if args.out else cert_path.parent
+        key_pem, csr_pem = pki.new_key_and_csr(pki.load_certificate(cert_path))
+        key_path, csr_path = out / f"{cert_path.stem}.new.key", out / f"{cert_path.stem}.csr"
+        pki.write_private(key_path, key_pem, overwrite=args.force)
+        csr_path.write_bytes(csr_pem)
+        print(f"new key: {key_path} (mode 0600, stays here); CSR: {csr_path} (for `connector certs sign`)")
+    elif args.certs_command == "sign":
+        ca = _existing_ca(Path(args.dir), f"{args.subaccount}-ca", f" --subaccount {args.subaccount}")
+        csr = pki.load_csr(pki.read_file(Path(args.csr), "CSR"))
+        names = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, args.subaccount)]
+        if args.cluster:
+            names.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, args.cluster))
+        names.append(x509.NameAttribute(NameOID.COMMON_NAME, args.node))
+        cert = pki.sign_client_csr(ca, csr, x509.Name(names),
+                                   lifetime=datetime.timedelta(days=args.days) + pki.BACKDATE)
+        Path(args.out).write_bytes(cert)
+        print(f"certificate: {args.out} for node {args.node} of subaccount {args.subaccount}, valid {args.days} days")
+    else:
+        pki.check_key_pair(Path(args.cert), Path(args.key))
+        pki.install_key_pair(Path(args.to_cert), Path(args.to_key), pki.read_file(Path(args.cert), "certificate"),
+                             pki.read_file(Path(args.key), "private key"))
+        print(f"installed: {args.to_cert} and {args.to_key}; the node reads them within seconds (or on SIGHUP)")
+    return 0
+
+
 def init_certs(directory: Path, subaccount: str, nodes: list[str], hosts: list[str], *, force: bool = False,
                cluster: str | None = None) -> dict[str, Path]:
     """Everything a demo or a first install needs: cloud CA + server cert, subaccount CA + node certs
@@ -501,6 +538,32 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--cluster", help="the nodes' [cluster] name (goes into OU=): the cloud then accepts "
                            "these nodes only for that cluster")
     certs.set_defaults(func=cmd_certs)
+    # renewal by an operator where the subaccount CA is kept offline (docs/operations.md)
+    csr = certs_sub.add_parser("csr", help="on a node: a new key and a CSR to renew its certificate",
+                               description="Writes <out>/<name>.new.key (0600) and <out>/<name>.csr, naming what "
+                                           "--cert names. Take the CSR to the CA's host for `certs sign`.")
+    csr.add_argument("--cert", required=True, help="the node's certificate (tunnel.cert)")
+    csr.add_argument("--out", help="directory for the key and CSR (default: the certificate's)")
+    csr.add_argument("--force", action="store_true", help="overwrite an earlier new key")
+    sign = certs_sub.add_parser("sign", help="on the CA's host: sign a node's CSR with its subaccount's CA",
+                                description="The certificate names --subaccount, --node and --cluster as "
+                                            "`certs client` does, whatever the CSR says; valid --days.")
+    sign.add_argument("--dir", required=True, help="directory holding <subaccount>-ca.pem/.key")
+    sign.add_argument("--subaccount", required=True)
+    sign.add_argument("--node", required=True, help="node id (CN=)")
+    sign.add_argument("--cluster", help="the node's cluster (OU=), as its current certificate names it")
+    sign.add_argument("--csr", required=True, help="the CSR from `certs csr`")
+    sign.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    sign.add_argument("--out", required=True, help="where to write the certificate (PEM)")
+    install = certs_sub.add_parser("install", help="on a node: put a renewed certificate and its key in place",
+                                   description="Checks they are a pair, then replaces --to-key and --to-cert "
+                                               "atomically; the running node reads them within seconds.")
+    install.add_argument("--cert", required=True, help="the signed certificate")
+    install.add_argument("--key", required=True, help="the key `certs csr` made")
+    install.add_argument("--to-cert", required=True, help="the node's tunnel.cert")
+    install.add_argument("--to-key", required=True, help="the node's tunnel.key")
+    for p in (csr, sign, install):
+        p.set_defaults(func=cmd_certs_renewal)
 
     token = sub.add_parser("token", help="create a proxy bearer token and print it with its SHA-256 for cloud.toml",
                            description='Prints {"token": ..., "token_sha256": ...}; `TOKEN=$(connector token '

@@ -114,7 +114,8 @@ def load_ca(ca: Issued) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     return cert, key
 
 
-def _read(path: Path, what: str) -> bytes:
+def read_file(path: Path, what: str) -> bytes:
+    """The bytes of `path`; CertificateError naming it and the `what` when it cannot be read."""
     try:
         return Path(path).read_bytes()
     except FileNotFoundError:
@@ -124,7 +125,7 @@ def _read(path: Path, what: str) -> bytes:
 
 
 def load_certificate(path: Path) -> x509.Certificate:
-    data = _read(path, "certificate")
+    data = read_file(path, "certificate")
     try:
         return x509.load_pem_x509_certificate(data)
     except ValueError as exc:
@@ -135,7 +136,7 @@ def load_certificate(path: Path) -> x509.Certificate:
 
 
 def load_private_key(path: Path) -> PrivateKeyTypes:
-    data = _read(path, "private key")
+    data = read_file(path, "private key")
     try:
         return serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
