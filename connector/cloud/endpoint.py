@@ -36,7 +36,10 @@ read again when their files change (checked every few seconds) or on `reload_cer
 logged and leave the old ones in use. A client certificate whose serial is on the deny-list
 (`connector.cloud.revocation`, `revoked`) is refused right after its HELLO with
 GOAWAY(DENIED, "certificate_revoked: ..."), and a tunnel whose serial is revoked while it is up is
-closed the same way, at once.
+closed the same way, at once. A node may renew its certificate on its tunnel (CONTROL ``renew``
+{"csr"}): with its subaccount's CA key configured the endpoint signs a certificate naming what the
+tunnel's certificate names, valid as long (``renewed`` {"cert"}; see `connector.agent.renew`),
+else it answers ``renew_refused`` with the reason.
 
 Going away (a replica's graceful shutdown, `connector.cloud.drain`): `go_away` closes every
 tunnel with GOAWAY(GOING_AWAY) once the application requests finished and closes the listener
