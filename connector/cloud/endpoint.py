@@ -355,9 +355,13 @@ class TunnelEndpoint:
             if not isinstance(csr_text, str):
                 raise pki.CertificateError("the body names no csr")
             csr = pki.load_csr(csr_text.encode())
-            cert = pki.sign_client_csr(signer, csr, peer.subject, lifetime=peer.lifetime)
         except pki.CertificateError as exc:
             return refused("bad_csr", str(exc))
+        try:
+            cert = pki.sign_client_csr(signer, csr, peer.subject, lifetime=peer.lifetime)
+        except pki.CertificateError as exc:  # the CA's files, replaced or broken since start
+            log.error("cannot sign with the CA of subaccount %s: %s", peer.subaccount, exc)
+            return refused("ca_unusable", "the cloud cannot use its CA for this subaccount now; try later")
         self._renewed_at[session] = now
         log.info("renewed the certificate of node %s of %s (was serial %s, valid %s)", peer.node, peer.subaccount,
                  format_serial(peer.serial), peer.lifetime)
