@@ -262,14 +262,14 @@ def load_csr(data: bytes) -> x509.CertificateSigningRequest:
 
 
 def sign_client_csr(ca: Issued, csr: x509.CertificateSigningRequest, subject: x509.Name, *,
-                    lifetime: datetime.timedelta) -> bytes:
+                    lifetime: datetime.timedelta, now: datetime.datetime | None = None) -> bytes:
     """A node client certificate (PEM) for the CSR's key, naming `subject` (the names the signer
     vouches for: O= subaccount, OU= cluster, CN= node; never the CSR's own), valid `lifetime` in
     all (notAfter - notBefore, as the certificate it renews: it starts BACKDATE ago, as every
     certificate here; at least a minute from now, at most LEAF_DAYS)."""
     ca_cert, ca_key = load_ca(ca)
     lifetime = min(max(lifetime, BACKDATE + datetime.timedelta(minutes=1)), datetime.timedelta(days=LEAF_DAYS))
-    start = _now() - BACKDATE
+    start = (now or _now()) - BACKDATE
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)

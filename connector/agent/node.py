@@ -57,7 +57,7 @@ from connector.admin import LOCAL_HOSTS, AdminGuard, AdminRequest, AdminServer, 
 from connector.agent.acl import AccessControl
 from connector.agent.audit import AuditLog
 from connector.agent.forward import ForwardSettings, StreamContext, serve_stream
-from connector.agent.renew import RenewalError, Renewer
+from connector.agent.renew import RENEW_REFUSED_OP, RENEWED_OP, RenewalError, Renewer
 from connector.backoff import Backoff
 from connector.cloud.replicas import HELLO_REPLICA_KEY, REPLICAS_OP, Replica, from_body
 from connector.config import NodeConfig, check_node_certificate
@@ -513,7 +513,7 @@ class Node:
         elif op == "master_lost":
             if body.get("epoch") is not None:
                 self._master_lost(tunnel, int(body["epoch"]))
-        elif op in ("renewed", "renew_refused"):
+        elif op in (RENEWED_OP, RENEW_REFUSED_OP):
             self.renewer.answer(op, body)
         elif op == "drained":
             tunnel.drained.set()

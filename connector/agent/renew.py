@@ -35,7 +35,9 @@ from connector.tlsreload import TlsReloader
 
 log = logging.getLogger(__name__)
 
-RENEW_OP = "renew"  # as `connector.cloud.endpoint.RENEW_OP`
+RENEW_OP = "renew"  # node -> cloud {"csr": PEM}
+RENEWED_OP = "renewed"  # cloud -> node {"cert": PEM}
+RENEW_REFUSED_OP = "renew_refused"  # cloud -> node {"reason", "message"}
 ANSWER_TIMEOUT = 30.0  # seconds for the cloud's answer to a CSR
 RETRY = 300.0  # seconds between attempts after a failure, at most (see `retry_delay`)
 MIN_RETRY = 1.0
@@ -131,7 +133,7 @@ class Renewer:
         if answer is None:
             raise RenewalError(f"the cloud did not answer within {ANSWER_TIMEOUT:g} s")
         op, body = answer
-        if op != "renewed":
+        if op != RENEWED_OP:
             raise RenewalError(f"the cloud refused: {body.get('reason')}: {body.get('message')}")
         new = self._check(body.get("cert"), key_pem)
         pki.install_key_pair(self.cert_path, self.key_path, new.public_bytes(serialization.Encoding.PEM), key_pem)

@@ -63,6 +63,7 @@ import trio_websocket
 from cryptography import x509
 
 from connector import metrics, pki
+from connector.agent.renew import RENEW_OP, RENEW_REFUSED_OP, RENEWED_OP
 from connector.cloud.registry import Registry, TunnelHandle, refuse_tunnel
 from connector.cloud.replicas import HELLO_REPLICA_KEY, REPLICAS_OP, ReplicaDirectory, to_body
 from connector.cloud.revocation import RevokedSerials, format_serial
@@ -114,7 +115,6 @@ class PeerCertificate:
     lifetime: datetime.timedelta  # how long it was valid for: a renewed one is valid as long
 
 
-RENEW_OP = "renew"  # node -> cloud {"csr": PEM}; answered "renewed" {"cert": PEM} or "renew_refused"
 RENEW_INTERVAL = 60.0  # seconds of trio time between two renewals signed on one tunnel
 
 
@@ -339,7 +339,7 @@ class TunnelEndpoint:
         names what the tunnel's certificate names (never the CSR's names) and is valid as long."""
         def refused(reason: str, message: str) -> tuple[str, dict[str, Any]]:
             log.warning("renewal for node %s of %s refused: %s", peer.node, peer.subaccount, message)
-            return "renew_refused", {"reason": reason, "message": message}
+            return RENEW_REFUSED_OP, {"reason": reason, "message": message}
 
         signer = self._signers.get(peer.subaccount)
         if signer is None:
@@ -365,7 +365,7 @@ class TunnelEndpoint:
         self._renewed_at[session] = now
         log.info("renewed the certificate of node %s of %s (was serial %s, valid %s)", peer.node, peer.subaccount,
                  format_serial(peer.serial), peer.lifetime)
-        return "renewed", {"cert": cert.decode()}
+        return RENEWED_OP, {"cert": cert.decode()}
 
     async def _on_control(self, handle: TunnelHandle, peer: PeerCertificate, op: str, body: dict[str, Any]) -> None:
         if op == "register":

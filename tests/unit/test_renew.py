@@ -24,22 +24,20 @@ MINUTES = 6  # the certificate's validity: 1 minute ahead, and the 5 minutes `pk
 RENEW_AT = 0.9  # 5.4 of the 6 minutes: 24 s after issue
 
 
-def start_wall() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
-
-
 class Setup:
     def __init__(self, tmp_path: Path) -> None:
         self.ca = pki.create_ca(tmp_path / "ca", "acme-ca", "acme CA")
         first = pki.issue(self.ca, tmp_path, "node", common_name="node-a", organization="acme", cluster="plant",
                           client=True)
+        # the wall clock at virtual time 0 (whole seconds, as certificates hold them); the cloud signs
+        # at the virtual wall time, so validity and the wait agree exactly
+        self.wall0 = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
         # valid 6 minutes in all, 1 of them ahead (pki backdates 5)
         key_pem, csr_pem = pki.new_key_and_csr(pki.load_certificate(first.cert_path))
         cert_pem = pki.sign_client_csr(self.ca, pki.load_csr(csr_pem), pki.load_certificate(first.cert_path).subject,
-                                       lifetime=datetime.timedelta(minutes=MINUTES))
+                                       lifetime=datetime.timedelta(minutes=MINUTES), now=self.wall0)
         pki.install_key_pair(first.cert_path, first.key_path, cert_pem, key_pem)
         self.cert_path, self.key_path = first.cert_path, first.key_path
-        self.wall0 = start_wall()
         self.tls = TlsReloader("test client", [self.cert_path, self.key_path], self.read_serial)
         self.refuse: str | None = None
         self.sent: list[float] = []
@@ -60,7 +58,7 @@ class Setup:
             return
         old = pki.load_certificate(self.cert_path)
         cert = pki.sign_client_csr(self.ca, pki.load_csr(body["csr"].encode()), old.subject,
-                                   lifetime=old.not_valid_after_utc - old.not_valid_before_utc)
+                                   lifetime=old.not_valid_after_utc - old.not_valid_before_utc, now=self.wall())
         self.renewer.answer("renewed", {"cert": cert.decode()})
 
 
