@@ -17,6 +17,7 @@ import datetime
 import ipaddress
 import os
 import ssl
+from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
@@ -133,6 +134,12 @@ def load_certificate(path: Path) -> x509.Certificate:
             raise CertificateError(f"{path} holds a private key, not a certificate (certificate and key "
                                    "swapped?)") from None
         raise CertificateError(f"{path}: not a PEM certificate ({exc})") from None
+
+
+def load_certificates(path: Path) -> list[x509.Certificate]:
+    """Every certificate of a PEM bundle (a CA file may hold several); CertificateError as `load_certificate`."""
+    load_certificate(path)  # the first: readable, PEM, not a key, each failure in words
+    return x509.load_pem_x509_certificates(read_file(path, "certificate"))
 
 
 def load_private_key(path: Path) -> PrivateKeyTypes:
@@ -321,13 +328,19 @@ def common_name_of(cert: x509.Certificate) -> str:
     return str(names[0].value) if names else ""
 
 
-def verify_issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> None:
-    """Raise CertificateError unless `cert` was signed by `ca_cert` (used on top of the TLS
-    handshake's own chain check, to bind the subaccount named in the certificate to *its* CA)."""
-    try:
-        cert.verify_directly_issued_by(ca_cert)
-    except (ValueError, TypeError, Exception) as exc:  # InvalidSignature has no common base
-        raise CertificateError(f"certificate is not issued by the subaccount's CA: {exc}") from None
+def verify_issued_by(cert: x509.Certificate, ca_certs: x509.Certificate | Sequence[x509.Certificate]) -> None:
+    """Raise CertificateError unless `cert` was signed by `ca_certs` (or one of them: a subaccount's
+    CA file may hold its new and its old CA while nodes are re-issued). Used on top of the TLS
+    handshake's own chain check, to bind the subaccount named in the certificate to *its* CA."""
+    cas = [ca_certs] if isinstance(ca_certs, x509.Certificate) else list(ca_certs)
+    failures = []
+    for ca_cert in cas:
+        try:
+            cert.verify_directly_issued_by(ca_cert)
+            return
+        except (ValueError, TypeError, Exception) as exc:  # InvalidSignature has no common base
+            failures.append(str(exc) or type(exc).__name__)
+    raise CertificateError(f"certificate is not issued by the subaccount's CA: {'; '.join(failures)}")
 
 
 def expiry_timestamp(path: Path) -> float:

@@ -93,7 +93,7 @@ class ServerTls:
     """What the endpoint's handshakes use, read from the files together (see `server_tls`)."""
 
     context: ssl.SSLContext
-    cas: dict[str, x509.Certificate]  # subaccount -> its CA, which alone may vouch for its nodes
+    cas: dict[str, list[x509.Certificate]]  # subaccount -> its CA(s), which alone may vouch for its nodes
 
 
 def server_tls(cert: Path, key: Path, subaccount_cas: dict[str, Path]) -> ServerTls:
@@ -102,7 +102,7 @@ def server_tls(cert: Path, key: Path, subaccount_cas: dict[str, Path]) -> Server
     for path in subaccount_cas.values():
         pki.check_trust_store(path)
     return ServerTls(pki.server_context(cert, key, list(subaccount_cas.values())),
-                     {sub: pki.load_certificate(path) for sub, path in subaccount_cas.items()})
+                     {sub: pki.load_certificates(path) for sub, path in subaccount_cas.items()})
 
 
 @attrs.frozen
@@ -247,7 +247,7 @@ class TunnelEndpoint:
         return None
 
     @staticmethod
-    def _identify(tls: trio.SSLStream[Any], cas: dict[str, x509.Certificate]) -> PeerCertificate:
+    def _identify(tls: trio.SSLStream[Any], cas: dict[str, list[x509.Certificate]]) -> PeerCertificate:
         der = tls.getpeercert(binary_form=True)
         if not der:
             raise pki.CertificateError("no client certificate")

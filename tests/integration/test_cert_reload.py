@@ -50,9 +50,9 @@ async def bare_tunnel(nursery: trio.Nursery, port: int, trusted_ca: Path, certs:
                       node: str = "node-b") -> TunnelSession:
     """A tunnel of `node` trusting only `trusted_ca`, through the HELLO."""
     ctx = pki.client_context(trusted_ca, certs[f"node_{node}_cert"], certs[f"node_{node}_key"])
-    ws = await trio_websocket.connect_websocket_url(nursery, f"wss://127.0.0.1:{port}/tunnel", ssl_context=ctx)
-    session = TunnelSession(ws, client=True, hello_info={"location_id": "", "node": node})
-    with trio.fail_after(TIMEOUT):
+    with trio.fail_after(TIMEOUT):  # a refused certificate: trio-websocket waits for ever (see tunnel.dial)
+        ws = await trio_websocket.connect_websocket_url(nursery, f"wss://127.0.0.1:{port}/tunnel", ssl_context=ctx)
+        session = TunnelSession(ws, client=True, hello_info={"location_id": "", "node": node})
         await session.handshake()
     return session
 
@@ -180,3 +180,42 @@ async def test_sighup_makes_connector_cloud_read_its_certificates_again(tmp_path
     finally:
         if process.poll() is None:
             process.kill()
+
+
+async def test_a_subaccount_moves_to_a_new_ca_through_a_bundle_without_dropping_tunnels(
+        nursery: trio.Nursery, tmp_path: Path) -> None:
+    stack = await start_stack(nursery, tmp_path, with_node=False)
+    certs = stack.certs
+    old_ca = certs["subaccount_ca"].read_bytes()
+    held = await bare_tunnel(nursery, stack.ports.tunnel, certs["cloud_ca"], certs, node="node-a")
+    await nursery.start(lambda task_status: held.run(task_status=task_status))  # answers the pings
+    new_ca = pki.create_ca(tmp_path / "new-sub", f"{SUBACCOUNT}-ca", "acme's new CA")
+    reissued = pki.issue(new_ca, tmp_path / "new-sub", "node-node-b", common_name="node-b", organization=SUBACCOUNT,
+                         client=True)
+    moved = {**certs, "node_node-b_cert": reissued.cert_path, "node_node-b_key": reissued.key_path}
+
+    tmp = certs["subaccount_ca"].with_name("bundle.new")  # the new CA first (it signs renewals), the old one kept
+    tmp.write_bytes(new_ca.cert_path.read_bytes() + old_ca)
+    os.replace(tmp, certs["subaccount_ca"])
+    assert stack.cloud.endpoint.tls.check()
+    for node_certs in (moved, certs):  # re-issued and not yet re-issued nodes both get in
+        session = await bare_tunnel(nursery, stack.ports.tunnel, certs["cloud_ca"], node_certs)
+        await session.aclose()
+
+    replace(certs["subaccount_ca"], new_ca.cert_path)  # every node re-issued: the old CA goes
+    assert stack.cloud.endpoint.tls.check()
+    refused_before = stack.cloud.endpoint.refused
+    ctx = pki.client_context(certs["cloud_ca"], certs["node_node-b_cert"], certs["node_node-b_key"])
+    tls = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", stack.ports.tunnel), ctx, server_hostname="127.0.0.1")
+    with trio.fail_after(TIMEOUT):
+        await tls.do_handshake()
+        try:  # TLS 1.3: the server's verdict on our certificate follows the handshake
+            answer = await tls.receive_some()
+        except trio.BrokenResourceError:
+            answer = b""
+    await trio.aclose_forcefully(tls)
+    assert answer == b""  # closed on us, nothing said
+    with trio.fail_after(TIMEOUT):
+        await stack.cloud.endpoint.wait_connections(1)  # the refused one is gone; the held one stays
+    assert stack.cloud.endpoint.refused == refused_before + 1
+    assert not held.closed  # reloading refuses new handshakes only: revoke to close a tunnel
