@@ -77,6 +77,43 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs_renewal(args: argparse.Namespace) -> int:
+    """`connector certs csr|sign|install`: a node certificate renewed by an operator (the cloud
+    renews by itself when it holds the subaccount CA's key: `connector.agent.renew`)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    from connector import pki
+
+    if args.certs_command == "csr":
+        cert_path = Path(args.cert)
+        out = Path(args.out) if args.out else cert_path.parent
+        key_pem, csr_pem = pki.new_key_and_csr(pki.load_certificate(cert_path))
+        key_path, csr_path = out / f"{cert_path.stem}.new.key", out / f"{cert_path.stem}.csr"
+        pki.write_private(key_path, key_pem, overwrite=args.force)
+        csr_path.write_bytes(csr_pem)
+        print(f"new key: {key_path} (mode 0600, stays here); CSR: {csr_path} (for `connector certs sign`)")
+    elif args.certs_command == "sign":
+        ca = _existing_ca(Path(args.dir), f"{args.subaccount}-ca", f" --subaccount {args.subaccount}")
+        csr = pki.load_csr(pki.read_file(Path(args.csr), "CSR"))
+        names = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, args.subaccount)]
+        if args.cluster:
+            names.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, args.cluster))
+        names.append(x509.NameAttribute(NameOID.COMMON_NAME, args.node))
+        cert = pki.sign_client_csr(ca, csr, x509.Name(names),
+                                   lifetime=datetime.timedelta(days=args.days) + pki.BACKDATE)
+        Path(args.out).write_bytes(cert)
+        print(f"certificate: {args.out} for node {args.node} of subaccount {args.subaccount}, valid {args.days} days")
+    else:
+        pki.check_key_pair(Path(args.cert), Path(args.key))
+        pki.install_key_pair(Path(args.to_cert), Path(args.to_key), pki.read_file(Path(args.cert), "certificate"),
+                             pki.read_file(Path(args.key), "private key"))
+        print(f"installed: {args.to_cert} and {args.to_key}; the node reads them within seconds (or on SIGHUP)")
+    return 0
+
+
 def init_certs(directory: Path, subaccount: str, nodes: list[str], hosts: list[str], *, force: bool = False,
                cluster: str | None = None) -> dict[str, Path]:
     """Everything a demo or a first install needs: cloud CA + server cert, subaccount CA + node certs
@@ -273,6 +310,42 @@ def cmd_cloud_fence(args: argparse.Namespace) -> int:
     return _on_cloud_store(store, run)
 
 
+def cmd_cloud_revoke(args: argparse.Namespace) -> int:
+    """`connector cloud-revoke`: put a node certificate's serial on the deny-list in the cloud's
+    etcd; every replica refuses it at the handshake and closes its live tunnels within moments."""
+    from connector import pki
+    from connector.cloud import shared
+    from connector.cloud.revocation import format_serial, parse_serial
+
+    serials: list[int] = []
+    try:
+        serials += [parse_serial(text) for text in args.serial or []]
+        serials += [pki.load_certificate(Path(path)).serial_number for path in args.cert or []]
+    except (ValueError, pki.CertificateError) as exc:
+        print(f"connector: {exc}", file=sys.stderr)
+        return 2
+    if args.action != "list" and not serials:
+        print(f"connector: cloud-revoke {args.action} needs --serial or --cert", file=sys.stderr)
+        return 2
+    _, store = _cloud_store(args.config)
+
+    async def run() -> int:
+        if args.action == "add":
+            for serial in serials:
+                revision = await shared.revoke_certificate(store, serial, reason=args.reason or "")
+                print(json.dumps({"revoked": format_serial(serial), "serial": serial, "revision": revision}))
+        elif args.action == "remove":
+            for serial in serials:
+                await shared.unrevoke_certificate(store, serial)
+                print(json.dumps({"unrevoked": format_serial(serial), "serial": serial}))
+        else:
+            for record in await shared.list_revoked(store):
+                print(json.dumps(record))
+        return 0
+
+    return _on_cloud_store(store, run)
+
+
 def cloud_replicas_status(config_path: str, *, as_json: bool) -> int:
     """`connector status --cloud cloud.toml`: the replicas as the cloud's etcd has them; exit 1 if
     none is ready."""
@@ -360,9 +433,9 @@ async def _watch_parent(parent: int, stop: trio.Event) -> None:
     stop.set()
 
 
-async def _run_until_signal(service_run: Any, on_stop: Any = None) -> None:
+async def _run_until_signal(service_run: Any, on_stop: Any = None, on_reload: Any = None) -> None:
     """Run until SIGTERM or SIGINT, then `on_stop` (a graceful drain or handover); a second signal
-    during it stops at once (Ctrl-C twice in a terminal)."""
+    during it stops at once (Ctrl-C twice in a terminal). SIGHUP calls `on_reload` (certificates)."""
     stop = trio.Event()
     graceful = trio.CancelScope()
     async with trio.open_nursery() as nursery:
@@ -370,11 +443,15 @@ async def _run_until_signal(service_run: Any, on_stop: Any = None) -> None:
         parent = os.environ.get("CONNECTOR_PARENT_PID")
         if parent and parent.isdigit():
             nursery.start_soon(_watch_parent, int(parent), stop)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
 
             async def _signals() -> None:
                 async for signum in signals:
-                    if not stop.is_set():
+                    if signum == signal.SIGHUP:
+                        log.info("received SIGHUP, reading the certificates again")
+                        if on_reload is not None:
+                            on_reload()
+                    elif not stop.is_set():
                         log.info("received %s, stopping (again: at once)", signal.Signals(signum).name)
                         stop.set()
                     else:
@@ -400,7 +477,8 @@ def cmd_cloud(args: argparse.Namespace) -> int:
         print(f"{args.config}: configuration is valid")
         return 0
     server = CloudServer(config)
-    trio.run(_run_until_signal, server.run, server.shutdown)  # SIGTERM: drain (connector.cloud.drain)
+    # SIGTERM: drain (connector.cloud.drain); SIGHUP: certificates read again
+    trio.run(_run_until_signal, server.run, server.shutdown, server.reload_certificates)
     return 0
 
 
@@ -416,7 +494,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         print(f"{args.config}: configuration is valid; {config.egress.describe()}")
         return 0
     node = build_node(config)
-    trio.run(_run_until_signal, node.run, node.shutdown)
+    trio.run(_run_until_signal, node.run, node.shutdown, node.reload_certificates)
     return 0
 
 
@@ -603,6 +681,32 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--cluster", help="the nodes' [cluster] name (goes into OU=): the cloud then accepts "
                            "these nodes only for that cluster")
     certs.set_defaults(func=cmd_certs)
+    # renewal by an operator where the subaccount CA is kept offline (docs/operations.md)
+    csr = certs_sub.add_parser("csr", help="on a node: a new key and a CSR to renew its certificate",
+                               description="Writes <out>/<name>.new.key (0600) and <out>/<name>.csr, naming what "
+                                           "--cert names. Take the CSR to the CA's host for `certs sign`.")
+    csr.add_argument("--cert", required=True, help="the node's certificate (tunnel.cert)")
+    csr.add_argument("--out", help="directory for the key and CSR (default: the certificate's)")
+    csr.add_argument("--force", action="store_true", help="overwrite an earlier new key")
+    sign = certs_sub.add_parser("sign", help="on the CA's host: sign a node's CSR with its subaccount's CA",
+                                description="The certificate names --subaccount, --node and --cluster as "
+                                            "`certs client` does, whatever the CSR says; valid --days.")
+    sign.add_argument("--dir", required=True, help="directory holding <subaccount>-ca.pem/.key")
+    sign.add_argument("--subaccount", required=True)
+    sign.add_argument("--node", required=True, help="node id (CN=)")
+    sign.add_argument("--cluster", help="the node's cluster (OU=), as its current certificate names it")
+    sign.add_argument("--csr", required=True, help="the CSR from `certs csr`")
+    sign.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    sign.add_argument("--out", required=True, help="where to write the certificate (PEM)")
+    install = certs_sub.add_parser("install", help="on a node: put a renewed certificate and its key in place",
+                                   description="Checks they are a pair, then replaces --to-key and --to-cert "
+                                               "atomically; the running node reads them within seconds.")
+    install.add_argument("--cert", required=True, help="the signed certificate")
+    install.add_argument("--key", required=True, help="the key `certs csr` made")
+    install.add_argument("--to-cert", required=True, help="the node's tunnel.cert")
+    install.add_argument("--to-key", required=True, help="the node's tunnel.key")
+    for p in (csr, sign, install):
+        p.set_defaults(func=cmd_certs_renewal)
 
     token = sub.add_parser("token", help="create a proxy bearer token and print it with its SHA-256 for cloud.toml",
                            description='Prints {"token": ..., "token_sha256": ...}; `TOKEN=$(connector token '
@@ -677,6 +781,20 @@ def build_parser() -> argparse.ArgumentParser:
                              "high (the restored backup's revision; -1: any)")
     cloud_fence.add_argument("--reason", help="reset: why, kept in the record (required)")
     cloud_fence.set_defaults(func=cmd_cloud_fence)
+
+    cloud_revoke = sub.add_parser(
+        "cloud-revoke", help="revoke node certificates by serial in the cloud's etcd (live, every replica)",
+        description="A revoked serial is refused at the tunnel handshake and its live tunnels are closed within "
+                    "moments, on every replica. `openssl x509 -noout -serial -in node.pem` prints a serial in hex: "
+                    "give it as 0x<hex>, or give the certificate itself with --cert.")
+    cloud_revoke.add_argument("action", nargs="?", choices=("add", "remove", "list"), default="add",
+                              help="add (default): revoke; remove: take a serial off the list; list")
+    cloud_revoke.add_argument("--config", required=True, help="cloud.toml (with [shared])")
+    cloud_revoke.add_argument("--serial", action="append",
+                              help="a certificate serial: decimal, 0x<hex> or colon-separated hex (repeatable)")
+    cloud_revoke.add_argument("--cert", action="append", help="revoke the serial of this PEM certificate (repeatable)")
+    cloud_revoke.add_argument("--reason", help="a note kept with the serial (why)")
+    cloud_revoke.set_defaults(func=cmd_cloud_revoke)
 
     node = sub.add_parser("node", help="run an on-premise connector node")
     node.add_argument("--config", required=True, help="node.toml")

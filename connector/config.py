@@ -220,6 +220,8 @@ class SubaccountConfig:
     users: tuple[UserAccount, ...] = ()  # [[subaccounts.users]]: the password grant's users ([oauth])
     trusted_issuers: tuple[TrustedIssuer, ...] = ()  # [[subaccounts.trusted_issuers]]: jwt-bearer assertions ([oauth])
 
+    ca_key: Path | None = None  # the CA's key: the cloud renews its nodes' certificates (None: offline)
+
 
 @attrs.frozen
 class OAuthConfig:
@@ -407,6 +409,8 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
                 max_streams_per_token=section.int("max_streams_per_token", minimum=0),
                 users=_users(section),
                 trusted_issuers=_trusted_issuers(section),
+
+                ca_key=section.path("ca_key"),
             )
         )
         section.done()
@@ -618,6 +622,10 @@ class NodeConfig:
     # [tunnel] proxy, else https_proxy/no_proxy of the environment (connector.tunnel.egress)
     egress: EgressPolicy = EgressPolicy()
 
+    # [tunnel] renew_at: the fraction of its validity after which the node asks the cloud to renew
+    # its certificate (connector.agent.renew); 0: never (renewed by an operator)
+    tunnel_renew_at: float = 0.67
+
     @property
     def tunnel_url(self) -> str:
         """The first configured tunnel URL (messages and tools that name one cloud address)."""
@@ -828,6 +836,7 @@ def load_node_config(path: str | Path, environ: Environment | None = None) -> No
         ping_interval=tunnel.float("ping_interval", 1.0),
         ping_timeout=tunnel.float("ping_timeout", 3.0),
         tunnel_connect_timeout=tunnel.float("connect_timeout", 5.0),
+        tunnel_renew_at=_fraction(tunnel, "renew_at", 0.67),
         admin_listen=admin.listen("listen", "127.0.0.1:0"),
         admin_advertise_url=admin.str("advertise_url"),
         admin_token_file=admin.path("token_file"),
@@ -859,6 +868,13 @@ def load_node_config(path: str | Path, environ: Environment | None = None) -> No
     return config
 
 
+def _fraction(section: _Section, name: str, default: float) -> float:
+    value = float(section.float(name, default, positive=False))
+    if not 0 <= value < 1:
+        raise ConfigError(section.file, section.key(name), f"must be at least 0 (off) and below 1, got {value}")
+    return value
+
+
 # --- files start-up will open ----------------------------------------------------------------
 
 def check_cloud_files(config: CloudConfig) -> None:
@@ -869,6 +885,8 @@ def check_cloud_files(config: CloudConfig) -> None:
     _key_pair(file, "tunnel.cert", "tunnel.key", config.tunnel_cert, config.tunnel_key)
     for i, subaccount in enumerate(config.subaccounts):
         _trust_store(file, f"subaccounts[{i}].ca", subaccount.ca)
+        if subaccount.ca_key is not None:
+            _key_pair(file, f"subaccounts[{i}].ca", f"subaccounts[{i}].ca_key", subaccount.ca, subaccount.ca_key)
     if config.oauth is not None:
         _key_pair(file, "oauth.cert", "oauth.key", config.oauth.cert, config.oauth.key)
         _writable_directory(file, "oauth.signing_keys", config.oauth.signing_keys)

@@ -49,11 +49,19 @@ CERT_EXPIRY = Gauge(
     NS + "_certificate_expiry_timestamp_seconds", "notAfter of a certificate this process uses",
     ["certificate"],
 )
+CERT_RELOAD_FAILURES = Counter(
+    NS + "_certificate_reload_failures_total",
+    "Certificate, key or CA files that changed but could not be loaded (the old ones stay in use)", ["what"],
+)
 
 # --- tunnel (both ends) --------------------------------------------------------------------
 TUNNEL_CONNECTED = Gauge(
     NS + "_tunnel_connected", "1 while this node's tunnel to the cloud is up (any role)",
     ["location", "node"],
+)
+TUNNELS_REFUSED = Counter(
+    NS + "_tunnels_refused_total", "Tunnel connections the cloud refused for their certificate, by reason",
+    ["reason"],
 )
 TUNNEL_RECONNECTS = Counter(
     NS + "_tunnel_reconnects_total", "Tunnel connection attempts after the first", ["location", "node"]

@@ -17,17 +17,19 @@ import datetime
 import ipaddress
 import os
 import ssl
+from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CA_DAYS = 3650
 LEAF_DAYS = 365
+BACKDATE = datetime.timedelta(minutes=5)  # notBefore this long ago: clocks a little behind still accept
 
 
 class CertificateError(Exception):
@@ -85,7 +87,7 @@ def create_ca(directory: Path, name: str, common_name: str, *, force: bool = Fal
         .issuer_name(subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_before(now - BACKDATE)
         .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
@@ -113,7 +115,8 @@ def load_ca(ca: Issued) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     return cert, key
 
 
-def _read(path: Path, what: str) -> bytes:
+def read_file(path: Path, what: str) -> bytes:
+    """The bytes of `path`; CertificateError naming it and the `what` when it cannot be read."""
     try:
         return Path(path).read_bytes()
     except FileNotFoundError:
@@ -123,7 +126,7 @@ def _read(path: Path, what: str) -> bytes:
 
 
 def load_certificate(path: Path) -> x509.Certificate:
-    data = _read(path, "certificate")
+    data = read_file(path, "certificate")
     try:
         return x509.load_pem_x509_certificate(data)
     except ValueError as exc:
@@ -133,8 +136,14 @@ def load_certificate(path: Path) -> x509.Certificate:
         raise CertificateError(f"{path}: not a PEM certificate ({exc})") from None
 
 
+def load_certificates(path: Path) -> list[x509.Certificate]:
+    """Every certificate of a PEM bundle (a CA file may hold several); CertificateError as `load_certificate`."""
+    load_certificate(path)  # the first: readable, PEM, not a key, each failure in words
+    return x509.load_pem_x509_certificates(read_file(path, "certificate"))
+
+
 def load_private_key(path: Path) -> PrivateKeyTypes:
-    data = _read(path, "private key")
+    data = read_file(path, "private key")
     try:
         return serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
@@ -198,7 +207,7 @@ def issue(
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_before(now - BACKDATE)
         .not_valid_after(now + datetime.timedelta(days=LEAF_DAYS))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
@@ -226,6 +235,78 @@ def issue(
     return issued
 
 
+MAX_CSR_BYTES = 16384  # a PEM CSR of an EC or RSA-4096 key is a few KiB
+
+
+def new_key_and_csr(cert: x509.Certificate) -> tuple[bytes, bytes]:
+    """A new private key (PEM) and a CSR for it (PEM) naming what `cert` names: what a node sends
+    to renew its certificate. The signer takes the names from the certificate it knows, not the CSR."""
+    key = _new_key()
+    csr = x509.CertificateSigningRequestBuilder().subject_name(cert.subject).sign(key, hashes.SHA256())
+    return _key_pem(key), csr.public_bytes(serialization.Encoding.PEM)
+
+
+def load_csr(data: bytes) -> x509.CertificateSigningRequest:
+    """A PEM CSR whose signature proves its key; CertificateError saying what is wrong."""
+    if len(data) > MAX_CSR_BYTES:
+        raise CertificateError(f"the CSR is {len(data)} bytes, more than {MAX_CSR_BYTES}")
+    try:
+        csr = x509.load_pem_x509_csr(data)
+    except ValueError as exc:
+        raise CertificateError(f"not a PEM certificate signing request ({exc})") from None
+    if not csr.is_signature_valid:
+        raise CertificateError("the CSR's signature does not verify (not made with its key)")
+    public = csr.public_key()
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        if public.curve.key_size < 256:
+            raise CertificateError(f"the CSR's EC key is {public.curve.key_size} bits, fewer than 256")
+    elif isinstance(public, rsa.RSAPublicKey):
+        if public.key_size < 2048:
+            raise CertificateError(f"the CSR's RSA key is {public.key_size} bits, fewer than 2048")
+    else:
+        raise CertificateError("the CSR's key must be EC (P-256 or larger) or RSA (2048 bits or more)")
+    return csr
+
+
+def sign_client_csr(ca: Issued, csr: x509.CertificateSigningRequest, subject: x509.Name, *,
+                    lifetime: datetime.timedelta, now: datetime.datetime | None = None) -> bytes:
+    """A node client certificate (PEM) for the CSR's key, naming `subject` (the names the signer
+    vouches for: O= subaccount, OU= cluster, CN= node; never the CSR's own), valid `lifetime` in
+    all (notAfter - notBefore, as the certificate it renews: it starts BACKDATE ago, as every
+    certificate here; at least a minute from now, at most LEAF_DAYS)."""
+    ca_cert, ca_key = load_ca(ca)
+    lifetime = min(max(lifetime, BACKDATE + datetime.timedelta(minutes=1)), datetime.timedelta(days=LEAF_DAYS))
+    start = (now or _now()) - BACKDATE
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(csr.public_key())  # type: ignore[arg-type]  # load_csr admits EC and RSA keys only
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + lifetime)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def install_key_pair(cert_path: Path, key_path: Path, cert_pem: bytes, key_pem: bytes) -> None:
+    """Replace a certificate and its key, each atomically (written aside, then renamed over the
+    old one; the key 0600 from its first byte). Between the two renames key and certificate do not
+    match: a reader then keeps the pair it has (`connector.tlsreload`) until the certificate follows."""
+    for path, data, private in ((key_path, key_pem, True), (cert_path, cert_pem, False)):
+        tmp = path.with_name(f".{path.name}.new")
+        tmp.unlink(missing_ok=True)
+        if private:
+            write_private(tmp, data, overwrite=False)
+        else:
+            _write_public(tmp, data)
+        os.replace(tmp, path)
+
+
 def subaccount_of(cert: x509.Certificate) -> str:
     """The subaccount a client certificate names (its Organization attribute)."""
     names = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
@@ -247,13 +328,19 @@ def common_name_of(cert: x509.Certificate) -> str:
     return str(names[0].value) if names else ""
 
 
-def verify_issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> None:
-    """Raise CertificateError unless `cert` was signed by `ca_cert` (used on top of the TLS
-    handshake's own chain check, to bind the subaccount named in the certificate to *its* CA)."""
-    try:
-        cert.verify_directly_issued_by(ca_cert)
-    except (ValueError, TypeError, Exception) as exc:  # InvalidSignature has no common base
-        raise CertificateError(f"certificate is not issued by the subaccount's CA: {exc}") from None
+def verify_issued_by(cert: x509.Certificate, ca_certs: x509.Certificate | Sequence[x509.Certificate]) -> None:
+    """Raise CertificateError unless `cert` was signed by `ca_certs` (or one of them: a subaccount's
+    CA file may hold its new and its old CA while nodes are re-issued). Used on top of the TLS
+    handshake's own chain check, to bind the subaccount named in the certificate to *its* CA."""
+    cas = [ca_certs] if isinstance(ca_certs, x509.Certificate) else list(ca_certs)
+    failures = []
+    for ca_cert in cas:
+        try:
+            cert.verify_directly_issued_by(ca_cert)
+            return
+        except (ValueError, TypeError, Exception) as exc:  # InvalidSignature has no common base
+            failures.append(str(exc) or type(exc).__name__)
+    raise CertificateError(f"certificate is not issued by the subaccount's CA: {'; '.join(failures)}")
 
 
 def expiry_timestamp(path: Path) -> float:

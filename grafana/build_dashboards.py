@@ -238,6 +238,14 @@ SECURITY = {
                 "{{instance}}")]),
         ],
         [
+            panel("Certificate files that failed to reload", [q(
+                f"sum by (instance, what) (increase(connector_certificate_reload_failures_total[{RI}])) or on() vector(0)",
+                "{{instance}} {{what}}")]),
+            panel("Tunnels refused for their certificate (cloud)", [q(
+                f"sum by (reason) (rate(connector_tunnels_refused_total[{RI}])) or on() vector(0)",
+                "{{reason}}")], unit="ops"),
+        ],
+        [
             panel("Refused application credentials (cloud)", [
                 q(f"sum(rate(connector_proxy_auth_failures_total[{RI}]))", "refused"),
                 q(f"sum(rate(connector_proxy_auth_failures_delayed_total[{RI}]))", "answered late")], unit="reqps"),

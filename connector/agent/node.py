@@ -57,10 +57,12 @@ from connector.admin import LOCAL_HOSTS, AdminGuard, AdminRequest, AdminServer, 
 from connector.agent.acl import AccessControl
 from connector.agent.audit import AuditLog
 from connector.agent.forward import ForwardSettings, StreamContext, serve_stream
+from connector.agent.renew import RENEW_REFUSED_OP, RENEWED_OP, RenewalError, Renewer
 from connector.backoff import Backoff
 from connector.cloud.replicas import HELLO_REPLICA_KEY, REPLICAS_OP, Replica, from_body
 from connector.config import NodeConfig, check_node_certificate
 from connector.readiness import NodeState, readiness
+from connector.tlsreload import TlsReloader
 from connector.tunnel.dial import (
     DialError,
     DialTarget,
@@ -82,6 +84,7 @@ log = logging.getLogger(__name__)
 
 # Refusals that concern the node's cluster rather than its epoch (see connector.cloud.registry).
 CLUSTER_REFUSALS = frozenset({"wrong_cluster", "certificate_cluster"})
+CERTIFICATE_REVOKED = "certificate_revoked"  # the cloud's GOAWAY reason for a revoked certificate
 
 WS_RECEIVE_BUFFER = 262144
 WS_MAX_MESSAGE = 4 << 20
@@ -134,6 +137,7 @@ class ReplicaTunnel:
     refused: bool = False  # the replica refuses our cluster: register no more on this tunnel
     announced: tuple[Replica, ...] = ()  # the replica set it announced last
     drained: trio.Event = attrs.field(factory=trio.Event)  # its answer to our `drain`
+    tls_version: int = 0  # which of the node's certificates (`Node.tls` version) it was opened with
 
     def describe(self) -> dict[str, Any]:
         state = "refused" if self.refused else ("registered" if self.registered_epoch is not None else "standby")
@@ -177,7 +181,12 @@ class Node:
         self._tunnel_failed = trio.Event()
         self._failed_attempts = 0  # attempts to open a tunnel that failed since start
         self._mappings_changed = trio.Event()  # set (and replaced) when `acl` is replaced
-        self._ssl = pki.client_context(config.tunnel_ca, config.tunnel_cert, config.tunnel_key)
+        # read again when the files change or on SIGHUP: new dials use it, tunnels up stay
+        self.tls = TlsReloader("tunnel client", [p for p in (config.tunnel_ca, config.tunnel_cert, config.tunnel_key)
+                                                 if p is not None], self._client_context)
+        self.tls.on_reload = lambda _: self._certificate_reloaded()
+        self.renewer = Renewer(config.tunnel_cert, config.tunnel_key, self.tls, renew_at=config.tunnel_renew_at,
+                               send_control=self._send_to_any_replica)
         self._labels = (config.location_id, config.node_id)
         self._cluster = config.cluster.name if config.cluster else "standalone"
 
@@ -233,12 +242,44 @@ class Node:
 
     # --- main ------------------------------------------------------------------------------
 
+    def _client_context(self) -> ssl.SSLContext:
+        """The tunnel's TLS client context; CertificateError naming the file that is unusable."""
+        config = self.config
+        pki.check_key_pair(config.tunnel_cert, config.tunnel_key)
+        if config.tunnel_ca is not None:
+            pki.check_trust_store(config.tunnel_ca)
+        return pki.client_context(config.tunnel_ca, config.tunnel_cert, config.tunnel_key)
+
+    def _export_expiry(self) -> None:
+        metrics.CERT_EXPIRY.labels("tunnel-client").set(pki.expiry_timestamp(self.config.tunnel_cert))
+
+    def _certificate_reloaded(self) -> None:
+        self._export_expiry()
+        if (self.cloud_refusal or "").startswith(CERTIFICATE_REVOKED):
+            self.cloud_refusal = None  # the new certificate may well be accepted: no slow redial for it
+
+    async def _send_to_any_replica(self, op: str, body: dict[str, Any]) -> None:
+        """A control message on one tunnel (the first replica's); RenewalError without any."""
+        session = self.session
+        if session is None:
+            raise RenewalError("no tunnel to the cloud")
+        try:
+            await session.send_control(op, body)
+        except TunnelError as exc:
+            raise RenewalError(f"the tunnel closed: {exc}") from None
+
+    def reload_certificates(self) -> None:
+        """SIGHUP: read the tunnel certificate, key and CA again now (see `connector.tlsreload`)."""
+        self.tls.reload()
+
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        cert_expiry = pki.expiry_timestamp(self.config.tunnel_cert)
-        metrics.CERT_EXPIRY.labels("tunnel-client").set(cert_expiry)
+        self._export_expiry()
         log.info("%s", self.config.egress.describe())
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self.tls.run)
+            if self.config.tunnel_renew_at > 0:
+                nursery.start_soon(self.renewer.run)
             admin = AdminServer(self._admin_routes(), guarded=self._guarded_routes(), guard=self._admin_guard())
             self.admin_port = await nursery.start(admin.run, self.config.admin_listen.host, self.config.admin_listen.port)
             if self.elector is not None:
@@ -443,8 +484,9 @@ class Node:
             # tunnel's HELLO gets what is left of the same budget (tunnel.connect_timeout).
             timeout = self.config.tunnel_connect_timeout
             deadline = trio.current_time() + timeout
+            tls_version = self.tls.version
             ws = await open_tunnel_websocket(
-                nursery, target.url, self._ssl, address=target.address, timeout=timeout,
+                nursery, target.url, self.tls.current, address=target.address, timeout=timeout,
                 client_cert=self.config.tunnel_cert, max_message_size=WS_MAX_MESSAGE,
                 receive_buffer_size=WS_RECEIVE_BUFFER,
                 proxy=self.config.egress.proxy_for(target.host, url_port(target.url)),
@@ -474,7 +516,7 @@ class Node:
                 await session.aclose(ErrorCode.GOING_AWAY, "this node holds a tunnel to this replica already")
                 nursery.cancel_scope.cancel()
             else:
-                await self._hold(nursery, ReplicaTunnel(target, session, replica))
+                await self._hold(nursery, ReplicaTunnel(target, session, replica, tls_version=tls_version))
         if holder is not None:
             await holder.session.wait_closed()
 
@@ -491,8 +533,13 @@ class Node:
                               control_handler=functools.partial(self._on_control, tunnel))
         finally:
             code, reason = session.close_reason or (ErrorCode.NO_ERROR, "")
-            if code == ErrorCode.DENIED and reason.partition(":")[0] in CLUSTER_REFUSALS:
+            why = reason.partition(":")[0] if code == ErrorCode.DENIED else ""
+            if why in CLUSTER_REFUSALS:
                 self._refused_by_cloud(tunnel, reason)  # said in the GOAWAY when refused at connection
+            elif why == CERTIFICATE_REVOKED and tunnel.tls_version == self.tls.version:
+                self._refused_by_cloud(tunnel, reason)  # until a new certificate is read
+            elif why == CERTIFICATE_REVOKED:
+                log.warning("the certificate this tunnel was opened with is revoked: dialling with the one read since")
             del self.tunnels[tunnel.replica]
             metrics.TUNNEL_CONNECTED.labels(*self._labels).set(1 if self.tunnels else 0)
             self._update_targets()  # what only this replica announced is dropped with it
@@ -519,6 +566,8 @@ class Node:
         elif op == "master_lost":
             if body.get("epoch") is not None:
                 self._master_lost(tunnel, int(body["epoch"]))
+        elif op in (RENEWED_OP, RENEW_REFUSED_OP):
+            self.renewer.answer(op, body)
         elif op == "drained":
             tunnel.drained.set()
             tunnel.drained = trio.Event()

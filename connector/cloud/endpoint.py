@@ -30,6 +30,17 @@ else the one its HELLO claims, else, for a standalone node, ``node:<CN>``. The r
 tunnel only from the cluster that owns its location (see `connector.cloud.registry`); any other is
 told why (``refused`` with reason ``wrong_cluster``) and closed.
 
+Certificates (`connector.tlsreload`): the server certificate, its key and the subaccount CAs are
+read again when their files change (checked every few seconds) or on `reload_certificates`
+(SIGHUP); new handshakes use what was read, tunnels already up stay, and unusable new files are
+logged and leave the old ones in use. A client certificate whose serial is on the deny-list
+(`connector.cloud.revocation`, `revoked`) is refused right after its HELLO with
+GOAWAY(DENIED, "certificate_revoked: ..."), and a tunnel whose serial is revoked while it is up is
+closed the same way, at once. A node may renew its certificate on its tunnel (CONTROL ``renew``
+{"csr"}): with its subaccount's CA key configured the endpoint signs a certificate naming what the
+tunnel's certificate names, valid as long (``renewed`` {"cert"}; see `connector.agent.renew`),
+else it answers ``renew_refused`` with the reason.
+
 Going away (a replica's graceful shutdown, `connector.cloud.drain`): `go_away` closes every
 tunnel with GOAWAY(GOING_AWAY) once the application requests finished and closes the listener
 (a node that redials is refused and backs off; one caught in its handshake gets GOAWAY after its
@@ -38,6 +49,7 @@ HELLO). A node keeps its tunnels to the other replicas and redials this one with
 
 from __future__ import annotations
 
+import datetime
 import functools
 import logging
 import ssl
@@ -50,10 +62,13 @@ import trio
 import trio_websocket
 from cryptography import x509
 
-from connector import pki
+from connector import metrics, pki
+from connector.agent.renew import RENEW_OP, RENEW_REFUSED_OP, RENEWED_OP
 from connector.cloud.registry import Registry, TunnelHandle, refuse_tunnel
 from connector.cloud.replicas import HELLO_REPLICA_KEY, REPLICAS_OP, ReplicaDirectory, to_body
+from connector.cloud.revocation import RevokedSerials, format_serial
 from connector.listen import serve_tcp
+from connector.tlsreload import CHECK_INTERVAL, TlsReloader
 from connector.tunnel.session import TunnelError, TunnelSession, TunnelSettings
 from connector.tunnel.types import ErrorCode
 
@@ -74,6 +89,36 @@ class EndpointSettings:
 
 
 @attrs.frozen
+class ServerTls:
+    """What the endpoint's handshakes use, read from the files together (see `server_tls`)."""
+
+    context: ssl.SSLContext
+    cas: dict[str, list[x509.Certificate]]  # subaccount -> its CA(s), which alone may vouch for its nodes
+
+
+def server_tls(cert: Path, key: Path, subaccount_cas: dict[str, Path]) -> ServerTls:
+    """Read the server certificate, its key and the subaccount CAs; CertificateError names the file."""
+    pki.check_key_pair(cert, key)
+    for path in subaccount_cas.values():
+        pki.check_trust_store(path)
+    return ServerTls(pki.server_context(cert, key, list(subaccount_cas.values())),
+                     {sub: pki.load_certificates(path) for sub, path in subaccount_cas.items()})
+
+
+@attrs.frozen
+class PeerCertificate:
+    subaccount: str
+    node: str  # the CN
+    cluster: str | None  # the OU, when the certificate binds the node to a cluster
+    serial: int
+    subject: x509.Name  # what a renewed certificate names again
+    lifetime: datetime.timedelta  # how long it was valid for: a renewed one is valid as long
+
+
+RENEW_INTERVAL = 60.0  # seconds of trio time between two renewals signed on one tunnel
+
+
+@attrs.frozen
 class EndpointStatistics:
     connections: int  # being handled: from TCP accept until the tunnel (or its handshake) ended
     refused: int  # refused for certificate reasons since start
@@ -90,13 +135,21 @@ class TunnelEndpoint:
         settings: TunnelSettings = DEFAULT_SETTINGS,
         endpoint_settings: EndpointSettings = EndpointSettings(),
         replicas: ReplicaDirectory | None = None,
+        revoked: RevokedSerials | None = None,
+        subaccount_ca_keys: dict[str, Path] | None = None,
+        reload_interval: float = CHECK_INTERVAL,
     ) -> None:
         self.registry = registry
         self.replicas = replicas  # announced to every node; None: a single replica, nothing announced
         self.settings = settings
         self.endpoint_settings = endpoint_settings
-        self._cas = {sub: pki.load_certificate(path) for sub, path in subaccount_cas.items()}
-        self._ssl = pki.server_context(cert, key, list(subaccount_cas.values()))
+        self.tls = TlsReloader("tunnel endpoint", [cert, key, *subaccount_cas.values()],
+                               functools.partial(server_tls, cert, key, dict(subaccount_cas)),
+                               interval=reload_interval)
+        self.revoked = revoked if revoked is not None else RevokedSerials()
+        # subaccount -> (its CA, the CA's key): the cloud renews the certificates of those nodes
+        self._signers = {sub: pki.Issued(subaccount_cas[sub], key) for sub, key in (subaccount_ca_keys or {}).items()}
+        self._renewed_at: dict[TunnelSession, float] = {}  # the last renewal signed on each tunnel
         self.refused = 0  # connections refused for certificate reasons (tests and status read it)
         self._connections = 0
         self._connections_lot = trio.lowlevel.ParkingLot()
@@ -107,8 +160,14 @@ class TunnelEndpoint:
     async def run(self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as connections:
             with self._accepting:  # `go_away` closes the listener; the tunnels close themselves
-                await serve_tcp(self._handle, host, port, name="tunnel endpoint", handler_nursery=connections,
-                                task_status=task_status)
+                async with trio.open_nursery() as listening:
+                    listening.start_soon(self.tls.run)
+                    await serve_tcp(self._handle, host, port, name="tunnel endpoint", handler_nursery=connections,
+                                    task_status=task_status)
+
+    def reload_certificates(self) -> bool:
+        """Read the certificate, key and CAs again now (SIGHUP); False: unusable, logged, old kept."""
+        return self.tls.reload()
 
     async def go_away(self, reason: str) -> None:
         """Close the listener, and every tunnel with GOAWAY(GOING_AWAY, reason) (one still in its
@@ -138,22 +197,25 @@ class TunnelEndpoint:
             self._connections_lot.unpark_all()
 
     async def _handle_connection(self, tcp: trio.SocketStream) -> None:
-        tls = trio.SSLStream(tcp, self._ssl, server_side=True, https_compatible=True)
+        server = self.tls.current  # read once: a reload meanwhile is for the next connection
+        tls = trio.SSLStream(tcp, server.context, server_side=True, https_compatible=True)
         subaccount = "?"
         try:
             try:
                 with trio.fail_after(self.endpoint_settings.tls_handshake_timeout):
                     await tls.do_handshake()
-                subaccount, node_cn, cert_cluster = self._identify(tls)
+                peer = self._identify(tls, server.cas)
+                subaccount = peer.subaccount
             except (trio.BrokenResourceError, ssl.SSLError, trio.TooSlowError, pki.CertificateError) as exc:
                 self.refused += 1
+                metrics.TUNNELS_REFUSED.labels("certificate").inc()
                 log.warning("tunnel connection refused: %s", _describe(exc))
                 return
             async with trio.open_nursery() as nursery:
                 try:
-                    ws = await self._upgrade(nursery, tls, subaccount, node_cn)
+                    ws = await self._upgrade(nursery, tls, subaccount, peer.node)
                     if ws is not None:
-                        await self._serve(ws, subaccount, node_cn, cert_cluster)
+                        await self._serve(ws, peer)
                 finally:
                     # the websocket's reader task runs in this nursery: it ends with the connection
                     nursery.cancel_scope.cancel()
@@ -184,24 +246,25 @@ class TunnelEndpoint:
                         node_cn, timeout)
         return None
 
-    def _identify(self, tls: trio.SSLStream[Any]) -> tuple[str, str, str | None]:
+    @staticmethod
+    def _identify(tls: trio.SSLStream[Any], cas: dict[str, list[x509.Certificate]]) -> PeerCertificate:
         der = tls.getpeercert(binary_form=True)
         if not der:
             raise pki.CertificateError("no client certificate")
         cert = x509.load_der_x509_certificate(der)
         subaccount = pki.subaccount_of(cert)
-        ca = self._cas.get(subaccount)
+        ca = cas.get(subaccount)
         if ca is None:
             raise pki.CertificateError(f"certificate names unknown subaccount {subaccount!r}")
         pki.verify_issued_by(cert, ca)
         node_cn = pki.common_name_of(cert)
         if not node_cn:
             raise pki.CertificateError("client certificate names no node in CN=")
-        return subaccount, node_cn, pki.cluster_of(cert)
+        return PeerCertificate(subaccount, node_cn, pki.cluster_of(cert), cert.serial_number, cert.subject,
+                               cert.not_valid_after_utc - cert.not_valid_before_utc)
 
-    async def _serve(
-        self, ws: trio_websocket.WebSocketConnection, subaccount: str, node_cn: str, cert_cluster: str | None
-    ) -> None:
+    async def _serve(self, ws: trio_websocket.WebSocketConnection, peer_cert: PeerCertificate) -> None:
+        subaccount, node_cn, cert_cluster = peer_cert.subaccount, peer_cert.node, peer_cert.cluster
         hello_info = {"role": "cloud"}
         if self.replicas is not None:
             hello_info[HELLO_REPLICA_KEY] = self.replicas.me.id
@@ -215,6 +278,14 @@ class TunnelEndpoint:
             await session.aclose(ErrorCode.GOING_AWAY, self.going_away)
             return
         location_id = str(peer.get("location_id", ""))
+        if peer_cert.serial in self.revoked:
+            # after the HELLO rather than at TLS, so the node is told why (a TLS alert says little)
+            self.refused += 1
+            metrics.TUNNELS_REFUSED.labels("revoked").inc()
+            message = _revoked_message(peer_cert)
+            log.error("tunnel of %s/%r refused: %s", subaccount, location_id, message)
+            await session.aclose(ErrorCode.DENIED, f"{REVOKED_REASON}: {message}")
+            return
         node = node_cn
         if peer.get("node") not in (None, node_cn):
             log.warning("node %s of %s says it is %r: using the certificate's CN", node_cn, subaccount, peer.get("node"))
@@ -237,10 +308,12 @@ class TunnelEndpoint:
             async with trio.open_nursery() as nursery:
                 if self.replicas is not None:
                     nursery.start_soon(self._announce_replicas, session, self.replicas)
-                await session.run(control_handler=functools.partial(self._on_control, handle))
+                nursery.start_soon(self._close_when_revoked, session, peer_cert)
+                await session.run(control_handler=functools.partial(self._on_control, handle, peer_cert))
                 nursery.cancel_scope.cancel()
         finally:
             self._sessions.discard(session)
+            self._renewed_at.pop(session, None)
             self.registry.remove(handle)
             log.info("tunnel down: node %s of %s/%r (%s)", node, subaccount, location_id, session.close_reason)
 
@@ -255,7 +328,46 @@ class TunnelEndpoint:
         except TunnelError:
             pass  # the tunnel closed: `run` returns too
 
-    async def _on_control(self, handle: TunnelHandle, op: str, body: dict[str, Any]) -> None:
+    async def _close_when_revoked(self, session: TunnelSession, peer_cert: PeerCertificate) -> None:
+        await self.revoked.wait_revoked(peer_cert.serial)
+        message = _revoked_message(peer_cert)
+        log.error("closing the tunnel of %s/%s: %s", peer_cert.subaccount, peer_cert.node, message)
+        await session.aclose(ErrorCode.DENIED, f"{REVOKED_REASON}: {message}")
+
+    def _renew(self, session: TunnelSession, peer: PeerCertificate, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Sign a node's CSR with its subaccount's CA: the reply op and body. The new certificate
+        names what the tunnel's certificate names (never the CSR's names) and is valid as long."""
+        def refused(reason: str, message: str) -> tuple[str, dict[str, Any]]:
+            log.warning("renewal for node %s of %s refused: %s", peer.node, peer.subaccount, message)
+            return RENEW_REFUSED_OP, {"reason": reason, "message": message}
+
+        signer = self._signers.get(peer.subaccount)
+        if signer is None:
+            return refused("offline_ca", f"the cloud holds no CA key for subaccount {peer.subaccount!r}: an "
+                                         "operator renews this node's certificate (docs/operations.md)")
+        now = trio.current_time()
+        last = self._renewed_at.get(session)
+        if last is not None and now - last < RENEW_INTERVAL:
+            return refused("too_soon", f"a certificate was renewed on this tunnel {now - last:.0f} s ago; "
+                                       f"at most one every {RENEW_INTERVAL:g} s")
+        csr_text = body.get("csr")
+        try:
+            if not isinstance(csr_text, str):
+                raise pki.CertificateError("the body names no csr")
+            csr = pki.load_csr(csr_text.encode())
+        except pki.CertificateError as exc:
+            return refused("bad_csr", str(exc))
+        try:
+            cert = pki.sign_client_csr(signer, csr, peer.subject, lifetime=peer.lifetime)
+        except pki.CertificateError as exc:  # the CA's files, replaced or broken since start
+            log.error("cannot sign with the CA of subaccount %s: %s", peer.subaccount, exc)
+            return refused("ca_unusable", "the cloud cannot use its CA for this subaccount now; try later")
+        self._renewed_at[session] = now
+        log.info("renewed the certificate of node %s of %s (was serial %s, valid %s)", peer.node, peer.subaccount,
+                 format_serial(peer.serial), peer.lifetime)
+        return RENEWED_OP, {"cert": cert.decode()}
+
+    async def _on_control(self, handle: TunnelHandle, peer: PeerCertificate, op: str, body: dict[str, Any]) -> None:
         if op == "register":
             epoch = body.get("epoch")
             if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
@@ -274,6 +386,8 @@ class TunnelEndpoint:
             await handle.session.send_control("drained", {})
         elif op == "unregister":
             self.registry.unregister(handle, draining=False)
+        elif op == RENEW_OP:
+            await handle.session.send_control(*self._renew(handle.session, peer, body))
         else:
             log.warning("unknown control op %r from %s", op, handle.node)
 
@@ -302,6 +416,14 @@ class _ReaderWatch:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._nursery, name)
+
+
+REVOKED_REASON = "certificate_revoked"  # the GOAWAY reason a node of a revoked certificate gets
+
+
+def _revoked_message(peer: PeerCertificate) -> str:
+    return (f"the certificate of node {peer.node} (serial {format_serial(peer.serial)}) is revoked "
+            "(`connector cloud-revoke`): issue the node a new one")
 
 
 def _describe(exc: BaseException) -> str:

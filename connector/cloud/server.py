@@ -37,6 +37,7 @@ from connector.cloud.oauth import TokenService, WallClock, server_ssl_context, w
 from connector.cloud.proxy import HttpProxy, ProxySettings
 from connector.cloud.registry import Registry
 from connector.cloud.replicas import Replica, ReplicaDirectory
+from connector.cloud.revocation import RevokedSerials
 from connector.cloud.shared import SharedState, SubaccountSettings
 from connector.cloud.socks5 import Socks5Proxy
 from connector.config import CloudConfig, ReplicaConfig, etcd_settings
@@ -106,6 +107,7 @@ class CloudServer:
             replica.id, replica.tunnel_url or f"wss://{config.tunnel_listen}/tunnel",
             replica.admin_url or f"http://{config.admin_listen}",
         ))
+        self.revoked = RevokedSerials()  # followed from the cloud's etcd with [shared]
         self.shared: SharedState | None = None
         self.shared_destinations: EtcdDestinationStore | None = None
         if config.shared is not None:
@@ -125,6 +127,7 @@ class CloudServer:
                 destinations=self.shared_destinations,
                 settings={s.id: SubaccountSettings(s.locations, s.clusters, s.max_streams_per_token)
                           for s in config.subaccounts},
+                revoked=self.revoked,
             )
         self.connections = ConnectionCounter(config.connection_limits, gauge=metrics.PROXY_CONNECTIONS)  # both proxies'
         # the other replicas' masters, for readiness: from the shared state's replica records
@@ -141,7 +144,10 @@ class CloudServer:
             endpoint_settings=EndpointSettings(tls_handshake_timeout=config.tls_handshake_timeout,
                                                upgrade_timeout=config.upgrade_timeout),
             replicas=self.replicas,
+            revoked=self.revoked,
+            subaccount_ca_keys={s.id: s.ca_key for s in config.subaccounts if s.ca_key is not None},
         )
+        self.endpoint.tls.on_reload = lambda _: self._export_expiry()
         self.ports: CloudPorts | None = None
         self.drain = Drain()
         metrics.CLOUD_REPLICA.info({"id": self.replicas.me.id})
@@ -168,11 +174,19 @@ class CloudServer:
         await self.endpoint.go_away("replica shutting down")
         log.info("drained: exiting")
 
-    async def run(self, *, task_status: trio.TaskStatus[CloudPorts] = trio.TASK_STATUS_IGNORED) -> None:
+    def _export_expiry(self) -> None:
         config = self.config
         metrics.CERT_EXPIRY.labels("tunnel-server").set(pki.expiry_timestamp(config.tunnel_cert))
         for sub in config.subaccounts:
             metrics.CERT_EXPIRY.labels(f"ca-{sub.id}").set(pki.expiry_timestamp(sub.ca))
+
+    def reload_certificates(self) -> None:
+        """SIGHUP: read the tunnel endpoint's certificate, key and subaccount CAs again (they are
+        also read again when their files change); unusable files are logged and the old ones kept."""
+        self.endpoint.reload_certificates()
+
+    async def run(self, *, task_status: trio.TaskStatus[CloudPorts] = trio.TASK_STATUS_IGNORED) -> None:
+        self._export_expiry()
         try:
             await self._serve(task_status)
         finally:

@@ -14,6 +14,7 @@ lives in the cloud's etcd (never the on-premise one: the cloud cannot reach it),
                                      "locations"}   bound to the replica's lease
     destinations/<sub>/<Name>       see `destination_store.EtcdDestinationStore`
     destinations-key                proves every replica holds the same secrets key
+    revoked/<serial>                {"serial", "reason", "created"}   revoked node certificates
 
 (subaccount and location percent-encoded.) Each part is a thin shell around a pure decision:
 
@@ -33,6 +34,9 @@ lives in the cloud's etcd (never the on-premise one: the cloud cannot reach it),
   serve a location) and the per-token stream limit, set by ``connector cloud-subaccount``, override
   cloud.toml's (locations are united) on every replica at once; a pin moved in etcd refuses the
   old cluster's tunnels at once on every replica, the way a pin in cloud.toml does at a restart.
+* **Revoked certificates** (`RevocationSync`). Serials added by ``connector cloud-revoke`` are
+  followed into the endpoint's `RevokedSerials`: refused at the next handshake, and a tunnel of a
+  newly revoked serial is closed at once, on every replica (`connector.cloud.revocation`).
 * **Replica set** (`ReplicaSync`). Each replica writes its entry under its own lease (``[replica]
   lease_ttl``), refreshes it, and rewrites it when its readiness or tunnels change; a replica
   that dies is dropped when its lease expires, one that stops revokes it at once. A watch feeds
@@ -57,6 +61,7 @@ from connector.cloud.admission import StreamAdmission
 from connector.cloud.auth import Authenticator
 from connector.cloud.registry import Fence, LocationKey, Registry
 from connector.cloud.replicas import Replica, ReplicaDirectory
+from connector.cloud.revocation import RevokedSerials, format_serial
 from ha.store import KeyValue, LeaseExpired, RevisionCompacted, Store, StoreUnavailable, WatchEvent
 
 log = logging.getLogger(__name__)
@@ -65,6 +70,7 @@ FENCE_PREFIX = "fence/"
 TOKENS_PREFIX = "tokens/"
 REPLICAS_PREFIX = "replicas/"
 SUBACCOUNTS_PREFIX = "subaccounts/"
+REVOKED_PREFIX = "revoked/"
 TOKEN_KINDS = ("proxy", "destination_admin")
 RETRY = 0.5  # seconds between attempts while the cloud's etcd is unreachable
 REPLICA_PUBLISH_INTERVAL = 1.0  # how often a replica compares its entry with what it published
@@ -602,6 +608,69 @@ async def update_subaccount(store: Store, subaccount: str, change: Callable[[Sub
             return new, revision
 
 
+# --- revoked certificates ---------------------------------------------------------------------
+
+def revoked_key(serial: int) -> str:
+    return REVOKED_PREFIX + format_serial(serial)
+
+
+def revoked_from(kvs: Mapping[str, KeyValue]) -> dict[int, dict[str, Any]]:
+    """serial -> record of the revoked serials in etcd; records that are not ours left out (logged)."""
+    found: dict[int, dict[str, Any]] = {}
+    for key, kv in kvs.items():
+        try:
+            record = json.loads(kv.value)
+            serial = record.get("serial") if isinstance(record, dict) else None
+            if not isinstance(serial, int) or isinstance(serial, bool) or key != revoked_key(serial):
+                raise ValueError("expected {serial} matching the key")
+        except ValueError as exc:
+            log.error("revoked certificates: %s is not a revocation record (%s); ignored", key, exc)
+            continue
+        found[serial] = record
+    return found
+
+
+class RevocationSync(_Revisions):
+    """Follows ``revoked/`` into the endpoint's deny-list (see the module docstring)."""
+
+    def __init__(self, store: Store, revoked: RevokedSerials, reach: Reachability) -> None:
+        self.store = store
+        self.revoked = revoked
+        self.reach = reach
+        super().__init__()
+
+    async def run(self) -> None:
+        await follow_prefix(self.store, REVOKED_PREFIX, self.reach, "revoked certificates", self._install)
+
+    def _install(self, kvs: Mapping[str, KeyValue], revision: int) -> None:
+        added = self.revoked.replace(revoked_from(kvs))
+        if added:
+            log.warning("revoked certificates: %s now refused", ", ".join(format_serial(s) for s in sorted(added)))
+        self._applied(revision)
+
+
+async def revoke_certificate(store: Store, serial: int, *, reason: str = "") -> int:
+    """Put `serial` on the deny-list (`connector cloud-revoke`); the revision. Revoking a serial
+    that is on the list already keeps the first record and returns the current revision."""
+    record = {"serial": serial, "reason": reason, "created": int(time.time())}
+    revision = await store.put(revoked_key(serial), encode(record), prev_revision=0)
+    if revision is None:
+        return (await store.get_prefix(REVOKED_PREFIX)).revision
+    return revision
+
+
+async def unrevoke_certificate(store: Store, serial: int) -> None:
+    """Take `serial` off the deny-list (a revocation made by mistake); ValueError if absent."""
+    if await store.get(revoked_key(serial)) is None:
+        raise ValueError(f"serial {format_serial(serial)} is not revoked")
+    await store.delete(revoked_key(serial))
+
+
+async def list_revoked(store: Store) -> list[dict[str, Any]]:
+    snapshot = await store.get_prefix(REVOKED_PREFIX)
+    return [{**record, "serial_hex": format_serial(serial)} for serial, record in sorted(revoked_from(snapshot.kvs).items())]
+
+
 # --- all of it --------------------------------------------------------------------------------
 
 class SharedState:
@@ -612,7 +681,7 @@ class SharedState:
                  configured_tokens: Mapping[str, Mapping[str, tuple[str, ...]]],
                  authenticators: Mapping[str, Authenticator], destinations: Any = None,
                  settings: Mapping[str, SubaccountSettings] | None = None,
-                 admission: StreamAdmission | None = None) -> None:
+                 admission: StreamAdmission | None = None, revoked: RevokedSerials | None = None) -> None:
         self.store = store
         self.reach = Reachability()
         self.fence = FenceSync(store, registry, self.reach)
@@ -621,6 +690,7 @@ class SharedState:
         self.fence.on_loaded = self.replicas.poke
         self.settings = SettingsSync(store, settings or {}, registry, admission or registry.admission, self.reach)
         self.destinations = destinations  # an EtcdDestinationStore, or None
+        self.revocations = RevocationSync(store, revoked if revoked is not None else RevokedSerials(), self.reach)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -629,6 +699,7 @@ class SharedState:
                 nursery.start_soon(self.tokens.run)
                 nursery.start_soon(self.replicas.run)
                 nursery.start_soon(self.settings.run)
+                nursery.start_soon(self.revocations.run)
                 if self.destinations is not None:
                     await nursery.start(self.destinations.run)
                 task_status.started()
