@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import builtins
 import difflib
+import logging
 import os
 import socket
 import tomllib
@@ -33,6 +34,8 @@ from ha.timing import HATiming
 T = TypeVar("T")
 
 MIN_ADMIN_TOKEN = 16  # characters in [admin] token_file: `connector certs init` writes 43
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(Exception):
@@ -167,6 +170,12 @@ class _Section:
             raise ConfigError(self.file, self.key(name), "must be an array of tables ([[...]])")
         return [_Section(self.file, f"{self.key(name)}[{i}]", item) for i, item in enumerate(value)]
 
+    def retired(self, name: builtins.str, why: builtins.str) -> None:
+        """A key an earlier version read: accepted with a warning saying why it is gone."""
+        self.seen.add(name)
+        if name in self.table:
+            log.warning("%s: %s is no longer used (%s); remove it", self.file, self.key(name), why)
+
     def done(self) -> None:
         unknown = sorted(set(self.table) - self.seen)
         if unknown:
@@ -240,7 +249,6 @@ class CloudConfig:
     audit_log: Path | None  # refusals of the proxies, JSON lines (None: kept in memory only)
     request_head_timeout: float  # the HTTP proxy's deadlines and minimum rate (ProxySettings)
     idle_timeout: float
-    stream_idle_timeout: float
     min_request_body_rate: float
     request_body_grace: float
     response_write_timeout: float
@@ -386,7 +394,6 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
         audit_log=proxy.path("audit_log", must_exist=False),
         request_head_timeout=proxy.float("request_head_timeout", 30.0),
         idle_timeout=proxy.float("idle_timeout", 120.0),
-        stream_idle_timeout=proxy.float("stream_idle_timeout", 2.0),
         min_request_body_rate=proxy.float("min_request_body_rate", 240.0),
         request_body_grace=proxy.float("request_body_grace", 5.0),
         response_write_timeout=proxy.float("response_write_timeout", 60.0),
@@ -403,6 +410,7 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
     oauth_section = root.sub("oauth")
     if oauth_section is not None:
         config = attrs.evolve(config, oauth=_oauth(oauth_section, config))
+    proxy.retired("stream_idle_timeout", "every request has its own tunnel stream since tunnel protocol 2")
     for section in (tunnel, proxy, admin, drain, *( [dest] if dest else [] ), *([oauth_section] if oauth_section else [])):
         section.done()
     root.done()
@@ -549,7 +557,8 @@ class NodeConfig:
     min_request_body_rate: float = 240.0
     request_body_grace: float = 5.0
     response_write_timeout: float = 60.0
-    keepalive_timeout: float = 120.0
+    pool_max_idle: int = 32  # idle kept-alive connections to internal hosts, per mapping
+    pool_idle_seconds: float = 30.0  # an idle one older than this is closed
 
     @property
     def tunnel_url(self) -> str:
@@ -763,8 +772,11 @@ def load_node_config(path: str | Path) -> NodeConfig:
         min_request_body_rate=forward.float("min_request_body_rate", 240.0),
         request_body_grace=forward.float("request_body_grace", 5.0),
         response_write_timeout=forward.float("response_write_timeout", 60.0),
-        keepalive_timeout=forward.float("keepalive_timeout", 120.0),
+        pool_max_idle=forward.int("pool_max_idle", 32, minimum=0),
+        pool_idle_seconds=forward.float("pool_idle_seconds", 30.0),
     )
+    forward.retired("keepalive_timeout", "every request has its own tunnel stream since tunnel protocol 2; "
+                                         "idle internal-host connections follow pool_idle_seconds")
     for section in (node, tunnel, admin, forward):
         section.done()
     root.done()
