@@ -19,7 +19,7 @@ from connector.tunnel.session import StreamHandler, TunnelSession, TunnelSetting
 
 @asynccontextmanager
 async def session_pair(
-    handler: StreamHandler, *, settings: TunnelSettings = TunnelSettings(),
+    handler: StreamHandler, *, settings: TunnelSettings | None = None,
 ) -> AsyncIterator[tuple[TunnelSession, TunnelSession]]:
     """Yield (cloud, node) sessions, running; `handler` serves each stream the cloud opens."""
     async with trio.open_nursery() as nursery:
@@ -34,6 +34,7 @@ async def session_pair(
             handshake.start_soon(accept)
             client_ws = await trio_websocket.wrap_client_stream(
                 nursery, client_end, "tunnel.test", "/tunnel")  # type: ignore[arg-type]  # any trio stream works
+        settings = settings or TunnelSettings()
         cloud = TunnelSession(server_ws[0], client=False, settings=settings)
         node = TunnelSession(client_ws, client=True, settings=settings)
         async with trio.open_nursery() as hello:
