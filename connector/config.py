@@ -13,6 +13,7 @@ import builtins
 import collections.abc
 import difflib
 import json
+import logging
 import os
 import socket
 import ssl
@@ -41,6 +42,8 @@ T = TypeVar("T")
 Environment = collections.abc.Mapping[str, str]  # os.environ, or a test's own
 
 MIN_ADMIN_TOKEN = 16  # characters in [admin] token_file: `connector certs init` writes 43
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(Exception):
@@ -175,6 +178,12 @@ class _Section:
             raise ConfigError(self.file, self.key(name), "must be an array of tables ([[...]])")
         return [_Section(self.file, f"{self.key(name)}[{i}]", item) for i, item in enumerate(value)]
 
+    def retired(self, name: builtins.str, why: builtins.str) -> None:
+        """A key an earlier version read: accepted with a warning saying why it is gone."""
+        self.seen.add(name)
+        if name in self.table:
+            log.warning("%s: %s is no longer used (%s); remove it", self.file, self.key(name), why)
+
     def done(self) -> None:
         unknown = sorted(set(self.table) - self.seen)
         if unknown:
@@ -252,7 +261,6 @@ class CloudConfig:
     audit_log: Path | None  # refusals of the proxies, JSON lines (None: kept in memory only)
     request_head_timeout: float  # the HTTP proxy's deadlines and minimum rate (ProxySettings)
     idle_timeout: float
-    stream_idle_timeout: float
     min_request_body_rate: float
     request_body_grace: float
     response_write_timeout: float
@@ -454,7 +462,6 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
         audit_log=proxy.path("audit_log", must_exist=False),
         request_head_timeout=proxy.float("request_head_timeout", 30.0),
         idle_timeout=proxy.float("idle_timeout", 120.0),
-        stream_idle_timeout=proxy.float("stream_idle_timeout", 2.0),
         min_request_body_rate=proxy.float("min_request_body_rate", 240.0),
         request_body_grace=proxy.float("request_body_grace", 5.0),
         response_write_timeout=proxy.float("response_write_timeout", 60.0),
@@ -472,6 +479,7 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
     oauth_section = root.sub("oauth")
     if oauth_section is not None:
         config = attrs.evolve(config, oauth=_oauth(oauth_section, config))
+    proxy.retired("stream_idle_timeout", "every request has its own tunnel stream since tunnel protocol 2")
     for section in (tunnel, proxy, admin, drain, *( [dest] if dest else [] ), *([oauth_section] if oauth_section else [])):
         section.done()
     root.done()
@@ -618,7 +626,8 @@ class NodeConfig:
     min_request_body_rate: float = 240.0
     request_body_grace: float = 5.0
     response_write_timeout: float = 60.0
-    keepalive_timeout: float = 120.0
+    pool_max_idle: int = 32  # idle kept-alive connections to internal hosts, per mapping
+    pool_idle_seconds: float = 30.0  # an idle one older than this is closed
     # [tunnel] proxy, else https_proxy/no_proxy of the environment (connector.tunnel.egress)
     egress: EgressPolicy = EgressPolicy()
 
@@ -851,9 +860,12 @@ def load_node_config(path: str | Path, environ: Environment | None = None) -> No
         min_request_body_rate=forward.float("min_request_body_rate", 240.0),
         request_body_grace=forward.float("request_body_grace", 5.0),
         response_write_timeout=forward.float("response_write_timeout", 60.0),
-        keepalive_timeout=forward.float("keepalive_timeout", 120.0),
+        pool_max_idle=forward.int("pool_max_idle", 32, minimum=0),
+        pool_idle_seconds=forward.float("pool_idle_seconds", 30.0),
         egress=_egress(tunnel, os.environ if environ is None else environ),
     )
+    forward.retired("keepalive_timeout", "every request has its own tunnel stream since tunnel protocol 2; "
+                                         "idle internal-host connections follow pool_idle_seconds")
     for section in (node, tunnel, admin, forward):
         section.done()
     root.done()

@@ -195,3 +195,12 @@ CLOUD_DRAIN_CONNECTIONS = Gauge(
     NS + "_cloud_drain_connections",
     "Application connections (HTTP proxy, SOCKS5, destinations) this replica serves; a draining replica exits at 0",
 )
+ORIGIN_IDLE = Gauge(
+    NS + "_origin_pool_idle_connections", "Idle kept-alive connections to internal hosts, per mapping", ["mapping"]
+)
+ORIGIN_CONNECTIONS = Counter(
+    NS + "_origin_connections_total",
+    "Connections to internal hosts taken for HTTP requests: new, reused from the pool, or given up "
+    "(expired idle, closed by the internal host, pool full)",
+    ["mapping", "outcome"],
+)

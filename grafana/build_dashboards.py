@@ -229,6 +229,14 @@ SECURITY = {
                 "{{mapping}} {{reason}}")], unit="ops", width=18),
         ],
         [
+            panel("Internal-host connections: new, reused, given up", [q(
+                f"sum by (mapping, outcome) (rate(connector_origin_connections_total{{{INST}}}[{RI}]))",
+                "{{mapping}} {{outcome}}")], unit="ops", width=12),
+            panel("Idle pooled internal-host connections", [q(
+                f"sum by (mapping) (connector_origin_pool_idle_connections{{{INST}}})",
+                "{{mapping}}")], width=12),
+        ],
+        [
             panel("Days until certificate expiry", [q(
                 "min by (instance, certificate) (connector_certificate_expiry_timestamp_seconds - time()) / 86400",
                 "{{instance}} {{certificate}}")], kind="bargauge", unit="d",

@@ -57,6 +57,7 @@ from connector.admin import LOCAL_HOSTS, AdminGuard, AdminRequest, AdminServer, 
 from connector.agent.acl import AccessControl
 from connector.agent.audit import AuditLog
 from connector.agent.forward import ForwardSettings, StreamContext, serve_stream
+from connector.agent.origin import OriginPool, PoolSettings
 from connector.agent.renew import RENEW_REFUSED_OP, RENEWED_OP, RenewalError, Renewer
 from connector.backoff import Backoff
 from connector.cloud.replicas import HELLO_REPLICA_KEY, REPLICAS_OP, Replica, from_body
@@ -159,8 +160,8 @@ class Node:
             connect_timeout=config.connect_timeout, response_timeout=config.response_timeout,
             request_head_timeout=config.request_head_timeout, min_request_body_rate=config.min_request_body_rate,
             request_body_grace=config.request_body_grace, response_write_timeout=config.response_write_timeout,
-            keepalive_timeout=config.keepalive_timeout,
         )
+        self.origins = OriginPool(PoolSettings(max_idle=config.pool_max_idle, idle_seconds=config.pool_idle_seconds))
         self.tunnel_settings = TunnelSettings(ping_interval=config.ping_interval, ping_timeout=config.ping_timeout)
         self.tunnels: dict[str, ReplicaTunnel] = {}  # by replica id: the tunnels that passed HELLO
         self.cloud_refusal: str | None = None  # why the cloud refuses our cluster, until it accepts us
@@ -173,8 +174,7 @@ class Node:
         self.admin_port: int | None = None
         self.stopping = False
         self._handing_over = False
-        self._draining: trio.Event | None = None  # set while handing over; streams end between requests
-        self._mastership_drain: trio.Event | None = None
+        self._draining = False  # handing over: the cloud routes us nothing new, in-flight streams finish
         self._changed = trio.Event()
         self.tunnel_failure: str | None = None  # why the last attempt to open a tunnel failed
         self.tunnel_failures: dict[str, str] = {}  # target -> why its last attempt failed
@@ -296,6 +296,7 @@ class Node:
             if self.config_source is not None:
                 await nursery.start(self.config_source.run, self._apply_mappings)
             await nursery.start(self._resolve_loop)
+            nursery.start_soon(self.origins.run)
             task_status.started(self.admin_port)
 
     async def shutdown(self) -> None:
@@ -668,35 +669,25 @@ class Node:
     # --- streams ---------------------------------------------------------------------------
 
     async def _serve_stream(self, tunnel: ReplicaTunnel, stream: TunnelStream) -> None:
-        if tunnel.registered_epoch is None and self._draining is None:
-            await stream.reset(ErrorCode.NOT_MASTER, f"node {self.config.node_id} is not the master")
+        if tunnel.registered_epoch is None and not self._draining:
+            # REFUSED before anything is read: the cloud may replay the request on the master
+            await stream.reset(ErrorCode.REFUSED, f"node {self.config.node_id} is not the master")
             return
         # A stream the cloud routed to us before it processed our drain is still ours to serve:
         # the cloud's fence, not this check, is what keeps a replaced master from serving.
-        context = StreamContext(
-            subaccount=self.config.subaccount,
-            location_id=self.config.location_id,
-            audit=self.audit,
-            settings=self.forward_settings,
-            draining=self._draining_event(),
-        )
-        await serve_stream(stream, self.acl, context)
+        await serve_stream(stream, self.acl, self._stream_context)
 
-    def _draining_event(self) -> trio.Event:
-        """One event per mastership: set when we hand over, fresh when we register again."""
-        if self._draining is not None:
-            return self._draining
-        if self._mastership_drain is None or self._mastership_drain.is_set():
-            self._mastership_drain = trio.Event()
-        return self._mastership_drain
+    @functools.cached_property
+    def _stream_context(self) -> StreamContext:
+        return StreamContext(subaccount=self.config.subaccount, location_id=self.config.location_id,
+                             audit=self.audit, settings=self.forward_settings, pool=self.origins)
 
     async def _begin_drain(self) -> None:
-        """Tell every replica to route no new streams to us, and end idle kept-alive streams."""
-        self._draining = self._draining_event()
+        """Tell every replica to route no new streams to us; in-flight streams finish."""
+        self._draining = True
         async with trio.open_nursery() as nursery:
             for tunnel in list(self.tunnels.values()):
                 nursery.start_soon(self._drain_tunnel, tunnel)
-        self._draining.set()
         for tunnel in self.tunnels.values():
             tunnel.registered_epoch = None
 
@@ -794,5 +785,5 @@ class Node:
             await self.elector.resign(hold_off=5.0)
         finally:
             self._handing_over = False
-            self._draining = None
+            self._draining = False
             self.poke()

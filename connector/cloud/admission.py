@@ -19,7 +19,7 @@ tests of the registry) are not counted.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -28,6 +28,7 @@ import trio
 from connector import metrics
 from connector.cloud.clients import ClientConnection
 from connector.cloud.router import NoConnectorError
+from connector.tunnel.heads import Head
 from connector.tunnel.streams import TunnelStream
 from connector.tunnel.types import ErrorCode
 
@@ -165,7 +166,7 @@ class AdmittedStream(TunnelStream):
     """A tunnel stream counted against a token and a client address until closed or reset.
 
     Everything is the wrapped stream's; attributes beyond `TunnelStream` (a session stream's
-    `peer_activity`, `statistics`) are looked up on it.
+    `statistics`, its `session`) are looked up on it.
     """
 
     def __init__(self, stream: TunnelStream, ticket: Ticket) -> None:
@@ -185,8 +186,17 @@ class AdmittedStream(TunnelStream):
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()
 
-    async def send_eof(self) -> None:
-        await self._stream.send_eof()
+    async def send_eof(self, trailers: list[tuple[bytes, bytes]] | None = None) -> None:
+        await self._stream.send_eof(trailers)
+
+    async def send_head(self, head: Head, *, end_stream: bool = False) -> None:
+        await self._stream.send_head(head, end_stream=end_stream)
+
+    async def receive_head(self) -> Head:
+        return await self._stream.receive_head()
+
+    def on_reset(self, callback: Callable[[], object]) -> None:
+        self._stream.on_reset(callback)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         return await self._stream.receive_some(max_bytes)

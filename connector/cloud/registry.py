@@ -546,8 +546,13 @@ class Registry:
 
     # --- routing (Router protocol) ----------------------------------------------------------
 
-    async def open_stream(self, subaccount: str, location_id: str, target: Target) -> TunnelStream:
-        """A stream to `target` on the location's master; see "Waiting for a stream" above."""
+    async def open_stream(self, subaccount: str, location_id: str, target: Target, *,
+                          avoid: TunnelStream | None = None) -> TunnelStream:
+        """A stream to `target` on the location's master; see "Waiting for a stream" above.
+
+        `avoid`: a stream whose tunnel refused this request (REFUSED: not the master, handing
+        over); while that tunnel is still the location's master, the request waits in the hold
+        for the next one, as if none were registered."""
         await trio.lowlevel.checkpoint()
         if not self.fence_loaded:
             raise NoConnectorError("this cloud replica has not read the shared fence yet (its etcd is unreachable): "
@@ -558,13 +563,14 @@ class Registry:
         client = current_client.get()
         ticket = self.admission.admit(subaccount, client)  # NoConnectorError at once past a limit
         try:
-            stream = await self._open(location, target, client)
+            stream = await self._open(location, target, client, getattr(avoid, "session", None))
         except BaseException:
             ticket.release()
             raise
         return ticket.attach(stream)
 
-    async def _open(self, location: _Location, target: Target, client: ClientConnection | None) -> TunnelStream:
+    async def _open(self, location: _Location, target: Target, client: ClientConnection | None,
+                    refused_by: object = None) -> TunnelStream:
         started = trio.current_time()
         hold_deadline = started + self.hold_seconds
         busy_deadline = started + self.stream_wait_seconds
@@ -572,6 +578,8 @@ class Registry:
         try:
             while True:
                 master = location.master
+                if master is not None and refused_by is not None and master.session is refused_by:
+                    master = None  # it refused this very request: wait for the next master
                 if master is not None:
                     # The routing decision is made now, with this epoch: a stream opened at once
                     # is this master's even if it drains or is fenced right after; one waited for

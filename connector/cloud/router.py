@@ -54,8 +54,10 @@ class NoConnectorError(Exception):
 class Router(Protocol):
     """Opens streams to virtual targets through the master tunnel of a location."""
 
-    async def open_stream(self, subaccount: str, location_id: str, target: Target) -> TunnelStream:
-        """Return an open stream to `target`, or raise NoConnectorError."""
+    async def open_stream(self, subaccount: str, location_id: str, target: Target, *,
+                          avoid: TunnelStream | None = None) -> TunnelStream:
+        """Return an open stream to `target`, or raise NoConnectorError. `avoid`: a stream whose
+        tunnel refused this request; the new one is opened on another (the next master)."""
         ...
 
 

@@ -63,7 +63,6 @@ def proxy_settings(config: CloudConfig) -> ProxySettings:
     return ProxySettings(
         request_head_timeout=config.request_head_timeout,
         idle_timeout=config.idle_timeout,
-        stream_idle_timeout=config.stream_idle_timeout,
         request_body_rate=MinDataRate(config.min_request_body_rate, config.request_body_grace),
         response_write_timeout=config.response_write_timeout,
     )

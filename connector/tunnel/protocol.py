@@ -10,7 +10,7 @@ a payload::
     type u8 | flags u8 | stream id u32 | payload length u32 | payload      (big-endian)
 
 Stream 0 is the connection itself (HELLO, PING, PONG, GOAWAY, CONTROL); every other id is one
-multiplexed stream (OPEN, ACCEPT, DATA, RESET, WINDOW_UPDATE). The server (the cloud side)
+multiplexed stream (OPEN, ACCEPT, HEADERS, DATA, RESET, WINDOW_UPDATE). The server (the cloud side)
 opens even ids, the client (the node) odd ids, each strictly increasing, so both could open
 streams without colliding.
 
@@ -26,6 +26,18 @@ Flow control is per stream and credit based, like HTTP/2 and yamux: a sender may
 consumes. Sending beyond the credit is a `LocalProtocolError`; receiving beyond it is a
 `RemoteProtocolError(FLOW_CONTROL_ERROR)`. So a stream's receive buffer is bounded by its window
 and the whole tunnel's by `max_streams * initial_window`.
+
+Exchange streams (version 2): a stream opened to an HTTP target carries one HTTP exchange. The
+opener sends the request head in a HEADERS frame (`connector.tunnel.heads`), then the body in
+DATA; the acceptor answers with informational heads, the final head and the body; either message
+may end with a trailers HEADERS frame. `connector.tunnel.state` is the table of what may come
+when; a frame it does not allow is a protocol error. A `101` head turns the stream into a byte
+pipe; TCP streams are byte pipes from the start. HEADERS are not flow-controlled (like HTTP/2) and
+fit in one frame.
+
+Refusal: a node that will not process a stream resets it with REFUSED before it reads anything,
+and GOAWAY carries the last stream id the sender processed (flag LAST_ID), so the opener knows
+which of its streams were provably never processed and may be replayed elsewhere.
 
 Stream life: DATA with the FIN flag half-closes one direction; a stream is gone once both
 directions are closed or either side sent RESET. Frames that cross a close on the wire are
@@ -52,19 +64,22 @@ from typing import Any, TypeGuard
 
 import attrs
 
+from connector.tunnel.heads import Head, HeadError, decode_head, encode_head
+from connector.tunnel.state import DATA, Message, StateError, StreamState
 from connector.tunnel.types import ErrorCode, StreamProtocol, Target
 
 __all__ = [
     "PROTOCOL_VERSIONS", "HEADER_SIZE", "FLAG_FIN", "FrameType", "Connection", "NEED_DATA",
-    "Event", "Hello", "OpenStream", "AcceptStream", "Data", "ResetStream", "WindowUpdate",
+    "Event", "Hello", "OpenStream", "AcceptStream", "Headers", "Data", "ResetStream", "WindowUpdate",
     "Ping", "Pong", "GoAway", "Control", "ConnectionClosed",
     "ProtocolError", "LocalProtocolError", "RemoteProtocolError",
 ]
 
-PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
+PROTOCOL_VERSIONS: tuple[int, ...] = (2,)  # 1 (byte streams carrying HTTP/1.1) is retired
 HEADER = struct.Struct(">BBII")
 HEADER_SIZE = HEADER.size
 FLAG_FIN = 0x01
+FLAG_LAST_ID = 0x02  # GOAWAY: a u32 last processed stream id follows the code
 MIN_MAX_FRAME_SIZE = 16 * 1024  # every peer must accept frames this large (HELLO fits in it)
 MAX_MAX_FRAME_SIZE = 16 * 1024 * 1024
 MAX_WINDOW = 2**31 - 1
@@ -90,6 +105,7 @@ class FrameType(enum.IntEnum):
     PONG = 8
     GOAWAY = 9
     CONTROL = 10
+    HEADERS = 11
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -145,6 +161,15 @@ class AcceptStream(Event):
 
 
 @attrs.frozen
+class Headers(Event):
+    """An HTTP head on an exchange stream; `end_stream` ends the message (no body follows)."""
+
+    stream_id: int
+    head: Head
+    end_stream: bool = False
+
+
+@attrs.frozen
 class Data(Event):
     """Stream payload; `end_stream` is the FIN flag (half-close). `send()` takes any bytes-like."""
 
@@ -178,8 +203,12 @@ class Pong(Event):
 
 @attrs.frozen
 class GoAway(Event):
+    """The connection ends. `last_stream_id`: the highest stream of the receiver's that the sender
+    processed; streams above it were never processed (None: not said, e.g. in a handshake)."""
+
     code: ErrorCode
     reason: str = ""
+    last_stream_id: int | None = None
 
 
 @attrs.frozen
@@ -208,9 +237,10 @@ NEED_DATA: Any = _NeedData()  # next_event(): no whole frame buffered yet
 
 class _Stream:
     __slots__ = ("stream_id", "local", "send_window", "recv_window", "local_fin", "remote_fin",
-                 "accepted")
+                 "accepted", "state", "sends", "receives")
 
-    def __init__(self, stream_id: int, local: bool, send_window: int, recv_window: int) -> None:
+    def __init__(self, stream_id: int, local: bool, send_window: int, recv_window: int,
+                 raw: bool) -> None:
         self.stream_id = stream_id
         self.local = local  # opened by us
         self.send_window = send_window  # credit the peer granted us
@@ -218,6 +248,10 @@ class _Stream:
         self.local_fin = False
         self.remote_fin = False
         self.accepted = False
+        self.state = StreamState(raw=raw)
+        # the opener sends the request and receives the response; the acceptor the other way
+        self.sends = Message.REQUEST if local else Message.RESPONSE
+        self.receives = Message.RESPONSE if local else Message.REQUEST
 
 
 def _u32(payload: bytes) -> int:
@@ -309,6 +343,7 @@ class Connection:
             FrameType.PONG: self._recv_pong,
             FrameType.GOAWAY: self._recv_goaway,
             FrameType.CONTROL: self._recv_control,
+            FrameType.HEADERS: self._recv_headers,
         }
         self._senders: dict[type[Event], Callable[[Any], bytes]] = {
             Hello: self._send_hello,
@@ -321,6 +356,7 @@ class Connection:
             Pong: self._send_pong,
             GoAway: self._send_goaway,
             Control: self._send_control,
+            Headers: self._send_headers,
         }
 
     # --- queries ------------------------------------------------------------------------------
@@ -540,7 +576,8 @@ class Connection:
         target = self._decode_target(payload)
         self._last_peer_id = stream_id
         self._streams[stream_id] = _Stream(
-            stream_id, False, self.peer_hello.initial_window, self.initial_window)
+            stream_id, False, self.peer_hello.initial_window, self.initial_window,
+            raw=target.protocol is StreamProtocol.TCP)
         self._peer_open += 1
         return OpenStream(stream_id, target)
 
@@ -586,6 +623,10 @@ class Connection:
             return None
         if st.remote_fin:
             raise RemoteProtocolError(f"DATA after FIN on stream {stream_id}")
+        try:
+            st.state.process(st.receives, DATA, fin)
+        except StateError as exc:
+            raise RemoteProtocolError(f"stream {stream_id}: {exc}") from None
         if len(payload) > st.recv_window:
             raise RemoteProtocolError(
                 f"DATA of {len(payload)} bytes exceeds the window of {st.recv_window} "
@@ -596,6 +637,27 @@ class Connection:
             if st.local_fin:
                 self._forget(st)
         return Data(stream_id, payload, fin)
+
+    def _recv_headers(self, flags: int, stream_id: int, payload: bytes) -> Event | None:
+        if flags & ~FLAG_FIN:
+            raise RemoteProtocolError(f"HEADERS with unknown flags {flags:#x}")
+        st = self._stream_for("HEADERS", flags, stream_id, late_ok=False)
+        try:
+            head = decode_head(payload)
+        except HeadError as exc:
+            raise RemoteProtocolError(f"HEADERS on stream {stream_id}: {exc}") from None
+        if st is None:
+            return None
+        fin = bool(flags & FLAG_FIN)
+        try:
+            st.state.process(st.receives, head.kind, fin)
+        except StateError as exc:
+            raise RemoteProtocolError(f"stream {stream_id}: {exc}") from None
+        if fin:
+            st.remote_fin = True
+            if st.local_fin:
+                self._forget(st)
+        return Headers(stream_id, head, fin)
 
     def _recv_reset(self, flags: int, stream_id: int, payload: bytes) -> Event | None:
         if flags or len(payload) < 4:
@@ -637,10 +699,12 @@ class Connection:
             raise RemoteProtocolError(f"{name} payload must be 8 bytes, not {len(payload)}")
 
     def _recv_goaway(self, flags: int, stream_id: int, payload: bytes) -> Event | None:
-        self._connection_frame("GOAWAY", flags, stream_id)
-        if len(payload) < 4:
-            raise RemoteProtocolError("GOAWAY needs a 4-byte code")
-        return GoAway(ErrorCode.parse(_u32(payload)), _decode_text(payload[4:], "GOAWAY reason"))
+        self._connection_frame("GOAWAY", flags & ~FLAG_LAST_ID, stream_id)
+        reason_at = 8 if flags & FLAG_LAST_ID else 4
+        if len(payload) < reason_at:
+            raise RemoteProtocolError(f"GOAWAY needs {reason_at} bytes of code and last stream id")
+        last = _u32(payload[4:]) if flags & FLAG_LAST_ID else None
+        return GoAway(ErrorCode.parse(_u32(payload)), _decode_text(payload[reason_at:], "GOAWAY reason"), last)
 
     def _recv_control(self, flags: int, stream_id: int, payload: bytes) -> Event | None:
         self._connection_frame("CONTROL", flags, stream_id)
@@ -723,7 +787,8 @@ class Connection:
             raise LocalProtocolError(f"invalid target {target}")
         payload = _OPEN.pack(target.port, len(proto)) + proto + host
         self._next_local_id = sid + 2
-        self._streams[sid] = _Stream(sid, True, peer.initial_window, self.initial_window)
+        self._streams[sid] = _Stream(sid, True, peer.initial_window, self.initial_window,
+                                     raw=target.protocol is StreamProtocol.TCP)
         self._local_open += 1
         return self._frame(FrameType.OPEN, 0, sid, payload)
 
@@ -748,6 +813,10 @@ class Connection:
         n = len(data)
         if n == 0 and not event.end_stream:
             return b""
+        try:
+            st.state.process(st.sends, DATA, event.end_stream)
+        except StateError as exc:
+            raise LocalProtocolError(f"stream {sid}: {exc}") from None
         if n > st.send_window:
             raise LocalProtocolError(
                 f"DATA of {n} bytes exceeds the window of {st.send_window} on stream {sid}",
@@ -771,6 +840,30 @@ class Connection:
             if st.remote_fin:
                 self._forget(st)
         return b"".join(parts)
+
+    def _send_headers(self, event: Headers) -> bytes:
+        peer = self._require_ready("HEADERS")
+        sid = event.stream_id
+        st = self._streams.get(sid)
+        if st is None or st.local_fin:
+            raise LocalProtocolError(f"HEADERS on stream {sid}, which is not open for sending")
+        try:
+            payload = encode_head(event.head)
+        except HeadError as exc:
+            raise LocalProtocolError(str(exc)) from None
+        if len(payload) > peer.max_frame_size:
+            raise LocalProtocolError(
+                f"a head of {len(payload)} bytes exceeds the peer's frame size {peer.max_frame_size}",
+                ErrorCode.FRAME_TOO_LARGE)
+        try:
+            st.state.process(st.sends, event.head.kind, event.end_stream)
+        except StateError as exc:
+            raise LocalProtocolError(f"stream {sid}: {exc}") from None
+        if event.end_stream:
+            st.local_fin = True
+            if st.remote_fin:
+                self._forget(st)
+        return self._frame(FrameType.HEADERS, FLAG_FIN if event.end_stream else 0, sid, payload)
 
     def _send_reset(self, event: ResetStream) -> bytes:
         st = self._local_stream("RESET", event.stream_id)
@@ -809,8 +902,11 @@ class Connection:
 
     def _send_goaway(self, event: GoAway) -> bytes:
         self._goaway_sent = True
-        payload = _U32.pack(ErrorCode(event.code)) + _encode_reason(event.reason)
-        return self._frame(FrameType.GOAWAY, 0, 0, payload)
+        code = _U32.pack(ErrorCode(event.code))
+        if event.last_stream_id is None:
+            return self._frame(FrameType.GOAWAY, 0, 0, code + _encode_reason(event.reason))
+        last = _U32.pack(event.last_stream_id)
+        return self._frame(FrameType.GOAWAY, FLAG_LAST_ID, 0, code + last + _encode_reason(event.reason))
 
     def _send_control(self, event: Control) -> bytes:
         peer = self._require_ready("CONTROL")

@@ -66,6 +66,7 @@ from trio.lowlevel import ParkingLot
 from connector import metrics
 from connector.tunnel import protocol as p
 from connector.tunnel import wsfast
+from connector.tunnel.heads import Head, Trailers
 from connector.tunnel.streams import TunnelStream
 from connector.tunnel.types import ErrorCode, StreamResetError, Target
 
@@ -73,11 +74,6 @@ log = logging.getLogger(__name__)
 
 
 _MESSAGE_TARGET = 128 * 1024  # the writer gathers frames up to this much per message (see above)
-# A receive_some asking for at least this much (the byte relays ask for 256 KiB) gets every
-# buffered chunk that fits, joined: one wake-up and one socket send instead of one per frame.
-# Smaller reads get one chunk (frame) at a time: the HTTP proxy reads 64 KiB and tells an answer
-# followed by stray bytes in a later frame from bytes glued to the answer (proxy.py).
-_JOIN_AT = 128 * 1024
 _SEND_CHUNK = 128 * 1024  # send_all hands the protocol at most this much at a time
 _HIGH_WATER = 512 * 1024  # writers wait while the outgoing queue holds more than this
 
@@ -132,10 +128,14 @@ class SessionStream(TunnelStream):
         self.stream_id = stream_id
         self.target = target
         self.opener = opener
+        self.session = session  # the tunnel it runs in (the router avoids a refusing one)
         self._session = session
         self._conn = session._conn
         self._peer_window = peer_window
         self._chunks: collections.deque[bytes] = collections.deque()
+        self._heads: collections.deque[Head] = collections.deque()
+        self.trailers: list[tuple[bytes, bytes]] | None = None  # the peer's, once its message ended
+        self.peer_started = False  # the peer sent a frame on this stream: it is processing it
         self._buffered = 0
         self._max_buffered = 0
         self._max_unacked = 0
@@ -150,6 +150,7 @@ class SessionStream(TunnelStream):
         self._sending = False
         self._lot = ParkingLot()  # any change: data, credit, accept, reset, close
         self._reset_event = trio.Event()
+        self._reset_callbacks: list[Callable[[], object]] = []
 
     # --- called by the session (reader task) --------------------------------------------------
 
@@ -159,6 +160,16 @@ class SessionStream(TunnelStream):
             self._buffered += len(data)
             if self._buffered > self._max_buffered:
                 self._max_buffered = self._buffered
+        if end_stream:
+            self._eof_received = True
+        self._lot.unpark_all()
+
+    def _on_head(self, head: Head, end_stream: bool) -> None:
+        self.peer_started = True
+        if isinstance(head, Trailers):
+            self.trailers = head.headers
+        else:
+            self._heads.append(head)
         if end_stream:
             self._eof_received = True
         self._lot.unpark_all()
@@ -174,6 +185,15 @@ class SessionStream(TunnelStream):
             self._buffered = 0
         self._reset_event.set()
         self._lot.unpark_all()
+        callbacks, self._reset_callbacks = self._reset_callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def on_reset(self, callback: Callable[[], object]) -> None:
+        if self._reset_event.is_set():
+            callback()
+        else:
+            self._reset_callbacks.append(callback)
 
     def _wake(self) -> None:
         self._lot.unpark_all()
@@ -182,16 +202,6 @@ class SessionStream(TunnelStream):
         await self._reset_event.wait()
 
     # --- application side -----------------------------------------------------------------------
-
-    def peer_activity(self) -> str:
-        """Without waiting: "data" if unread bytes are buffered, "closed" if the peer ended or
-        reset the stream (or the tunnel died), else "idle". Lets the holder of a kept-alive
-        stream check it when it wants to reuse it, instead of keeping a reader task on it."""
-        if self._chunks:
-            return "data"
-        if self._eof_received or self._read_error is not None or self._closed:
-            return "closed"
-        return "idle"
 
     def statistics(self) -> StreamStatistics:
         return StreamStatistics(self._buffered, self._max_buffered, self._unacknowledged(),
@@ -215,6 +225,45 @@ class SessionStream(TunnelStream):
         self._on_reset(ErrorCode.TUNNEL_LOST, reason or code.name)
         assert self._write_error is not None
         return StreamResetError(self._write_error.code, self._write_error.reason)
+
+    async def send_head(self, head: Head, *, end_stream: bool = False) -> None:
+        """Send an HTTP head (exchange streams); `end_stream`: no body follows (FIN)."""
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        self._check_send()
+        await self._session._wait_writable()
+        self._check_send()
+        if end_stream:
+            self._eof_sent = True
+        try:
+            queued = self._session._send(p.Headers(self.stream_id, head, end_stream))
+        except p.LocalProtocolError as exc:
+            raise ValueError(str(exc)) from None
+        if not queued:
+            raise self._lost()
+        if end_stream:
+            self._session._forget_if_closed(self)
+
+    async def receive_head(self) -> Head:
+        """The peer's next head: for the acceptor the request, for the opener each 1xx and then
+        the final response (or 101). Raises StreamResetError if the stream is reset first."""
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this stream")
+        self._receiving = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            while not self._heads:
+                if self._closed:
+                    raise trio.ClosedResourceError("stream was closed")
+                if self._read_error is not None:
+                    raise StreamResetError(self._read_error.code, self._read_error.reason)
+                if self._eof_received:
+                    raise StreamResetError(ErrorCode.PROTOCOL_ERROR, "the stream ended without a head")
+                await self._lot.park()
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return self._heads.popleft()
+        finally:
+            self._receiving = False
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._sending:
@@ -252,7 +301,8 @@ class SessionStream(TunnelStream):
             await self._lot.park()
         await trio.lowlevel.checkpoint()
 
-    async def send_eof(self) -> None:
+    async def send_eof(self, trailers: list[tuple[bytes, bytes]] | None = None) -> None:
+        """End our message (FIN); on an exchange stream with `trailers`, as a trailers head."""
         if self._sending:
             raise trio.BusyResourceError("another task is sending on this stream")
         await trio.lowlevel.checkpoint()
@@ -260,7 +310,9 @@ class SessionStream(TunnelStream):
             return
         self._check_send()
         self._eof_sent = True
-        if not self._session._send(p.Data(self.stream_id, b"", end_stream=True)):
+        event: p.Event = (p.Headers(self.stream_id, Trailers(trailers), end_stream=True) if trailers
+                          else p.Data(self.stream_id, b"", end_stream=True))
+        if not self._session._send(event):
             raise self._lost()
         self._session._forget_if_closed(self)
 
@@ -292,8 +344,8 @@ class SessionStream(TunnelStream):
             chunk = chunks[0]
             if max_bytes is None or max_bytes >= len(chunk):
                 chunks.popleft()
-                if chunks and (max_bytes is None or max_bytes >= _JOIN_AT):
-                    chunk = self._take_more(chunk, max_bytes)  # bulk reader: see _JOIN_AT
+                if chunks:  # every buffered chunk that fits: one wake-up, one socket send
+                    chunk = self._take_more(chunk, max_bytes)
             else:
                 chunks[0] = chunk[max_bytes:]
                 chunk = chunk[:max_bytes]
@@ -416,6 +468,7 @@ class TunnelSession:
         self._bytes_sent = 0
         self._bytes_received = 0
         self._streams_opened = 0
+        self._last_processed = 0  # highest stream id of the peer's handed to the stream handler
         self._last_rtt: float | None = None
         side = "node" if client else "cloud"
         self._side = side
@@ -425,6 +478,7 @@ class TunnelSession:
             p.OpenStream: self._on_open,
             p.AcceptStream: self._on_accept,
             p.Data: self._on_data,
+            p.Headers: self._on_headers,
             p.ResetStream: self._on_reset,
             p.WindowUpdate: self._on_window_update,
             p.Ping: self._on_ping,
@@ -621,8 +675,9 @@ class TunnelSession:
         assert self._conn.peer_hello is not None
         stream = self._register(event.stream_id, event.target, opener=False)
         if self._stream_handler is None or self._handler_nursery is None:
-            await stream.reset(ErrorCode.INTERNAL_ERROR, "this end accepts no streams")
+            await stream.reset(ErrorCode.REFUSED, "this end accepts no streams")
             return
+        self._last_processed = event.stream_id
         self._handler_nursery.start_soon(self._run_stream_handler, self._stream_handler, stream)
 
     async def _run_stream_handler(self, handler: StreamHandler, stream: SessionStream) -> None:
@@ -641,12 +696,21 @@ class TunnelSession:
         stream = self._streams.get(event.stream_id)
         if stream is not None:
             stream._accepted = True
+            stream.peer_started = True
             stream._wake()
 
     async def _on_data(self, event: p.Data) -> None:
         stream = self._streams.get(event.stream_id)
         if stream is not None:
+            stream.peer_started = True
             stream._on_data(event.data, event.end_stream)
+            if event.end_stream:
+                self._forget_if_closed(stream)
+
+    async def _on_headers(self, event: p.Headers) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is not None:
+            stream._on_head(event.head, event.end_stream)
             if event.end_stream:
                 self._forget_if_closed(stream)
 
@@ -659,6 +723,7 @@ class TunnelSession:
     async def _on_window_update(self, event: p.WindowUpdate) -> None:
         stream = self._streams.get(event.stream_id)
         if stream is not None:
+            stream.peer_started = True
             stream._wake()
 
     async def _on_ping(self, event: p.Ping) -> None:
@@ -676,6 +741,14 @@ class TunnelSession:
         self._rtt_metric.observe(self._last_rtt)
 
     async def _on_goaway(self, event: p.GoAway) -> None:
+        last = event.last_stream_id
+        if last is not None:
+            # streams we opened above `last` were provably never processed: say so (REFUSED),
+            # so that their openers may replay them elsewhere
+            for stream in list(self._streams.values()):
+                if stream.opener and stream.stream_id > last:
+                    stream._on_reset(ErrorCode.REFUSED, f"the peer went away before it processed the stream "
+                                                        f"({event.code.name}: {event.reason})")
         self._mark_closed(event.code, event.reason)
 
     async def _on_control(self, event: p.Control) -> None:
@@ -756,7 +829,7 @@ class TunnelSession:
         """Send GOAWAY(code, reason), fail open streams with TUNNEL_LOST, close the websocket."""
         if not self._closing and self._conn.handshake_complete:
             self._fail_streams(reason or code.name)
-            data = self._conn.send(p.GoAway(code, reason))
+            data = self._conn.send(p.GoAway(code, reason, self._last_processed))
             self._closing = True
             if self._running:
                 self._queue.append(data)

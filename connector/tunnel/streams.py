@@ -8,9 +8,11 @@ implements it in memory so the proxy and the node's forwarder are tested without
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 
 import trio
 
+from connector.tunnel.heads import Head
 from connector.tunnel.types import ErrorCode, Target
 
 
@@ -24,6 +26,21 @@ class TunnelStream(trio.abc.HalfCloseableStream):
 
     stream_id: int
     target: Target
+    # (annotations only: a wrapper such as AdmittedStream forwards them to the stream it wraps)
+    peer_started: bool  # the peer sent something on the stream: it is processing it
+    trailers: list[tuple[bytes, bytes]] | None  # the peer's trailers, once its message ended
+
+    async def send_head(self, head: Head, *, end_stream: bool = False) -> None:
+        """Exchange streams: send an HTTP head (`end_stream`: no body follows)."""
+        raise NotImplementedError
+
+    async def receive_head(self) -> Head:
+        """Exchange streams: the peer's next HTTP head; StreamResetError if reset first."""
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    async def send_eof(self, trailers: list[tuple[bytes, bytes]] | None = None) -> None:
+        """End our side (FIN); on an exchange stream, with `trailers` if given."""
 
     @abc.abstractmethod
     async def accept(self) -> None:
@@ -37,6 +54,10 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         """Return once the stream is reset (by either side, or because the tunnel died), so that
         a task not reading it learns it is gone. A stream that cannot tell waits forever."""
         await trio.sleep_forever()
+
+    def on_reset(self, callback: Callable[[], object]) -> None:
+        """Call `callback` (synchronously) when the peer resets the stream or the tunnel dies,
+        e.g. a cancel scope's `cancel`: a task waiting on something else learns it at once."""
 
     @abc.abstractmethod
     async def reset(self, code: ErrorCode, reason: str = "") -> None:

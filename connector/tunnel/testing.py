@@ -1,118 +1,48 @@
-"""An in-memory `TunnelStream` pair for tests of the proxy and the node that are not about the tunnel."""
+"""A real tunnel session pair in memory, for tests of the proxy and the node beside the tunnel.
+
+Both ends are `TunnelSession`s over trio-websocket over `trio.testing.memory_stream_pair`, so a
+test runs exactly the framing, flow control and exchange-stream code production runs; only the
+sockets and TLS are left out.
+"""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import trio
+import trio.testing
+import trio_websocket
 
-from connector.tunnel.streams import TunnelStream
-from connector.tunnel.types import ErrorCode, StreamResetError, Target
-
-
-class _Shared:
-    def __init__(self) -> None:
-        self.reset: StreamResetError | None = None
-        self.accepted = trio.Event()
-        self.reset_event = trio.Event()
+from connector.tunnel.session import StreamHandler, TunnelSession, TunnelSettings
 
 
-class MemoryTunnelStream(TunnelStream):
-    """One end of `memory_stream_pair`; a bounded buffer per direction gives real back-pressure."""
+@asynccontextmanager
+async def session_pair(
+    handler: StreamHandler, *, settings: TunnelSettings | None = None,
+) -> AsyncIterator[tuple[TunnelSession, TunnelSession]]:
+    """Yield (cloud, node) sessions, running; `handler` serves each stream the cloud opens."""
+    async with trio.open_nursery() as nursery:
+        client_end, server_end = trio.testing.memory_stream_pair()
+        server_ws: list[trio_websocket.WebSocketConnection] = []
 
-    def __init__(
-        self,
-        target: Target,
-        shared: _Shared,
-        send: trio.MemorySendChannel[bytes],
-        receive: trio.MemoryReceiveChannel[bytes],
-        stream_id: int,
-    ) -> None:
-        self.target = target
-        self.stream_id = stream_id
-        self._shared = shared
-        self._send = send
-        self._receive = receive
-        self._pending = b""
-        self._eof_sent = False
+        async def accept() -> None:
+            request = await trio_websocket.wrap_server_stream(nursery, server_end)
+            server_ws.append(await request.accept())
 
-    def _check(self) -> None:
-        if self._shared.reset is not None:
-            raise StreamResetError(self._shared.reset.code, self._shared.reset.reason)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        self._check()
-        if self._eof_sent:
-            raise trio.ClosedResourceError("send after send_eof")
-        if data:
-            try:
-                await self._send.send(bytes(data))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._check()
-                raise
-        self._check()
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await trio.lowlevel.checkpoint()
-
-    async def send_eof(self) -> None:
-        self._check()
-        if not self._eof_sent:
-            self._eof_sent = True
-            await self._send.aclose()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        self._check()
-        if not self._pending:
-            try:
-                self._pending = await self._receive.receive()
-            except trio.EndOfChannel:
-                self._check()
-                return b""
-            except trio.ClosedResourceError:
-                self._check()
-                raise
-        n = len(self._pending) if max_bytes is None else max_bytes
-        chunk, self._pending = self._pending[:n], self._pending[n:]
-        return chunk
-
-    async def accept(self) -> None:
-        self._shared.accepted.set()
-        await trio.lowlevel.checkpoint()
-
-    async def wait_accepted(self) -> None:
-        async with trio.open_nursery() as nursery:
-            async def _on_reset() -> None:
-                await self._shared.reset_event.wait()
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(_on_reset)
-            await self._shared.accepted.wait()
+        async with trio.open_nursery() as handshake:
+            handshake.start_soon(accept)
+            client_ws = await trio_websocket.wrap_client_stream(
+                nursery, client_end, "tunnel.test", "/tunnel")  # type: ignore[arg-type]  # any trio stream works
+        settings = settings or TunnelSettings()
+        cloud = TunnelSession(server_ws[0], client=False, settings=settings)
+        node = TunnelSession(client_ws, client=True, settings=settings)
+        async with trio.open_nursery() as hello:
+            hello.start_soon(cloud.handshake)
+            hello.start_soon(node.handshake)
+        await nursery.start(lambda task_status: cloud.run(task_status=task_status))
+        await nursery.start(lambda task_status: node.run(stream_handler=handler, task_status=task_status))
+        try:
+            yield cloud, node
+        finally:
             nursery.cancel_scope.cancel()
-        self._check()
-
-    async def wait_reset(self) -> None:
-        await self._shared.reset_event.wait()
-
-    async def reset(self, code: ErrorCode, reason: str = "") -> None:
-        if self._shared.reset is None:
-            self._shared.reset = StreamResetError(code, reason)
-            self._shared.reset_event.set()
-        await self._send.aclose()
-        await self._receive.aclose()
-
-    async def aclose(self) -> None:
-        if not self._eof_sent:
-            self._eof_sent = True
-            await self._send.aclose()
-        await self._receive.aclose()
-
-
-def memory_stream_pair(
-    target: Target, buffer_chunks: int = 4
-) -> tuple[MemoryTunnelStream, MemoryTunnelStream]:
-    """Return (opener, acceptor) joined in memory; each direction buffers `buffer_chunks` writes."""
-    shared = _Shared()
-    a_to_b_send, a_to_b_recv = trio.open_memory_channel[bytes](buffer_chunks)
-    b_to_a_send, b_to_a_recv = trio.open_memory_channel[bytes](buffer_chunks)
-    opener = MemoryTunnelStream(target, shared, a_to_b_send, b_to_a_recv, stream_id=1)
-    acceptor = MemoryTunnelStream(target, shared, b_to_a_send, a_to_b_recv, stream_id=1)
-    return opener, acceptor

@@ -30,6 +30,7 @@ class ErrorCode(enum.IntEnum):
     UNSUPPORTED_VERSION = 14
     BACKEND_TLS_ERROR = 15  # TLS to the internal host failed verification
     TUNNEL_LOST = 16  # the tunnel carrying the stream died (master crashed)
+    REFUSED = 17  # the acceptor did not process the stream at all (not master, draining): replayable
 
     @classmethod
     def parse(cls, value: int) -> ErrorCode:

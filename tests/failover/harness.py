@@ -87,6 +87,7 @@ class RequestResult:
     end: float
     status: int | None  # None: no response (reset, timeout)
     reason: str = ""  # X-Connector-Error token, exception type name, or "timeout"
+    method: str = "GET"
 
     @property
     def ok(self) -> bool:
@@ -226,7 +227,11 @@ def classify_error(exc: BaseException) -> str:
 
 
 class Load:
-    """Bounded GET load through the HTTP proxy: at most `max_requests`, for at most `max_seconds`."""
+    """Bounded load through the HTTP proxy: at most `max_requests`, for at most `max_seconds`.
+
+    GET requests, and with `post_every` = n every n-th one a POST with a body the demo's internal
+    host echoes (a POST answered with anything but its own body counts as failed: "echo_mismatch").
+    """
 
     def __init__(
         self,
@@ -239,7 +244,9 @@ class Load:
         max_seconds: float = 30.0,
         interval: float = 0.01,
         request_timeout: float = 15.0,
+        post_every: int = 0,
     ) -> None:
+        self.post_every = post_every
         self.proxy_port = proxy_port
         self.token = token
         self.label = label
@@ -284,21 +291,25 @@ class Load:
         start = trio.current_time()
         status: int | None = None
         reason = "timeout"
+        post = self.post_every > 0 and seq % self.post_every == self.post_every - 1
+        body = f"POST {self.label} {seq} ".encode() * 64 if post else None
         with trio.move_on_after(self.request_timeout):
             client: HttpClient | None = None
             try:
                 client = await HttpClient.connect(self.proxy_port)
                 response = await client.request(
-                    "GET", f"http://erp.virtual:8000{path}", [("Proxy-Authorization", f"Bearer {self.token}")]
-                )
+                    "POST" if post else "GET", f"http://erp.virtual:8000{path}",
+                    [("Proxy-Authorization", f"Bearer {self.token}")], body)
                 status, reason = response.status, response.headers.get("x-connector-error", "")
+                if post and status == 200 and response.body != body:
+                    status, reason = None, "echo_mismatch"
             except (Exception, BaseExceptionGroup) as exc:  # noqa: B902 - classified, or re-raised
                 status, reason = None, classify_error(exc)
             finally:
                 if client is not None:
                     with trio.CancelScope(shield=True):
                         await trio.aclose_forcefully(client.stream)
-        return RequestResult(seq, path, start, trio.current_time(), status, reason)
+        return RequestResult(seq, path, start, trio.current_time(), status, reason, "POST" if post else "GET")
 
     async def wait_ok(self, count: int, *, since: float | None = None, timeout: float = 15.0) -> None:
         """Until `count` more requests succeeded (started at `since` or later, if given): the load
@@ -808,6 +819,7 @@ async def run_drill(
     freeze_seconds: float = 0.0,
     takeover_timeout: float = 15.0,
     concurrency: int = 2,
+    post_every: int = 0,
 ) -> DrillResult:
     """Apply one fault ("crash", "freeze", "graceful") to the master under load and check it all.
 
@@ -823,7 +835,7 @@ async def run_drill(
     replicas: list[str | None] = [*cluster.replicas] or [None]
     old, old_epoch = await cluster.wait_master()
     load = cluster.load(label, concurrency=concurrency, max_seconds=warmup + takeover_timeout + after + 20.0,
-                        max_requests=5000)
+                        max_requests=5000, post_every=post_every)
     new: str | None = None
     new_epoch: int | None = None
     changed_at: float | None = None

@@ -21,8 +21,9 @@ from connector.cloud.clients import (
     address_key,
 )
 from connector.cloud.router import NoConnectorError
-from connector.tunnel.testing import memory_stream_pair
-from connector.tunnel.types import ErrorCode, Target
+from connector.tunnel.streams import TunnelStream
+from connector.tunnel.testing import session_pair
+from connector.tunnel.types import ErrorCode, StreamProtocol, Target
 
 TARGET = Target("erp.virtual", 8000)
 
@@ -104,21 +105,28 @@ def test_release_is_counted_once() -> None:
 @pytest.mark.parametrize("ending", ["aclose", "reset"])
 async def test_admitted_stream_returns_its_ticket_when_closed_or_reset(ending: str) -> None:
     admission = StreamAdmission(StreamLimits(per_token=1, per_client_address=0))
-    opener, acceptor = memory_stream_pair(TARGET)
-    stream = admission.admit("acme", client("10.0.0.1")).attach(opener)
-    assert isinstance(stream, AdmittedStream)
-    assert (stream.stream_id, stream.target) == (opener.stream_id, TARGET)
-    await stream.send_all(b"ping")
-    assert await acceptor.receive_some(10) == b"ping"
-    with pytest.raises(NoConnectorError):
-        admission.admit("acme", client("10.0.0.1"))
-    if ending == "aclose":
-        await stream.aclose()
-    else:
-        await stream.reset(ErrorCode.CANCEL, "done")
-    assert admission.statistics() == AdmissionStatistics(0, 0, 0)
-    await stream.aclose()  # closing again returns nothing twice
-    assert admission.statistics() == AdmissionStatistics(0, 0, 0)
+    received: list[bytes] = []
+
+    async def node(stream: TunnelStream) -> None:
+        received.append(await stream.receive_some(10))
+
+    async with session_pair(node) as (cloud, _node):
+        opener = cloud.open_stream_nowait(Target("db.virtual", 5432, StreamProtocol.TCP))
+        stream = admission.admit("acme", client("10.0.0.1")).attach(opener)
+        assert isinstance(stream, AdmittedStream)
+        assert (stream.stream_id, stream.target) == (opener.stream_id, opener.target)
+        await stream.send_all(b"ping")
+        with pytest.raises(NoConnectorError):
+            admission.admit("acme", client("10.0.0.1"))
+        if ending == "aclose":
+            await stream.aclose()
+        else:
+            await stream.reset(ErrorCode.CANCEL, "done")
+        assert admission.statistics() == AdmissionStatistics(0, 0, 0)
+        await stream.aclose()  # closing again returns nothing twice
+        assert admission.statistics() == AdmissionStatistics(0, 0, 0)
+        await cloud.wait_no_streams()
+    assert received == [b"ping"]
 
 
 async def test_wait_streams_returns_when_the_count_is_reached(nursery) -> None:

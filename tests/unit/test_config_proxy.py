@@ -26,7 +26,6 @@ def test_settings_are_read(files: Path) -> None:  # noqa: F811
 audit_log = "logs/cloud-audit.jsonl"
 request_head_timeout = 5
 idle_timeout = 60.0
-stream_idle_timeout = 1.5
 min_request_body_rate = 1000
 request_body_grace = 2.5
 response_write_timeout = 20
@@ -34,7 +33,7 @@ response_write_timeout = 20
     config = load_cloud_config(cloud(files, body))
     assert config.audit_log == files / "logs" / "cloud-audit.jsonl"
     assert proxy_settings(config) == ProxySettings(
-        request_head_timeout=5.0, idle_timeout=60.0, stream_idle_timeout=1.5,
+        request_head_timeout=5.0, idle_timeout=60.0,
         request_body_rate=MinDataRate(1000.0, 2.5), response_write_timeout=20.0,
     )
 
@@ -43,7 +42,6 @@ response_write_timeout = 20
     ("line", "key", "message"),
     [
         ("request_head_timeout = 0", "proxy.request_head_timeout", "must be positive"),
-        ("stream_idle_timeout = -1", "proxy.stream_idle_timeout", "must be positive"),
         ("min_request_body_rate = 0", "proxy.min_request_body_rate", "must be positive"),
         ("request_body_grace = -5", "proxy.request_body_grace", "must be positive"),
         ('response_write_timeout = "long"', "proxy.response_write_timeout", "must be an integer or a number"),
@@ -54,3 +52,12 @@ def test_bad_values_name_the_key(files: Path, line: str, key: str, message: str)
     with pytest.raises(ConfigError, match=message) as info:
         load_cloud_config(cloud(files, GOOD_CLOUD + f"\n[proxy]\n{line}\n"))
     assert info.value.key == key
+
+
+def test_a_retired_key_is_accepted_with_a_warning_that_says_why(
+        files: Path, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+    # stream_idle_timeout released idle streams of version 1; every request has its own stream now
+    config = load_cloud_config(cloud(files, GOOD_CLOUD + "\n[proxy]\nstream_idle_timeout = 1.5\n"))
+    assert proxy_settings(config) == ProxySettings()
+    assert any("proxy.stream_idle_timeout is no longer used" in r.getMessage()
+               and "its own tunnel stream" in r.getMessage() for r in caplog.records)

@@ -257,6 +257,8 @@ def healthy_demo() -> list[dict[str, str]]:
     out += counter("connector_bytes_total", {**master, **mapping, "direction": "out"}, 900)
     out += histogram("connector_request_duration_seconds", {**master, **mapping, "protocol": "http"}, lat, 2)
     out += counter("connector_requests_total", {**master, **mapping, "decision": "allowed"}, 2)
+    out += counter("connector_origin_connections_total", {**master, **mapping, "outcome": "reused"}, 2)
+    out += gauge("connector_origin_pool_idle_connections", {**master, **mapping}, 1)
     cloud = {"job": "cloud", "instance": "cloud:8081"}
     for replica, instance in (("cloud-1", "cloud:8081"), ("cloud-2", "cloud-2:8081")):
         # every cloud replica's series carry the scrape's `replica` label (docs/metrics.md)

@@ -14,8 +14,8 @@ from connector.cloud.clients import ClientConnection, Principal, current_client
 from connector.cloud.registry import Registry, RegistryStatistics, TunnelHandle
 from connector.cloud.router import NoConnectorError
 from connector.tunnel.session import TunnelError
-from connector.tunnel.testing import memory_stream_pair
 from connector.tunnel.types import ErrorCode, Target
+from tests.support.fakes import InertStream
 
 TARGET = Target("erp.virtual", 8000)
 HOLD = 5.0
@@ -42,7 +42,7 @@ class FakeSession:
         self.streams_open += 1
         self.opened.append(target)
         if self.memory_streams:  # streams the proxy-facing wrappers can use
-            return memory_stream_pair(target)[0]
+            return InertStream(target)
         return (self.name, target)
 
     async def open_stream(self, target):

@@ -1,0 +1,510 @@
+"""One HTTP exchange on the node: a typed request head from the tunnel, h11 to the internal host.
+
+Theory of operation. The cloud opens one stream per request and sends its head as the proxy parsed
+it (`connector.tunnel.heads.RequestHead`), then its body as DATA. The node
+
+1. admits it (`admit`): head size, framing (CL+TE), the allow-list on the canonical path; a
+   refusal is answered here (a JSON error as the response), never reaching the internal host;
+2. takes a connection to the internal host from the `OriginPool` and writes the request with h11,
+   with the checked path (the path checked is the path sent) and the Host the mapping asks for;
+3. streams the body up (`_pump_body`) while it relays the response down: h11 parses the internal
+   host's answer and each event becomes a head, DATA or the FIN (with trailers) on the stream;
+4. gives the connection back to the pool when h11 says both sides may go on.
+
+A `101` to an allowed WebSocket upgrade turns the stream into a byte pipe (`connector.relay`).
+Failures before the response head are answered 502/504 with a generic sentence; after it, the
+stream is reset (BACKEND_RESET). The detail (internal host names, resolver and TLS errors) goes to
+the node's log and the audit line only.
+
+Deadlines, from trio's clock: the request head within `request_head_timeout` of the stream's
+opening; the request body at `min_request_body_rate` after `request_body_grace`; the response head
+within `response_timeout` of the request's end; each response write taken within
+`response_write_timeout` (else the application stopped reading: reset).
+
+Exactly one audit line per exchange: `run` writes it in its `finally`, from the `Outcome` every
+step fills in.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import attrs
+import h11
+import trio
+
+from connector import metrics
+from connector.agent import acl as acl_mod
+from connector.agent.acl import AccessControl, Decision, Mapping
+from connector.agent.audit import AuditLog
+from connector.agent.origin import BackendError, OriginConnection, OriginPool
+from connector.datarate import MinDataRate, RateBudget, receive_some_at_rate
+from connector.http1 import framing_error, header_tokens, strip_hop_by_hop, trailer_fields
+from connector.httperrors import ERRORS, REASON_PHRASES, RESET_REASONS, error_parts, reset_error
+from connector.relay import relay
+from connector.tunnel.heads import RequestHead, ResponseHead
+from connector.tunnel.streams import TunnelStream
+from connector.tunnel.types import ErrorCode, StreamResetError
+
+log = logging.getLogger(__name__)
+
+_TUNNEL_ERRORS = (StreamResetError, trio.BrokenResourceError, trio.ClosedResourceError)
+_ORIGIN_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+@attrs.frozen
+class ForwardSettings:
+    connect_timeout: float = 5.0
+    response_timeout: float = 30.0
+    max_header_bytes: int = 65536
+    chunk: int = 65536  # HTTP: reads from the stream and the internal host
+    relay_chunk: int = 262144  # raw byte relay (TCP mappings, WebSocket after 101): largest read
+    request_head_timeout: float = 30.0  # the request head arrives within this of the stream's opening
+    min_request_body_rate: float = 240.0  # bytes/s a request body keeps on average, after the grace
+    request_body_grace: float = 5.0  # seconds of waiting for a body before its rate is enforced
+    response_write_timeout: float = 60.0  # one response write the tunnel side does not take
+
+    @property
+    def body_rate(self) -> MinDataRate:
+        return MinDataRate(self.min_request_body_rate, self.request_body_grace)
+
+
+@attrs.frozen
+class StreamContext:
+    subaccount: str
+    location_id: str
+    audit: AuditLog
+    settings: ForwardSettings = ForwardSettings()
+    pool: OriginPool = attrs.field(factory=OriginPool)
+
+
+@attrs.frozen
+class Refusal:
+    """Why a request is answered by the node itself: status, reason token, what the application
+    reads, and the detail for the node only."""
+
+    status: int
+    reason: str
+    message: str
+    detail: str | None = None
+
+
+def admit(acl: AccessControl, mapping: Mapping, head: RequestHead, max_header_bytes: int) -> Decision | Refusal:
+    """The admission decision for one request head: the allow-list's Decision, or a Refusal."""
+    head_size = len(head.target) + sum(len(k) + len(v) + 4 for k, v in head.headers)
+    if head_size > max_header_bytes:
+        return Refusal(431, acl_mod.BAD_REQUEST, "request head too large")
+    framing = framing_error(head.headers)  # the proxy refuses these too: a second line of defence
+    if framing is not None:
+        return Refusal(400, acl_mod.BAD_REQUEST, framing)
+    decision = acl.check_request(mapping, head.method, head.target, head.headers)
+    if decision.allowed:
+        return decision
+    status = 400 if decision.reason in (acl_mod.BAD_REQUEST, acl_mod.AMBIGUOUS_PATH, acl_mod.HOST_MISMATCH) else 403
+    return Refusal(status, decision.reason, f"the connector's access control denied this request ({decision.reason})",
+                   decision.detail)
+
+
+def origin_request(mapping: Mapping, head: RequestHead, decision: Decision) -> h11.Request:
+    """The request for the internal host: checked target, the mapping's Host, no hop-by-hop."""
+    headers = [(k, v) for k, v in strip_hop_by_hop(head.headers)
+               if k not in (b"host", b"x-forwarded-host", b"expect")]
+    if mapping.host_in_header is acl_mod.HostInHeader.INTERNAL:
+        host = f"{mapping.internal_host}:{mapping.internal_port}".encode()
+        headers.append((b"x-forwarded-host", f"{mapping.virtual_host}:{mapping.virtual_port}".encode()))
+    else:
+        host = f"{mapping.virtual_host}:{mapping.virtual_port}".encode()
+    if is_switch(head, decision):
+        headers += [(b"connection", b"upgrade"), (b"upgrade", b"websocket")]
+    assert decision.forward_target is not None
+    return h11.Request(method=head.method, target=decision.forward_target, headers=[(b"host", host), *headers])
+
+
+def is_switch(head: RequestHead, decision: Decision) -> bool:
+    """An allowed WebSocket upgrade that the client really proposed (Connection: upgrade)."""
+    return decision.websocket and b"upgrade" in header_tokens(head.headers, b"connection")
+
+
+def has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return True
+    return False
+
+
+@attrs.define
+class Outcome:
+    """What the audit line of one exchange says; filled in as the exchange goes."""
+
+    started: float
+    method: str = "-"
+    path: str = "-"
+    decision: str = "allowed"
+    reason: str = acl_mod.ALLOWED
+    detail: str | None = None
+    status: int | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    def fail(self, reason: str, detail: str | None = None) -> None:
+        self.reason, self.detail = reason, detail
+
+
+class _OriginGone(Exception):
+    """The internal host's connection failed after it was open; `label` for the metrics."""
+
+    def __init__(self, message: str, label: str = "backend_reset") -> None:
+        super().__init__(message)
+        self.label = label
+
+
+class _ResponseTimeout(Exception):
+    pass
+
+
+class _Stalled(Exception):
+    """A response write waited response_write_timeout: the application does not read."""
+
+
+class _BodyTooSlow(Exception):
+    pass
+
+
+class Exchange:
+    """Serves one exchange stream of an HTTP/HTTPS mapping; `run` never raises (but cancellation)."""
+
+    def __init__(self, stream: TunnelStream, acl: AccessControl, mapping: Mapping, ctx: StreamContext) -> None:
+        self.stream = stream
+        self.acl = acl
+        self.mapping = mapping
+        self.ctx = ctx
+        self.settings = ctx.settings
+        self.outcome = Outcome(trio.current_time())
+        self.origin: OriginConnection | None = None
+        self.head_sent = False  # a response head (not 1xx) went up the stream
+        self.body_sent = trio.Event()  # the whole request is with the internal host
+
+    async def run(self) -> None:
+        try:
+            # a reset (the application left, the tunnel died) ends the exchange at once, even
+            # while only the internal host is awaited; no watcher task is needed for that
+            with trio.CancelScope() as gone:
+                self.stream.on_reset(gone.cancel)
+                await self._run()
+            if gone.cancelled_caught:
+                self.outcome.fail("client_gone")
+        except _TUNNEL_ERRORS as exc:
+            self.outcome.fail("client_gone", str(exc) or None)
+        except _Stalled as exc:
+            self.outcome.fail("response_not_read", str(exc))
+            await self._reset(ErrorCode.CANCEL, "response not read")
+        except Exception:
+            log.exception("exchange on stream %s to %s failed", self.stream.stream_id, self.stream.target)
+            self.outcome.fail("internal_error")
+            await self._reset(ErrorCode.INTERNAL_ERROR, "internal error in the connector")
+        finally:
+            with trio.CancelScope(shield=True):
+                if self.origin is not None:
+                    await trio.aclose_forcefully(self.origin.stream)
+                self._audit()
+
+    def _audit(self) -> None:
+        o = self.outcome
+        extra = {"detail": o.detail} if o.detail else {}
+        self.ctx.audit.request(
+            subaccount=self.ctx.subaccount, location=self.ctx.location_id,
+            virtual_target=str(self.stream.target), mapping=self.mapping.name,
+            method=o.method, path=o.path, decision=o.decision, reason=o.reason, status=o.status,
+            bytes_in=o.bytes_in, bytes_out=o.bytes_out,
+            duration_seconds=round(trio.current_time() - o.started, 6), **extra,
+        )
+        metrics.REQUESTS.labels(self.mapping.name, o.decision).inc()
+        if o.decision == "denied":
+            metrics.DENIALS.labels(o.reason).inc()
+
+    async def _run(self) -> None:
+        settings = self.settings
+        head = None
+        with trio.move_on_after(settings.request_head_timeout):
+            head = await self.stream.receive_head()
+        if not isinstance(head, RequestHead):
+            self.outcome.decision = "denied"
+            self.outcome.fail("request_head_timeout", f"request head not whole within {settings.request_head_timeout} s")
+            await self._reset(ErrorCode.CANCEL, ERRORS["request_head_timeout"][1])
+            return
+        outcome = self.outcome
+        outcome.method = head.method.decode("ascii", "replace")
+        outcome.path = head.target[:2048].decode("ascii", "backslashreplace")
+        verdict = admit(self.acl, self.mapping, head, settings.max_header_bytes)
+        if isinstance(verdict, Refusal):
+            outcome.decision = "denied"
+            outcome.path = self._checked_path(head) or outcome.path
+            outcome.fail(verdict.reason, verdict.detail)
+            await self._answer(head, verdict.status, verdict.reason, verdict.message)
+            return
+        outcome.path = verdict.path or outcome.path
+        await self._forward(head, verdict)
+
+    def _checked_path(self, head: RequestHead) -> str | None:
+        decision = self.acl.check_request(self.mapping, head.method, head.target, head.headers)
+        return decision.path
+
+    # --- answers from the node itself -----------------------------------------------------------
+
+    async def _answer(self, head: RequestHead, status: int, reason: str, message: str) -> None:
+        """A JSON error as the response (head, body, FIN)."""
+        status, headers, body = error_parts(status, reason, message)
+        if head.method == b"HEAD":
+            body = b""
+        self.outcome.status = status
+        self.outcome.bytes_out += len(body)
+        await self._send_head(ResponseHead(status, REASON_PHRASES.get(status, b""), headers), end=not body)
+        if body:
+            await self._write(body)
+            await self.stream.send_eof()
+
+    async def _origin_failed(self, head: RequestHead, reason: str, detail: str, label: str) -> None:
+        """The internal host failed: 502/504 while no response head went up, else a reset."""
+        metrics.BACKEND_ERRORS.labels(self.mapping.name, label).inc()
+        log.info("%s %s: %s", self.mapping.name, reason, detail)
+        self.outcome.fail(label if self.head_sent else reason, detail)
+        if self.origin is not None:
+            await trio.aclose_forcefully(self.origin.stream)
+            self.origin = None
+        if self.head_sent:
+            await self._reset(ErrorCode.BACKEND_RESET, reset_error(ErrorCode.BACKEND_RESET)[2])
+            return
+        status, message = ERRORS[reason]
+        await self._answer(head, status, reason, message)
+
+    # --- tunnel I/O -------------------------------------------------------------------------------
+
+    async def _send_head(self, head: ResponseHead, *, end: bool = False) -> None:
+        with trio.move_on_after(self.settings.response_write_timeout):
+            await self.stream.send_head(head, end_stream=end)
+            if head.status >= 200:
+                self.head_sent = True
+            return
+        raise _Stalled(f"a response write waited {self.settings.response_write_timeout} s for the application")
+
+    async def _write(self, data: bytes | bytearray) -> None:
+        with trio.move_on_after(self.settings.response_write_timeout):
+            await self.stream.send_all(data)
+            return
+        raise _Stalled(f"a response write waited {self.settings.response_write_timeout} s for the application")
+
+    async def _reset(self, code: ErrorCode, reason: str) -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                await self.stream.reset(code, reason)
+            except _TUNNEL_ERRORS:
+                pass
+
+    # --- forwarding -------------------------------------------------------------------------------
+
+    async def _forward(self, head: RequestHead, decision: Decision) -> None:
+        settings = self.settings
+        request = origin_request(self.mapping, head, decision)
+        bodyless = not has_body(head.headers)
+        for attempt in (1, 2):
+            try:
+                self.origin = await self.ctx.pool.take(self.mapping, settings.connect_timeout,
+                                                       max_header_bytes=settings.max_header_bytes)
+            except BackendError as exc:
+                await self._origin_failed(head, RESET_REASONS[exc.code], exc.message, exc.reason)
+                return
+            retry_allowed = self.origin.reused and bodyless and attempt == 1
+            try:
+                await self._exchange(head, decision, request, bodyless)
+                return
+            except _ResponseTimeout:
+                await self._origin_failed(head, "internal_host_timeout",
+                                          f"no response within {settings.response_timeout} s", "response_timeout")
+                return
+            except _OriginGone as exc:
+                if retry_allowed and not self.head_sent:
+                    # a kept-alive connection the internal host closed meanwhile: once more, fresh
+                    await trio.aclose_forcefully(self.origin.stream)
+                    self.origin = None
+                    continue
+                reason = "internal_host_protocol_error" if exc.label == "protocol_error" else "backend_reset"
+                await self._origin_failed(head, reason, f"internal host connection failed: {exc}", exc.label)
+                return
+            except _BodyTooSlow as exc:
+                await self._body_too_slow(head, str(exc))
+                return
+
+    async def _body_too_slow(self, head: RequestHead, detail: str) -> None:
+        reason = "request_body_too_slow"
+        log.info("%s %s: %s", self.mapping.name, reason, detail)
+        self.outcome.fail(reason, detail)
+        if self.origin is not None:
+            await trio.aclose_forcefully(self.origin.stream)
+            self.origin = None
+        if self.head_sent:
+            await self._reset(ErrorCode.CANCEL, ERRORS[reason][1])
+            return
+        status, message = ERRORS[reason]
+        await self._answer(head, status, reason, message)
+
+    async def _to_origin(self, *events: h11.Event) -> None:
+        assert self.origin is not None
+        conn = self.origin.conn
+        data = b"".join([conn.send(event) or b"" for event in events])
+        try:
+            await self.origin.stream.send_all(data)
+        except _ORIGIN_ERRORS as exc:
+            raise _OriginGone(str(exc)) from exc
+
+    async def _next_origin_event(self) -> h11.Event:
+        assert self.origin is not None
+        conn = self.origin.conn
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise _OriginGone(f"internal host broke HTTP: {exc}", "protocol_error") from exc
+            if event is not h11.NEED_DATA:
+                return event  # type: ignore[return-value]
+            try:
+                data = await self.origin.stream.receive_some(self.settings.chunk)
+            except _ORIGIN_ERRORS as exc:
+                raise _OriginGone(str(exc)) from exc
+            conn.receive_data(data)  # type: ignore[arg-type]  # h11 takes any bytes-like
+
+    async def _exchange(self, head: RequestHead, decision: Decision, request: h11.Request, bodyless: bool) -> None:
+        """Request body up and response down, concurrently (an answer may come before the body)."""
+        head_scope = trio.CancelScope(deadline=math.inf)
+        if bodyless:
+            await self._to_origin(request, h11.EndOfMessage())
+            self.body_sent.set()
+            head_scope.deadline = trio.current_time() + self.settings.response_timeout
+            await self._relay_response(head, decision, head_scope)
+            return
+        await self._to_origin(request)
+        if b"100-continue" in header_tokens(head.headers, b"expect"):
+            # allowed and connected: invite the body ourselves (Expect is not forwarded), so an
+            # internal host that never sends 100 Continue cannot stall the application
+            await self._send_head(ResponseHead(100, b"Continue", []))
+        failure: list[BaseException] = []
+        async with trio.open_nursery() as nursery:
+
+            async def pump() -> None:
+                try:
+                    await self._pump_body()
+                except _OriginGone:
+                    return  # the internal host stopped reading: the response side tells why
+                except Exception as exc:  # raised below, outside the nursery
+                    failure.append(exc)
+                    nursery.cancel_scope.cancel()
+                    return
+                head_scope.deadline = trio.current_time() + self.settings.response_timeout
+
+            nursery.start_soon(pump)
+            try:
+                await self._relay_response(head, decision, head_scope)
+            except Exception as exc:  # raised below, outside the nursery (no exception group)
+                failure.append(exc)
+            nursery.cancel_scope.cancel()
+        if failure:
+            raise failure[0]
+
+    async def _pump_body(self) -> None:
+        """The request body from the stream to the internal host, then its end (with trailers)."""
+        budget = RateBudget(self.settings.body_rate)
+        stream = self.stream
+        while True:
+            try:
+                data = await receive_some_at_rate(stream, budget, self.settings.chunk)
+            except trio.TooSlowError as exc:
+                raise _BodyTooSlow(str(exc)) from None
+            if not data:
+                break
+            self.outcome.bytes_in += len(data)
+            metrics.BYTES.labels(self.mapping.name, "in").inc(len(data))
+            await self._to_origin(h11.Data(data=bytes(data)))
+        trailers = getattr(stream, "trailers", None) or []
+        await self._to_origin(h11.EndOfMessage(headers=trailer_fields(trailers)))
+        self.body_sent.set()
+
+    async def _relay_response(self, head: RequestHead, decision: Decision, head_scope: trio.CancelScope) -> None:
+        event: object = None
+        with head_scope:
+            while True:
+                event = await self._next_origin_event()
+                if isinstance(event, h11.ConnectionClosed):
+                    raise _OriginGone("internal host closed the connection without a response")
+                if isinstance(event, h11.InformationalResponse):
+                    if event.status_code == 101:
+                        if is_switch(head, decision):
+                            break
+                        raise _OriginGone("internal host switched protocols unasked", "protocol_error")
+                    await self._send_head(ResponseHead(event.status_code, event.reason, list(event.headers)))
+                    continue
+                break
+        if head_scope.cancelled_caught:
+            raise _ResponseTimeout()
+        if isinstance(event, h11.InformationalResponse):
+            await self._switch(event)
+            return
+        if not isinstance(event, h11.Response):
+            raise _OriginGone(f"unexpected {type(event).__name__} instead of a response", "protocol_error")
+        assert self.origin is not None
+        self.outcome.status = event.status_code
+        response = ResponseHead(event.status_code, event.reason, strip_hop_by_hop(list(event.headers)))
+        first = self.origin.conn.next_event()  # without I/O: a bodyless answer ends at once
+        if isinstance(first, h11.EndOfMessage) and not first.headers:
+            await self._send_head(response, end=True)
+        else:
+            await self._send_head(response)
+            bytes_out = metrics.BYTES.labels(self.mapping.name, "out")
+            event = await self._next_origin_event() if first is h11.NEED_DATA else first
+            while isinstance(event, h11.Data):
+                self.outcome.bytes_out += len(event.data)
+                bytes_out.inc(len(event.data))
+                await self._write(event.data)
+                event = await self._next_origin_event()
+            if not isinstance(event, h11.EndOfMessage):
+                raise _OriginGone(f"unexpected {type(event).__name__} in the response body", "protocol_error")
+            await self.stream.send_eof(trailer_fields(event.headers) or None)
+        metrics.REQUEST_SECONDS.labels(self.mapping.name, str(self.mapping.protocol)).observe(
+            trio.current_time() - self.outcome.started)
+        await self._finish_origin()
+
+    async def _finish_origin(self) -> None:
+        """Back to the pool if the whole request reached the internal host and h11 allows it."""
+        origin, self.origin = self.origin, None
+        assert origin is not None
+        if not self.body_sent.is_set():
+            # answered before the request was whole: the internal host will not read the rest,
+            # and what it left unread must never be parsed as its next request
+            await trio.aclose_forcefully(origin.stream)
+            await self._reset(ErrorCode.NO_ERROR, "answered before the request body was complete")
+            return
+        await self.ctx.pool.give_back(origin)
+
+    async def _switch(self, response: h11.InformationalResponse) -> None:
+        """Relay the 101, then bytes both ways until both sides closed."""
+        origin, self.origin = self.origin, None
+        assert origin is not None
+        self.outcome.status = 101
+        await self._send_head(ResponseHead(101, response.reason, list(response.headers)))
+        leftover = bytes(origin.conn.trailing_data[0])
+        bytes_in = metrics.BYTES.labels(self.mapping.name, "in")
+        bytes_out = metrics.BYTES.labels(self.mapping.name, "out")
+        try:
+            result = await relay(self.stream, origin.stream, chunk=self.settings.relay_chunk, b_first=leftover,
+                                 count_a_to_b=bytes_in.inc, count_b_to_a=bytes_out.inc)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(origin.stream)
+        self.outcome.bytes_in += result.a_to_b
+        self.outcome.bytes_out += result.b_to_a
+        metrics.REQUEST_SECONDS.labels(self.mapping.name, "websocket").observe(trio.current_time() - self.outcome.started)
+        if result.failed == "b":
+            self.outcome.fail("backend_reset", str(result.error))
+            await self._reset(ErrorCode.BACKEND_RESET, reset_error(ErrorCode.BACKEND_RESET)[2])
+        elif result.failed == "a":
+            self.outcome.fail("client_gone", str(result.error))
+            await self._reset(ErrorCode.CANCEL, "stream broken")
