@@ -20,6 +20,8 @@ import enum
 
 import attrs
 
+from connector.tunnel.types import ErrorCode
+
 __all__ = ["Failure", "Facts", "may_replay", "IDEMPOTENT_METHODS", "MAX_ATTEMPTS"]
 
 # Methods a client may send twice without changing the outcome (RFC 9110 section 9.2.2).
@@ -31,6 +33,11 @@ class Failure(enum.Enum):
     REFUSED = "refused"  # the node provably never processed the stream
     TUNNEL_LOST = "tunnel_lost"  # the tunnel died under the stream: processed or not, unknown
     OTHER = "other"  # the node answered with a reset (denied, internal host failed...)
+
+    @classmethod
+    def of(cls, code: ErrorCode) -> Failure:
+        """The failure a stream reset with `code` is."""
+        return {ErrorCode.REFUSED: cls.REFUSED, ErrorCode.TUNNEL_LOST: cls.TUNNEL_LOST}.get(code, cls.OTHER)
 
 
 @attrs.frozen

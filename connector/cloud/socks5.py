@@ -16,16 +16,26 @@ Theory of operation (RFC 1928, CONNECT only). The whole handshake runs under one
 3. Request: CONNECT to a domain name, IPv4 or IPv6 address; the "host" is a virtual host of a
    mapping, never resolved here. BIND and UDP ASSOCIATE get 0x07, unknown address types 0x08.
 4. The proxy opens a tunnel stream Target(host, port, TCP) and waits for the node to accept it
-   (`wait_accepted`), so success is only reported once the internal host answered. Replies:
+   (`wait_accepted`), so success is only reported once the internal host answered. A connect
+   the node refused (reset REFUSED: not the master, handing over) or lost with its tunnel before
+   it was accepted is opened once more through the router, avoiding the refusing tunnel (the
+   registry holds it for the next master), as `connector.cloud.replay.may_replay` allows: a
+   connect is idempotent and carries no application byte, since nothing is read from the
+   client after its request until success is reported (bytes it pipelined behind the request
+   are kept and sent first). Every attempt runs under the one `connect_timeout`. A failure
+   is answered from the table of `connector.httperrors.RESETS` (its `socks5` column):
    NO_MAPPING/DENIED -> 0x02 (not allowed by ruleset), CONNECT_FAILED -> 0x05 (refused),
    CONNECT_TIMEOUT or no answer within `connect_timeout` -> 0x04 (host unreachable),
-   NoConnectorError -> 0x03 (network unreachable, SAP's "Cloud Connector not connected"),
+   NoConnectorError, no stream within `connect_timeout`, or REFUSED / TUNNEL_LOST once the
+   replays are spent -> 0x03 (network unreachable, SAP's "Cloud Connector not connected"),
    anything else -> 0x01.
-5. Bytes are pumped both ways with half-close: EOF from one side becomes `send_eof` on the other;
-   the connection ends when both directions finished. Reads take up to `chunk` (256 KiB: at full
-   speed a quarter of the syscalls and loop turns of 64 KiB reads); each direction holds at most
-   one read, so a connection buffers at most 512 KiB here besides the stream's window. A stream reset ends the client connection
-   with a TCP RST so the application sees an error, not a clean end of data.
+5. Bytes are relayed both ways by `connector.relay.relay` with half-close: EOF from one side
+   becomes `send_eof` on the other; the connection ends when both directions finished. Reads
+   take up to `chunk` (256 KiB: at full speed a quarter of the syscalls and loop turns of 64 KiB
+   reads); each direction holds at most one read, so a connection buffers at most 512 KiB here
+   besides the stream's window. A stream reset ends the client connection with a TCP RST so the
+   application sees an error, not a clean end of data; a broken client connection resets the
+   stream (CANCEL).
 
 A draining replica (`connector.cloud.drain`) lets its SOCKS5 connections run to their end (at
 most `[drain] drain_seconds` after its listener closed): a SOCKS5 connection carries one TCP
@@ -47,9 +57,21 @@ import trio
 from connector.cloud.audit import CloudAudit
 from connector.cloud.auth import Authenticator
 from connector.cloud.drain import Drain
+from connector.cloud.replay import Facts, Failure, may_replay
 from connector.cloud.router import NoConnectorError, ProxyService, Router
-from connector.httperrors import reset_error
+from connector.httperrors import (
+    RESETS,
+    SOCKS5_ADDRESS_TYPE_NOT_SUPPORTED,
+    SOCKS5_COMMAND_NOT_SUPPORTED,
+    SOCKS5_CONNECTION_REFUSED,
+    SOCKS5_GENERAL_FAILURE,
+    SOCKS5_HOST_UNREACHABLE,
+    SOCKS5_NETWORK_UNREACHABLE,
+    SOCKS5_NOT_ALLOWED,
+    SOCKS5_SUCCEEDED,
+)
 from connector.metrics import PROXY_REQUEST_SECONDS, PROXY_REQUESTS
+from connector.relay import relay
 from connector.tunnel.streams import TunnelStream
 from connector.tunnel.types import ErrorCode, StreamProtocol, StreamResetError, Target
 
@@ -66,14 +88,14 @@ ATYP_IPV4 = 0x01
 ATYP_DOMAIN = 0x03
 ATYP_IPV6 = 0x04
 
-REP_SUCCEEDED = 0x00
-REP_GENERAL_FAILURE = 0x01
-REP_NOT_ALLOWED = 0x02
-REP_NETWORK_UNREACHABLE = 0x03
-REP_HOST_UNREACHABLE = 0x04
-REP_CONNECTION_REFUSED = 0x05
-REP_COMMAND_NOT_SUPPORTED = 0x07
-REP_ADDRESS_TYPE_NOT_SUPPORTED = 0x08
+REP_SUCCEEDED = SOCKS5_SUCCEEDED
+REP_GENERAL_FAILURE = SOCKS5_GENERAL_FAILURE
+REP_NOT_ALLOWED = SOCKS5_NOT_ALLOWED
+REP_NETWORK_UNREACHABLE = SOCKS5_NETWORK_UNREACHABLE
+REP_HOST_UNREACHABLE = SOCKS5_HOST_UNREACHABLE
+REP_CONNECTION_REFUSED = SOCKS5_CONNECTION_REFUSED
+REP_COMMAND_NOT_SUPPORTED = SOCKS5_COMMAND_NOT_SUPPORTED
+REP_ADDRESS_TYPE_NOT_SUPPORTED = SOCKS5_ADDRESS_TYPE_NOT_SUPPORTED
 
 # metric label per reply code: a small fixed set
 REPLY_NAMES = {
@@ -95,7 +117,7 @@ class Socks5Settings:
     """Limits of the SOCKS5 proxy; times in seconds of trio time."""
 
     handshake_timeout: float = 10.0  # greeting + authentication + request
-    connect_timeout: float = 30.0  # waiting for the node to reach the internal host
+    connect_timeout: float = 30.0  # a stream, and the node reaching the internal host (every attempt)
     chunk: int = 262144  # largest read from the application or the stream (see step 5)
 
 
@@ -108,7 +130,8 @@ class _HandshakeError(Exception):
 
 
 class _Reader:
-    """Exact-length reads over a socket stream, keeping any surplus for the pump."""
+    """Exact-length reads over a socket stream, keeping any surplus for the relay (bytes the
+    client sent behind its request: held, not sent, until the connect succeeded)."""
 
     def __init__(self, sock: trio.SocketStream) -> None:
         self.sock = sock
@@ -128,18 +151,6 @@ class _Reader:
 def reply(code: int) -> bytes:
     """A SOCKS5 reply; the bound address is not meaningful through a tunnel, so 0.0.0.0:0."""
     return bytes([SOCKS_VERSION, code, 0x00, ATYP_IPV4, 0, 0, 0, 0, 0, 0])
-
-
-def reset_reply(error: StreamResetError) -> int:
-    match error.code:
-        case ErrorCode.NO_MAPPING | ErrorCode.DENIED:
-            return REP_NOT_ALLOWED
-        case ErrorCode.CONNECT_FAILED:
-            return REP_CONNECTION_REFUSED
-        case ErrorCode.CONNECT_TIMEOUT:
-            return REP_HOST_UNREACHABLE
-        case _:
-            return REP_GENERAL_FAILURE
 
 
 def parse_username(username: str) -> tuple[str, str]:
@@ -188,7 +199,7 @@ class Socks5Proxy(ProxyService[Socks5Settings]):
             status, stream, pending = await self._handshake(sock)
             if stream is not None:
                 PROXY_REQUEST_SECONDS.labels("socks5").observe(trio.current_time() - started)
-                await self._pump(sock, stream, pending)
+                await self._relay(sock, stream, pending)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception:
@@ -221,48 +232,79 @@ class Socks5Proxy(ProxyService[Socks5Settings]):
             self._audit_refusal(sock, "handshake_timeout", None)
             return "handshake_timeout", None, b""
 
-        try:
-            stream = await self.router.open_stream(subaccount, location_id, target)
-        except NoConnectorError as exc:
-            log.info("SOCKS5 %s for subaccount %s: no connector: %s", target, subaccount, exc.reason)
-            self._audit_refusal(sock, exc.code, REP_NETWORK_UNREACHABLE, subaccount=subaccount,
-                                location=location_id, virtual_target=str(target))
-            return await self._refuse(sock, REP_NETWORK_UNREACHABLE), None, b""
-        except StreamResetError as exc:
-            self._audit_refusal(sock, reset_error(exc.code)[1], reset_reply(exc), subaccount=subaccount,
-                                location=location_id, virtual_target=str(target))
-            return await self._refuse(sock, reset_reply(exc)), None, b""
-        # From here until it is returned, the stream is ours to close on every exit (the last
-        # clause): the client may reset before our reply, or this task may be cancelled.
-        try:
-            with trio.fail_after(self.settings.connect_timeout):
-                await stream.wait_accepted()
-            await sock.send_all(reply(REP_SUCCEEDED))
-        except StreamResetError as exc:
-            log.info("SOCKS5 %s refused by the connector: %s", target, exc)
-            self._audit_refusal(sock, reset_error(exc.code)[1], reset_reply(exc), subaccount=subaccount,
-                                location=location_id, virtual_target=str(target))
-            await self._close_stream(stream, None)
-            return await self._refuse(sock, reset_reply(exc)), None, b""
-        except trio.TooSlowError:
-            log.info("SOCKS5 %s: the connector did not connect within %.1f s", target, self.settings.connect_timeout)
-            self._audit_refusal(sock, reset_error(ErrorCode.CONNECT_TIMEOUT)[1], REP_HOST_UNREACHABLE,
-                                subaccount=subaccount, location=location_id, virtual_target=str(target))
-            await self._close_stream(stream, ErrorCode.CONNECT_TIMEOUT)
-            return await self._refuse(sock, REP_HOST_UNREACHABLE), None, b""
-        except BaseException:
-            await self._close_stream(stream, None)
-            raise
-        return REPLY_NAMES[REP_SUCCEEDED], stream, bytes(reader.buffer)
+        status, stream = await self._connect(sock, subaccount, location_id, target)
+        return status, stream, bytes(reader.buffer)
+
+    async def _connect(self, sock: trio.SocketStream, subaccount: str, location_id: str,
+                       target: Target) -> tuple[str, TunnelStream | None]:
+        """Open a stream to `target` and wait until the node accepted it, replaying a connect the
+        node refused or lost (`may_replay`), all within `connect_timeout`; then report success.
+        Returns (metric status, the accepted stream, or None once the client got a failure)."""
+
+        def refused(reason: str, code: int) -> None:
+            self._audit_refusal(sock, reason, code, subaccount=subaccount, location=location_id,
+                                virtual_target=str(target))
+
+        timeout = self.settings.connect_timeout
+        deadline = trio.current_time() + timeout
+        avoid: TunnelStream | None = None
+        attempts = 0
+        while True:
+            stream: TunnelStream | None = None
+            try:
+                with trio.move_on_at(deadline):
+                    stream = await self.router.open_stream(subaccount, location_id, target, avoid=avoid)
+                if stream is None:  # held for a master past the deadline
+                    raise NoConnectorError(f"no stream to the connector within {timeout:g} s")
+            except NoConnectorError as exc:
+                log.info("SOCKS5 %s for subaccount %s: no connector: %s", target, subaccount, exc.reason)
+                refused(exc.code, REP_NETWORK_UNREACHABLE)
+                return await self._refuse(sock, REP_NETWORK_UNREACHABLE), None
+            except StreamResetError as exc:  # a router that knew the answer before opening
+                answer = RESETS[exc.code]
+                refused(answer.reason, answer.socks5)
+                return await self._refuse(sock, answer.socks5), None
+            # From here until it is returned, the stream is ours to close on every exit (the last
+            # clause): the client may reset before our reply, or this task may be cancelled.
+            attempts += 1
+            accepted = False
+            try:
+                with trio.move_on_at(deadline):
+                    await stream.wait_accepted()
+                    accepted = True
+                if accepted:
+                    await sock.send_all(reply(REP_SUCCEEDED))
+                    return REPLY_NAMES[REP_SUCCEEDED], stream
+                log.info("SOCKS5 %s: the connector did not connect within %.1f s", target, timeout)
+                answer = RESETS[ErrorCode.CONNECT_TIMEOUT]
+                refused(answer.reason, answer.socks5)
+                await self._close_stream(stream, ErrorCode.CONNECT_TIMEOUT)
+                return await self._refuse(sock, answer.socks5), None
+            except StreamResetError as exc:
+                await self._close_stream(stream, None)
+                facts = Facts(failure=Failure.of(exc.code), idempotent=True, response_started=False,
+                              body_consumed=False, body_kept=True, attempts=attempts)
+                if may_replay(facts):
+                    log.info("SOCKS5 %s: connect %s (attempt %d); opening it once more", target, exc, attempts)
+                    avoid = stream
+                    continue
+                log.info("SOCKS5 %s refused by the connector: %s", target, exc)
+                answer = RESETS[exc.code]
+                refused(answer.reason, answer.socks5)
+                return await self._refuse(sock, answer.socks5), None
+            except BaseException:
+                await self._close_stream(stream, None)
+                raise
 
     async def _refuse(self, sock: trio.SocketStream, code: int) -> str:
         await sock.send_all(reply(code))
         return REPLY_NAMES[code]
 
-    async def _close_stream(self, stream: TunnelStream, code: ErrorCode | None) -> None:
+    async def _close_stream(self, stream: TunnelStream, code: ErrorCode | None,
+                            reason: str = "socks5 connect abandoned") -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(1):
             try:
-                await stream.reset(code or ErrorCode.CANCEL, "socks5 connect abandoned")
+                await stream.reset(code or ErrorCode.CANCEL, reason)
             except (StreamResetError, trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
 
@@ -348,40 +390,14 @@ class Socks5Proxy(ProxyService[Socks5Settings]):
             raise _HandshakeError(REPLY_NAMES[REP_COMMAND_NOT_SUPPORTED], f"command {command} (only CONNECT)")
         return Target(host, port, StreamProtocol.TCP)
 
-    async def _pump(self, sock: trio.SocketStream, stream: TunnelStream, pending: bytes) -> None:
-        chunk = self.settings.chunk
-        broken: list[BaseException] = []
-
-        async def client_to_stream() -> None:
-            try:
-                if pending:
-                    await stream.send_all(pending)
-                while data := await sock.receive_some(chunk):
-                    await stream.send_all(data)
-                await stream.send_eof()
-            except (StreamResetError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                broken.append(exc)
-                nursery.cancel_scope.cancel()
-
-        async def stream_to_client() -> None:
-            try:
-                while data := await stream.receive_some(chunk):
-                    await sock.send_all(data)
-                await sock.send_eof()
-            except (StreamResetError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                broken.append(exc)
-                nursery.cancel_scope.cancel()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(client_to_stream)
-            nursery.start_soon(stream_to_client)
-        if broken:
-            log.info("SOCKS5 session to %s ended abnormally: %r", stream.target, broken[0])
-            with trio.CancelScope(shield=True):
-                try:
-                    await stream.reset(ErrorCode.CANCEL, "socks5 client connection broken")
-                except (StreamResetError, trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
-            if any(isinstance(exc, StreamResetError) for exc in broken):
-                # abortive close: the application sees a reset, not a clean end of data
-                sock.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    async def _relay(self, sock: trio.SocketStream, stream: TunnelStream, pending: bytes) -> None:
+        """Bytes both ways (`pending`: what the client sent behind its request, first)."""
+        result = await relay(sock, stream, chunk=self.settings.chunk, a_first=pending)
+        if result.failed is None:
+            return
+        log.info("SOCKS5 session to %s ended abnormally (%s failed, %d bytes up, %d down): %r", stream.target,
+                 "the client" if result.failed == "a" else "the stream", result.a_to_b, result.b_to_a, result.error)
+        await self._close_stream(stream, ErrorCode.CANCEL, "socks5 client connection broken")
+        if isinstance(result.error, StreamResetError):
+            # abortive close: the application sees a reset, not a clean end of data
+            sock.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

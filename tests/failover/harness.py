@@ -16,6 +16,10 @@ its start and end (``trio.current_time()``), status, and failure reason (the pro
 from the nodes' audit logs (one JSON line per request, naming the path), so the time of "the
 first request served by the new master" needs no clock shared between processes.
 
+`SocksLoad` is the same for the SOCKS5 proxy: each connect (SAP's method 0x80) goes to the demo's
+TCP echo mapping (``echo.virtual:7000``), sends a unique line and must read it back; it counts as
+status 200 when it did, else records the SOCKS5 reply code (or the exception's type).
+
 The checkers are pure functions over what was recorded, returning a list of violations (empty
 when the drill passed), so they are unit-tested on hand-made records:
 
@@ -61,6 +65,7 @@ from connector.admin import http_request
 from connector.cloud.shared import FENCE_PREFIX, parse_fence
 from connector.demo import Demo, DemoSpec, etcd_command, find_etcd, replica_ids
 from tests.support.httpclient import HttpClient
+from tests.support.socks import socks5_connect
 
 TARGET_PREFIX = "http://erp.virtual:8000/sap/opu/odata/drill"
 REPLICA_SERVICES = ("tunnel", "admin", "http_proxy", "socks5", "destinations")  # a replica's ports
@@ -329,6 +334,43 @@ class Load:
         return sorted(self.results, key=lambda r: r.start)
 
 
+SOCKS_TARGET = ("echo.virtual", 7000)  # the demo's TCP echo mapping
+
+
+class SocksLoad(Load):
+    """Bounded SOCKS5 connects (`Load` for the SOCKS5 proxy, `proxy_port` its port): each carries
+    one unique line to the echo mapping and reads it back. `status` 200 means just that; a refused
+    connect records its reply code, with reason ``socks5 reply 0xNN``."""
+
+    async def one(self, seq: int) -> RequestResult:
+        path = self.path(seq)
+        start = trio.current_time()
+        status: int | None = None
+        reason = "timeout"
+        with trio.move_on_after(self.request_timeout):
+            stream: trio.SocketStream | None = None
+            try:
+                stream, code = await socks5_connect(self.proxy_port, *SOCKS_TARGET, token=self.token, method=0x80)
+                if code != 0:
+                    status, reason = code, f"socks5 reply {code:#04x}"
+                else:
+                    line = path.encode() + b"\n"
+                    await stream.send_all(line)
+                    echoed = b""
+                    while len(echoed) < len(line) and (data := await stream.receive_some(len(line))):
+                        echoed += data
+                    status, reason = (200, "") if echoed == line else (None, "EndOfStream")
+            except EOFError:  # closed during the handshake
+                status, reason = None, "EndOfStream"
+            except (Exception, BaseExceptionGroup) as exc:  # noqa: B902 - classified, or re-raised
+                status, reason = None, classify_error(exc)
+            finally:
+                if stream is not None:
+                    with trio.CancelScope(shield=True):
+                        await trio.aclose_forcefully(stream)
+        return RequestResult(seq, path, start, trio.current_time(), status, reason)
+
+
 # --- cluster -------------------------------------------------------------------------------------
 
 
@@ -408,7 +450,14 @@ class Cluster:
     def token(self) -> str:
         return str(self.state["token"])
 
-    def load(self, label: str, **kwargs: Any) -> Load:
+    @property
+    def socks5_port(self) -> int:
+        return int(self.demo.ports["socks5_proxy"])
+
+    def load(self, label: str, *, proxy: str = "http", **kwargs: Any) -> Load:
+        """A `Load` through the HTTP proxy, or a `SocksLoad` through the SOCKS5 proxy."""
+        if proxy == "socks5":
+            return SocksLoad(self.socks5_port, self.token, label=label, **kwargs)
         return Load(self.proxy_port, self.token, label=label, **kwargs)
 
     def pid(self, node: str) -> int:
@@ -672,6 +721,20 @@ class Cluster:
 
     # --- audit: who served what
 
+    def tcp_sessions(self, node: str) -> int:
+        """TCP sessions (SOCKS5 connects) `node` served, from its audit log."""
+        path = self.workdir / "logs" / f"{node}-audit.jsonl"
+        if not path.exists():
+            return 0
+        count = 0
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a kill -9
+            count += record.get("kind") == "request" and str(record.get("virtual_target", "")).startswith("tcp://")
+        return count
+
     def served_by(self) -> dict[str, str]:
         """Request path -> node, from every node's audit log (allowed requests only)."""
         result: dict[str, str] = {}
@@ -820,8 +883,13 @@ async def run_drill(
     takeover_timeout: float = 15.0,
     concurrency: int = 2,
     post_every: int = 0,
+    proxy: str = "http",
 ) -> DrillResult:
     """Apply one fault ("crash", "freeze", "graceful") to the master under load and check it all.
+
+    `proxy`: the load goes through the HTTP proxy ("http": `Load`) or the SOCKS5 proxy
+    ("socks5": `SocksLoad`); the takeover time is measured for HTTP only (an audit line of a TCP
+    session names no request), a SOCKS5 drill checks that the new master served connects.
 
     For "freeze" the master stays stopped until a new master is named and at least
     `freeze_seconds` passed, then gets SIGCONT and must come back as a shadow. The killed or
@@ -834,8 +902,9 @@ async def run_drill(
     """
     replicas: list[str | None] = [*cluster.replicas] or [None]
     old, old_epoch = await cluster.wait_master()
-    load = cluster.load(label, concurrency=concurrency, max_seconds=warmup + takeover_timeout + after + 20.0,
-                        max_requests=5000, post_every=post_every)
+    mix = {"post_every": post_every} if post_every else {}  # HTTP loads only
+    load = cluster.load(label, proxy=proxy, concurrency=concurrency,
+                        max_seconds=warmup + takeover_timeout + after + 20.0, max_requests=5000, **mix)
     new: str | None = None
     new_epoch: int | None = None
     changed_at: float | None = None
@@ -893,9 +962,13 @@ async def run_drill(
     if new is not None and new_epoch is not None:
         for replica, routing in routings.items():
             problems += [f"{replica}: {p}" if replica else p for p in check_fenced_after(routing, old, old_epoch, new_epoch)]
-        takeover = takeover_time(results, fault, cluster.served_by(), new)
-        if takeover is None:
-            problems.append(f"no request was served by the new master {new}")
+        if proxy == "socks5":
+            if cluster.tcp_sessions(new) == 0:
+                problems.append(f"no SOCKS5 connect was served by the new master {new}")
+        else:
+            takeover = takeover_time(results, fault, cluster.served_by(), new)
+            if takeover is None:
+                problems.append(f"no request was served by the new master {new}")
     return DrillResult(
         kind, old, old_epoch, new, new_epoch, takeover,
         None if changed_at is None else changed_at - fault,

@@ -73,6 +73,17 @@ async def test_sigterm_hands_over_with_no_failed_request() -> None:
         assert len(posts) > 20 and all(r.ok for r in posts), describe_failures(posts)
 
 
+async def test_sigterm_hands_over_socks5_connects_with_none_failed() -> None:
+    """SOCKS5 connects keep coming while the master hands over: a connect the leaving master
+    refused (REFUSED) or whose tunnel closed before it was accepted is opened again on the next
+    master (`connector.cloud.socks5`), so every connect succeeds and echoes its line."""
+    async with Cluster() as cluster:
+        result = await run_drill(cluster, "graceful", "socks-sigterm", proxy="socks5", concurrency=4)
+        assert_clean(result)
+        assert result.failed == 0, describe_failures(result.results)
+        assert result.requests > 50
+
+
 async def test_three_nodes_two_successive_master_kills() -> None:
     async with Cluster(fast_spec(nodes=("node-a", "node-b", "node-c"))) as cluster:
         first = await run_drill(cluster, "crash", "first")

@@ -1,9 +1,10 @@
-"""SOCKS5 refusals leave an audit record on the cloud side (real sockets, in-memory node)."""
+"""SOCKS5 refusals leave an audit record on the cloud side (real sockets, a real session pair and node)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 
 import pytest
 import trio
@@ -18,24 +19,29 @@ from connector.cloud.socks5 import (
     Socks5Settings,
 )
 from tests.integration.test_socks5 import (
+    LOCATIONS,
     OTHER_TOKEN,
     TOKEN,
-    FakeRouter,
     connect,
+    front,
     read_exactly,
     sap_auth,
+    start_node,
     user_auth,
 )
+from tests.support.socksrouter import SessionRouter
 
 TEST_TIMEOUT = 10.0
 
 
 @pytest.fixture
 async def audited() -> AsyncIterator[tuple[int, CloudAudit]]:
-    async with trio.open_nursery() as nursery:
+    async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
+        router = SessionRouter(stack, LOCATIONS)
+        await router.add_master(front(await start_node(nursery)))
         audit = CloudAudit()
         authenticator = Authenticator({"sub1": [hash_token(TOKEN)], "sub2": [hash_token(OTHER_TOKEN)]})
-        proxy = Socks5Proxy(FakeRouter(nursery), authenticator, settings=Socks5Settings(handshake_timeout=0.3,
+        proxy = Socks5Proxy(router, authenticator, settings=Socks5Settings(handshake_timeout=0.3,
                             connect_timeout=0.3), audit=audit)
         port = await nursery.start(proxy.run, "127.0.0.1", 0)
         with trio.fail_after(TEST_TIMEOUT):
