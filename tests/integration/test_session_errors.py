@@ -14,7 +14,7 @@ import trio_websocket
 
 from connector.tunnel import protocol as p
 from connector.tunnel.session import SessionStream, TunnelError, TunnelSession, TunnelSettings
-from connector.tunnel.types import ErrorCode, StreamResetError, Target
+from connector.tunnel.types import ErrorCode, StreamProtocol, StreamResetError, Target
 
 SETTINGS = TunnelSettings(ping_interval=0.05, ping_timeout=2.0)
 TEST_DEADLINE = 20.0
@@ -81,7 +81,7 @@ async def test_flow_control_violation_by_the_peer_closes_the_tunnel() -> None:
     with trio.fail_after(TEST_DEADLINE):
         async with trio.open_nursery() as nursery:
             cloud, ws, raw = await cloud_with_raw_node(nursery)
-            await cloud.open_stream(Target("h", 1))
+            await cloud.open_stream(Target("h", 1, StreamProtocol.TCP))  # a byte pipe: DATA first
             raw.receive_data(await ws.get_message())
             assert isinstance(next(e for e in raw.events() if isinstance(e, p.OpenStream)),
                               p.OpenStream)
@@ -129,7 +129,8 @@ async def test_opens_without_a_stream_handler_are_refused_and_handler_crash_rese
             back = await node.open_stream(Target("cloud-side", 2))
             with pytest.raises(StreamResetError) as info:
                 await back.wait_accepted()
-            assert info.value.code == ErrorCode.INTERNAL_ERROR
+            assert info.value.code == ErrorCode.REFUSED
+            assert not back.peer_started  # a refusal is not the peer processing the stream
             assert not cloud.closed and not node.closed
             await cloud.aclose(ErrorCode.GOING_AWAY, "shutdown")
             await node.wait_closed()

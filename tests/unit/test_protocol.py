@@ -46,7 +46,7 @@ def handshaken(**server_kwargs: int) -> tuple[Connection, Connection]:
     """(node, cloud) after a completed handshake."""
     node, cloud = Connection(client=True), Connection(client=False, **server_kwargs)
     cloud.receive_data(node.send(node.make_hello({"node": "n1"})))
-    assert drain(cloud) == [Hello((1,), 65536, 256 * 1024, 1024, {"node": "n1"})]
+    assert drain(cloud) == [Hello((2,), 65536, 256 * 1024, 1024, {"node": "n1"})]
     node.receive_data(cloud.send(cloud.make_hello({"cloud": True})))
     [hello] = drain(node)
     assert isinstance(hello, Hello) and hello.info == {"cloud": True}
