@@ -14,6 +14,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from connector.tunnel.heads import RequestHead, ResponseHead, Trailers, encode_head
 from connector.tunnel.protocol import (
     HEADER,
     Connection,
@@ -28,7 +29,6 @@ from connector.tunnel.protocol import (
     ResetStream,
     WindowUpdate,
 )
-from connector.tunnel.heads import RequestHead, ResponseHead, Trailers, encode_head
 from connector.tunnel.types import ErrorCode, StreamProtocol, Target
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
