@@ -68,7 +68,9 @@ _NEVER_END = frozenset({HeadKind.INFORMATIONAL, HeadKind.SWITCH})
 
 
 def _name(frame: Frame) -> str:
-    return f"a {frame.name} head" if isinstance(frame, HeadKind) else "DATA"
+    if isinstance(frame, HeadKind):
+        return f"{'an' if frame.name[0] in 'AEIOU' else 'a'} {frame.name} head"
+    return "DATA"
 
 
 class StreamState:
