@@ -18,7 +18,8 @@ Handshake: the client sends HELLO listing the protocol versions it speaks and it
 (max frame size, per-stream window, max concurrent streams, plus a free-form `info` dict). The
 server picks the highest common version and answers with a HELLO naming just that version, or,
 when there is none, `next_event()` raises `RemoteProtocolError(UNSUPPORTED_VERSION)` and the
-server answers GOAWAY. Nothing but HELLO and GOAWAY may flow before the handshake.
+server answers GOAWAY with its message: both sides' versions and which side to upgrade (an old
+node must learn it from the cloud: version 1 nodes cannot parse anything newer). Nothing but HELLO and GOAWAY may flow before the handshake.
 
 Flow control is per stream and credit based, like HTTP/2 and yamux: a sender may have at most
 `window` unacknowledged DATA bytes on a stream. The window starts at the receiver's advertised
@@ -59,7 +60,7 @@ from __future__ import annotations
 import enum
 import json
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeGuard
 
 import attrs
@@ -277,6 +278,24 @@ def _decode_json_object(raw: bytes, what: str) -> dict[str, Any]:
 
 def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _versions(versions: Iterable[int]) -> str:
+    return " and ".join(map(str, sorted(versions)))
+
+
+def _no_common_version(node_versions: Iterable[int], cloud_versions: Iterable[int]) -> str:
+    """The GOAWAY reason of a failed negotiation: both sides' versions and which one to upgrade
+    (the cloud is the server, the node the client); an operator reads it in both logs."""
+    node, cloud = sorted(node_versions), sorted(cloud_versions)
+    if node[-1] < cloud[0]:
+        advice = f"upgrade the node to a release that speaks version {cloud[-1]}"
+    elif cloud[-1] < node[0]:
+        advice = f"upgrade the cloud to a release that speaks version {node[-1]}"
+    else:
+        advice = "upgrade the older side"
+    return (f"no common tunnel protocol version: the node speaks {_versions(node)}, "
+            f"the cloud speaks {_versions(cloud)}; {advice}")
 
 
 def _encode_reason(reason: str) -> bytes:
@@ -546,15 +565,14 @@ class Connection:
         if self.client:
             if len(versions) != 1 or versions[0] not in self.versions:
                 raise RemoteProtocolError(
-                    f"server chose version {versions}, we offered {list(self.versions)}",
-                    ErrorCode.UNSUPPORTED_VERSION)
+                    f"the cloud chose tunnel protocol version {versions}, but this node speaks "
+                    f"{_versions(self.versions)}", ErrorCode.UNSUPPORTED_VERSION)
             self.version = versions[0]
         else:
             common = set(versions) & set(self.versions)
             if not common:
-                raise RemoteProtocolError(
-                    f"no common protocol version: client offers {versions}, "
-                    f"server speaks {list(self.versions)}", ErrorCode.UNSUPPORTED_VERSION)
+                raise RemoteProtocolError(_no_common_version(versions, self.versions),
+                                          ErrorCode.UNSUPPORTED_VERSION)
             self.version = max(common)
         hello = Hello(tuple(versions), limits["max_frame_size"], limits["initial_window"],
                       limits["max_streams"], info)

@@ -319,7 +319,9 @@ async def test_handshake_version_mismatch_is_a_tunnel_error_on_both_ends() -> No
                 with pytest.raises(TunnelError) as info:
                     await node.handshake()
             assert info.value.code == ErrorCode.UNSUPPORTED_VERSION
-            assert "no common protocol version" in info.value.reason
+            assert info.value.reason == (
+                "no common tunnel protocol version: the node speaks 2 and 3, the cloud speaks 1; "
+                "upgrade the cloud to a release that speaks version 3")
             assert node.closed and node.close_reason is not None
             await server_done.wait()
             assert outcome[0].code == ErrorCode.UNSUPPORTED_VERSION

@@ -154,3 +154,35 @@ async def test_misuse_before_the_handshake_is_refused() -> None:
             with pytest.raises(ValueError):
                 await cloud.open_stream(Target("", 1))
             nursery.cancel_scope.cancel()
+
+
+async def test_a_version_1_hello_gets_goaway_unsupported_version_on_the_wire() -> None:
+    """What an old node receives: one GOAWAY whose reason it logs as it is."""
+    refused: list[TunnelError] = []
+    server_done = trio.Event()
+
+    async def serve(request: trio_websocket.WebSocketRequest) -> None:
+        session = TunnelSession(await request.accept(), client=False, settings=SETTINGS)
+        with pytest.raises(TunnelError) as info:
+            await session.handshake()
+        refused.append(info.value)
+        server_done.set()
+
+    with trio.fail_after(TEST_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(partial(
+                trio_websocket.serve_websocket, serve, "127.0.0.1", 0, ssl_context=None))
+            ws = await trio_websocket.connect_websocket(
+                nursery, "127.0.0.1", server.port, "/tunnel", use_ssl=False)
+            old_node = p.Connection(client=True, versions=(1,))
+            await ws.send_message(old_node.send(old_node.make_hello()))
+            goaway = await goaway_from(ws, old_node)
+            assert goaway == p.GoAway(
+                ErrorCode.UNSUPPORTED_VERSION,
+                "no common tunnel protocol version: the node speaks 1, the cloud speaks 2; "
+                "upgrade the node to a release that speaks version 2")
+            with pytest.raises(trio_websocket.ConnectionClosed):  # and the cloud hangs up
+                await ws.get_message()
+            await server_done.wait()
+            assert [(e.code, e.reason) for e in refused] == [(goaway.code, goaway.reason)]
+            nursery.cancel_scope.cancel()

@@ -94,7 +94,27 @@ def test_no_common_version_is_unsupported_version_and_goaway_can_still_be_sent()
     node.receive_data(cloud.send(GoAway(err.code, str(err))))
     [goaway] = drain(node)
     assert isinstance(goaway, GoAway) and goaway.code == ErrorCode.UNSUPPORTED_VERSION
-    assert "no common protocol version" in goaway.reason
+    assert goaway.reason == ("no common tunnel protocol version: the node speaks 7, the cloud "
+                             "speaks 1; upgrade the cloud to a release that speaks version 7")
+
+
+@pytest.mark.parametrize(("node_versions", "cloud_versions", "message"), [
+    ((1,), (2,), "the node speaks 1, the cloud speaks 2; upgrade the node to a release that "
+                 "speaks version 2"),
+    ((1,), (2, 3), "the node speaks 1, the cloud speaks 2 and 3; upgrade the node to a release "
+                   "that speaks version 3"),
+    ((3, 4), (1, 2), "the node speaks 3 and 4, the cloud speaks 1 and 2; upgrade the cloud to a "
+                     "release that speaks version 4"),
+    ((1, 3), (2,), "the node speaks 1 and 3, the cloud speaks 2; upgrade the older side"),
+])
+def test_the_version_refusal_says_what_each_side_speaks_and_what_to_upgrade(
+    node_versions: tuple[int, ...], cloud_versions: tuple[int, ...], message: str,
+) -> None:
+    node = Connection(client=True, versions=node_versions)
+    cloud = Connection(client=False, versions=cloud_versions)
+    err = remote_error(cloud, node.send(node.make_hello()))
+    assert err.code == ErrorCode.UNSUPPORTED_VERSION
+    assert str(err) == "no common tunnel protocol version: " + message
 
 
 def test_client_refuses_a_version_it_did_not_offer() -> None:
@@ -102,8 +122,9 @@ def test_client_refuses_a_version_it_did_not_offer() -> None:
     node.send(node.make_hello())
     hello = json.dumps({"versions": [2], "max_frame_size": 65536, "initial_window": 1,
                         "max_streams": 1, "info": {}}).encode()
-    assert remote_error(node, frame(FrameType.HELLO, 0, 0, hello)).code == (
-        ErrorCode.UNSUPPORTED_VERSION)
+    err = remote_error(node, frame(FrameType.HELLO, 0, 0, hello))
+    assert err.code == ErrorCode.UNSUPPORTED_VERSION
+    assert str(err) == "the cloud chose tunnel protocol version [2], but this node speaks 1"
 
 
 @pytest.mark.parametrize("doc", [
