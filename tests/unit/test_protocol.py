@@ -677,3 +677,22 @@ def test_goaway_round_trips_with_and_without_last_stream_id(goaway: GoAway) -> N
 def test_malformed_goaway_is_a_remote_error(wire: bytes, message: str) -> None:
     node, _ = handshaken()
     assert message in str(remote_error(node, wire))
+
+
+def test_a_goaway_last_stream_id_out_of_range_is_refused_locally_and_changes_nothing() -> None:
+    node, cloud = handshaken()
+    for bad in (-1, 2**32):
+        with pytest.raises(LocalProtocolError, match="out of range"):
+            node.send(GoAway(ErrorCode.GOING_AWAY, "", last_stream_id=bad))
+    cloud.receive_data(node.send(Ping(bytes(8))))  # GOAWAY was not sent: the connection lives
+    assert drain(cloud) == [Ping(bytes(8))]
+
+
+def test_protocol_re_exports_the_events_and_the_wire_format() -> None:
+    from connector.tunnel import events, frames
+    from connector.tunnel import protocol as p
+
+    for name in p.__all__:
+        assert hasattr(p, name), name
+    assert p.Data is events.Data and p.RemoteProtocolError is events.RemoteProtocolError
+    assert p.HEADER is frames.HEADER and p.FrameType is frames.FrameType
