@@ -414,18 +414,23 @@ class SessionStream(TunnelStream):
         self._lot.unpark_all()
 
     async def aclose(self) -> None:
-        """Half-close our side (FIN); if the peer has not finished, reset with CANCEL after it."""
+        """Half-close our side (FIN); if the peer has not finished, reset with CANCEL after it.
+
+        An exchange message cannot end before its head: then the stream is reset at once."""
         await trio.lowlevel.checkpoint()
         if self._closed:
             return
         self._closed = True
         if self._conn.stream_is_open(self.stream_id):
+            reason = "stream closed before the peer finished"
             if not self._eof_sent and self._write_error is None:
-                self._eof_sent = True
-                self._session._send(p.Data(self.stream_id, b"", end_stream=True))
+                try:
+                    self._session._send(p.Data(self.stream_id, b"", end_stream=True))
+                    self._eof_sent = True
+                except p.LocalProtocolError:
+                    reason = "stream closed before its head was sent"
             if self._conn.stream_is_open(self.stream_id):
-                self._session._send(p.ResetStream(
-                    self.stream_id, ErrorCode.CANCEL, "stream closed before the peer finished"))
+                self._session._send(p.ResetStream(self.stream_id, ErrorCode.CANCEL, reason))
         self._chunks.clear()
         self._buffered = 0
         self._session._forget_if_closed(self)

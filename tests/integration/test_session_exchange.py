@@ -292,3 +292,36 @@ async def test_a_node_speaking_both_versions_gets_version_2() -> None:
             stream = await cloud.open_stream(HTTP)
             await stream.send_head(GET, end_stream=True)
             assert await stream.receive_head() == OK
+
+
+async def test_closing_an_exchange_stream_before_its_head_resets_it_and_keeps_the_tunnel() -> None:
+    """aclose() half-closes with an empty FIN, which an exchange message cannot carry before its
+    head: the stream is reset (CANCEL) instead, and the tunnel lives on. A handler that returns
+    without answering is closed this way by the session."""
+    refused: list[StreamResetError] = []
+    handler_done = trio.Event()
+
+    async def origin(stream: SessionStream) -> None:
+        try:
+            await stream.receive_head()  # and then return without a response head
+        except StreamResetError as exc:
+            refused.append(exc)
+            handler_done.set()
+            raise
+
+    with trio.fail_after(TEST_DEADLINE):
+        async with session_pair(origin) as (cloud, node):
+            answered = await cloud.open_stream(HTTP)
+            await answered.send_head(GET, end_stream=True)
+            with pytest.raises(StreamResetError) as info:
+                await answered.receive_head()
+            assert (info.value.code, info.value.reason) == (
+                ErrorCode.CANCEL, "stream closed before its head was sent")
+            unsent = await cloud.open_stream(HTTP)
+            await unsent.aclose()  # the client went away before the request head
+            await handler_done.wait()
+            assert [(e.code, e.reason) for e in refused] == [
+                (ErrorCode.CANCEL, "stream closed before its head was sent")]
+            await cloud.wait_no_streams()
+            await node.wait_no_streams()
+            assert not cloud.closed and not node.closed
