@@ -81,13 +81,19 @@ class Trailers:
 Head = RequestHead | ResponseHead | Trailers
 
 
+def _check_status(status: int) -> int:
+    """The one range rule of both directions: what decodes can be encoded again."""
+    if not 100 <= status <= 599:
+        raise HeadError(f"status {status} out of range 100..599")
+    return status
+
+
 def encode_head(head: Head) -> bytes:
     """The HEADERS payload of `head`; HeadError if a field is longer than 65535 bytes."""
     if isinstance(head, RequestHead):
         fields: list[bytes] = [head.method, head.target]
     elif isinstance(head, ResponseHead):
-        if not 100 <= head.status <= 599:
-            raise HeadError(f"status {head.status} out of range")
+        _check_status(head.status)
         fields = [b"%d" % head.status, head.reason]
     else:
         fields = []
@@ -141,7 +147,7 @@ def decode_head(payload: bytes) -> Head:
     status_text = fields[0]
     if not (len(status_text) == 3 and status_text.isdigit()):
         raise HeadError("a response head needs a three-digit status")
-    head = ResponseHead(int(status_text), fields[1], headers)
+    head = ResponseHead(_check_status(int(status_text)), fields[1], headers)
     if head.kind is not kind:
         raise HeadError(f"status {head.status} does not match head kind {kind.name}")
     return head

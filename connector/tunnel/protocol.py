@@ -5,9 +5,10 @@ Theory of operation
 The tunnel is one ordered byte stream. The trio layer (`connector.tunnel.session`) carries it in
 binary websocket messages, any number of frames per message; this module never sees messages,
 only bytes, so it works on any split of the stream. Every frame is a fixed 10-byte header and
-a payload::
-
-    type u8 | flags u8 | stream id u32 | payload length u32 | payload      (big-endian)
+a payload (`connector.tunnel.frames`: the wire format and the payload codecs). This module holds
+the rules: handshake, stream ids, flow control, stream states; `connector.tunnel.events` the
+events it yields and takes, and the two error classes. It re-exports their public names, so
+`from connector.tunnel import protocol as p; p.Data, p.HEADER, p.RemoteProtocolError` all work.
 
 Stream 0 is the connection itself (HELLO, PING, PONG, GOAWAY, CONTROL); every other id is one
 multiplexed stream (OPEN, ACCEPT, HEADERS, DATA, RESET, WINDOW_UPDATE). The server (the cloud side)
@@ -18,7 +19,9 @@ Handshake: the client sends HELLO listing the protocol versions it speaks and it
 (max frame size, per-stream window, max concurrent streams, plus a free-form `info` dict). The
 server picks the highest common version and answers with a HELLO naming just that version, or,
 when there is none, `next_event()` raises `RemoteProtocolError(UNSUPPORTED_VERSION)` and the
-server answers GOAWAY. Nothing but HELLO and GOAWAY may flow before the handshake.
+server answers GOAWAY with its message: both sides' versions and which side to upgrade (an old
+node must learn it from the cloud: version 1 nodes cannot parse anything newer). Nothing but
+HELLO and GOAWAY may flow before the handshake.
 
 Flow control is per stream and credit based, like HTTP/2 and yamux: a sender may have at most
 `window` unacknowledged DATA bytes on a stream. The window starts at the receiver's advertised
@@ -54,182 +57,75 @@ Hot path: received bytes are parsed in place (a bytes object, or a bytearray wit
 that is compacted lazily); a DATA payload is copied once, into the event.
 """
 
+
 from __future__ import annotations
 
-import enum
-import json
-import struct
-from collections.abc import Callable, Iterator
-from typing import Any, TypeGuard
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import attrs
 
-from connector.tunnel.heads import Head, HeadError, decode_head, encode_head
+from connector.tunnel.events import (
+    NEED_DATA,
+    AcceptStream,
+    ConnectionClosed,
+    Control,
+    Data,
+    Event,
+    GoAway,
+    Headers,
+    Hello,
+    LocalProtocolError,
+    OpenStream,
+    Ping,
+    Pong,
+    ProtocolError,
+    RemoteProtocolError,
+    ResetStream,
+    WindowUpdate,
+)
+from connector.tunnel.frames import (
+    FLAG_FIN,
+    FLAG_LAST_ID,
+    HEADER,
+    HEADER_SIZE,
+    MAX_MAX_FRAME_SIZE,
+    MAX_STREAM_ID,
+    MAX_WINDOW,
+    MIN_MAX_FRAME_SIZE,
+    FrameType,
+    decode_control,
+    decode_goaway,
+    decode_hello,
+    decode_target,
+    decode_text,
+    encode_control,
+    encode_frame,
+    encode_goaway,
+    encode_hello,
+    encode_reason,
+    encode_target,
+    encode_u32,
+    is_int,
+    u32,
+)
+from connector.tunnel.heads import HeadError, decode_head, encode_head
 from connector.tunnel.state import DATA, Message, StateError, StreamState
-from connector.tunnel.types import ErrorCode, StreamProtocol, Target
+from connector.tunnel.types import ErrorCode, StreamProtocol
 
 __all__ = [
-    "PROTOCOL_VERSIONS", "HEADER_SIZE", "FLAG_FIN", "FrameType", "Connection", "NEED_DATA",
+    "PROTOCOL_VERSIONS", "HEADER", "HEADER_SIZE", "FLAG_FIN", "FLAG_LAST_ID", "FrameType",
+    "Connection", "NEED_DATA", "RECENT_RESETS",
     "Event", "Hello", "OpenStream", "AcceptStream", "Headers", "Data", "ResetStream", "WindowUpdate",
     "Ping", "Pong", "GoAway", "Control", "ConnectionClosed",
     "ProtocolError", "LocalProtocolError", "RemoteProtocolError",
 ]
 
 PROTOCOL_VERSIONS: tuple[int, ...] = (2,)  # 1 (byte streams carrying HTTP/1.1) is retired
-HEADER = struct.Struct(">BBII")
-HEADER_SIZE = HEADER.size
-FLAG_FIN = 0x01
-FLAG_LAST_ID = 0x02  # GOAWAY: a u32 last processed stream id follows the code
-MIN_MAX_FRAME_SIZE = 16 * 1024  # every peer must accept frames this large (HELLO fits in it)
-MAX_MAX_FRAME_SIZE = 16 * 1024 * 1024
-MAX_WINDOW = 2**31 - 1
-MAX_STREAM_ID = 2**32 - 1
 DEFAULT_MAX_FRAME_SIZE = 64 * 1024
 DEFAULT_INITIAL_WINDOW = 256 * 1024
 DEFAULT_MAX_STREAMS = 1024
 RECENT_RESETS = 4096  # late frames for this many of our own resets are dropped, not errors
-MAX_REASON_BYTES = 1024  # longer reasons are truncated on send
-MAX_HOST_BYTES = 1024
-_U32 = struct.Struct(">I")
-_OPEN = struct.Struct(">HB")  # port, length of the protocol name; then the name, then the host
-
-
-class FrameType(enum.IntEnum):
-    HELLO = 1
-    OPEN = 2
-    ACCEPT = 3
-    DATA = 4
-    RESET = 5
-    WINDOW_UPDATE = 6
-    PING = 7
-    PONG = 8
-    GOAWAY = 9
-    CONTROL = 10
-    HEADERS = 11
-
-
-# --- errors ------------------------------------------------------------------------------------
-
-
-class ProtocolError(Exception):
-    """Base of both error classes; `.code` is the ErrorCode to put in GOAWAY."""
-
-    def __init__(self, message: str, code: ErrorCode = ErrorCode.PROTOCOL_ERROR) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class LocalProtocolError(ProtocolError):
-    """Our own application asked for something the protocol does not allow."""
-
-
-class RemoteProtocolError(ProtocolError):
-    """The peer sent something the protocol does not allow; the tunnel must go away."""
-
-
-# --- events ------------------------------------------------------------------------------------
-
-
-class Event:
-    """Base class of everything `next_event()` returns and `send()` accepts."""
-
-    __slots__ = ()
-
-
-@attrs.frozen
-class Hello(Event):
-    """Handshake. Client: versions it speaks. Server: the single version it picked."""
-
-    versions: tuple[int, ...]
-    max_frame_size: int
-    initial_window: int
-    max_streams: int
-    info: dict[str, Any] = attrs.field(factory=dict)
-
-
-@attrs.frozen
-class OpenStream(Event):
-    stream_id: int
-    target: Target
-
-
-@attrs.frozen
-class AcceptStream(Event):
-    """The acceptor reached the backend; the opener may report success (e.g. SOCKS5 reply)."""
-
-    stream_id: int
-
-
-@attrs.frozen
-class Headers(Event):
-    """An HTTP head on an exchange stream; `end_stream` ends the message (no body follows)."""
-
-    stream_id: int
-    head: Head
-    end_stream: bool = False
-
-
-@attrs.frozen
-class Data(Event):
-    """Stream payload; `end_stream` is the FIN flag (half-close). `send()` takes any bytes-like."""
-
-    stream_id: int
-    data: bytes
-    end_stream: bool = False
-
-
-@attrs.frozen
-class ResetStream(Event):
-    stream_id: int
-    code: ErrorCode
-    reason: str = ""
-
-
-@attrs.frozen
-class WindowUpdate(Event):
-    stream_id: int
-    increment: int
-
-
-@attrs.frozen
-class Ping(Event):
-    payload: bytes  # exactly 8 opaque bytes
-
-
-@attrs.frozen
-class Pong(Event):
-    payload: bytes
-
-
-@attrs.frozen
-class GoAway(Event):
-    """The connection ends. `last_stream_id`: the highest stream of the receiver's that the sender
-    processed; streams above it were never processed (None: not said, e.g. in a handshake)."""
-
-    code: ErrorCode
-    reason: str = ""
-    last_stream_id: int | None = None
-
-
-@attrs.frozen
-class Control(Event):
-    """Connection-level message: registration with a fencing epoch, drain, master-lost..."""
-
-    op: str
-    body: dict[str, Any] = attrs.field(factory=dict)
-
-
-@attrs.frozen
-class ConnectionClosed(Event):
-    """The byte stream ended cleanly (`receive_data(b"")` at a frame boundary)."""
-
-
-class _NeedData:
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA: Any = _NeedData()  # next_event(): no whole frame buffered yet
 
 
 # --- connection --------------------------------------------------------------------------------
@@ -254,36 +150,22 @@ class _Stream:
         self.receives = Message.RESPONSE if local else Message.REQUEST
 
 
-def _u32(payload: bytes) -> int:
-    return int(_U32.unpack_from(payload)[0])
+def _versions(versions: Iterable[int]) -> str:
+    return " and ".join(map(str, sorted(versions)))
 
 
-def _decode_text(raw: bytes, what: str) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise RemoteProtocolError(f"{what} is not valid UTF-8") from None
-
-
-def _decode_json_object(raw: bytes, what: str) -> dict[str, Any]:
-    try:
-        value = json.loads(_decode_text(raw, what))
-    except (ValueError, RecursionError):
-        raise RemoteProtocolError(f"{what} is not valid JSON") from None
-    if not isinstance(value, dict):
-        raise RemoteProtocolError(f"{what} is not a JSON object")
-    return value
-
-
-def _is_int(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _encode_reason(reason: str) -> bytes:
-    raw = reason.encode("utf-8", "replace")
-    if len(raw) > MAX_REASON_BYTES:
-        raw = raw[:MAX_REASON_BYTES].decode("utf-8", "ignore").encode("utf-8")
-    return raw
+def _no_common_version(node_versions: Iterable[int], cloud_versions: Iterable[int]) -> str:
+    """The GOAWAY reason of a failed negotiation: both sides' versions and which one to upgrade
+    (the cloud is the server, the node the client); an operator reads it in both logs."""
+    node, cloud = sorted(node_versions), sorted(cloud_versions)
+    if node[-1] < cloud[0]:
+        advice = f"upgrade the node to a release that speaks version {cloud[-1]}"
+    elif cloud[-1] < node[0]:
+        advice = f"upgrade the cloud to a release that speaks version {node[-1]}"
+    else:
+        advice = "upgrade the older side"
+    return (f"no common tunnel protocol version: the node speaks {_versions(node)}, "
+            f"the cloud speaks {_versions(cloud)}; {advice}")
 
 
 class Connection:
@@ -311,7 +193,7 @@ class Connection:
             raise ValueError(f"initial_window must be within 1..{MAX_WINDOW}")
         if not 1 <= max_streams <= 2**31:
             raise ValueError("max_streams must be at least 1")
-        if not versions or not all(_is_int(v) and v > 0 for v in versions):
+        if not versions or not all(is_int(v) and v > 0 for v in versions):
             raise ValueError("versions must be a non-empty tuple of positive ints")
         self.client = client
         self.max_frame_size = max_frame_size
@@ -523,41 +405,20 @@ class Connection:
             raise RemoteProtocolError("second HELLO")
         if self.client and not self._hello_sent:
             raise RemoteProtocolError("server sent HELLO before the client did")
-        doc = _decode_json_object(payload, "HELLO")
-        versions = doc.get("versions")
-        info = doc.get("info", {})
-        if not isinstance(versions, list) or not versions or not all(
-                _is_int(v) and 0 < v <= MAX_STREAM_ID for v in versions):
-            raise RemoteProtocolError("HELLO: versions must be a non-empty list of positive ints")
-        if not isinstance(info, dict):
-            raise RemoteProtocolError("HELLO: info must be an object")
-        limits: dict[str, int] = {}
-        for key in ("max_frame_size", "initial_window", "max_streams"):
-            value = doc.get(key)
-            if not _is_int(value):
-                raise RemoteProtocolError(f"HELLO: {key} must be an integer")
-            limits[key] = value
-        if not MIN_MAX_FRAME_SIZE <= limits["max_frame_size"] <= MAX_MAX_FRAME_SIZE:
-            raise RemoteProtocolError("HELLO: max_frame_size out of range")
-        if not 1 <= limits["initial_window"] <= MAX_WINDOW:
-            raise RemoteProtocolError("HELLO: initial_window out of range")
-        if not 1 <= limits["max_streams"] <= 2**31:
-            raise RemoteProtocolError("HELLO: max_streams out of range")
+        hello = decode_hello(payload)
+        versions = list(hello.versions)
         if self.client:
             if len(versions) != 1 or versions[0] not in self.versions:
                 raise RemoteProtocolError(
-                    f"server chose version {versions}, we offered {list(self.versions)}",
-                    ErrorCode.UNSUPPORTED_VERSION)
+                    f"the cloud chose tunnel protocol version {versions}, but this node speaks "
+                    f"{_versions(self.versions)}", ErrorCode.UNSUPPORTED_VERSION)
             self.version = versions[0]
         else:
             common = set(versions) & set(self.versions)
             if not common:
-                raise RemoteProtocolError(
-                    f"no common protocol version: client offers {versions}, "
-                    f"server speaks {list(self.versions)}", ErrorCode.UNSUPPORTED_VERSION)
+                raise RemoteProtocolError(_no_common_version(versions, self.versions),
+                                          ErrorCode.UNSUPPORTED_VERSION)
             self.version = max(common)
-        hello = Hello(tuple(versions), limits["max_frame_size"], limits["initial_window"],
-                      limits["max_streams"], info)
         self.peer_hello = hello
         return hello
 
@@ -573,31 +434,13 @@ class Connection:
                 f"peer opened stream {stream_id} after {self._last_peer_id}; ids must increase")
         if self._peer_open >= self.max_streams:
             raise RemoteProtocolError(f"peer exceeded max_streams={self.max_streams}")
-        target = self._decode_target(payload)
+        target = decode_target(payload)
         self._last_peer_id = stream_id
         self._streams[stream_id] = _Stream(
             stream_id, False, self.peer_hello.initial_window, self.initial_window,
             raw=target.protocol is StreamProtocol.TCP)
         self._peer_open += 1
         return OpenStream(stream_id, target)
-
-    @staticmethod
-    def _decode_target(payload: bytes) -> Target:
-        if len(payload) < _OPEN.size:
-            raise RemoteProtocolError("OPEN payload too short")
-        port, proto_len = _OPEN.unpack_from(payload)
-        host_at = _OPEN.size + proto_len
-        if len(payload) < host_at:
-            raise RemoteProtocolError("OPEN payload too short for its protocol name")
-        proto_name = _decode_text(payload[_OPEN.size:host_at], "OPEN protocol")
-        host = _decode_text(payload[host_at:], "OPEN virtual host")
-        try:
-            protocol = StreamProtocol(proto_name)
-        except ValueError:
-            raise RemoteProtocolError(f"OPEN with unknown protocol {proto_name!r}") from None
-        if not host or len(payload) - host_at > MAX_HOST_BYTES:
-            raise RemoteProtocolError("OPEN virtual host empty or too long")
-        return Target(host, port, protocol)
 
     def _recv_accept(self, flags: int, stream_id: int, payload: bytes) -> Event | None:
         st = self._stream_for("ACCEPT", flags, stream_id, late_ok=False)
@@ -663,17 +506,17 @@ class Connection:
         if flags or len(payload) < 4:
             raise RemoteProtocolError("RESET needs no flags and a 4-byte code")
         st = self._stream_for("RESET", flags, stream_id, late_ok=True)
-        reason = _decode_text(payload[4:], "RESET reason")
+        reason = decode_text(payload[4:], "RESET reason")
         if st is None:
             return None
         self._forget(st)
-        return ResetStream(stream_id, ErrorCode.parse(_u32(payload)), reason)
+        return ResetStream(stream_id, ErrorCode.parse(u32(payload)), reason)
 
     def _recv_window_update(self, flags: int, stream_id: int, payload: bytes) -> Event | None:
         if flags or len(payload) != 4:
             raise RemoteProtocolError("WINDOW_UPDATE needs no flags and a 4-byte increment")
         st = self._stream_for("WINDOW_UPDATE", flags, stream_id, late_ok=True)
-        increment = _u32(payload)
+        increment = u32(payload)
         if increment == 0:
             raise RemoteProtocolError("WINDOW_UPDATE with increment 0")
         if st is None:
@@ -700,20 +543,12 @@ class Connection:
 
     def _recv_goaway(self, flags: int, stream_id: int, payload: bytes) -> Event | None:
         self._connection_frame("GOAWAY", flags & ~FLAG_LAST_ID, stream_id)
-        reason_at = 8 if flags & FLAG_LAST_ID else 4
-        if len(payload) < reason_at:
-            raise RemoteProtocolError(f"GOAWAY needs {reason_at} bytes of code and last stream id")
-        last = _u32(payload[4:]) if flags & FLAG_LAST_ID else None
-        return GoAway(ErrorCode.parse(_u32(payload)), _decode_text(payload[reason_at:], "GOAWAY reason"), last)
+        return decode_goaway(flags, payload)
 
     def _recv_control(self, flags: int, stream_id: int, payload: bytes) -> Event | None:
         self._connection_frame("CONTROL", flags, stream_id)
         self._require_handshake("CONTROL")
-        doc = _decode_json_object(payload, "CONTROL")
-        op, body = doc.get("op"), doc.get("body", {})
-        if not isinstance(op, str) or not op or not isinstance(body, dict):
-            raise RemoteProtocolError("CONTROL needs a non-empty string op and an object body")
-        return Control(op, body)
+        return decode_control(payload)
 
     def _forget(self, st: _Stream) -> None:
         del self._streams[st.stream_id]
@@ -732,9 +567,6 @@ class Connection:
         if self._goaway_sent:
             raise LocalProtocolError("the connection is closing: GOAWAY was sent")
         return sender(event)
-
-    def _frame(self, ftype: FrameType, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
-        return HEADER.pack(ftype, flags, stream_id, len(payload)) + payload
 
     def _require_ready(self, name: str) -> Hello:
         if not self.handshake_complete:
@@ -760,18 +592,9 @@ class Connection:
             expected = attrs.evolve(expected, versions=tuple(event.versions))
         if event != expected:
             raise LocalProtocolError(f"HELLO must match this connection's settings: {expected}")
-        try:
-            payload = json.dumps({
-                "versions": list(event.versions), "max_frame_size": event.max_frame_size,
-                "initial_window": event.initial_window, "max_streams": event.max_streams,
-                "info": event.info,
-            }, separators=(",", ":")).encode()
-        except (TypeError, ValueError) as exc:
-            raise LocalProtocolError(f"HELLO info is not JSON-serialisable: {exc}") from None
-        if len(payload) > MIN_MAX_FRAME_SIZE:
-            raise LocalProtocolError("HELLO too large: keep the info dict small")
+        payload = encode_hello(event)
         self._hello_sent = True
-        return self._frame(FrameType.HELLO, 0, 0, payload)
+        return encode_frame(FrameType.HELLO, 0, 0, payload)
 
     def _send_open(self, event: OpenStream) -> bytes:
         peer = self._require_ready("OPEN")
@@ -781,16 +604,12 @@ class Connection:
         if self._local_open >= peer.max_streams:
             raise LocalProtocolError(f"the peer allows at most {peer.max_streams} open streams")
         target = event.target
-        proto = StreamProtocol(target.protocol).value.encode("ascii")
-        host = target.virtual_host.encode("utf-8")
-        if not host or len(host) > MAX_HOST_BYTES or not 0 <= target.port <= 65535:
-            raise LocalProtocolError(f"invalid target {target}")
-        payload = _OPEN.pack(target.port, len(proto)) + proto + host
+        payload = encode_target(target)
         self._next_local_id = sid + 2
         self._streams[sid] = _Stream(sid, True, peer.initial_window, self.initial_window,
                                      raw=target.protocol is StreamProtocol.TCP)
         self._local_open += 1
-        return self._frame(FrameType.OPEN, 0, sid, payload)
+        return encode_frame(FrameType.OPEN, 0, sid, payload)
 
     def _send_accept(self, event: AcceptStream) -> bytes:
         st = self._local_stream("ACCEPT", event.stream_id)
@@ -798,7 +617,7 @@ class Connection:
             raise LocalProtocolError(
                 "ACCEPT is sent once, by the acceptor, on an open stream, before its FIN")
         st.accepted = True
-        return self._frame(FrameType.ACCEPT, 0, event.stream_id)
+        return encode_frame(FrameType.ACCEPT, 0, event.stream_id)
 
     def _send_data(self, event: Data) -> bytes:
         peer = self._require_ready("DATA")
@@ -863,18 +682,18 @@ class Connection:
             st.local_fin = True
             if st.remote_fin:
                 self._forget(st)
-        return self._frame(FrameType.HEADERS, FLAG_FIN if event.end_stream else 0, sid, payload)
+        return encode_frame(FrameType.HEADERS, FLAG_FIN if event.end_stream else 0, sid, payload)
 
     def _send_reset(self, event: ResetStream) -> bytes:
         st = self._local_stream("RESET", event.stream_id)
         if st is None:
             return b""  # already closed: resetting is idempotent
-        payload = _U32.pack(ErrorCode(event.code)) + _encode_reason(event.reason)
+        payload = encode_u32(ErrorCode(event.code)) + encode_reason(event.reason)
         self._forget(st)
         self._recent_resets[st.stream_id] = None
         if len(self._recent_resets) > RECENT_RESETS:
             del self._recent_resets[next(iter(self._recent_resets))]
-        return self._frame(FrameType.RESET, 0, event.stream_id, payload)
+        return encode_frame(FrameType.RESET, 0, event.stream_id, payload)
 
     def _send_window_update(self, event: WindowUpdate) -> bytes:
         st = self._local_stream("WINDOW_UPDATE", event.stream_id)
@@ -886,7 +705,7 @@ class Connection:
             raise LocalProtocolError("window increment overflows the window",
                                      ErrorCode.FLOW_CONTROL_ERROR)
         st.recv_window += event.increment
-        return self._frame(FrameType.WINDOW_UPDATE, 0, event.stream_id, _U32.pack(event.increment))
+        return encode_frame(FrameType.WINDOW_UPDATE, 0, event.stream_id, encode_u32(event.increment))
 
     def _send_ping(self, event: Ping) -> bytes:
         return self._ping_frame(FrameType.PING, event.payload)
@@ -898,25 +717,16 @@ class Connection:
         self._require_ready(ftype.name)
         if len(payload) != 8:
             raise LocalProtocolError(f"{ftype.name} payload must be 8 bytes")
-        return self._frame(ftype, 0, 0, bytes(payload))
+        return encode_frame(ftype, 0, 0, bytes(payload))
 
     def _send_goaway(self, event: GoAway) -> bytes:
+        flags, payload = encode_goaway(event)
         self._goaway_sent = True
-        code = _U32.pack(ErrorCode(event.code))
-        if event.last_stream_id is None:
-            return self._frame(FrameType.GOAWAY, 0, 0, code + _encode_reason(event.reason))
-        last = _U32.pack(event.last_stream_id)
-        return self._frame(FrameType.GOAWAY, FLAG_LAST_ID, 0, code + last + _encode_reason(event.reason))
+        return encode_frame(FrameType.GOAWAY, flags, 0, payload)
 
     def _send_control(self, event: Control) -> bytes:
         peer = self._require_ready("CONTROL")
-        if not isinstance(event.op, str) or not event.op or not isinstance(event.body, dict):
-            raise LocalProtocolError("CONTROL needs a non-empty string op and a dict body")
-        try:
-            payload = json.dumps({"op": event.op, "body": event.body},
-                                 separators=(",", ":")).encode()
-        except (TypeError, ValueError) as exc:
-            raise LocalProtocolError(f"CONTROL body is not JSON-serialisable: {exc}") from None
+        payload = encode_control(event)
         if len(payload) > peer.max_frame_size:
             raise LocalProtocolError(f"CONTROL of {len(payload)} bytes exceeds the peer's frame size")
-        return self._frame(FrameType.CONTROL, 0, 0, payload)
+        return encode_frame(FrameType.CONTROL, 0, 0, payload)

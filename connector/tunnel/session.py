@@ -226,21 +226,30 @@ class SessionStream(TunnelStream):
         assert self._write_error is not None
         return StreamResetError(self._write_error.code, self._write_error.reason)
 
+    def _send_frame(self, event: p.Headers | p.Data) -> None:
+        """Queue one frame of our message. ValueError if the protocol refuses it (out of order,
+        too large): then nothing changed, the stream stays usable. The stream's reset error if
+        the tunnel is closing."""
+        try:
+            queued = self._session._send(event)
+        except p.LocalProtocolError as exc:
+            raise ValueError(str(exc)) from None
+        if event.end_stream:
+            self._eof_sent = True
+        if not queued:
+            raise self._lost()
+
     async def send_head(self, head: Head, *, end_stream: bool = False) -> None:
-        """Send an HTTP head (exchange streams); `end_stream`: no body follows (FIN)."""
+        """Send an HTTP head (exchange streams); `end_stream`: no body follows (FIN).
+
+        ValueError if the stream's state does not allow it (`connector.tunnel.state`), as for
+        DATA from `send_all` before the request head; nothing is sent then."""
         if self._sending:
             raise trio.BusyResourceError("another task is sending on this stream")
         self._check_send()
         await self._session._wait_writable()
         self._check_send()
-        if end_stream:
-            self._eof_sent = True
-        try:
-            queued = self._session._send(p.Headers(self.stream_id, head, end_stream))
-        except p.LocalProtocolError as exc:
-            raise ValueError(str(exc)) from None
-        if not queued:
-            raise self._lost()
+        self._send_frame(p.Headers(self.stream_id, head, end_stream))
         if end_stream:
             self._session._forget_if_closed(self)
 
@@ -286,8 +295,7 @@ class SessionStream(TunnelStream):
                 take = min(self._conn.send_window(self.stream_id), total - pos, _SEND_CHUNK)
                 # Connection.send takes any bytes-like payload: a slice of the caller's buffer, no copy
                 chunk = cast(bytes, view[pos:pos + take])
-                if not self._session._send(p.Data(self.stream_id, chunk)):
-                    raise self._lost()
+                self._send_frame(p.Data(self.stream_id, chunk))
                 pos += take
                 unacked = self._unacknowledged()
                 if unacked > self._max_unacked:
@@ -309,11 +317,8 @@ class SessionStream(TunnelStream):
         if self._eof_sent:
             return
         self._check_send()
-        self._eof_sent = True
-        event: p.Event = (p.Headers(self.stream_id, Trailers(trailers), end_stream=True) if trailers
-                          else p.Data(self.stream_id, b"", end_stream=True))
-        if not self._session._send(event):
-            raise self._lost()
+        self._send_frame(p.Headers(self.stream_id, Trailers(trailers), end_stream=True) if trailers
+                         else p.Data(self.stream_id, b"", end_stream=True))
         self._session._forget_if_closed(self)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
@@ -409,18 +414,23 @@ class SessionStream(TunnelStream):
         self._lot.unpark_all()
 
     async def aclose(self) -> None:
-        """Half-close our side (FIN); if the peer has not finished, reset with CANCEL after it."""
+        """Half-close our side (FIN); if the peer has not finished, reset with CANCEL after it.
+
+        An exchange message cannot end before its head: then the stream is reset at once."""
         await trio.lowlevel.checkpoint()
         if self._closed:
             return
         self._closed = True
         if self._conn.stream_is_open(self.stream_id):
+            reason = "stream closed before the peer finished"
             if not self._eof_sent and self._write_error is None:
-                self._eof_sent = True
-                self._session._send(p.Data(self.stream_id, b"", end_stream=True))
+                try:
+                    self._session._send(p.Data(self.stream_id, b"", end_stream=True))
+                    self._eof_sent = True
+                except p.LocalProtocolError:
+                    reason = "stream closed before its head was sent"
             if self._conn.stream_is_open(self.stream_id):
-                self._session._send(p.ResetStream(
-                    self.stream_id, ErrorCode.CANCEL, "stream closed before the peer finished"))
+                self._session._send(p.ResetStream(self.stream_id, ErrorCode.CANCEL, reason))
         self._chunks.clear()
         self._buffered = 0
         self._session._forget_if_closed(self)
@@ -673,6 +683,8 @@ class TunnelSession:
 
     async def _on_open(self, event: p.OpenStream) -> None:
         assert self._conn.peer_hello is not None
+        if self._closing:
+            return  # our GOAWAY told the peer we process nothing above _last_processed
         stream = self._register(event.stream_id, event.target, opener=False)
         if self._stream_handler is None or self._handler_nursery is None:
             await stream.reset(ErrorCode.REFUSED, "this end accepts no streams")

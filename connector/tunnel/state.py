@@ -67,6 +67,12 @@ _MUST_END = frozenset({HeadKind.TRAILERS})  # frames that always carry FIN
 _NEVER_END = frozenset({HeadKind.INFORMATIONAL, HeadKind.SWITCH})
 
 
+def _name(frame: Frame) -> str:
+    if isinstance(frame, HeadKind):
+        return f"{'an' if frame.name[0] in 'AEIOU' else 'a'} {frame.name} head"
+    return "DATA"
+
+
 class StreamState:
     """Both messages of one stream; `raw` streams (TCP) start as byte pipes."""
 
@@ -82,13 +88,13 @@ class StreamState:
         current = self.request if message is REQUEST else self.response
         new = TRANSITIONS.get((message, current, frame))
         if new is None:
-            raise StateError(f"{frame!r} not allowed in the {message.value}'s state {current.value}")
+            raise StateError(f"{_name(frame)} is not allowed in the {message.value}'s state {current.value}")
         if message is RESPONSE and self.request is H:
             raise StateError("a response before the request head")
         if fin and frame in _NEVER_END:
-            raise StateError(f"{frame!r} cannot end the {message.value}")
+            raise StateError(f"{_name(frame)} cannot end the {message.value}")
         if not fin and frame in _MUST_END:
-            raise StateError(f"{frame!r} must end the {message.value} (FIN)")
+            raise StateError(f"{_name(frame)} must end the {message.value} (FIN)")
         if fin:
             if new not in _MAY_END and new is not D:
                 raise StateError(f"FIN not allowed in the {message.value}'s state {new.value}")

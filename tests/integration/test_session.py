@@ -1,4 +1,8 @@
-"""TunnelSession over real trio-websocket connections on 127.0.0.1 (plain ws, port 0)."""
+"""TunnelSession over real trio-websocket connections on 127.0.0.1 (plain ws, port 0).
+
+Tests about bytes use streams to TCP targets (byte pipes); tests about HTTP heads use streams to
+HTTP targets (exchange streams: the request head comes first).
+"""
 
 from __future__ import annotations
 
@@ -13,11 +17,10 @@ import trio
 import trio_websocket
 
 from connector import metrics
-from connector.tunnel import session as session_mod
 from connector.tunnel.session import SessionStream, TunnelError, TunnelSession, TunnelSettings
 from connector.tunnel.types import ErrorCode, StreamProtocol, StreamResetError, Target
 
-TARGET = Target("erp.internal", 8080, StreamProtocol.HTTP)
+TARGET = Target("erp.internal", 8080, StreamProtocol.TCP)
 FAST = TunnelSettings(ping_interval=0.05, ping_timeout=2.0)
 RECEIVE_BUFFER = 262144
 TEST_DEADLINE = 30.0  # no test here may hang longer than this (real seconds)
@@ -96,7 +99,7 @@ async def test_open_echo_and_half_close() -> None:
     with trio.fail_after(TEST_DEADLINE):
         async with trio.open_nursery() as nursery:
             pair = await start_pair(nursery)
-            opened_before = metrics.STREAMS_OPENED.labels("cloud", "http")._value.get()
+            opened_before = metrics.STREAMS_OPENED.labels("cloud", "tcp")._value.get()
             stream = await pair.cloud.open_stream(TARGET)
             await stream.wait_accepted()
             payload = bytes(range(256)) * 4000  # ~1 MB: several windows' worth
@@ -114,7 +117,7 @@ async def test_open_echo_and_half_close() -> None:
             stats = pair.cloud.statistics()
             assert stats.streams_open == 0 and stats.streams_opened == 1
             assert stats.bytes_sent > len(payload) and stats.bytes_received > len(payload)
-            assert metrics.STREAMS_OPENED.labels("cloud", "http")._value.get() == opened_before + 1
+            assert metrics.STREAMS_OPENED.labels("cloud", "tcp")._value.get() == opened_before + 1
             await pair.cloud.aclose()
             nursery.cancel_scope.cancel()
 
@@ -145,7 +148,7 @@ async def test_thousand_concurrent_streams_on_one_tunnel() -> None:
     results: dict[int, bool] = {}
 
     async def one(i: int) -> None:
-        stream = await pair.cloud.open_stream(Target(f"host{i % 7}", 80))
+        stream = await pair.cloud.open_stream(Target(f"host{i % 7}", 80, StreamProtocol.TCP))
         payload = i.to_bytes(4, "big") * 512  # 2 KiB each
         await stream.send_all(payload)
         await stream.send_eof()
@@ -188,7 +191,7 @@ async def test_slow_reader_does_not_stall_another_stream_and_buffers_stay_bounde
         async with trio.open_nursery() as nursery:
             pair = await start_pair(nursery, node_handler=handler, cloud_settings=settings,
                                     node_settings=settings)
-            slow = await pair.cloud.open_stream(Target("slow", 1))
+            slow = await pair.cloud.open_stream(Target("slow", 1, StreamProtocol.TCP))
             big = bytes(range(251)) * 8000  # ~2 MB, 30 windows
             sender_done = trio.Event()
 
@@ -200,7 +203,7 @@ async def test_slow_reader_does_not_stall_another_stream_and_buffers_stay_bounde
             nursery.start_soon(send_big)
             await trio.sleep(0.2)
             assert not sender_done.is_set()  # blocked on credit, not buffering the rest
-            fast = await pair.cloud.open_stream(Target("fast", 2))
+            fast = await pair.cloud.open_stream(Target("fast", 2, StreamProtocol.TCP))
             data = b"x" * (1024 * 1024)
             async with trio.open_nursery() as inner:
                 inner.start_soon(fast.send_all, data)
@@ -316,7 +319,9 @@ async def test_handshake_version_mismatch_is_a_tunnel_error_on_both_ends() -> No
                 with pytest.raises(TunnelError) as info:
                     await node.handshake()
             assert info.value.code == ErrorCode.UNSUPPORTED_VERSION
-            assert "no common protocol version" in info.value.reason
+            assert info.value.reason == (
+                "no common tunnel protocol version: the node speaks 2 and 3, the cloud speaks 1; "
+                "upgrade the cloud to a release that speaks version 3")
             assert node.closed and node.close_reason is not None
             await server_done.wait()
             assert outcome[0].code == ErrorCode.UNSUPPORTED_VERSION
@@ -448,12 +453,12 @@ async def test_streams_wait_for_the_peers_max_streams() -> None:
             nursery.cancel_scope.cancel()
 
 
-async def test_bulk_reads_join_buffered_frames_small_reads_take_one() -> None:
-    """A read of at least _JOIN_AT bytes (or None) takes every buffered frame that fits, joined;
-    a smaller read takes one frame (the HTTP proxy tells glued from later bytes by that)."""
+async def test_a_read_returns_every_buffered_chunk_that_fits_max_bytes() -> None:
+    """Whatever the read size, one receive_some takes every buffered chunk that fits `max_bytes`
+    (joined), splits the first one that does not, and None takes everything buffered."""
     sent = trio.Event()
 
-    async def three_writes(stream: SessionStream) -> None:
+    async def four_writes(stream: SessionStream) -> None:
         await stream.accept()
         for part in (b"a" * 10, b"b" * 20, b"c" * 30, b"d" * 40):
             await stream.send_all(part)  # one DATA frame each
@@ -462,14 +467,16 @@ async def test_bulk_reads_join_buffered_frames_small_reads_take_one() -> None:
 
     with trio.fail_after(TEST_DEADLINE):
         async with trio.open_nursery() as nursery:
-            pair = await start_pair(nursery, node_handler=three_writes)
+            pair = await start_pair(nursery, node_handler=four_writes)
             stream = await pair.cloud.open_stream(TARGET)
             await sent.wait()
             while stream.statistics().buffered < 100:  # noqa: ASYNC110 - bounded by the deadline
                 await trio.sleep(0.001)
-            assert await stream.receive_some(65536) == b"a" * 10  # small read: one frame
-            assert await stream.receive_some(session_mod._JOIN_AT) == b"b" * 20 + b"c" * 30 + b"d" * 40
-            assert await stream.receive_some(session_mod._JOIN_AT) == b""
+            assert await stream.receive_some(5) == b"a" * 5  # less than one chunk: split it
+            assert await stream.receive_some(35) == b"a" * 5 + b"b" * 20 + b"c" * 10
+            assert await stream.receive_some(65536) == b"c" * 20 + b"d" * 40  # small chunks join
+            assert stream.statistics().buffered == 0
+            assert await stream.receive_some(65536) == b""
             await stream.aclose()
 
             sent = trio.Event()
@@ -484,8 +491,8 @@ async def test_bulk_reads_join_buffered_frames_small_reads_take_one() -> None:
             nursery.cancel_scope.cancel()
 
 
-async def test_bulk_read_splits_the_frame_that_does_not_fit() -> None:
-    big = session_mod._JOIN_AT
+async def test_a_read_splits_the_frame_that_does_not_fit() -> None:
+    big = 64 * 1024
     sent = trio.Event()
 
     async def two_writes(stream: SessionStream) -> None:

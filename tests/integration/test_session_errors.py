@@ -14,7 +14,7 @@ import trio_websocket
 
 from connector.tunnel import protocol as p
 from connector.tunnel.session import SessionStream, TunnelError, TunnelSession, TunnelSettings
-from connector.tunnel.types import ErrorCode, StreamResetError, Target
+from connector.tunnel.types import ErrorCode, StreamProtocol, StreamResetError, Target
 
 SETTINGS = TunnelSettings(ping_interval=0.05, ping_timeout=2.0)
 TEST_DEADLINE = 20.0
@@ -81,7 +81,7 @@ async def test_flow_control_violation_by_the_peer_closes_the_tunnel() -> None:
     with trio.fail_after(TEST_DEADLINE):
         async with trio.open_nursery() as nursery:
             cloud, ws, raw = await cloud_with_raw_node(nursery)
-            await cloud.open_stream(Target("h", 1))
+            await cloud.open_stream(Target("h", 1, StreamProtocol.TCP))  # a byte pipe: DATA first
             raw.receive_data(await ws.get_message())
             assert isinstance(next(e for e in raw.events() if isinstance(e, p.OpenStream)),
                               p.OpenStream)
@@ -129,7 +129,8 @@ async def test_opens_without_a_stream_handler_are_refused_and_handler_crash_rese
             back = await node.open_stream(Target("cloud-side", 2))
             with pytest.raises(StreamResetError) as info:
                 await back.wait_accepted()
-            assert info.value.code == ErrorCode.INTERNAL_ERROR
+            assert info.value.code == ErrorCode.REFUSED
+            assert not back.peer_started  # a refusal is not the peer processing the stream
             assert not cloud.closed and not node.closed
             await cloud.aclose(ErrorCode.GOING_AWAY, "shutdown")
             await node.wait_closed()
@@ -152,4 +153,36 @@ async def test_misuse_before_the_handshake_is_refused() -> None:
                 await fresh.run()
             with pytest.raises(ValueError):
                 await cloud.open_stream(Target("", 1))
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_version_1_hello_gets_goaway_unsupported_version_on_the_wire() -> None:
+    """What an old node receives: one GOAWAY whose reason it logs as it is."""
+    refused: list[TunnelError] = []
+    server_done = trio.Event()
+
+    async def serve(request: trio_websocket.WebSocketRequest) -> None:
+        session = TunnelSession(await request.accept(), client=False, settings=SETTINGS)
+        with pytest.raises(TunnelError) as info:
+            await session.handshake()
+        refused.append(info.value)
+        server_done.set()
+
+    with trio.fail_after(TEST_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(partial(
+                trio_websocket.serve_websocket, serve, "127.0.0.1", 0, ssl_context=None))
+            ws = await trio_websocket.connect_websocket(
+                nursery, "127.0.0.1", server.port, "/tunnel", use_ssl=False)
+            old_node = p.Connection(client=True, versions=(1,))
+            await ws.send_message(old_node.send(old_node.make_hello()))
+            goaway = await goaway_from(ws, old_node)
+            assert goaway == p.GoAway(
+                ErrorCode.UNSUPPORTED_VERSION,
+                "no common tunnel protocol version: the node speaks 1, the cloud speaks 2; "
+                "upgrade the node to a release that speaks version 2")
+            with pytest.raises(trio_websocket.ConnectionClosed):  # and the cloud hangs up
+                await ws.get_message()
+            await server_done.wait()
+            assert [(e.code, e.reason) for e in refused] == [(goaway.code, goaway.reason)]
             nursery.cancel_scope.cancel()

@@ -7,8 +7,10 @@ import struct
 
 import pytest
 
+from connector.tunnel.heads import RequestHead, ResponseHead, Trailers, encode_head
 from connector.tunnel.protocol import (
     FLAG_FIN,
+    FLAG_LAST_ID,
     HEADER,
     NEED_DATA,
     RECENT_RESETS,
@@ -20,6 +22,7 @@ from connector.tunnel.protocol import (
     Event,
     FrameType,
     GoAway,
+    Headers,
     Hello,
     LocalProtocolError,
     OpenStream,
@@ -31,7 +34,11 @@ from connector.tunnel.protocol import (
 )
 from connector.tunnel.types import ErrorCode, StreamProtocol, Target
 
-TARGET = Target("erp.internal", 443, StreamProtocol.TCP)
+TARGET = Target("erp.internal", 443, StreamProtocol.TCP)  # a byte pipe
+HTTP = Target("erp.internal", 8080)  # an HTTP target: an exchange stream
+GET = RequestHead(b"GET", b"/orders", [(b"host", b"erp.internal")])
+POST = RequestHead(b"POST", b"/orders", [(b"content-length", b"4")])
+OK = ResponseHead(200, b"OK", [(b"content-type", b"text/plain")])
 
 
 def frame(ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
@@ -46,7 +53,7 @@ def handshaken(**server_kwargs: int) -> tuple[Connection, Connection]:
     """(node, cloud) after a completed handshake."""
     node, cloud = Connection(client=True), Connection(client=False, **server_kwargs)
     cloud.receive_data(node.send(node.make_hello({"node": "n1"})))
-    assert drain(cloud) == [Hello((1,), 65536, 256 * 1024, 1024, {"node": "n1"})]
+    assert drain(cloud) == [Hello((2,), 65536, 256 * 1024, 1024, {"node": "n1"})]
     node.receive_data(cloud.send(cloud.make_hello({"cloud": True})))
     [hello] = drain(node)
     assert isinstance(hello, Hello) and hello.info == {"cloud": True}
@@ -87,7 +94,27 @@ def test_no_common_version_is_unsupported_version_and_goaway_can_still_be_sent()
     node.receive_data(cloud.send(GoAway(err.code, str(err))))
     [goaway] = drain(node)
     assert isinstance(goaway, GoAway) and goaway.code == ErrorCode.UNSUPPORTED_VERSION
-    assert "no common protocol version" in goaway.reason
+    assert goaway.reason == ("no common tunnel protocol version: the node speaks 7, the cloud "
+                             "speaks 1; upgrade the cloud to a release that speaks version 7")
+
+
+@pytest.mark.parametrize(("node_versions", "cloud_versions", "message"), [
+    ((1,), (2,), "the node speaks 1, the cloud speaks 2; upgrade the node to a release that "
+                 "speaks version 2"),
+    ((1,), (2, 3), "the node speaks 1, the cloud speaks 2 and 3; upgrade the node to a release "
+                   "that speaks version 3"),
+    ((3, 4), (1, 2), "the node speaks 3 and 4, the cloud speaks 1 and 2; upgrade the cloud to a "
+                     "release that speaks version 4"),
+    ((1, 3), (2,), "the node speaks 1 and 3, the cloud speaks 2; upgrade the older side"),
+])
+def test_the_version_refusal_says_what_each_side_speaks_and_what_to_upgrade(
+    node_versions: tuple[int, ...], cloud_versions: tuple[int, ...], message: str,
+) -> None:
+    node = Connection(client=True, versions=node_versions)
+    cloud = Connection(client=False, versions=cloud_versions)
+    err = remote_error(cloud, node.send(node.make_hello()))
+    assert err.code == ErrorCode.UNSUPPORTED_VERSION
+    assert str(err) == "no common tunnel protocol version: " + message
 
 
 def test_client_refuses_a_version_it_did_not_offer() -> None:
@@ -95,8 +122,9 @@ def test_client_refuses_a_version_it_did_not_offer() -> None:
     node.send(node.make_hello())
     hello = json.dumps({"versions": [2], "max_frame_size": 65536, "initial_window": 1,
                         "max_streams": 1, "info": {}}).encode()
-    assert remote_error(node, frame(FrameType.HELLO, 0, 0, hello)).code == (
-        ErrorCode.UNSUPPORTED_VERSION)
+    err = remote_error(node, frame(FrameType.HELLO, 0, 0, hello))
+    assert err.code == ErrorCode.UNSUPPORTED_VERSION
+    assert str(err) == "the cloud chose tunnel protocol version [2], but this node speaks 1"
 
 
 @pytest.mark.parametrize("doc", [
@@ -152,6 +180,8 @@ def test_every_frame_type_round_trips() -> None:
         OpenStream(4, Target("wiki", 80)),
         Data(2, b"hello"),
         ResetStream(4, ErrorCode.CANCEL, "client went away \u2603"),
+        OpenStream(6, Target("wiki", 80)),
+        Headers(6, RequestHead(b"GET", b"/", [(b"host", b"wiki")]), end_stream=True),
         Ping(b"12345678"),
         Pong(b"abcdefgh"),
         Control("drain", {"deadline": 3, "nested": {"a": [1, 2]}}),
@@ -164,7 +194,8 @@ def test_every_frame_type_round_trips() -> None:
         Data(2, b"world", end_stream=True),
         Data(2, b"", end_stream=True),
         Control("master-lost", {}),
-        GoAway(ErrorCode.GOING_AWAY, "handover"),
+        Headers(6, ResponseHead(204, b"No Content", []), end_stream=True),
+        GoAway(ErrorCode.GOING_AWAY, "handover", last_stream_id=6),
     ]
     wire = b""
     for e in back:  # the cloud's FIN (the second Data) goes the other way, in between
@@ -200,7 +231,9 @@ def _sample_stream() -> tuple[bytes, list[int], list[Event]]:
     _, cloud = handshaken()
     events: list[Event] = [
         OpenStream(2, TARGET), Data(2, b"a" * 300), Control("register", {"epoch": 7}),
+        OpenStream(4, HTTP), Headers(4, POST), Data(4, b"body"),
         Ping(b"pingpong"), Data(2, b"b", end_stream=True), ResetStream(2, ErrorCode.DENIED, "no"),
+        Headers(4, Trailers([(b"x-sum", b"9")]), end_stream=True),
     ]
     wire = b""
     ends = []
@@ -449,3 +482,217 @@ def test_fin_flag_constant_matches_the_wire() -> None:
     node, cloud = handshaken()
     wire = cloud.send(OpenStream(2, TARGET)) + cloud.send(Data(2, b"", True))
     assert wire[-HEADER.size + 1] == FLAG_FIN
+
+
+# --- exchange streams: HEADERS ------------------------------------------------------------------
+
+def exchange(head: RequestHead | None = None, fin: bool = False) -> tuple[Connection, Connection]:
+    """(node, cloud) with exchange stream 2 open on both, its request head sent if given."""
+    node, cloud = handshaken()
+    wire = cloud.send(OpenStream(2, HTTP))
+    if head is not None:
+        wire += cloud.send(Headers(2, head, fin))
+    node.receive_data(wire)
+    drain(node)
+    return node, cloud
+
+
+def test_an_exchange_round_trips_with_bodies_1xx_and_trailers_both_ways() -> None:
+    node, cloud = handshaken()
+    request: list[Event] = [
+        OpenStream(2, HTTP), Headers(2, POST), Data(2, b"body"),
+        Headers(2, Trailers([(b"x-checksum", b"1")]), end_stream=True)]
+    node.receive_data(b"".join(cloud.send(e) for e in request))
+    assert drain(node) == request
+    response: list[Event] = [
+        Headers(2, ResponseHead(100, b"Continue", [])), Headers(2, ResponseHead(103, b"", [])),
+        Headers(2, OK), Data(2, b"done"), Headers(2, Trailers([]), end_stream=True)]
+    cloud.receive_data(b"".join(node.send(e) for e in response))
+    assert drain(cloud) == response
+    assert not cloud.stream_is_open(2) and not node.stream_is_open(2)
+
+
+def test_fin_on_a_head_ends_the_message_without_a_body() -> None:
+    node, cloud = exchange(GET, fin=True)  # a GET: the request ends with its head
+    assert node.stream_is_open(2) and cloud.stream_is_open(2)  # the response is to come
+    with pytest.raises(LocalProtocolError, match="not open for sending"):
+        cloud.send(Data(2, b"x"))
+    cloud.receive_data(node.send(Headers(2, ResponseHead(204, b"No Content", []), end_stream=True)))
+    assert drain(cloud) == [Headers(2, ResponseHead(204, b"No Content", []), True)]
+    assert not cloud.stream_is_open(2) and not node.stream_is_open(2)
+
+
+def test_a_switch_makes_both_directions_a_byte_pipe() -> None:
+    upgrade = RequestHead(b"GET", b"/ws", [(b"upgrade", b"websocket")])
+    node, cloud = exchange(upgrade)  # no FIN: the request direction stays open for raw bytes
+    switch = ResponseHead(101, b"Switching Protocols", [(b"upgrade", b"websocket")])
+    cloud.receive_data(node.send(Headers(2, switch)) + node.send(Data(2, b"server first")))
+    assert drain(cloud) == [Headers(2, switch), Data(2, b"server first")]
+    node.receive_data(cloud.send(Data(2, b"frames", end_stream=True)))
+    assert drain(node) == [Data(2, b"frames", True)]
+    with pytest.raises(LocalProtocolError, match="TRAILERS head is not allowed"):
+        node.send(Headers(2, Trailers([]), end_stream=True))  # a pipe has no trailers
+
+
+@pytest.mark.parametrize(("setup", "event", "message"), [
+    (None, Data(2, b"body"), "DATA is not allowed in the request's state HEAD"),
+    (None, Headers(2, OK), "a RESPONSE head is not allowed in the request's state HEAD"),
+    (POST, Headers(2, POST), "a REQUEST head is not allowed in the request's state BODY"),
+    (POST, Headers(2, Trailers([])), "a TRAILERS head must end the request (FIN)"),
+    (GET, Data(2, b"late"), "not open for sending"),
+    (GET, Headers(2, Trailers([]), end_stream=True), "not open for sending"),
+])
+def test_heads_out_of_order_are_refused_on_the_opener(
+    setup: RequestHead | None, event: Event, message: str,
+) -> None:
+    node, cloud = handshaken()
+    cloud.send(OpenStream(2, HTTP))
+    if setup is not None:
+        cloud.send(Headers(2, setup, end_stream=setup is GET))
+    with pytest.raises(LocalProtocolError) as info:
+        cloud.send(event)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(("request_head", "event", "message"), [
+    (None, Headers(2, OK), "a response before the request head"),
+    (None, Data(2, b"x"), "DATA is not allowed in the response's state HEAD"),
+    (POST, Data(2, b"x"), "DATA is not allowed in the response's state HEAD"),
+    (POST, Headers(2, GET), "a REQUEST head is not allowed in the response's state HEAD"),
+    (POST, Headers(2, ResponseHead(100, b"", []), end_stream=True), "INFORMATIONAL head cannot end"),
+    (POST, Headers(2, ResponseHead(101, b"", []), end_stream=True), "SWITCH head cannot end"),
+    (POST, Headers(2, Trailers([])), "TRAILERS head is not allowed in the response's state HEAD"),
+])
+def test_heads_out_of_order_are_refused_on_the_acceptor(
+    request_head: RequestHead | None, event: Event, message: str,
+) -> None:
+    node, _ = exchange(request_head)
+    with pytest.raises(LocalProtocolError) as info:
+        node.send(event)
+    assert message in str(info.value)
+    assert node.stream_is_open(2)
+
+
+def test_heads_on_a_tcp_stream_are_refused_both_ways() -> None:
+    node, cloud = handshaken()
+    node.receive_data(cloud.send(OpenStream(2, TARGET)))
+    drain(node)
+    with pytest.raises(LocalProtocolError, match="REQUEST head is not allowed in the request's state RAW"):
+        cloud.send(Headers(2, GET))
+    err = remote_error(node, frame(FrameType.HEADERS, 0, 2, encode_head(GET)))
+    assert "REQUEST head is not allowed in the request's state RAW" in str(err)
+    assert err.code == ErrorCode.PROTOCOL_ERROR
+
+
+def test_a_head_larger_than_the_peers_frame_size_is_refused_locally() -> None:
+    node, cloud = exchange()
+    huge = RequestHead(b"GET", b"/", [(b"cookie", b"c" * 65000), (b"x-more", b"m" * 1000)])
+    assert len(encode_head(huge)) > 65536
+    with pytest.raises(LocalProtocolError) as info:
+        cloud.send(Headers(2, huge))
+    assert info.value.code == ErrorCode.FRAME_TOO_LARGE
+    assert "exceeds the peer's frame size 65536" in str(info.value)
+    node.receive_data(cloud.send(Headers(2, GET, end_stream=True)))  # nothing changed: still HEAD
+    assert drain(node) == [Headers(2, GET, True)]
+
+
+def test_a_field_over_65535_bytes_is_refused_locally() -> None:
+    _, cloud = exchange()
+    with pytest.raises(LocalProtocolError, match="65535"):
+        cloud.send(Headers(2, RequestHead(b"GET", b"/" * 70000, [])))
+
+
+@pytest.mark.parametrize(("wire", "message"), [
+    (frame(FrameType.DATA, 0, 2, b"body"), "stream 2: DATA is not allowed in the request's state HEAD"),
+    (frame(FrameType.HEADERS, 0, 2, encode_head(OK)), "a RESPONSE head is not allowed in the request's"),
+    (frame(FrameType.HEADERS, 0, 2, encode_head(Trailers([]))), "TRAILERS head is not allowed"),
+    (frame(FrameType.HEADERS, 2, 2, encode_head(GET)), "HEADERS with unknown flags 0x2"),
+    (frame(FrameType.HEADERS, 0, 2, b"\x01\x00"), "HEADERS on stream 2: HEADERS payload too short"),
+    (frame(FrameType.HEADERS, 0, 2, b"\x09\x00\x00"), "unknown head kind 9"),
+    (frame(FrameType.HEADERS, 0, 4, encode_head(GET)), "HEADERS on stream 4, which was never opened"),
+    (frame(FrameType.HEADERS, 0, 0, encode_head(GET)), "HEADERS on stream 0"),
+])
+def test_heads_out_of_order_or_malformed_are_remote_errors_on_the_acceptor(
+    wire: bytes, message: str,
+) -> None:
+    node, _ = exchange()
+    err = remote_error(node, wire)
+    assert message in str(err)
+    assert err.code == ErrorCode.PROTOCOL_ERROR
+
+
+@pytest.mark.parametrize(("wire", "message"), [
+    (frame(FrameType.DATA, 0, 2, b"body"), "DATA is not allowed in the response's state HEAD"),
+    (frame(FrameType.HEADERS, 0, 2, encode_head(GET)), "a REQUEST head is not allowed in the response's"),
+    (frame(FrameType.HEADERS, FLAG_FIN, 2, encode_head(ResponseHead(100, b"", []))),
+     "an INFORMATIONAL head cannot end the response"),
+    (frame(FrameType.HEADERS, FLAG_FIN, 2, encode_head(ResponseHead(101, b"", []))),
+     "a SWITCH head cannot end the response"),
+    (frame(FrameType.HEADERS, 0, 2, encode_head(OK)) + frame(
+        FrameType.HEADERS, 0, 2, encode_head(Trailers([]))), "a TRAILERS head must end the response (FIN)"),
+    (frame(FrameType.HEADERS, FLAG_FIN, 2, encode_head(OK)) + frame(
+        FrameType.DATA, 0, 2, b"x"), "DATA after FIN"),
+    (frame(FrameType.HEADERS, FLAG_FIN, 2, encode_head(OK)) + frame(
+        FrameType.HEADERS, FLAG_FIN, 2, encode_head(Trailers([]))), "closed stream 2"),
+])
+def test_heads_out_of_order_are_remote_errors_on_the_opener(wire: bytes, message: str) -> None:
+    node, cloud = exchange(GET, fin=True)
+    if "DATA after FIN" in message or "closed stream" in message:
+        message = "closed stream 2"  # the GET ended with its head: the stream closed with the FIN
+    err = remote_error(cloud, wire)
+    assert message in str(err)
+    assert err.code == ErrorCode.PROTOCOL_ERROR
+
+
+def test_a_response_before_the_request_head_is_a_remote_error() -> None:
+    node, cloud = exchange()
+    assert "a response before the request head" in str(
+        remote_error(cloud, frame(FrameType.HEADERS, 0, 2, encode_head(OK))))
+
+
+# --- GOAWAY ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("goaway", [
+    GoAway(ErrorCode.NO_ERROR),
+    GoAway(ErrorCode.GOING_AWAY, "handover \u2603"),
+    GoAway(ErrorCode.GOING_AWAY, "", last_stream_id=0),
+    GoAway(ErrorCode.NOT_MASTER, "demoted", last_stream_id=7),
+    GoAway(ErrorCode.PROTOCOL_ERROR, "x", last_stream_id=2**32 - 1),
+])
+def test_goaway_round_trips_with_and_without_last_stream_id(goaway: GoAway) -> None:
+    node, cloud = handshaken()
+    wire = node.send(goaway)
+    assert bool(wire[1] & FLAG_LAST_ID) == (goaway.last_stream_id is not None)
+    cloud.receive_data(wire)
+    assert drain(cloud) == [goaway]
+
+
+@pytest.mark.parametrize(("wire", "message"), [
+    (frame(FrameType.GOAWAY, FLAG_LAST_ID, 0, struct.pack(">I", 0) + b"\x00\x00"), "needs 8 bytes"),
+    (frame(FrameType.GOAWAY, 0, 0, b"\x00\x00"), "needs 4 bytes"),
+    (frame(FrameType.GOAWAY, 4, 0, bytes(8)), "unknown flags 0x4"),
+    (frame(FrameType.GOAWAY, FLAG_LAST_ID, 2, bytes(8)), "belongs on stream 0"),
+])
+def test_malformed_goaway_is_a_remote_error(wire: bytes, message: str) -> None:
+    node, _ = handshaken()
+    assert message in str(remote_error(node, wire))
+
+
+def test_a_goaway_last_stream_id_out_of_range_is_refused_locally_and_changes_nothing() -> None:
+    node, cloud = handshaken()
+    for bad in (-1, 2**32):
+        with pytest.raises(LocalProtocolError, match="out of range"):
+            node.send(GoAway(ErrorCode.GOING_AWAY, "", last_stream_id=bad))
+    cloud.receive_data(node.send(Ping(bytes(8))))  # GOAWAY was not sent: the connection lives
+    assert drain(cloud) == [Ping(bytes(8))]
+
+
+def test_protocol_re_exports_the_events_and_the_wire_format() -> None:
+    from connector.tunnel import events, frames
+    from connector.tunnel import protocol as p
+
+    for name in p.__all__:
+        assert hasattr(p, name), name
+    assert p.Data is events.Data and p.RemoteProtocolError is events.RemoteProtocolError
+    assert p.HEADER is frames.HEADER and p.FrameType is frames.FrameType

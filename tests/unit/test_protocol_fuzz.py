@@ -1,8 +1,10 @@
 """Fuzzing the tunnel core: garbage and random valid sequences give events or RemoteProtocolError.
 
 A valid sequence is generated as a list of operations on the cloud side, applied only when the
-protocol allows them (windows, open streams), then fed to the node in random splits; the node
-must report exactly what was sent, up to how DATA was cut into frames.
+protocol allows them (windows, open streams, the exchange state), then fed to the node in random
+splits; the node must report exactly what was sent, up to how DATA was cut into frames. Streams
+to TCP targets are byte pipes; streams to HTTP targets are exchange streams, whose first frame
+is the request head.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from connector.tunnel.heads import RequestHead, ResponseHead, Trailers, encode_head
 from connector.tunnel.protocol import (
     HEADER,
     Connection,
@@ -19,13 +22,14 @@ from connector.tunnel.protocol import (
     Data,
     Event,
     FrameType,
+    Headers,
     OpenStream,
     Ping,
     RemoteProtocolError,
     ResetStream,
     WindowUpdate,
 )
-from connector.tunnel.types import ErrorCode, Target
+from connector.tunnel.types import ErrorCode, StreamProtocol, Target
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -68,7 +72,7 @@ def test_garbage_gives_events_or_remote_protocol_error(
     assert_only_events_or_remote_error(conn, garbage, cuts)
 
 
-frame_types = st.sampled_from([int(t) for t in FrameType] + [0, 11, 255])
+frame_types = st.sampled_from([int(t) for t in FrameType] + [0, 12, 255])
 stream_ids = st.sampled_from([0, 1, 2, 3, 4, 2**32 - 1])
 
 
@@ -76,7 +80,9 @@ stream_ids = st.sampled_from([0, 1, 2, 3, 4, 2**32 - 1])
 def plausible_frames(draw: Any) -> bytes:
     """Frames with well-formed headers and arbitrary contents: they get past the header check."""
     payload = draw(st.binary(max_size=40) | st.sampled_from([
-        b"\x00\x50\x04httpwiki", b"\x00\x00\x00\x03", bytes(8), b'{"op":"x","body":{}}']))
+        b"\x00\x50\x04httpwiki", b"\x00\x50\x03tcpdb", b"\x00\x00\x00\x03", bytes(8),
+        b'{"op":"x","body":{}}', encode_head(RequestHead(b"GET", b"/", [])),
+        encode_head(ResponseHead(200, b"OK", [])), encode_head(Trailers([(b"x", b"1")]))]))
     return HEADER.pack(draw(frame_types), draw(st.sampled_from([0, 0, 1, 2])),
                        draw(stream_ids), len(payload)) + payload
 
@@ -92,7 +98,8 @@ def test_plausible_frames_give_events_or_remote_protocol_error(
 
 operations = st.lists(
     st.one_of(
-        st.tuples(st.just("open"), st.sampled_from(["a", "b.example"])),
+        st.tuples(st.just("open"), st.sampled_from(["a", "b.example"]),
+                  st.sampled_from(list(StreamProtocol))),
         st.tuples(st.just("data"), st.integers(0, 3), st.integers(0, 20000), st.booleans()),
         st.tuples(st.just("reset"), st.integers(0, 3), st.sampled_from(list(ErrorCode))),
         st.tuples(st.just("credit"), st.integers(0, 3), st.integers(1, 9000)),
@@ -125,6 +132,7 @@ def test_random_valid_sequences_round_trip_in_any_split(
     node, cloud = handshaken()
     opened: list[int] = []
     finished: set[int] = set()  # streams the cloud sent FIN on
+    need_head: set[int] = set()  # exchange streams whose request head is not sent yet
     sent: list[Event] = []
     received: list[Event] = []
     wire = b""
@@ -139,14 +147,20 @@ def test_random_valid_sequences_round_trip_in_any_split(
         kind = op[0]
         event: Event
         if kind == "open":
-            event = OpenStream(cloud.next_stream_id(), Target(op[1], 80))
+            event = OpenStream(cloud.next_stream_id(), Target(op[1], 80, op[2]))
             opened.append(event.stream_id)
+            if op[2] is StreamProtocol.HTTP:
+                need_head.add(event.stream_id)
         elif kind == "data" and set(live) - finished:
             sendable = [s for s in live if s not in finished]
             sid = sendable[op[1] % len(sendable)]
             if op[3]:
                 finished.add(sid)
-            event = Data(sid, bytes([sid % 256]) * min(op[2], cloud.send_window(sid)), op[3])
+            if sid in need_head:  # an exchange stream starts with its request head
+                need_head.discard(sid)
+                event = Headers(sid, RequestHead(b"POST", b"/%d" % op[2], [(b"host", b"a")]), op[3])
+            else:
+                event = Data(sid, bytes([sid % 256]) * min(op[2], cloud.send_window(sid)), op[3])
         elif kind == "reset" and live:
             event = ResetStream(live[op[1] % len(live)], op[2], "r")
         elif kind == "credit" and live:
@@ -177,7 +191,7 @@ def test_any_overrun_of_the_window_is_caught_on_both_sides(
     window: int, extra: int, cuts: list[int]
 ) -> None:
     node, cloud = handshaken(window=window)
-    node.receive_data(cloud.send(OpenStream(2, Target("h", 1))))
+    node.receive_data(cloud.send(OpenStream(2, Target("h", 1, StreamProtocol.TCP))))
     list(node.events())
     assert cloud.send_window(2) == window
     try:
