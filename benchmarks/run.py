@@ -815,8 +815,10 @@ def render_profiles(bench: Bench) -> list[str]:
         "",
         f"py-spy ({profile.RATE} Hz, idle samples dropped) on each process of the connector path for "
         f"{s.profile_seconds:g} s of `wrk -c{s.connections} -t{WRK_THREADS}`, after the measurements (its "
-        "figures are not reported as measurements). Self: samples in the function itself; cumulative: "
-        "samples with it anywhere on the stack. Area: self samples by library or module.",
+        "figures are not reported as measurements). Self: samples in the function itself; on the stack "
+        "and cumulative: samples with the area or function anywhere on the stack (lower bounds: py-spy "
+        "--nonblocking sometimes reads a stack cut short at the root). Area: library or module "
+        "(benchmarks/profile.py). ≈ CPU: samples / rate.",
     ]
     if bench.profile_error:
         out += ["", f"- Profile incomplete: {bench.profile_error}"]
