@@ -237,12 +237,12 @@ class Bench:
             self.profile_error = f"py-spy could not be installed: {exc}"
             return
         outputs = {label: self.profile_dir / f"{label.split()[0]}.txt" for label in path.hops()}
-        spies = [
-            await trio.lowlevel.open_process(
-                profile.record_argv(py_spy, pid, outputs[label], s.profile_seconds),
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            for label, pid in path.hops().items()
-        ]
+        spies = []
+        for label, pid in path.hops().items():
+            with open(outputs[label].with_suffix(".log"), "wb") as log:  # noqa: ASYNC230 - the child's
+                spies.append(await trio.lowlevel.open_process(
+                    profile.record_argv(py_spy, pid, outputs[label], s.profile_seconds),
+                    stdout=log, stderr=subprocess.STDOUT))
         try:
             result = await self.wrk(path, connections=s.connections, threads=WRK_THREADS,
                                     seconds=s.profile_seconds)
@@ -262,7 +262,8 @@ class Bench:
             try:
                 path.profiles[label] = profile.summarize(outputs[label].read_text())
             except (OSError, ValueError) as exc:
-                self.profile_error += f"{label}: {exc}. "
+                said = _tail(outputs[label].with_suffix(".log"), 3).replace("\n", " ")
+                self.profile_error += f"{label}: {exc} (py-spy said: {said}). "
         print(f"  profile    {path.name:<40} {result.requests} requests; raw stacks in {self.profile_dir}",
               flush=True)
 
