@@ -47,8 +47,12 @@ How to read it:
   node (or ssh) and the backend all compete for them, and other work on the machine adds noise.
   The connector's two hops are Python processes where ssh's are C; that is part of what is
   measured, not corrected for. The direct row is bounded by the generator and the backend.
-- Options: `--quick` (about a minute), `--rounds N`, `--ciphers default,aes256-gcm@openssh.com`
-  (the first is the baseline), `--no-connector` (direct and ssh only), `--no-write`.
+- wrk (the C load generator, benchmarks/wrk.py) measures the request rate at 16 connections with
+  the CPU per request of each path's own processes, and latency at a moderate load; the aims of
+  issue 11 are judged on its rows.
+- Options: `--quick` (about 3 minutes), `--rounds N`, `--ciphers default,aes256-gcm@openssh.com`
+  (the first is the baseline), `--no-connector` (direct and ssh only), `--no-write`, `--profile`
+  (py-spy on the cloud and node processes under wrk load; installs py-spy if it is missing).
 """
 
 

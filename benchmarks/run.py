@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark entry point: `python3 benchmarks/run.py [--quick]` (what `scripts/dev bench` runs).
+"""Benchmark entry point: `python3 benchmarks/run.py [--quick] [--profile]` (`scripts/dev bench`).
 
 Theory of operation. One run measures the same work over every path, against the same internal
 host process, and reports each path relative to `ssh -N -R` with OpenSSH's default cipher:
@@ -17,7 +17,13 @@ host process, and reports each path relative to `ssh -N -R` with OpenSSH's defau
    Memory: per path, 1,000 idle streams held open while VmRSS is read.
    Each measurement is a separate generator process (benchmarks/load.py) with a count bound, a
    time bound inside, and a kill deadline outside.
-4. Stop everything it started, print the table, write docs/benchmarks.md (unless --no-write).
+   In the same rounds, the C generator wrk (benchmarks/wrk.py) measures what the Python one is
+   too slow to measure on 2 cores: the request rate at 16 connections with the CPU per request of
+   the path's own processes (read from /proc before and after), and p50/p99 latency at a moderate
+   load in slices interleaved over the paths (added p99 = p99 - direct's p99).
+4. With --profile, after the measurements: py-spy samples the connector's cloud and node
+   processes under the same wrk load (benchmarks/profile.py), and the report gets a summary.
+5. Stop everything it started, print the table, write docs/benchmarks.md (unless --no-write).
 """
 
 from __future__ import annotations
@@ -44,10 +50,18 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
 )
 
-from benchmarks import procs, report  # noqa: E402
+from benchmarks import procs, profile, report, wrk  # noqa: E402
 from benchmarks.load import raise_fd_limit  # noqa: E402
 from benchmarks.sshtunnel import SshTunnel  # noqa: E402
-from benchmarks.stats import PathResult, check_goals, median, percentile, render_table  # noqa: E402
+from benchmarks.stats import (  # noqa: E402
+    PathResult,
+    WrkRow,
+    check_goals,
+    median,
+    percentile,
+    render_table,
+    render_wrk_table,
+)
 
 DEFAULT_CIPHERS = ("default", "aes256-gcm@openssh.com")
 PROJECT = "connector"
@@ -73,10 +87,18 @@ class Settings:
     latency_max_seconds: float
     idle_streams: int
     hold_max_seconds: float
+    wrk_seconds: float  # wrk request rate: `connections` connections, 2 threads
+    wrk_warmup: float  # an uncounted wrk run before it (tunnel streams opened, caches warm)
+    wrk_latency_seconds: float  # wrk latency at moderate load: slices of this length,
+    wrk_latency_slices: int  # this many per path and round, paths interleaved slice by slice,
+    wrk_latency_connections: int  # this many connections, one thread,
+    wrk_latency_delay_ms: float  # each pausing this long before each request
+    profile_seconds: float  # --profile: py-spy on cloud and node under the wrk rate load
 
 
-QUICK = Settings(1, 256 << 20, 3.0, 4.0, 0.5, 16, 1000, 20.0, 1000, 60.0)
-FULL = Settings(3, 512 << 20, 10.0, 8.0, 1.0, 16, 3000, 60.0, 1000, 120.0)
+QUICK = Settings(1, 256 << 20, 3.0, 4.0, 0.5, 16, 1000, 20.0, 1000, 60.0, 5.0, 1.0, 3.0, 3, 4, 20.0, 10.0)
+FULL = Settings(3, 512 << 20, 10.0, 8.0, 1.0, 16, 3000, 60.0, 1000, 120.0, 10.0, 2.0, 4.0, 3, 4, 20.0, 20.0)
+WRK_THREADS = 2
 
 
 @attrs.define
@@ -95,6 +117,15 @@ class BenchPath:
     rss_loaded: dict[str, float] = attrs.Factory(dict)
     opened: int = 0
     cpu_us_per_request: dict[str, list[float]] = attrs.Factory(dict)
+    wrk_rates: list[float] = attrs.Factory(list)
+    wrk_cpu_us: dict[str, list[float]] = attrs.Factory(dict)  # label -> per round, rate test
+    wrk_latency: list[dict[int, float]] = attrs.Factory(list)  # per slice: percentile -> ms
+    profiles: dict[str, profile.ProfileSummary] = attrs.Factory(dict)
+    profile_requests: int = 0
+
+    def hops(self) -> dict[str, int]:
+        """The processes of the path itself (not the backend every path ends at)."""
+        return {label: pid for label, pid in self.processes.items() if label != "backend"}
 
 
 class Bench:
@@ -109,6 +140,9 @@ class Bench:
         self.latencies: dict[str, list[float]] = {}
         self.baseline = ""
         self.backend_pid = 0
+        self.profile: bool = False
+        self.profile_dir: Path | None = None
+        self.profile_error = ""
 
     # --- running one generator ----------------------------------------------------------------
 
@@ -142,6 +176,96 @@ class Bench:
             return dict(json.loads(lines[-1]))
         except (IndexError, ValueError):
             return {"error": f"generator exited {done.returncode}: {done.stderr.decode()[-500:]}"}
+
+    async def wrk(self, path: BenchPath, *, connections: int, threads: int, seconds: float,
+                  latency: bool = False, delay_ms: float = 0.0) -> wrk.WrkResult | str:
+        """One wrk run against a path: its parsed report, or why there is none (a string)."""
+        argv = wrk.wrk_argv(path.http, connections=connections, threads=threads, seconds=seconds,
+                            latency=latency)
+        env = wrk.wrk_env(path.http, delay_ms=delay_ms)
+        shown = wrk.shown_command(argv, env)
+        if shown not in self.commands:
+            self.commands.append(shown)
+        with trio.move_on_after(seconds + LOAD_SLACK) as scope:
+            done = await trio.run_process(argv, env=wrk.child_env(env), capture_stdout=True,
+                                          capture_stderr=True, check=False)
+        if scope.cancelled_caught:
+            return f"wrk killed after {seconds + LOAD_SLACK:.0f} s"
+        output = done.stdout.decode(errors="replace") + done.stderr.decode(errors="replace")
+        try:
+            result = wrk.parse_wrk(output)
+        except wrk.WrkError as exc:
+            return f"wrk exited {done.returncode}: {exc}"
+        return result.error or result
+
+    async def measure_wrk_rate(self, path: BenchPath) -> None:
+        s = self.settings
+        warm = await self.wrk(path, connections=s.connections, threads=WRK_THREADS, seconds=s.wrk_warmup)
+        cpu_before = self._cpu(path)
+        result = await self.wrk(path, connections=s.connections, threads=WRK_THREADS, seconds=s.wrk_seconds)
+        cpu_after = self._cpu(path)
+        if isinstance(warm, str) or isinstance(result, str):
+            path.errors.append(f"wrk rate: {result if isinstance(result, str) else warm}")
+        else:
+            path.wrk_rates.append(result.requests_per_s)
+            for label, seconds in cpu_after.items():  # wrk's count covers its whole run
+                used = seconds - cpu_before.get(label, seconds)
+                path.wrk_cpu_us.setdefault(label, []).append(used / result.requests * 1e6)
+        shown = result if isinstance(result, str) else f"{result.requests_per_s:.0f} req/s"
+        print(f"  wrk rate   {path.name:<40} {shown}", flush=True)
+
+    async def measure_wrk_latency(self, path: BenchPath) -> None:
+        s = self.settings
+        result = await self.wrk(path, connections=s.wrk_latency_connections, threads=1,
+                                seconds=s.wrk_latency_seconds, latency=True, delay_ms=s.wrk_latency_delay_ms)
+        if isinstance(result, str):
+            path.errors.append(f"wrk latency: {result}")
+        else:
+            path.wrk_latency.append(result.latency_ms)
+        shown = result if isinstance(result, str) else (
+            f"{result.requests_per_s:.0f} req/s, p50 {result.latency_ms.get(50)} ms, "
+            f"p99 {result.latency_ms.get(99)} ms")
+        print(f"  wrk lat.   {path.name:<40} {shown}", flush=True)
+
+    async def profile_path(self, path: BenchPath) -> None:
+        """py-spy on the path's hops while wrk loads it as in the rate test (not a measurement)."""
+        s = self.settings
+        assert self.profile_dir is not None
+        try:
+            py_spy = await trio.to_thread.run_sync(profile.ensure_py_spy)
+        except (OSError, subprocess.SubprocessError) as exc:
+            self.profile_error = f"py-spy could not be installed: {exc}"
+            return
+        outputs = {label: self.profile_dir / f"{label.split()[0]}.txt" for label in path.hops()}
+        spies = []
+        for label, pid in path.hops().items():
+            with open(outputs[label].with_suffix(".log"), "wb") as log:  # noqa: ASYNC230 - the child's
+                spies.append(await trio.lowlevel.open_process(
+                    profile.record_argv(py_spy, pid, outputs[label], s.profile_seconds),
+                    stdout=log, stderr=subprocess.STDOUT))
+        try:
+            result = await self.wrk(path, connections=s.connections, threads=WRK_THREADS,
+                                    seconds=s.profile_seconds)
+            with trio.move_on_after(LOAD_SLACK):
+                for spy in spies:
+                    await spy.wait()
+        finally:
+            for spy in spies:
+                if spy.poll() is None:
+                    spy.kill()
+                    await spy.wait()
+        if isinstance(result, str):
+            self.profile_error = f"wrk under the profiler: {result}"
+            return
+        path.profile_requests = result.requests
+        for label in path.hops():
+            try:
+                path.profiles[label] = profile.summarize(outputs[label].read_text())
+            except (OSError, ValueError) as exc:
+                said = _tail(outputs[label].with_suffix(".log"), 3).replace("\n", " ")
+                self.profile_error += f"{label}: {exc} (py-spy said: {said}). "
+        print(f"  profile    {path.name:<40} {result.requests} requests; raw stacks in {self.profile_dir}",
+              flush=True)
 
     # --- measurements -------------------------------------------------------------------------
 
@@ -269,9 +393,20 @@ class Bench:
                 await self.measure_throughput(path)
             for path in self.paths:
                 await self.measure_rate(path)
+            for path in self.paths:
+                await self.measure_wrk_rate(path)
+            for _ in range(s.wrk_latency_slices):  # interleaved: a burst of noise hits one slice
+                for path in self.paths:
+                    await self.measure_wrk_latency(path)
         await self.measure_latency()
         for path in self.paths:
             await self.measure_memory(path)
+        if self.profile:
+            ours = [path for path in self.paths if path.name == PROJECT]
+            if ours:
+                await self.profile_path(ours[0])
+            else:
+                self.profile_error = "the connector path did not run"
 
     def results(self) -> list[PathResult]:
         direct = self.latencies.get(DIRECT)
@@ -296,6 +431,30 @@ class Bench:
                     note=path.note,
                 )
             )
+        return rows
+
+    def wrk_rows(self) -> list[WrkRow]:
+        def latency(path: BenchPath, q: int) -> float | None:
+            values = [round_[q] for round_ in path.wrk_latency if q in round_]
+            return median(values) if values else None
+
+        direct = next((p for p in self.paths if p.name == DIRECT), None)
+        direct_p99 = latency(direct, 99) if direct else None
+        rows = []
+        for path in self.paths:
+            hops = {label: median(v) for label, v in path.wrk_cpu_us.items() if label in path.hops()}
+            p99 = latency(path, 99)
+            rows.append(WrkRow(
+                path=path.name,
+                requests_per_s=median(path.wrk_rates) if path.wrk_rates else None,
+                cpu_us_per_request=sum(hops.values()) if hops else None,
+                cpu_detail=" + ".join(f"{label} {v:.0f}" for label, v in hops.items()) if len(hops) > 1 else "",
+                p50_ms=latency(path, 50),
+                p99_ms=p99,
+                p99_added_ms=(p99 - direct_p99) if p99 is not None and direct_p99 is not None
+                and path is not direct else None,
+                note=path.note,
+            ))
         return rows
 
 
@@ -389,7 +548,8 @@ async def start_cluster_demo(workdir: Path) -> tuple[Any, dict[str, Any] | None,
 def front_path(name: str, port: int, state: dict[str, Any], processes: dict[str, int], note: str) -> BenchPath:
     return BenchPath(
         name,
-        {"host": "127.0.0.1", "port": port, "proxy_token": state["token"], "virtual_host": "erp.virtual:8000"},
+        {"host": "127.0.0.1", "port": port, "proxy_token": state["token"], "virtual_host": "erp.virtual:8000",
+         "location_id": state["location_id"]},
         None,
         processes,
         note=note,
@@ -404,6 +564,9 @@ async def main_async(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="connector-bench-"))
     print(f"workdir {workdir}", flush=True)
     bench = Bench(settings, args.ciphers, workdir)
+    if args.profile:
+        bench.profile = True
+        bench.profile_dir = Path(tempfile.mkdtemp(prefix="connector-bench-profile-"))
     if args.no_connector:
         demo, state, bench.project_error = None, None, "skipped (--no-connector)"
     else:
@@ -446,6 +609,7 @@ async def main_async(args: argparse.Namespace) -> int:
                         "port": state["cloud"]["http_proxy_port"],
                         "proxy_token": state["token"],
                         "virtual_host": "erp.virtual:8000",
+                        "location_id": state["location_id"],
                     },
                     {
                         "host": "127.0.0.1",
@@ -533,17 +697,37 @@ async def main_async(args: argparse.Namespace) -> int:
 
 
 def render(bench: Bench, args: argparse.Namespace) -> str:
-    rows = bench.results()
+    rows, wrk_rows = bench.results(), bench.wrk_rows()
+    s = bench.settings
     mode = "--quick" if args.quick else "default"
     out = [
-        f"## Results ({mode} mode, {bench.settings.rounds} round(s), ratios to `{bench.baseline}`)",
+        f"## Results ({mode} mode, {s.rounds} round(s), ratios to `{bench.baseline}`)",
         "",
     ]
-    out.append(render_table(rows, bench.baseline) if bench.baseline else "(no ssh baseline)")
-    out.append("")
-    for goal in check_goals(rows, project=PROJECT, baseline=bench.baseline):
+    for goal in check_goals(rows, wrk_rows, project=PROJECT, baseline=bench.baseline):
         verdict = {True: "met", False: "**not met**", None: "not measured"}[goal.met]
-        out.append(f"- Aim: {goal.text}: {verdict}.")
+        out.append(f"- Aim: {goal.text}: {verdict}" + (f" ({goal.measured})." if goal.measured else "."))
+    out += [
+        "",
+        "### wrk (C load generator): request rate, CPU per request, latency at moderate load",
+        "",
+        f"Request rate: `wrk -c{s.connections} -t{WRK_THREADS}` for {s.wrk_seconds:g} s (after an uncounted "
+        f"{s.wrk_warmup:g} s run); CPU per request: user + system CPU of the path's own processes "
+        "(cloud + node; sshd with its children + ssh; HAProxy included in its rows) over that run, "
+        "divided by its requests. Latency: "
+        f"`wrk -c{s.wrk_latency_connections} -t1 --latency`, each connection "
+        f"pausing {s.wrk_latency_delay_ms:g} ms before each request (at most "
+        f"{s.wrk_latency_connections * 1000 / s.wrk_latency_delay_ms:.0f} requests/s, well below every "
+        f"path's capacity), {s.wrk_latency_slices} slices of {s.wrk_latency_seconds:g} s per path and round, "
+        "paths interleaved slice by slice; p50 and p99 are the medians of the slices' own; "
+        "added p99 = the path's p99 - direct's p99.",
+        "",
+        render_wrk_table(wrk_rows, bench.baseline) if bench.baseline else "(no ssh baseline)",
+        "",
+        "### Python load generator (benchmarks/load.py)",
+        "",
+        render_table(rows, bench.baseline) if bench.baseline else "(no ssh baseline)",
+    ]
     if bench.project_error:
         out += [
             "",
@@ -585,7 +769,7 @@ def render(bench: Bench, args: argparse.Namespace) -> str:
     for path in bench.paths:
         for label, values in path.cpu_us_per_request.items():
             out.append(f"| {path.name} | {label} | {median(values):.0f} |")
-    s = bench.settings
+    out += render_profiles(bench)
     out += ["", "### Raw samples", ""]
     for path in bench.paths:
         tput = ", ".join(f"{v:.1f}" for v in path.throughput) or "—"
@@ -596,8 +780,13 @@ def render(bench: Bench, args: argparse.Namespace) -> str:
             if lat
             else "—"
         )
+        wrk_rates = ", ".join(f"{v:.0f}" for v in path.wrk_rates) or "—"
+        wrk_lat = "; ".join(
+            ", ".join(f"p{q} {ms:.3f}" for q, ms in sorted(round_.items())) for round_ in path.wrk_latency
+        ) or "—"
         out.append(
-            f"- {path.name}: throughput MB/s [{tput}]; requests/s [{rates}]; latency {lat_text}"
+            f"- {path.name}: throughput MB/s [{tput}]; requests/s [{rates}]; latency {lat_text}; "
+            f"wrk requests/s [{wrk_rates}]; wrk latency ms [{wrk_lat}]"
         )
     out += ["", "### Machine", ""]
     out += [f"- {key}: {value}" for key, value in report.machine_facts(REPO)]
@@ -608,13 +797,36 @@ def render(bench: Bench, args: argparse.Namespace) -> str:
         f"`{' '.join(['python3', 'benchmarks/run.py', *sys.argv[1:]])}`: {s.rounds} round(s); throughput "
         f"{s.throughput_bytes >> 20} MiB echoed (at most {s.throughput_max_seconds:g} s); request rate "
         f"{s.connections} connections for {s.rate_seconds:g} s after {s.rate_warmup:g} s warm-up; latency "
-        f"{s.latency_requests} requests per path; memory {s.idle_streams} idle streams.",
+        f"{s.latency_requests} requests per path; memory {s.idle_streams} idle streams; wrk as above.",
         "",
         "```",
     ]
     out += bench.commands
     out += ["```"]
     return "\n".join(out)
+
+
+def render_profiles(bench: Bench) -> list[str]:
+    if not bench.profile:
+        return []
+    s = bench.settings
+    out = [
+        "",
+        "### Profile (--profile): where the connector's CPU goes",
+        "",
+        f"py-spy ({profile.RATE} Hz, idle samples dropped) on each process of the connector path for "
+        f"{s.profile_seconds:g} s of `wrk -c{s.connections} -t{WRK_THREADS}`, after the measurements (its "
+        "figures are not reported as measurements). Self: samples in the function itself; on the stack "
+        "and cumulative: samples with the area or function anywhere on the stack (lower bounds: py-spy "
+        "--nonblocking sometimes reads a stack cut short at the root). Area: library or module "
+        "(benchmarks/profile.py). ≈ CPU: samples / rate.",
+    ]
+    if bench.profile_error:
+        out += ["", f"- Profile incomplete: {bench.profile_error}"]
+    for path in bench.paths:
+        for label, summary in path.profiles.items():
+            out += [""] + profile.render(label, summary, s.profile_seconds, path.profile_requests)
+    return out
 
 
 def main() -> int:
@@ -635,6 +847,12 @@ def main() -> int:
     )
     parser.add_argument(
         "--no-write", action="store_true", help="print only, do not write the report"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the measurements, sample the cloud and node processes with py-spy under wrk load "
+        "(installs py-spy with pip into this interpreter's environment if it is missing)",
     )
     args = parser.parse_args()
     try:

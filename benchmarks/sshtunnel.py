@@ -146,10 +146,11 @@ class SshTunnel:
 
 
 async def _wait_listening(port: int, process: trio.Process, log: Path) -> None:
+    name = Path(str(process.args[0] if isinstance(process.args, list) else process.args)).name
     with trio.fail_after(READY_TIMEOUT):
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"{process.args[0]} exited with {process.returncode}; see {log}")
+                raise RuntimeError(f"{name} exited with {process.returncode}; see {log}")
             try:
                 stream = await trio.open_tcp_stream("127.0.0.1", port)
             except OSError:

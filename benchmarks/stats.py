@@ -122,22 +122,91 @@ def render_table(rows: Sequence[PathResult], baseline: str) -> str:
 
 
 @attrs.frozen
+class WrkRow:
+    """One path's figures from wrk (the C generator). None means "not measured"."""
+
+    path: str
+    requests_per_s: float | None = None  # 16 connections, saturating
+    cpu_us_per_request: float | None = None  # the path's own hops: cloud + node, sshd + ssh
+    cpu_detail: str = ""
+    p50_ms: float | None = None  # moderate load
+    p99_ms: float | None = None
+    p99_added_ms: float | None = None  # p99 - direct's p99, same run
+    note: str = ""
+
+
+def render_wrk_table(rows: Sequence[WrkRow], baseline: str) -> str:
+    """The wrk rows as a markdown table, rate and CPU with `(×ratio)` to the baseline row.
+
+    Raises KeyError if the baseline row is missing.
+    """
+    base = {row.path: row for row in rows}[baseline]
+    lines = [
+        "| path | requests/s (wrk, 16 conn.) | CPU µs per request (hops) | p50 ms | p99 ms | added p99 ms |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        own = row.path == baseline
+        cpu = _number(row.cpu_us_per_request, 0) if own else _with_ratio(row.cpu_us_per_request, base.cpu_us_per_request, 0)
+        if row.cpu_detail and row.cpu_us_per_request is not None:
+            cpu += f"<br>{row.cpu_detail}"
+        cells = [
+            _number(row.requests_per_s, 0) if own else _with_ratio(row.requests_per_s, base.requests_per_s, 0),
+            cpu,
+            _number(row.p50_ms, 3),
+            _number(row.p99_ms, 3),
+            "—" if row.p99_added_ms is None else f"{row.p99_added_ms:+.3f}",
+        ]
+        name = row.path if not row.note else f"{row.path} ({row.note})"
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+@attrs.frozen
 class Goal:
     """One of the issue's aims, checked against the same run's baseline."""
 
     text: str
     met: bool | None  # None: could not be measured
+    measured: str = ""  # the figure it was judged on, "" when not measured
 
 
-def check_goals(rows: Sequence[PathResult], *, project: str, baseline: str) -> list[Goal]:
-    """The issue's aims: throughput >= ssh -R's (default cipher), request rate >= half of it."""
+# The aims of issue 11, relative to ssh -N -R (default cipher) in the same run
+MIN_RATE_RATIO = 0.5
+MIN_THROUGHPUT_RATIO = 1.0
+MAX_CPU_RATIO = 3.0
+MAX_ADDED_P99_MS = 1.0
+
+
+def check_goals(
+    rows: Sequence[PathResult], wrk_rows: Sequence[WrkRow], *, project: str, baseline: str
+) -> list[Goal]:
+    """The issue's aims for the project's path: request rate (wrk), throughput (one stream),
+    CPU per request of its hops, all as ratios to the baseline, and added p99 at moderate load."""
     by_path = {row.path: row for row in rows}
     ours, base = by_path.get(project), by_path.get(baseline)
+    by_wrk = {row.path: row for row in wrk_rows}
+    wrk_ours, wrk_base = by_wrk.get(project), by_wrk.get(baseline)
     tput = ratio(ours.throughput_mb_s if ours else None, base.throughput_mb_s if base else None)
-    rate = ratio(ours.requests_per_s if ours else None, base.requests_per_s if base else None)
+    rate = ratio(wrk_ours.requests_per_s if wrk_ours else None, wrk_base.requests_per_s if wrk_base else None)
+    cpu = ratio(
+        wrk_ours.cpu_us_per_request if wrk_ours else None,
+        wrk_base.cpu_us_per_request if wrk_base else None,
+    )
+    added = wrk_ours.p99_added_ms if wrk_ours else None
+
+    def goal(text: str, value: float | None, met: bool, shown: str) -> Goal:
+        return Goal(text, None, "") if value is None else Goal(text, met, shown)
+
     return [
-        Goal(f"throughput at least that of {baseline}", None if tput is None else tput >= 1.0),
-        Goal(f"request rate at least half of {baseline}'s", None if rate is None else rate >= 0.5),
+        goal(f"request rate at 16 connections (wrk) at least {MIN_RATE_RATIO:g}x {baseline}'s",
+             rate, rate is not None and rate >= MIN_RATE_RATIO, f"{rate or 0:.2f}x"),
+        goal(f"single-stream throughput at least {MIN_THROUGHPUT_RATIO:g}x {baseline}'s",
+             tput, tput is not None and tput >= MIN_THROUGHPUT_RATIO, f"{tput or 0:.2f}x"),
+        goal(f"CPU per request of its hops at most {MAX_CPU_RATIO:g}x {baseline}'s",
+             cpu, cpu is not None and cpu <= MAX_CPU_RATIO, f"{cpu or 0:.2f}x"),
+        goal(f"added p99 latency at moderate load (wrk) under {MAX_ADDED_P99_MS:g} ms",
+             added, added is not None and added < MAX_ADDED_P99_MS, f"{added or 0:+.3f} ms"),
     ]
 
 

@@ -11,12 +11,14 @@ from benchmarks.report import DEFAULT_PREAMBLE, MARKER, split_preamble
 from benchmarks.stats import (
     Goal,
     PathResult,
+    WrkRow,
     check_goals,
     disruption,
     median,
     percentile,
     ratio,
     render_table,
+    render_wrk_table,
 )
 
 BASE = "ssh -R"
@@ -111,18 +113,44 @@ def test_table_needs_its_baseline_row() -> None:
         render_table([PathResult("direct", 1.0)], BASE)
 
 
-def test_goals_against_the_baseline() -> None:
-    assert check_goals(rows(), project="connector", baseline=BASE) == [
-        Goal("throughput at least that of ssh -R", True),
-        Goal("request rate at least half of ssh -R's", True),
+def wrk_rows() -> list[WrkRow]:
+    return [
+        WrkRow("direct", 7000.0, None, "", 0.45, 2.0),
+        WrkRow("connector", 1000.0, 270.0, "cloud 120 + node 150", 1.5, 2.9, 0.9, note="proxy + tunnel + node"),
+        WrkRow(BASE, 2000.0, 90.0, "sshd 30 + ssh 60", 0.8, 2.5, 0.5),
     ]
+
+
+def test_goals_against_the_baseline() -> None:
+    assert check_goals(rows(), wrk_rows(), project="connector", baseline=BASE) == [
+        Goal("request rate at 16 connections (wrk) at least 0.5x ssh -R's", True, "0.50x"),
+        Goal("single-stream throughput at least 1x ssh -R's", True, "1.50x"),
+        Goal("CPU per request of its hops at most 3x ssh -R's", True, "3.00x"),
+        Goal("added p99 latency at moderate load (wrk) under 1 ms", True, "+0.900 ms"),
+    ]
+
+
+def test_goals_just_missed() -> None:
     slow = [PathResult("connector", 199.0, 3999.0), PathResult(BASE, 200.0, 8000.0)]
-    assert [g.met for g in check_goals(slow, project="connector", baseline=BASE)] == [False, False]
+    wrk_slow = [WrkRow("connector", 999.0, 271.0, p99_added_ms=1.0), WrkRow(BASE, 2000.0, 90.0)]
+    goals = check_goals(slow, wrk_slow, project="connector", baseline=BASE)
+    assert [g.met for g in goals] == [False, False, False, False]
+    assert [g.measured for g in goals] == ["0.50x", "0.99x", "3.01x", "+1.000 ms"]
 
 
 def test_goals_not_measured_when_the_project_path_is_missing() -> None:
-    goals = check_goals([PathResult(BASE, 200.0, 8000.0)], project="connector", baseline=BASE)
-    assert [g.met for g in goals] == [None, None]
+    goals = check_goals([PathResult(BASE, 200.0, 8000.0)], [WrkRow(BASE, 2000.0, 90.0)],
+                        project="connector", baseline=BASE)
+    assert [(g.met, g.measured) for g in goals] == [(None, "")] * 4
+
+
+def test_wrk_table_ratios_to_the_baseline() -> None:
+    table = render_wrk_table(wrk_rows(), BASE).splitlines()
+    assert table[0].startswith("| path | requests/s (wrk, 16 conn.) | CPU µs per request (hops) |")
+    assert table[2] == "| direct | 7,000 (×3.50) | — | 0.450 | 2.000 | — |"
+    assert table[3] == ("| connector (proxy + tunnel + node) | 1,000 (×0.50) | 270 (×3.00)<br>cloud 120 + node 150 "
+                        "| 1.500 | 2.900 | +0.900 |")
+    assert table[4] == "| ssh -R | 2,000 | 90<br>sshd 30 + ssh 60 | 0.800 | 2.500 | +0.500 |"
 
 
 def test_preamble_kept_across_regeneration() -> None:
