@@ -139,6 +139,8 @@ class ProxyExchange:
         try:
             await stream.send_head(self.head, end_stream=self.bodyless)
         except ValueError:
+            # nothing went out on the stream: no FIN can end a request without its head
+            await self._reset(stream, "request head too large for the tunnel")
             return await self.edge._refuse(431, "request_header_too_large",
                                            "the request head is too large for the connector's tunnel")
         except StreamResetError as exc:

@@ -37,6 +37,7 @@ from connector.cloud.proxy import (
     is_websocket_upgrade,
     parse_proxy_target,
 )
+from connector.cloud.replay import MAX_ATTEMPTS
 from connector.tunnel.heads import RequestHead, ResponseHead
 from connector.tunnel.session import SessionStream
 from connector.tunnel.types import ErrorCode, StreamResetError, Target
@@ -118,6 +119,10 @@ class OddNode:
             await stream.send_head(ResponseHead(200, b"OK", [(b"transfer-encoding", b"chunked")]))
             await stream.send_all(b"hello")
             await stream.send_eof([(b"x-checksum", b"5d41"), (b"set-cookie", b"admin=1"), (b"content-length", b"999")])
+        elif path in ("/short-body", "/long-body"):  # Content-Length 10, then 5 or 20 bytes
+            await stream.send_head(ResponseHead(200, b"OK", [(b"content-length", b"10")]))
+            await stream.send_all(b"x" * (5 if path == "/short-body" else 20))
+            await stream.send_eof()
         elif path == "/switch":  # a 101 to a request that asked for no upgrade
             await self._read_body(stream)
             await stream.send_head(ResponseHead(101, b"Switching Protocols", [(b"upgrade", b"h2c")]))
@@ -371,6 +376,44 @@ async def test_large_body_streams_with_bounded_buffering(env: Env) -> None:
     assert digest_down.digest() == digest_up.digest()
 
 
+async def test_head_request_gets_the_head_only_and_the_connection_goes_on(env: Env) -> None:
+    client = await Client.connect(env.port)
+    response, body = await client.request(b"HEAD", b"http://erp.virtual:8000/h", [(b"host", b"erp.virtual:8000"), AUTH])
+    assert (response.status_code, body, header(response, b"x-echo-method")) == (200, b"", b"HEAD")
+    response, body = await client.request(b"POST", b"http://erp.virtual:8000/next",
+                                          [(b"host", b"erp.virtual:8000"), AUTH], body=b"more")
+    assert (response.status_code, body) == (200, b"more")
+
+
+async def test_expect_100_continue_is_answered_before_the_body_is_sent(env: Env) -> None:
+    client = await Client.connect(env.port)
+    await client.send(h11.Request(method=b"PUT", target=b"http://erp.virtual:8000/put", headers=[
+        (b"host", b"erp.virtual:8000"), AUTH, (b"content-length", b"4"), (b"expect", b"100-continue")]))
+    interim = await client.next_event()  # nothing of the body was sent: the invitation comes first
+    assert isinstance(interim, h11.InformationalResponse) and interim.status_code == 100
+    await client.send(h11.Data(data=b"body"))
+    await client.send(h11.EndOfMessage())
+    response, body = await client.read_response()
+    assert (response.status_code, body) == (200, b"body")
+    assert "expect" not in echoed_headers(response)
+
+
+@pytest.mark.parametrize("path", [b"/short-body", b"/long-body"])
+async def test_a_body_that_breaks_its_own_length_closes_the_application_connection(env: Env, path: bytes) -> None:
+    client = await Client.connect(env.port)
+    await client.send(h11.Request(method=b"GET", target=b"http://odd.virtual" + path,
+                                  headers=[(b"host", b"odd.virtual"), AUTH]))
+    await client.send(h11.EndOfMessage())
+    response = await client.next_event()
+    assert isinstance(response, h11.Response) and header(response, b"content-length") == b"10"
+    data = b""
+    while chunk := await client.sock.receive_some(65536):
+        data += chunk
+    leftover, _ = client.conn.trailing_data
+    assert len(bytes(leftover) + data) <= 10  # never more than it declared, then closed
+    await env.router.wait_no_streams()
+
+
 async def test_keep_alive_connection_holds_no_stream_between_requests(env: Env) -> None:
     client = await Client.connect(env.port)
     for url, host in [
@@ -453,16 +496,20 @@ async def test_request_head_over_max_header_bytes_gets_431(env: Env) -> None:
     assert env.router.opened == []
 
 
-async def test_request_head_too_large_for_the_tunnel_gets_431(env: Env) -> None:
+@pytest.mark.parametrize(("method", "body"), [(b"GET", b""), (b"POST", b"data")])
+async def test_request_head_too_large_for_the_tunnel_gets_431(env: Env, method: bytes, body: bytes) -> None:
     """Within max_header_bytes, but one field longer than a typed head can carry."""
     async with trio.open_nursery() as nursery:
         proxy = HttpProxy(env.router, authenticator(), settings=ProxySettings(max_header_bytes=1 << 20))
         port = await nursery.start(proxy.run, "127.0.0.1", 0)
         client = await Client.connect(port)
-        response, body = await client.request(b"GET", b"http://erp.virtual:8000/x",
-                                              [(b"host", b"erp.virtual:8000"), AUTH, (b"x-big", b"a" * 70000)])
+        response, answer = await client.request(method, b"http://erp.virtual:8000/x",
+                                                [(b"host", b"erp.virtual:8000"), AUTH, (b"x-big", b"a" * 70000)], body)
         assert response.status_code == 431
-        assert json.loads(body)["error"] == "request_header_too_large"
+        assert json.loads(answer)["error"] == "request_header_too_large"
+        await env.router.wait_no_streams()
+        assert not any(master.cloud.closed for master in env.router.masters)  # the tunnel serves on
+        client = await Client.connect(port)
         response, _ = await client.request(b"GET", b"http://erp.virtual:8000/next", [(b"host", b"erp.virtual:8000"), AUTH])
         assert response.status_code == 200
         nursery.cancel_scope.cancel()
@@ -681,6 +728,38 @@ async def test_a_refusal_after_the_response_started_is_not_replayed() -> None:
             while not isinstance(await client.next_event(), h11.EndOfMessage):
                 pass
         assert len(router.streams) == 1 and backend.requests == []
+
+
+async def test_a_post_refused_in_the_middle_of_its_body_is_replayed_with_all_of_it() -> None:
+    """The refusal comes while the application is still sending: what was taken so far is sent
+    again on the next master, and the rest follows it there."""
+    refused = trio.Event()
+
+    async def refuse_after_a_part(stream: SessionStream) -> None:
+        await stream.receive_head()
+        await stream.receive_some(65536)
+        await stream.reset(ErrorCode.REFUSED, "handing over")
+        refused.set()
+
+    async with proxy_over(refuse_after_a_part) as (client, router, backend):
+        await client.send(h11.Request(method=b"POST", target=b"http://erp.virtual:8000/orders",
+                                      headers=[*HEADERS, (b"content-length", b"12")]))
+        await client.send(h11.Data(data=b"first-"))
+        await refused.wait()
+        await client.send(h11.Data(data=b"second"))
+        await client.send(h11.EndOfMessage())
+        response, echoed = await client.read_response()
+        assert (response.status_code, echoed) == (200, b"first-second")
+        assert [r["body"] for r in backend.requests] == [b"first-second"] and len(router.streams) == 2
+
+
+async def test_replays_are_bounded_when_every_master_refuses() -> None:
+    async with proxy_over(refuse_at_once, refuse_at_once) as (client, router, backend):
+        response, body = await client.request(b"GET", b"http://erp.virtual:8000/x", HEADERS)
+        assert (response.status_code, json.loads(body)["error"]) == (502, "refused")
+        assert len(router.streams) == MAX_ATTEMPTS
+        assert [stream.session for stream in router.streams] == [m.cloud for m in router.masters[:2]] * 2
+        assert backend.requests == []
 
 
 @pytest.mark.parametrize(("method", "body", "status"), [
