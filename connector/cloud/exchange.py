@@ -242,8 +242,9 @@ class ProxyExchange:
                 if head.status >= 200:
                     break
                 if edge.conn.their_http_version == b"1.1":
-                    await edge.out.send(h11.InformationalResponse(status_code=head.status, headers=head.headers,
-                                                                  reason=head.reason))
+                    await edge.out.send(h11.InformationalResponse(
+                        status_code=head.status, reason=head.reason,
+                        headers=strip_hop_by_hop(head.headers, edge.proxy_only)))
             attempt.status = head.status
             edge.out.queue(h11.Response(status_code=head.status, reason=head.reason,
                                         headers=strip_hop_by_hop(head.headers, edge.proxy_only) + edge._closing()))

@@ -123,6 +123,11 @@ class OddNode:
             await stream.send_head(ResponseHead(200, b"OK", [(b"content-length", b"10")]))
             await stream.send_all(b"x" * (5 if path == "/short-body" else 20))
             await stream.send_eof()
+        elif path == "/early-hints":  # a 103 with hop-by-hop headers, then the answer
+            await stream.send_head(ResponseHead(103, b"Early Hints", [
+                (b"link", b"</style.css>; rel=preload"), (b"connection", b"x-hint-hop"), (b"x-hint-hop", b"1"),
+                (b"keep-alive", b"timeout=5"), (b"proxy-authenticate", b"Basic")]))
+            await stream.send_head(ResponseHead(204, b"No Content", []), end_stream=True)
         elif path == "/switch":  # a 101 to a request that asked for no upgrade
             await self._read_body(stream)
             await stream.send_head(ResponseHead(101, b"Switching Protocols", [(b"upgrade", b"h2c")]))
@@ -396,6 +401,19 @@ async def test_expect_100_continue_is_answered_before_the_body_is_sent(env: Env)
     response, body = await client.read_response()
     assert (response.status_code, body) == (200, b"body")
     assert "expect" not in echoed_headers(response)
+
+
+async def test_an_informational_answer_is_relayed_without_hop_by_hop_headers(env: Env) -> None:
+    """Before: a 1xx went to the application with the node's headers as they were."""
+    client = await Client.connect(env.port)
+    await client.send(h11.Request(method=b"GET", target=b"http://odd.virtual/early-hints",
+                                  headers=[(b"host", b"odd.virtual"), AUTH]))
+    await client.send(h11.EndOfMessage())
+    hints = await client.next_event()
+    assert isinstance(hints, h11.InformationalResponse) and hints.status_code == 103
+    assert hints.headers == [(b"link", b"</style.css>; rel=preload")]
+    response = await client.next_event()
+    assert isinstance(response, h11.Response) and response.status_code == 204
 
 
 @pytest.mark.parametrize("path", [b"/short-body", b"/long-body"])
