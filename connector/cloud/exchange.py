@@ -139,6 +139,8 @@ class ProxyExchange:
         try:
             await stream.send_head(self.head, end_stream=self.bodyless)
         except ValueError:
+            # nothing went out on the stream: no FIN can end a request without its head
+            await self._reset(stream, "request head too large for the tunnel")
             return await self.edge._refuse(431, "request_header_too_large",
                                            "the request head is too large for the connector's tunnel")
         except StreamResetError as exc:
@@ -240,8 +242,9 @@ class ProxyExchange:
                 if head.status >= 200:
                     break
                 if edge.conn.their_http_version == b"1.1":
-                    await edge.out.send(h11.InformationalResponse(status_code=head.status, headers=head.headers,
-                                                                  reason=head.reason))
+                    await edge.out.send(h11.InformationalResponse(
+                        status_code=head.status, reason=head.reason,
+                        headers=strip_hop_by_hop(head.headers, edge.proxy_only)))
             attempt.status = head.status
             edge.out.queue(h11.Response(status_code=head.status, reason=head.reason,
                                         headers=strip_hop_by_hop(head.headers, edge.proxy_only) + edge._closing()))

@@ -3,8 +3,9 @@
 Smuggling-shaped framing (Content-Length with Transfer-Encoding, a Connection header naming a
 framing header, malformed chunks), slow heads and bodies, responses the application does not
 read, idle connections, and the audit record of each refusal. Deadlines are configured in
-fractions of a second; the node behind the proxy is test_proxy_http's in-memory echo node, or a
-real tunnel session where the point is what the production stream does.
+fractions of a second. The proxy routes through real in-memory tunnels (`tests.support.tunnelrouter`)
+to the real node in front of `EchoBackend` on 127.0.0.1, or to a few lines speaking typed heads
+where the node must misbehave (an answer that never ends).
 """
 
 from __future__ import annotations
@@ -13,32 +14,44 @@ import json
 import logging
 import os
 import stat
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import partial
 from pathlib import Path
 
+import attrs
 import h11
 import pytest
 import trio
 import trio.testing
-import trio_websocket
 
 from connector.agent.audit import REQUEST_FIELDS
 from connector.cli import init_certs
 from connector.cloud.audit import CloudAudit
-from connector.cloud.auth import Authenticator, hash_token
 from connector.cloud.proxy import HttpProxy, ProxySettings
 from connector.cloud.server import CloudServer
 from connector.config import load_cloud_config
 from connector.datarate import MinDataRate
 from connector.http1 import framing_error
-from connector.tunnel.session import SessionStream, TunnelSession, TunnelSettings
-from connector.tunnel.streams import TunnelStream
-from connector.tunnel.testing import memory_stream_pair
-from connector.tunnel.types import ErrorCode, StreamResetError, Target
-from tests.integration.test_proxy_http import AUTH, OTHER_TOKEN, TOKEN, Client, FakeRouter
+from connector.tunnel.heads import ResponseHead
+from connector.tunnel.session import SessionStream
+from connector.tunnel.types import ErrorCode, StreamResetError
+from tests.integration.test_proxy_http import (
+    AUTH,
+    TOKEN,
+    Client,
+    authenticator,
+    free_port,
+    mappings,
+)
 from tests.support.stack import SUBACCOUNT, cloud_toml
+from tests.support.tunnelrouter import (
+    EchoBackend,
+    Handler,
+    RealNode,
+    TunnelRouter,
+    open_router,
+    real_node,
+)
 
 TEST_TIMEOUT = 10.0
 SHORT = 0.3  # every deadline under test, in seconds
@@ -47,22 +60,30 @@ TARGET = b"http://erp.virtual:8000"
 CREDENTIALS = b"proxy-authorization: Bearer " + TOKEN.encode() + b"\r\n"
 
 
+@attrs.define(eq=False)
+class Env:
+    port: int
+    router: TunnelRouter
+    audit: CloudAudit  # the proxy's
+    backend: EchoBackend
+    node: RealNode
+
+
 @asynccontextmanager
-async def open_proxy(
-    router: Callable[[trio.Nursery], object] = lambda nursery: FakeRouter(nursery, {("sub1", "")}),
-    **settings: object,
-) -> AsyncIterator[tuple[int, object, CloudAudit]]:
-    """A proxy on 127.0.0.1 with `settings` (short linger); yields (port, router, audit)."""
+async def open_proxy(handler: Handler | None = None, **settings: object) -> AsyncIterator[Env]:
+    """A proxy on 127.0.0.1 with `settings` (short linger), routing to the real node in front of
+    an `EchoBackend`, or to `handler`."""
     settings.setdefault("linger_timeout", SHORT)
     async with trio.open_nursery() as nursery:
-        routes = router(nursery)
-        audit = CloudAudit()
-        authenticator = Authenticator({"sub1": [hash_token(TOKEN)], "sub2": [hash_token(OTHER_TOKEN)]})
-        proxy = HttpProxy(routes, authenticator, settings=ProxySettings(**settings), audit=audit)  # type: ignore[arg-type]
-        port = await nursery.start(proxy.run, "127.0.0.1", 0)
-        with trio.fail_after(TEST_TIMEOUT):
-            yield port, routes, audit
-        nursery.cancel_scope.cancel()
+        backend = EchoBackend()
+        node = real_node(mappings(await backend.start(nursery), await free_port()))
+        async with open_router(handler or node) as router:
+            audit = CloudAudit()
+            proxy = HttpProxy(router, authenticator(), settings=ProxySettings(**settings), audit=audit)  # type: ignore[arg-type]
+            port = await nursery.start(proxy.run, "127.0.0.1", 0)
+            with trio.fail_after(TEST_TIMEOUT):
+                yield Env(port, router, audit, backend, node)
+            nursery.cancel_scope.cancel()
 
 
 async def read_to_eof(sock: trio.SocketStream) -> bytes:
@@ -118,30 +139,30 @@ async def test_cl_te_attacker_prefix_never_reaches_the_node_and_the_connection_c
     attacker = (b"POST " + TARGET + b"/public HTTP/1.1\r\n" + HEAD
                 + b"content-length: %d\r\ntransfer-encoding: chunked\r\n\r\n" % len(body) + body)
     victim = b"GET " + TARGET + b"/victim HTTP/1.1\r\n" + HEAD + CREDENTIALS + b"\r\n"
-    async with open_proxy() as (port, router, audit):
-        sock = await trio.open_tcp_stream("127.0.0.1", port)
+    async with open_proxy() as env:
+        sock = await trio.open_tcp_stream("127.0.0.1", env.port)
         await sock.send_all(attacker + victim)  # one shared front-end connection
         received, closed = b"", False
         with trio.move_on_after(2):  # bounded: a proxy that keeps the connection never closes it
             while chunk := await sock.receive_some(65536):
                 received += chunk
             closed = True
-        assert router.opened == []  # type: ignore[attr-defined]  # /attacker never reached a node
+        assert env.router.opened == []  # /attacker never reached a node
         answers = responses(received)
         assert [(status, body["error"]) for status, body in answers] == [(400, "ambiguous_framing")]
         assert closed
-        (record,) = await audit.wait_records(1)
+        (record,) = await env.audit.wait_records(1)
         assert_audit_fields(record)
         assert (record["status"], record["reason"], record["method"]) == (400, "ambiguous_framing", "POST")
 
 
 async def test_cl_te_request_with_credentials_is_refused_before_any_stream() -> None:
-    async with open_proxy() as (port, router, _audit):
-        sock = await trio.open_tcp_stream("127.0.0.1", port)
+    async with open_proxy() as env:
+        sock = await trio.open_tcp_stream("127.0.0.1", env.port)
         await sock.send_all(b"POST " + TARGET + b"/x HTTP/1.1\r\n" + HEAD + CREDENTIALS
                             + b"content-length: 5\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n")
         assert [status for status, _ in responses(await read_to_eof(sock))] == [400]
-        assert router.opened == []  # type: ignore[attr-defined]
+        assert env.router.opened == []
 
 
 @pytest.mark.parametrize(
@@ -150,14 +171,14 @@ async def test_cl_te_request_with_credentials_is_refused_before_any_stream() -> 
 )
 @pytest.mark.parametrize("listed", [b"content-length", b"Transfer-Encoding"])
 async def test_connection_header_naming_a_framing_header_gets_400(framing: bytes, body: bytes, listed: bytes) -> None:
-    async with open_proxy() as (port, router, audit):
-        sock = await trio.open_tcp_stream("127.0.0.1", port)
+    async with open_proxy() as env:
+        sock = await trio.open_tcp_stream("127.0.0.1", env.port)
         await sock.send_all(b"POST " + TARGET + b"/x HTTP/1.1\r\n" + HEAD + CREDENTIALS + framing
                             + b"connection: keep-alive, " + listed + b"\r\n\r\n" + body)
         answers = responses(await read_to_eof(sock))
         assert [(status, body["error"]) for status, body in answers] == [(400, "ambiguous_framing")]
-        assert router.opened == []  # type: ignore[attr-defined]
-        (record,) = await audit.wait_records(1)
+        assert env.router.opened == []
+        (record,) = await env.audit.wait_records(1)
         assert record["subaccount"] is None  # refused before the credentials were looked at
 
 
@@ -180,27 +201,26 @@ def test_framing_error_names_the_problem() -> None:
 async def test_malformed_chunked_body_gets_400_and_a_truthful_log(
     chunks: bytes, split: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The node holds its answer (/gate), so the proxy can still answer; with `split`, the
-    malformed body comes after the stream to the node was opened and the head sent on it."""
-    caplog.set_level(logging.INFO, logger="connector.cloud.proxy")
-    async with open_proxy() as (port, router, audit):
-        router.gate = trio.Event()  # type: ignore[attr-defined]
-        sock = await trio.open_tcp_stream("127.0.0.1", port)
+    """The internal host holds its answer (/gate), so the proxy can still answer; with `split`,
+    the malformed body comes after the stream to the node was opened and the head sent on it."""
+    caplog.set_level(logging.INFO, logger="connector.cloud")
+    async with open_proxy() as env:
+        env.backend.gate = trio.Event()
+        sock = await trio.open_tcp_stream("127.0.0.1", env.port)
         head = b"PUT " + TARGET + b"/gate HTTP/1.1\r\n" + HEAD + CREDENTIALS + b"transfer-encoding: chunked\r\n\r\n"
         if split:
             await sock.send_all(head)
             await trio.testing.wait_all_tasks_blocked()  # the proxy (same trio run) sent the head on
-            assert len(router.acceptors) == 1  # type: ignore[attr-defined]
+            assert env.router.streams_open() == 1
+            assert [r["target"] for r in env.backend.requests] == [b"/gate"]  # and the node forwarded it
             await sock.send_all(chunks)
         else:
             await sock.send_all(head + chunks)
         answers = responses(await read_to_eof(sock))
         assert [(status, body["error"]) for status, body in answers] == [(400, "malformed_request")]
-        (record,) = await audit.wait_records(1)
+        (record,) = await env.audit.wait_records(1)
         assert (record["status"], record["reason"], record["path"]) == (400, "malformed_request", "/gate")
-        if split:
-            with trio.fail_after(2):
-                await router.acceptors[0].wait_reset()  # type: ignore[attr-defined]  # stream given back
+        await env.router.wait_no_streams()  # the stream was reset, not left open
     assert "502" not in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
@@ -210,18 +230,18 @@ async def test_malformed_chunked_body_gets_400_and_a_truthful_log(
 
 async def test_idle_connection_without_a_byte_closes_quietly(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    async with open_proxy(idle_timeout=SHORT) as (port, _router, audit):
-        sock = await trio.open_tcp_stream("127.0.0.1", port)
+    async with open_proxy(idle_timeout=SHORT) as env:
+        sock = await trio.open_tcp_stream("127.0.0.1", env.port)
         assert await read_to_eof(sock) == b""
         await trio.testing.wait_all_tasks_blocked()  # the proxy's task has finished its close
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert audit.written == 0
+    assert env.audit.written == 0
 
 
 async def test_trickled_request_head_gets_408_after_request_head_timeout() -> None:
     """A byte every 50 ms never completes the head: 408 at request_head_timeout, not at idle_timeout."""
-    async with open_proxy(request_head_timeout=SHORT, idle_timeout=60.0) as (port, _router, audit):
-        sock = await trio.open_tcp_stream("127.0.0.1", port)
+    async with open_proxy(request_head_timeout=SHORT, idle_timeout=60.0) as env:
+        sock = await trio.open_tcp_stream("127.0.0.1", env.port)
 
         async def trickle() -> None:
             with trio.move_on_after(5):  # the test fails long before: the answer must come first
@@ -238,42 +258,18 @@ async def test_trickled_request_head_gets_408_after_request_head_timeout() -> No
             nursery.cancel_scope.cancel()
         assert SHORT <= trio.current_time() - started < 3.0
         assert [(status, body["error"]) for status, body in responses(answer)] == [(408, "request_head_timeout")]
-        (record,) = await audit.wait_records(1)
+        (record,) = await env.audit.wait_records(1)
         assert (record["status"], record["reason"]) == (408, "request_head_timeout")
 
 
-class _SinkNode:
-    """Reads whole requests and answers each with 204 only after its end; records resets."""
-
-    def __init__(self, nursery: trio.Nursery) -> None:
-        self.nursery = nursery
-        self.reset_seen = trio.Event()
-
-    async def open_stream(self, subaccount: str, location_id: str, target: Target) -> TunnelStream:
-        opener, acceptor = memory_stream_pair(target)
-        self.nursery.start_soon(self.sink, acceptor)
-        return opener
-
-    async def sink(self, stream: TunnelStream) -> None:
-        conn = h11.Connection(h11.SERVER)
-        try:
-            while data := await stream.receive_some(65536):
-                conn.receive_data(data)
-                while (event := conn.next_event()) is not h11.NEED_DATA:
-                    if isinstance(event, h11.EndOfMessage):
-                        await stream.send_all(conn.send(h11.Response(status_code=204, headers=[]))
-                                              + (conn.send(h11.EndOfMessage()) or b""))
-                        conn.start_next_cycle()
-        except StreamResetError:
-            self.reset_seen.set()
-
-
 async def test_slow_request_body_gets_408_and_the_stream_is_given_back() -> None:
-    """1 byte every 50 ms against a minimum of 1000 bytes/s after SHORT s of grace."""
+    """1 byte every 50 ms against a minimum of 1000 bytes/s after SHORT s of grace; the internal
+    host answers only once it has the whole body (/gate, closed)."""
     rate = MinDataRate(1000, SHORT)
-    async with open_proxy(_SinkNode, request_body_rate=rate) as (port, node, audit):
-        sock = await trio.open_tcp_stream("127.0.0.1", port)
-        await sock.send_all(b"POST " + TARGET + b"/upload HTTP/1.1\r\n" + HEAD + CREDENTIALS
+    async with open_proxy(request_body_rate=rate) as env:
+        env.backend.gate = trio.Event()
+        sock = await trio.open_tcp_stream("127.0.0.1", env.port)
+        await sock.send_all(b"POST " + TARGET + b"/gate HTTP/1.1\r\n" + HEAD + CREDENTIALS
                             + b"content-length: 100000\r\n\r\n" + b"x" * 10)
 
         async def trickle() -> None:
@@ -291,47 +287,43 @@ async def test_slow_request_body_gets_408_and_the_stream_is_given_back() -> None
             nursery.cancel_scope.cancel()
         assert SHORT <= trio.current_time() - started < 3.0
         assert [(status, body["error"]) for status, body in responses(answer)] == [(408, "request_body_too_slow")]
-        await node.reset_seen.wait()  # type: ignore[attr-defined]
-        (record,) = await audit.wait_records(1)
+        (record,) = await env.audit.wait_records(1)
         assert (record["status"], record["reason"], record["subaccount"]) == (408, "request_body_too_slow", "sub1")
+        await env.router.wait_no_streams()  # the stream was reset: the node gave up the request
+        await trio.testing.wait_all_tasks_blocked()
+        (line,) = env.node.audit.records("request")
+        assert (line["path"], line["reason"]) == ("/gate", "client_gone")
 
 
 async def test_a_body_at_the_rate_is_not_cut() -> None:
     rate = MinDataRate(1000, SHORT)
-    async with open_proxy(_SinkNode, request_body_rate=rate) as (port, _node, audit):
-        client = await Client.connect(port)
-        await client.send(h11.Request(method=b"POST", target=TARGET + b"/upload",
+    async with open_proxy(request_body_rate=rate) as env:
+        env.backend.gate = trio.Event()  # the answer comes once the whole body is there
+        client = await Client.connect(env.port)
+        await client.send(h11.Request(method=b"POST", target=TARGET + b"/gate",
                                       headers=[AUTH, (b"host", b"erp.virtual:8000"), (b"content-length", b"8000")]))
         for _ in range(10):  # 800 bytes every 100 ms: 8000 bytes/s
             await client.send(h11.Data(data=b"y" * 800))
             await trio.sleep(0.1)
         await client.send(h11.EndOfMessage())
-        response, _ = await client.read_response()
-        assert response.status_code == 204
-        assert audit.written == 0
+        env.backend.gate.set()
+        response, body = await client.read_response()
+        assert (response.status_code, body) == (200, b"y" * 8000)
+        assert env.audit.written == 0
 
 
+@attrs.define(eq=False)
 class _FloodNode:
-    """Answers every request with an endless chunked body; records the resets it sees."""
+    """Answers every request with a body that never ends; records the resets it sees."""
 
-    def __init__(self, nursery: trio.Nursery) -> None:
-        self.nursery = nursery
-        self.resets: list[ErrorCode] = []
-        self.reset_seen = trio.Event()
+    resets: list[ErrorCode] = attrs.Factory(list)
+    reset_seen: trio.Event = attrs.Factory(trio.Event)
 
-    async def open_stream(self, subaccount: str, location_id: str, target: Target) -> TunnelStream:
-        opener, acceptor = memory_stream_pair(target)
-        self.nursery.start_soon(self.flood, acceptor)
-        return opener
-
-    async def flood(self, stream: TunnelStream) -> None:
-        conn = h11.Connection(h11.SERVER)
-        while not isinstance(conn.next_event(), h11.Request):
-            conn.receive_data(await stream.receive_some(65536))
+    async def __call__(self, stream: SessionStream) -> None:
+        await stream.receive_head()
         try:
-            await stream.send_all(conn.send(h11.Response(status_code=200, headers=[
-                (b"transfer-encoding", b"chunked")])) or b"")
-            piece = conn.send(h11.Data(data=b"z" * 65536)) or b""
+            await stream.send_head(ResponseHead(200, b"OK", [(b"transfer-encoding", b"chunked")]))
+            piece = b"z" * 65536
             while True:
                 await stream.send_all(piece)
         except StreamResetError as exc:
@@ -341,88 +333,38 @@ class _FloodNode:
 
 async def test_response_the_application_does_not_read_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="connector.cloud.proxy")
-    async with open_proxy(_FloodNode, response_write_timeout=SHORT) as (port, node, audit):
-        sock = await trio.open_tcp_stream("127.0.0.1", port)
+    node = _FloodNode()
+    async with open_proxy(node, response_write_timeout=SHORT) as env:
+        sock = await trio.open_tcp_stream("127.0.0.1", env.port)
         await sock.send_all(b"GET " + TARGET + b"/big HTTP/1.1\r\n" + HEAD + CREDENTIALS + b"\r\n")
         # ... and never reads: the socket buffers fill, then a write waits past its deadline
-        await node.reset_seen.wait()  # type: ignore[attr-defined]
-        (record,) = await audit.wait_records(1)
+        await node.reset_seen.wait()
+        assert node.resets == [ErrorCode.CANCEL]
+        await env.router.wait_no_streams()
+        (record,) = await env.audit.wait_records(1)
         assert (record["reason"], record["status"], record["path"]) == ("response_not_read", None, "/big")
         assert "was not taken within" in caplog.text
 
 
 # --- idle kept-alive connections ----------------------------------------------------------------
 
-SESSION_SETTINGS = TunnelSettings(ping_interval=0.5, ping_timeout=5.0)
 
-
-async def _node_handler(stream: SessionStream) -> None:
-    """Answers every request with 204 until the stream ends."""
-    await stream.accept()
-    conn = h11.Connection(h11.SERVER)
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            data = await stream.receive_some(65536)
-            if not data:
-                await stream.aclose()
-                return
-            conn.receive_data(data)
-        elif isinstance(event, h11.EndOfMessage):
-            await stream.send_all(conn.send(h11.Response(status_code=204, headers=[])) + conn.send(h11.EndOfMessage()))
-            conn.start_next_cycle()
-        elif not isinstance(event, h11.Request):
-            return
-
-
-class _SessionRouter:
-    def __init__(self, cloud: TunnelSession) -> None:
-        self.cloud = cloud
-        self.streams: list[SessionStream] = []
-
-    async def open_stream(self, subaccount: str, location_id: str, target: Target) -> SessionStream:
-        stream = await self.cloud.open_stream(target)
-        self.streams.append(stream)
-        return stream
-
-
-async def test_idle_kept_alive_connection_gives_its_tunnel_stream_back() -> None:
-    """Over a real tunnel session: after stream_idle_timeout without a request the connection
-    holds no stream (the tunnel has none open); its next request gets a fresh one."""
-    with trio.fail_after(TEST_TIMEOUT):
-        async with trio.open_nursery() as nursery:
-            clouds, cloud_ready = trio.open_memory_channel[TunnelSession](1)
-
-            async def serve(request: trio_websocket.WebSocketRequest) -> None:
-                session = TunnelSession(await request.accept(), client=False, settings=SESSION_SETTINGS)
-                await session.handshake()
-                await clouds.send(session)
-                await session.run()
-
-            server = await nursery.start(partial(trio_websocket.serve_websocket, serve, "127.0.0.1", 0, ssl_context=None))
-            ws = await trio_websocket.connect_websocket(nursery, "127.0.0.1", server.port, "/t", use_ssl=False)
-            node = TunnelSession(ws, client=True, settings=SESSION_SETTINGS)
-            await node.handshake()
-            nursery.start_soon(partial(node.run, stream_handler=_node_handler))
-            cloud = await cloud_ready.receive()
-            router = _SessionRouter(cloud)
-            proxy = HttpProxy(router, Authenticator({"sub1": [hash_token(TOKEN)]}),  # type: ignore[arg-type]
-                              settings=ProxySettings(stream_idle_timeout=SHORT, idle_timeout=60.0))
-            port = await nursery.start(proxy.run, "127.0.0.1", 0)
-
-            client = await Client.connect(port)
-            headers = [AUTH, (b"host", b"erp.virtual:8000")]
-            for _ in range(2):  # a busy connection keeps its stream
-                response, _ = await client.request(b"GET", TARGET + b"/a", headers)
-                assert response.status_code == 204
-            assert cloud.statistics().streams_open == 1 and len(router.streams) == 1
-            started = trio.current_time()
-            await cloud.wait_no_streams()  # the proxy closed it; the node closed its side
-            assert trio.current_time() - started >= SHORT
-            response, _ = await client.request(b"GET", TARGET + b"/b", headers)
-            assert response.status_code == 204
-            assert len(router.streams) == 2
-            nursery.cancel_scope.cancel()
+async def test_idle_kept_alive_connection_holds_no_stream_and_closes_after_idle_timeout() -> None:
+    """Every request has its own stream: between requests, and while the connection idles until
+    idle_timeout closes it, the tunnel has no stream of it open."""
+    async with open_proxy(idle_timeout=SHORT) as env:
+        client = await Client.connect(env.port)
+        headers = [AUTH, (b"host", b"erp.virtual:8000")]
+        for path in (b"/a", b"/b"):
+            response, _ = await client.request(b"GET", TARGET + path, headers)
+            assert response.status_code == 200
+            await trio.testing.wait_all_tasks_blocked()
+            assert env.router.streams_open() == 0
+        started = trio.current_time()
+        assert await read_to_eof(client.sock) == b""  # closed quietly after idle_timeout
+        assert trio.current_time() - started >= SHORT * 0.9
+        assert len(env.router.streams) == 2 and env.router.streams_open() == 0
+        assert env.audit.written == 0
 
 
 # --- audit of every refusal -----------------------------------------------------------------------
@@ -430,8 +372,8 @@ async def test_idle_kept_alive_connection_gives_its_tunnel_stream_back() -> None
 
 async def test_refusals_are_audited_with_the_nodes_fields(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="connector.cloud.proxy")
-    async with open_proxy() as (port, _router, audit):
-        client = await Client.connect(port)
+    async with open_proxy() as env:
+        client = await Client.connect(env.port)
         host = (b"host", b"erp.virtual:8000")
         cases = [
             (b"GET", TARGET + b"/a", [host], 407),
@@ -447,7 +389,7 @@ async def test_refusals_are_audited_with_the_nodes_fields(caplog: pytest.LogCapt
         await client.send(h11.EndOfMessage())
         response, _ = await client.read_response()
         assert response.status_code == 405
-        records = await audit.wait_records(5)
+        records = await env.audit.wait_records(5)
     for record in records:
         assert_audit_fields(record)
         assert record["proxy"] == "http"

@@ -1,8 +1,10 @@
 """One token cannot starve a location, waits for a stream are bounded, token guessing is slowed.
 
 The real stack on loopback (cloud, one node, demo backend), with the node's tunnel allowing only
-`MAX_STREAMS` streams so that "every stream of the tunnel in use" takes a handful of kept-alive
-application connections instead of 1,024. Two tokens of one subaccount play two applications.
+`MAX_STREAMS` streams so that "every stream of the tunnel in use" takes a handful of application
+connections instead of 1,024. Each request has its own stream for as long as it runs (a kept-alive
+connection holds none between requests), so an application holds streams with exchanges that last:
+WebSocket connections to the demo backend's echo. Two tokens of one subaccount play two applications.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ OTHER_TOKEN = "second-application-token-42"
 MAX_STREAMS = 8  # the node's tunnel takes this many streams at once
 STREAM_WAIT = 0.5  # [proxy] stream_wait_seconds in these tests
 URL = "http://erp.virtual:8000/sap/opu/odata/x"
+WS_URL = "http://erp.virtual:8000/ws"  # the demo backend echoes WebSocket bytes
 OTHER_ADDRESS = "127.0.0.2"  # a second client host on loopback
 TEST_TIMEOUT = 30.0
 
@@ -65,14 +68,24 @@ def auth(token: str) -> list[tuple[str, str]]:
     return [("Proxy-Authorization", f"Bearer {token}")]
 
 
-async def hold_streams(stack: Stack, token: str, count: int) -> tuple[list[HttpClient], list[int]]:
-    """`count` kept-alive connections of `token`, one request each: each keeps its stream."""
-    clients, statuses = [], []
+async def hold_streams(stack: Stack, token: str, count: int) -> tuple[list[trio.SocketStream], list[int]]:
+    """`count` WebSocket connections of `token`, each holding its stream until it is closed;
+    returns them and the status each upgrade got."""
+    sockets, statuses = [], []
     for _ in range(count):
-        client = await HttpClient.connect(stack.ports.http_proxy)
-        clients.append(client)
-        statuses.append((await client.request("GET", URL, auth(token))).status)
-    return clients, statuses
+        sock = await trio.open_tcp_stream("127.0.0.1", stack.ports.http_proxy)
+        sockets.append(sock)
+        await sock.send_all(
+            f"GET {WS_URL} HTTP/1.1\r\nHost: erp.virtual:8000\r\nProxy-Authorization: Bearer {token}\r\n"
+            "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = await sock.receive_some(65536)
+            assert data, head
+            head += data
+        statuses.append(int(head.split(b" ", 2)[1]))
+    return sockets, statuses
 
 
 def streams_open(stack: Stack) -> int:
@@ -87,7 +100,7 @@ async def test_one_token_cannot_take_every_stream_of_a_location(nursery, tmp_pat
     with trio.fail_after(TEST_TIMEOUT):
         stack = await limited_stack(nursery, tmp_path, "max_streams_per_token = 4\nmax_streams_per_client_address = 0")
         hog, statuses = await hold_streams(stack, TOKEN, 4)
-        assert statuses == [200] * 4 and streams_open(stack) == 4
+        assert statuses == [101] * 4 and streams_open(stack) == 4
         started = trio.current_time()
         extra = await HttpClient.connect(stack.ports.http_proxy)
         refused = await extra.request("GET", URL, auth(TOKEN))
@@ -119,7 +132,7 @@ async def test_one_client_address_cannot_take_every_stream(nursery, tmp_path) ->
     with trio.fail_after(TEST_TIMEOUT):
         stack = await limited_stack(nursery, tmp_path, "max_streams_per_token = 0\nmax_streams_per_client_address = 4")
         hog, statuses = await hold_streams(stack, TOKEN, 4)
-        assert statuses == [200] * 4
+        assert statuses == [101] * 4
         extra = await HttpClient.connect(stack.ports.http_proxy)
         refused = await extra.request("GET", URL, auth(OTHER_TOKEN))
         assert refused.status == 503 and refused.json()["error"] == "stream_limit_client"
@@ -139,7 +152,7 @@ async def test_waiting_for_a_stream_ends_with_503_after_stream_wait_seconds(nurs
             f"max_streams_per_token = 0\nmax_streams_per_client_address = 0\nstream_wait_seconds = {STREAM_WAIT}",
         )
         hog, statuses = await hold_streams(stack, TOKEN, MAX_STREAMS)
-        assert statuses == [200] * MAX_STREAMS and streams_open(stack) == MAX_STREAMS
+        assert statuses == [101] * MAX_STREAMS and streams_open(stack) == MAX_STREAMS
         waiting = await HttpClient.connect(stack.ports.http_proxy)
         started = trio.current_time()
         busy = await waiting.request("GET", URL, auth(OTHER_TOKEN))
