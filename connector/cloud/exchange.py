@@ -350,8 +350,7 @@ class ProxyExchange:
 
 
 def stream_has_data(stream: TunnelStream) -> bool:
-    statistics = getattr(stream, "statistics", None)
-    return statistics is not None and statistics().buffered > 0
+    return getattr(stream, "buffered", 0) > 0
 
 
 def switching_headers(headers: Sequence[tuple[bytes, bytes]], proxy_only: frozenset[bytes]) -> list[tuple[bytes, bytes]]:

@@ -68,7 +68,7 @@ from connector.tunnel import protocol as p
 from connector.tunnel import wsfast
 from connector.tunnel.heads import Head, Trailers
 from connector.tunnel.streams import TunnelStream
-from connector.tunnel.types import ErrorCode, StreamResetError, Target
+from connector.tunnel.types import ErrorCode, StreamProtocol, StreamResetError, Target
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +202,11 @@ class SessionStream(TunnelStream):
         await self._reset_event.wait()
 
     # --- application side -----------------------------------------------------------------------
+
+    @property
+    def buffered(self) -> int:
+        """Received bytes not read yet (without building a StreamStatistics)."""
+        return self._buffered
 
     def statistics(self) -> StreamStatistics:
         return StreamStatistics(self._buffered, self._max_buffered, self._unacknowledged(),
@@ -484,6 +489,8 @@ class TunnelSession:
         self._side = side
         self._rtt_metric = metrics.TUNNEL_PING_RTT.labels(side)
         self._open_metric = metrics.STREAMS_OPEN.labels(side)
+        self._opened_metrics = {protocol: metrics.STREAMS_OPENED.labels(side, str(protocol))
+                                for protocol in StreamProtocol}  # a labels() lookup per stream costs
         self._handlers: dict[type[p.Event], Callable[[Any], Awaitable[None]]] = {
             p.OpenStream: self._on_open,
             p.AcceptStream: self._on_accept,
@@ -779,7 +786,7 @@ class TunnelSession:
         self._streams[stream_id] = stream
         self._streams_opened += 1
         self._open_metric.inc()
-        metrics.STREAMS_OPENED.labels(self._side, str(target.protocol)).inc()
+        self._opened_metrics[target.protocol].inc()
         return stream
 
     def _forget_if_closed(self, stream: SessionStream) -> None:
