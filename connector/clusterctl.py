@@ -269,7 +269,8 @@ async def check_internal_host(mapping: Mapping, connect_timeout: float) -> str |
                 stream = await open_backend(one, settings)
             except BackendError as exc:
                 where = f"{one.internal_host}:{one.internal_port}"
-                failures[port] = exc.message if where in exc.message else f"{where}: {exc.message}"
+                message = _with_socket_errors(exc)
+                failures[port] = message if where in message else f"{where}: {message}"
                 return
             await trio.aclose_forcefully(stream)
 
@@ -280,6 +281,17 @@ async def check_internal_host(mapping: Mapping, connect_timeout: float) -> str |
         return None
     more = f" (and {len(failures) - 1} more ports of the range)" if len(failures) > 1 else ""
     return failures[min(failures)] + more
+
+
+def _with_socket_errors(error: BackendError) -> str:
+    """`error`'s message, plus the socket errors behind trio's "all attempts to connect to ...
+    failed" (its cause, an exception group), which open_backend's message does not repeat."""
+    attempts = error.__context__.__cause__ if error.__context__ is not None else None
+    if isinstance(attempts, BaseExceptionGroup):
+        causes = sorted({e.strerror or str(e) for e in attempts.exceptions if isinstance(e, OSError)})
+        if causes:
+            return f"{error.message} ({', '.join(causes)})"
+    return error.message
 
 
 async def _acl(config: NodeConfig, args: argparse.Namespace) -> int:
