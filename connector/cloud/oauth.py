@@ -35,8 +35,9 @@ never cuts one short, and an unexpected failure is answered 500. A keep-alive co
 most `idle_timeout`; bodies over `max_body_bytes` get 413 unread; secrets are checked by scrypt
 in worker threads, at most `HASH_THREADS` at once, with a dummy check for unknown client ids so
 timing does not tell which exist. Failed client authentications count in the proxies'
-`AuthThrottle` per client address and are answered after its delay; every refusal is written to
-the cloud's audit log (`proxy = "oauth"`).
+`AuthThrottle` per client address and are answered after its delay (a refusal decided, so the
+request deadline does not cut the wait); every refusal is written to the cloud's audit log
+(`proxy = "oauth"`).
 
 The client side (fetching tokens for destinations, cached) is `connector.cloud.token_client`.
 """
@@ -137,14 +138,18 @@ class _Answer:
     payload: bytes
     close: bool = False  # and close the connection after it
     head_only: bool = False  # a HEAD request: no body
+    delay: float = 0.0  # seconds to wait before sending it (the failure throttle's)
 
 
 class OAuthError(Exception):
-    """A refused token request: status, RFC 6749 error code, description, and the audit reason."""
+    """A refused token request: status, RFC 6749 error code, description, the audit reason, and
+    how long the answer waits (a failed authentication's throttle delay)."""
 
-    def __init__(self, status: int, error: str, description: str, *, subaccount: str | None = None) -> None:
+    def __init__(self, status: int, error: str, description: str, *, subaccount: str | None = None,
+                 delay: float = 0.0) -> None:
         super().__init__(description)
         self.status, self.error, self.description, self.subaccount = status, error, description, subaccount
+        self.delay = delay
 
 
 def issue_token(ring: KeyRing, settings: OAuthSettings, binding: Binding, grant: str, now: float,
@@ -324,6 +329,7 @@ class TokenService:
                     answer = self._late_answer(conn, client)
                 if answer is None:
                     return
+                await trio.sleep(answer.delay)  # decided already: the request deadline does not cut it
                 await self._answer(stream, conn, answer)
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     return
@@ -368,7 +374,7 @@ class TokenService:
                                subaccount=exc.subaccount, method=request.method.decode("ascii", "replace"),
                                path=path, duration_seconds=trio.current_time() - started)
             return _Answer(*_error(exc.status, exc.error, exc.description), close=exc.status in (413, 405),
-                           head_only=head_only)
+                           head_only=head_only, delay=exc.delay)
         payload = json.dumps(document).encode("utf-8")
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
                    (b"cache-control", b"no-store"), (b"pragma", b"no-cache")]
@@ -483,16 +489,16 @@ class TokenService:
         ok = await trio.to_thread.run_sync(check_secret, form.get("password", ""), stored, limiter=self._hashing)
         if user is not None and ok:
             return user
-        await self._failed(client)
-        raise OAuthError(400, "invalid_grant", "bad user credentials", subaccount=binding.subaccount)
+        raise OAuthError(400, "invalid_grant", "bad user credentials", subaccount=binding.subaccount,
+                         delay=self._failed(client))
 
-    async def _failed(self, client: str) -> None:
-        """Count a failed authentication of `client` and wait out the throttle's delay."""
+    def _failed(self, client: str) -> float:
+        """Count a failed authentication of `client`; the seconds its answer waits (the throttle's)."""
         metrics.PROXY_AUTH_FAILURES.inc()
         delay = self.throttle.failed(client)
         if delay > 0:
             metrics.PROXY_AUTH_DELAYED.inc()
-            await trio.sleep(delay)
+        return delay
 
     async def _authenticate_client(self, client_id: str, secret: str, client: str) -> Binding:
         try:
@@ -504,10 +510,10 @@ class TokenService:
         ok = await trio.to_thread.run_sync(check_secret, secret, stored, limiter=self._hashing)
         if binding is not None and ok and binding.active:
             return binding
-        await self._failed(client)
         revoked = binding is not None and ok and not binding.active
         raise OAuthError(401, "invalid_client", "this binding is revoked" if revoked else "bad client credentials",
-                         subaccount=binding.subaccount if revoked and binding is not None else None)
+                         subaccount=binding.subaccount if revoked and binding is not None else None,
+                         delay=self._failed(client))
 
     def _discovery(self) -> dict[str, Any]:
         base = self.settings.url.rstrip("/")

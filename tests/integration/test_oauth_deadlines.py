@@ -23,6 +23,7 @@ from connector.cloud.bindings import (
     hash_secret,
     new_binding,
 )
+from connector.cloud.clients import AuthThrottle, AuthThrottleSettings
 from connector.cloud.jwks import FileKeyStore
 from connector.cloud.oauth import OAuthSettings, TokenService, server_ssl_context
 from connector.listen import serve_tcp
@@ -46,12 +47,13 @@ class BrokenStore(FileBindingStore):
 
 
 async def start_service(nursery: trio.Nursery, tmp_path: Path, certs: dict[str, Path],
-                        bindings: FileBindingStore) -> int:
+                        bindings: FileBindingStore, throttle: AuthThrottle | None = None) -> int:
     user = UserAccount("acme", USER, hash_secret(PASSWORD))
     service = TokenService(OAuthSettings(url="https://127.0.0.1", request_timeout=REQUEST_TIMEOUT),
                            bindings=bindings, keys=FileKeyStore(tmp_path / "keys.json"),
                            ssl_context=server_ssl_context(certs["server_cert"], certs["server_key"]),
-                           users={("acme", USER): user}, clock=lambda: T0 + trio.current_time())
+                           users={("acme", USER): user}, clock=lambda: T0 + trio.current_time(),
+                           throttle=throttle)
     # its connections alone (not `run`): no key maintenance ticks move the clock while a check runs
     port: int = await nursery.start(functools.partial(serve_tcp, service.serve_connection, "127.0.0.1", 0,
                                                       name="token service"))
@@ -99,6 +101,18 @@ async def test_a_request_still_waiting_for_a_check_at_the_deadline_gets_503(
     assert (response.status, response.json()["error"]) == (503, "temporarily_unavailable")
     assert response.headers["connection"] == "close"
     assert trio.current_time() - start == REQUEST_TIMEOUT
+
+
+async def test_a_throttled_refusal_waits_its_delay_past_the_deadline_and_is_still_401(
+        nursery: trio.Nursery, tmp_path: Path, certs: dict[str, Path], autojump_clock: trio.abc.Clock) -> None:
+    delay = REQUEST_TIMEOUT + 2  # an operator's throttle may delay answers longer than request_timeout
+    throttle = AuthThrottle(AuthThrottleSettings(failures=0, delay=delay, max_delay=delay))
+    store, binding, _ = stored_binding(tmp_path)
+    port = await start_service(nursery, tmp_path, certs, store, throttle)
+    start = trio.current_time()
+    response = await token_request(port, certs["cloud_ca"], binding.client_id, "wrong", b"grant_type=client_credentials")
+    assert (response.status, response.json()["error"]) == (401, "invalid_client")
+    assert trio.current_time() - start == REQUEST_TIMEOUT + delay  # the check ended at the deadline, then the delay
 
 
 async def test_an_unexpected_failure_is_answered_500_and_the_service_carries_on(
