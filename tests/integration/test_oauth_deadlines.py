@@ -122,3 +122,19 @@ async def test_an_unexpected_failure_is_answered_500_and_the_service_carries_on(
         response = await token_request(port, certs["cloud_ca"], "sb-x", "secret", b"grant_type=client_credentials")
         assert (response.status, response.json()["error"]) == (500, "server_error")
         assert response.headers["connection"] == "close"
+
+
+async def test_a_request_still_arriving_at_the_deadline_gets_408(
+        nursery: trio.Nursery, tmp_path: Path, certs: dict[str, Path], autojump_clock: trio.abc.Clock) -> None:
+    store, _, _ = stored_binding(tmp_path)
+    port = await start_service(nursery, tmp_path, certs, store)
+    sock = await trio.open_tcp_stream("127.0.0.1", port)
+    stream = trio.SSLStream(sock, pki.client_context(certs["cloud_ca"]), server_hostname="127.0.0.1",
+                            https_compatible=True)
+    start = trio.current_time()
+    await stream.send_all(b"POST /oauth/token HTTP/1.1\r\nhost: x\r\ncontent-length: 40\r\n\r\ngrant_type=")
+    answer = b""
+    while chunk := await stream.receive_some(4096):
+        answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"connection: close" in answer
+    assert trio.current_time() - start == REQUEST_TIMEOUT
