@@ -829,14 +829,18 @@ def build_parser() -> argparse.ArgumentParser:
     acl_list = acl_sub.add_parser("list", help="list mappings with their revisions")
     acl_list.add_argument("--json", action="store_true")
     acl_add = acl_sub.add_parser("add", help="add or replace a mapping (from flags)")
-    acl_add.add_argument("--virtual", required=True, help="virtual host:port")
-    acl_add.add_argument("--internal", required=True, help="internal host:port")
+    acl_add.add_argument("--virtual", required=True, help="virtual host:port, or host:first-last (a range of "
+                         "ports, TCP and TCP-TLS only)")
+    acl_add.add_argument("--internal", required=True, help="internal host:port (a range's first port, or "
+                         "host:first-last of the same size)")
     acl_add.add_argument("--protocol", default="HTTP", choices=["HTTP", "HTTPS", "TCP", "TCP-TLS"])
     acl_add.add_argument("--host-in-header", default="virtual", choices=["virtual", "internal"])
     acl_add.add_argument("--path", action="append", default=[], help="allowed path prefix (repeatable); "
                          "suffix with '=' for an exact path, '+ws' to allow websocket upgrade")
     acl_add.add_argument("--trust-store", help="CA bundle for HTTPS/TCP-TLS backends: an absolute path that "
                          "exists on every node (checked here on this machine)")
+    acl_add.add_argument("--check", action="store_true", help="first connect to the internal host (and verify "
+                         "its TLS) from here, within [forward] connect_timeout; store nothing if it does not answer")
     acl_add.add_argument("--expect-revision", type=int, help="fail unless the mapping is at this revision (CAS)")
     acl_remove = acl_sub.add_parser("remove", help="remove a mapping")
     acl_remove.add_argument("--virtual", required=True, help="virtual host:port")

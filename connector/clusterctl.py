@@ -23,11 +23,13 @@ from cryptography.fernet import Fernet, InvalidToken
 
 from connector import pki
 from connector.admin import http_request
-from connector.agent.acl import Mapping
+from connector.agent.acl import Mapping, overlap
+from connector.agent.origin import BackendError, open_backend
 from connector.agent.runtime import open_store
 from connector.agent.sharedconfig import (
     HISTORY_PREFIX,
     MAPPINGS_PREFIX,
+    decode_mappings,
     mapping_key,
     record_history,
 )
@@ -35,6 +37,7 @@ from connector.config import ConfigError, NodeConfig, load_node_config
 from ha.store import SECRETS_PREFIX, Store, StoreError
 
 ADMIN_TIMEOUT = 1.0
+CHECK_CONCURRENCY = 16  # ports of a range that `acl add --check` connects to at once
 
 
 class UsageError(Exception):
@@ -250,7 +253,52 @@ def mapping_from_args(args: argparse.Namespace) -> Mapping:
     return Mapping.from_dict(raw)  # validates; ValueError names the key
 
 
+async def check_internal_host(mapping: Mapping, connect_timeout: float) -> str | None:
+    """None if the internal host answers on each of `mapping`'s internal ports within
+    `connect_timeout` as the node would reach it (`open_backend`: a TCP connect, and for HTTPS /
+    TCP-TLS the TLS handshake verified with the mapping's trust store); else one line naming
+    the lowest host:port that failed and why. The check runs from where it is called."""
+    failures: dict[int, str] = {}
+    limiter = trio.CapacityLimiter(CHECK_CONCURRENCY)
+
+    async def check(port: int) -> None:
+        one = mapping.for_port(port)
+        async with limiter:
+            try:
+                stream = await open_backend(one, connect_timeout)
+            except BackendError as exc:
+                where = f"{one.internal_host}:{one.internal_port}"
+                message = _with_socket_errors(exc)
+                failures[port] = message if where in message else f"{where}: {message}"
+                return
+            await trio.aclose_forcefully(stream)
+
+    async with trio.open_nursery() as nursery:
+        for port in mapping.virtual_ports:
+            nursery.start_soon(check, port)
+    if not failures:
+        return None
+    more = f" (and {len(failures) - 1} more ports of the range)" if len(failures) > 1 else ""
+    return failures[min(failures)] + more
+
+
+def _with_socket_errors(error: BackendError) -> str:
+    """`error`'s message, plus the socket errors behind trio's "all attempts to connect to ...
+    failed" (its cause, an exception group), which open_backend's message does not repeat."""
+    attempts = error.__context__.__cause__ if error.__context__ is not None else None
+    if isinstance(attempts, BaseExceptionGroup):
+        causes = sorted({e.strerror or str(e) for e in attempts.exceptions if isinstance(e, OSError)})
+        if causes:
+            return f"{error.message} ({', '.join(causes)})"
+    return error.message
+
+
 async def _acl(config: NodeConfig, args: argparse.Namespace) -> int:
+    if args.acl_command == "add" and args.check:
+        failure = await check_internal_host(mapping_from_args(args), config.connect_timeout)
+        if failure is not None:
+            print(f"connector: --check failed, nothing stored: {failure}", file=sys.stderr)
+            return 2
     store = _cluster_store(config)
     try:
         if args.acl_command == "list":
@@ -273,6 +321,12 @@ async def _acl(config: NodeConfig, args: argparse.Namespace) -> int:
         if args.acl_command == "add":
             mapping = mapping_from_args(args)
             key = mapping_key(mapping)
+            stored, _ = decode_mappings((await store.get_prefix(MAPPINGS_PREFIX)).kvs.values())
+            holder = overlap(mapping, (m for m in stored if mapping_key(m) != key))
+            if holder is not None:  # nodes would skip one of the two (sharedconfig.decode_mappings)
+                print(f"connector: invalid mapping: virtual_port: {mapping.name} overlaps the mapping "
+                      f"{holder.name}; remove that first. Nothing stored", file=sys.stderr)
+                return 2
             revision = await store.put(key, json.dumps(mapping.to_dict()), prev_revision=args.expect_revision)
             if revision is None:
                 print(f"connector: {key} is not at revision {args.expect_revision}; nothing written", file=sys.stderr)

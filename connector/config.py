@@ -26,7 +26,7 @@ from typing import Any, Literal, TypeVar, overload
 import attrs
 
 from connector import pki
-from connector.agent.acl import Mapping
+from connector.agent.acl import Mapping, check_no_overlap
 from connector.cloud.admission import StreamLimits
 from connector.cloud.bindings import UserAccount
 from connector.cloud.clients import AuthThrottleSettings, ConnectionLimits
@@ -808,9 +808,11 @@ def load_node_config(path: str | Path, environ: Environment | None = None) -> No
             mappings.append(Mapping.from_dict(section.table))
         except (ValueError, TypeError) as exc:
             raise ConfigError(file, section.prefix, str(exc)) from None
-    names = [m.name for m in mappings]
-    if len(set(names)) != len(names):
-        raise ConfigError(file, "mappings", "two mappings share a virtual host:port")
+    try:
+        check_no_overlap(mappings)
+    except ValueError as exc:
+        raise ConfigError(file, "mappings", "two mappings share a virtual host:port: "
+                          + str(exc).removeprefix("virtual_port: ")) from None
     urls = _tunnel_urls(tunnel)
     cluster = None
     cluster_section = root.sub("cluster")

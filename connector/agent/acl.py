@@ -5,7 +5,10 @@ Theory of operation. The node is default deny. A stream from the cloud names a `
 returns None (nothing is reachable that was not configured). HTTP streams carry requests that are
 each checked by `AccessControl.check_request` against the mapping's resources (an allow-list of
 exact paths and path prefixes; the longest matching resource decides). TCP mappings have no paths:
-the mapping admits the whole connection.
+the mapping admits the whole connection. A TCP mapping may name a range of virtual ports
+(`virtual_port = "7000-7009"`): port 7000 + i reaches internal port `internal_port` + i, and
+`find_mapping` returns the one-port mapping of the port asked, so the forwarder never sees a range.
+Mappings never share a virtual port of a virtual host (`check_no_overlap`).
 
 Paths are checked in one canonical form, and the forwarder sends that same form to the internal
 host, so the path that was checked is the path that is served. Canonicalisation decodes
@@ -283,6 +286,24 @@ class Resource:
         return cls(**kwargs)
 
 
+MAX_PORT_RANGE = 1024  # ports in one range mapping: each is a virtual endpoint of its own
+
+
+def parse_ports(key: str, value: Any) -> tuple[int, int]:
+    """(first port, count) of a port (an integer) or a range ("7000-7009"); ValueError names `key`."""
+    if isinstance(value, str) and "-" in value:
+        first, _, last = value.partition("-")
+        if not (first.strip().isdigit() and last.strip().isdigit()) or not 1 <= int(first) <= int(last) <= 65535:
+            raise ValueError(f"{key}: {value!r} is not a range of ports like \"7000-7009\" (low-high, 1..65535)")
+        return int(first), int(last) - int(first) + 1
+    return value, 1  # a single port, checked by Mapping
+
+
+def format_ports(first: int, count: int) -> str:
+    """"7000" or "7000-7009": how a port or a range is written in names and messages."""
+    return str(first) if count == 1 else f"{first}-{first + count - 1}"
+
+
 _HOST_CHARS = frozenset(string.ascii_letters + string.digits + "-._:[]")
 
 
@@ -318,8 +339,18 @@ class Mapping:
     host_in_header: HostInHeader = HostInHeader.VIRTUAL
     resources: tuple[Resource, ...] = ()
     trust_store: str | None = None  # CA bundle for HTTPS / TCP-TLS backends; None = system default
+    port_count: int = 1  # > 1: the virtual ports virtual_port.. map to internal_port.. (TCP only)
 
     def __attrs_post_init__(self) -> None:
+        count = self.port_count
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_PORT_RANGE:
+            raise ValueError(f"virtual_port: a range holds 1..{MAX_PORT_RANGE} ports, not {count!r}")
+        if count > 1:
+            if self.protocol.is_http:
+                raise ValueError("virtual_port: only TCP and TCP-TLS mappings may name a range of ports")
+            for name, first in (("virtual_port", self.virtual_port), ("internal_port", self.internal_port)):
+                if first + count - 1 > 65535:
+                    raise ValueError(f"{name}: the range {first}-{first + count - 1} goes past port 65535")
         if not isinstance(self.protocol, BackendProtocol):
             raise ValueError(f"protocol: must be a BackendProtocol, not {self.protocol!r}")
         if not isinstance(self.host_in_header, HostInHeader):
@@ -341,15 +372,30 @@ class Mapping:
 
     @property
     def name(self) -> str:
-        """The mapping's name as operators and metrics see it: "virtual_host:virtual_port"."""
-        return f"{self.virtual_host}:{self.virtual_port}"
+        """The mapping's name as operators and metrics see it: "virtual_host:virtual_port"
+        ("virtual_host:7000-7009" for a range)."""
+        return f"{self.virtual_host}:{format_ports(self.virtual_port, self.port_count)}"
+
+    @property
+    def virtual_ports(self) -> range:
+        return range(self.virtual_port, self.virtual_port + self.port_count)
+
+    def for_port(self, port: int) -> Mapping:
+        """The one-port mapping of virtual `port` (one of `virtual_ports`): same offset inside."""
+        if port not in self.virtual_ports:
+            raise ValueError(f"port {port} is not in {self.name}")
+        if self.port_count == 1:
+            return self
+        return attrs.evolve(self, virtual_port=port, internal_port=self.internal_port + port - self.virtual_port,
+                            port_count=1)
 
     def to_dict(self) -> dict[str, Any]:
+        ranged = self.port_count > 1
         data: dict[str, Any] = {
             "virtual_host": self.virtual_host,
-            "virtual_port": self.virtual_port,
+            "virtual_port": format_ports(self.virtual_port, self.port_count) if ranged else self.virtual_port,
             "internal_host": self.internal_host,
-            "internal_port": self.internal_port,
+            "internal_port": format_ports(self.internal_port, self.port_count) if ranged else self.internal_port,
             "protocol": str(self.protocol),
             "host_in_header": str(self.host_in_header),
             "resources": [r.to_dict() for r in self.resources],
@@ -363,15 +409,21 @@ class Mapping:
         """Build from JSON/TOML data; ValueError names the bad key and why (e.g. "internal_port: ...")."""
         if not isinstance(data, AbcMapping):
             raise ValueError(f"mapping must be a table/object, not {type(data).__name__}")
-        fields = {f.name for f in attrs.fields(cls)}
+        fields = {f.name for f in attrs.fields(cls)} - {"port_count"}  # a range is written "first-last"
         unknown = set(data) - fields
         if unknown:
             raise ValueError(f"{sorted(unknown)[0]}: unknown key")
         for key in ("virtual_host", "virtual_port", "internal_host", "internal_port"):
             if key not in data:
                 raise ValueError(f"{key}: missing")
+        virtual_port, count = parse_ports("virtual_port", data["virtual_port"])
+        internal_port, internal_count = parse_ports("internal_port", data["internal_port"])
+        if internal_count not in (1, count):  # an internal range must match; a single port is its start
+            raise ValueError(f"internal_port: {data['internal_port']!r} holds {internal_count} ports, "
+                             f"virtual_port {data['virtual_port']!r} holds {count}")
         kwargs: dict[str, Any] = {
-            key: data[key] for key in ("virtual_host", "virtual_port", "internal_host", "internal_port")
+            "virtual_host": data["virtual_host"], "virtual_port": virtual_port,
+            "internal_host": data["internal_host"], "internal_port": internal_port, "port_count": count,
         }
         if "protocol" in data:
             try:
@@ -429,6 +481,37 @@ class Decision:
     detail: str | None = None
 
 
+PortTable = dict[tuple[str, int], "Mapping"]  # (lower-case virtual host, virtual port) -> its mapping
+
+
+def claim_ports(table: PortTable, mapping: Mapping) -> Mapping | None:
+    """Enter `mapping`'s virtual ports in `table`; if one is already there, enter none and return
+    the mapping holding it. The one rule of overlap, for the node, its file and the shared store."""
+    host = mapping.virtual_host.lower()
+    holder = next((table[host, port] for port in mapping.virtual_ports if (host, port) in table), None)
+    if holder is None:
+        table.update(((host, port), mapping) for port in mapping.virtual_ports)
+    return holder
+
+
+def overlap(mapping: Mapping, others: Iterable[Mapping]) -> Mapping | None:
+    """The first of `others` sharing a virtual port of `mapping`'s virtual host, or None."""
+    host, ports = mapping.virtual_host.lower(), mapping.virtual_ports
+    return next((other for other in others if other.virtual_host.lower() == host
+                 and max(ports.start, other.virtual_port) < min(ports.stop, other.virtual_ports.stop)), None)
+
+
+def check_no_overlap(mappings: Iterable[Mapping]) -> PortTable:
+    """The port table of `mappings`; ValueError naming the first two that share a virtual port."""
+    table: PortTable = {}
+    for mapping in mappings:
+        holder = claim_ports(table, mapping)
+        if holder is not None:
+            what = "duplicate mapping" if holder.name.lower() == mapping.name.lower() else "overlapping mappings"
+            raise ValueError(f"virtual_port: {what} {holder.name!r} and {mapping.name!r}")
+    return table
+
+
 def _deny(reason: str, path: str | None = None, detail: str | None = None) -> Decision:
     return Decision(allowed=False, reason=reason, path=path, detail=detail)
 
@@ -458,28 +541,24 @@ class AccessControl:
     """The node's allow-list: mappings by virtual endpoint. Immutable; replace it as a whole."""
 
     def __init__(self, mappings: Iterable[Mapping]) -> None:
-        by_endpoint: dict[tuple[str, int], Mapping] = {}
-        for mapping in mappings:
-            key = (mapping.virtual_host.lower(), mapping.virtual_port)
-            if key in by_endpoint:
-                raise ValueError(f"virtual_host: duplicate mapping {mapping.name!r}")
-            by_endpoint[key] = mapping
-        self._by_endpoint = by_endpoint
+        self._mappings = tuple(mappings)
+        self._by_endpoint = check_no_overlap(self._mappings)
 
     @property
     def mappings(self) -> tuple[Mapping, ...]:
-        return tuple(self._by_endpoint.values())
+        return self._mappings
 
     def find_mapping(self, target: Target) -> Mapping | None:
-        """The mapping serving `target`, or None. HTTP targets only reach HTTP/HTTPS mappings,
-        TCP targets only TCP/TCP-TLS ones; the virtual host compares case-insensitively."""
+        """The mapping serving `target` (of its port alone, when a range serves it), or None.
+        HTTP targets only reach HTTP/HTTPS mappings, TCP targets only TCP/TCP-TLS ones; the
+        virtual host compares case-insensitively."""
         mapping = self._by_endpoint.get((target.virtual_host.lower(), target.port))
         if mapping is None:
             return None
         wants_http = target.protocol == StreamProtocol.HTTP
         if mapping.protocol.is_http != wants_http:
             return None
-        return mapping
+        return mapping.for_port(target.port)
 
     def check_request(
         self,

@@ -7,8 +7,8 @@ a node reads the prefix; if it is empty, the node *seeds* it from its TOML file 
 so two nodes starting together cannot clobber each other). It then applies the snapshot and watches
 the prefix from the snapshot's revision + 1: any change re-reads the whole prefix and applies it as
 one new `AccessControl`, so a shadow always holds the master's exact configuration when it takes
-over. A value that fails validation is skipped with an error in the log and the audit log (the rest
-still applies); an etcd outage keeps the last applied configuration and retries with backoff.
+over. A value that fails validation, or shares a virtual port with a value of a lower key, is
+skipped with an error in the log and the audit log (the rest still applies); an etcd outage keeps the last applied configuration and retries with backoff.
 
 Every accepted edit made with `connector acl` is also recorded under ``history/<revision>`` (who,
 what, when): that is the versioned, audited trail; etcd's revisions are the versions.
@@ -26,7 +26,7 @@ from typing import Any
 
 import trio
 
-from connector.agent.acl import Mapping
+from connector.agent.acl import Mapping, PortTable, claim_ports
 from connector.backoff import Backoff
 from ha.store import RevisionCompacted, Store, StoreUnavailable
 
@@ -43,13 +43,23 @@ def mapping_key(mapping: Mapping) -> str:
 
 
 def decode_mappings(kvs: Iterable[Any]) -> tuple[list[Mapping], list[str]]:
-    """Valid mappings and one error string per invalid value (never raises)."""
-    mappings, errors = [], []
-    for kv in kvs:
+    """Valid mappings and one error string per invalid value (never raises). Of two values that
+    share a virtual port (a range written over another mapping's port), the one with the lower
+    key wins and the other is an error, so every node keeps the same one."""
+    mappings: list[Mapping] = []
+    errors = []
+    taken: PortTable = {}
+    for kv in sorted(kvs, key=lambda kv: kv.key):
         try:
-            mappings.append(Mapping.from_dict(json.loads(kv.value)))
+            mapping = Mapping.from_dict(json.loads(kv.value))
         except (ValueError, TypeError) as exc:
             errors.append(f"{kv.key}: {exc}")
+            continue
+        holder = claim_ports(taken, mapping)
+        if holder is not None:
+            errors.append(f"{kv.key}: virtual_port: overlaps the mapping {holder.name!r}")
+            continue
+        mappings.append(mapping)
     return sorted(mappings, key=lambda m: m.name), errors
 
 

@@ -28,12 +28,16 @@ and `jku` in its header and the claims XSUAA writes that applications read: `iss
 /.well-known/openid-configuration` names the endpoints.
 
 Served over TLS only (the cloud CA's certificate). Bounds: at most `max_connections` at once
-(one more is closed before its TLS handshake); the handshake, and each request until it is
-answered, within `request_timeout`; a keep-alive connection idles at most `idle_timeout`;
-bodies over `max_body_bytes` get 413 unread; secrets are checked by scrypt in worker threads, at most `HASH_THREADS` at once, with a
-dummy check for unknown client ids so timing does not tell which exist. Failed client
-authentications count in the proxies' `AuthThrottle` per client address and are answered after
-its delay; every refusal is written to the cloud's audit log (`proxy = "oauth"`).
+(one more is closed before its TLS handshake); the handshake, and each request until its answer
+is decided, within `request_timeout` (408 if it had not arrived whole, 503 if it had but still
+waits, e.g. for a secret check); an answer is sent within `request_timeout` again, so a deadline
+never cuts one short, and an unexpected failure is answered 500. A keep-alive connection idles at
+most `idle_timeout`; bodies over `max_body_bytes` get 413 unread; secrets are checked by scrypt
+in worker threads, at most `HASH_THREADS` at once, with a dummy check for unknown client ids so
+timing does not tell which exist. Failed client authentications count in the proxies'
+`AuthThrottle` per client address and are answered after its delay (a refusal decided, so the
+request deadline does not cut the wait); every refusal is written to the cloud's audit log
+(`proxy = "oauth"`).
 
 The client side (fetching tokens for destinations, cached) is `connector.cloud.token_client`.
 """
@@ -125,12 +129,27 @@ class OAuthSettings:
         return self.url.rstrip("/") + TOKEN_PATH
 
 
-class OAuthError(Exception):
-    """A refused token request: status, RFC 6749 error code, description, and the audit reason."""
+@attrs.frozen
+class _Answer:
+    """A response decided for one request, sent by `TokenService._answer`."""
 
-    def __init__(self, status: int, error: str, description: str, *, subaccount: str | None = None) -> None:
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    payload: bytes
+    close: bool = False  # and close the connection after it
+    head_only: bool = False  # a HEAD request: no body
+    delay: float = 0.0  # seconds to wait before sending it (the failure throttle's)
+
+
+class OAuthError(Exception):
+    """A refused token request: status, RFC 6749 error code, description, the audit reason, and
+    how long the answer waits (a failed authentication's throttle delay)."""
+
+    def __init__(self, status: int, error: str, description: str, *, subaccount: str | None = None,
+                 delay: float = 0.0) -> None:
         super().__init__(description)
         self.status, self.error, self.description, self.subaccount = status, error, description, subaccount
+        self.delay = delay
 
 
 def issue_token(ring: KeyRing, settings: OAuthSettings, binding: Binding, grant: str, now: float,
@@ -302,32 +321,41 @@ class TokenService:
                         conn.receive_data(bytes(await stream.receive_some(_CHUNK)))
                     if not conn.trailing_data[0]:
                         return
+                # The deadline covers reading and deciding; the answer is sent after it with a
+                # deadline of its own, so a deadline never cuts an answer h11 counts as sent.
                 with trio.move_on_after(self.settings.request_timeout) as deadline:
-                    await self._serve_request(stream, conn, client)
+                    answer = await self._serve_request(stream, conn, client)
                 if deadline.cancelled_caught:
-                    await self._answer(stream, conn, *_error(408, "invalid_request", "the request took too long"),
-                                       close=True)
+                    answer = self._late_answer(conn, client)
+                if answer is None:
                     return
+                await trio.sleep(answer.delay)  # decided already: the request deadline does not cut it
+                await self._answer(stream, conn, answer)
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     return
                 conn.start_next_cycle()
         except h11.RemoteProtocolError as exc:
-            await self._answer(stream, conn, *_error(exc.error_status_hint, "invalid_request", str(exc)), close=True)
+            await self._answer_if_possible(stream, conn, _Answer(
+                *_error(exc.error_status_hint, "invalid_request", str(exc)), close=True))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception:  # one connection's failure must not end the service
             log.exception("token service connection failed")
+            await self._answer_if_possible(stream, conn, _Answer(
+                *_error(500, "server_error", "the token service failed; its log says why"), close=True))
         finally:
             self._count_connection(-1)
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await trio.aclose_forcefully(stream)
 
     async def _serve_request(self, stream: trio.SSLStream[trio.SocketStream], conn: h11.Connection,
-                             client: str) -> None:
+                             client: str) -> _Answer | None:
+        """Read one request and decide its answer; None if the client closed instead."""
         request = await _next_event(stream, conn)
         if not isinstance(request, h11.Request):
-            return
+            return None
         path = request.target.decode("ascii", "replace").partition("?")[0]
+        head_only = request.method == b"HEAD"
         started = trio.current_time()
         try:
             if path == TOKEN_PATH:
@@ -345,14 +373,22 @@ class TokenService:
             self.audit.refusal(proxy="oauth", client=client, reason=exc.error, status=exc.status,
                                subaccount=exc.subaccount, method=request.method.decode("ascii", "replace"),
                                path=path, duration_seconds=trio.current_time() - started)
-            close = exc.status in (413, 405)
-            await self._answer(stream, conn, *_error(exc.status, exc.error, exc.description), close=close,
-                               head_only=request.method == b"HEAD")
-            return
+            return _Answer(*_error(exc.status, exc.error, exc.description), close=exc.status in (413, 405),
+                           head_only=head_only, delay=exc.delay)
         payload = json.dumps(document).encode("utf-8")
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
                    (b"cache-control", b"no-store"), (b"pragma", b"no-cache")]
-        await self._answer(stream, conn, 200, headers, payload, head_only=request.method == b"HEAD")
+        return _Answer(200, headers, payload, head_only=head_only)
+
+    def _late_answer(self, conn: h11.Connection, client: str) -> _Answer:
+        """The answer when `request_timeout` passed: 408 while the request was still arriving,
+        503 once it had arrived (the service was too busy: secret checks queue for their threads)."""
+        if conn.their_state is h11.DONE:
+            log.warning("token service: a request from %s was not answered within %.1f s (busy)", client,
+                        self.settings.request_timeout)
+            return _Answer(*_error(503, "temporarily_unavailable", "the token service is busy, try again"),
+                           close=True)
+        return _Answer(*_error(408, "invalid_request", "the request took too long"), close=True)
 
     async def _read_body(self, stream: trio.SSLStream[trio.SocketStream], conn: h11.Connection,
                          request: h11.Request) -> bytes:
@@ -372,19 +408,27 @@ class TokenService:
             else:
                 raise h11.RemoteProtocolError("the connection closed inside a request body", error_status_hint=400)
 
-    async def _answer(self, stream: trio.SSLStream[trio.SocketStream], conn: h11.Connection, status: int,
-                      headers: list[tuple[bytes, bytes]], payload: bytes, *, close: bool = False,
-                      head_only: bool = False) -> None:
+    async def _answer(self, stream: trio.SSLStream[trio.SocketStream], conn: h11.Connection,
+                      answer: _Answer) -> None:
+        """Send `answer` within `request_timeout`, unless a response was already begun."""
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
-        if close:
-            headers = [*headers, (b"connection", b"close")]
-        out = conn.send(h11.Response(status_code=status, headers=headers, reason=REASONS.get(status, b"")))
-        if not head_only:
-            out += conn.send(h11.Data(data=payload))
+        headers = [*answer.headers, (b"connection", b"close")] if answer.close else answer.headers
+        out = conn.send(h11.Response(status_code=answer.status, headers=headers,
+                                     reason=REASONS.get(answer.status, b"")))
+        if not answer.head_only:
+            out += conn.send(h11.Data(data=answer.payload))
         out += conn.send(h11.EndOfMessage())
         with trio.move_on_after(self.settings.request_timeout):
             await stream.send_all(out)
+
+    async def _answer_if_possible(self, stream: trio.SSLStream[trio.SocketStream], conn: h11.Connection,
+                                  answer: _Answer) -> None:
+        """`_answer` on a connection that is failing: a stream already broken is let go quietly."""
+        try:
+            await self._answer(stream, conn, answer)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+            pass
 
     # --- one token request ---------------------------------------------------------------------
     async def _token(self, authorization: bytes | None, form: dict[str, str], client: str) -> dict[str, Any]:
@@ -445,16 +489,16 @@ class TokenService:
         ok = await trio.to_thread.run_sync(check_secret, form.get("password", ""), stored, limiter=self._hashing)
         if user is not None and ok:
             return user
-        await self._failed(client)
-        raise OAuthError(400, "invalid_grant", "bad user credentials", subaccount=binding.subaccount)
+        raise OAuthError(400, "invalid_grant", "bad user credentials", subaccount=binding.subaccount,
+                         delay=self._failed(client))
 
-    async def _failed(self, client: str) -> None:
-        """Count a failed authentication of `client` and wait out the throttle's delay."""
+    def _failed(self, client: str) -> float:
+        """Count a failed authentication of `client`; the seconds its answer waits (the throttle's)."""
         metrics.PROXY_AUTH_FAILURES.inc()
         delay = self.throttle.failed(client)
         if delay > 0:
             metrics.PROXY_AUTH_DELAYED.inc()
-            await trio.sleep(delay)
+        return delay
 
     async def _authenticate_client(self, client_id: str, secret: str, client: str) -> Binding:
         try:
@@ -466,10 +510,10 @@ class TokenService:
         ok = await trio.to_thread.run_sync(check_secret, secret, stored, limiter=self._hashing)
         if binding is not None and ok and binding.active:
             return binding
-        await self._failed(client)
         revoked = binding is not None and ok and not binding.active
         raise OAuthError(401, "invalid_client", "this binding is revoked" if revoked else "bad client credentials",
-                         subaccount=binding.subaccount if revoked and binding is not None else None)
+                         subaccount=binding.subaccount if revoked and binding is not None else None,
+                         delay=self._failed(client))
 
     def _discovery(self) -> dict[str, Any]:
         base = self.settings.url.rstrip("/")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -66,6 +67,64 @@ def test_duplicate_mappings_refused() -> None:
 
 def test_mapping_name() -> None:
     assert ERP.name == "erp.virtual:443"
+
+
+# --- port ranges -------------------------------------------------------------------------------
+
+RANGE = Mapping.from_dict({"virtual_host": "mq.virtual", "virtual_port": "7000-7009", "internal_host": "10.0.0.5",
+                           "internal_port": 9000, "protocol": "TCP-TLS", "trust_store": "/etc/ca.pem"})
+
+
+def test_a_range_maps_each_port_to_the_same_offset_inside() -> None:
+    assert (RANGE.virtual_port, RANGE.internal_port, RANGE.port_count, RANGE.name) == (7000, 9000, 10, "mq.virtual:7000-7009")
+    access = AccessControl([RANGE, DB])
+    for port, internal in ((7000, 9000), (7003, 9003), (7009, 9009)):
+        found = access.find_mapping(Target("MQ.virtual", port, StreamProtocol.TCP))
+        assert found == attrs.evolve(RANGE, virtual_port=port, internal_port=internal, port_count=1)
+        assert found is not None and found.name == f"mq.virtual:{port}" and found.trust_store == "/etc/ca.pem"
+    for port in (6999, 7010):
+        assert access.find_mapping(Target("mq.virtual", port, StreamProtocol.TCP)) is None
+    assert access.find_mapping(Target("mq.virtual", 7001, StreamProtocol.HTTP)) is None
+    assert access.mappings == (RANGE, DB)
+
+
+def test_a_range_round_trips_and_an_internal_range_must_match_its_size() -> None:
+    data = RANGE.to_dict()
+    assert (data["virtual_port"], data["internal_port"]) == ("7000-7009", "9000-9009")
+    assert Mapping.from_dict(data) == RANGE
+    assert Mapping.from_dict({**data, "internal_port": 9000}) == RANGE
+    assert Mapping.from_dict({**data, "virtual_port": "7000-7000", "internal_port": 9000}).to_dict()["virtual_port"] == 7000
+    assert DB.to_dict()["virtual_port"] == 5432  # a single port is written as before
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"protocol": "HTTP", "trust_store": None}, "virtual_port: only TCP and TCP-TLS mappings may name a range"),
+    ({"virtual_port": "7000-8024"}, "virtual_port: a range holds 1..1024 ports, not 1025"),
+    ({"virtual_port": "7009-7000"}, "virtual_port: '7009-7000' is not a range of ports"),
+    ({"virtual_port": "0-9"}, "virtual_port: '0-9' is not a range"),
+    ({"virtual_port": "7000-"}, "virtual_port: '7000-' is not a range"),
+    ({"virtual_port": "a-b"}, "virtual_port: 'a-b' is not a range"),
+    ({"internal_port": "9000-9004"}, "internal_port: '9000-9004' holds 5 ports, virtual_port '7000-7009' holds 10"),
+    ({"internal_port": 65530}, "internal_port: the range 65530-65539 goes past port 65535"),
+    ({"port_count": 10}, "port_count: unknown key"),
+])
+def test_a_bad_range_is_refused_with_its_key(change: dict[str, object], message: str) -> None:
+    data = {"virtual_host": "mq.virtual", "virtual_port": "7000-7009", "internal_host": "10.0.0.5",
+            "internal_port": 9000, "protocol": "TCP", **change}
+    with pytest.raises(ValueError) as caught:
+        Mapping.from_dict({k: v for k, v in data.items() if v is not None})
+    assert str(caught.value).startswith(message)
+
+
+def test_mappings_may_not_share_a_port_of_a_virtual_host() -> None:
+    single = Mapping("MQ.virtual", 7009, "10.0.0.6", 1, protocol=BackendProtocol.TCP)
+    with pytest.raises(ValueError, match="overlapping mappings 'mq.virtual:7000-7009' and 'MQ.virtual:7009'"):
+        AccessControl([RANGE, single])
+    other = Mapping.from_dict({**RANGE.to_dict(), "virtual_port": "6990-7000", "internal_port": 9000})
+    with pytest.raises(ValueError, match="overlapping mappings"):
+        AccessControl([RANGE, other])
+    assert acl.overlap(other, [DB, RANGE]) is RANGE and acl.overlap(single, [DB]) is None
+    AccessControl([RANGE, attrs.evolve(single, virtual_port=7010), attrs.evolve(single, virtual_host="mq2.virtual")])
 
 
 # --- resources -----------------------------------------------------------------------------------

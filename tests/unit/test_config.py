@@ -59,6 +59,22 @@ resources = [{ path = "/sap" }]
 """
 
 
+RANGE_MAPPING = """
+[[mappings]]
+virtual_host = "mq.virtual"
+virtual_port = "7000-7009"
+internal_host = "10.0.0.2"
+internal_port = 9000
+protocol = "TCP"
+"""
+
+
+def test_a_tcp_mapping_may_name_a_port_range(files):
+    mapping = load_node_config(node(files, GOOD_NODE + RANGE_MAPPING)).mappings[1]
+    assert (mapping.name, mapping.virtual_port, mapping.internal_port, mapping.port_count) == (
+        "mq.virtual:7000-7009", 7000, 9000, 10)
+
+
 def node(files: Path, body: str) -> Path:
     path = files / "node.toml"
     path.write_text(body)
@@ -111,6 +127,9 @@ def test_bad_cloud_config_names_file_and_key(files, body, key, message):
         (GOOD_NODE + "\n[admin]\nlisten = '0.0.0.0:9000'\n[cluster]\nname = 'c'\n", "admin.advertise_url", "wildcard"),
         (GOOD_NODE + "\n[tunnel2]\n", "tunnel2", "unknown key"),
         (GOOD_NODE + GOOD_NODE.split("[tunnel]")[1].split("key = \"node.key\"")[1], "mappings", "share a virtual host"),
+        (GOOD_NODE + RANGE_MAPPING.replace("7000-7009", "7009-7010") + RANGE_MAPPING, "mappings",
+         "share a virtual host:port: overlapping mappings 'mq.virtual:7009-7010' and 'mq.virtual:7000-7009'"),
+        (GOOD_NODE + RANGE_MAPPING.replace('"TCP"', '"HTTP"'), "mappings[1]", "only TCP and TCP-TLS"),
     ],
 )
 def test_bad_node_config_names_file_and_key(files, body, key, message):
