@@ -33,7 +33,8 @@ file on every replica); a binding holds its secret only as a scrypt hash, as the
   now has [shared] imports them when it starts: bindings not in etcd yet are added (one revoked or
   added in etcd meanwhile is left as etcd has it); the file's ring becomes the shared one if etcd
   has none, else its keys join the shared ring as retired keys trusted for ``key_overlap``, so no
-  token they signed is refused early. Each file is then renamed ``<name>.imported``.
+  token they signed is refused early. Each file is then renamed ``<name>.imported``. The token
+  service changes the ring only once the import is done (`SharedKeyRing.ready`).
 """
 
 from __future__ import annotations
@@ -98,6 +99,8 @@ class SharedKeyRing(_Revisions):
         self.fernet = fernet
         self._ring: KeyRing | None = None
         self._ring_revision = 0  # the mod revision of the ring in use (0: none)
+        self.ready = trio.Event()  # set: changes may be made (`OAuthSync` clears it until its import is done)
+        self.ready.set()
         super().__init__()
 
     @property
@@ -110,6 +113,11 @@ class SharedKeyRing(_Revisions):
         return self._ring_revision
 
     async def update(self, decide: Decision) -> str | None:
+        await self.ready.wait()  # a first ring is this replica's imported one, not a fresh one
+        return await self.update_now(decide)
+
+    async def update_now(self, decide: Decision) -> str | None:
+        """`update` without waiting for `ready` (the import itself)."""
         while True:
             kv = await self.store.get(KEYRING_KEY)
             stored = decode_ring(self.fernet, kv.value) if kv is not None else None
@@ -243,7 +251,7 @@ def _mark_imported(path: Path) -> None:
     path.rename(path.with_name(path.name + ".imported"))
 
 
-async def import_files(store: Store, fernet: Fernet, *, keys_file: Path, bindings_file: Path, now: float,
+async def import_files(store: Store, keyring: SharedKeyRing, *, keys_file: Path, bindings_file: Path, now: float,
                        overlap: float) -> list[str]:
     """Import one replica's ring and bindings files into etcd, then rename them ``*.imported``
     (see the module docstring); sentences of what was imported. StoreUnavailable and OSError
@@ -266,7 +274,7 @@ async def import_files(store: Store, fernet: Fernet, *, keys_file: Path, binding
             merged = _merge_file_ring(shared, file_ring, now, overlap)
             return merged, (f"added the keys of {keys_file} to the shared ring as retired keys" if merged else None)
 
-        said.append(await SharedKeyRing(store, fernet).update(merge) or "")
+        said.append(await keyring.update_now(merge) or "")
         _mark_imported(keys_file)
     return [s for s in said if s]
 
@@ -278,15 +286,15 @@ class OAuthSync:
                  clock: Any) -> None:
         self.store = store
         self.keys = SharedKeyRing(store, fernet)
+        self.keys.ready = trio.Event()  # the token service changes the ring only after the import
         self.bindings = SharedBindings(store)
-        self.fernet = fernet
         self.keys_file, self.bindings_file, self.overlap, self.clock = keys_file, bindings_file, overlap, clock
 
     async def run(self, reach: Reachability, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
             try:
-                for sentence in await import_files(self.store, self.fernet, keys_file=self.keys_file,
+                for sentence in await import_files(self.store, self.keys, keys_file=self.keys_file,
                                                    bindings_file=self.bindings_file, now=self.clock(),
                                                    overlap=self.overlap):
                     log.warning("token service: %s into the cloud's etcd", sentence)
@@ -297,6 +305,7 @@ class OAuthSync:
             except OSError as exc:  # an unreadable file: said, and the shared state served without it
                 log.error("token service: could not import %s / %s: %s", self.keys_file, self.bindings_file, exc)
                 break
+        self.keys.ready.set()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.keys.run, reach)
             nursery.start_soon(self.bindings.run, reach)

@@ -209,14 +209,14 @@ def write_files(tmp_path: Path) -> tuple[Path, Path, KeyRing, list]:
 async def test_import_into_an_empty_store_takes_the_files_as_they_are(tmp_path: Path) -> None:
     store = MemoryStore()
     keys_file, bindings_file, ring, made = write_files(tmp_path)
-    said = await import_files(store, FERNET, keys_file=keys_file, bindings_file=bindings_file, now=T0,
+    said = await import_files(store, SharedKeyRing(store, FERNET), keys_file=keys_file, bindings_file=bindings_file, now=T0,
                               overlap=OVERLAP)
     assert len(said) == 2 and "2 new binding(s) of 2" in said[0]
     assert _decode((await store.get(KEYRING_KEY)).value) == ring  # type: ignore[union-attr]
     assert sorted(b.client_id for b in await list_bindings(store)) == sorted(b.client_id for b in made)
     assert not keys_file.exists() and (tmp_path / "signing-keys.json.imported").exists()
     assert not bindings_file.exists() and (tmp_path / "bindings.json.imported").exists()
-    assert await import_files(store, FERNET, keys_file=keys_file, bindings_file=bindings_file, now=T0,
+    assert await import_files(store, SharedKeyRing(store, FERNET), keys_file=keys_file, bindings_file=bindings_file, now=T0,
                               overlap=OVERLAP) == []  # once: nothing left to import
 
 
@@ -229,7 +229,7 @@ async def test_import_beside_a_shared_ring_keeps_the_files_keys_trusted_for_the_
     await revoke_binding(store, already.client_id, T0 + 1)
     keys_file, bindings_file, ring, made = write_files(tmp_path)
     FileBindingStore(bindings_file).add(already)  # the file still has it active: etcd's revocation stays
-    await import_files(store, FERNET, keys_file=keys_file, bindings_file=bindings_file, now=T0 + 2,
+    await import_files(store, SharedKeyRing(store, FERNET), keys_file=keys_file, bindings_file=bindings_file, now=T0 + 2,
                        overlap=OVERLAP)
     merged = _decode((await store.get(KEYRING_KEY)).value)  # type: ignore[union-attr]
     assert merged.current == shared.ring.current  # type: ignore[union-attr]  # the shared key still signs
