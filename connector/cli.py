@@ -1,5 +1,5 @@
 """The `connector` command: certs, token, binding, cloud, node, demo, status, acl, secret, switch,
-backup, restore."""
+backup, restore, and the cloud's shared state (cloud-token, cloud-subaccount, cloud-revoke, cloud-keys)."""
 
 from __future__ import annotations
 
@@ -344,6 +344,46 @@ def cmd_cloud_revoke(args: argparse.Namespace) -> int:
         return 0
 
     return _on_cloud_store(store, run)
+
+
+def cmd_cloud_keys(args: argparse.Namespace) -> int:
+    """`connector cloud-keys list|rotate`: the token service's signing key ring in the cloud's etcd
+    (see `connector.cloud.oauth_shared`); a rotation applies on every replica within moments."""
+    import time
+
+    from connector.cloud.destination_store import load_or_create_key
+    from connector.cloud.jwks import rotation
+    from connector.cloud.oauth_shared import KEYRING_KEY, SharedKeyRing, decode_ring
+
+    config, store = _cloud_store(args.config)
+    assert config.shared is not None
+    key = config.shared.secrets_key
+    if config.oauth is None or key is None or not key.exists():
+        print(f"connector: {config.file} needs [oauth] and an existing [shared] secrets_key (the replicas' key "
+              "file) to read the signing keys", file=sys.stderr)
+        return 2
+    keyring = SharedKeyRing(store, load_or_create_key(key))
+    overlap = config.oauth.settings.key_overlap if args.overlap is None else args.overlap
+    if overlap < 0:
+        print("connector: --overlap must be at least 0", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        if args.action == "rotate":
+            said = await keyring.update(rotation(time.time(), overlap))
+            print(json.dumps({"rotated": said, "revision": keyring.ring_revision}))
+        kv = await store.get(KEYRING_KEY)
+        ring = decode_ring(keyring.fernet, kv.value) if kv is not None else None
+        for signing_key in ring.keys if ring is not None else ():
+            print(json.dumps({"kid": signing_key.kid, "created": signing_key.created, "retires": signing_key.retires,
+                              "signs": signing_key is ring.current}))  # type: ignore[union-attr]
+        return 0
+
+    try:
+        return _on_cloud_store(store, run)
+    except OSError as exc:  # a ring of another secrets key
+        print(f"connector: {exc}", file=sys.stderr)
+        return 2
 
 
 def cloud_replicas_status(config_path: str, *, as_json: bool) -> int:
@@ -825,6 +865,17 @@ def build_parser() -> argparse.ArgumentParser:
     cloud_revoke.add_argument("--cert", action="append", help="revoke the serial of this PEM certificate (repeatable)")
     cloud_revoke.add_argument("--reason", help="a note kept with the serial (why)")
     cloud_revoke.set_defaults(func=cmd_cloud_revoke)
+    cloud_keys = sub.add_parser(
+        "cloud-keys", help="list or rotate the token service's signing keys in the cloud's etcd (every replica)",
+        description="The [oauth] token service's RS256 key ring, shared by the replicas ([shared]). A rotation makes "
+                    "a new key sign on every replica within moments; the old one stays in /token_keys and valid "
+                    "for --overlap seconds (default [oauth] key_overlap; 0 after a key leak: its tokens are refused "
+                    "at once).")
+    cloud_keys.add_argument("action", nargs="?", choices=("list", "rotate"), default="list",
+                            help="list (default): the keys (never the private halves); rotate: a new key now")
+    cloud_keys.add_argument("--config", required=True, help="cloud.toml (with [oauth] and [shared])")
+    cloud_keys.add_argument("--overlap", type=float, help="seconds the replaced key stays valid (rotate)")
+    cloud_keys.set_defaults(func=cmd_cloud_keys)
 
     node = sub.add_parser("node", help="run an on-premise connector node")
     node.add_argument("--config", required=True, help="node.toml")

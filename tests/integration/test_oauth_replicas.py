@@ -242,3 +242,28 @@ async def test_a_single_replicas_files_are_imported_when_it_gets_shared(nursery,
     for replica in (a, b):  # the binding and the file key's token work on both
         assert await replica.through_proxy(token) == 200
         assert await replica.through_proxy(await replica.token(credentials)) == 200
+
+
+async def test_an_emergency_rotation_through_the_cli_refuses_the_old_keys_tokens_on_both(nursery, tmp_path, etcd):
+    certs = make_certs(tmp_path)
+    a = await start_replica(nursery, tmp_path, certs, etcd, "cloud-a")
+    b = await start_replica(nursery, tmp_path, certs, etcd, "cloud-b")
+    await start_node(nursery, tmp_path, certs, [a, b])
+    vcap = json.loads(await binding_cli("create", "--config", str(a.config), "--subaccount", SUBACCOUNT, "--compact"))
+    credentials = vcap["connectivity"][0]["credentials"]
+    await seen_by_both(etcd, a, b)
+    leaked = await a.token(credentials)
+    assert await b.through_proxy(leaked) == 200
+
+    result = await trio.run_process([sys.executable, "-m", "connector", "cloud-keys", "rotate", "--overlap", "0",
+                                     "--config", str(b.config)], capture_stdout=True, capture_stderr=True,
+                                    env={**os.environ, "PYTHONPATH": os.getcwd()})
+    rotated, *keys = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert [k["signs"] for k in keys] == [True, False] and "private_pem" not in keys[0]
+    with trio.fail_after(5):
+        for replica in (a, b):
+            await replica.keyring.wait_revision(rotated["revision"])
+    for replica in (a, b):
+        assert await replica.kids() == [keys[0]["kid"]]  # the leaked key is gone from /token_keys at once
+        assert await replica.through_proxy(leaked) == 407
+        assert await replica.through_proxy(await replica.token(credentials)) == 200
