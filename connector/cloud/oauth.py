@@ -35,7 +35,10 @@ dummy check for unknown client ids so timing does not tell which exist. Failed c
 authentications count in the proxies' `AuthThrottle` per client address and are answered after
 its delay; every refusal is written to the cloud's audit log (`proxy = "oauth"`).
 
-The client side (fetching tokens for destinations, cached) is `connector.cloud.token_client`.
+The ring is the `KeyKeeper`'s: this replica's file (`jwks.LocalKeys`), or with several replicas
+the cloud's etcd (`connector.cloud.oauth_shared`), where the bindings live too; until a shared ring
+was read the service answers 503 and signs nothing. The client side (fetching tokens for
+destinations, cached) is `connector.cloud.token_client`.
 """
 
 from __future__ import annotations
@@ -280,11 +283,15 @@ class TokenService:
 
     async def _maintain_keys_forever(self) -> None:
         interval = min(60.0, self.settings.key_overlap / 10)
+        failing = False
         while True:
             try:
                 await self.maintain_keys()
+                failing = False
             except (OSError, StoreUnavailable) as exc:  # the old ring stays in use; retried next turn
-                log.error("token signing keys could not be saved: %s", exc)
+                if not failing:
+                    log.error("token signing keys could not be saved: %s", exc)
+                failing = True
             # no ring yet (the cloud's etcd unreachable at start): try again soon, nothing is signed meanwhile
             await trio.sleep(interval if self.keyring.ring is not None else min(interval, KEYS_RETRY))
 

@@ -42,9 +42,8 @@ from __future__ import annotations
 import json
 import logging
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 import attrs
 import trio
@@ -283,7 +282,7 @@ class OAuthSync:
     """The token service's shared parts, run by `SharedState`: the import, then both followers."""
 
     def __init__(self, store: Store, fernet: Fernet, *, keys_file: Path, bindings_file: Path, overlap: float,
-                 clock: Any) -> None:
+                 clock: Callable[[], float]) -> None:
         self.store = store
         self.keys = SharedKeyRing(store, fernet)
         self.keys.ready = trio.Event()  # the token service changes the ring only after the import
