@@ -1,5 +1,5 @@
 """The `connector` command: certs, token, binding, cloud, node, demo, status, acl, secret, switch,
-backup, restore."""
+backup, restore, and the cloud's shared state (cloud-token, cloud-subaccount, cloud-revoke, cloud-keys)."""
 
 from __future__ import annotations
 
@@ -346,6 +346,46 @@ def cmd_cloud_revoke(args: argparse.Namespace) -> int:
     return _on_cloud_store(store, run)
 
 
+def cmd_cloud_keys(args: argparse.Namespace) -> int:
+    """`connector cloud-keys list|rotate`: the token service's signing key ring in the cloud's etcd
+    (see `connector.cloud.oauth_shared`); a rotation applies on every replica within moments."""
+    import time
+
+    from connector.cloud.destination_store import load_or_create_key
+    from connector.cloud.jwks import rotation
+    from connector.cloud.oauth_shared import KEYRING_KEY, SharedKeyRing, decode_ring
+
+    config, store = _cloud_store(args.config)
+    assert config.shared is not None
+    key = config.shared.secrets_key
+    if config.oauth is None or key is None or not key.exists():
+        print(f"connector: {config.file} needs [oauth] and an existing [shared] secrets_key (the replicas' key "
+              "file) to read the signing keys", file=sys.stderr)
+        return 2
+    keyring = SharedKeyRing(store, load_or_create_key(key))
+    overlap = config.oauth.settings.key_overlap if args.overlap is None else args.overlap
+    if overlap < 0:
+        print("connector: --overlap must be at least 0", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        if args.action == "rotate":
+            said = await keyring.update(rotation(time.time(), overlap))
+            print(json.dumps({"rotated": said, "revision": keyring.ring_revision}))
+        kv = await store.get(KEYRING_KEY)
+        ring = decode_ring(keyring.fernet, kv.value) if kv is not None else None
+        for signing_key in ring.keys if ring is not None else ():
+            print(json.dumps({"kid": signing_key.kid, "created": signing_key.created, "retires": signing_key.retires,
+                              "signs": signing_key is ring.current}))  # type: ignore[union-attr]
+        return 0
+
+    try:
+        return _on_cloud_store(store, run)
+    except OSError as exc:  # a ring of another secrets key
+        print(f"connector: {exc}", file=sys.stderr)
+        return 2
+
+
 def cloud_replicas_status(config_path: str, *, as_json: bool) -> int:
     """`connector status --cloud cloud.toml`: the replicas as the cloud's etcd has them; exit 1 if
     none is ready."""
@@ -376,9 +416,11 @@ def cloud_replicas_status(config_path: str, *, as_json: bool) -> int:
     return 0 if any(e.get("ready") for e in replicas.values()) else 1
 
 def cmd_binding(args: argparse.Namespace) -> int:
-    """Application credentials of the token service ([oauth] of cloud.toml): create, list, revoke."""
+    """Application credentials of the token service ([oauth] of cloud.toml): create, list, revoke.
+    With [shared] they are in the cloud's etcd (live on every replica), else in the bindings file."""
     import time
 
+    from connector.cloud import oauth_shared
     from connector.cloud.bindings import (
         BindingError,
         Endpoints,
@@ -391,31 +433,58 @@ def cmd_binding(args: argparse.Namespace) -> int:
     config = load_cloud_config(args.config)
     if config.oauth is None:
         raise ConfigError(config.file, "oauth", "no [oauth] section: the token service is not configured")
-    store = FileBindingStore(config.oauth.bindings)
+    oauth = config.oauth
+    if args.binding_command == "create" and args.subaccount not in {s.id for s in config.subaccounts}:
+        raise ConfigError(config.file, "subaccounts", f"no subaccount {args.subaccount!r} is configured")
+
+    def created(binding: Any, secret: str) -> None:
+        dest = config.destinations_listen
+        endpoints = Endpoints(
+            token_url=oauth.settings.url.rstrip("/"), proxy_host=oauth.proxy_host,
+            http_proxy_port=config.http_listen.port, socks5_proxy_port=config.socks5_listen.port,
+            destination_url=f"http://{dest.host}:{dest.port}" if dest is not None else None,
+        )
+        print(f"connector: binding {binding.client_id} for subaccount {binding.subaccount}; its secret is "
+              "shown only here (stored hashed)", file=sys.stderr)
+        print(json.dumps(vcap_services(binding, secret, endpoints), indent=None if args.compact else 2))
+
+    def listed(bindings: list[Any]) -> None:
+        for binding in bindings:
+            print(json.dumps({"client_id": binding.client_id, "subaccount": binding.subaccount,
+                              "location": binding.location, "created": binding.created, "revoked": binding.revoked}))
+
+    def revoked(binding: Any) -> None:
+        print(f"binding {binding.client_id} of subaccount {binding.subaccount} is revoked: it gets no new "
+              "tokens, and its tokens are refused")
+
     try:
+        if config.shared is not None:
+            _, store = _cloud_store(args.config)
+
+            async def shared() -> int:
+                try:
+                    if args.binding_command == "create":
+                        binding, secret = new_binding(args.subaccount, time.time(), location=args.location or "")
+                        await oauth_shared.add_binding(store, binding)
+                        created(binding, secret)
+                    elif args.binding_command == "list":
+                        listed(await oauth_shared.list_bindings(store))
+                    else:
+                        revoked(await oauth_shared.revoke_binding(store, args.client_id, time.time()))
+                except BindingError as exc:
+                    raise ValueError(str(exc)) from None
+                return 0
+
+            return _on_cloud_store(store, shared)
+        files = FileBindingStore(oauth.bindings)
         if args.binding_command == "create":
-            if args.subaccount not in {s.id for s in config.subaccounts}:
-                raise ConfigError(config.file, "subaccounts", f"no subaccount {args.subaccount!r} is configured")
             binding, secret = new_binding(args.subaccount, time.time(), location=args.location or "")
-            store.add(binding)
-            dest = config.destinations_listen
-            endpoints = Endpoints(
-                token_url=config.oauth.settings.url.rstrip("/"), proxy_host=config.oauth.proxy_host,
-                http_proxy_port=config.http_listen.port, socks5_proxy_port=config.socks5_listen.port,
-                destination_url=f"http://{dest.host}:{dest.port}" if dest is not None else None,
-            )
-            print(f"connector: binding {binding.client_id} for subaccount {binding.subaccount}; its secret is "
-                  "shown only here (stored hashed)", file=sys.stderr)
-            print(json.dumps(vcap_services(binding, secret, endpoints), indent=None if args.compact else 2))
+            files.add(binding)
+            created(binding, secret)
         elif args.binding_command == "list":
-            for binding in store.all():
-                record = {"client_id": binding.client_id, "subaccount": binding.subaccount,
-                          "location": binding.location, "created": binding.created, "revoked": binding.revoked}
-                print(json.dumps(record))
+            listed(files.all())
         else:
-            binding = store.revoke(args.client_id, time.time())
-            print(f"binding {binding.client_id} of subaccount {binding.subaccount} is revoked: it gets no new "
-                  "tokens, and its tokens are refused")
+            revoked(files.revoke(args.client_id, time.time()))
     except (BindingError, ValueError, OSError) as exc:
         print(f"connector: {exc}", file=sys.stderr)
         return 2
@@ -731,7 +800,8 @@ def build_parser() -> argparse.ArgumentParser:
     binding_revoke = binding_sub.add_parser("revoke", help="revoke a binding: no new tokens, its tokens refused")
     binding_revoke.add_argument("client_id")
     for p in binding_sub.choices.values():
-        p.add_argument("--config", required=True, help="cloud.toml (its [oauth] section names the files)")
+        p.add_argument("--config", required=True, help="cloud.toml (its [oauth] section names the files; with "
+                       "[shared] the bindings are in the cloud's etcd)")
     binding.set_defaults(func=cmd_binding)
 
     cloud = sub.add_parser("cloud", help="run the cloud side: tunnel endpoint, HTTP and SOCKS5 proxies, destinations")
@@ -795,6 +865,17 @@ def build_parser() -> argparse.ArgumentParser:
     cloud_revoke.add_argument("--cert", action="append", help="revoke the serial of this PEM certificate (repeatable)")
     cloud_revoke.add_argument("--reason", help="a note kept with the serial (why)")
     cloud_revoke.set_defaults(func=cmd_cloud_revoke)
+    cloud_keys = sub.add_parser(
+        "cloud-keys", help="list or rotate the token service's signing keys in the cloud's etcd (every replica)",
+        description="The [oauth] token service's RS256 key ring, shared by the replicas ([shared]). A rotation makes "
+                    "a new key sign on every replica within moments; the old one stays in /token_keys and valid "
+                    "for --overlap seconds (default [oauth] key_overlap; 0 after a key leak: its tokens are refused "
+                    "at once).")
+    cloud_keys.add_argument("action", nargs="?", choices=("list", "rotate"), default="list",
+                            help="list (default): the keys (never the private halves); rotate: a new key now")
+    cloud_keys.add_argument("--config", required=True, help="cloud.toml (with [oauth] and [shared])")
+    cloud_keys.add_argument("--overlap", type=float, help="seconds the replaced key stays valid (rotate)")
+    cloud_keys.set_defaults(func=cmd_cloud_keys)
 
     node = sub.add_parser("node", help="run an on-premise connector node")
     node.add_argument("--config", required=True, help="node.toml")

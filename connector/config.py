@@ -239,8 +239,8 @@ class OAuthConfig:
     listen: Listen
     cert: Path  # TLS certificate (default: the tunnel endpoint's, signed by the cloud CA)
     key: Path
-    bindings: Path  # the bindings file (`connector binding` writes it, the cloud reads it)
-    signing_keys: Path  # the signing key ring (written by the cloud, mode 0600)
+    bindings: Path  # the bindings file (`connector binding` writes it, the cloud reads it); [shared]: imported once
+    signing_keys: Path  # the signing key ring (written by the cloud, mode 0600); [shared]: imported once
     proxy_host: str  # the proxies' host as applications reach it (onpremise_proxy_host)
     settings: OAuthSettings
 
@@ -299,7 +299,7 @@ class SharedConfig:
 
     etcd: EtcdConfig
     prefix: str  # the key space, "/connector-cloud" (one path segment)
-    secrets_key: Path | None  # Fernet key shared by the replicas, encrypting destination secrets
+    secrets_key: Path | None  # Fernet key shared by the replicas: destination secrets, token signing keys
 
 
 def _users(subaccount: _Section) -> tuple[UserAccount, ...]:
@@ -496,6 +496,9 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
     if shared is not None and config.destinations_store is not None and shared.secrets_key is None:
         raise ConfigError(file, "shared.secrets_key", "is required with [destinations] and [shared]: the key file "
                           "(the same on every replica) that encrypts the destinations' secrets in etcd")
+    if shared is not None and config.oauth is not None and shared.secrets_key is None:
+        raise ConfigError(file, "shared.secrets_key", "is required with [oauth] and [shared]: the key file (the "
+                          "same on every replica) that encrypts the token service's signing keys in etcd")
     return config
 
 

@@ -16,7 +16,9 @@ validator refuses its tokens too (`is_active`).
 Storage sits behind `BindingStore`; `FileBindingStore` keeps every binding in one JSON file
 (mode 0600, replaced atomically). The running cloud reads it, `connector binding` writes it:
 a reader notices a replaced file by its inode, size and modification time and reloads it, so a
-revocation takes effect at the next request without a restart.
+revocation takes effect at the next request without a restart. With several replicas
+([shared]) the bindings live in the cloud's etcd instead, one key each, followed by every
+replica (`connector.cloud.oauth_shared`).
 """
 
 from __future__ import annotations
@@ -136,6 +138,15 @@ class UserAccount:
 
 class BindingError(Exception):
     """A binding cannot be created, found or revoked as asked."""
+
+
+class BindingReader(Protocol):
+    """What the token service and the validator read: `get` and `is_active` answer the latest
+    state known; OSError when it cannot be read."""
+
+    def get(self, client_id: str) -> Binding | None: ...
+
+    def is_active(self, client_id: str) -> bool: ...
 
 
 class BindingStore(Protocol):

@@ -12,9 +12,12 @@ Times are wall-clock seconds (Unix time) passed in by the caller: they are compa
 `iat`/`exp` of tokens, which the applications' own clocks read too; trio's clock means nothing
 to them. The decisions take `now` as an argument, so they are tested without a clock at all.
 
-Storage sits behind `KeyStore` (load / save of the whole ring). `FileKeyStore` keeps it in one
-JSON file, mode 0600 from its first byte, replaced atomically; the cloud cluster will keep it in
-its etcd behind the same interface.
+Storage. The token service holds a `KeyKeeper`: the ring in use, and `update(decide)`, the one
+way to change it. `LocalKeys` keeps it behind a `KeyStore` (load / save of the whole ring;
+`FileKeyStore`: one JSON file, mode 0600 from its first byte, replaced atomically), for a single
+replica. With several replicas the ring lives in the cloud's etcd
+(`connector.cloud.oauth_shared.SharedKeyRing`), changed by compare-and-set so that only one
+replica's decision wins, and followed by every replica.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import functools
 import json
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -200,3 +204,65 @@ def load_or_create(store: KeyStore, now: float) -> KeyRing:
         ring = KeyRing((SigningKey.generate(now),))
         store.save(ring)
     return ring
+
+
+Decision = Callable[["KeyRing | None"], "tuple[KeyRing | None, str | None]"]
+"""Given the stored ring (None: none yet), the ring to store instead (None: leave it) and the
+sentence saying what changed."""
+
+
+def due_change(now: float, *, rotate_after: float, overlap: float) -> Decision:
+    """The periodic decision at `now`: a first ring if there is none, else `KeyRing.maintain`."""
+    def decide(ring: KeyRing | None) -> tuple[KeyRing | None, str | None]:
+        if ring is None:
+            fresh = KeyRing((SigningKey.generate(now),))
+            return fresh, f"created: {fresh.current.kid} signs"
+        maintained, said = ring.maintain(now, rotate_after=rotate_after, overlap=overlap)
+        return (maintained if maintained is not ring else None), said
+    return decide
+
+
+def rotation(now: float, overlap: float) -> Decision:
+    """Rotate at once (an operator's request, a suspected leak): the old key trusted `overlap` more."""
+    def decide(ring: KeyRing | None) -> tuple[KeyRing | None, str | None]:
+        if ring is None:
+            fresh = KeyRing((SigningKey.generate(now),))
+            return fresh, f"created: {fresh.current.kid} signs"
+        rotated = ring.rotate(now, overlap)
+        return rotated, f"rotated: {rotated.current.kid} signs, {ring.current.kid} trusted during the overlap"
+    return decide
+
+
+class KeyKeeper(Protocol):
+    """The ring the token service signs and checks with, and the one way to change it.
+
+    `ring` is the ring as last read (None: not read yet: nothing is signed, no token accepted).
+    `update(decide)` hands the stored ring to `decide` and stores its answer, atomically against
+    other writers (when another writer changed the ring meanwhile, `decide` sees the new ring and
+    decides again); it returns the sentence of what changed, or None. The ring is stored before
+    it is used, so no key that signed is ever lost. Storage failures raise OSError or
+    `ha.store.StoreUnavailable`; the ring in use stays then."""
+
+    @property
+    def ring(self) -> KeyRing | None: ...
+
+    async def update(self, decide: Decision) -> str | None: ...
+
+
+class LocalKeys:
+    """A `KeyKeeper` over a `KeyStore` of this process alone (one replica)."""
+
+    def __init__(self, store: KeyStore, now: float) -> None:
+        self.store = store
+        self._ring: KeyRing = load_or_create(store, now)
+
+    @property
+    def ring(self) -> KeyRing:
+        return self._ring
+
+    async def update(self, decide: Decision) -> str | None:
+        ring, said = decide(self._ring)
+        if ring is not None:
+            self.store.save(ring)
+            self._ring = ring
+        return said

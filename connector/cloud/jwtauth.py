@@ -85,12 +85,13 @@ class JwtValidator:
     """Checks our JWTs against the current key ring (see the module docstring).
 
     `ring` is called for every validation, so a rotation (or a ring reloaded from the shared
-    store) takes effect at once; `clock` gives wall-clock seconds (tests pass their own).
+    store) takes effect at once; None (the shared ring not read yet) refuses every token.
+    `clock` gives wall-clock seconds (tests pass their own).
     """
 
     def __init__(
         self,
-        ring: Callable[[], KeyRing],
+        ring: Callable[[], KeyRing | None],
         *,
         issuer: str,
         audiences: Collection[str],
@@ -116,7 +117,10 @@ class JwtValidator:
             raise JwtError("wrong_algorithm", f"tokens are signed with {ALGORITHM}, not {header.get('alg')!r}")
         kid = header.get("kid")
         now = self.clock()
-        key = self.ring().trusted(kid, now) if isinstance(kid, str) else None
+        ring = self.ring()
+        if ring is None:  # several replicas: the shared ring was not read yet
+            raise JwtError("keys_unavailable", "the signing keys were not read yet")
+        key = ring.trusted(kid, now) if isinstance(kid, str) else None
         if key is None:
             raise JwtError("unknown_key", f"no trusted signing key {kid!r}")
         try:

@@ -39,7 +39,10 @@ timing does not tell which exist. Failed client authentications count in the pro
 request deadline does not cut the wait); every refusal is written to the cloud's audit log
 (`proxy = "oauth"`).
 
-The client side (fetching tokens for destinations, cached) is `connector.cloud.token_client`.
+The ring is the `KeyKeeper`'s: this replica's file (`jwks.LocalKeys`), or with several replicas
+the cloud's etcd (`connector.cloud.oauth_shared`), where the bindings live too; until a shared ring
+was read the service answers 503 and signs nothing. The client side (fetching tokens for
+destinations, cached) is `connector.cloud.token_client`.
 """
 
 from __future__ import annotations
@@ -68,16 +71,25 @@ from connector.cloud.bindings import (
     AUDIENCES,
     SCOPES,
     Binding,
-    BindingStore,
+    BindingReader,
     UserAccount,
     check_secret,
     hash_secret,
 )
 from connector.cloud.clients import AuthThrottle, address_key
-from connector.cloud.jwks import ALGORITHM, KeyRing, KeyStore, load_or_create
+from connector.cloud.jwks import (
+    ALGORITHM,
+    KeyKeeper,
+    KeyRing,
+    KeyStore,
+    LocalKeys,
+    due_change,
+    rotation,
+)
 from connector.cloud.jwtauth import JwtError, JwtValidator, TrustedIssuer, unverified_issuer
 from connector.httperrors import error_parts
 from connector.listen import serve_tcp
+from ha.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +104,7 @@ GRANT_CLIENT_CREDENTIALS = "client_credentials"
 GRANT_JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 GRANT_PASSWORD = "password"
 USER_CLAIMS = ("sub", "user_name", "user_id", "origin", "email")  # copied from a user into its tokens
+KEYS_RETRY = 0.5  # seconds between attempts to make the first ring while its store is unreachable
 HASH_THREADS = 2  # scrypt checks at once: each holds 16 MiB and a core for about 50 ms
 _CHUNK = 16384
 REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found", 405: b"Method Not Allowed",
@@ -224,61 +237,82 @@ class TokenService:
         self,
         settings: OAuthSettings,
         *,
-        bindings: BindingStore,
-        keys: KeyStore,
+        bindings: BindingReader,
         ssl_context: ssl.SSLContext,
+        keys: KeyStore | None = None,
+        keyring: KeyKeeper | None = None,
         audit: CloudAudit | None = None,
         throttle: AuthThrottle | None = None,
         users: Mapping[tuple[str, str], UserAccount] | None = None,
         trusted_issuers: Mapping[tuple[str, str], TrustedIssuer] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """`keys`: this replica's own ring store (read, or created, now); `keyring`: a ring kept
+        elsewhere (the cloud's etcd, `connector.cloud.oauth_shared`). Exactly one of them."""
+        if keyring is None:
+            if keys is None:
+                raise ValueError("give the token service keys (its own ring) or keyring (a shared one)")
+            keyring = LocalKeys(keys, clock())
+        elif keys is not None:
+            raise ValueError("give the token service keys (its own ring) or keyring (a shared one), not both")
         self.settings = settings
         self.bindings = bindings
         self.users = dict(users or {})  # (subaccount, user_name) -> the user
         self.trusted_issuers = dict(trusted_issuers or {})  # (subaccount, issuer) -> its keys
-        self.keys = keys
         self.ssl_context = ssl_context
         self.audit = audit if audit is not None else CloudAudit()
         self.throttle = throttle if throttle is not None else AuthThrottle()
         self.clock = clock
-        self.ring = load_or_create(keys, clock())
-        self.validator = JwtValidator(lambda: self.ring, issuer=settings.issuer, audiences=AUDIENCES,
+        self.keyring: KeyKeeper = keyring
+        self.validator = JwtValidator(lambda: self.keyring.ring, issuer=settings.issuer, audiences=AUDIENCES,
                                       bindings=bindings, clock=lambda: self.clock())
         self._hashing = trio.CapacityLimiter(HASH_THREADS)
         self._connections = 0
         self._connections_changed = trio.Event()
 
     # --- keys ----------------------------------------------------------------------------------
-    def maintain_keys(self) -> str | None:
+    @property
+    def ring(self) -> KeyRing | None:
+        """The ring in use (None: the shared ring was not read yet)."""
+        return self.keyring.ring
+
+    def _signing_ring(self) -> KeyRing:
+        ring = self.keyring.ring
+        if ring is None:
+            raise OAuthError(503, "temporarily_unavailable", "the signing keys were not read yet; try again")
+        return ring
+
+    async def maintain_keys(self) -> str | None:
         """Prune and rotate the signing keys as due now; the sentence of what changed, or None.
-        The ring is saved before it is used, so a restart never loses a key that signed."""
-        ring, said = self.ring.maintain(self.clock(), rotate_after=self.settings.rotate_after,
-                                        overlap=self.settings.key_overlap)
-        if ring is not self.ring:
-            self.keys.save(ring)
-            self.ring = ring
+        The ring is stored before it is used, so a restart never loses a key that signed; with
+        several replicas exactly one of them makes a change that falls due (compare-and-set)."""
+        said = await self.keyring.update(due_change(self.clock(), rotate_after=self.settings.rotate_after,
+                                                    overlap=self.settings.key_overlap))
+        if said is not None:
             log.info("token signing keys: %s", said)
         return said
 
-    def rotate_keys(self, overlap: float | None = None) -> str:
+    async def rotate_keys(self, overlap: float | None = None) -> str | None:
         """Rotate now: an operator's request, or a suspected key leak (then with a short `overlap`,
         or 0 to refuse the old key's tokens at once). Default overlap: `key_overlap`."""
-        ring = self.ring.rotate(self.clock(), self.settings.key_overlap if overlap is None else overlap)
-        self.keys.save(ring)
-        old, self.ring = self.ring, ring
-        said = f"rotated: {ring.current.kid} signs, {old.current.kid} trusted during the overlap"
+        said = await self.keyring.update(rotation(self.clock(), self.settings.key_overlap if overlap is None
+                                                  else overlap))
         log.info("token signing keys: %s", said)
         return said
 
     async def _maintain_keys_forever(self) -> None:
         interval = min(60.0, self.settings.key_overlap / 10)
+        failing = False
         while True:
             try:
-                self.maintain_keys()
-            except OSError as exc:  # the old ring stays in use; retried next turn
-                log.error("token signing keys could not be saved: %s", exc)
-            await trio.sleep(interval)
+                await self.maintain_keys()
+                failing = False
+            except (OSError, StoreUnavailable) as exc:  # the old ring stays in use; retried next turn
+                if not failing:
+                    log.error("token signing keys could not be saved: %s", exc)
+                failing = True
+            # no ring yet (the cloud's etcd unreachable at start): try again soon, nothing is signed meanwhile
+            await trio.sleep(interval if self.keyring.ring is not None else min(interval, KEYS_RETRY))
 
     # --- serving -------------------------------------------------------------------------------
     async def run(self, host: str = "127.0.0.1", port: int = DEFAULT_OAUTH_PORT, *,
@@ -366,7 +400,7 @@ class TokenService:
                 document = await self._token(authorization, _form(body), client)
             elif path in (KEYS_PATH, DISCOVERY_PATH) and request.method in (b"GET", b"HEAD"):
                 await self._read_body(stream, conn, request)
-                document = self.ring.jwks(self.clock()) if path == KEYS_PATH else self._discovery()
+                document = self._signing_ring().jwks(self.clock()) if path == KEYS_PATH else self._discovery()
             else:
                 raise OAuthError(404, "not_found", f"no such endpoint: {path}")
         except OAuthError as exc:
@@ -437,12 +471,12 @@ class TokenService:
         binding = await self._authenticate_client(client_id, secret, client)
         now = self.clock()
         if grant == GRANT_CLIENT_CREDENTIALS:
-            document = issue_token(self.ring, self.settings, binding, grant, now)
+            document = issue_token(self._signing_ring(), self.settings, binding, grant, now)
         elif grant == GRANT_PASSWORD:
             account = await self._authenticate_user(binding, form, client)
-            document = issue_token(self.ring, self.settings, binding, grant, now, user=account.claims())
+            document = issue_token(self._signing_ring(), self.settings, binding, grant, now, user=account.claims())
         elif grant == GRANT_JWT_BEARER:
-            document = issue_token(self.ring, self.settings, binding, grant, now,
+            document = issue_token(self._signing_ring(), self.settings, binding, grant, now,
                                    user=self._assertion_user(binding, form.get("assertion", ""), now))
         else:
             raise OAuthError(400, "unsupported_grant_type", f"grant_type {grant!r} is not supported",

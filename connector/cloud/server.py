@@ -3,8 +3,8 @@
 Each service is a `run(host, port, *, task_status)` started in one nursery; `CloudServer.run`
 reports the bound ports (so tests and the demo can use port 0).
 
-With ``[shared]`` the process is one replica of several: the fence, live tokens, destinations and
-the replica set live in the cloud's etcd (`connector.cloud.shared`), and the replica stays not
+With ``[shared]`` the process is one replica of several: the fence, live tokens, destinations, the
+token service's signing keys and bindings, and the replica set live in the cloud's etcd (`connector.cloud.shared`), and the replica stays not
 ready (admitting and routing nothing) until it has read the shared fence. ``/readyz`` answers
 `connector.readiness.cloud_readiness`; ``/status`` shows the replica set.
  `CloudServer.shutdown` is the graceful end of a replica (SIGTERM): not ready, listeners
@@ -19,6 +19,7 @@ from typing import Any
 
 import attrs
 import trio
+from cryptography.fernet import Fernet
 
 from connector import metrics, pki
 from connector.admin import AdminRequest, AdminServer, Reply
@@ -34,6 +35,7 @@ from connector.cloud.drain import Drain
 from connector.cloud.endpoint import EndpointSettings, TunnelEndpoint
 from connector.cloud.jwks import FileKeyStore
 from connector.cloud.oauth import TokenService, WallClock, server_ssl_context, wall_clock
+from connector.cloud.oauth_shared import OAuthSync
 from connector.cloud.proxy import HttpProxy, ProxySettings
 from connector.cloud.registry import Registry
 from connector.cloud.replicas import Replica, ReplicaDirectory
@@ -44,6 +46,7 @@ from connector.config import CloudConfig, ReplicaConfig, etcd_settings
 from connector.datarate import MinDataRate
 from connector.readiness import Readiness, cloud_readiness
 from connector.tunnel.session import TunnelSettings
+from ha.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +71,16 @@ def proxy_settings(config: CloudConfig) -> ProxySettings:
     )
 
 
-def token_service(config: CloudConfig, clock: WallClock) -> TokenService:
-    """The token service of [oauth] (bindings and signing keys in their files)."""
+def token_service(config: CloudConfig, clock: WallClock, shared: OAuthSync | None = None) -> TokenService:
+    """The token service of [oauth]: bindings and signing keys in their files, or with [shared]
+    in the cloud's etcd (`shared`)."""
     assert config.oauth is not None
     oauth = config.oauth
-    return TokenService(oauth.settings, bindings=FileBindingStore(oauth.bindings),
-                        keys=FileKeyStore(oauth.signing_keys),
+    stores: dict[str, Any] = (
+        {"bindings": shared.bindings, "keyring": shared.keys} if shared is not None
+        else {"bindings": FileBindingStore(oauth.bindings), "keys": FileKeyStore(oauth.signing_keys)}
+    )
+    return TokenService(oauth.settings, **stores,
                         ssl_context=server_ssl_context(oauth.cert, oauth.key), clock=clock,
                         users={(u.subaccount, u.user_name): u for s in config.subaccounts for u in s.users},
                         trusted_issuers={(t.subaccount, t.issuer): t for s in config.subaccounts
@@ -83,7 +90,20 @@ def token_service(config: CloudConfig, clock: WallClock) -> TokenService:
 class CloudServer:
     def __init__(self, config: CloudConfig, *, clock: WallClock = wall_clock) -> None:
         self.config = config
-        self.oauth = token_service(config, clock) if config.oauth is not None else None
+        store: Store | None = None
+        fernet: Fernet | None = None
+        oauth_sync: OAuthSync | None = None
+        if config.shared is not None:
+            from ha.etcd import EtcdStore  # grpc: only for several replicas
+
+            store = EtcdStore(config.shared.prefix.lstrip("/"), etcd_settings(config.shared.etcd))
+            if config.shared.secrets_key is not None:
+                fernet = load_or_create_key(config.shared.secrets_key)
+            if config.oauth is not None and fernet is not None:
+                oauth_sync = OAuthSync(store, fernet, keys_file=config.oauth.signing_keys,
+                                       bindings_file=config.oauth.bindings,
+                                       overlap=config.oauth.settings.key_overlap, clock=clock)
+        self.oauth = token_service(config, clock, oauth_sync) if config.oauth is not None else None
         replica = config.replica or ReplicaConfig(id=socket.gethostname(), tunnel_url=None, admin_url=None)
         self.audit = CloudAudit.open(str(config.audit_log) if config.audit_log else None, replica=replica.id)
         self.registry = Registry(
@@ -109,12 +129,9 @@ class CloudServer:
         self.revoked = RevokedSerials()  # followed from the cloud's etcd with [shared]
         self.shared: SharedState | None = None
         self.shared_destinations: EtcdDestinationStore | None = None
-        if config.shared is not None:
-            from ha.etcd import EtcdStore  # grpc: only for several replicas
-
-            store = EtcdStore(config.shared.prefix.lstrip("/"), etcd_settings(config.shared.etcd))
-            if config.destinations_listen is not None and config.shared.secrets_key is not None:
-                self.shared_destinations = EtcdDestinationStore(store, load_or_create_key(config.shared.secrets_key))
+        if store is not None:
+            if config.destinations_listen is not None and fernet is not None:
+                self.shared_destinations = EtcdDestinationStore(store, fernet)
             self.shared = SharedState(
                 store, registry=self.registry, directory=self.replicas, entry=self._replica_entry,
                 lease_ttl=replica.lease_ttl,
@@ -127,6 +144,7 @@ class CloudServer:
                 settings={s.id: SubaccountSettings(s.locations, s.clusters, s.max_streams_per_token)
                           for s in config.subaccounts},
                 revoked=self.revoked,
+                oauth=oauth_sync,
             )
         self.connections = ConnectionCounter(config.connection_limits, gauge=metrics.PROXY_CONNECTIONS)  # both proxies'
         # the other replicas' masters, for readiness: from the shared state's replica records

@@ -15,6 +15,7 @@ lives in the cloud's etcd (never the on-premise one: the cloud cannot reach it),
     destinations/<sub>/<Name>       see `destination_store.EtcdDestinationStore`
     destinations-key                proves every replica holds the same secrets key
     revoked/<serial>                {"serial", "reason", "created"}   revoked node certificates
+    oauth/keyring, oauth/bindings/  the token service's keys and bindings (`oauth_shared`)
 
 (subaccount and location percent-encoded.) Each part is a thin shell around a pure decision:
 
@@ -51,7 +52,7 @@ import logging
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -63,6 +64,9 @@ from connector.cloud.registry import Fence, LocationKey, Registry
 from connector.cloud.replicas import Replica, ReplicaDirectory
 from connector.cloud.revocation import RevokedSerials, format_serial
 from ha.store import KeyValue, LeaseExpired, RevisionCompacted, Store, StoreUnavailable, WatchEvent
+
+if TYPE_CHECKING:
+    from connector.cloud.oauth_shared import OAuthSync
 
 log = logging.getLogger(__name__)
 
@@ -681,7 +685,8 @@ class SharedState:
                  configured_tokens: Mapping[str, Mapping[str, tuple[str, ...]]],
                  authenticators: Mapping[str, Authenticator], destinations: Any = None,
                  settings: Mapping[str, SubaccountSettings] | None = None,
-                 admission: StreamAdmission | None = None, revoked: RevokedSerials | None = None) -> None:
+                 admission: StreamAdmission | None = None, revoked: RevokedSerials | None = None,
+                 oauth: OAuthSync | None = None) -> None:
         self.store = store
         self.reach = Reachability()
         self.fence = FenceSync(store, registry, self.reach)
@@ -691,6 +696,7 @@ class SharedState:
         self.settings = SettingsSync(store, settings or {}, registry, admission or registry.admission, self.reach)
         self.destinations = destinations  # an EtcdDestinationStore, or None
         self.revocations = RevocationSync(store, revoked if revoked is not None else RevokedSerials(), self.reach)
+        self.oauth = oauth  # the token service's ring and bindings, or None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -702,6 +708,8 @@ class SharedState:
                 nursery.start_soon(self.revocations.run)
                 if self.destinations is not None:
                     await nursery.start(self.destinations.run)
+                if self.oauth is not None:
+                    await nursery.start(self.oauth.run, self.reach)
                 task_status.started()
         finally:
             with trio.CancelScope(shield=True):

@@ -273,7 +273,7 @@ async def test_rotation_old_key_valid_during_the_overlap_refused_after(oauth: OA
     assert service is not None
     old = await oauth.fetch_token()
     oauth.clock.now += LIFETIME / 2
-    service.rotate_keys()
+    await service.rotate_keys()
     new = await oauth.fetch_token()
     assert jwt.get_unverified_header(new)["kid"] != jwt.get_unverified_header(old)["kid"]
     client = await oauth.tls_client()
@@ -281,7 +281,7 @@ async def test_rotation_old_key_valid_during_the_overlap_refused_after(oauth: OA
     assert await oauth.through_proxy(old) == 200  # signed by the old key, within the overlap
     assert await oauth.through_proxy(new) == 200
     oauth.clock.now += LIFETIME  # the overlap is over
-    assert service.maintain_keys() is not None and len(service.ring.keys) == 1
+    assert await service.maintain_keys() is not None and len(service.ring.keys) == 1
     assert await oauth.through_proxy(old) == 407
     assert len((await client.request("GET", "/token_keys")).json()["keys"]) == 1
     assert await oauth.through_proxy(await oauth.fetch_token()) == 200
@@ -324,7 +324,7 @@ async def test_an_emergency_rotation_without_overlap_refuses_old_tokens_at_once(
     service = oauth.cloud.oauth
     assert service is not None
     old = await oauth.fetch_token()
-    service.rotate_keys(overlap=0)  # a leaked key
+    await service.rotate_keys(overlap=0)  # a leaked key
     assert await oauth.through_proxy(old) == 407
     assert await oauth.through_proxy(await oauth.fetch_token()) == 200
 

@@ -56,6 +56,7 @@ secrets_key = "cloud.key"
     (SHARED + 'prefix = "connector"\n', "shared.prefix", "one path segment"),
     (SHARED + 'etcd_user = "u"\netcd_password_file = "ca.pem"\n', "shared.etcd_password_file", "readable by others"),
     ('[destinations]\n' + SHARED, "shared.secrets_key", "is required"),
+    ('[oauth]\n' + SHARED, "shared.secrets_key", "signing keys"),
 ])
 def test_bad_shared_settings_name_the_key(files, extra, key, message):  # noqa: F811
     with pytest.raises(ConfigError) as raised:
