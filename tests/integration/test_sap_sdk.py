@@ -48,6 +48,7 @@ NPM_TIMEOUT = 300.0
 START_TIMEOUT = 90.0
 APP_TIMEOUT = 120.0
 STOP_TIMEOUT = 30.0
+MISSING = "no-such-destination"
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
 
 
@@ -188,6 +189,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             {"destination": DESTINATIONS["OAuth2ClientCredentials"], "path": "/sap/opu/odata/oauth"},
             {"destination": DESTINATIONS["PrincipalPropagation"], "path": "/sap/opu/odata/user", "jwt": user_jwt},
             {"destination": DESTINATIONS["CloudConnectorLocationId"], "path": "/sap/opu/odata/plant"},
+            {"destination": MISSING, "path": "/sap/opu/odata/none"},
         ]
         env = {key: value for key, value in os.environ.items() if key not in PROXY_VARIABLES}
         env.update({"VCAP_SERVICES": vcap_text, "NODE_EXTRA_CA_CERTS": state["token_service"]["ca"],
@@ -260,3 +262,10 @@ def test_principal_propagation_the_internal_host_sees_the_users_certificate(run:
                      "host with it (and the demo's internal host reports no client certificate)")
     user = claims_of(run["user_jwt"])["user_name"]
     assert f"CN={user}" in subject
+
+
+def test_a_destination_that_does_not_exist_is_reported_as_not_found(run: dict[str, Any]) -> None:
+    # the SDK tells "not found" (then tries the provider's destinations) from a failed lookup by
+    # SAP's ErrorMessage sentence in the 404; any other 404 is "Failed to fetch destination"
+    error = run["results"][MISSING]["error"]
+    assert f"Failed to resolve the destination 'name: {MISSING}'" in error and "Failed to fetch" not in error
