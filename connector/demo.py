@@ -28,12 +28,14 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,18 @@ SUBACCOUNT = "demo"
 LOCATION = ""
 NODES = ("node-a", "node-b")
 CLUSTER = "demo"
+# `connector demo`'s SAP surfaces (DemoSpec.sap_examples): a second location served by a node of a
+# cluster of its own, a user of the token service, and one destination per kind an application uses
+LOCATION_2 = "plant-2"
+NODE_2 = "node-plant-2"
+CLUSTER_2 = "demo-plant-2"
+USER = "alice"
+DESTINATIONS = {  # kind -> Name; the properties are `demo_destinations`'
+    "BasicAuthentication": "erp-basic",
+    "OAuth2ClientCredentials": "erp-oauth",
+    "PrincipalPropagation": "erp-principal",
+    "CloudConnectorLocationId": "mes-plant-2",
+}
 STARTUP_TIMEOUT = 30.0
 START_ATTEMPTS = 3  # starts on new ports after a picked port was taken by another process
 ETCD_ENV = "ETCD_BINARY"
@@ -136,15 +150,53 @@ class DemoSpec:
     cloud_replicas: int = 1  # N >= 2: N replicas and a cloud etcd behind HAProxy (the front door)
     drain: str = "notice_seconds = 1.0\ndrain_seconds = 10.0"  # each replica's [drain] table (N >= 2)
     proxy_extra: str = ""  # extra TOML lines for the cloud's [proxy] table (the benchmark's stream limits)
+    # `connector demo`'s: the token service ([oauth]) with a user, a second location (LOCATION_2,
+    # one node) and the destinations of DESTINATIONS; one cloud process only (no shared key ring yet)
+    sap_examples: bool = False
+
+
+def demo_destinations(token_url: str, client_id: str, client_secret: str, password: str) -> list[dict[str, str]]:
+    """One destination of each kind in DESTINATIONS, as `connector demo` creates them: what an
+    application written for SAP BTP finds by name (`executeHttpRequest({destinationName})`)."""
+    erp = {"Type": "HTTP", "URL": "http://erp.virtual:8000", "ProxyType": "OnPremise"}
+    names = DESTINATIONS
+    return [
+        {**erp, "Name": names["BasicAuthentication"], "Authentication": "BasicAuthentication",
+         "User": "erp-user", "Password": password},
+        {**erp, "Name": names["OAuth2ClientCredentials"], "Authentication": "OAuth2ClientCredentials",
+         "tokenServiceURL": token_url, "clientId": client_id, "clientSecret": client_secret},
+        {**erp, "Name": names["PrincipalPropagation"], "Authentication": "PrincipalPropagation"},
+        {"Type": "HTTP", "URL": "http://mes.virtual:8000", "ProxyType": "OnPremise",
+         "Name": names["CloudConnectorLocationId"], "Authentication": "NoAuthentication",
+         "CloudConnectorLocationId": LOCATION_2},
+    ]
 
 
 def cloud_toml(certs: dict[str, Path], token_sha256: str, spec: DemoSpec, admin_digests: list[str], *,
                tunnel: int, http: int, socks5: int, admin: int, destinations: int, state: str = "state",
-               replica: str = "") -> str:
+               replica: str = "", oauth: int | None = None, user_hash: str = "") -> str:
     """One cloud configuration; `replica` holds the [replica], [shared] and [drain] tables of a
-    replica of a cluster (empty: the single cloud process of today)."""
+    replica of a cluster (empty: the single cloud process of today). `oauth`, a port, adds the
+    token service (its certificate is the tunnel's) and `user_hash` its user USER."""
     # with [shared] the fence lives in the cloud's etcd: no state_file
     state_file = "" if "[shared]" in replica else f'state_file = "{state}/cloud-epochs.json"\n'
+    locations = [LOCATION, LOCATION_2] if spec.sap_examples else [LOCATION]
+    token_service = users = token_ca = ""
+    if oauth is not None:
+        token_ca = f'token_service_ca = "{certs["cloud_ca"]}"\n'  # the OAuth2 destination's token service: ours
+        token_service = f"""
+[oauth]
+listen = "127.0.0.1:{oauth}"
+bindings = "{state}/bindings.json"
+signing_keys = "{state}/signing-keys.json"
+"""
+    if user_hash:
+        users = f"""
+[[subaccounts.users]]
+user_name = "{USER}"
+password_scrypt = "{user_hash}"
+email = "{USER}@example.com"
+"""
     return f"""\
 {state_file}
 [tunnel]
@@ -163,14 +215,14 @@ listen = "127.0.0.1:{admin}"
 [destinations]
 listen = "127.0.0.1:{destinations}"
 store = "{state}/destinations.json"
-{replica}
+{token_ca}{replica}{token_service}
 [[subaccounts]]
 id = "{SUBACCOUNT}"
 ca = "{certs['subaccount_ca']}"
 token_sha256 = {json.dumps([token_sha256, *spec.extra_token_sha256])}
 destination_admin_sha256 = {json.dumps(admin_digests)}
-locations = ["{LOCATION}"]
-"""
+locations = {json.dumps(locations)}
+{users}"""
 
 
 def replica_ids(spec: DemoSpec) -> list[str]:
@@ -189,9 +241,10 @@ def nodes_dial_every_replica() -> bool:
 
 def write_configs(
     workdir: Path, certs: dict[str, Path], ports: dict[str, int], token_sha256: str, spec: DemoSpec = DemoSpec(),
-    *, destination_admin_sha256: str | None = None,
+    *, destination_admin_sha256: str | None = None, user_hash: str = "",
 ) -> dict[str, Path]:
-    """cloud.toml (or cloud-1.toml ... with `spec.cloud_replicas` >= 2) and one toml per node."""
+    """cloud.toml (or cloud-1.toml ... with `spec.cloud_replicas` >= 2) and one toml per node
+    (NODE_2's too with `spec.sap_examples`, whose token service needs `ports["oauth"]`)."""
     admin_digests = [destination_admin_sha256] if destination_admin_sha256 else []
     result: dict[str, Path] = {}
     replicas = replica_ids(spec)
@@ -200,7 +253,8 @@ def write_configs(
         cloud = workdir / "cloud.toml"
         cloud.write_text(cloud_toml(certs, token_sha256, spec, admin_digests, tunnel=ports["tunnel"],
                                     http=ports["http_proxy"], socks5=ports["socks5_proxy"], admin=ports["cloud_admin"],
-                                    destinations=ports["destinations"]))
+                                    destinations=ports["destinations"],
+                                    oauth=ports["oauth"] if spec.sap_examples else None, user_hash=user_hash))
         result["cloud"] = cloud
     else:
         tunnel_urls = [f"wss://127.0.0.1:{ports[f'{r}_tunnel']}/tunnel" for r in replicas]
@@ -234,33 +288,37 @@ secrets_key = "state/cloud-secrets.key"
             result[replica] = path
     dial = json.dumps(tunnel_urls if len(tunnel_urls) > 1 and nodes_dial_every_replica() else tunnel_urls[0])
     for index, node in enumerate(spec.nodes):
-        path = workdir / f"{node}.toml"
         endpoints = (spec.etcd_endpoints or {}).get(node) or [f"http://127.0.0.1:{ports['etcd_client']}"]
-        path.write_text(f"""\
-[node]
-id = "{node}"
-subaccount = "{SUBACCOUNT}"
-location_id = "{LOCATION}"
-priority = {100 - index * 10}
-audit_log = "logs/{node}-audit.jsonl"
+        result[node] = workdir / f"{node}.toml"
+        result[node].write_text(node_toml(node, certs, ports, spec, dial=dial, endpoints=endpoints,
+                                          priority=100 - index * 10))
+    if spec.sap_examples:
+        result[NODE_2] = workdir / f"{NODE_2}.toml"
+        result[NODE_2].write_text(node_toml(
+            NODE_2, certs, ports, spec, dial=dial, endpoints=[f"http://127.0.0.1:{ports['etcd_client']}"],
+            priority=100, location=LOCATION_2, cluster=CLUSTER_2, mappings=MAPPINGS_2.format(**ports)))
+    return result
 
-[tunnel]
-url = {dial}
-ca = "{certs['cloud_ca']}"
-cert = "{certs[f'node_{node}_cert']}"
-key = "{certs[f'node_{node}_key']}"
-{spec.tunnel_extra}
 
-[admin]
-listen = "127.0.0.1:{ports[f'{node}_admin']}"
-token_file = "{certs['admin_token']}"
+# the second location's internal host: the demo's HTTP service under a name only that location has
+MAPPINGS_2 = """
+[[mappings]]
+virtual_host = "mes.virtual"
+virtual_port = 8000
+internal_host = "127.0.0.1"
+internal_port = {backend_http}
+protocol = "HTTP"
+host_in_header = "virtual"
+resources = [{{ path = "/sap/opu/odata", prefix = true }}]
+"""
 
-[cluster]
-name = "{CLUSTER}"
-etcd = {json.dumps(endpoints)}
-secrets_key = "state/cluster.key"
-{spec.cluster_extra}
 
+def node_toml(node: str, certs: dict[str, Path], ports: dict[str, int], spec: DemoSpec, *, dial: str,
+              endpoints: list[str], priority: int, location: str = LOCATION, cluster: str = CLUSTER,
+              mappings: str | None = None) -> str:
+    """One node's configuration; `mappings` (TOML) replaces the first location's three mappings."""
+    if mappings is None:
+        mappings = f"""
 [[mappings]]
 virtual_host = "erp.virtual"
 virtual_port = 8000
@@ -287,9 +345,33 @@ virtual_port = 8000
 internal_host = "127.0.0.1"
 internal_port = {ports['backend_http']}
 protocol = "TCP"
-""")
-        result[node] = path
-    return result
+"""
+    return f"""\
+[node]
+id = "{node}"
+subaccount = "{SUBACCOUNT}"
+location_id = "{location}"
+priority = {priority}
+audit_log = "logs/{node}-audit.jsonl"
+
+[tunnel]
+url = {dial}
+ca = "{certs['cloud_ca']}"
+cert = "{certs[f'node_{node}_cert']}"
+key = "{certs[f'node_{node}_key']}"
+{spec.tunnel_extra}
+
+[admin]
+listen = "127.0.0.1:{ports[f'{node}_admin']}"
+token_file = "{certs['admin_token']}"
+
+[cluster]
+name = "{cluster}"
+etcd = {json.dumps(endpoints)}
+secrets_key = "state/cluster.key"
+{spec.cluster_extra}
+
+{mappings}"""
 
 
 class Demo:
@@ -410,6 +492,14 @@ class Demo:
         ports = self.ports = {name: self.pick_port(name) for name in (
             "destinations", "etcd_client", "etcd_peer", "backend_http", "backend_tcp",
             *(f"{n}_admin" for n in spec.nodes))}
+        user_password, user_hash = "", ""
+        if spec.sap_examples:
+            certs.update(self._second_location_certs(certs))
+            ports.update({name: self.pick_port(name) for name in ("oauth", f"{NODE_2}_admin")})
+            from connector.cloud.bindings import hash_secret
+
+            user_password = secrets.token_urlsafe(16)
+            user_hash = hash_secret(user_password)
         ports["http_proxy"] = spec.http_port or self.pick_port("http_proxy")
         ports["socks5_proxy"] = spec.socks5_port or self.pick_port("socks5_proxy")
         if replicas:
@@ -423,7 +513,7 @@ class Demo:
             ports["tunnel"], ports["cloud_admin"] = self.pick_port("tunnel"), self.pick_port("cloud_admin")
         configs = self.configs = write_configs(
             self.workdir, certs, ports, hash_token(token), spec,
-            destination_admin_sha256=hash_token(destination_admin_token),
+            destination_admin_sha256=hash_token(destination_admin_token), user_hash=user_hash,
         )
         python = sys.executable
 
@@ -448,15 +538,17 @@ class Demo:
             cloud = await self.start_process("cloud", [python, "-m", "connector", "cloud", "--config",
                                                        str(configs["cloud"])])
             await self.wait_http("cloud", ports["cloud_admin"], "/healthz")
-        for node in spec.nodes:
+        for node in self.node_names():
             await self.start_node(node)
         # the replicas the nodes dial: every one, or (a node that takes one URL) the first
         dialled = (replicas if nodes_dial_every_replica() else replicas[:1]) if replicas else ["cloud"]
+        tunnels = {LOCATION: len(spec.nodes), **({LOCATION_2: 1} if spec.sap_examples else {})}
         for name in dialled:
             admin = ports["cloud_admin"] if name == "cloud" else ports[f"{name}_admin"]
             await self.wait_http(
                 name, admin, "/status",
-                lambda v: any(loc["master"] and len(loc["tunnels"]) == len(spec.nodes) for loc in v["locations"]),
+                lambda v: all(any(loc["location_id"] == location and loc["master"] and len(loc["tunnels"]) == count
+                                  for loc in v["locations"]) for location, count in tunnels.items()),
             )
         self.state = {
             "workdir": str(self.workdir),
@@ -489,7 +581,51 @@ class Demo:
             },
             **cluster,
         }
+        if spec.sap_examples:
+            self.state.update(await self._sap_examples(certs, destination_admin_token, user_password))
         return self.state
+
+    def node_names(self) -> list[str]:
+        """Every node process: the first location's, then NODE_2 (`sap_examples`)."""
+        return [*self.spec.nodes, *([NODE_2] if self.spec.sap_examples else [])]
+
+    def _second_location_certs(self, certs: dict[str, Path]) -> dict[str, Path]:
+        """NODE_2's client certificate: the subaccount's CA, bound to its own cluster CLUSTER_2."""
+        from connector import pki
+
+        ca = pki.Issued(certs["subaccount_ca"], certs["subaccount_ca"].with_suffix(".key"))
+        issued = pki.issue(ca, self.workdir / "certs", f"node-{NODE_2}", common_name=NODE_2,
+                           organization=SUBACCOUNT, cluster=CLUSTER_2, client=True, force=True)
+        return {f"node_{NODE_2}_cert": issued.cert_path, f"node_{NODE_2}_key": issued.key_path}
+
+    async def _sap_examples(self, certs: dict[str, Path], admin_token: str, user_password: str) -> dict[str, Any]:
+        """The OAuth2 client of the OAuth2ClientCredentials destination (a binding of the token
+        service), the destinations of DESTINATIONS, and their part of the state."""
+        from connector.cloud.bindings import FileBindingStore, new_binding
+        from connector.cloud.destinations import COLLECTION
+
+        ports = self.ports
+        token_url = f"https://127.0.0.1:{ports['oauth']}"
+        client, secret = new_binding(SUBACCOUNT, time.time())
+        FileBindingStore(self.workdir / "state" / "bindings.json").add(client)
+        body = json.dumps(demo_destinations(f"{token_url}/oauth/token", client.client_id, secret,
+                                            secrets.token_urlsafe(16))).encode()
+        status, answer = await http_request("127.0.0.1", ports["destinations"], COLLECTION, method="POST",
+                                            body=body, token=admin_token, timeout=STARTUP_TIMEOUT,
+                                            headers=[("content-type", "application/json")])
+        if status != 201:
+            raise RuntimeError(f"the demo's destinations were refused: {status} {answer[:300]!r}")
+        node = self.processes[NODE_2]
+        return {
+            "token_service": {"url": token_url, "ca": str(certs["cloud_ca"])},
+            "user": {"name": USER, "password": user_password},
+            "destinations": dict(DESTINATIONS),
+            "locations": {LOCATION_2: {
+                "node": NODE_2, "cluster": CLUSTER_2, "pid": node.pid, "config": str(self.configs[NODE_2]),
+                "admin_port": ports[f"{NODE_2}_admin"],
+                "metrics_url": f"http://127.0.0.1:{ports[f'{NODE_2}_admin']}/metrics",
+            }},
+        }
 
     async def _start_cloud_cluster(self, replicas: list[str]) -> dict[str, Any]:
         """The cloud etcd, the replicas and HAProxy in front of them; their part of the state.
@@ -566,7 +702,7 @@ class Demo:
 
         Cloud replicas drain (`[drain]`), so they get SIGTERM before the load balancer in front
         of them; the etcd processes are killed last (their data is the demo's, thrown away)."""
-        order = [*self.spec.nodes, "cloud", *replica_ids(self.spec), "haproxy", "backend", "etcd", "cloud-etcd"]
+        order = [*self.node_names(), "cloud", *replica_ids(self.spec), "haproxy", "backend", "etcd", "cloud-etcd"]
         for name in order:
             process = self.processes.get(name)
             if process is None or process.poll() is not None:
@@ -622,6 +758,18 @@ def print_banner(state: dict[str, Any], other: dict[str, Any] | None = None) -> 
                          f"ready http://127.0.0.1:{replica['admin_port']}/readyz  metrics {replica['metrics_url']}")
     for node, info in state["nodes"].items():
         lines.append(f"  {node:<17} admin http://127.0.0.1:{info['admin_port']}/status  metrics {info['metrics_url']}")
+    for location, info in state.get("locations", {}).items():
+        lines.append(f"  {info['node']:<17} admin http://127.0.0.1:{info['admin_port']}/status  metrics "
+                     f"{info['metrics_url']} (location {location!r}, cluster {info['cluster']})")
+    if "token_service" in state:
+        kinds = ", ".join(f"{name} ({kind})" for kind, name in state["destinations"].items())
+        lines += [
+            f"  token service     {state['token_service']['url']}/oauth/token (CA {state['token_service']['ca']}); "
+            f"user {state['user']['name']}, password {state['user']['password']}",
+            f"  destinations      {kinds}",
+            f"  an application's VCAP_SERVICES: {connector} binding create --config {cloud['config']} "
+            f"--subaccount {state['subaccount']}",
+        ]
     socks = f"{state['subaccount']}:{state['token']}@127.0.0.1:{cloud['socks5_port']}"
     lines += [
         "",
@@ -720,7 +868,7 @@ def run_demo(*, state_file: Path | None, workdir: Path | None, http_port: int = 
 
     async def main() -> int:
         demo = Demo(workdir.resolve(), DemoSpec(http_port=http_port, socks5_port=socks5_port, etcd=etcd_binary,
-                                                       cloud_replicas=cloud_replicas))
+                                                cloud_replicas=cloud_replicas, sap_examples=cloud_replicas == 1))
         try:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async with trio.open_nursery() as nursery:

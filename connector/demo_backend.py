@@ -1,6 +1,7 @@
 """A small internal host for the demo and the tests: an HTTP service and a TCP echo service.
 
-HTTP: ``GET /sap/opu/odata/...`` answers JSON naming the path and the Host header it received;
+HTTP: ``GET /sap/opu/odata/...`` answers JSON naming the path, the Host header and every header it
+received (what the caller's credentials became on the way: Authorization, a user's certificate);
 ``POST`` echoes the body back (streamed, so large bodies use constant memory); ``GET /ws`` accepts a
 WebSocket upgrade and then echoes raw bytes. TCP: every byte is echoed until the client half-closes.
 """
@@ -55,7 +56,7 @@ async def serve_http(stream: trio.SocketStream) -> None:
             else:
                 await _drain(conn, stream)
                 body = json.dumps({"path": target, "host": headers.get("host"), "method": event.method.decode(),
-                                   "forwarded_host": headers.get("x-forwarded-host")}).encode()
+                                   "forwarded_host": headers.get("x-forwarded-host"), "headers": headers}).encode()
                 await stream.send_all(conn.send(h11.Response(status_code=200, headers=[
                     ("content-type", "application/json"), ("content-length", str(len(body)))])))
                 await stream.send_all(conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))

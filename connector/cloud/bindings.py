@@ -30,6 +30,7 @@ import json
 import os
 import re
 import secrets
+import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Any, Protocol
@@ -236,7 +237,9 @@ class Endpoints:
 
 def vcap_services(binding: Binding, secret: str, endpoints: Endpoints) -> dict[str, Any]:
     """VCAP_SERVICES with the connectivity, destination and xsuaa bindings, SAP's field names."""
-    domain = endpoints.token_url.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
+    # XSUAA's uaadomain is a host name; the SDK's xssec fetches tokens and keys of a tenant (a user's
+    # token names its zone) from https://{uaadomain}, so a token service off port 443 needs its port here
+    domain = urllib.parse.urlsplit(endpoints.token_url).netloc.rpartition("@")[2]
     common = {
         "clientid": binding.client_id,
         "clientsecret": secret,

@@ -147,6 +147,20 @@ REASONS = {200: b"OK", 201: b"Created", 400: b"Bad Request", 401: b"Unauthorized
            503: b"Service Unavailable"}
 
 
+# SAP's sentences where clients match them: the SAP Cloud SDK takes a 404 with this ErrorMessage
+# for "not here" (and looks at the provider next); any other 404 fails the lookup
+SAP_ERROR_MESSAGES = {"destination_not_found": "Configuration with the specified name was not found"}
+
+
+def sap_error_parts(status: int, reason: str, message: str,
+                    headers: list[tuple[bytes, bytes]] | None = None) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """`error_parts` with SAP's `ErrorMessage` beside our `error` and `message`."""
+    status, parts, body = error_parts(status, reason, message, headers)
+    document = {**json.loads(body), "ErrorMessage": SAP_ERROR_MESSAGES.get(reason, message)}
+    payload = json.dumps(document).encode()
+    return status, [(n, str(len(payload)).encode() if n == b"content-length" else v) for n, v in parts], payload
+
+
 class Right(enum.Enum):
     """What a token may do with its subaccount's destinations."""
 
@@ -607,7 +621,7 @@ class DestinationService:
                 ))
             status, document = await self._route(self._call(subaccount, request, endpoint, body, query))
         except DestinationError as exc:
-            return error_parts(exc.status, exc.reason, exc.message, exc.headers)
+            return sap_error_parts(exc.status, exc.reason, exc.message, exc.headers)
         except SharedStoreUnavailable as exc:
             log.error("destination store unavailable: %s", exc)
             return error_parts(503, "store_unavailable", f"{exc}; nothing changed, try again")

@@ -6,6 +6,10 @@ Theory of operation. SAP's clients (the Cloud SDK, xssec, any OAuth2 library) fe
 both). Grants:
 
 - `client_credentials`: a token for the binding itself.
+
+A request may name the zone (tenant) it wants a token for in `x-zid`, as xssec does with a
+user's token at hand: a binding's tokens are of its subaccount, so another zone is 401
+`invalid_client`, as XSUAA answers a client that has no tenant there.
 - `password`: `username` and `password` of a user configured for the binding's subaccount
   (`UserAccount`, password kept as a scrypt hash); the token carries the user (`user_name`,
   `user_id`, `email`, `origin`, `sub`). A wrong password or an unknown user is 400
@@ -100,6 +104,7 @@ DEFAULT_OAUTH_PORT = 20007
 TOKEN_PATH = "/oauth/token"
 KEYS_PATH = "/token_keys"
 DISCOVERY_PATH = "/.well-known/openid-configuration"
+ZONE_HEADER = b"x-zid"  # xssec names the tenant (a user's zone) it wants a token for
 GRANT_CLIENT_CREDENTIALS = "client_credentials"
 GRANT_JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 GRANT_PASSWORD = "password"
@@ -397,7 +402,8 @@ class TokenService:
                     raise OAuthError(405, "invalid_request", "use POST")
                 body = await self._read_body(stream, conn, request)
                 authorization = next((v for n, v in request.headers if n == b"authorization"), None)
-                document = await self._token(authorization, _form(body), client)
+                zone = next((v.decode("latin-1") for n, v in request.headers if n == ZONE_HEADER), None)
+                document = await self._token(authorization, _form(body), client, zone)
             elif path in (KEYS_PATH, DISCOVERY_PATH) and request.method in (b"GET", b"HEAD"):
                 await self._read_body(stream, conn, request)
                 document = self._signing_ring().jwks(self.clock()) if path == KEYS_PATH else self._discovery()
@@ -465,10 +471,14 @@ class TokenService:
             pass
 
     # --- one token request ---------------------------------------------------------------------
-    async def _token(self, authorization: bytes | None, form: dict[str, str], client: str) -> dict[str, Any]:
+    async def _token(self, authorization: bytes | None, form: dict[str, str], client: str,
+                     zone: str | None = None) -> dict[str, Any]:
         grant = form.get("grant_type", "")
         client_id, secret = client_credentials_of(authorization, form)
         binding = await self._authenticate_client(client_id, secret, client)
+        if zone is not None and zone != binding.subaccount:  # XSUAA: this client has no tenant in that zone
+            raise OAuthError(401, "invalid_client", f"the binding belongs to subaccount {binding.subaccount!r}, "
+                             f"not to the zone {zone!r} the request names (x-zid)", subaccount=binding.subaccount)
         now = self.clock()
         if grant == GRANT_CLIENT_CREDENTIALS:
             document = issue_token(self._signing_ring(), self.settings, binding, grant, now)

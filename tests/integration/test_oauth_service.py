@@ -89,8 +89,11 @@ class OAuthStack:
                                 https_compatible=True)
         return HttpClient(stream)
 
-    async def token_request(self, form: dict[str, str], *, basic: tuple[str, str] | None = None) -> Response:
+    async def token_request(self, form: dict[str, str], *, basic: tuple[str, str] | None = None,
+                            zone: str | None = None) -> Response:
         headers = [("content-type", "application/x-www-form-urlencoded")]
+        if zone is not None:
+            headers.append(("x-zid", zone))
         if basic is not None:
             headers.append(("authorization", "Basic " + base64.b64encode(":".join(basic).encode()).decode()))
         body = "&".join(f"{k}={v}" for k, v in form.items()).encode()
@@ -154,6 +157,19 @@ async def test_client_credentials_with_basic_and_with_form_fields(oauth: OAuthSt
         assert (claims["zid"], claims["client_id"], claims["exp"] - claims["iat"]) == (
             SUBACCOUNT, credentials["clientid"], LIFETIME)
         assert claims["iss"] == oauth.cloud.oauth.settings.issuer  # type: ignore[union-attr]
+
+
+async def test_a_token_for_the_bindings_zone_only(oauth: OAuthStack) -> None:
+    # xssec (the SAP Cloud SDK) names the user's zone in x-zid; a binding has tokens of its own subaccount only
+    credentials = oauth.credentials
+    form = {"grant_type": "client_credentials", "client_id": credentials["clientid"],
+            "client_secret": credentials["clientsecret"]}
+    own = await oauth.token_request(form, zone=SUBACCOUNT)
+    assert own.status == 200 and jwt.decode(own.json()["access_token"], options={"verify_signature": False})["zid"] \
+        == SUBACCOUNT
+    other = await oauth.token_request(form, zone="another-subaccount")
+    assert other.status == 401 and other.json()["error"] == "invalid_client"
+    assert "another-subaccount" in other.json()["error_description"]
 
 
 async def test_jwks_verifies_the_tokens(oauth: OAuthStack) -> None:

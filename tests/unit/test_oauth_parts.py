@@ -65,7 +65,8 @@ def test_vcap_services_has_the_three_bindings_with_sap_field_names() -> None:
     assert sorted(vcap) == ["connectivity", "destination", "xsuaa"]
     connectivity = vcap["connectivity"][0]["credentials"]
     assert connectivity["clientid"] == binding.client_id and connectivity["clientsecret"] == secret
-    assert connectivity["url"] == "https://cloud.example:20007" and connectivity["uaadomain"] == "cloud.example"
+    # with its port: xssec fetches a tenant's tokens and keys from https://{uaadomain} (the SAP Cloud SDK test)
+    assert connectivity["url"] == "https://cloud.example:20007" and connectivity["uaadomain"] == "cloud.example:20007"
     assert (connectivity["onpremise_proxy_host"], connectivity["onpremise_proxy_http_port"],
             connectivity["onpremise_socks5_proxy_port"]) == ("cloud.example", "20003", "20004")
     assert connectivity["zoneid"] == connectivity["tenantid"] == connectivity["identityzone"] == "acme"
@@ -75,6 +76,7 @@ def test_vcap_services_has_the_three_bindings_with_sap_field_names() -> None:
     assert vcap["connectivity"][0]["label"] == "connectivity"
     no_destinations = vcap_services(binding, secret, Endpoints("https://c", "c", 1, 2, None))
     assert "destination" not in no_destinations
+    assert no_destinations["xsuaa"][0]["credentials"]["uaadomain"] == "c"  # port 443: the host alone, as SAP's
 
 
 def basic(user: str, password: str) -> bytes:

@@ -1,0 +1,271 @@
+"""The real client (issue 12): the SAP Cloud SDK for JavaScript, unchanged, against `connector demo`.
+
+`tests/sdk-app` is a small Node.js application written for SAP BTP: it calls destinations by
+name with `executeHttpRequest({destinationName, jwt})` of `@sap-cloud-sdk/http-client` (versions
+pinned by its package-lock.json, installed with `npm ci` into the repository's ignored `.cache`).
+Nothing in it names the connector: it gets the `VCAP_SERVICES` that `connector binding create`
+printed, and trusts the demo's CA the way any Node.js process is told to (`NODE_EXTRA_CA_CERTS`).
+The demo is started as a user starts it, and the application calls the four destinations the
+demo defines: BasicAuthentication, OAuth2ClientCredentials (a token of our token service),
+PrincipalPropagation (with a user's token from the password grant, as an application receives
+it from its caller) and one through the location id of the demo's second location.
+
+Without `node` or `npm` (or with a Node.js older than the SDK supports) the tests are skipped
+with a message saying what to install; under CI (`CI` set), which installs them, they fail.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import queue
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from connector.demo import DESTINATIONS, LOCATION_2, NODE_2
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+APP = REPO / "tests" / "sdk-app"
+CACHE = REPO / ".cache" / "sdk-app"
+MIN_NODE = 18  # @sap-cloud-sdk 3.x supports Node.js 18 (Debian 12's nodejs) and later
+NPM_TIMEOUT = 150.0  # with the demo and the application, within pytest-timeout's 300 s per test
+START_TIMEOUT = 60.0
+APP_TIMEOUT = 60.0
+STOP_TIMEOUT = 30.0
+MISSING = "no-such-destination"
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
+
+
+def _unavailable(message: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{message}: required under CI (install Debian's `nodejs` and `npm` packages)")
+    pytest.skip(f"{message} (apt-get install nodejs npm, or scripts/dev test, which installs them)")
+
+
+def node_tools() -> tuple[str, str]:
+    """node and npm, or a skip (a failure under CI) saying what is missing."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        _unavailable(f"{' and '.join(name for name, path in (('node', node), ('npm', npm)) if path is None)} "
+                     "not installed")
+    assert node is not None and npm is not None
+    version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+    major = int(version.lstrip("v").split(".")[0]) if version.startswith("v") else 0
+    if major < MIN_NODE:
+        _unavailable(f"node {version or '?'} is older than the SAP Cloud SDK supports (Node.js {MIN_NODE} or later)")
+    return node, npm
+
+
+def install_app(npm: str) -> Path:
+    """The application with its pinned packages, installed once per package-lock.json (`npm ci`)."""
+    lock = (APP / "package-lock.json").read_bytes()
+    target = CACHE / hashlib.sha256(lock + (APP / "package.json").read_bytes()).hexdigest()[:16]
+    if not (target / "node_modules" / ".package-lock.json").exists():
+        staging = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        for name in ("package.json", "package-lock.json"):
+            shutil.copy(APP / name, staging / name)
+        try:
+            done = subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--ignore-scripts"], cwd=staging,
+                                  capture_output=True, text=True, timeout=NPM_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            _unavailable(f"npm ci did not finish within {NPM_TIMEOUT:g} s (is the npm registry reachable?)")
+        if done.returncode != 0:
+            _unavailable(f"npm ci failed (is the npm registry reachable?): {done.stderr.strip()[-600:]}")
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    shutil.copy(APP / "app.js", target / "app.js")  # the application itself is not part of the cache key
+    return target
+
+
+class Demo:
+    """`connector demo` as a user runs it, stopped with Ctrl-C (SIGINT)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.state_file = workdir / "state.json"
+        env = {**os.environ, "CONNECTOR_DEMO_POINTER": str(workdir / "pointer.json")}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "connector", "demo", "--dir", str(workdir / "demo"), "--state-file",
+             str(self.state_file), "--http-port", "0", "--socks5-port", "0"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.output: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_ready(self) -> dict[str, Any]:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"connector demo not ready within {START_TIMEOUT:g} s:\n"
+                                     + "".join(self.output)) from None
+            if line is None:
+                raise AssertionError("connector demo ended:\n" + "".join(self.output))
+            self.output.append(line)
+            if line.startswith("connector demo is running"):
+                return dict(json.loads(self.state_file.read_text()))
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def binding_vcap_services(state: dict[str, Any]) -> str:
+    """What `connector binding create` prints for the demo's subaccount: the application's only set-up."""
+    done = subprocess.run(
+        [sys.executable, "-m", "connector", "binding", "create", "--config", state["cloud"]["config"],
+         "--subaccount", state["subaccount"], "--compact"],
+        capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def user_token(state: dict[str, Any], vcap: dict[str, Any]) -> str:
+    """The demo user's JWT (password grant of the xsuaa binding), as an application receives it from its caller."""
+    credentials = vcap["xsuaa"][0]["credentials"]
+    form = urllib.parse.urlencode({"grant_type": "password", "username": state["user"]["name"],
+                                   "password": state["user"]["password"], "client_id": credentials["clientid"],
+                                   "client_secret": credentials["clientsecret"]}).encode()
+    context = ssl.create_default_context(cafile=state["token_service"]["ca"])
+    with urllib.request.urlopen(f"{credentials['url']}/oauth/token", form, timeout=30, context=context) as answer:
+        return str(json.loads(answer.read())["access_token"])
+
+
+def find_destination(state: dict[str, Any], name: str) -> dict[str, Any]:
+    """The destination as the destination service stores it (found with the demo's proxy token)."""
+    url = (f"http://127.0.0.1:{state['cloud']['destinations_port']}/destination-configuration/v1/destinations/"
+           f"{name}?$skipTokenRetrieval=true")
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {state['token']}"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return dict(json.loads(answer.read())["destinationConfiguration"])
+
+
+def claims_of(jwt: str) -> dict[str, Any]:
+    payload = jwt.split(".")[1]
+    return dict(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """One demo, one binding, one run of the application calling each destination once."""
+    node, npm = node_tools()
+    app = install_app(npm)
+    demo = Demo(tmp_path_factory.mktemp("sdk"))
+    try:
+        state = demo.wait_ready()
+        vcap_text = binding_vcap_services(state)
+        user_jwt = user_token(state, json.loads(vcap_text))
+        calls = [
+            {"destination": DESTINATIONS["BasicAuthentication"], "path": "/sap/opu/odata/basic"},
+            {"destination": DESTINATIONS["OAuth2ClientCredentials"], "path": "/sap/opu/odata/oauth"},
+            {"destination": DESTINATIONS["PrincipalPropagation"], "path": "/sap/opu/odata/user", "jwt": user_jwt},
+            {"destination": DESTINATIONS["CloudConnectorLocationId"], "path": "/sap/opu/odata/plant"},
+            {"destination": MISSING, "path": "/sap/opu/odata/none"},
+        ]
+        env = {key: value for key, value in os.environ.items() if key not in PROXY_VARIABLES}
+        env.update({"VCAP_SERVICES": vcap_text, "NODE_EXTRA_CA_CERTS": state["token_service"]["ca"],
+                    "NO_PROXY": "*", "no_proxy": "*"})
+        done = subprocess.run([node, "app.js", json.dumps(calls)], cwd=app, env=env, capture_output=True, text=True,
+                              timeout=APP_TIMEOUT)
+        assert done.returncode == 0, done.stderr
+        # one JSON object per call; the SDK's own log lines (its warnings) go to stdout too
+        results = {r["destination"]: r for r in (json.loads(line) for line in done.stdout.splitlines()
+                                                  if line.startswith("{"))}
+        yield {"state": state, "results": results, "user_jwt": user_jwt, "output": done.stdout + done.stderr}
+    finally:
+        demo.stop()
+
+
+def answered(run: dict[str, Any], kind: str) -> dict[str, Any]:
+    """What the internal host received for the destination of `kind` (it echoes path and headers)."""
+    result = run["results"][DESTINATIONS[kind]]
+    assert "error" not in result, f"{kind}: {result['error']}\n{run['output']}"
+    assert result["status"] == 200
+    return dict(result["data"])
+
+
+def test_basic_authentication_reaches_the_internal_host_with_the_destinations_user(run: dict[str, Any]) -> None:
+    data = answered(run, "BasicAuthentication")
+    assert (data["path"], data["host"]) == ("/sap/opu/odata/basic", "erp.virtual:8000")
+    destination = find_destination(run["state"], DESTINATIONS["BasicAuthentication"])
+    expected = base64.b64encode(f"{destination['User']}:{destination['Password']}".encode()).decode()
+    assert data["headers"]["authorization"] == f"Basic {expected}"
+    assert "proxy-authorization" not in data["headers"]  # the proxy's credential stops at the proxy
+
+
+def test_oauth2_client_credentials_sends_a_token_of_the_token_service(run: dict[str, Any]) -> None:
+    data = answered(run, "OAuth2ClientCredentials")
+    assert (data["path"], data["host"]) == ("/sap/opu/odata/oauth", "erp.virtual:8000")
+    scheme, _, token = data["headers"]["authorization"].partition(" ")
+    assert scheme == "Bearer"
+    claims = claims_of(token)
+    destination = find_destination(run["state"], DESTINATIONS["OAuth2ClientCredentials"])
+    assert claims["iss"] == destination["tokenServiceURL"] == f"{run['state']['token_service']['url']}/oauth/token"
+    assert (claims["client_id"], claims["grant_type"]) == (destination["clientId"], "client_credentials")
+
+
+def test_a_destination_with_a_location_id_is_served_by_that_locations_node(run: dict[str, Any]) -> None:
+    data = answered(run, "CloudConnectorLocationId")
+    # only the second location maps mes.virtual: reaching it means the location id was sent and used
+    assert (data["path"], data["host"]) == ("/sap/opu/odata/plant", "mes.virtual:8000")
+    status_url = f"http://127.0.0.1:{run['state']['cloud']['admin_port']}/status"
+    with urllib.request.urlopen(status_url, timeout=30) as answer:
+        locations = {loc["location_id"]: loc for loc in json.loads(answer.read())["locations"]}
+    assert {entry["node"] for entry in locations[LOCATION_2]["routing"]} == {NODE_2}
+
+
+def test_principal_propagation_is_proxied_and_the_users_token_stays_out(run: dict[str, Any]) -> None:
+    data = answered(run, "PrincipalPropagation")
+    assert (data["path"], data["host"]) == ("/sap/opu/odata/user", "erp.virtual:8000")
+    assert "authorization" not in data["headers"]
+    if "sap-connectivity-authentication" in data["headers"]:
+        pytest.xfail("the HTTP proxy passes SAP-Connectivity-Authentication (the user's JWT) to the internal "
+                     "host unvalidated: validating and removing it belongs to the new data path "
+                     "(connector/cloud/proxy.py, connector/agent/forward.py)")
+
+
+def test_principal_propagation_the_internal_host_sees_the_users_certificate(run: dict[str, Any]) -> None:
+    data = answered(run, "PrincipalPropagation")
+    subject = data.get("client_certificate_subject")
+    if subject is None:
+        pytest.xfail("principal propagation, node side: the node does not yet mint a short-lived X.509 "
+                     "certificate for the user of SAP-Connectivity-Authentication and log on to the internal "
+                     "host with it (and the demo's internal host reports no client certificate)")
+    user = claims_of(run["user_jwt"])["user_name"]
+    assert f"CN={user}" in subject
+
+
+def test_a_destination_that_does_not_exist_is_reported_as_not_found(run: dict[str, Any]) -> None:
+    # the SDK tells "not found" (then tries the provider's destinations) from a failed lookup by
+    # SAP's ErrorMessage sentence in the 404; any other 404 is "Failed to fetch destination"
+    error = run["results"][MISSING]["error"]
+    assert f"Failed to resolve the destination 'name: {MISSING}'" in error and "Failed to fetch" not in error
