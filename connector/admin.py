@@ -29,6 +29,7 @@ import h11
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from connector.http1 import next_event
 from connector.listen import serve_tcp
 
 log = logging.getLogger(__name__)
@@ -198,11 +199,7 @@ async def _read_message(conn: h11.Connection, stream: trio.abc.Stream) -> tuple[
     head = None
     body = bytearray()
     while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            data = await stream.receive_some(65536)
-            conn.receive_data(data)  # type: ignore[arg-type]  # h11 takes any bytes-like
-            continue
+        event = await next_event(conn, stream)
         if isinstance(event, (h11.Request, h11.Response)):
             head = event
         elif isinstance(event, h11.Data):

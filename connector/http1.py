@@ -29,6 +29,19 @@ HOP_BY_HOP = frozenset(
 )
 
 
+async def next_event(conn: h11.Connection, stream: Any, max_bytes: int = 65536) -> Any:
+    """`conn`'s next event, reading from `stream` (a trio ReceiveStream) whenever h11 needs more.
+
+    The one read-until-event loop of every h11 user here; the end of `stream` reaches h11 as
+    b"", so it comes back as ConnectionClosed (or h11's RemoteProtocolError mid-message).
+    """
+    while True:
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        conn.receive_data(bytes(await stream.receive_some(max_bytes)))
+
+
 def header_tokens(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> set[bytes]:
     """Lower-cased comma-separated tokens of every `name` header (Connection, Upgrade, ...).
 

@@ -102,6 +102,7 @@ from connector.cloud.token_client import (
     TokenRequest,
     fetch_token,
 )
+from connector.http1 import next_event
 from connector.httperrors import error_parts
 
 __all__ = ["DestinationError", "DestinationLimits", "DestinationService", "DestinationSettings", "Right",
@@ -508,7 +509,7 @@ class DestinationService:
                 await stream.aclose()
 
     async def _serve_request(self, stream: trio.abc.HalfCloseableStream, conn: h11.Connection, address: str) -> None:
-        request = await self._next_event(stream, conn)
+        request = await next_event(conn, stream, _CHUNK)
         if isinstance(request, h11.ConnectionClosed):
             return
         assert isinstance(request, h11.Request), request  # h11 starts every cycle with a Request
@@ -535,7 +536,7 @@ class DestinationService:
             return None
         body = bytearray()
         while True:
-            event = await self._next_event(stream, conn)
+            event = await next_event(conn, stream, _CHUNK)
             if isinstance(event, h11.Data):
                 if len(body) + len(event.data) > limit:  # chunked: no length announced
                     return None
@@ -544,14 +545,6 @@ class DestinationService:
                 return bytes(body)
             else:
                 raise h11.RemoteProtocolError("the connection closed inside a request body", error_status_hint=400)
-
-    @staticmethod
-    async def _next_event(stream: trio.abc.HalfCloseableStream, conn: h11.Connection) -> Any:
-        while True:
-            event = conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            conn.receive_data(bytes(await stream.receive_some(_CHUNK)))
 
     @staticmethod
     async def _send(stream: trio.abc.HalfCloseableStream, conn: h11.Connection, event: Any) -> None:

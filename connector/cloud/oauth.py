@@ -91,6 +91,7 @@ from connector.cloud.jwks import (
     rotation,
 )
 from connector.cloud.jwtauth import JwtError, JwtValidator, TrustedIssuer, unverified_issuer
+from connector.http1 import next_event
 from connector.httperrors import error_parts
 from connector.listen import serve_tcp
 from ha.store import StoreUnavailable
@@ -390,7 +391,7 @@ class TokenService:
     async def _serve_request(self, stream: trio.SSLStream[trio.SocketStream], conn: h11.Connection,
                              client: str) -> _Answer | None:
         """Read one request and decide its answer; None if the client closed instead."""
-        request = await _next_event(stream, conn)
+        request = await next_event(conn, stream, _CHUNK)
         if not isinstance(request, h11.Request):
             return None
         path = request.target.decode("ascii", "replace").partition("?")[0]
@@ -438,7 +439,7 @@ class TokenService:
             raise OAuthError(413, "invalid_request", f"request bodies are limited to {limit} bytes")
         body = bytearray()
         while True:
-            event = await _next_event(stream, conn)
+            event = await next_event(conn, stream, _CHUNK)
             if isinstance(event, h11.Data):
                 body += event.data
                 if len(body) > limit:
@@ -590,9 +591,3 @@ def _peer(sock: trio.SocketStream) -> str:
         return "?"
 
 
-async def _next_event(stream: trio.abc.Stream, conn: h11.Connection) -> Any:
-    while True:
-        event = conn.next_event()
-        if event is not h11.NEED_DATA:
-            return event
-        conn.receive_data(bytes(await stream.receive_some(_CHUNK)))

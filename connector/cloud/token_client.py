@@ -34,6 +34,7 @@ import h11
 import trio
 
 from connector import pki
+from connector.http1 import next_event
 
 _CHUNK = 16384
 MAX_ERROR_CHARS = 200  # of a token service's error and description, passed on in authTokens[].error
@@ -135,10 +136,8 @@ async def _exchange(stream: trio.SSLStream[trio.SocketStream], request: h11.Requ
     await stream.send_all(conn.send(request) + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
     status, payload = 0, bytearray()
     while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            conn.receive_data(bytes(await stream.receive_some(_CHUNK)))
-        elif isinstance(event, h11.Response):
+        event = await next_event(conn, stream, _CHUNK)
+        if isinstance(event, h11.Response):
             status = event.status_code
         elif isinstance(event, h11.Data):
             payload += event.data
