@@ -48,9 +48,7 @@ and routes nothing, because a fence it has not read cannot refuse a stale master
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
@@ -63,6 +61,14 @@ from connector import metrics
 from connector.cloud.admission import StreamAdmission
 from connector.cloud.audit import CloudAudit
 from connector.cloud.clients import ClientConnection, current_client
+from connector.cloud.fence import (
+    Fence,
+    LocationKey,
+    RegistrationResult,
+    decide_registration,
+    merge_fence,
+)
+from connector.cloud.fencefile import FenceFile
 from connector.cloud.router import NoConnectorError
 from connector.tunnel.session import TunnelError, TunnelSession
 from connector.tunnel.streams import TunnelStream
@@ -70,7 +76,10 @@ from connector.tunnel.types import ErrorCode, Target
 
 log = logging.getLogger(__name__)
 
-LocationKey = tuple[str, str]  # (subaccount, location_id)
+__all__ = ["Registry", "TunnelHandle", "RegistryStatistics", "refuse_tunnel",
+           # the fence vocabulary lives in connector.cloud.fence; re-exported for existing imports
+           "Fence", "LocationKey", "RegistrationResult", "decide_registration", "merge_fence"]
+
 
 
 @attrs.define(eq=False)
@@ -130,96 +139,6 @@ class RegistryStatistics:
     waiting_for_streams: int  # requests waiting for a free stream on their master's tunnel
 
 
-@attrs.frozen
-class Fence:
-    """What fences a location: the highest epoch accepted, of the cluster the location is bound to,
-    and how many times an operator reset it (`connector cloud-fence reset`)."""
-
-    epoch: int = -1
-    cluster: str | None = None
-    resets: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "cluster": self.cluster, "resets": self.resets}
-
-    @classmethod
-    def from_json(cls, data: Any) -> Fence:
-        """ValueError unless `data` is {"epoch": int >= -1, "cluster": str or null, "resets": int >= 0
-        (absent: 0)}."""
-        if not isinstance(data, dict):
-            raise ValueError(f"a fence must be an object, not {type(data).__name__}")
-        epoch, cluster, resets = data.get("epoch"), data.get("cluster"), data.get("resets", 0)
-        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < -1:
-            raise ValueError(f"a fence's epoch must be an integer >= -1: {data!r}")
-        if cluster is not None and not isinstance(cluster, str):
-            raise ValueError(f"a fence's cluster must be a string or null: {data!r}")
-        if not isinstance(resets, int) or isinstance(resets, bool) or resets < 0:
-            raise ValueError(f"a fence's resets must be an integer >= 0: {data!r}")
-        return cls(epoch, cluster, resets)
-
-
-def merge_fence(shared: Fence, local: Fence, *, pinned: str | None) -> Fence:
-    """The fence of a location once the `shared` one (in etcd, written by any replica) meets this
-    replica's `local` one.
-
-    The owner is the pin, else the cluster bound in the shared fence (the first replica to bind
-    the location won the compare-and-set), else the local binding. Epochs only ever rise: the
-    result is the highest epoch of the two that belongs to the owner (an unbound epoch, from a
-    state file of before bindings, counts for any owner, as in `decide_registration`).
-    The one exception is an operator's reset: the fence with more `resets` replaces the other's
-    epoch instead of meeting it (a reset is how a fence is lowered, on every replica).
-    """
-    owner = pinned if pinned is not None else shared.cluster if shared.cluster is not None else local.cluster
-    newest = [f for f in (shared, local) if f.resets == max(shared.resets, local.resets)]
-    epochs = [f.epoch for f in newest if f.cluster in (None, owner)]
-    return Fence(max(epochs, default=-1), owner, newest[0].resets)
-
-
-@attrs.frozen
-class RegistrationResult:
-    accepted: bool
-    reason: str  # accepted, stale_epoch, wrong_cluster, fence_unknown
-    highest_epoch: int
-    cluster: str | None = None  # the cluster that owns the location (after an acceptance: the caller's)
-
-    @property
-    def message(self) -> str:
-        if self.reason == "wrong_cluster":
-            return f"this location is served by cluster {self.cluster!r}"
-        if self.reason == "stale_epoch":
-            return f"a master with epoch {self.highest_epoch} registered since"
-        if self.reason == "fence_unknown":
-            return ("this cloud replica has not read the shared fence yet (its etcd is unreachable): "
-                    "it accepts no tunnel until it has")
-        return "accepted"
-
-    def control_body(self) -> dict[str, Any]:
-        """The body of the ``refused`` control message telling a node about this verdict."""
-        return {"reason": self.reason, "cluster": self.cluster, "highest_epoch": self.highest_epoch,
-                "message": self.message}
-
-
-def decide_registration(
-    *, pinned: str | None, bound: str | None, highest_epoch: int, cluster: str, epoch: int | None
-) -> RegistrationResult:
-    """The cloud's verdict on `cluster` registering (or, with `epoch` None, connecting) for a location
-    that is `pinned` in the configuration and `bound` by an earlier registration, whose bound
-    cluster's highest epoch is `highest_epoch`.
-
-    The owner is the pinned cluster, else the bound one, else (nobody yet) the caller. Another
-    cluster is refused with ``wrong_cluster``. A pin naming a cluster other than the bound one moves
-    the location: the old cluster's epochs say nothing about the new cluster's, so they start afresh.
-    Epochs of a location never bound to a cluster (a state file from before bindings) still fence.
-    """
-    owner = pinned if pinned is not None else bound if bound is not None else cluster
-    highest = highest_epoch if bound in (None, owner) else -1
-    if cluster != owner:
-        return RegistrationResult(False, "wrong_cluster", highest, owner)
-    if epoch is None or epoch >= highest:
-        return RegistrationResult(True, "accepted", highest if epoch is None else epoch, owner)
-    return RegistrationResult(False, "stale_epoch", highest, owner)
-
-
 class Registry:
     """Implements `connector.cloud.router.Router` over the registered tunnels."""
 
@@ -244,16 +163,7 @@ class Registry:
         self._waiting_for_streams = 0
         self._waiting_changed = trio.lowlevel.ParkingLot()
         self.state_file = state_file
-        self._persist_failing = False
-        self._persisted = trio.Event()  # set while state_file holds the current epochs
-        self._persisted.set()
-        # A labelled gauge has no sample until set: a node (or a cloud without a state_file) shows
-        # no "0, not persisted" that the alert would fire on.
-        self._persisted_gauge = (
-            metrics.CLOUD_STATE_PERSISTED.labels(str(state_file)) if state_file is not None else None
-        )
-        if self._persisted_gauge is not None:
-            self._persisted_gauge.set(1)  # nothing failed yet (and nothing to write)
+        self._fence_file = FenceFile(state_file)
         self._locations: dict[LocationKey, _Location] = {}
         self._masters_changed = trio.lowlevel.ParkingLot()  # unparked whenever a location's master changes
         self._held = 0
@@ -272,10 +182,10 @@ class Registry:
         self.fence_listener: Callable[[LocationKey, Fence], None] | None = None  # told of local advances
         for key in known_locations:
             self._location(key).known = True
-        for key, (epoch, cluster) in self._load_epochs().items():
+        for key, fence in self._fence_file.load().items():
             location = self._location(key)
-            location.highest_epoch = epoch
-            location.cluster = cluster
+            location.highest_epoch = fence.epoch
+            location.cluster = fence.cluster
             location.known = True
         for key, cluster in (pinned_clusters or {}).items():
             location = self._location(key)
@@ -300,7 +210,7 @@ class Registry:
             while True:
                 await trio.sleep(1.0)
                 self._account_no_master()
-                if self._persist_failing:
+                if self._fence_file.failing:
                     self._save_epochs()  # retried until the disk takes it again
 
     def _spawn(self, fn: Any, *args: Any) -> None:
@@ -797,64 +707,18 @@ class Registry:
         if location.highest_epoch >= 0:
             metrics.CLOUD_MASTER_EPOCH.labels(sub, loc).set(location.highest_epoch)
 
-    def _load_epochs(self) -> dict[LocationKey, tuple[int, str | None]]:
-        if self.state_file is None or not self.state_file.exists():
-            return {}
-        data = json.loads(self.state_file.read_text())
-        return {
-            (entry["subaccount"], entry["location_id"]): (int(entry["epoch"]), entry.get("cluster"))
-            for entry in data["epochs"]
-        }
-
     def _save_epochs(self) -> None:
-        """Write the highest epochs to `state_file` (temporary file, fsync, rename).
-
-        A failure (directory gone, disk full, read-only) must not take the cloud down: the fence
-        keeps working from memory and only a restart would forget it. So it is logged once, shown by
-        `connector_cloud_state_persisted` (alert ConnectorStatePersistFailing) and retried every
-        second by `run` until a write succeeds.
-        """
-        if self.state_file is None:
-            return
-        data = {
-            "epochs": [
-                {"subaccount": s, "location_id": loc, "epoch": location.highest_epoch, "cluster": location.cluster}
-                for (s, loc), location in sorted(self._locations.items())
-                if location.highest_epoch >= 0 or location.cluster is not None
-            ]
-        }
-        tmp = self.state_file.with_name(f".{self.state_file.name}.tmp")
-        try:
-            with open(tmp, "w") as f:
-                f.write(json.dumps(data))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.state_file)
-        except OSError as exc:
-            if self._persisted_gauge is not None:
-                self._persisted_gauge.set(0)
-            if not self._persist_failing:
-                self._persisted = trio.Event()
-                log.error("cannot write the fencing state to %s: %s; fencing goes on from memory, "
-                          "but a restart now would forget the epochs (retrying every second)",
-                          self.state_file, exc)
-            self._persist_failing = True
-            return
-        if self._persist_failing:
-            log.warning("fencing state written to %s again", self.state_file)
-        self._persist_failing = False
-        self._persisted.set()
-        if self._persisted_gauge is not None:
-            self._persisted_gauge.set(1)
+        self._fence_file.save((key, Fence(location.highest_epoch, location.cluster))
+                              for key, location in self._locations.items())
 
     @property
     def persisted(self) -> bool:
         """Whether `state_file` holds the current epochs (False while writes fail)."""
-        return not self._persist_failing
+        return not self._fence_file.failing
 
     async def wait_persisted(self) -> None:
         """Wait until `state_file` holds the current epochs again (at once if it does)."""
-        await self._persisted.wait()
+        await self._fence_file.wait_written()
 
 
 async def refuse_tunnel(session: TunnelSession, body: dict[str, Any]) -> None:
