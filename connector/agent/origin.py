@@ -160,7 +160,7 @@ class OriginPool:
                 await trio.aclose_forcefully(origin.stream)
                 continue
             metrics.ORIGIN_CONNECTIONS.labels(mapping.name, "reused").inc()
-            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint_if_cancelled()
             return origin
         stream = await open_backend(mapping, connect_timeout)
         metrics.ORIGIN_CONNECTIONS.labels(mapping.name, "new").inc()
@@ -184,7 +184,7 @@ class OriginPool:
         idle.append(origin)
         self._export(origin.mapping)
         self._changed.set()
-        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint_if_cancelled()
 
     def _export(self, mapping: Mapping) -> None:
         metrics.ORIGIN_IDLE.labels(mapping.name).set(len(self._idle.get(mapping, ())))

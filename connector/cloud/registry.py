@@ -463,7 +463,7 @@ class Registry:
         `avoid`: a stream whose tunnel refused this request (REFUSED: not the master, handing
         over); while that tunnel is still the location's master, the request waits in the hold
         for the next one, as if none were registered."""
-        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint_if_cancelled()
         if not self.fence_loaded:
             raise NoConnectorError("this cloud replica has not read the shared fence yet (its etcd is unreachable): "
                                    "it routes nothing until it has", code="fence_unknown")

@@ -343,7 +343,9 @@ class TunnelSession:
     async def _wait_writable(self) -> None:
         """Back-pressure: wait while the outgoing queue is over the high-water mark."""
         if self._queued <= _HIGH_WATER or self._closing:
-            await trio.lowlevel.checkpoint()
+            # a cancel point but no yield: queueing a frame needs no trip through the scheduler
+            # (the writer runs at the caller's next wait; the queue's bound keeps that near)
+            await trio.lowlevel.checkpoint_if_cancelled()
             return
         while self._queued > _HIGH_WATER and not self._closing:
             await self._drain_lot.park()
@@ -466,7 +468,7 @@ class TunnelSession:
 
         Raises TunnelError if the tunnel is closed, ValueError for an unusable target.
         """
-        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint_if_cancelled()
         while True:
             try:
                 return self.open_stream_nowait(target)

@@ -109,6 +109,11 @@ class SessionStream(TunnelStream):
         for callback in callbacks:
             callback()
 
+    @property
+    def reset_error(self) -> StreamResetError | None:
+        """Why the stream was reset (by either side, or the tunnel died); None while it was not."""
+        return self._write_error if self._reset_event.is_set() else None
+
     def on_reset(self, callback: Callable[[], object]) -> None:
         if self._reset_event.is_set():
             callback()
@@ -238,7 +243,7 @@ class SessionStream(TunnelStream):
         """End our message (FIN); on an exchange stream with `trailers`, as a trailers head."""
         if self._sending:
             raise trio.BusyResourceError("another task is sending on this stream")
-        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint_if_cancelled()
         if self._eof_sent:
             return
         self._check_send()
@@ -253,12 +258,9 @@ class SessionStream(TunnelStream):
             raise trio.BusyResourceError("another task is receiving on this stream")
         self._receiving = True
         try:
-            # one schedule point per call, as trio's own streams: a yield when data is at hand,
-            # else the wait itself (parking is a schedule point)
-            if self._chunks:
-                await trio.lowlevel.checkpoint()
-            else:
-                await trio.lowlevel.checkpoint_if_cancelled()
+            # a cancel point per call; no yield when data is at hand (every reader of a tunnel
+            # stream waits on something else in its loop, a socket or the stream itself)
+            await trio.lowlevel.checkpoint_if_cancelled()
             while not self._chunks:
                 if self._closed:
                     raise trio.ClosedResourceError("stream was closed")
@@ -327,7 +329,7 @@ class SessionStream(TunnelStream):
             await self._lot.park()
 
     async def reset(self, code: ErrorCode, reason: str = "") -> None:
-        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint_if_cancelled()
         if self._write_error is None or self._read_error is None:
             self._session._send(p.ResetStream(self.stream_id, code, reason))
             error = StreamResetError(code, reason)
@@ -342,7 +344,7 @@ class SessionStream(TunnelStream):
         """Half-close our side (FIN); if the peer has not finished, reset with CANCEL after it.
 
         An exchange message cannot end before its head: then the stream is reset at once."""
-        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint_if_cancelled()
         if self._closed:
             return
         self._closed = True
