@@ -184,6 +184,10 @@ class Exchange:
         self.origin: OriginConnection | None = None
         self.head_sent = False  # a response head (not 1xx) went up the stream
         self.body_sent = trio.Event()  # the whole request is with the internal host
+        self.pump_ended = trio.Event()  # the body task is over (body sent, or given up)
+        # the request's last bytes are handed to the internal host (maybe still in flight): an
+        # answer from now on is not early (set before the write yields, or it would race it)
+        self.request_whole = False
 
     async def run(self) -> None:
         try:
@@ -349,7 +353,8 @@ class Exchange:
         await self._answer(head, status, reason, message)
 
     async def _to_origin(self, *events: h11.Event) -> None:
-        assert self.origin is not None
+        if self.origin is None:  # given up by the response side (an early answer)
+            raise _OriginGone("the internal host's connection was given up")
         conn = self.origin.conn
         data = b"".join([conn.send(event) or b"" for event in events])
         try:
@@ -377,6 +382,7 @@ class Exchange:
         """Request body up and response down, concurrently (an answer may come before the body)."""
         head_scope = trio.CancelScope(deadline=math.inf)
         if bodyless:
+            self.request_whole = True
             await self._to_origin(request, h11.EndOfMessage())
             self.body_sent.set()
             head_scope.deadline = trio.current_time() + self.settings.response_timeout
@@ -392,13 +398,15 @@ class Exchange:
 
             async def pump() -> None:
                 try:
-                    await self._pump_body()
+                    await self._pump_body(request)
                 except _OriginGone:
                     return  # the internal host stopped reading: the response side tells why
                 except Exception as exc:  # raised below, outside the nursery
                     failure.append(exc)
                     nursery.cancel_scope.cancel()
                     return
+                finally:
+                    self.pump_ended.set()
                 head_scope.deadline = trio.current_time() + self.settings.response_timeout
 
             nursery.start_soon(pump)
@@ -410,10 +418,14 @@ class Exchange:
         if failure:
             raise failure[0]
 
-    async def _pump_body(self) -> None:
+    async def _pump_body(self, request: h11.Request) -> None:
         """The request body from the stream to the internal host, then its end (with trailers)."""
         budget = RateBudget(self.settings.body_rate)
         stream = self.stream
+        # h11 validated it: a Content-Length body is whole at the internal host with its last
+        # byte, before the stream's FIN (and the empty EndOfMessage) are read here
+        length = next((int(v) for k, v in request.headers if k == b"content-length"), None)
+        sent = 0
         while True:
             try:
                 data = await receive_some_at_rate(stream, budget, self.settings.chunk)
@@ -423,8 +435,12 @@ class Exchange:
                 break
             self.outcome.bytes_in += len(data)
             metrics.BYTES.labels(self.mapping.name, "in").inc(len(data))
+            sent += len(data)
+            if length is not None and sent >= length:
+                self.request_whole = True
             await self._to_origin(h11.Data(data=bytes(data)))
         trailers = getattr(stream, "trailers", None) or []
+        self.request_whole = True
         await self._to_origin(h11.EndOfMessage(headers=trailer_fields(trailers)))
         self.body_sent.set()
 
@@ -474,13 +490,23 @@ class Exchange:
 
     async def _finish_origin(self) -> None:
         """Back to the pool if the whole request reached the internal host and h11 allows it."""
+        if not self.request_whole:
+            # answered before the request was whole: the internal host will not read the rest,
+            # and what it left unread must never be parsed as its next request
+            origin, self.origin = self.origin, None
+            assert origin is not None
+            await trio.aclose_forcefully(origin.stream)
+            await self._reset(ErrorCode.NO_ERROR, "answered before the request body was complete")
+            return
+        if not self.body_sent.is_set():
+            # the last body write is in flight, or the stream's FIN after a whole Content-Length
+            # body is still to come: the request's end goes out on this connection first (bounded)
+            with trio.move_on_after(self.settings.response_timeout):
+                await self.pump_ended.wait()
         origin, self.origin = self.origin, None
         assert origin is not None
         if not self.body_sent.is_set():
-            # answered before the request was whole: the internal host will not read the rest,
-            # and what it left unread must never be parsed as its next request
             await trio.aclose_forcefully(origin.stream)
-            await self._reset(ErrorCode.NO_ERROR, "answered before the request body was complete")
             return
         await self.ctx.pool.give_back(origin)
 
