@@ -365,10 +365,13 @@ class Exchange:
     async def _next_origin_event(self) -> h11.Event:
         assert self.origin is not None
         conn = self.origin.conn
+        closed = False
         while True:
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
+                if closed:  # h11 refuses the end of a message cut short: a reset, not bad HTTP
+                    raise _OriginGone(f"internal host closed the connection: {exc}") from exc
                 raise _OriginGone(f"internal host broke HTTP: {exc}", "protocol_error") from exc
             if event is not h11.NEED_DATA:
                 return event  # type: ignore[return-value]
@@ -376,6 +379,7 @@ class Exchange:
                 data = await self.origin.stream.receive_some(self.settings.chunk)
             except _ORIGIN_ERRORS as exc:
                 raise _OriginGone(str(exc)) from exc
+            closed = not data
             conn.receive_data(data)  # type: ignore[arg-type]  # h11 takes any bytes-like
 
     async def _exchange(self, head: RequestHead, decision: Decision, request: h11.Request, bodyless: bool) -> None:

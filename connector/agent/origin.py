@@ -202,14 +202,16 @@ class OriginPool:
 
     async def _sweep(self) -> None:
         now = trio.current_time()
+        expired = []
         for mapping, idle in list(self._idle.items()):
             while idle and now - idle[0].idle_since >= self.settings.idle_seconds:
-                origin = idle.popleft()
+                expired.append(idle.popleft())
                 metrics.ORIGIN_CONNECTIONS.labels(mapping.name, "expired").inc()
-                await trio.aclose_forcefully(origin.stream)
-            self._export(mapping)
+            self._export(mapping)  # before the closes yield: the gauge never counts a closed one
             if not idle:
                 del self._idle[mapping]
+        for origin in expired:
+            await trio.aclose_forcefully(origin.stream)
 
     async def aclose(self) -> None:
         """Close every idle connection."""
