@@ -35,7 +35,13 @@ from connector.agent.origin import OriginPool, PoolSettings
 from connector.tunnel.heads import RequestHead
 from connector.tunnel.session import SessionStream, TunnelSession
 from connector.tunnel.types import ErrorCode, StreamProtocol, StreamResetError, Target
-from tests.support.exchangeclient import read_reply, read_until_closed, repeated, request, request_head
+from tests.support.exchangeclient import (
+    read_reply,
+    read_until_closed,
+    repeated,
+    request,
+    request_head,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 VIRTUAL = "erp.virtual"

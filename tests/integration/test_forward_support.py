@@ -12,7 +12,7 @@ import hashlib
 import ipaddress
 import json
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,6 @@ from connector.agent.forward import StreamContext, serve_stream
 from connector.tunnel.session import TunnelSession
 from connector.tunnel.streams import TunnelStream
 from tests.support.exchangeclient import start_pair
-
 
 CHUNK = 65536
 

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 import trio
-from test_forward_support import CHUNK, ForwardNode, echo_backend, free_port, make_pki, serve, start_node
+from test_forward_support import (
+    CHUNK,
+    ForwardNode,
+    echo_backend,
+    free_port,
+    make_pki,
+    serve,
+    start_node,
+)
 
 from connector.agent.acl import AccessControl, BackendProtocol, Mapping
 from connector.agent.audit import AuditLog

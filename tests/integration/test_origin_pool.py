@@ -2,7 +2,7 @@
 through real exchange streams and real backends on loopback: an application's kept-alive
 connection costs the node no stream and no task between requests, and the internal host sees one
 connection reused, bounded in number (`pool_max_idle`) and in idle time (`pool_idle_seconds`).
-The pool's clock logic alone is in tests/unit/test_origin_pool.py."""
+The pool's clock logic alone is in tests/unit/test_origin_pool_clock.py."""
 
 from __future__ import annotations
 
