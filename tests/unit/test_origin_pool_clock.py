@@ -24,9 +24,11 @@ class Tracked(trio.abc.Stream):
     """An idle connection's stream: nothing is sent or read while it is in the pool."""
 
     closed = False
+    gauge_at_close: float | None = None  # what the idle gauge said when the pool closed it
 
     async def aclose(self) -> None:
         self.closed = True
+        self.gauge_at_close = idle_gauge()
         await trio.lowlevel.checkpoint()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -84,6 +86,7 @@ async def test_run_closes_idle_connections_after_idle_seconds(autojump_clock: tr
     await trio.sleep_until(start + 30.1)
     assert first.stream.closed and not second.stream.closed
     assert (pool.idle_count(), idle_gauge()) == (1, 1)
+    assert first.stream.gauge_at_close == 1  # the gauge never counts a connection being closed
     await trio.sleep_until(start + 40.1)
     assert second.stream.closed
     assert (pool.idle_count(), idle_gauge()) == (0, 0)
