@@ -188,6 +188,8 @@ class Exchange:
         # the request's last bytes are handed to the internal host (maybe still in flight): an
         # answer from now on is not early (set before the write yields, or it would race it)
         self.request_whole = False
+        self.request_ended = False  # the application's request ended: a bodyless head, or its FIN read
+        self.answered = False  # our answer ended (FIN sent)
 
     async def run(self) -> None:
         try:
@@ -196,6 +198,11 @@ class Exchange:
             with trio.CancelScope() as gone:
                 self.stream.on_reset(gone.cancel)
                 await self._run()
+                if self.answered and not self.request_ended:
+                    # answered before the request was whole (a refusal, an error, an early
+                    # answer): the proxy stops sending and drops the rest; NO_ERROR, for the
+                    # answer is complete and nobody gave up
+                    await self._reset(ErrorCode.NO_ERROR, "answered before the request body was complete")
             if gone.cancelled_caught:
                 self.outcome.fail("client_gone")
         except _TUNNEL_ERRORS as exc:
@@ -237,6 +244,7 @@ class Exchange:
             self.outcome.fail("request_head_timeout", f"request head not whole within {settings.request_head_timeout} s")
             await self._reset(ErrorCode.CANCEL, ERRORS["request_head_timeout"][1])
             return
+        self.request_ended = not has_body(head.headers)  # the proxy sent its FIN with the head
         outcome = self.outcome
         outcome.method = head.method.decode("ascii", "replace")
         outcome.path = head.target[:2048].decode("ascii", "backslashreplace")
@@ -266,7 +274,7 @@ class Exchange:
         await self._send_head(ResponseHead(status, REASON_PHRASES.get(status, b""), headers), end=not body)
         if body:
             await self._write(body)
-            await self.stream.send_eof()
+            await self._end_answer()
 
     async def _origin_failed(self, head: RequestHead, reason: str, detail: str, label: str) -> None:
         """The internal host failed: 502/504 while no response head went up, else a reset."""
@@ -289,8 +297,13 @@ class Exchange:
             await self.stream.send_head(head, end_stream=end)
             if head.status >= 200:
                 self.head_sent = True
+            self.answered = end
             return
         raise _Stalled(f"a response write waited {self.settings.response_write_timeout} s for the application")
+
+    async def _end_answer(self, trailers: list[tuple[bytes, bytes]] | None = None) -> None:
+        await self.stream.send_eof(trailers or None)
+        self.answered = True
 
     async def _write(self, data: bytes | bytearray) -> None:
         with trio.move_on_after(self.settings.response_write_timeout):
@@ -436,6 +449,7 @@ class Exchange:
             except trio.TooSlowError as exc:
                 raise _BodyTooSlow(str(exc)) from None
             if not data:
+                self.request_ended = True
                 break
             self.outcome.bytes_in += len(data)
             metrics.BYTES.labels(self.mapping.name, "in").inc(len(data))
@@ -487,7 +501,7 @@ class Exchange:
                 event = await self._next_origin_event()
             if not isinstance(event, h11.EndOfMessage):
                 raise _OriginGone(f"unexpected {type(event).__name__} in the response body", "protocol_error")
-            await self.stream.send_eof(trailer_fields(event.headers) or None)
+            await self._end_answer(trailer_fields(event.headers))
         metrics.REQUEST_SECONDS.labels(self.mapping.name, str(self.mapping.protocol)).observe(
             trio.current_time() - self.outcome.started)
         await self._finish_origin()
@@ -500,8 +514,7 @@ class Exchange:
             origin, self.origin = self.origin, None
             assert origin is not None
             await trio.aclose_forcefully(origin.stream)
-            await self._reset(ErrorCode.NO_ERROR, "answered before the request body was complete")
-            return
+            return  # run() resets the stream (NO_ERROR): the rest of the body is not read
         if not self.body_sent.is_set():
             # the last body write is in flight, or the stream's FIN after a whole Content-Length
             # body is still to come: the request's end goes out on this connection first (bounded)

@@ -223,8 +223,9 @@ async def test_denied_with_large_body_is_answered_without_reading_the_body(nurse
     stream = await open_exchange(cloud, request_head(b"POST", b"/admin", [(b"content-length", b"%d" % size)]))
     reply = await read_reply(stream)
     assert (reply.status, reply.json()["error"]) == (403, "no_resource")
-    with pytest.raises(StreamResetError), trio.fail_after(5):
+    with pytest.raises(StreamResetError) as caught, trio.fail_after(5):
         await stream.send_all(b"x" * size)  # blocks on the window until the node's reset
+    assert caught.value.code == ErrorCode.NO_ERROR  # the answer is complete: stop sending
     [line] = await node.audit_lines(1)
     assert (line["decision"], line["bytes_in"]) == ("denied", 0)
     assert backend.connections == 0
