@@ -256,7 +256,16 @@ class Exchange:
             await self._answer(head, verdict.status, verdict.reason, verdict.message)
             return
         outcome.path = verdict.path or outcome.path
-        await self._forward(head, verdict)
+        try:
+            request = origin_request(self.mapping, head, verdict)
+        except h11.LocalProtocolError as exc:
+            # what h11 would not send (bad names or values, conflicting lengths, codings other
+            # than chunked): the proxy's h11 refuses these too, this is the second line
+            outcome.decision = "denied"
+            outcome.fail(acl_mod.BAD_REQUEST, str(exc))
+            await self._answer(head, 400, acl_mod.BAD_REQUEST, f"malformed request head: {exc}")
+            return
+        await self._forward(head, verdict, request)
 
     def _checked_path(self, head: RequestHead) -> str | None:
         decision = self.acl.check_request(self.mapping, head.method, head.target, head.headers)
@@ -320,9 +329,8 @@ class Exchange:
 
     # --- forwarding -------------------------------------------------------------------------------
 
-    async def _forward(self, head: RequestHead, decision: Decision) -> None:
+    async def _forward(self, head: RequestHead, decision: Decision, request: h11.Request) -> None:
         settings = self.settings
-        request = origin_request(self.mapping, head, decision)
         bodyless = not has_body(head.headers)
         for attempt in (1, 2):
             try:
