@@ -600,6 +600,59 @@ async def test_a_head_answer_has_no_body(nursery: trio.Nursery) -> None:
     await node.audit_lines(1)
 
 
+async def test_informational_heads_are_relayed_before_the_answer(nursery: trio.Nursery) -> None:
+    async def hints(stream: trio.abc.Stream) -> None:
+        await read_head(stream)
+        await stream.send_all(b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\n"
+                              b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await stream.receive_some(CHUNK)
+
+    port = await serve(nursery, hints)
+    cloud, node = await node_for(nursery, port)
+    reply = await get(cloud, b"/echo")
+    assert [(h.status, h.headers) for h in reply.informational] == [(103, [(b"link", b"</a.css>")])]
+    assert (reply.status, reply.body) == (200, b"ok")
+    [line] = await node.audit_lines(1)
+    assert line["status"] == 200
+
+
+class HeadAwareBackend(_RawBackend):
+    """Answers HEAD with the length a GET would have and no body, GET with the body."""
+
+    async def _serve(self, stream: trio.abc.Stream) -> None:
+        data = b""
+        while (read := await read_head(stream, data)) is not None:
+            head, data = read
+            body = b"" if head.startswith(b"HEAD ") else b"x" * 1000
+            await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n" + body)
+
+
+async def test_a_head_request_gets_the_length_and_no_body_and_keeps_the_connection(nursery: trio.Nursery) -> None:
+    backend = HeadAwareBackend()
+    port = await serve(nursery, backend.handle)
+    cloud, node = await node_for(nursery, port)
+    head = await get(cloud, b"/echo", method=b"HEAD")
+    assert (head.status, head.headers[b"content-length"], head.body) == (200, b"1000", b"")
+    assert (await get(cloud, b"/echo")).body == b"x" * 1000
+    assert backend.connections == 1
+    await node.audit_lines(2)
+
+
+async def test_a_body_ended_by_closing_the_connection_is_relayed_whole(nursery: trio.Nursery) -> None:
+    async def close_delimited(stream: trio.abc.Stream) -> None:
+        await read_head(stream)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\n\r\n" + b"z" * 100_000)
+        await stream.aclose()
+
+    port = await serve(nursery, close_delimited)
+    cloud, node = await node_for(nursery, port)
+    reply = await get(cloud, b"/echo")
+    assert (reply.status, reply.body_len) == (200, 100_000)
+    [line] = await node.audit_lines(1)
+    assert (line["reason"], line["bytes_out"]) == ("allowed", 100_000)
+    assert node.ctx.pool.idle_count() == 0  # a connection that ended its answer by closing is not pooled
+
+
 async def test_expect_100_continue_is_answered_by_the_node(nursery: trio.Nursery) -> None:
     backend, cloud, node = await start(nursery)
     stream = await open_exchange(cloud, request_head(

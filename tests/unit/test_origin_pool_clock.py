@@ -164,3 +164,14 @@ async def test_a_connection_in_the_middle_of_a_message_is_not_kept() -> None:
     origin.conn.send(h11.Request(method=b"POST", target=b"/", headers=[(b"host", b"x"), (b"content-length", b"5")]))
     await pool.give_back(origin)  # the request body was not sent whole: h11 says not DONE
     assert origin.stream.closed and pool.idle_count() == 0
+
+
+@pytest.mark.parametrize("after", [b"", b"HTTP/1.1 200 OK\r\n"], ids=["closed", "unasked_bytes"])
+async def test_a_connection_the_host_closed_or_talked_on_is_not_kept(after: bytes) -> None:
+    """A body ended by the close leaves h11 at DONE/DONE with the close noted; bytes after the
+    answer are nothing the next request may read. Neither connection is pooled."""
+    pool = OriginPool()
+    origin = finished()
+    origin.conn.receive_data(after)
+    await pool.give_back(origin)
+    assert origin.stream.closed and pool.idle_count() == 0
