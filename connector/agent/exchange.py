@@ -160,7 +160,7 @@ class _OriginGone(Exception):
 
 
 class _ResponseTimeout(Exception):
-    pass
+    """No response head within response_timeout; the message, if any, says why."""
 
 
 class _Stalled(Exception):
@@ -343,9 +343,10 @@ class Exchange:
             try:
                 await self._exchange(head, decision, request, bodyless)
                 return
-            except _ResponseTimeout:
+            except _ResponseTimeout as exc:
                 await self._origin_failed(head, "internal_host_timeout",
-                                          f"no response within {settings.response_timeout} s", "response_timeout")
+                                          str(exc) or f"no response within {settings.response_timeout} s",
+                                          "response_timeout")
                 return
             except _OriginGone as exc:
                 if retry_allowed and not self.head_sent:
@@ -378,10 +379,15 @@ class Exchange:
             raise _OriginGone("the internal host's connection was given up")
         conn = self.origin.conn
         data = b"".join([conn.send(event) or b"" for event in events])
-        try:
-            await self.origin.stream.send_all(data)
-        except _ORIGIN_ERRORS as exc:
-            raise _OriginGone(str(exc)) from exc
+        # an internal host that stops reading the request (and does not answer) would hold the
+        # exchange for ever: one write waits at most response_timeout
+        with trio.move_on_after(self.settings.response_timeout):
+            try:
+                await self.origin.stream.send_all(data)
+            except _ORIGIN_ERRORS as exc:
+                raise _OriginGone(str(exc)) from exc
+            return
+        raise _ResponseTimeout(f"the internal host did not read the request for {self.settings.response_timeout} s")
 
     async def _next_origin_event(self) -> h11.Event:
         assert self.origin is not None
@@ -419,6 +425,7 @@ class Exchange:
             # internal host that never sends 100 Continue cannot stall the application
             await self._send_head(ResponseHead(100, b"Continue", []))
         failure: list[BaseException] = []
+        stalled: list[_ResponseTimeout] = []
         async with trio.open_nursery() as nursery:
 
             async def pump() -> None:
@@ -426,6 +433,10 @@ class Exchange:
                     await self._pump_body(request)
                 except _OriginGone:
                     return  # the internal host stopped reading: the response side tells why
+                except _ResponseTimeout as exc:  # a write stalled: no answer is coming either
+                    stalled.append(exc)
+                    head_scope.cancel()  # (if the answer has begun, it goes on without the body)
+                    return
                 except Exception as exc:  # raised below, outside the nursery
                     failure.append(exc)
                     nursery.cancel_scope.cancel()
@@ -441,6 +452,8 @@ class Exchange:
                 failure.append(exc)
             nursery.cancel_scope.cancel()
         if failure:
+            if isinstance(failure[0], _ResponseTimeout) and stalled:
+                raise stalled[0]  # why no answer came: the request was not read
             raise failure[0]
 
     async def _pump_body(self, request: h11.Request) -> None:

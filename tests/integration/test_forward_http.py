@@ -302,6 +302,28 @@ async def test_slow_internal_host_gives_504(nursery: trio.Nursery) -> None:
     assert (line["reason"], line["status"]) == ("internal_host_timeout", 504)
 
 
+async def test_an_internal_host_that_stops_reading_the_body_gets_a_504(nursery: trio.Nursery) -> None:
+    """It read the head, then neither reads nor answers: the node's writes stall, and one that
+    waits response_timeout ends the exchange (504, audited, connection closed); before, the
+    exchange, its stream and the connection were held for ever."""
+
+    async def stops_reading(stream: trio.abc.Stream) -> None:
+        await read_head(stream)
+        await trio.sleep_forever()
+
+    port = await serve(nursery, stops_reading)
+    cloud, node = await node_for(nursery, port, context(response_timeout=0.5))
+    began = trio.current_time()
+    with trio.fail_after(5):
+        reply = await get(cloud, b"/echo", [(b"content-length", b"%d" % (64 * MiB))], method=b"POST",
+                          body=repeated(b"x" * CHUNK, 1024))
+    assert (reply.status, reply.json()["error"]) == (504, "internal_host_timeout")
+    assert trio.current_time() - began >= 0.5
+    [line] = await node.audit_lines(1)
+    assert (line["reason"], line["status"]) == ("internal_host_timeout", 504)
+    assert "did not read the request" in line["detail"]
+
+
 async def test_backend_cut_mid_response_resets_stream(nursery: trio.Nursery) -> None:
     backend, cloud, node = await start(nursery)
     with pytest.raises(StreamResetError) as caught:
