@@ -275,6 +275,7 @@ async def test_host_in_header_internal(nursery: trio.Nursery) -> None:
     headers = dict((await get(cloud, b"/echo")).json()["headers"])
     assert headers["host"] == f"127.0.0.1:{port}"
     assert headers["x-forwarded-host"] == MAPPING_NAME
+    await node.audit_lines(1)
 
 
 # --- failures of the internal host ----------------------------------------------------------------
@@ -339,6 +340,7 @@ async def test_backend_connection_close_is_not_pooled(nursery: trio.Nursery) -> 
     assert (await get(cloud, b"/close")).status == 200
     assert (await get(cloud, b"/echo")).status == 200
     assert backend.connections == 2
+    assert [line["status"] for line in await node.audit_lines(2)] == [200, 200]
 
 
 class _RawBackend:
@@ -689,6 +691,8 @@ async def test_expect_100_continue_is_answered_by_the_node(nursery: trio.Nursery
     seen = reply.json()
     assert seen["body_len"] == 5
     assert "expect" not in dict(seen["headers"])
+    [line] = await node.audit_lines(1)
+    assert (line["status"], line["bytes_in"]) == (200, 5)
 
 
 async def test_unproposed_101_from_backend_is_a_502(nursery: trio.Nursery) -> None:
@@ -733,6 +737,8 @@ async def test_websocket_upgrade_denied_where_not_allowed(nursery: trio.Nursery)
     reply = await get(cloud, b"/echo", UPGRADE)
     assert reply.status == 403
     assert reply.headers[b"x-connector-error"] == b"websocket_not_allowed"
+    [line] = await node.audit_lines(1)
+    assert (line["decision"], line["reason"]) == ("denied", "websocket_not_allowed")
 
 
 # --- mapping lookup and TLS backends ----------------------------------------------------------------
