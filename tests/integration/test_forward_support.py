@@ -125,7 +125,7 @@ class HttpBackend:
 
     /echo...          -> 200 JSON {method, target, headers, body_len, sha256, trailers, connection}
     /download?n=N[&chunked=1] -> N bytes of b"x" in CHUNK pieces, with Content-Length or chunked
-    /slow             -> never answers
+    /slow             -> never answers (reads until the connection is closed)
     /cut              -> head with Content-Length 100000, 10 bytes, then the connection is dropped
     /close            -> 200 with Connection: close
     """
@@ -133,9 +133,26 @@ class HttpBackend:
     connections: int = 0
     requests: list[dict[str, Any]] = attrs.Factory(list)
     largest_receive: int = 0
+    open: int = 0  # connections not yet closed by either side
+    _changed: trio.Event = attrs.Factory(trio.Event)
+
+    async def wait_open(self, count: int, within: float = 5.0) -> None:
+        """Until at most `count` connections are open (the node closed the others)."""
+        with trio.fail_after(within):
+            while self.open > count:
+                await self._changed.wait()
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         self.connections += 1
+        self.open += 1
+        try:
+            await self._serve(stream)
+        finally:
+            self.open -= 1
+            self._changed.set()
+            self._changed = trio.Event()
+
+    async def _serve(self, stream: trio.abc.Stream) -> None:
         ordinal = self.connections
         conn = h11.Connection(h11.SERVER)
         try:
@@ -182,8 +199,10 @@ class HttpBackend:
         }
         self.requests.append(record)
         path, _, query = request.target.partition(b"?")
-        if path == b"/slow":
-            await trio.sleep_forever()
+        if path == b"/slow":  # never answers; notices when the node gives up the connection
+            while await stream.receive_some(CHUNK):
+                pass
+            return False
         if path == b"/cut":
             await stream.send_all(conn.send(h11.Response(status_code=200, headers=[(b"content-length", b"100000")])))
             await stream.send_all(conn.send(h11.Data(data=b"0123456789")))

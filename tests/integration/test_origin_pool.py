@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 
 import trio
-from test_forward_http import MAPPING_NAME, context, get, metric, node_for, start
+from test_forward_http import MAPPING_NAME, context, get, metric, node_for, open_exchange, start
 from test_forward_support import CHUNK, read_head, serve
 
 from connector.agent.origin import PoolSettings
+from connector.tunnel.types import ErrorCode, StreamResetError
+from tests.support.exchangeclient import request_head
 
 OUTCOMES = ("new", "reused", "expired", "closed_by_origin", "pool_full")
 
@@ -196,3 +198,44 @@ async def test_a_request_with_a_body_is_not_retried(nursery: trio.Nursery) -> No
     assert backend.connections == 1
     _, line = await node.audit_lines(2)
     assert (line["reason"], line["status"]) == ("backend_reset", 502)
+
+
+async def test_no_internal_host_connection_outlives_its_exchange_on_any_path(nursery: trio.Nursery) -> None:
+    """Many exchanges at once, ending every way (answered, denied, early, cut by the host, too
+    slow, the application gone mid-download): afterwards the internal host has exactly the
+    pooled connections open, and no stream is left."""
+    backend, cloud, node = await start(nursery, context(pool=PoolSettings(max_idle=3), response_timeout=0.5))
+
+    async def gone_mid_download() -> None:
+        stream = await open_exchange(cloud, request_head(b"GET", b"/download?n=%d" % (50 << 20)), end_stream=True)
+        await stream.receive_head()
+        await stream.reset(ErrorCode.CANCEL, "application gone")
+
+    async def one(i: int) -> None:
+        kind = i % 6
+        with contextlib.suppress(StreamResetError):
+            if kind == 0:
+                await get(cloud, b"/echo/%d" % i)
+            elif kind == 1:
+                await get(cloud, b"/echo/%d" % i, method=b"POST", body=b"b" * (i * 1000))
+            elif kind == 2:
+                await get(cloud, b"/admin", method=b"POST", body=b"x" * 100_000)
+            elif kind == 3:
+                await get(cloud, b"/cut")
+            elif kind == 4:
+                await get(cloud, b"/slow")
+            else:
+                await gone_mid_download()
+
+    async with trio.open_nursery() as requests:
+        for i in range(36):
+            requests.start_soon(one, i)
+    await node.wait_finished(36)
+    assert cloud.statistics().streams_open == 0
+    idle = node.ctx.pool.idle_count()
+    assert 1 <= idle <= 3
+    await backend.wait_open(idle)
+    assert backend.open == idle
+    lines = await node.audit_lines(36)
+    reasons = sorted({line["reason"] for line in lines})
+    assert reasons == ["allowed", "backend_reset", "client_gone", "internal_host_timeout", "no_resource"]
