@@ -39,6 +39,7 @@ from connector.agent import acl as acl_mod
 from connector.agent.acl import AccessControl, Decision, Mapping
 from connector.agent.audit import AuditLog
 from connector.agent.origin import BackendError, OriginConnection, OriginPool
+from connector.cloud.replay import IDEMPOTENT_METHODS
 from connector.datarate import MinDataRate, RateBudget, receive_some_at_rate
 from connector.http1 import framing_error, header_tokens, strip_hop_by_hop, trailer_fields
 from connector.httperrors import ERRORS, REASON_PHRASES, RESET_REASONS, error_parts, reset_error
@@ -339,7 +340,10 @@ class Exchange:
             except BackendError as exc:
                 await self._origin_failed(head, RESET_REASONS[exc.code], exc.message, exc.reason)
                 return
-            retry_allowed = self.origin.reused and bodyless and attempt == 1
+            # a reused connection the internal host closed meanwhile: resend once, if nothing of the
+            # request is lost (no body) and sending it twice is harmless (RFC 9112 section 9.3.1:
+            # a proxy MUST NOT retry a non-idempotent request)
+            retry_allowed = self.origin.reused and bodyless and head.method in IDEMPOTENT_METHODS and attempt == 1
             try:
                 await self._exchange(head, decision, request, bodyless)
                 return

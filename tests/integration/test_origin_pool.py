@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
 import trio
 from test_forward_http import MAPPING_NAME, context, get, metric, node_for, open_exchange, start
 from test_forward_support import CHUNK, read_head, serve
@@ -167,8 +168,9 @@ class ClosesOnSecondRequest:
         await stream.aclose()
 
 
-async def test_a_bodyless_request_on_a_reused_connection_the_host_closed_is_retried_once(
-    nursery: trio.Nursery,
+@pytest.mark.parametrize("method", [b"GET", b"DELETE"])
+async def test_a_bodyless_idempotent_request_on_a_reused_connection_the_host_closed_is_retried_once(
+    nursery: trio.Nursery, method: bytes,
 ) -> None:
     backend = ClosesOnSecondRequest()
     port = await serve(nursery, backend.handle)
@@ -176,13 +178,28 @@ async def test_a_bodyless_request_on_a_reused_connection_the_host_closed_is_retr
     cloud, node = await node_for(nursery, port)
     assert (await get(cloud, b"/echo/1")).body == b"ok"
     await node.wait_finished(1)
-    reply = await get(cloud, b"/echo/2")
+    reply = await get(cloud, b"/echo/2", method=method)
     assert (reply.status, reply.body) == (200, b"ok")  # the application never learns of the retry
     assert backend.connections == 2
-    assert backend.heads == [b"GET /echo/1 HTTP/1.1", b"GET /echo/2 HTTP/1.1", b"GET /echo/2 HTTP/1.1"]
+    second = method + b" /echo/2 HTTP/1.1"
+    assert backend.heads == [b"GET /echo/1 HTTP/1.1", second, second]
     assert counted_since(before) == {"new": 2, "reused": 1}
     lines = await node.audit_lines(2)
     assert [(line["reason"], line["status"]) for line in lines] == [("allowed", 200)] * 2
+
+
+async def test_a_bodyless_non_idempotent_request_is_not_retried(nursery: trio.Nursery) -> None:
+    """The host may have acted on a POST before it closed: a proxy must not send it twice
+    (RFC 9112 section 9.3.1), body or not. The application gets a 502 and decides itself."""
+    backend = ClosesOnSecondRequest()
+    port = await serve(nursery, backend.handle)
+    cloud, node = await node_for(nursery, port)
+    assert (await get(cloud, b"/echo/1")).body == b"ok"
+    await node.wait_finished(1)
+    reply = await get(cloud, b"/echo/2", method=b"POST")
+    assert (reply.status, reply.json()["error"]) == (502, "backend_reset")
+    assert backend.heads == [b"GET /echo/1 HTTP/1.1", b"POST /echo/2 HTTP/1.1"]
+    assert backend.connections == 1
 
 
 async def test_a_request_with_a_body_is_not_retried(nursery: trio.Nursery) -> None:
