@@ -7,12 +7,14 @@ The pool's clock logic alone is in tests/unit/test_origin_pool_clock.py."""
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import pytest
 import trio
 from test_forward_http import MAPPING_NAME, context, get, metric, node_for, open_exchange, start
-from test_forward_support import CHUNK, read_head, serve
+from test_forward_support import CHUNK, make_pki, read_head, serve
 
+from connector.agent.acl import BackendProtocol
 from connector.agent.origin import PoolSettings
 from connector.tunnel.types import ErrorCode, StreamResetError
 from tests.support.exchangeclient import request_head
@@ -123,9 +125,13 @@ async def test_idle_connections_are_closed_after_idle_seconds(nursery: trio.Nurs
     assert counted_since(before) == {"new": 1, "expired": 1}
 
 
-async def test_a_pooled_connection_the_internal_host_closed_is_not_used(nursery: trio.Nursery) -> None:
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+async def test_a_pooled_connection_the_internal_host_closed_is_not_used(
+    nursery: trio.Nursery, tmp_path: Path, tls: bool,
+) -> None:
     """A backend that drops its idle connections: the pool sees the close without a request
-    (closed_by_origin) and opens a fresh one; nothing is retried, nothing fails."""
+    (closed_by_origin; over TLS the close_notify and FIN under the TLS layer) and opens a fresh
+    one; nothing is retried, nothing fails."""
     closed = trio.Event()
     connections = 0
 
@@ -137,9 +143,15 @@ async def test_a_pooled_connection_the_internal_host_closed_is_not_used(nursery:
         await stream.aclose()  # keep-alive was not refused: the node pools the connection
         closed.set()
 
-    port = await serve(nursery, one_request_then_close)
+    if tls:
+        pki = make_pki(tmp_path)
+        port = await serve(nursery, one_request_then_close, pki.server_context)
+        mapping: dict[str, object] = {"protocol": BackendProtocol.HTTPS, "trust_store": pki.ca_file}
+    else:
+        port = await serve(nursery, one_request_then_close)
+        mapping = {}
     before = outcomes()
-    cloud, node = await node_for(nursery, port)
+    cloud, node = await node_for(nursery, port, **mapping)
     assert (await get(cloud, b"/echo")).body == b"ok"
     await closed.wait()  # on loopback the FIN is in the node's socket once close() returned
     assert (await get(cloud, b"/echo")).body == b"ok"
