@@ -311,6 +311,14 @@ class Exchange:
             return
         raise _Stalled(f"a response write waited {self.settings.response_write_timeout} s for the application")
 
+    async def _relay_head(self, head: ResponseHead, *, end: bool = False) -> None:
+        """The internal host's head up the stream; one that cannot be encoded in a HEADERS frame
+        (h11 bounds only a head still incomplete) is the host's failure, answered 502."""
+        try:
+            await self._send_head(head, end=end)
+        except ValueError as exc:
+            raise _OriginGone(f"its response head cannot be relayed: {exc}", "protocol_error") from None
+
     async def _end_answer(self, trailers: list[tuple[bytes, bytes]] | None = None) -> None:
         await self.stream.send_eof(trailers or None)
         self.answered = True
@@ -499,7 +507,7 @@ class Exchange:
                         if is_switch(head, decision):
                             break
                         raise _OriginGone("internal host switched protocols unasked", "protocol_error")
-                    await self._send_head(ResponseHead(event.status_code, event.reason, list(event.headers)))
+                    await self._relay_head(ResponseHead(event.status_code, event.reason, list(event.headers)))
                     continue
                 break
         if head_scope.cancelled_caught:
@@ -514,9 +522,9 @@ class Exchange:
         response = ResponseHead(event.status_code, event.reason, strip_hop_by_hop(list(event.headers)))
         first = self.origin.conn.next_event()  # without I/O: a bodyless answer ends at once
         if isinstance(first, h11.EndOfMessage) and not first.headers:
-            await self._send_head(response, end=True)
+            await self._relay_head(response, end=True)
         else:
-            await self._send_head(response)
+            await self._relay_head(response)
             bytes_out = metrics.BYTES.labels(self.mapping.name, "out")
             event = await self._next_origin_event() if first is h11.NEED_DATA else first
             while isinstance(event, h11.Data):

@@ -233,12 +233,12 @@ class SessionStream(TunnelStream):
         self._check_send()
         await self._session._wait_writable()
         self._check_send()
-        if end_stream:
-            self._eof_sent = True
         try:
             queued = self._session._send(p.Headers(self.stream_id, head, end_stream))
         except p.LocalProtocolError as exc:
-            raise ValueError(str(exc)) from None
+            raise ValueError(str(exc)) from None  # nothing sent: the stream is as it was
+        if end_stream:
+            self._eof_sent = True
         if not queued:
             raise self._lost()
         if end_stream:

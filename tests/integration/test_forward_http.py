@@ -325,6 +325,29 @@ async def test_an_internal_host_that_stops_reading_the_body_gets_a_504(nursery: 
     assert "did not read the request" in line["detail"]
 
 
+@pytest.mark.parametrize("body", [b"", b"ok"], ids=["bodyless", "with_body"])
+async def test_a_response_head_too_large_for_the_tunnel_is_a_502(nursery: trio.Nursery, body: bytes) -> None:
+    """h11 bounds a head only while it is incomplete: a complete one can be a little larger than
+    max_header_bytes, and larger than one HEADERS frame. It is the internal host's failure (502,
+    audited with the detail), not an internal error; the stream stays usable for the 502 even
+    when the head would have ended the stream (the session marked its FIN sent before the send
+    failed, once)."""
+
+    async def big_head(stream: trio.abc.Stream) -> None:
+        await read_head(stream)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nx-big: " + b"a" * 65500 + b"\r\nx-more: " + b"b" * 40
+                              + b"\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        await stream.receive_some(CHUNK)
+
+    port = await serve(nursery, big_head)
+    cloud, node = await node_for(nursery, port)
+    reply = await get(cloud, b"/echo")
+    assert (reply.status, reply.json()["error"]) == (502, "internal_host_protocol_error")
+    [line] = await node.audit_lines(1)
+    assert line["reason"] == "internal_host_protocol_error"
+    assert "cannot be relayed" in line["detail"] and "frame size" in line["detail"]
+
+
 async def test_backend_cut_mid_response_resets_stream(nursery: trio.Nursery) -> None:
     backend, cloud, node = await start(nursery)
     with pytest.raises(StreamResetError) as caught:
