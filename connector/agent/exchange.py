@@ -172,6 +172,11 @@ class _BodyTooSlow(Exception):
     pass
 
 
+class _BadBody(Exception):
+    """The request body does not fit its head's framing (too short, too long, trailers after a
+    Content-Length body): h11 will not send it; the proxy's h11 would not have either."""
+
+
 class Exchange:
     """Serves one exchange stream of an HTTP/HTTPS mapping; `run` never raises (but cancellation)."""
 
@@ -370,27 +375,34 @@ class Exchange:
                 await self._origin_failed(head, reason, f"internal host connection failed: {exc}", exc.label)
                 return
             except _BodyTooSlow as exc:
-                await self._body_too_slow(head, str(exc))
+                await self._request_failed(head, "request_body_too_slow", str(exc))
+                return
+            except _BadBody as exc:
+                await self._request_failed(head, acl_mod.BAD_REQUEST, f"the request body does not fit its head: {exc}")
                 return
 
-    async def _body_too_slow(self, head: RequestHead, detail: str) -> None:
-        reason = "request_body_too_slow"
+    async def _request_failed(self, head: RequestHead, reason: str, detail: str) -> None:
+        """The application's request failed mid-body: the internal host's request is incomplete
+        (its connection is closed); 408/400 while no response head went up, else a reset."""
         log.info("%s %s: %s", self.mapping.name, reason, detail)
         self.outcome.fail(reason, detail)
         if self.origin is not None:
             await trio.aclose_forcefully(self.origin.stream)
             self.origin = None
+        status, message = ERRORS.get(reason, (400, detail))
         if self.head_sent:
-            await self._reset(ErrorCode.CANCEL, ERRORS[reason][1])
+            await self._reset(ErrorCode.CANCEL, message)
             return
-        status, message = ERRORS[reason]
         await self._answer(head, status, reason, message)
 
     async def _to_origin(self, *events: h11.Event) -> None:
         if self.origin is None:  # given up by the response side (an early answer)
             raise _OriginGone("the internal host's connection was given up")
         conn = self.origin.conn
-        data = b"".join([conn.send(event) or b"" for event in events])
+        try:
+            data = b"".join([conn.send(event) or b"" for event in events])
+        except h11.LocalProtocolError as exc:
+            raise _BadBody(str(exc)) from None
         # an internal host that stops reading the request (and does not answer) would hold the
         # exchange for ever: one write waits at most response_timeout
         with trio.move_on_after(self.settings.response_timeout):
@@ -490,7 +502,8 @@ class Exchange:
             if length is not None and sent >= length:
                 self.request_whole = True
             await self._to_origin(h11.Data(data=bytes(data)))
-        trailers = getattr(stream, "trailers", None) or []
+        # a Content-Length body has no way to carry trailers to the internal host: dropped
+        trailers = (getattr(stream, "trailers", None) or []) if length is None else []
         self.request_whole = True
         await self._to_origin(h11.EndOfMessage(headers=trailer_fields(trailers)))
         self.body_sent.set()

@@ -640,6 +640,32 @@ async def test_requests_the_proxy_refuses_are_refused_by_the_node_too(
     assert (line["decision"], line["reason"]) == ("denied", "bad_request")
 
 
+@pytest.mark.parametrize(("length", "body"), [(b"10", b"abc"), (b"2", b"abcdef")], ids=["shorter", "longer"])
+async def test_a_body_that_does_not_fit_its_head_is_a_400(nursery: trio.Nursery, length: bytes, body: bytes) -> None:
+    """The proxy's h11 frames bodies by their heads; a body that does not fit (a broken or
+    hostile cloud) is refused by the node's h11 too: a 400, audited, the internal host's
+    incomplete request closed; once, an internal error with a traceback."""
+    backend, cloud, node = await start(nursery)
+    reply = await get(cloud, b"/echo", [(b"content-length", length)], method=b"POST", body=body)
+    assert (reply.status, reply.json()["error"]) == (400, "bad_request")
+    [line] = await node.audit_lines(1)
+    assert (line["reason"], line["status"]) == ("bad_request", 400)
+    assert "does not fit its head" in line["detail"]
+    await backend.wait_open(0)
+    assert backend.requests == []  # never a whole request
+
+
+async def test_trailers_after_a_content_length_body_are_dropped(nursery: trio.Nursery) -> None:
+    """HTTP/1.1 cannot carry them after a Content-Length body; they were an internal error once."""
+    backend, cloud, node = await start(nursery)
+    reply = await get(cloud, b"/echo", [(b"content-length", b"3")], method=b"POST", body=b"abc",
+                      trailers=[(b"x-checksum", b"1")])
+    assert reply.status == 200
+    assert (backend.requests[-1]["body_len"], backend.requests[-1]["trailers"]) == (3, [])
+    [line] = await node.audit_lines(1)
+    assert line["reason"] == "allowed"
+
+
 async def test_a_head_answer_has_no_body(nursery: trio.Nursery) -> None:
     backend, cloud, node = await start(nursery)
     reply = await get(cloud, b"/admin", method=b"HEAD")

@@ -113,13 +113,17 @@ async def request(cloud: TunnelSession, target: Target, head: RequestHead, body:
         await stream.send_head(head, end_stream=bodyless)
         if bodyless:
             return await read_reply(stream, keep_body=keep_body)
+        failed: list[StreamResetError] = []
         async with trio.open_nursery() as nursery:
             nursery.start_soon(send_body, stream, body, trailers)
             try:
-                return await read_reply(stream, keep_body=keep_body)
-            except BaseException:
+                reply = await read_reply(stream, keep_body=keep_body)
+            except StreamResetError as exc:  # raised below, not as an exception group
+                failed.append(exc)
                 nursery.cancel_scope.cancel()
-                raise
+        if failed:
+            raise failed[0]
+        return reply
     finally:
         await stream.aclose()
 
