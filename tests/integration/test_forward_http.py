@@ -41,6 +41,7 @@ from tests.support.exchangeclient import (
     repeated,
     request,
     request_head,
+    send_body,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -424,6 +425,33 @@ async def test_an_answer_before_the_body_ends_the_stream_and_its_connection(nurs
     assert backend.connections == 2
     lines = await node.audit_lines(2)
     assert [(line["decision"], line["status"]) for line in lines] == [("allowed", 200)] * 2
+
+
+async def test_an_early_413_for_a_large_body_ends_the_exchange_at_once(nursery: trio.Nursery) -> None:
+    """The internal host refuses a large upload from its head and reads nothing more: the node's
+    body writes stall on it, the answer still goes up whole, then the stream is reset NO_ERROR
+    and the connection dropped (the stalled write ends with it)."""
+
+    async def refuses_uploads(stream: trio.abc.Stream) -> None:
+        await read_head(stream)
+        await stream.send_all(b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 3\r\n\r\nbig")
+        await trio.sleep_forever()
+
+    port = await serve(nursery, refuses_uploads)
+    cloud, node = await node_for(nursery, port)
+    size = 20 * MiB
+    stream = await open_exchange(cloud, request_head(b"POST", b"/echo", [(b"content-length", b"%d" % size)]))
+    with trio.fail_after(5):
+        async with trio.open_nursery() as sender:
+            sender.start_soon(send_body, stream, repeated(b"u" * CHUNK, size // CHUNK))
+            reply = await read_reply(stream)
+        [line] = await node.audit_lines(1)
+    assert (reply.status, reply.body) == (413, b"big")
+    assert (line["reason"], line["status"]) == ("allowed", 413)
+    assert line["bytes_in"] < size
+    with pytest.raises(StreamResetError) as caught:
+        await stream.send_all(b"more")
+    assert caught.value.code == ErrorCode.NO_ERROR
 
 
 class BodyIgnoringBackend(_RawBackend):
