@@ -39,6 +39,7 @@ from connector.agent import acl as acl_mod
 from connector.agent.acl import AccessControl, Decision, Mapping
 from connector.agent.audit import AuditLog
 from connector.agent.origin import BackendError, OriginConnection, OriginPool
+from connector.cloud.replay import IDEMPOTENT_METHODS
 from connector.datarate import MinDataRate, RateBudget, receive_some_at_rate
 from connector.http1 import framing_error, header_tokens, strip_hop_by_hop, trailer_fields
 from connector.httperrors import ERRORS, REASON_PHRASES, RESET_REASONS, error_parts, reset_error
@@ -160,7 +161,7 @@ class _OriginGone(Exception):
 
 
 class _ResponseTimeout(Exception):
-    pass
+    """No response head within response_timeout; the message, if any, says why."""
 
 
 class _Stalled(Exception):
@@ -169,6 +170,11 @@ class _Stalled(Exception):
 
 class _BodyTooSlow(Exception):
     pass
+
+
+class _BadBody(Exception):
+    """The request body does not fit its head's framing (too short, too long, trailers after a
+    Content-Length body): h11 will not send it; the proxy's h11 would not have either."""
 
 
 class Exchange:
@@ -184,6 +190,12 @@ class Exchange:
         self.origin: OriginConnection | None = None
         self.head_sent = False  # a response head (not 1xx) went up the stream
         self.body_sent = trio.Event()  # the whole request is with the internal host
+        self.pump_ended = trio.Event()  # the body task is over (body sent, or given up)
+        # the request's last bytes are handed to the internal host (maybe still in flight): an
+        # answer from now on is not early (set before the write yields, or it would race it)
+        self.request_whole = False
+        self.request_ended = False  # the application's request ended: a bodyless head, or its FIN read
+        self.answered = False  # our answer ended (FIN sent)
 
     async def run(self) -> None:
         try:
@@ -192,6 +204,11 @@ class Exchange:
             with trio.CancelScope() as gone:
                 self.stream.on_reset(gone.cancel)
                 await self._run()
+                if self.answered and not self.request_ended:
+                    # answered before the request was whole (a refusal, an error, an early
+                    # answer): the proxy stops sending and drops the rest; NO_ERROR, for the
+                    # answer is complete and nobody gave up
+                    await self._reset(ErrorCode.NO_ERROR, "answered before the request body was complete")
             if gone.cancelled_caught:
                 self.outcome.fail("client_gone")
         except _TUNNEL_ERRORS as exc:
@@ -233,6 +250,7 @@ class Exchange:
             self.outcome.fail("request_head_timeout", f"request head not whole within {settings.request_head_timeout} s")
             await self._reset(ErrorCode.CANCEL, ERRORS["request_head_timeout"][1])
             return
+        self.request_ended = not has_body(head.headers)  # the proxy sent its FIN with the head
         outcome = self.outcome
         outcome.method = head.method.decode("ascii", "replace")
         outcome.path = head.target[:2048].decode("ascii", "backslashreplace")
@@ -244,7 +262,16 @@ class Exchange:
             await self._answer(head, verdict.status, verdict.reason, verdict.message)
             return
         outcome.path = verdict.path or outcome.path
-        await self._forward(head, verdict)
+        try:
+            request = origin_request(self.mapping, head, verdict)
+        except h11.LocalProtocolError as exc:
+            # what h11 would not send (bad names or values, conflicting lengths, codings other
+            # than chunked): the proxy's h11 refuses these too, this is the second line
+            outcome.decision = "denied"
+            outcome.fail(acl_mod.BAD_REQUEST, str(exc))
+            await self._answer(head, 400, acl_mod.BAD_REQUEST, f"malformed request head: {exc}")
+            return
+        await self._forward(head, verdict, request)
 
     def _checked_path(self, head: RequestHead) -> str | None:
         decision = self.acl.check_request(self.mapping, head.method, head.target, head.headers)
@@ -262,7 +289,7 @@ class Exchange:
         await self._send_head(ResponseHead(status, REASON_PHRASES.get(status, b""), headers), end=not body)
         if body:
             await self._write(body)
-            await self.stream.send_eof()
+            await self._end_answer()
 
     async def _origin_failed(self, head: RequestHead, reason: str, detail: str, label: str) -> None:
         """The internal host failed: 502/504 while no response head went up, else a reset."""
@@ -285,8 +312,21 @@ class Exchange:
             await self.stream.send_head(head, end_stream=end)
             if head.status >= 200:
                 self.head_sent = True
+            self.answered = end
             return
         raise _Stalled(f"a response write waited {self.settings.response_write_timeout} s for the application")
+
+    async def _relay_head(self, head: ResponseHead, *, end: bool = False) -> None:
+        """The internal host's head up the stream; one that cannot be encoded in a HEADERS frame
+        (h11 bounds only a head still incomplete) is the host's failure, answered 502."""
+        try:
+            await self._send_head(head, end=end)
+        except ValueError as exc:
+            raise _OriginGone(f"its response head cannot be relayed: {exc}", "protocol_error") from None
+
+    async def _end_answer(self, trailers: list[tuple[bytes, bytes]] | None = None) -> None:
+        await self.stream.send_eof(trailers or None)
+        self.answered = True
 
     async def _write(self, data: bytes | bytearray) -> None:
         with trio.move_on_after(self.settings.response_write_timeout):
@@ -303,9 +343,8 @@ class Exchange:
 
     # --- forwarding -------------------------------------------------------------------------------
 
-    async def _forward(self, head: RequestHead, decision: Decision) -> None:
+    async def _forward(self, head: RequestHead, decision: Decision, request: h11.Request) -> None:
         settings = self.settings
-        request = origin_request(self.mapping, head, decision)
         bodyless = not has_body(head.headers)
         for attempt in (1, 2):
             try:
@@ -314,13 +353,17 @@ class Exchange:
             except BackendError as exc:
                 await self._origin_failed(head, RESET_REASONS[exc.code], exc.message, exc.reason)
                 return
-            retry_allowed = self.origin.reused and bodyless and attempt == 1
+            # a reused connection the internal host closed meanwhile: resend once, if nothing of the
+            # request is lost (no body) and sending it twice is harmless (RFC 9112 section 9.3.1:
+            # a proxy MUST NOT retry a non-idempotent request)
+            retry_allowed = self.origin.reused and bodyless and head.method in IDEMPOTENT_METHODS and attempt == 1
             try:
                 await self._exchange(head, decision, request, bodyless)
                 return
-            except _ResponseTimeout:
+            except _ResponseTimeout as exc:
                 await self._origin_failed(head, "internal_host_timeout",
-                                          f"no response within {settings.response_timeout} s", "response_timeout")
+                                          str(exc) or f"no response within {settings.response_timeout} s",
+                                          "response_timeout")
                 return
             except _OriginGone as exc:
                 if retry_allowed and not self.head_sent:
@@ -332,38 +375,54 @@ class Exchange:
                 await self._origin_failed(head, reason, f"internal host connection failed: {exc}", exc.label)
                 return
             except _BodyTooSlow as exc:
-                await self._body_too_slow(head, str(exc))
+                await self._request_failed(head, "request_body_too_slow", str(exc))
+                return
+            except _BadBody as exc:
+                await self._request_failed(head, acl_mod.BAD_REQUEST, f"the request body does not fit its head: {exc}")
                 return
 
-    async def _body_too_slow(self, head: RequestHead, detail: str) -> None:
-        reason = "request_body_too_slow"
+    async def _request_failed(self, head: RequestHead, reason: str, detail: str) -> None:
+        """The application's request failed mid-body: the internal host's request is incomplete
+        (its connection is closed); 408/400 while no response head went up, else a reset."""
         log.info("%s %s: %s", self.mapping.name, reason, detail)
         self.outcome.fail(reason, detail)
         if self.origin is not None:
             await trio.aclose_forcefully(self.origin.stream)
             self.origin = None
+        status, message = ERRORS.get(reason, (400, detail))
         if self.head_sent:
-            await self._reset(ErrorCode.CANCEL, ERRORS[reason][1])
+            await self._reset(ErrorCode.CANCEL, message)
             return
-        status, message = ERRORS[reason]
         await self._answer(head, status, reason, message)
 
     async def _to_origin(self, *events: h11.Event) -> None:
-        assert self.origin is not None
+        if self.origin is None:  # given up by the response side (an early answer)
+            raise _OriginGone("the internal host's connection was given up")
         conn = self.origin.conn
-        data = b"".join([conn.send(event) or b"" for event in events])
         try:
-            await self.origin.stream.send_all(data)
-        except _ORIGIN_ERRORS as exc:
-            raise _OriginGone(str(exc)) from exc
+            data = b"".join([conn.send(event) or b"" for event in events])
+        except h11.LocalProtocolError as exc:
+            raise _BadBody(str(exc)) from None
+        # an internal host that stops reading the request (and does not answer) would hold the
+        # exchange for ever: one write waits at most response_timeout
+        with trio.move_on_after(self.settings.response_timeout):
+            try:
+                await self.origin.stream.send_all(data)
+            except _ORIGIN_ERRORS as exc:
+                raise _OriginGone(str(exc)) from exc
+            return
+        raise _ResponseTimeout(f"the internal host did not read the request for {self.settings.response_timeout} s")
 
     async def _next_origin_event(self) -> h11.Event:
         assert self.origin is not None
         conn = self.origin.conn
+        closed = False
         while True:
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
+                if closed:  # h11 refuses the end of a message cut short: a reset, not bad HTTP
+                    raise _OriginGone(f"internal host closed the connection: {exc}") from exc
                 raise _OriginGone(f"internal host broke HTTP: {exc}", "protocol_error") from exc
             if event is not h11.NEED_DATA:
                 return event  # type: ignore[return-value]
@@ -371,12 +430,14 @@ class Exchange:
                 data = await self.origin.stream.receive_some(self.settings.chunk)
             except _ORIGIN_ERRORS as exc:
                 raise _OriginGone(str(exc)) from exc
+            closed = not data
             conn.receive_data(data)  # type: ignore[arg-type]  # h11 takes any bytes-like
 
     async def _exchange(self, head: RequestHead, decision: Decision, request: h11.Request, bodyless: bool) -> None:
         """Request body up and response down, concurrently (an answer may come before the body)."""
         head_scope = trio.CancelScope(deadline=math.inf)
         if bodyless:
+            self.request_whole = True
             await self._to_origin(request, h11.EndOfMessage())
             self.body_sent.set()
             head_scope.deadline = trio.current_time() + self.settings.response_timeout
@@ -388,17 +449,24 @@ class Exchange:
             # internal host that never sends 100 Continue cannot stall the application
             await self._send_head(ResponseHead(100, b"Continue", []))
         failure: list[BaseException] = []
+        stalled: list[_ResponseTimeout] = []
         async with trio.open_nursery() as nursery:
 
             async def pump() -> None:
                 try:
-                    await self._pump_body()
+                    await self._pump_body(request)
                 except _OriginGone:
                     return  # the internal host stopped reading: the response side tells why
+                except _ResponseTimeout as exc:  # a write stalled: no answer is coming either
+                    stalled.append(exc)
+                    head_scope.cancel()  # (if the answer has begun, it goes on without the body)
+                    return
                 except Exception as exc:  # raised below, outside the nursery
                     failure.append(exc)
                     nursery.cancel_scope.cancel()
                     return
+                finally:
+                    self.pump_ended.set()
                 head_scope.deadline = trio.current_time() + self.settings.response_timeout
 
             nursery.start_soon(pump)
@@ -408,23 +476,35 @@ class Exchange:
                 failure.append(exc)
             nursery.cancel_scope.cancel()
         if failure:
+            if isinstance(failure[0], _ResponseTimeout) and stalled:
+                raise stalled[0]  # why no answer came: the request was not read
             raise failure[0]
 
-    async def _pump_body(self) -> None:
+    async def _pump_body(self, request: h11.Request) -> None:
         """The request body from the stream to the internal host, then its end (with trailers)."""
         budget = RateBudget(self.settings.body_rate)
         stream = self.stream
+        # h11 validated it: a Content-Length body is whole at the internal host with its last
+        # byte, before the stream's FIN (and the empty EndOfMessage) are read here
+        length = next((int(v) for k, v in request.headers if k == b"content-length"), None)
+        sent = 0
         while True:
             try:
                 data = await receive_some_at_rate(stream, budget, self.settings.chunk)
             except trio.TooSlowError as exc:
                 raise _BodyTooSlow(str(exc)) from None
             if not data:
+                self.request_ended = True
                 break
             self.outcome.bytes_in += len(data)
             metrics.BYTES.labels(self.mapping.name, "in").inc(len(data))
+            sent += len(data)
+            if length is not None and sent >= length:
+                self.request_whole = True
             await self._to_origin(h11.Data(data=bytes(data)))
-        trailers = getattr(stream, "trailers", None) or []
+        # a Content-Length body has no way to carry trailers to the internal host: dropped
+        trailers = (getattr(stream, "trailers", None) or []) if length is None else []
+        self.request_whole = True
         await self._to_origin(h11.EndOfMessage(headers=trailer_fields(trailers)))
         self.body_sent.set()
 
@@ -440,7 +520,7 @@ class Exchange:
                         if is_switch(head, decision):
                             break
                         raise _OriginGone("internal host switched protocols unasked", "protocol_error")
-                    await self._send_head(ResponseHead(event.status_code, event.reason, list(event.headers)))
+                    await self._relay_head(ResponseHead(event.status_code, event.reason, list(event.headers)))
                     continue
                 break
         if head_scope.cancelled_caught:
@@ -455,9 +535,9 @@ class Exchange:
         response = ResponseHead(event.status_code, event.reason, strip_hop_by_hop(list(event.headers)))
         first = self.origin.conn.next_event()  # without I/O: a bodyless answer ends at once
         if isinstance(first, h11.EndOfMessage) and not first.headers:
-            await self._send_head(response, end=True)
+            await self._relay_head(response, end=True)
         else:
-            await self._send_head(response)
+            await self._relay_head(response)
             bytes_out = metrics.BYTES.labels(self.mapping.name, "out")
             event = await self._next_origin_event() if first is h11.NEED_DATA else first
             while isinstance(event, h11.Data):
@@ -467,20 +547,29 @@ class Exchange:
                 event = await self._next_origin_event()
             if not isinstance(event, h11.EndOfMessage):
                 raise _OriginGone(f"unexpected {type(event).__name__} in the response body", "protocol_error")
-            await self.stream.send_eof(trailer_fields(event.headers) or None)
+            await self._end_answer(trailer_fields(event.headers))
         metrics.REQUEST_SECONDS.labels(self.mapping.name, str(self.mapping.protocol)).observe(
             trio.current_time() - self.outcome.started)
         await self._finish_origin()
 
     async def _finish_origin(self) -> None:
         """Back to the pool if the whole request reached the internal host and h11 allows it."""
+        if not self.request_whole:
+            # answered before the request was whole: the internal host will not read the rest,
+            # and what it left unread must never be parsed as its next request
+            origin, self.origin = self.origin, None
+            assert origin is not None
+            await trio.aclose_forcefully(origin.stream)
+            return  # run() resets the stream (NO_ERROR): the rest of the body is not read
+        if not self.body_sent.is_set():
+            # the last body write is in flight, or the stream's FIN after a whole Content-Length
+            # body is still to come: the request's end goes out on this connection first (bounded)
+            with trio.move_on_after(self.settings.response_timeout):
+                await self.pump_ended.wait()
         origin, self.origin = self.origin, None
         assert origin is not None
         if not self.body_sent.is_set():
-            # answered before the request was whole: the internal host will not read the rest,
-            # and what it left unread must never be parsed as its next request
             await trio.aclose_forcefully(origin.stream)
-            await self._reset(ErrorCode.NO_ERROR, "answered before the request body was complete")
             return
         await self.ctx.pool.give_back(origin)
 

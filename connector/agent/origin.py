@@ -170,7 +170,10 @@ class OriginPool:
     async def give_back(self, origin: OriginConnection) -> None:
         """Keep `origin` for the next request if h11 says both sides may go on, else close it."""
         conn = origin.conn
-        if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+        leftover, closed = conn.trailing_data
+        if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE or leftover or closed:
+            # mid-message, or the internal host closed (a body ended by the close: h11 says DONE
+            # until it is asked once more) or sent bytes nobody asked for
             await trio.aclose_forcefully(origin.stream)
             return
         conn.start_next_cycle()
@@ -202,14 +205,16 @@ class OriginPool:
 
     async def _sweep(self) -> None:
         now = trio.current_time()
+        expired = []
         for mapping, idle in list(self._idle.items()):
             while idle and now - idle[0].idle_since >= self.settings.idle_seconds:
-                origin = idle.popleft()
+                expired.append(idle.popleft())
                 metrics.ORIGIN_CONNECTIONS.labels(mapping.name, "expired").inc()
-                await trio.aclose_forcefully(origin.stream)
-            self._export(mapping)
+            self._export(mapping)  # before the closes yield: the gauge never counts a closed one
             if not idle:
                 del self._idle[mapping]
+        for origin in expired:
+            await trio.aclose_forcefully(origin.stream)
 
     async def aclose(self) -> None:
         """Close every idle connection."""

@@ -1,4 +1,4 @@
-"""Real backends and an HTTP client over a memory tunnel stream, for the forwarder's tests.
+"""Real backends, and the node's end of a real tunnel session pair, for the forwarder's tests.
 
 Not a test module (no tests here); named test_forward_* so it sits with the tests it serves.
 Every backend listens on 127.0.0.1 port 0 and runs in the caller's nursery.
@@ -12,7 +12,7 @@ import hashlib
 import ipaddress
 import json
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from connector.agent.acl import AccessControl
+from connector.agent.forward import StreamContext, serve_stream
+from connector.tunnel.session import TunnelSession
 from connector.tunnel.streams import TunnelStream
+from tests.support.exchangeclient import start_pair
 
 CHUNK = 65536
 
@@ -119,9 +123,9 @@ async def free_port() -> int:
 class HttpBackend:
     """An h11 test server. Routes by path:
 
-    /echo...          -> 200 JSON {method, target, headers, body_len, sha256}; body read in chunks
+    /echo...          -> 200 JSON {method, target, headers, body_len, sha256, trailers, connection}
     /download?n=N[&chunked=1] -> N bytes of b"x" in CHUNK pieces, with Content-Length or chunked
-    /slow             -> never answers
+    /slow             -> never answers (reads until the connection is closed)
     /cut              -> head with Content-Length 100000, 10 bytes, then the connection is dropped
     /close            -> 200 with Connection: close
     """
@@ -129,9 +133,27 @@ class HttpBackend:
     connections: int = 0
     requests: list[dict[str, Any]] = attrs.Factory(list)
     largest_receive: int = 0
+    open: int = 0  # connections not yet closed by either side
+    _changed: trio.Event = attrs.Factory(trio.Event)
+
+    async def wait_open(self, count: int, within: float = 5.0) -> None:
+        """Until at most `count` connections are open (the node closed the others)."""
+        with trio.fail_after(within):
+            while self.open > count:
+                await self._changed.wait()
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         self.connections += 1
+        self.open += 1
+        try:
+            await self._serve(stream)
+        finally:
+            self.open -= 1
+            self._changed.set()
+            self._changed = trio.Event()
+
+    async def _serve(self, stream: trio.abc.Stream) -> None:
+        ordinal = self.connections
         conn = h11.Connection(h11.SERVER)
         try:
             while True:
@@ -139,7 +161,7 @@ class HttpBackend:
                 if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                     return
                 assert isinstance(event, h11.Request)
-                if not await self._answer(conn, stream, event):
+                if not await self._answer(conn, stream, event, ordinal):
                     return
                 if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
                     return
@@ -158,7 +180,7 @@ class HttpBackend:
             self.largest_receive = max(self.largest_receive, len(data))
             conn.receive_data(data)
 
-    async def _answer(self, conn: h11.Connection, stream: trio.abc.Stream, request: h11.Request) -> bool:
+    async def _answer(self, conn: h11.Connection, stream: trio.abc.Stream, request: h11.Request, ordinal: int) -> bool:
         digest = hashlib.sha256()
         body_len = 0
         while True:
@@ -173,11 +195,14 @@ class HttpBackend:
             "headers": [[k.decode(), v.decode()] for k, v in request.headers],
             "body_len": body_len, "sha256": digest.hexdigest(),
             "trailers": [[k.decode(), v.decode()] for k, v in event.headers],
+            "connection": ordinal,  # which accepted connection carried it (1, 2, ...)
         }
         self.requests.append(record)
         path, _, query = request.target.partition(b"?")
-        if path == b"/slow":
-            await trio.sleep_forever()
+        if path == b"/slow":  # never answers; notices when the node gives up the connection
+            while await stream.receive_some(CHUNK):
+                pass
+            return False
         if path == b"/cut":
             await stream.send_all(conn.send(h11.Response(status_code=200, headers=[(b"content-length", b"100000")])))
             await stream.send_all(conn.send(h11.Data(data=b"0123456789")))
@@ -242,91 +267,41 @@ async def echo_backend(stream: trio.abc.Stream) -> None:
     await trio.aclose_forcefully(stream)
 
 
-# --- client over the memory tunnel stream ------------------------------------------------------
+# --- the node's end of the tunnel ------------------------------------------------------------
 
 
-@attrs.define
-class Reply:
-    status: int
-    headers: dict[bytes, bytes]
-    body: bytes
-    body_len: int
+class ForwardNode:
+    """The node's stream handler (`serve_stream`, as production runs it) behind a session pair;
+    counts the streams it finished, so a test waits for the audit line instead of polling."""
 
-    def json(self) -> Any:
-        return json.loads(self.body)
+    def __init__(self, acl: AccessControl, ctx: StreamContext) -> None:
+        self.acl = acl
+        self.ctx = ctx
+        self.finished = 0
+        self._changed = trio.Event()
 
+    async def handle(self, stream: TunnelStream) -> None:
+        try:
+            await serve_stream(stream, self.acl, self.ctx)
+        finally:
+            self.finished += 1
+            self._changed.set()
+            self._changed = trio.Event()
 
-class HttpClient:
-    """An h11 client playing the cloud proxy on the opener end of a memory stream pair."""
+    async def wait_finished(self, count: int, within: float = 5.0) -> None:
+        with trio.fail_after(within):
+            while self.finished < count:
+                await self._changed.wait()
 
-    def __init__(self, stream: TunnelStream) -> None:
-        self.stream = stream
-        self.conn = h11.Connection(h11.CLIENT)
-
-    async def _send(self, event: Any) -> None:
-        data = self.conn.send(event)
-        if data:
-            await self.stream.send_all(data)
-
-    async def _next(self) -> Any:
-        while True:
-            event = self.conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            self.conn.receive_data(await self.stream.receive_some(CHUNK))
-
-    async def request(
-        self,
-        method: bytes,
-        target: bytes,
-        headers: list[tuple[bytes, bytes]] | None = None,
-        body: bytes | AsyncIterator[bytes] = b"",
-        keep_body: bool = True,
-    ) -> Reply:
-        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
-            self.conn.start_next_cycle()
-        headers = [(b"host", b"ignored.example"), *(headers or [])]
-        names = {k.lower() for k, _ in headers}
-        if isinstance(body, bytes) and body and b"content-length" not in names and b"transfer-encoding" not in names:
-            headers.append((b"content-length", str(len(body)).encode()))
-        await self._send(h11.Request(method=method, target=target, headers=headers))
-        if isinstance(body, bytes):
-            if body:
-                await self._send(h11.Data(data=body))
-        else:
-            async for piece in body:
-                await self._send(h11.Data(data=piece))
-        await self._send(h11.EndOfMessage())
-        return await self.read_response(keep_body)
-
-    async def read_response(self, keep_body: bool = True) -> Reply:
-        event = await self._next()
-        while isinstance(event, h11.InformationalResponse):
-            event = await self._next()
-        assert isinstance(event, h11.Response), event
-        reply = Reply(event.status_code, dict(event.headers), b"", 0)
-        parts = []
-        while True:
-            item = await self._next()
-            if isinstance(item, h11.Data):
-                reply.body_len += len(item.data)
-                if keep_body:
-                    parts.append(bytes(item.data))
-            elif isinstance(item, h11.EndOfMessage):
-                break
-            else:
-                raise AssertionError(f"unexpected {item!r}")
-        reply.body = b"".join(parts)
-        return reply
+    async def audit_lines(self, count: int) -> list[dict[str, Any]]:
+        """The request lines once `count` streams are done: exactly one line per stream."""
+        await self.wait_finished(count)
+        lines = self.ctx.audit.records("request")
+        assert len(lines) == count, lines
+        return lines
 
 
-async def read_raw_until_closed(stream: TunnelStream, limit: int = 1 << 20, within: float = 5.0) -> bytes:
-    """Everything the node sends until it closes the stream (fails after `within` seconds)."""
-    data = b""
-    with trio.fail_after(within):
-        while len(data) < limit:
-            piece = await stream.receive_some(CHUNK)
-            if not piece:
-                break
-            data += piece
-    return data
+async def start_node(nursery: trio.Nursery, acl: AccessControl, ctx: StreamContext) -> tuple[TunnelSession, ForwardNode]:
+    """A session pair whose node end serves streams with `serve_stream`: (cloud session, node)."""
+    node = ForwardNode(acl, ctx)
+    return await start_pair(nursery, node.handle), node

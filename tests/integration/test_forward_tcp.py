@@ -1,7 +1,9 @@
-"""The node's TCP / TCP-TLS forwarding against real loopback backends."""
+"""The node's TCP / TCP-TLS forwarding against real loopback backends, through a real tunnel
+session pair in memory (the node's end runs `serve_stream`)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from pathlib import Path
 
@@ -9,18 +11,20 @@ import pytest
 import trio
 from test_forward_support import (
     CHUNK,
+    ForwardNode,
     echo_backend,
     free_port,
     make_pki,
-    read_raw_until_closed,
     serve,
+    start_node,
 )
 
 from connector.agent.acl import AccessControl, BackendProtocol, Mapping
 from connector.agent.audit import AuditLog
-from connector.agent.forward import ForwardSettings, StreamContext, serve_stream
-from connector.tunnel.testing import MemoryTunnelStream, memory_stream_pair
+from connector.agent.forward import ForwardSettings, StreamContext
+from connector.tunnel.session import SessionStream
 from connector.tunnel.types import ErrorCode, StreamProtocol, StreamResetError, Target
+from tests.support.exchangeclient import read_until_closed
 
 TARGET = Target("db.virtual", 5432, StreamProtocol.TCP)
 
@@ -29,24 +33,16 @@ def acl_for(port: int, protocol: BackendProtocol = BackendProtocol.TCP, trust_st
     return AccessControl([Mapping("db.virtual", 5432, "127.0.0.1", port, protocol=protocol, trust_store=trust_store)])
 
 
-def open_stream(nursery: trio.Nursery, acl: AccessControl, audit: AuditLog, **settings: float) -> MemoryTunnelStream:
-    ctx = StreamContext("sub1", "loc1", audit, ForwardSettings(**settings))  # type: ignore[arg-type]
-    opener, acceptor = memory_stream_pair(TARGET)
-    nursery.start_soon(serve_stream, acceptor, acl, ctx)
-    return opener
-
-
-async def wait_for_audit(audit: AuditLog) -> dict[str, object]:
-    with trio.fail_after(2):
-        while not audit.records("request"):  # noqa: ASYNC110 (AuditLog is synchronous)
-            await trio.sleep(0.01)
-    return audit.records("request")[-1]
+async def open_stream(nursery: trio.Nursery, acl: AccessControl,
+                      **settings: float) -> tuple[SessionStream, ForwardNode]:
+    ctx = StreamContext("sub1", "loc1", AuditLog(None), ForwardSettings(**settings))  # type: ignore[arg-type]
+    cloud, node = await start_node(nursery, acl, ctx)
+    return await cloud.open_stream(TARGET), node
 
 
 async def test_tcp_echo_with_half_close(nursery: trio.Nursery) -> None:
     port = await serve(nursery, echo_backend)
-    audit = AuditLog(None)
-    opener = open_stream(nursery, acl_for(port), audit)
+    opener, node = await open_stream(nursery, acl_for(port))
     await opener.wait_accepted()
     payload = bytes(range(256)) * 1024  # 256 KiB, several chunks each way
     async with trio.open_nursery() as inner:
@@ -55,20 +51,20 @@ async def test_tcp_echo_with_half_close(nursery: trio.Nursery) -> None:
             await opener.send_eof()  # half-close: the echo server still answers, then closes
 
         inner.start_soon(send)
-        received = await read_raw_until_closed(opener, limit=len(payload) + 1)
+        received = await read_until_closed(opener, limit=len(payload) + 1)
     assert received == payload
-    line = await wait_for_audit(audit)
+    (line,) = await node.audit_lines(1)
     assert (line["decision"], line["reason"]) == ("allowed", "allowed")
     assert (line["bytes_in"], line["bytes_out"]) == (len(payload), len(payload))
 
 
 async def test_tcp_connect_refused(nursery: trio.Nursery) -> None:
-    audit = AuditLog(None)
-    opener = open_stream(nursery, acl_for(await free_port()), audit)
+    opener, node = await open_stream(nursery, acl_for(await free_port()))
     with pytest.raises(StreamResetError) as caught:
         await opener.wait_accepted()
     assert caught.value.code == ErrorCode.CONNECT_FAILED
-    assert (await wait_for_audit(audit))["reason"] == "connect_failed"
+    (line,) = await node.audit_lines(1)
+    assert line["reason"] == "connect_failed"
 
 
 async def test_tcp_connect_timeout(nursery: trio.Nursery) -> None:
@@ -88,12 +84,14 @@ async def test_tcp_connect_timeout(nursery: trio.Nursery) -> None:
                 pass
             fillers.append(filler)
         await trio.sleep(0.05)
-        opener = open_stream(nursery, acl_for(port), AuditLog(None), connect_timeout=0.3)
+        opener, node = await open_stream(nursery, acl_for(port), connect_timeout=0.3)
         began = trio.current_time()
         with pytest.raises(StreamResetError) as caught:
             await opener.wait_accepted()
         assert caught.value.code == ErrorCode.CONNECT_TIMEOUT
         assert 0.3 <= trio.current_time() - began < 3.0
+        (line,) = await node.audit_lines(1)
+        assert line["reason"] == "connect_timeout"
     finally:
         for filler in fillers:
             filler.close()
@@ -108,7 +106,7 @@ async def test_tcp_backend_reset_resets_stream(nursery: trio.Nursery) -> None:
         await stream.aclose()  # linger 0: RST
 
     port = await serve(nursery, reset_after_hello)
-    opener = open_stream(nursery, acl_for(port), AuditLog(None))
+    opener, node = await open_stream(nursery, acl_for(port))
     await opener.wait_accepted()
     await opener.send_all(b"hello")
     with pytest.raises(StreamResetError) as caught:
@@ -116,13 +114,14 @@ async def test_tcp_backend_reset_resets_stream(nursery: trio.Nursery) -> None:
             while True:
                 await opener.receive_some(CHUNK)
     assert caught.value.code == ErrorCode.BACKEND_RESET
+    (line,) = await node.audit_lines(1)
+    assert (line["reason"], line["bytes_in"]) == ("backend_reset", 5)
 
 
 async def test_tcp_tls_with_right_and_wrong_ca(nursery: trio.Nursery, tmp_path: Path) -> None:
     pki = make_pki(tmp_path)
     port = await serve(nursery, echo_backend, pki.server_context)
-    audit = AuditLog(None)
-    opener = open_stream(nursery, acl_for(port, BackendProtocol.TCP_TLS, pki.ca_file), audit)
+    opener, node = await open_stream(nursery, acl_for(port, BackendProtocol.TCP_TLS, pki.ca_file))
     await opener.wait_accepted()
     await opener.send_all(b"secret")
     received = b""
@@ -131,12 +130,32 @@ async def test_tcp_tls_with_right_and_wrong_ca(nursery: trio.Nursery, tmp_path: 
     assert received == b"secret"
     await opener.aclose()
 
-    wrong = open_stream(nursery, acl_for(port, BackendProtocol.TCP_TLS, pki.other_ca_file), audit)
+    wrong, node = await open_stream(nursery, acl_for(port, BackendProtocol.TCP_TLS, pki.other_ca_file))
     with pytest.raises(StreamResetError) as caught:
         await wrong.wait_accepted()
     assert caught.value.code == ErrorCode.BACKEND_TLS_ERROR
     # the cloud learns a generic reason; why (and which host) is the node's to know
     assert caught.value.reason == "TLS to the internal host failed"
-    line = audit.records("request")[-1]
+    (line,) = await node.audit_lines(1)
     assert line["reason"] == "tls_error" and "certificate verify failed" in line["detail"]
     assert "127.0.0.1" in line["detail"]
+
+
+async def test_tcp_cloud_reset_closes_the_backend_and_is_audited(nursery: trio.Nursery) -> None:
+    backend_closed = trio.Event()
+
+    async def holds(stream: trio.abc.Stream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):
+            while await stream.receive_some(CHUNK):
+                pass
+        backend_closed.set()
+
+    port = await serve(nursery, holds)
+    opener, node = await open_stream(nursery, acl_for(port))
+    await opener.wait_accepted()
+    await opener.send_all(b"partial")
+    await opener.reset(ErrorCode.CANCEL, "application gone")
+    with trio.fail_after(2):
+        await backend_closed.wait()
+    (line,) = await node.audit_lines(1)
+    assert line["reason"] == "client_gone"
