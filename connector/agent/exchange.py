@@ -148,7 +148,7 @@ class Outcome:
     status: int | None = None
     bytes_in: int = 0
     bytes_out: int = 0
-    user: str | None = None  # the propagated user (principal propagation)
+    user: str | None = None  # the user the cloud validated for the request (principal propagation)
 
     def fail(self, reason: str, detail: str | None = None) -> None:
         self.reason, self.detail = reason, detail
@@ -249,6 +249,8 @@ class Exchange:
             await self._answer(head, verdict.status, verdict.reason, verdict.message)
             return
         outcome.path = verdict.path or outcome.path
+        if head.principal is not None:
+            outcome.user = head.principal.name  # whatever the mapping passes on, the user is audited
         try:
             logon = self.ctx.principals.logon(self.mapping, head.principal)
         except PrincipalError as exc:
@@ -257,7 +259,6 @@ class Exchange:
             await self._answer(head, 403, exc.reason, "the user of this request cannot be logged on to the "
                                                       "internal host")
             return
-        outcome.user = logon.user
         await self._forward(head, verdict, logon)
 
     def _checked_path(self, head: RequestHead) -> str | None:

@@ -22,8 +22,8 @@ Theory of operation. The cloud validated the user token of a request and put its
 A request without a principal goes on as before (no header, no client certificate): the internal
 host decides whether it serves anonymous calls. A template naming a claim the token does not
 carry refuses the request (`PrincipalError`, 403): the mapping asks for a user the token cannot
-name. `logon` returns a `Logon`: the user for the audit line, the headers to drop and add, and the
-TLS context to connect with.
+name. `logon` returns a `Logon`: the headers to drop and add, and the TLS context to connect with.
+The node's audit line names the user of every request that carried a principal.
 """
 
 from __future__ import annotations
@@ -140,7 +140,6 @@ def subject_of(pattern: str, claims: dict[str, str]) -> x509.Name:
 class Logon:
     """How one request logs on to the internal host."""
 
-    user: str | None = None  # the propagated user, for the audit line
     drop: frozenset[bytes] = PRINCIPAL_HEADERS  # header names removed from the request
     add: tuple[tuple[bytes, bytes], ...] = ()
     context: ssl.SSLContext | None = None  # a user's client certificate: connect with it, unpooled
@@ -253,7 +252,7 @@ class PrincipalPropagator:
                 h11.Request(method="GET", target="/", headers=[(b"host", b"x"), (name, encoded)])
             except (UnicodeEncodeError, h11.LocalProtocolError):
                 raise PrincipalError("principal_claim_invalid", "the user cannot be named in a header") from None
-            return Logon(principal.name, PRINCIPAL_HEADERS | {name}, ((name, encoded),))
+            return Logon(PRINCIPAL_HEADERS | {name}, ((name, encoded),))
         if principal is None:
             return Logon()
         if self.minter is None:
@@ -261,4 +260,4 @@ class PrincipalPropagator:
                                  f"mapping {mapping.name} logs users on with certificates but "
                                  "[principal_propagation] names no ca_cert and ca_key")
         subject = subject_of(settings.subject, principal.claims)
-        return Logon(principal.name, context=self.minter.context_for(subject, mapping.trust_store))
+        return Logon(context=self.minter.context_for(subject, mapping.trust_store))

@@ -27,7 +27,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from connector.cloud.jwtauth import JwtError, JwtValidator, TrustedIssuer, unverified_issuer
+from connector.cloud.jwtauth import (
+    JwtError,
+    JwtValidator,
+    TrustedIssuer,
+    looks_like_jwt,
+    unverified_issuer,
+)
 from connector.tunnel.heads import Principal
 
 USER_HEADER = b"sap-connectivity-authentication"
@@ -74,6 +80,8 @@ class PrincipalValidator:
     def validate(self, subaccount: str, value: bytes, kind: str) -> Principal:
         """The principal of one header value; JwtError if the token is not trusted for `subaccount`."""
         token = bearer_token(value)
+        if not looks_like_jwt(token):
+            raise JwtError("malformed", "not a JWT (three base64url segments with a JSON header)")
         issuer = unverified_issuer(token)
         trusted = self.trusted.get((subaccount, issuer)) if issuer is not None else None
         claims: dict[str, Any]
