@@ -252,12 +252,12 @@ class Exchange:
         if head.principal is not None:
             outcome.user = head.principal.name  # whatever the mapping passes on, the user is audited
         try:
-            logon = self.ctx.principals.logon(self.mapping, head.principal)
+            logon = await self.ctx.principals.logon(self.mapping, head.principal)
         except PrincipalError as exc:
             outcome.decision = "denied"
             outcome.fail(exc.reason, str(exc))
-            await self._answer(head, 403, exc.reason, "the user of this request cannot be logged on to the "
-                                                      "internal host")
+            await self._answer(head, exc.status, exc.reason, "the user of this request cannot be logged on to the "
+                                                             "internal host")
             return
         await self._forward(head, verdict, logon)
 

@@ -22,7 +22,7 @@ Theory of operation. The cloud validated the user token of a request and put its
 A request without a principal goes on as before (no header, no client certificate): the internal
 host decides whether it serves anonymous calls. A template naming a claim the token does not
 carry refuses the request (`PrincipalError`, 403): the mapping asks for a user the token cannot
-name. `logon` returns a `Logon`: the headers to drop and add, and the TLS context to connect with.
+name; a node that cannot log anyone on (no CA configured, trust store unusable) answers 502. `logon` returns a `Logon`: the headers to drop and add, and the TLS context to connect with.
 The node's audit line names the user of every request that carried a principal.
 """
 
@@ -40,6 +40,7 @@ from pathlib import Path
 
 import attrs
 import h11
+import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -56,11 +57,14 @@ MAX_CACHED = 1024  # user contexts kept (about 50 KiB each with the system CAs)
 
 
 class PrincipalError(Exception):
-    """The request cannot be logged on as its user; `reason` for the audit, the message for the node."""
+    """The request cannot be logged on as its user: `status` (403: the token cannot name the user
+    the mapping asks for; 502: the node cannot log anyone on), `reason` for the audit, the message
+    for the node's log and audit line."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, status: int = 403) -> None:
         super().__init__(message)
         self.reason = reason
+        self.status = status
 
 
 def _template(value: str, what: str) -> string.Template:
@@ -194,24 +198,29 @@ class CertificateMinter:
         self.minted += 1
         return cert.public_bytes(serialization.Encoding.PEM), key_pem, end.timestamp()
 
-    def context_for(self, subject: x509.Name, trust_store: str | None) -> ssl.SSLContext:
+    async def context_for(self, subject: x509.Name, trust_store: str | None) -> ssl.SSLContext:
         """A verifying client context for `trust_store` presenting a certificate for `subject`:
-        the cached one while it has more than RENEW_BEFORE to live, else a new one."""
+        the cached one while it has more than RENEW_BEFORE to live, else a new one, made in a
+        worker thread (a context with the system CAs takes about 30 ms to build)."""
         mtime = os.stat(trust_store).st_mtime_ns if trust_store else 0
         key = (subject.rfc4514_string(), trust_store, mtime)
-        now = self.clock()
         cached = self._contexts.get(key)
-        if cached is not None and now < cached[1] - RENEW_BEFORE:
+        if cached is not None and self.clock() < cached[1] - RENEW_BEFORE:
             self._contexts.move_to_end(key)
+            await trio.lowlevel.checkpoint()
             return cached[0]
-        cert_pem, key_pem, end = self.mint(subject)
-        context = ssl.create_default_context(cafile=trust_store)
-        _load_chain(context, cert_pem, key_pem)
+        context, end = await trio.to_thread.run_sync(self._new_context, subject, trust_store)
         self._contexts[key] = (context, end)
         self._contexts.move_to_end(key)
         while len(self._contexts) > MAX_CACHED:
             self._contexts.popitem(last=False)
         return context
+
+    def _new_context(self, subject: x509.Name, trust_store: str | None) -> tuple[ssl.SSLContext, float]:
+        cert_pem, key_pem, end = self.mint(subject)
+        context = ssl.create_default_context(cafile=trust_store)
+        _load_chain(context, cert_pem, key_pem)
+        return context, end
 
 
 def _load_chain(context: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
@@ -234,14 +243,14 @@ class PrincipalPropagator:
         self.minter = (CertificateMinter(settings, clock=clock)
                        if settings is not None and settings.ca_cert is not None else None)
 
-    def logon(self, mapping: Mapping, principal: Principal | None) -> Logon:
+    async def logon(self, mapping: Mapping, principal: Principal | None) -> Logon:
         mode = mapping.principal_propagation
         if mode == "none":
             return Logon()
         settings = self.settings
         if settings is None:
             raise PrincipalError("principal_propagation_unconfigured",
-                                 f"mapping {mapping.name} asks for {mode} but [principal_propagation] is missing")
+                                 f"mapping {mapping.name} asks for {mode} but [principal_propagation] is missing", 502)
         if mode == "header":
             name = settings.header_name.lower().encode("ascii")
             if principal is None:
@@ -258,6 +267,11 @@ class PrincipalPropagator:
         if self.minter is None:
             raise PrincipalError("principal_propagation_unconfigured",
                                  f"mapping {mapping.name} logs users on with certificates but "
-                                 "[principal_propagation] names no ca_cert and ca_key")
+                                 "[principal_propagation] names no ca_cert and ca_key", 502)
         subject = subject_of(settings.subject, principal.claims)
-        return Logon(context=self.minter.context_for(subject, mapping.trust_store))
+        try:
+            context = await self.minter.context_for(subject, mapping.trust_store)
+        except (OSError, ssl.SSLError) as exc:  # the trust store went missing or bad meanwhile
+            raise PrincipalError("principal_logon_failed", f"no TLS context for {mapping.name}: {exc}",
+                                 502) from None
+        return Logon(context=context)

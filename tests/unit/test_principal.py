@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import h11
 import jwt
@@ -191,16 +192,16 @@ def test_claim_values_cannot_inject_names_into_the_subject(pp_ca: pki.Issued) ->
     assert len(subject.rdns) == 1
 
 
-def test_a_users_context_is_cached_until_shortly_before_its_end(pp_ca: pki.Issued) -> None:
+async def test_a_users_context_is_cached_until_shortly_before_its_end(pp_ca: pki.Issued) -> None:
     clock = Clock(T0)
     minter = CertificateMinter(PrincipalSettings(pp_ca.cert_path, pp_ca.key_path, validity_minutes=10), clock=clock)
     alice, bob = subject_of("CN=${user_name}", ALICE), subject_of("CN=${user_name}", {"user_name": "bob"})
-    first = minter.context_for(alice, None)
+    first = await minter.context_for(alice, None)
     clock.now = T0 + 600 - RENEW_BEFORE - 1
-    assert minter.context_for(alice, None) is first and minter.minted == 1
-    assert minter.context_for(bob, None) is not first and minter.minted == 2
+    assert await minter.context_for(alice, None) is first and minter.minted == 1
+    assert await minter.context_for(bob, None) is not first and minter.minted == 2
     clock.now = T0 + 600 - RENEW_BEFORE
-    assert minter.context_for(alice, None) is not first and minter.minted == 3
+    assert await minter.context_for(alice, None) is not first and minter.minted == 3
 
 
 def test_a_ca_key_readable_by_others_is_refused(pp_ca: pki.Issued) -> None:
@@ -209,42 +210,42 @@ def test_a_ca_key_readable_by_others_is_refused(pp_ca: pki.Issued) -> None:
         PrincipalSettings(pp_ca.cert_path, pp_ca.key_path).load_ca()
 
 
-def test_none_drops_the_principal_headers(pp_ca: pki.Issued) -> None:
-    logon = PrincipalPropagator().logon(mapping("none"), USER)
+async def test_none_drops_the_principal_headers(pp_ca: pki.Issued) -> None:
+    logon = await PrincipalPropagator().logon(mapping("none"), USER)
     assert logon == Logon()
     sent = logon.apply(request((USER_HEADER, b"Bearer x"), (TECHNICAL_HEADER, b"y"), (b"accept", b"*/*")))
     assert list(sent.headers) == [(b"host", b"erp"), (b"accept", b"*/*")]
 
 
-def test_header_mode_names_the_user_and_drops_the_applications_own(pp_ca: pki.Issued) -> None:
+async def test_header_mode_names_the_user_and_drops_the_applications_own(pp_ca: pki.Issued) -> None:
     propagator = PrincipalPropagator(PrincipalSettings(header_name="X-Remote-User"))
-    logon = propagator.logon(mapping("header", BackendProtocol.HTTP), USER)
+    logon = await propagator.logon(mapping("header", BackendProtocol.HTTP), USER)
     sent = logon.apply(request((b"x-remote-user", b"admin")))
     assert list(sent.headers) == [(b"host", b"erp"), (b"x-remote-user", b"alice")]
     # without a principal the application's forged header is removed all the same
-    anonymous = propagator.logon(mapping("header", BackendProtocol.HTTP), None)
+    anonymous = await propagator.logon(mapping("header", BackendProtocol.HTTP), None)
     assert list(anonymous.apply(request((b"x-remote-user", b"admin"))).headers) == [(b"host", b"erp")]
 
 
-def test_certificate_mode_presents_a_context_and_names_the_user(pp_ca: pki.Issued) -> None:
+async def test_certificate_mode_presents_a_context_and_names_the_user(pp_ca: pki.Issued) -> None:
     propagator = PrincipalPropagator(PrincipalSettings(pp_ca.cert_path, pp_ca.key_path))
-    logon = propagator.logon(mapping("certificate"), USER)
+    logon = await propagator.logon(mapping("certificate"), USER)
     assert logon.context is not None
-    assert propagator.logon(mapping("certificate"), None).context is None  # anonymous: the pooled way
+    assert (await propagator.logon(mapping("certificate"), None)).context is None  # anonymous: the pooled way
 
 
-def test_a_claim_the_token_lacks_refuses_the_request(pp_ca: pki.Issued) -> None:
+async def test_a_claim_the_token_lacks_refuses_the_request(pp_ca: pki.Issued) -> None:
     propagator = PrincipalPropagator(PrincipalSettings(pp_ca.cert_path, pp_ca.key_path))
     technical = Principal("technical", "sb-app", {"client_id": "sb-app"})
     with pytest.raises(PrincipalError) as caught:
-        propagator.logon(mapping("certificate"), technical)
-    assert caught.value.reason == "principal_claim_missing"
+        await propagator.logon(mapping("certificate"), technical)
+    assert (caught.value.reason, caught.value.status) == ("principal_claim_missing", 403)
 
 
-def test_a_mapping_asking_for_users_without_the_section_refuses_them() -> None:
+async def test_a_mapping_asking_for_users_without_the_section_refuses_them() -> None:
     with pytest.raises(PrincipalError) as caught:
-        PrincipalPropagator().logon(mapping("certificate"), USER)
-    assert caught.value.reason == "principal_propagation_unconfigured"
+        await PrincipalPropagator().logon(mapping("certificate"), USER)
+    assert (caught.value.reason, caught.value.status) == ("principal_propagation_unconfigured", 502)
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -273,3 +274,70 @@ def test_a_mapping_checks_its_mode(mode: str, protocol: BackendProtocol, message
 def test_a_mapping_round_trips_its_mode() -> None:
     assert Mapping.from_dict(mapping("certificate").to_dict()).principal_propagation == "certificate"
     assert "principal_propagation" not in mapping("none").to_dict()
+
+
+# --- [principal_propagation] at load --------------------------------------------------------------
+
+SSO_MAPPING = """
+[[mappings]]
+virtual_host = "sso.virtual"
+virtual_port = 443
+internal_host = "10.0.0.1"
+internal_port = 8443
+protocol = "HTTPS"
+principal_propagation = "certificate"
+resources = [{ path = "/" }]
+"""
+
+
+@pytest.fixture
+def node_files(tmp_path: Path) -> Path:
+    from connector.cli import init_certs
+
+    certs = init_certs(tmp_path / "certs", "acme", ["node-a"], ["127.0.0.1"])
+    (tmp_path / "node.pem").symlink_to(certs["node_node-a_cert"])
+    (tmp_path / "node.key").symlink_to(certs["node_node-a_key"])
+    pki.create_ca(tmp_path, "pp-ca", "principal propagation CA")
+    return tmp_path
+
+
+def load(files: Path, extra: str) -> Any:
+    from test_config import GOOD_NODE, node
+
+    from connector.config import load_node_config
+
+    return load_node_config(node(files, GOOD_NODE + SSO_MAPPING + extra))
+
+
+def test_the_section_loads_with_its_defaults(node_files: Path) -> None:
+    config = load(node_files, '[principal_propagation]\nca_cert = "pp-ca.pem"\nca_key = "pp-ca.key"\n')
+    settings = config.principal_propagation
+    assert (settings.ca_cert, settings.subject, settings.validity_minutes, settings.header_name) == (
+        node_files / "pp-ca.pem", "CN=${user_name}", 10.0, "x-connector-user")
+    assert config.mappings[-1].principal_propagation == "certificate"
+
+
+@pytest.mark.parametrize(("extra", "key", "message"), [
+    ("", "principal_propagation", "section is required"),
+    ("[principal_propagation]\n", "principal_propagation.ca_cert", "is required"),
+    ('[principal_propagation]\nca_cert = "pp-ca.pem"\nca_key = "pp-ca.key"\nsubject = "CN"\n',
+     "principal_propagation.subject", "RFC 4514"),
+    ('[principal_propagation]\nca_cert = "pp-ca.pem"\nca_key = "pp-ca.key"\nvalidity_minutes = 2000\n',
+     "principal_propagation.validity_minutes", "between 1 and 1440"),
+    ('[principal_propagation]\nca_cert = "pp-ca.pem"\nca_key = "pp-ca.key"\nheader = "x"\n',
+     "principal_propagation.header", "unknown key"),
+])
+def test_the_section_is_checked_at_load(node_files: Path, extra: str, key: str, message: str) -> None:
+    from connector.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message) as caught:
+        load(node_files, extra)
+    assert caught.value.key == key
+
+
+def test_a_readable_ca_key_stops_the_node_at_load(node_files: Path) -> None:
+    from connector.config import ConfigError
+
+    os.chmod(node_files / "pp-ca.key", 0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        load(node_files, '[principal_propagation]\nca_cert = "pp-ca.pem"\nca_key = "pp-ca.key"\n')
