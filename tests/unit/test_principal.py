@@ -341,3 +341,14 @@ def test_a_readable_ca_key_stops_the_node_at_load(node_files: Path) -> None:
     os.chmod(node_files / "pp-ca.key", 0o644)
     with pytest.raises(ConfigError, match="chmod 600"):
         load(node_files, '[principal_propagation]\nca_cert = "pp-ca.pem"\nca_key = "pp-ca.key"\n')
+
+
+def test_acl_add_sets_the_mode() -> None:
+    from connector.cli import build_parser
+    from connector.clusterctl import mapping_from_args
+
+    args = build_parser().parse_args(["acl", "add", "--virtual", "sso.virtual:443", "--internal", "10.0.0.1:8443",
+                                      "--protocol", "HTTPS", "--path", "/", "--principal-propagation", "certificate"])
+    assert mapping_from_args(args).principal_propagation == "certificate"
+    plain = build_parser().parse_args(["acl", "add", "--virtual", "erp.virtual:80", "--internal", "10.0.0.1:80"])
+    assert mapping_from_args(plain).principal_propagation == "none"
