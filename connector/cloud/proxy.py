@@ -27,12 +27,14 @@ Writes to the application are gathered: a response head, its body and its end go
 write, flushed whenever the relay would wait for more from the node or holds `chunk` bytes.
 
 Errors are short JSON bodies from `connector.httperrors.error_parts`: 407 missing or bad
-credentials, 400 malformed or origin-form requests, 405 CONNECT (SAP's proxy does not tunnel
+credentials, 401 a user token in SAP-Connectivity-(Technical-)Authentication that
+`connector.cloud.principal` does not accept (both headers are never forwarded: the validated user
+rides in the request head), 400 malformed or origin-form requests, 405 CONNECT (SAP's proxy does not tunnel
 HTTPS: the node speaks TLS to the internal host when its mapping says HTTPS), 503 no connector,
 403 refused by the node's allow-list, 504 connect timeout, 502 other stream failures. A TLS
 ClientHello on this port (HTTPS *to the proxy*) is logged and the connection closed. Once a
 response has started, a failure can only be reported by closing the application connection.
-The proxy's own refusals (400, 405, 407, 408, 431, 503) go through `_refuse`: one log line, one
+The proxy's own refusals (400, 401, 405, 407, 408, 431, 503) go through `_refuse`: one log line, one
 record in the cloud audit log (`connector.cloud.audit`), then the answer.
 
 Framing. A request with both Content-Length and Transfer-Encoding, or whose Connection header
