@@ -73,7 +73,7 @@ class Principal:
         """Strict: a JSON object of exactly kind, name (non-empty) and claims (strings); HeadError."""
         try:
             data = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: brackets nested thousands deep
             raise HeadError("the principal is not JSON") from None
         if not isinstance(data, dict) or set(data) != {"kind", "name", "claims"}:
             raise HeadError("the principal needs exactly kind, name and claims")

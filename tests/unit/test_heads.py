@@ -165,6 +165,7 @@ def test_a_header_with_a_reserved_name_cannot_be_encoded() -> None:
     (payload(HeadKind.TRAILERS, PRINCIPAL_FIELD, ALICE.encode()), "reserved"),
     (payload(HeadKind.REQUEST, b"GET", b"/", b":authority", b"erp"), "reserved"),
     (payload(HeadKind.REQUEST, b"GET", b"/", PRINCIPAL_FIELD, b"alice"), "not JSON"),
+    (payload(HeadKind.REQUEST, b"GET", b"/", PRINCIPAL_FIELD, b"[" * 60000), "not JSON"),
     (payload(HeadKind.REQUEST, b"GET", b"/", PRINCIPAL_FIELD, b'{"kind":"admin","name":"a","claims":{}}'),
      "kind or name"),
     (payload(HeadKind.REQUEST, b"GET", b"/", PRINCIPAL_FIELD, b'{"kind":"user","name":"","claims":{}}'),
