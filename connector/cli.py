@@ -920,6 +920,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "suffix with '=' for an exact path, '+ws' to allow websocket upgrade")
     acl_add.add_argument("--trust-store", help="CA bundle for HTTPS/TCP-TLS backends: an absolute path that "
                          "exists on every node (checked here on this machine)")
+    acl_add.add_argument("--principal-propagation", default="none", choices=["none", "certificate", "header"],
+                         help="what the internal host gets of the user the cloud validated: nothing, a short-lived "
+                         "client certificate (HTTPS; needs the nodes' [principal_propagation] CA) or a header")
     acl_add.add_argument("--check", action="store_true", help="first connect to the internal host (and verify "
                          "its TLS) from here, within [forward] connect_timeout; store nothing if it does not answer")
     acl_add.add_argument("--expect-revision", type=int, help="fail unless the mapping is at this revision (CAS)")

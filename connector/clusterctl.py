@@ -240,6 +240,7 @@ def mapping_from_args(args: argparse.Namespace) -> Mapping:
         "protocol": args.protocol,
         "host_in_header": args.host_in_header,
         "resources": resources,
+        "principal_propagation": getattr(args, "principal_propagation", "none"),
     }
     if args.trust_store:
         # used as written on every node: a relative path would mean whatever each node's cwd is

@@ -27,6 +27,7 @@ import attrs
 
 from connector import pki
 from connector.agent.acl import Mapping, check_no_overlap
+from connector.agent.principal import PrincipalSettings
 from connector.cloud.admission import StreamLimits
 from connector.cloud.bindings import UserAccount
 from connector.cloud.clients import AuthThrottleSettings, ConnectionLimits
@@ -633,6 +634,8 @@ class NodeConfig:
     pool_idle_seconds: float = 30.0  # an idle one older than this is closed
     # [tunnel] proxy, else https_proxy/no_proxy of the environment (connector.tunnel.egress)
     egress: EgressPolicy = EgressPolicy()
+    # [principal_propagation]: how mappings log users on (connector.agent.principal); None: absent
+    principal_propagation: PrincipalSettings | None = None
 
     # [tunnel] renew_at: the fraction of its validity after which the node asks the cloud to renew
     # its certificate (connector.agent.renew); 0: never (renewed by an operator)
@@ -797,6 +800,39 @@ def _egress(tunnel: _Section, environ: Environment) -> EgressPolicy:
         raise ConfigError(tunnel.file, tunnel.key("proxy"), str(exc)) from None
 
 
+def _principal_propagation(root: _Section, mappings: list[Mapping]) -> PrincipalSettings | None:
+    """[principal_propagation]: the CA (certificate mode; its key must be 0600), the subject and
+    header templates; required when a mapping propagates principals ("certificate" or "header")."""
+    section = root.sub("principal_propagation")
+    modes = {m.principal_propagation for m in mappings} - {"none"}
+    if section is None:
+        if modes:
+            raise ConfigError(root.file, "principal_propagation",
+                              f"section is required: a mapping sets principal_propagation = {sorted(modes)[0]!r}")
+        return None
+    defaults = PrincipalSettings()
+    required = "certificate" in modes
+    ca_cert = section.path("ca_cert", required=required)
+    ca_key = section.path("ca_key", required=required)
+    try:
+        settings = PrincipalSettings(
+            ca_cert=ca_cert, ca_key=ca_key, subject=section.str("subject", defaults.subject),
+            validity_minutes=section.float("validity_minutes", defaults.validity_minutes),
+            header_name=section.str("header_name", defaults.header_name),
+            header_value=section.str("header_value", defaults.header_value),
+        )
+    except ValueError as exc:
+        key, _, message = str(exc).partition(": ")
+        raise ConfigError(root.file, section.key(key) if message else "principal_propagation",
+                          message or str(exc)) from None
+    try:
+        settings.load_ca()
+    except (pki.CertificateError, OSError) as exc:
+        raise ConfigError(root.file, section.key("ca_key"), str(exc)) from None
+    section.done()
+    return settings
+
+
 def load_node_config(path: str | Path, environ: Environment | None = None) -> NodeConfig:
     """The node's configuration; `environ` (default os.environ) gives https_proxy and no_proxy."""
     file = Path(path).resolve()
@@ -868,6 +904,7 @@ def load_node_config(path: str | Path, environ: Environment | None = None) -> No
         pool_max_idle=forward.int("pool_max_idle", 32, minimum=0),
         pool_idle_seconds=forward.float("pool_idle_seconds", 30.0),
         egress=_egress(tunnel, os.environ if environ is None else environ),
+        principal_propagation=_principal_propagation(root, mappings),
     )
     forward.retired("keepalive_timeout", "every request has its own tunnel stream since tunnel protocol 2; "
                                          "idle internal-host connections follow pool_idle_seconds")

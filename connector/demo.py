@@ -63,6 +63,7 @@ DESTINATIONS = {  # kind -> Name; the properties are `demo_destinations`'
     "PrincipalPropagation": "erp-principal",
     "CloudConnectorLocationId": "mes-plant-2",
 }
+PRINCIPAL_HOST = "erp.virtual:8443"  # the virtual host:port of the principal-propagation mapping
 STARTUP_TIMEOUT = 30.0
 START_ATTEMPTS = 3  # starts on new ports after a picked port was taken by another process
 ETCD_ENV = "ETCD_BINARY"
@@ -165,11 +166,26 @@ def demo_destinations(token_url: str, client_id: str, client_secret: str, passwo
          "User": "erp-user", "Password": password},
         {**erp, "Name": names["OAuth2ClientCredentials"], "Authentication": "OAuth2ClientCredentials",
          "tokenServiceURL": token_url, "clientId": client_id, "clientSecret": client_secret},
-        {**erp, "Name": names["PrincipalPropagation"], "Authentication": "PrincipalPropagation"},
+        # the ERP's HTTPS port, where the node logs the user on with a short-lived certificate
+        {**erp, "URL": f"http://{PRINCIPAL_HOST}", "Name": names["PrincipalPropagation"],
+         "Authentication": "PrincipalPropagation"},
         {"Type": "HTTP", "URL": "http://mes.virtual:8000", "ProxyType": "OnPremise",
          "Name": names["CloudConnectorLocationId"], "Authentication": "NoAuthentication",
          "CloudConnectorLocationId": LOCATION_2},
     ]
+
+
+def principal_certs(directory: Path) -> dict[str, Path]:
+    """The HTTPS internal host's CA and server certificate, and the principal-propagation CA whose
+    short-lived user certificates that host requires (the erp-principal destination's mapping)."""
+    from connector import pki
+
+    backend_ca = pki.create_ca(directory, "backend-ca", "demo internal host CA", force=True)
+    server = pki.issue(backend_ca, directory, "backend", common_name="127.0.0.1", server_names=["127.0.0.1"],
+                       force=True)
+    pp_ca = pki.create_ca(directory, "principal-ca", "demo principal propagation CA", force=True)
+    return {"backend_ca": backend_ca.cert_path, "backend_cert": server.cert_path, "backend_key": server.key_path,
+            "principal_ca": pp_ca.cert_path, "principal_ca_key": pp_ca.key_path}
 
 
 def cloud_toml(certs: dict[str, Path], token_sha256: str, spec: DemoSpec, admin_digests: list[str], *,
@@ -345,6 +361,23 @@ virtual_port = 8000
 internal_host = "127.0.0.1"
 internal_port = {ports['backend_http']}
 protocol = "TCP"
+
+# the ERP's HTTPS port, which requires a user's client certificate (the erp-principal destination)
+[[mappings]]
+virtual_host = "{PRINCIPAL_HOST.partition(':')[0]}"
+virtual_port = {PRINCIPAL_HOST.partition(':')[2]}
+internal_host = "127.0.0.1"
+internal_port = {ports['backend_https']}
+protocol = "HTTPS"
+trust_store = "{certs['backend_ca']}"
+principal_propagation = "certificate"
+resources = [{{ path = "/sap/opu/odata", prefix = true }}]
+
+[principal_propagation]
+ca_cert = "{certs['principal_ca']}"
+ca_key = "{certs['principal_ca_key']}"
+subject = "CN=${{user_name}}"
+validity_minutes = 10
 """
     return f"""\
 [node]
@@ -486,11 +519,12 @@ class Demo:
         spec = self.spec
         certs = init_certs(self.workdir / "certs", SUBACCOUNT, list(spec.nodes), ["127.0.0.1", "localhost"],
                            force=True, cluster=CLUSTER)
+        certs.update(principal_certs(self.workdir / "certs"))
         token = new_token()
         destination_admin_token = new_token()  # manages destinations; the proxy token only finds them
         replicas = replica_ids(spec)
         ports = self.ports = {name: self.pick_port(name) for name in (
-            "destinations", "etcd_client", "etcd_peer", "backend_http", "backend_tcp",
+            "destinations", "etcd_client", "etcd_peer", "backend_http", "backend_tcp", "backend_https",
             *(f"{n}_admin" for n in spec.nodes))}
         user_password, user_hash = "", ""
         if spec.sap_examples:
@@ -529,7 +563,9 @@ class Demo:
             }
         backend = await self.start_process("backend", [
             python, "-m", "connector.demo_backend", "--http-port", str(ports["backend_http"]),
-            "--tcp-port", str(ports["backend_tcp"])])
+            "--tcp-port", str(ports["backend_tcp"]), "--https-port", str(ports["backend_https"]),
+            "--cert", str(certs["backend_cert"]), "--key", str(certs["backend_key"]),
+            "--client-ca", str(certs["principal_ca"])])
         cluster: dict[str, Any] = {}
         if replicas:
             cluster = await self._start_cloud_cluster(replicas)
@@ -559,7 +595,8 @@ class Demo:
             "destination_admin_token": destination_admin_token,
             "admin_token_file": str(certs["admin_token"]),  # the nodes' /status, /switch, /audit need it
             "etcd": etcd_info,
-            "backend": {"pid": backend.pid, "http_port": ports["backend_http"], "tcp_port": ports["backend_tcp"]},
+            "backend": {"pid": backend.pid, "http_port": ports["backend_http"], "tcp_port": ports["backend_tcp"],
+                        "https_port": ports["backend_https"]},
             "cloud": {
                 "pid": cloud.pid,
                 "config": str(configs["cloud" if not replicas else "cloud-1"]),

@@ -1,7 +1,9 @@
 """A small internal host for the demo and the tests: an HTTP service and a TCP echo service.
 
 HTTP: ``GET /sap/opu/odata/...`` answers JSON naming the path, the Host header and every header it
-received (what the caller's credentials became on the way: Authorization, a user's certificate);
+received (what the caller's credentials became on the way: Authorization, a user's certificate:
+over HTTPS (`--https-port`, which requires a client certificate of `--client-ca`) the answer also
+names the subject of the client certificate as `client_certificate_subject`);
 ``POST`` echoes the body back (streamed, so large bodies use constant memory); ``GET /ws`` accepts a
 WebSocket upgrade and then echoes raw bytes. TCP: every byte is echoed until the client half-closes.
 """
@@ -12,15 +14,17 @@ import argparse
 import functools
 import json
 import logging
+import ssl
 
 import h11
 import trio
+from cryptography import x509
 
 log = logging.getLogger(__name__)
 CHUNK = 65536
 
 
-async def serve_http(stream: trio.SocketStream) -> None:
+async def serve_http(stream: trio.abc.Stream, client_subject: str | None = None) -> None:
     conn = h11.Connection(h11.SERVER)
     try:
         while True:
@@ -55,8 +59,11 @@ async def serve_http(stream: trio.SocketStream) -> None:
                 await stream.send_all(conn.send(h11.EndOfMessage()))
             else:
                 await _drain(conn, stream)
-                body = json.dumps({"path": target, "host": headers.get("host"), "method": event.method.decode(),
-                                   "forwarded_host": headers.get("x-forwarded-host"), "headers": headers}).encode()
+                answer = {"path": target, "host": headers.get("host"), "method": event.method.decode(),
+                          "forwarded_host": headers.get("x-forwarded-host"), "headers": headers}
+                if client_subject is not None:
+                    answer["client_certificate_subject"] = client_subject
+                body = json.dumps(answer).encode()
                 await stream.send_all(conn.send(h11.Response(status_code=200, headers=[
                     ("content-type", "application/json"), ("content-length", str(len(body)))])))
                 await stream.send_all(conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
@@ -67,6 +74,36 @@ async def serve_http(stream: trio.SocketStream) -> None:
         return
     finally:
         await trio.aclose_forcefully(stream)
+
+
+def https_context(cert: str, key: str, client_ca: str) -> ssl.SSLContext:
+    """A server context that requires a client certificate issued by `client_ca`."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=client_ca)
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_cert_chain(cert, key)
+    return context
+
+
+async def serve_https(context: ssl.SSLContext, tcp: trio.SocketStream) -> None:
+    """`serve_http` over TLS, naming the client certificate's subject (RFC 4514) in its answers."""
+    stream = trio.SSLStream(tcp, context, server_side=True)
+    try:
+        with trio.fail_after(10):
+            await stream.do_handshake()
+    except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+        log.info("TLS handshake with a client failed: %s", exc.__cause__ or exc)
+        await trio.aclose_forcefully(stream)
+        return
+    der = stream.getpeercert(binary_form=True)
+    subject = x509.load_der_x509_certificate(der).subject.rfc4514_string() if der else ""
+    await serve_http(stream, subject)
+
+
+async def run_https_backend(host: str, port: int, context: ssl.SSLContext, *,
+                            task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(functools.partial(serve_https, context), listeners)
 
 
 async def _next(conn: h11.Connection, stream: trio.abc.Stream) -> object:
@@ -110,12 +147,22 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--http-port", type=int, default=0)
     parser.add_argument("--tcp-port", type=int, default=0)
+    parser.add_argument("--https-port", type=int, help="also serve HTTPS here (needs --cert, --key, --client-ca)")
+    parser.add_argument("--cert", help="the HTTPS server certificate (PEM)")
+    parser.add_argument("--key", help="its private key (PEM)")
+    parser.add_argument("--client-ca", help="the CA whose client certificates HTTPS requires")
     args = parser.parse_args()
+    if args.https_port is not None and not (args.cert and args.key and args.client_ca):
+        parser.error("--https-port needs --cert, --key and --client-ca")
 
     async def _main() -> None:
         async with trio.open_nursery() as nursery:
             ports = await nursery.start(run_backend, args.host, args.http_port, args.tcp_port)
-            print(json.dumps({"http_port": ports[0], "tcp_port": ports[1]}), flush=True)
+            started = {"http_port": ports[0], "tcp_port": ports[1]}
+            if args.https_port is not None:
+                context = https_context(args.cert, args.key, args.client_ca)
+                started["https_port"] = await nursery.start(run_https_backend, args.host, args.https_port, context)
+            print(json.dumps(started), flush=True)
 
     trio.run(_main)
 

@@ -327,6 +327,19 @@ def _validate_port(instance: object, attribute: attrs.Attribute[Any], value: Any
     _check_port(attribute, value)
 
 
+PROPAGATION_MODES = ("none", "certificate", "header")
+
+
+def _check_propagation(mode: Any, protocol: BackendProtocol) -> None:
+    if mode not in PROPAGATION_MODES:
+        raise ValueError(f"principal_propagation: {mode!r} is not one of {', '.join(PROPAGATION_MODES)}")
+    if mode == "certificate" and protocol is not BackendProtocol.HTTPS:
+        raise ValueError("principal_propagation: \"certificate\" logs on with a client certificate: "
+                         "the mapping's protocol must be HTTPS")
+    if mode == "header" and not protocol.is_http:
+        raise ValueError("principal_propagation: \"header\" needs an HTTP or HTTPS mapping")
+
+
 @attrs.frozen
 class Mapping:
     """A virtual endpoint the cloud may call, and the internal host that serves it."""
@@ -340,6 +353,8 @@ class Mapping:
     resources: tuple[Resource, ...] = ()
     trust_store: str | None = None  # CA bundle for HTTPS / TCP-TLS backends; None = system default
     port_count: int = 1  # > 1: the virtual ports virtual_port.. map to internal_port.. (TCP only)
+    # what the internal host gets of a request's validated user: connector.agent.principal
+    principal_propagation: str = "none"
 
     def __attrs_post_init__(self) -> None:
         count = self.port_count
@@ -369,6 +384,7 @@ class Mapping:
             not isinstance(self.trust_store, str) or not self.trust_store
         ):
             raise ValueError("trust_store: must be a file path or absent")
+        _check_propagation(self.principal_propagation, self.protocol)
 
     @property
     def name(self) -> str:
@@ -402,6 +418,8 @@ class Mapping:
         }
         if self.trust_store is not None:
             data["trust_store"] = self.trust_store
+        if self.principal_propagation != "none":
+            data["principal_propagation"] = self.principal_propagation
         return data
 
     @classmethod
@@ -459,6 +477,8 @@ class Mapping:
             if not isinstance(data["trust_store"], str):
                 raise ValueError("trust_store: must be a file path string")
             kwargs["trust_store"] = data["trust_store"]
+        if "principal_propagation" in data:
+            kwargs["principal_propagation"] = data["principal_propagation"]
         return cls(**kwargs)
 
 

@@ -39,6 +39,7 @@ from connector.agent import acl as acl_mod
 from connector.agent.acl import AccessControl, Decision, Mapping
 from connector.agent.audit import AuditLog
 from connector.agent.origin import BackendError, OriginConnection, OriginPool
+from connector.agent.principal import Logon, PrincipalError, PrincipalPropagator
 from connector.cloud.replay import IDEMPOTENT_METHODS
 from connector.datarate import MinDataRate, RateBudget, receive_some_at_rate
 from connector.http1 import framing_error, header_tokens, strip_hop_by_hop, trailer_fields
@@ -78,6 +79,7 @@ class StreamContext:
     audit: AuditLog
     settings: ForwardSettings = ForwardSettings()
     pool: OriginPool = attrs.field(factory=OriginPool)
+    principals: PrincipalPropagator = attrs.field(factory=PrincipalPropagator)
 
 
 @attrs.frozen
@@ -147,6 +149,7 @@ class Outcome:
     status: int | None = None
     bytes_in: int = 0
     bytes_out: int = 0
+    user: str | None = None  # the user the cloud validated for the request (principal propagation)
 
     def fail(self, reason: str, detail: str | None = None) -> None:
         self.reason, self.detail = reason, detail
@@ -229,6 +232,8 @@ class Exchange:
     def _audit(self) -> None:
         o = self.outcome
         extra = {"detail": o.detail} if o.detail else {}
+        if o.user is not None:
+            extra["user"] = o.user
         self.ctx.audit.request(
             subaccount=self.ctx.subaccount, location=self.ctx.location_id,
             virtual_target=str(self.stream.target), mapping=self.mapping.name,
@@ -271,7 +276,17 @@ class Exchange:
             outcome.fail(acl_mod.BAD_REQUEST, str(exc))
             await self._answer(head, 400, acl_mod.BAD_REQUEST, f"malformed request head: {exc}")
             return
-        await self._forward(head, verdict, request)
+        if head.principal is not None:
+            outcome.user = head.principal.name  # whatever the mapping passes on, the user is audited
+        try:
+            logon = await self.ctx.principals.logon(self.mapping, head.principal)
+        except PrincipalError as exc:
+            outcome.decision = "denied"
+            outcome.fail(exc.reason, str(exc))
+            await self._answer(head, exc.status, exc.reason, "the user of this request cannot be logged on to the "
+                                                             "internal host")
+            return
+        await self._forward(head, verdict, logon.apply(request), logon)
 
     def _checked_path(self, head: RequestHead) -> str | None:
         decision = self.acl.check_request(self.mapping, head.method, head.target, head.headers)
@@ -343,13 +358,14 @@ class Exchange:
 
     # --- forwarding -------------------------------------------------------------------------------
 
-    async def _forward(self, head: RequestHead, decision: Decision, request: h11.Request) -> None:
+    async def _forward(self, head: RequestHead, decision: Decision, request: h11.Request, logon: Logon) -> None:
         settings = self.settings
         bodyless = not has_body(head.headers)
         for attempt in (1, 2):
             try:
                 self.origin = await self.ctx.pool.take(self.mapping, settings.connect_timeout,
-                                                       max_header_bytes=settings.max_header_bytes)
+                                                       max_header_bytes=settings.max_header_bytes,
+                                                       context=logon.context)
             except BackendError as exc:
                 await self._origin_failed(head, RESET_REASONS[exc.code], exc.message, exc.reason)
                 return

@@ -58,6 +58,7 @@ from connector.agent.acl import AccessControl
 from connector.agent.audit import AuditLog
 from connector.agent.forward import ForwardSettings, StreamContext, serve_stream
 from connector.agent.origin import OriginPool, PoolSettings
+from connector.agent.principal import PrincipalPropagator
 from connector.agent.renew import RENEW_REFUSED_OP, RENEWED_OP, RenewalError, Renewer
 from connector.backoff import Backoff
 from connector.cloud.replicas import HELLO_REPLICA_KEY, REPLICAS_OP, Replica, from_body
@@ -162,6 +163,7 @@ class Node:
             request_body_grace=config.request_body_grace, response_write_timeout=config.response_write_timeout,
         )
         self.origins = OriginPool(PoolSettings(max_idle=config.pool_max_idle, idle_seconds=config.pool_idle_seconds))
+        self.principals = PrincipalPropagator(config.principal_propagation)
         self.tunnel_settings = TunnelSettings(ping_interval=config.ping_interval, ping_timeout=config.ping_timeout)
         self.tunnels: dict[str, ReplicaTunnel] = {}  # by replica id: the tunnels that passed HELLO
         self.cloud_refusal: str | None = None  # why the cloud refuses our cluster, until it accepts us
@@ -680,7 +682,8 @@ class Node:
     @functools.cached_property
     def _stream_context(self) -> StreamContext:
         return StreamContext(subaccount=self.config.subaccount, location_id=self.config.location_id,
-                             audit=self.audit, settings=self.forward_settings, pool=self.origins)
+                             audit=self.audit, settings=self.forward_settings, pool=self.origins,
+                             principals=self.principals)
 
     async def _begin_drain(self) -> None:
         """Tell every replica to route no new streams to us; in-flight streams finish."""

@@ -57,8 +57,10 @@ def client_ssl_context(trust_store: str | None) -> ssl.SSLContext:
     return _ssl_context(trust_store, mtime)
 
 
-async def open_backend(mapping: Mapping, connect_timeout: float) -> trio.abc.Stream:
-    """Connect (and for HTTPS/TCP-TLS verify TLS) to the internal host; raise BackendError."""
+async def open_backend(mapping: Mapping, connect_timeout: float, *,
+                       context: ssl.SSLContext | None = None) -> trio.abc.Stream:
+    """Connect (and for HTTPS/TCP-TLS verify TLS) to the internal host; raise BackendError.
+    `context`: the TLS client context to use instead of the mapping's (a user's certificate)."""
     host, port = mapping.internal_host, mapping.internal_port
     tcp: trio.SocketStream | None = None
     try:
@@ -67,7 +69,7 @@ async def open_backend(mapping: Mapping, connect_timeout: float) -> trio.abc.Str
             if not mapping.protocol.uses_tls:
                 return tcp
             try:
-                context = client_ssl_context(mapping.trust_store)
+                context = context or client_ssl_context(mapping.trust_store)
             except (OSError, ssl.SSLError) as exc:
                 raise BackendError(
                     ErrorCode.BACKEND_TLS_ERROR, "tls_error", f"trust store {mapping.trust_store} unusable: {exc}"
@@ -112,6 +114,7 @@ class OriginConnection:
     mapping: Mapping
     reused: bool = False  # taken from the pool: the internal host may have closed it meanwhile
     idle_since: float = 0.0
+    pooled: bool = True  # False: presents a user's certificate; closed after its one request
 
 
 def _fileno(stream: trio.abc.Stream) -> int | None:
@@ -144,8 +147,16 @@ class OriginPool:
             return len(self._idle.get(mapping, ()))
         return sum(map(len, self._idle.values()))
 
-    async def take(self, mapping: Mapping, connect_timeout: float, *, max_header_bytes: int) -> OriginConnection:
-        """An idle connection of `mapping`'s, or a new one (BackendError if it cannot be made)."""
+    async def take(self, mapping: Mapping, connect_timeout: float, *, max_header_bytes: int,
+                   context: ssl.SSLContext | None = None) -> OriginConnection:
+        """An idle connection of `mapping`'s, or a new one (BackendError if it cannot be made).
+        With `context` (a user's client certificate: `connector.agent.principal`) always a new
+        one, never pooled: another user's request must not ride on this user's logon."""
+        if context is not None:
+            stream = await open_backend(mapping, connect_timeout, context=context)
+            metrics.ORIGIN_CONNECTIONS.labels(mapping.name, "new").inc()
+            return OriginConnection(stream, h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes),
+                                    mapping, pooled=False)
         idle = self._idle.get(mapping)
         now = trio.current_time()
         while idle:
@@ -171,7 +182,7 @@ class OriginPool:
         """Keep `origin` for the next request if h11 says both sides may go on, else close it."""
         conn = origin.conn
         leftover, closed = conn.trailing_data
-        if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE or leftover or closed:
+        if not origin.pooled or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE or leftover or closed:
             # mid-message, or the internal host closed (a body ended by the close: h11 says DONE
             # until it is asked once more) or sent bytes nobody asked for
             await trio.aclose_forcefully(origin.stream)

@@ -27,12 +27,14 @@ Writes to the application are gathered: a response head, its body and its end go
 write, flushed whenever the relay would wait for more from the node or holds `chunk` bytes.
 
 Errors are short JSON bodies from `connector.httperrors.error_parts`: 407 missing or bad
-credentials, 400 malformed or origin-form requests, 405 CONNECT (SAP's proxy does not tunnel
+credentials, 401 a user token in SAP-Connectivity-(Technical-)Authentication that
+`connector.cloud.principal` does not accept (both headers are never forwarded: the validated user
+rides in the request head), 400 malformed or origin-form requests, 405 CONNECT (SAP's proxy does not tunnel
 HTTPS: the node speaks TLS to the internal host when its mapping says HTTPS), 503 no connector,
 403 refused by the node's allow-list, 504 connect timeout, 502 other stream failures. A TLS
 ClientHello on this port (HTTPS *to the proxy*) is logged and the connection closed. Once a
 response has started, a failure can only be reported by closing the application connection.
-The proxy's own refusals (400, 405, 407, 408, 431, 503) go through `_refuse`: one log line, one
+The proxy's own refusals (400, 401, 405, 407, 408, 431, 503) go through `_refuse`: one log line, one
 record in the cloud audit log (`connector.cloud.audit`), then the answer.
 
 Framing. A request with both Content-Length and Transfer-Encoding, or whose Connection header
@@ -71,6 +73,8 @@ from connector.cloud.audit import CloudAudit
 from connector.cloud.auth import Authenticator
 from connector.cloud.drain import Drain
 from connector.cloud.exchange import ClientGone, ProxyExchange, ResponseNotRead, TooSlow
+from connector.cloud.jwtauth import JwtError
+from connector.cloud.principal import PRINCIPAL_HEADERS, PrincipalValidator
 from connector.cloud.router import ProxyService, Router
 from connector.datarate import MinDataRate, RateBudget, receive_some_at_rate
 from connector.http1 import (
@@ -93,7 +97,8 @@ TLS_HANDSHAKE_RECORD = 0x16
 
 # hop-by-hop for the proxy: also its own routing header, which the node must not see
 PROXY_ONLY = frozenset({LOCATION_HEADER})
-_NOT_FORWARDED = HOP_BY_HOP | PROXY_ONLY
+# the principal headers travel validated in the head (connector.cloud.principal), never as headers
+_NOT_FORWARDED = HOP_BY_HOP | PROXY_ONLY | PRINCIPAL_HEADERS
 
 
 _HOST = re.compile(rb"[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\]")
@@ -241,9 +246,12 @@ class HttpProxy(ProxyService[ProxySettings]):
         settings: ProxySettings = ProxySettings(),
         audit: CloudAudit | None = None,
         drain: Drain | None = None,
+        principals: PrincipalValidator | None = None,
     ) -> None:
         super().__init__(router, authenticator, settings=settings, drain=drain)
         self.audit = audit if audit is not None else CloudAudit()
+        # without one, every principal header is refused: never forwarded unvalidated
+        self.principals = principals if principals is not None else PrincipalValidator()
 
     async def _handle(self, sock: trio.SocketStream) -> None:
         connection = _ProxyConnection(self, sock)
@@ -539,9 +547,17 @@ class _ProxyConnection:
         except UnicodeDecodeError:
             return await self._refuse(400, "bad_location_id", "the location id header must be ASCII")
         seen.location = location_id
+        try:
+            principal = self.proxy.principals.principal(subaccount, headers)
+        except JwtError as exc:
+            log.info("HTTP proxy: principal token of %s refused (%s): %s", self.peer, exc.reason, exc)
+            return await self._refuse(
+                401, "invalid_principal_token", "the token in SAP-Connectivity-Authentication was not accepted",
+                extra=[(b"www-authenticate", b'Bearer error="invalid_token"')])
 
         websocket = is_websocket_upgrade(request)
-        head = RequestHead(request.method, origin_target, forwarded_headers(headers, host, port, websocket=websocket))
+        head = RequestHead(request.method, origin_target, forwarded_headers(headers, host, port, websocket=websocket),
+                           principal)
         bodyless = self._request_is_bodyless(headers)
         if bodyless:
             end = self.conn.next_event()  # no I/O: h11 ends a zero-length body at once

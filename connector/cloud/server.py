@@ -36,6 +36,7 @@ from connector.cloud.endpoint import EndpointSettings, TunnelEndpoint
 from connector.cloud.jwks import FileKeyStore
 from connector.cloud.oauth import TokenService, WallClock, server_ssl_context, wall_clock
 from connector.cloud.oauth_shared import OAuthSync
+from connector.cloud.principal import PrincipalValidator
 from connector.cloud.proxy import HttpProxy, ProxySettings
 from connector.cloud.registry import Registry
 from connector.cloud.replicas import Replica, ReplicaDirectory
@@ -121,6 +122,9 @@ class CloudServer:
             {s.id: s.token_sha256 for s in config.subaccounts}, throttle=AuthThrottle(config.auth_throttle),
             jwt=self.oauth.validator if self.oauth is not None else None,
         )
+        self.principals = PrincipalValidator(
+            self.oauth.validator if self.oauth is not None else None,
+            {(t.subaccount, t.issuer): t for s in config.subaccounts for t in s.trusted_issuers}, clock=clock)
         self.admin_authenticator = Authenticator({s.id: s.destination_admin_sha256 for s in config.subaccounts})
         self.replicas = ReplicaDirectory(Replica(
             replica.id, replica.tunnel_url or f"wss://{config.tunnel_listen}/tunnel",
@@ -215,7 +219,7 @@ class CloudServer:
             await nursery.start(self.registry.run)
             tunnel = await nursery.start(self.endpoint.run, config.tunnel_listen.host, config.tunnel_listen.port)
             http_proxy = HttpProxy(self.registry, self.authenticator, settings=proxy_settings(config), audit=self.audit,
-                                   drain=self.drain)
+                                   drain=self.drain, principals=self.principals)
             http = await nursery.start(http_proxy.run, config.http_listen.host, config.http_listen.port)
             socks_proxy = Socks5Proxy(self.registry, self.authenticator, audit=self.audit, drain=self.drain)
             http_proxy.connections = socks_proxy.connections = self.connections

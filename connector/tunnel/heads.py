@@ -14,23 +14,32 @@ A request's fields are ``method, target, name, value, name, value...``; a respon
 ``status (ASCII digits), reason, name, value...``; trailers are ``name, value...``. Lengths are
 bounded by the frame size, so a head is at most one frame: the proxy refuses heads that would not
 fit (431) before it opens a stream.
+
+A request head may carry the `Principal` the cloud validated for it (principal propagation: the
+user of `SAP-Connectivity-Authentication`). It travels as the first name/value pair with the
+reserved name ``:principal`` (a JSON object as value): HTTP/1.1 field names are tokens and can
+never contain ``:``, so no header an application sends can pose as it. Decoding refuses any other
+name starting with ``:``, a second ``:principal``, one anywhere but first or outside a request.
 """
 
 from __future__ import annotations
 
 import enum
+import json
 import struct
 from collections.abc import Sequence
 
 import attrs
 
-__all__ = ["HeadKind", "RequestHead", "ResponseHead", "Trailers", "Head", "encode_head", "decode_head",
+__all__ = ["HeadKind", "Principal", "RequestHead", "ResponseHead", "Trailers", "Head", "encode_head", "decode_head",
            "HeadError"]
 
 Headers = Sequence[tuple[bytes, bytes]]
 _COUNT = struct.Struct(">BH")
 _LEN = struct.Struct(">H")
 MAX_FIELD = 0xFFFF
+PRINCIPAL_FIELD = b":principal"
+PRINCIPAL_KINDS = ("user", "technical")
 
 
 class HeadError(ValueError):
@@ -46,10 +55,42 @@ class HeadKind(enum.IntEnum):
 
 
 @attrs.frozen
+class Principal:
+    """Who a request acts for, as the cloud validated it: `kind` "user" (from
+    SAP-Connectivity-Authentication) or "technical" (SAP-Connectivity-Technical-Authentication),
+    `name` (the user name, or a technical user's client id) and the token's string claims."""
+
+    kind: str
+    name: str
+    claims: dict[str, str] = attrs.field(factory=dict, hash=False)
+
+    def encode(self) -> bytes:
+        return json.dumps({"kind": self.kind, "name": self.name, "claims": self.claims},
+                          separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+    @classmethod
+    def decode(cls, value: bytes) -> Principal:
+        """Strict: a JSON object of exactly kind, name (non-empty) and claims (strings); HeadError."""
+        try:
+            data = json.loads(value)
+        except (ValueError, RecursionError):  # RecursionError: brackets nested thousands deep
+            raise HeadError("the principal is not JSON") from None
+        if not isinstance(data, dict) or set(data) != {"kind", "name", "claims"}:
+            raise HeadError("the principal needs exactly kind, name and claims")
+        kind, name, claims = data["kind"], data["name"], data["claims"]
+        if kind not in PRINCIPAL_KINDS or not isinstance(name, str) or not name:
+            raise HeadError("the principal's kind or name is invalid")
+        if not isinstance(claims, dict) or not all(isinstance(v, str) for v in claims.values()):
+            raise HeadError("the principal's claims must be strings")
+        return cls(kind, name, claims)
+
+
+@attrs.frozen
 class RequestHead:
     method: bytes
     target: bytes  # origin-form, as the proxy checked it
     headers: list[tuple[bytes, bytes]]
+    principal: Principal | None = None  # validated by the cloud; never from an application's header
 
     @property
     def kind(self) -> HeadKind:
@@ -92,12 +133,16 @@ def encode_head(head: Head) -> bytes:
     """The HEADERS payload of `head`; HeadError if a field is longer than 65535 bytes."""
     if isinstance(head, RequestHead):
         fields: list[bytes] = [head.method, head.target]
+        if head.principal is not None:
+            fields += [PRINCIPAL_FIELD, head.principal.encode()]
     elif isinstance(head, ResponseHead):
         _check_status(head.status)
         fields = [b"%d" % head.status, head.reason]
     else:
         fields = []
     for name, value in head.headers:
+        if name.startswith(b":"):
+            raise HeadError("header names starting with ':' are reserved")
         fields.append(name)
         fields.append(value)
     parts = [_COUNT.pack(head.kind, len(fields))]
@@ -138,10 +183,15 @@ def decode_head(payload: bytes) -> Head:
         raise HeadError("HEADERS needs name/value pairs after its fixed fields")
     it = iter(fields[fixed:])
     headers = list(zip(it, it, strict=True))
+    principal = None
+    if kind is HeadKind.REQUEST and headers and headers[0][0] == PRINCIPAL_FIELD:
+        principal = Principal.decode(headers.pop(0)[1])
+    if any(name.startswith(b":") for name, _ in headers):
+        raise HeadError("a reserved field name (':...') where none may be")
     if kind is HeadKind.REQUEST:
         if not fields[0] or not fields[1]:
             raise HeadError("a request head needs a method and a target")
-        return RequestHead(fields[0], fields[1], headers)
+        return RequestHead(fields[0], fields[1], headers, principal)
     if kind is HeadKind.TRAILERS:
         return Trailers(headers)
     status_text = fields[0]

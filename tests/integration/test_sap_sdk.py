@@ -36,7 +36,7 @@ from typing import Any
 
 import pytest
 
-from connector.demo import DESTINATIONS, LOCATION_2, NODE_2
+from connector.demo import DESTINATIONS, LOCATION_2, NODE_2, PRINCIPAL_HOST
 
 pytestmark = pytest.mark.slow
 
@@ -245,23 +245,16 @@ def test_a_destination_with_a_location_id_is_served_by_that_locations_node(run: 
 
 def test_principal_propagation_is_proxied_and_the_users_token_stays_out(run: dict[str, Any]) -> None:
     data = answered(run, "PrincipalPropagation")
-    assert (data["path"], data["host"]) == ("/sap/opu/odata/user", "erp.virtual:8000")
+    assert (data["path"], data["host"]) == ("/sap/opu/odata/user", PRINCIPAL_HOST)
     assert "authorization" not in data["headers"]
-    if "sap-connectivity-authentication" in data["headers"]:
-        pytest.xfail("the HTTP proxy passes SAP-Connectivity-Authentication (the user's JWT) to the internal "
-                     "host unvalidated: validating and removing it belongs to the new data path "
-                     "(connector/cloud/proxy.py, connector/agent/forward.py)")
+    # the proxy validated the user's JWT and removed it: the internal host never sees the token
+    assert "sap-connectivity-authentication" not in data["headers"]
 
 
 def test_principal_propagation_the_internal_host_sees_the_users_certificate(run: dict[str, Any]) -> None:
     data = answered(run, "PrincipalPropagation")
-    subject = data.get("client_certificate_subject")
-    if subject is None:
-        pytest.xfail("principal propagation, node side: the node does not yet mint a short-lived X.509 "
-                     "certificate for the user of SAP-Connectivity-Authentication and log on to the internal "
-                     "host with it (and the demo's internal host reports no client certificate)")
     user = claims_of(run["user_jwt"])["user_name"]
-    assert f"CN={user}" in subject
+    assert data["client_certificate_subject"] == f"CN={user}"
 
 
 def test_a_destination_that_does_not_exist_is_reported_as_not_found(run: dict[str, Any]) -> None:

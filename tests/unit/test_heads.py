@@ -9,9 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from connector.tunnel.heads import (
+    PRINCIPAL_FIELD,
     Head,
     HeadError,
     HeadKind,
+    Principal,
     RequestHead,
     ResponseHead,
     Trailers,
@@ -105,12 +107,16 @@ def test_malformed_payloads_are_head_errors(raw: bytes, message: str) -> None:
 
 
 fields = st.binary(max_size=12)
+names = fields.filter(lambda name: not name.startswith(b":"))  # reserved for the head's own fields
+text = st.text(max_size=8)
+principals = st.none() | st.builds(Principal, st.sampled_from(["user", "technical"]), text.filter(bool),
+                                   st.dictionaries(text, text, max_size=3))
 heads = st.one_of(
     st.builds(RequestHead, st.binary(min_size=1, max_size=8), st.binary(min_size=1, max_size=20),
-              st.lists(st.tuples(fields, fields), max_size=4)),
+              st.lists(st.tuples(names, fields), max_size=4), principals),
     st.builds(ResponseHead, st.integers(100, 599), fields,
-              st.lists(st.tuples(fields, fields), max_size=4)),
-    st.builds(Trailers, st.lists(st.tuples(fields, fields), max_size=4)),
+              st.lists(st.tuples(names, fields), max_size=4)),
+    st.builds(Trailers, st.lists(st.tuples(names, fields), max_size=4)),
 )
 
 
@@ -131,3 +137,43 @@ def test_decode_raises_nothing_but_head_error(raw: bytes) -> None:
     except HeadError:
         return
     assert decode_head(encode_head(head)) == head  # whatever decodes is a head that re-encodes
+
+
+# --- the validated principal (principal propagation) ------------------------------------------
+
+ALICE = Principal("user", "alice", {"user_name": "alice", "email": "alice@example.com"})
+
+
+def test_a_principal_round_trips_apart_from_the_headers() -> None:
+    head = RequestHead(b"GET", b"/", [(b"host", b"erp")], ALICE)
+    decoded = decode_head(encode_head(head))
+    assert decoded == head
+    assert isinstance(decoded, RequestHead) and decoded.headers == [(b"host", b"erp")]
+
+
+def test_a_header_with_a_reserved_name_cannot_be_encoded() -> None:
+    with pytest.raises(HeadError, match="reserved"):
+        encode_head(RequestHead(b"GET", b"/", [(PRINCIPAL_FIELD, ALICE.encode())]))
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    # a second principal, one after a header, one in a response or trailers: never where a header is
+    (payload(HeadKind.REQUEST, b"GET", b"/", PRINCIPAL_FIELD, ALICE.encode(), PRINCIPAL_FIELD, ALICE.encode()),
+     "reserved"),
+    (payload(HeadKind.REQUEST, b"GET", b"/", b"host", b"erp", PRINCIPAL_FIELD, ALICE.encode()), "reserved"),
+    (payload(HeadKind.RESPONSE, b"200", b"", PRINCIPAL_FIELD, ALICE.encode()), "reserved"),
+    (payload(HeadKind.TRAILERS, PRINCIPAL_FIELD, ALICE.encode()), "reserved"),
+    (payload(HeadKind.REQUEST, b"GET", b"/", b":authority", b"erp"), "reserved"),
+    (payload(HeadKind.REQUEST, b"GET", b"/", PRINCIPAL_FIELD, b"alice"), "not JSON"),
+    (payload(HeadKind.REQUEST, b"GET", b"/", PRINCIPAL_FIELD, b"[" * 60000), "not JSON"),
+    (payload(HeadKind.REQUEST, b"GET", b"/", PRINCIPAL_FIELD, b'{"kind":"admin","name":"a","claims":{}}'),
+     "kind or name"),
+    (payload(HeadKind.REQUEST, b"GET", b"/", PRINCIPAL_FIELD, b'{"kind":"user","name":"","claims":{}}'),
+     "kind or name"),
+    (payload(HeadKind.REQUEST, b"GET", b"/", PRINCIPAL_FIELD, b'{"kind":"user","name":"a","claims":{"n":1}}'),
+     "strings"),
+    (payload(HeadKind.REQUEST, b"GET", b"/", PRINCIPAL_FIELD, b'{"kind":"user","name":"a"}'), "exactly"),
+])
+def test_a_principal_out_of_place_or_malformed_is_a_head_error(raw: bytes, message: str) -> None:
+    with pytest.raises(HeadError, match=message):
+        decode_head(raw)
