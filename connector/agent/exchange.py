@@ -39,6 +39,7 @@ from connector.agent import acl as acl_mod
 from connector.agent.acl import AccessControl, Decision, Mapping
 from connector.agent.audit import AuditLog
 from connector.agent.origin import BackendError, OriginConnection, OriginPool
+from connector.agent.redirects import rewrite_locations
 from connector.datarate import MinDataRate, RateBudget, receive_some_at_rate
 from connector.http1 import framing_error, header_tokens, strip_hop_by_hop, trailer_fields
 from connector.httperrors import ERRORS, REASON_PHRASES, RESET_REASONS, error_parts, reset_error
@@ -452,7 +453,8 @@ class Exchange:
             raise _OriginGone(f"unexpected {type(event).__name__} instead of a response", "protocol_error")
         assert self.origin is not None
         self.outcome.status = event.status_code
-        response = ResponseHead(event.status_code, event.reason, strip_hop_by_hop(list(event.headers)))
+        response = ResponseHead(event.status_code, event.reason,
+                                rewrite_locations(strip_hop_by_hop(list(event.headers)), self.mapping))
         first = self.origin.conn.next_event()  # without I/O: a bodyless answer ends at once
         if isinstance(first, h11.EndOfMessage) and not first.headers:
             await self._send_head(response, end=True)
