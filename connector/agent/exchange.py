@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+import ssl
 
 import attrs
 import h11
@@ -158,6 +159,15 @@ class _OriginGone(Exception):
     def __init__(self, message: str, label: str = "backend_reset") -> None:
         super().__init__(message)
         self.label = label
+
+
+def _origin_gone(exc: BaseException) -> _OriginGone:
+    """A read or write on the internal host's connection failed. A TLS error after the handshake
+    is a TLS failure, not a reset: with TLS 1.3 the internal host refuses a client certificate
+    (or its absence) only after our side of the handshake is done."""
+    if isinstance(exc.__cause__, ssl.SSLError):
+        return _OriginGone(f"TLS to the internal host failed: {exc.__cause__}", "tls_error")
+    return _OriginGone(str(exc))
 
 
 class _ResponseTimeout(Exception):
@@ -329,7 +339,8 @@ class Exchange:
                     await trio.aclose_forcefully(self.origin.stream)
                     self.origin = None
                     continue
-                reason = "internal_host_protocol_error" if exc.label == "protocol_error" else "backend_reset"
+                reason = {"protocol_error": "internal_host_protocol_error", "tls_error": "backend_tls_error"}.get(
+                    exc.label, "backend_reset")
                 await self._origin_failed(head, reason, f"internal host connection failed: {exc}", exc.label)
                 return
             except _BodyTooSlow as exc:
@@ -356,7 +367,7 @@ class Exchange:
         try:
             await self.origin.stream.send_all(data)
         except _ORIGIN_ERRORS as exc:
-            raise _OriginGone(str(exc)) from exc
+            raise _origin_gone(exc) from exc
 
     async def _next_origin_event(self) -> h11.Event:
         assert self.origin is not None
@@ -371,7 +382,7 @@ class Exchange:
             try:
                 data = await self.origin.stream.receive_some(self.settings.chunk)
             except _ORIGIN_ERRORS as exc:
-                raise _OriginGone(str(exc)) from exc
+                raise _origin_gone(exc) from exc
             conn.receive_data(data)  # type: ignore[arg-type]  # h11 takes any bytes-like
 
     async def _exchange(self, head: RequestHead, decision: Decision, request: h11.Request, bodyless: bool) -> None:
