@@ -109,7 +109,8 @@ class ClusterSecrets:
         while self.revision < revision:
             await self._changed.wait()
 
-    async def _load(self) -> int:
+    async def load(self) -> int:
+        """Read and decrypt the secrets once (`run` does it on every change); the snapshot's revision."""
         snapshot = await self.store.get_prefix(SECRETS_PREFIX)
         values = {}
         for key, kv in snapshot.kvs.items():
@@ -135,14 +136,14 @@ class ClusterSecrets:
         started = False
         while True:
             try:
-                revision = await self._load()
+                revision = await self.load()
                 if not started:
                     started = True
                     task_status.started()
                 backoff.reset()
                 async with self.store.watch(SECRETS_PREFIX, revision + 1) as events:
                     async for _event in events:
-                        await self._load()
+                        await self.load()
             except (StoreUnavailable, RevisionCompacted) as exc:
                 delay = backoff.next_delay()
                 log.warning("cluster secrets: %s; keeping revision %d, retrying in %.1f s", exc, self.revision, delay)

@@ -32,6 +32,7 @@ from test_forward_support import make_pki
 
 from connector.agent.runtime import build_node
 from connector.config import load_node_config
+from connector.tunnel.types import StreamProtocol, Target
 from tests.support.etcdserver import EtcdServer
 from tests.support.httpclient import HttpClient
 from tests.support.socks import socks5_connect
@@ -357,3 +358,22 @@ secrets_key = "{tmp_path / 'cluster.key'}"
         await node.origins.secrets.wait_revision(revision)
     status, _, body = await get(stack, "http://sys.virtual:8001/whoami")
     assert (status, body) == (200, b"system-b")
+
+    # `connector acl add` with the options: --check presents the secret as the nodes will
+    def add(virtual: str, *options: str) -> list[str]:
+        return ["acl", "--config", str(path), "add", "--virtual", virtual, "--protocol", "HTTPS",
+                "--internal", f"127.0.0.1:{internal_hosts.http_tls12.port}", "--trust-store", ids.trust_store,
+                "--path", "/", "--check", *options]
+
+    added = await trio.to_thread.run_sync(lambda: cli(*add("cli.virtual:8002", "--client-identity", "secret:erp-system")))
+    assert added.returncode == 0, added.stderr
+    with trio.fail_after(10):
+        await node.wait_mapping(Target("cli.virtual", 8002, StreamProtocol.HTTP))
+    status, _, body = await get(stack, "http://cli.virtual:8002/whoami")
+    assert (status, body) == (200, b"system-b")
+    absent = await trio.to_thread.run_sync(lambda: cli(*add("absent.virtual:8002", "--client-identity", "secret:nope")))
+    assert absent.returncode == 2 and b"secret:nope: no such secret" in absent.stderr, absent.stderr
+    os.chmod(ids.key("system-a"), 0o644)
+    loose = await trio.to_thread.run_sync(lambda: cli(*add(
+        "loose.virtual:8002", "--client-cert", str(ids.cert("system-a")), "--client-key", str(ids.key("system-a")))))
+    assert loose.returncode == 2 and b"readable by others" in loose.stderr, loose.stderr
