@@ -6,9 +6,10 @@ Theory of operation. An HTTPS or TCP-TLS mapping may name a client identity, in 
   (mode 0600), checked each time it is read, not only at start;
 - `client_identity = "secret:<name>"`: an entry of the cluster's encrypted secrets in etcd
   (`connector secret set <name> < bundle.pem`: the certificate, its chain and the unencrypted
-  private key, PEM, in one value). `ClusterSecrets` reads the `secrets/` prefix, decrypts it with
-  the cluster key (`[cluster] secrets_key`) and follows it with a watch, so a rotated secret is
-  presented by every connection opened after the node saw the change (open ones keep theirs).
+  private key, PEM, in one value). `ClusterSecrets` reads the `secrets/` prefix and follows it
+  with a watch; a secret is decrypted with the cluster key (`[cluster] secrets_key`) when a
+  mapping first asks for it. A rotated secret is presented by every connection opened after the
+  node saw the change (open ones keep theirs).
 
 `backend_context(mapping, secrets)` is the verifying client context of one mapping. Contexts are
 cached by what they were built from: the trust store and its mtime, the identity's files and their
@@ -91,18 +92,34 @@ def _load_pem_identity(context: ssl.SSLContext, pem: bytes) -> None:
 
 
 class ClusterSecrets:
-    """The cluster's secrets, decrypted, kept current from etcd (see the module docstring)."""
+    """The cluster's secrets, kept current from etcd (see the module docstring). Values are held
+    encrypted and decrypted when first asked for (secrets no mapping names stay ciphertext)."""
 
     def __init__(self, store: Store, fernet: Fernet) -> None:
         self.store = store
         self._fernet = fernet
-        self._values: dict[str, tuple[int, bytes]] = {}  # name -> (mod revision, plain value)
+        self._tokens: dict[str, tuple[int, bytes]] = {}  # name -> (mod revision, ciphertext)
+        self._plain: dict[str, tuple[int, bytes | None]] = {}  # decrypted (None: does not decrypt)
         self.revision = 0  # of the last snapshot applied
         self._changed = trio.Event()
 
     def get(self, name: str) -> tuple[int, bytes] | None:
         """(revision, value) of secret `name`, or None if there is none (or it does not decrypt)."""
-        return self._values.get(name)
+        token = self._tokens.get(name)
+        if token is None:
+            return None
+        revision, ciphertext = token
+        known = self._plain.get(name)
+        if known is None or known[0] != revision:
+            try:
+                known = (revision, self._fernet.decrypt(ciphertext))
+            except InvalidToken:
+                log.error("secret %s (revision %d) does not decrypt with this node's cluster key; not used",
+                          name, revision)
+                known = (revision, None)
+            self._plain[name] = known
+        value = known[1]
+        return None if value is None else (revision, value)
 
     async def wait_revision(self, revision: int) -> None:
         """Return once a snapshot at `revision` or later is applied."""
@@ -110,20 +127,12 @@ class ClusterSecrets:
             await self._changed.wait()
 
     async def load(self) -> int:
-        """Read and decrypt the secrets once (`run` does it on every change); the snapshot's revision."""
+        """Read the secrets once (`run` does it on every change); the snapshot's revision."""
         snapshot = await self.store.get_prefix(SECRETS_PREFIX)
-        values = {}
-        for key, kv in snapshot.kvs.items():
-            name = key.removeprefix(SECRETS_PREFIX)
-            known = self._values.get(name)
-            if known is not None and known[0] == kv.mod_revision:
-                values[name] = known
-                continue
-            try:
-                values[name] = (kv.mod_revision, self._fernet.decrypt(kv.value))
-            except InvalidToken:
-                log.error("secret %s does not decrypt with this node's cluster key; not used", name)
-        self._values = values
+        self._tokens = {key.removeprefix(SECRETS_PREFIX): (kv.mod_revision, kv.value)
+                        for key, kv in snapshot.kvs.items()}
+        self._plain = {name: plain for name, plain in self._plain.items()
+                       if name in self._tokens and self._tokens[name][0] == plain[0]}
         self.revision = snapshot.revision
         self._changed.set()
         self._changed = trio.Event()

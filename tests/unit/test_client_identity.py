@@ -119,7 +119,7 @@ def test_file_identity_context_is_cached_until_a_file_changes(pair: tuple[Path, 
         backend_context(mapping)
 
 
-async def test_secret_identity_follows_the_secret(pair: tuple[Path, Path, Path], tmp_path: Path) -> None:
+async def test_secret_identity_follows_the_secret(pair: tuple[Path, Path, Path], caplog: pytest.LogCaptureFixture) -> None:
     cert, key, other_key = pair
     fernet = Fernet(Fernet.generate_key())
     store = MemoryStore()
@@ -132,9 +132,11 @@ async def test_secret_identity_follows_the_secret(pair: tuple[Path, Path, Path],
         await nursery.start(secrets.run)
         with pytest.raises(IdentityError, match="secret:erp: no such secret"):
             backend_context(mapping, secrets)
+        await store.put("secrets/unrelated", b"not a fernet token")  # no mapping names it: never decrypted
         revision = await store.put("secrets/erp", fernet.encrypt(cert.read_bytes() + key.read_bytes()))
         await secrets.wait_revision(revision)
         first = backend_context(mapping, secrets)
+        assert "unrelated" not in caplog.text
         assert backend_context(mapping, secrets) is first
         # a bundle whose key is not the certificate's: refused with the secret's name, not used
         revision = await store.put("secrets/erp", fernet.encrypt(cert.read_bytes() + other_key.read_bytes()))
@@ -144,7 +146,7 @@ async def test_secret_identity_follows_the_secret(pair: tuple[Path, Path, Path],
         # one encrypted with another key is not used (and said so in the node's log)
         revision = await store.put("secrets/erp", Fernet(Fernet.generate_key()).encrypt(b"x"))
         await secrets.wait_revision(revision)
-        assert secrets.get("erp") is None
+        assert secrets.get("erp") is None and "secret erp" in caplog.text and "does not decrypt" in caplog.text
         revision = await store.put("secrets/erp", fernet.encrypt(cert.read_bytes() + key.read_bytes()))
         await secrets.wait_revision(revision)
         assert backend_context(mapping, secrets) is not first  # a new revision: a new context
