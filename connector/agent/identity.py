@@ -73,8 +73,8 @@ def read_private_key(path: str | Path) -> bytes:
 
 def _load_pem_identity(context: ssl.SSLContext, pem: bytes) -> None:
     """Load certificate chain and key from memory: ssl reads only files, so through an anonymous
-    in-memory file (Linux memfd), else a private temporary file removed at once."""
-    if hasattr(os, "memfd_create"):
+    in-memory file (Linux memfd, read through /proc), else a 0600 temporary file removed at once."""
+    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
         fd = os.memfd_create("client-identity", os.MFD_CLOEXEC)
         try:
             os.write(fd, pem)
