@@ -239,10 +239,16 @@ async def socks_read(stack: Stack, host: str, port: int) -> tuple[int, bytes]:
     return code, received
 
 
-def audit_lines(stack: Stack, mapping: str) -> list[dict[str, object]]:
-    path = stack.workdir / "node-a-audit.jsonl"
-    lines = [json.loads(line) for line in path.read_text().splitlines()]
-    return [line for line in lines if line.get("mapping") == mapping]
+async def audit_line(stack: Stack, mapping: str) -> dict[str, object]:
+    """The node's latest request audit line of `mapping`, once written (after the answer, maybe)."""
+    assert stack.node is not None
+    with trio.fail_after(5):
+        written = 1
+        while True:
+            lines = [r for r in await stack.node.audit.wait_records(written, "request") if r["mapping"] == mapping]
+            if lines:
+                return lines[-1]
+            written += 1
 
 
 async def start_with_mappings(nursery: trio.Nursery, tmp_path: Path, extra: str) -> Stack:
@@ -272,13 +278,13 @@ async def test_client_certificate_from_files(nursery: trio.Nursery, tmp_path: Pa
     status, _, body = await get(stack, "http://nocert.virtual:8001/whoami")
     assert (status, json.loads(body)["error"]) == (502, "backend_tls_error")
     assert "127.0.0.1" not in body.decode()
-    line = audit_lines(stack, "nocert.virtual:8001")[-1]
+    line = await audit_line(stack, "nocert.virtual:8001")
     assert line["reason"] == "backend_tls_error" and "certificate required" in str(line["detail"])
     # TCP-TLS: with TLS 1.3 the refusal comes after our side of the handshake, so after the SOCKS5
     # reply; the connection then ends without a byte, and the node knows why
     _, received = await socks_read(stack, "nocert.virtual", 7100)
     assert received == b""
-    line = audit_lines(stack, "nocert.virtual:7100")[-1]
+    line = await audit_line(stack, "nocert.virtual:7100")
     assert line["reason"] == "tls_error" and "certificate required" in str(line["detail"])
 
 
@@ -301,7 +307,7 @@ async def test_refused_client_certificate_with_tls12(nursery: trio.Nursery, tmp_
     code, _ = await socks_read(stack, "wrong.virtual", 7100)
     assert code == 0x01  # general failure: the connect did not succeed
     for mapping in ("wrong.virtual:8001", "wrong.virtual:7100"):
-        line = audit_lines(stack, mapping)[-1]
+        line = await audit_line(stack, mapping)
         assert "TLS to 127.0.0.1" in str(line["detail"]) and "alert" in str(line["detail"]), line
 
 
