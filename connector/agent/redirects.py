@@ -7,8 +7,10 @@ it: the node rewrites `Location` and `Content-Location` whose authority is the m
 host and port to the virtual host, `http://<virtual_host>:<virtual_port>` (the application talks
 plain HTTP to the proxy, whatever the node speaks to the internal host), keeping userinfo, path,
 query and fragment as they are. The host compares case-insensitively, brackets of an IPv6 literal
-aside; a URL without a port means the scheme's default (80, 443). Relative references, other hosts
-and anything that does not parse as an http(s) URL are left untouched.
+aside; a URL without a port means the scheme's default (80, 443). A network-path reference
+(`//host:port/path`, the scheme of the internal host's connection) keeps its form with the virtual
+authority. Relative paths, other hosts and anything that does not parse as an http(s) URL are left
+untouched.
 """
 
 from __future__ import annotations
@@ -36,10 +38,13 @@ def rewrite_location(value: bytes, mapping: Mapping) -> bytes:
         text = value.decode("ascii")
     except UnicodeDecodeError:
         return value
-    scheme, sep, rest = text.partition("://")
-    scheme = scheme.lower()
-    if not sep or scheme not in _DEFAULT_PORTS:
-        return value
+    if text.startswith("//"):  # a network-path reference: the scheme is the internal host's own
+        scheme, rest, prefix = ("https" if mapping.protocol.uses_tls else "http"), text[2:], "//"
+    else:
+        scheme, sep, rest = text.partition("://")
+        scheme, prefix = scheme.lower(), "http://"
+        if not sep or scheme not in _DEFAULT_PORTS:
+            return value
     cut = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
     authority, tail = rest[:cut], rest[cut:]
     userinfo, at, hostport = authority.rpartition("@")
@@ -64,7 +69,7 @@ def rewrite_location(value: bytes, mapping: Mapping) -> bytes:
     if _bare(host) != _bare(mapping.internal_host) or port != mapping.internal_port:
         return value
     virtual = f"{_bracketed(mapping.virtual_host)}:{mapping.virtual_port}"
-    return f"http://{userinfo}{at}{virtual}{tail}".encode("ascii")
+    return f"{prefix}{userinfo}{at}{virtual}{tail}".encode("ascii")
 
 
 def rewrite_locations(headers: list[tuple[bytes, bytes]], mapping: Mapping) -> list[tuple[bytes, bytes]]:

@@ -44,6 +44,12 @@ IPV6_BRACKETED = Mapping("erp.virtual", 8000, "[::1]", 8443, protocol=BackendPro
     (HTTP, b"ftp://erp-internal.corp:8080/a", b"ftp://erp-internal.corp:8080/a"),
     (HTTP, b"/sap/next", b"/sap/next"),
     (HTTP, b"next?x=1", b"next?x=1"),
+    # a network-path reference: the internal host's own scheme gives the default port
+    (HTTP, b"//erp-internal.corp:8080/a?b", b"//erp.virtual:8000/a?b"),
+    (HTTPS_DEFAULT, b"//erp-internal.corp/a", b"//erp.virtual:8000/a"),
+    (HTTP_DEFAULT, b"//erp-internal.corp/a", b"//erp.virtual:8000/a"),
+    (HTTPS_DEFAULT, b"//erp-internal.corp:80/a", b"//erp-internal.corp:80/a"),
+    (HTTP, b"//other.corp:8080/a", b"//other.corp:8080/a"),
     # malformed values are left as they are
     (HTTP, b"http://erp-internal.corp:80x80/a", b"http://erp-internal.corp:80x80/a"),
     (HTTP, b"http://erp-internal.corp:99999/a", b"http://erp-internal.corp:99999/a"),
