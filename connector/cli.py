@@ -923,6 +923,11 @@ def build_parser() -> argparse.ArgumentParser:
     acl_add.add_argument("--principal-propagation", default="none", choices=["none", "certificate", "header"],
                          help="what the internal host gets of the user the cloud validated: nothing, a short-lived "
                          "client certificate (HTTPS; needs the nodes' [principal_propagation] CA) or a header")
+    acl_add.add_argument("--client-cert", help="HTTPS/TCP-TLS: the certificate (chain) the node presents to the "
+                         "internal host, an absolute path that exists on every node (with --client-key)")
+    acl_add.add_argument("--client-key", help="its private key, mode 0600, an absolute path (checked here)")
+    acl_add.add_argument("--client-identity", metavar="secret:NAME", help="HTTPS/TCP-TLS: present the certificate "
+                         "and key of the cluster secret NAME (connector secret set NAME < bundle.pem)")
     acl_add.add_argument("--check", action="store_true", help="first connect to the internal host (and verify "
                          "its TLS) from here, within [forward] connect_timeout; store nothing if it does not answer")
     acl_add.add_argument("--expect-revision", type=int, help="fail unless the mapping is at this revision (CAS)")

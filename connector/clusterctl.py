@@ -24,6 +24,7 @@ from cryptography.fernet import Fernet, InvalidToken
 from connector import pki
 from connector.admin import http_request
 from connector.agent.acl import Mapping, overlap
+from connector.agent.identity import ClusterSecrets, IdentityError, read_private_key
 from connector.agent.origin import BackendError, open_backend
 from connector.agent.runtime import open_store
 from connector.agent.sharedconfig import (
@@ -251,10 +252,32 @@ def mapping_from_args(args: argparse.Namespace) -> Mapping:
         except pki.CertificateError as exc:
             raise ValueError(f"--trust-store: {exc}") from None
         raw["trust_store"] = args.trust_store
+    raw.update(client_identity_from_args(args))
     return Mapping.from_dict(raw)  # validates; ValueError names the key
 
 
-async def check_internal_host(mapping: Mapping, connect_timeout: float) -> str | None:
+def client_identity_from_args(args: argparse.Namespace) -> dict[str, str]:
+    """--client-cert/--client-key (absolute, checked here: a key pair, the key 0600) or
+    --client-identity secret:NAME, as mapping keys."""
+    cert, key = getattr(args, "client_cert", None), getattr(args, "client_key", None)
+    raw = {"client_identity": args.client_identity} if getattr(args, "client_identity", None) else {}
+    if cert is None and key is None:
+        return raw
+    if cert is None or key is None:
+        raise ValueError("--client-cert and --client-key go together")
+    for flag, path in (("--client-cert", cert), ("--client-key", key)):
+        if not os.path.isabs(path):
+            raise ValueError(f"{flag} {path}: give an absolute path (nodes use it as written)")
+    try:
+        read_private_key(key)
+        pki.check_key_pair(Path(cert), Path(key))
+    except (IdentityError, pki.CertificateError) as exc:
+        raise ValueError(f"--client-key: {exc}") from None
+    return raw | {"client_cert": cert, "client_key": key}
+
+
+async def check_internal_host(mapping: Mapping, connect_timeout: float,
+                              secrets: ClusterSecrets | None = None) -> str | None:
     """None if the internal host answers on each of `mapping`'s internal ports within
     `connect_timeout` as the node would reach it (`open_backend`: a TCP connect, and for HTTPS /
     TCP-TLS the TLS handshake verified with the mapping's trust store); else one line naming
@@ -266,7 +289,7 @@ async def check_internal_host(mapping: Mapping, connect_timeout: float) -> str |
         one = mapping.for_port(port)
         async with limiter:
             try:
-                stream = await open_backend(one, connect_timeout)
+                stream = await open_backend(one, connect_timeout, secrets)
             except BackendError as exc:
                 where = f"{one.internal_host}:{one.internal_port}"
                 message = _with_socket_errors(exc)
@@ -296,7 +319,15 @@ def _with_socket_errors(error: BackendError) -> str:
 
 async def _acl(config: NodeConfig, args: argparse.Namespace) -> int:
     if args.acl_command == "add" and args.check:
-        failure = await check_internal_host(mapping_from_args(args), config.connect_timeout)
+        mapping = mapping_from_args(args)
+        secrets = None
+        if mapping.client_identity is not None:  # present it as the nodes will: read it from etcd
+            secrets = ClusterSecrets(_cluster_store(config), cluster_fernet(config, create=False))
+            try:
+                await secrets.load()
+            finally:
+                await secrets.store.aclose()
+        failure = await check_internal_host(mapping, config.connect_timeout, secrets)
         if failure is not None:
             print(f"connector: --check failed, nothing stored: {failure}", file=sys.stderr)
             return 2

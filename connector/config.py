@@ -27,6 +27,7 @@ import attrs
 
 from connector import pki
 from connector.agent.acl import Mapping, check_no_overlap
+from connector.agent.identity import IdentityError, read_private_key
 from connector.agent.principal import PrincipalSettings
 from connector.cloud.admission import StreamLimits
 from connector.cloud.bindings import UserAccount
@@ -872,6 +873,10 @@ def load_node_config(path: str | Path, environ: Environment | None = None) -> No
             secrets_key=cluster_section.path("secrets_key", must_exist=False),
         )
         cluster_section.done()
+    for i, mapping in enumerate(mappings):
+        if mapping.client_identity is not None and (cluster is None or cluster.secrets_key is None):
+            raise ConfigError(file, f"mappings[{i}].client_identity", "names a cluster secret: the node needs "
+                              "[cluster] secrets_key (the key the secrets are encrypted with)")
     config = NodeConfig(
         file=file,
         node_id=node.str("id", required=True),
@@ -969,6 +974,13 @@ def check_node_files(config: NodeConfig) -> None:
     for i, mapping in enumerate(config.mappings):
         if mapping.trust_store is not None:
             _trust_store(file, f"mappings[{i}].trust_store", Path(mapping.trust_store))
+        if mapping.client_cert is not None and mapping.client_key is not None:
+            try:  # private to its owner, as the node checks it each time it reads it
+                read_private_key(mapping.client_key)
+            except IdentityError as exc:
+                raise ConfigError(file, f"mappings[{i}].client_key", str(exc)) from None
+            _key_pair(file, f"mappings[{i}].client_cert", f"mappings[{i}].client_key",
+                      Path(mapping.client_cert), Path(mapping.client_key))
 
 
 def _etcd_files(file: Path, section: str, etcd: EtcdConfig) -> None:

@@ -38,6 +38,7 @@ from typing import Any
 
 import attrs
 
+from connector.agent.identity import secret_name
 from connector.http1 import header_tokens
 from connector.tunnel.types import StreamProtocol, Target
 
@@ -355,6 +356,11 @@ class Mapping:
     port_count: int = 1  # > 1: the virtual ports virtual_port.. map to internal_port.. (TCP only)
     # what the internal host gets of a request's validated user: connector.agent.principal
     principal_propagation: str = "none"
+    # the certificate presented to an HTTPS / TCP-TLS internal host (connector.agent.identity):
+    # PEM files, or "secret:<name>" of the cluster's encrypted secrets
+    client_cert: str | None = None
+    client_key: str | None = None
+    client_identity: str | None = None
 
     def __attrs_post_init__(self) -> None:
         count = self.port_count
@@ -385,6 +391,25 @@ class Mapping:
         ):
             raise ValueError("trust_store: must be a file path or absent")
         _check_propagation(self.principal_propagation, self.protocol)
+        self._check_client_identity()
+
+    def _check_client_identity(self) -> None:
+        for name in ("client_cert", "client_key", "client_identity"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name}: must be a non-empty string or absent")
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("client_key: client_cert and client_key go together (or neither)")
+        if self.client_identity is not None:
+            if self.client_cert is not None:
+                raise ValueError("client_identity: give client_cert/client_key or client_identity, not both")
+            try:
+                secret_name(self.client_identity)
+            except ValueError as exc:
+                raise ValueError(f"client_identity: {exc}") from None
+        if (self.client_cert or self.client_identity) and not self.protocol.uses_tls:
+            which = "client_cert" if self.client_cert else "client_identity"
+            raise ValueError(f"{which}: only HTTPS and TCP-TLS mappings present a client certificate")
 
     @property
     def name(self) -> str:
@@ -420,6 +445,9 @@ class Mapping:
             data["trust_store"] = self.trust_store
         if self.principal_propagation != "none":
             data["principal_propagation"] = self.principal_propagation
+        for name in ("client_cert", "client_key", "client_identity"):
+            if getattr(self, name) is not None:
+                data[name] = getattr(self, name)
         return data
 
     @classmethod
@@ -479,6 +507,9 @@ class Mapping:
             kwargs["trust_store"] = data["trust_store"]
         if "principal_propagation" in data:
             kwargs["principal_propagation"] = data["principal_propagation"]
+        for name in ("client_cert", "client_key", "client_identity"):
+            if data.get(name) is not None:
+                kwargs[name] = data[name]  # types checked by the constructor
         return cls(**kwargs)
 
 

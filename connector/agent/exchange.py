@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+import ssl
 
 import attrs
 import h11
@@ -40,6 +41,7 @@ from connector.agent.acl import AccessControl, Decision, Mapping
 from connector.agent.audit import AuditLog
 from connector.agent.origin import BackendError, OriginConnection, OriginPool
 from connector.agent.principal import Logon, PrincipalError, PrincipalPropagator
+from connector.agent.redirects import rewrite_locations
 from connector.cloud.replay import IDEMPOTENT_METHODS
 from connector.datarate import MinDataRate, RateBudget, receive_some_at_rate
 from connector.http1 import framing_error, header_tokens, strip_hop_by_hop, trailer_fields
@@ -161,6 +163,15 @@ class _OriginGone(Exception):
     def __init__(self, message: str, label: str = "backend_reset") -> None:
         super().__init__(message)
         self.label = label
+
+
+def _origin_gone(exc: BaseException) -> _OriginGone:
+    """A read or write on the internal host's connection failed. A TLS error after the handshake
+    is a TLS failure, not a reset: with TLS 1.3 the internal host refuses a client certificate
+    (or its absence) only after our side of the handshake is done."""
+    if isinstance(exc.__cause__, ssl.SSLError):
+        return _OriginGone(f"TLS to the internal host failed: {exc.__cause__}", "tls_error")
+    return _OriginGone(str(exc))
 
 
 class _ResponseTimeout(Exception):
@@ -387,7 +398,8 @@ class Exchange:
                     await trio.aclose_forcefully(self.origin.stream)
                     self.origin = None
                     continue
-                reason = "internal_host_protocol_error" if exc.label == "protocol_error" else "backend_reset"
+                reason = {"protocol_error": "internal_host_protocol_error", "tls_error": "backend_tls_error"}.get(
+                    exc.label, "backend_reset")
                 await self._origin_failed(head, reason, f"internal host connection failed: {exc}", exc.label)
                 return
             except _BodyTooSlow as exc:
@@ -425,7 +437,7 @@ class Exchange:
             try:
                 await self.origin.stream.send_all(data)
             except _ORIGIN_ERRORS as exc:
-                raise _OriginGone(str(exc)) from exc
+                raise _origin_gone(exc) from exc
             return
         raise _ResponseTimeout(f"the internal host did not read the request for {self.settings.response_timeout} s")
 
@@ -445,7 +457,7 @@ class Exchange:
             try:
                 data = await self.origin.stream.receive_some(self.settings.chunk)
             except _ORIGIN_ERRORS as exc:
-                raise _OriginGone(str(exc)) from exc
+                raise _origin_gone(exc) from exc
             closed = not data
             conn.receive_data(data)  # type: ignore[arg-type]  # h11 takes any bytes-like
 
@@ -548,7 +560,8 @@ class Exchange:
             raise _OriginGone(f"unexpected {type(event).__name__} instead of a response", "protocol_error")
         assert self.origin is not None
         self.outcome.status = event.status_code
-        response = ResponseHead(event.status_code, event.reason, strip_hop_by_hop(list(event.headers)))
+        response = ResponseHead(event.status_code, event.reason,
+                                rewrite_locations(strip_hop_by_hop(list(event.headers)), self.mapping))
         first = self.origin.conn.next_event()  # without I/O: a bodyless answer ends at once
         if isinstance(first, h11.EndOfMessage) and not first.headers:
             await self._relay_head(response, end=True)

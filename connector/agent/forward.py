@@ -15,6 +15,7 @@ where an exception would take down every other stream.
 from __future__ import annotations
 
 import logging
+import ssl
 
 import trio
 
@@ -77,7 +78,7 @@ async def _serve_tcp(stream: TunnelStream, mapping: Mapping, ctx: StreamContext)
     }
     metrics.REQUESTS.labels(mapping.name, "allowed").inc()
     try:
-        backend = await open_backend(mapping, ctx.settings.connect_timeout)
+        backend = await open_backend(mapping, ctx.settings.connect_timeout, ctx.pool.secrets)
     except BackendError as exc:
         metrics.BACKEND_ERRORS.labels(mapping.name, exc.reason).inc()
         log.info("%s (TCP): %s", mapping.name, exc.message)
@@ -99,8 +100,16 @@ async def _serve_tcp(stream: TunnelStream, mapping: Mapping, ctx: StreamContext)
             await trio.aclose_forcefully(backend)
     duration = trio.current_time() - started
     metrics.REQUEST_SECONDS.labels(mapping.name, str(mapping.protocol)).observe(duration)
-    reason = "allowed"
-    if result.failed == "b":
+    reason, detail = "allowed", {}
+    cause = result.error.__cause__ if result.error is not None else None
+    if result.failed == "b" and isinstance(cause, ssl.SSLError):
+        # TLS 1.3: the internal host refuses our client certificate (or its absence) only after
+        # our side of the handshake, so after the stream was accepted
+        reason, detail = "tls_error", {"detail": f"TLS to the internal host failed: {cause}"}
+        metrics.BACKEND_ERRORS.labels(mapping.name, reason).inc()
+        log.info("%s (TCP): %s", mapping.name, detail["detail"])
+        await _reset_quietly(stream, ErrorCode.BACKEND_TLS_ERROR, reset_error(ErrorCode.BACKEND_TLS_ERROR)[2])
+    elif result.failed == "b":
         reason = "backend_reset"
         metrics.BACKEND_ERRORS.labels(mapping.name, reason).inc()
         await _reset_quietly(stream, ErrorCode.BACKEND_RESET, "internal host reset the connection")
@@ -108,4 +117,4 @@ async def _serve_tcp(stream: TunnelStream, mapping: Mapping, ctx: StreamContext)
         reason = "client_gone"
         await _reset_quietly(stream, ErrorCode.CANCEL, "stream broken")
     ctx.audit.request(**audit, reason=reason, bytes_in=result.a_to_b, bytes_out=result.b_to_a,
-                      duration_seconds=duration)
+                      duration_seconds=duration, **detail)

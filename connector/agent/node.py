@@ -295,6 +295,8 @@ class Node:
                 nursery.start_soon(self._probe_master)
             else:
                 nursery.start_soon(self._export_role)
+            if self.origins.secrets is not None:
+                await nursery.start(self.origins.secrets.run)
             if self.config_source is not None:
                 await nursery.start(self.config_source.run, self._apply_mappings)
             await nursery.start(self._resolve_loop)

@@ -17,9 +17,7 @@ is the caller's to retry (`OriginConnection.reused` tells it may).
 from __future__ import annotations
 
 import collections
-import functools
 import logging
-import os
 import select
 import ssl
 
@@ -29,6 +27,7 @@ import trio
 
 from connector import metrics
 from connector.agent.acl import Mapping
+from connector.agent.identity import ClusterSecrets, IdentityError, backend_context
 from connector.tunnel.types import ErrorCode
 
 log = logging.getLogger(__name__)
@@ -45,22 +44,11 @@ class BackendError(Exception):
         self.message = message
 
 
-@functools.lru_cache(maxsize=32)
-def _ssl_context(trust_store: str | None, _mtime_ns: int) -> ssl.SSLContext:
-    # Verification on: CERT_REQUIRED and hostname checking are create_default_context defaults.
-    return ssl.create_default_context(cafile=trust_store)
-
-
-def client_ssl_context(trust_store: str | None) -> ssl.SSLContext:
-    """Verifying client context for `trust_store` (None: system CAs), reloaded when the file changes."""
-    mtime = os.stat(trust_store).st_mtime_ns if trust_store else 0
-    return _ssl_context(trust_store, mtime)
-
-
-async def open_backend(mapping: Mapping, connect_timeout: float, *,
+async def open_backend(mapping: Mapping, connect_timeout: float, secrets: ClusterSecrets | None = None, *,
                        context: ssl.SSLContext | None = None) -> trio.abc.Stream:
-    """Connect (and for HTTPS/TCP-TLS verify TLS) to the internal host; raise BackendError.
-    `context`: the TLS client context to use instead of the mapping's (a user's certificate)."""
+    """Connect (and for HTTPS/TCP-TLS verify TLS, presenting the mapping's client identity, from
+    `secrets` if it names one) to the internal host; raise BackendError. `context`: the TLS client
+    context to use instead of the mapping's (a user's certificate: connector.agent.principal)."""
     host, port = mapping.internal_host, mapping.internal_port
     tcp: trio.SocketStream | None = None
     try:
@@ -69,11 +57,9 @@ async def open_backend(mapping: Mapping, connect_timeout: float, *,
             if not mapping.protocol.uses_tls:
                 return tcp
             try:
-                context = context or client_ssl_context(mapping.trust_store)
-            except (OSError, ssl.SSLError) as exc:
-                raise BackendError(
-                    ErrorCode.BACKEND_TLS_ERROR, "tls_error", f"trust store {mapping.trust_store} unusable: {exc}"
-                ) from None
+                context = context or backend_context(mapping, secrets)
+            except IdentityError as exc:
+                raise BackendError(ErrorCode.BACKEND_TLS_ERROR, "tls_error", str(exc)) from None
             tls = trio.SSLStream(tcp, context, server_hostname=host)
             try:
                 await tls.do_handshake()
@@ -137,8 +123,9 @@ def _still_open(stream: trio.abc.Stream) -> bool:
 class OriginPool:
     """Idle HTTP connections to internal hosts, per mapping; see the module docstring."""
 
-    def __init__(self, settings: PoolSettings = PoolSettings()) -> None:
+    def __init__(self, settings: PoolSettings = PoolSettings(), secrets: ClusterSecrets | None = None) -> None:
         self.settings = settings
+        self.secrets = secrets  # client identities of mappings that name a cluster secret
         self._idle: dict[Mapping, collections.deque[OriginConnection]] = {}
         self._changed = trio.Event()
 
@@ -173,7 +160,7 @@ class OriginPool:
             metrics.ORIGIN_CONNECTIONS.labels(mapping.name, "reused").inc()
             await trio.lowlevel.checkpoint_if_cancelled()
             return origin
-        stream = await open_backend(mapping, connect_timeout)
+        stream = await open_backend(mapping, connect_timeout, self.secrets)
         metrics.ORIGIN_CONNECTIONS.labels(mapping.name, "new").inc()
         return OriginConnection(stream, h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes),
                                 mapping)

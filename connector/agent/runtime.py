@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
+from connector.agent.identity import ClusterSecrets
 from connector.agent.node import Node
 from connector.agent.sharedconfig import SharedConfig
 from connector.config import NodeConfig
 from ha.election import Elector
+from ha.store import Store
+
+log = logging.getLogger(__name__)
 
 
 def open_store(config: NodeConfig):  # type: ignore[no-untyped-def]
@@ -29,6 +35,20 @@ def open_store(config: NodeConfig):  # type: ignore[no-untyped-def]
     )
 
 
+def cluster_secrets(config: NodeConfig, store: Store) -> ClusterSecrets | None:
+    """The cluster's secrets (client identities of mappings naming "secret:<name>"), if this node
+    has the cluster key (`[cluster] secrets_key`, a file present at start, mode 0600)."""
+    from connector.clusterctl import UsageError, cluster_fernet  # clusterctl imports this module
+
+    if config.cluster is None or config.cluster.secrets_key is None:
+        return None
+    try:
+        return ClusterSecrets(store, cluster_fernet(config, create=False))
+    except (UsageError, ValueError, OSError) as exc:  # ValueError: not a Fernet key
+        log.warning("cluster secrets unavailable, mappings naming a secret will fail: %s", exc)
+        return None
+
+
 def build_node(config: NodeConfig) -> Node:
     store = open_store(config)
     if store is None:
@@ -43,5 +63,6 @@ def build_node(config: NodeConfig) -> Node:
         location=config.location_id,
     )
     node = Node(config, elector=elector)
+    node.origins.secrets = cluster_secrets(config, store)
     node.config_source = SharedConfig(store, config.mappings, on_error=lambda e: node.audit.config_change(action="invalid", error=e))
     return node
