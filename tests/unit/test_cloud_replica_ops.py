@@ -263,9 +263,12 @@ def test_demo_writes_replica_tables_only_with_two_or_more(tmp_path: Path) -> Non
     from connector.cli import init_certs
     from connector.demo import DemoSpec, write_configs
 
+    from connector.demo import principal_certs
+
     certs = init_certs(tmp_path / "certs", "demo", ["node-a"], ["127.0.0.1"])
+    certs.update(principal_certs(tmp_path / "certs"))  # the demo's HTTPS internal host, as Demo.start does
     ports = {name: 1000 + i for i, name in enumerate([
-        "tunnel", "http_proxy", "socks5_proxy", "cloud_admin", "destinations", "etcd_client", "backend_http",
+        "tunnel", "http_proxy", "socks5_proxy", "cloud_admin", "destinations", "etcd_client", "backend_http", "backend_https",
         "backend_tcp", "node-a_admin", "cloud_etcd_client",
         *(f"cloud-{r}_{s}" for r in (1, 2) for s in ("tunnel", "admin", "http_proxy", "socks5", "destinations"))])}
     single = write_configs(tmp_path, certs, ports, SHA, DemoSpec(nodes=("node-a",)))
