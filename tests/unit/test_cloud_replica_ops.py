@@ -261,9 +261,7 @@ def test_demo_refuses_zero_replicas_in_one_line(tmp_path: Path, capsys: pytest.C
 
 def test_demo_writes_replica_tables_only_with_two_or_more(tmp_path: Path) -> None:
     from connector.cli import init_certs
-    from connector.demo import DemoSpec, write_configs
-
-    from connector.demo import principal_certs
+    from connector.demo import DemoSpec, principal_certs, write_configs
 
     certs = init_certs(tmp_path / "certs", "demo", ["node-a"], ["127.0.0.1"])
     certs.update(principal_certs(tmp_path / "certs"))  # the demo's HTTPS internal host, as Demo.start does
