@@ -284,6 +284,7 @@ class TunnelEndpoint:
             metrics.TUNNELS_REFUSED.labels("revoked").inc()
             message = _revoked_message(peer_cert)
             log.error("tunnel of %s/%r refused: %s", subaccount, location_id, message)
+            self._audit_revoked(peer_cert, location_id, str(peer.get("cluster") or "") or f"node:{node_cn}", live=False)
             await session.aclose(ErrorCode.DENIED, f"{REVOKED_REASON}: {message}")
             return
         node = node_cn
@@ -308,7 +309,7 @@ class TunnelEndpoint:
             async with trio.open_nursery() as nursery:
                 if self.replicas is not None:
                     nursery.start_soon(self._announce_replicas, session, self.replicas)
-                nursery.start_soon(self._close_when_revoked, session, peer_cert)
+                nursery.start_soon(self._close_when_revoked, session, handle, peer_cert)
                 await session.run(control_handler=functools.partial(self._on_control, handle, peer_cert))
                 nursery.cancel_scope.cancel()
         finally:
@@ -328,11 +329,19 @@ class TunnelEndpoint:
         except TunnelError:
             pass  # the tunnel closed: `run` returns too
 
-    async def _close_when_revoked(self, session: TunnelSession, peer_cert: PeerCertificate) -> None:
+    async def _close_when_revoked(self, session: TunnelSession, handle: TunnelHandle,
+                                  peer_cert: PeerCertificate) -> None:
         await self.revoked.wait_revoked(peer_cert.serial)
         message = _revoked_message(peer_cert)
         log.error("closing the tunnel of %s/%s: %s", peer_cert.subaccount, peer_cert.node, message)
+        self._audit_revoked(peer_cert, handle.location_id, handle.cluster, live=True)
         await session.aclose(ErrorCode.DENIED, f"{REVOKED_REASON}: {message}")
+
+    def _audit_revoked(self, peer: PeerCertificate, location_id: str, cluster: str | None, *, live: bool) -> None:
+        """The cloud audit's record of a revoked certificate refused (at its HELLO, or live)."""
+        self.registry.audit.tunnel_refused(subaccount=peer.subaccount, location=location_id, node=peer.node,
+                                           cluster=cluster, reason="revoked", serial=format_serial(peer.serial),
+                                           tunnel_closed=live)
 
     def _renew(self, session: TunnelSession, peer: PeerCertificate, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """Sign a node's CSR with its subaccount's CA: the reply op and body. The new certificate

@@ -17,6 +17,12 @@ from tests.integration.test_cloud_shared import cli, dial, make_certs, open_stor
 TIMEOUT = 5.0  # "within seconds": the watch's delay is milliseconds on loopback
 
 
+def revoked_records(replica: Any) -> list[dict[str, Any]]:
+    """The cloud audit's records of revoked certificates refused, on one replica."""
+    return [r for r in replica.cloud.registry.audit.tunnel_records()
+            if r.get("event") == "refused" and r.get("reason") == "revoked"]
+
+
 def refused_revoked() -> float:
     return REGISTRY.get_sample_value("connector_tunnels_refused_total", {"reason": "revoked"}) or 0.0
 
@@ -48,6 +54,9 @@ async def test_a_revoked_serial_is_closed_on_every_replica_and_refused_at_the_ha
                "(`connector cloud-revoke`): issue the node a new one")
     assert revoked_a.close_reason == revoked_b.close_reason == (ErrorCode.DENIED, message)
     assert not other.session.closed  # another certificate of the same subaccount: untouched
+    for replica in (a, b):  # the cloud audit names the node, its serial, and that a live tunnel closed
+        [record] = revoked_records(replica)
+        assert (record["node"], record["serial"], record["tunnel_closed"]) == ("node-a", f"0x{serial:x}", True)
 
     before = refused_revoked()
     again = await dial(nursery, certs, b, "node-a")  # the handshake goes through to say why
@@ -55,6 +64,8 @@ async def test_a_revoked_serial_is_closed_on_every_replica_and_refused_at_the_ha
         await again.wait_closed()
     assert again.close_reason == (ErrorCode.DENIED, message)
     assert refused_revoked() == before + 1
+    # refused again at its HELLO: the identical refusal within a minute is counted, not written again
+    assert [r["tunnel_closed"] for r in revoked_records(b)] == [True]
     assert b.cloud.endpoint.refused >= 1
 
     listed = await cli("cloud-revoke", "list", "--config", str(b.config))
