@@ -456,6 +456,17 @@ class Node:
                 return self.registered_epoch
             await changed.wait()
 
+    async def wait_session(self, *, other_than: TunnelSession | None = None) -> TunnelSession:
+        """Return our tunnel's session (`session`) once it is registered and is not `other_than`
+        (a session the caller saw close): a new tunnel up and accepted."""
+        await trio.lowlevel.checkpoint()
+        while True:
+            changed = self._changed  # tunnels coming and going and registrations poke
+            session = self.session
+            if session is not None and session is not other_than and self.registered_epoch is not None:
+                return session
+            await changed.wait()
+
     async def wait_refused(self) -> str:
         """Return once the cloud refuses our cluster (at once if it does); why (`cloud_refusal`)."""
         await trio.lowlevel.checkpoint()

@@ -165,6 +165,7 @@ class Registry:
         self.state_file = state_file
         self._fence_file = FenceFile(state_file)
         self._locations: dict[LocationKey, _Location] = {}
+        self._locations_changed = trio.lowlevel.ParkingLot()  # unparked whenever a location is exported
         self._masters_changed = trio.lowlevel.ParkingLot()  # unparked whenever a location's master changes
         self._held = 0
         self._nursery: trio.Nursery | None = None
@@ -420,6 +421,12 @@ class Registry:
     def fence_of(self, key: LocationKey) -> Fence:
         location = self._locations.get(key)
         return location.fence() if location is not None else Fence()
+
+    async def wait_fence(self, key: LocationKey, expected: Fence) -> None:
+        """Return once the location's fence is `expected` (e.g. a shared write applied here)."""
+        await trio.lowlevel.checkpoint()
+        while self.fence_of(key) != expected:
+            await self._locations_changed.park()
 
     async def wait_fence_loaded(self) -> None:
         await self._fence_loaded_event.wait()
@@ -699,6 +706,7 @@ class Registry:
             self._export(location)
 
     def _export(self, location: _Location) -> None:
+        self._locations_changed.unpark_all()  # every change of a location is exported: wake wait_fence
         sub, loc = location.key
         metrics.CLOUD_HAS_MASTER.labels(sub, loc).set(1 if location.master else 0)
         masters = 1 if location.master else 0

@@ -233,6 +233,13 @@ class SessionStream(TunnelStream):
         finally:
             self._sending = False
 
+    async def wait_buffered(self, count: int) -> None:
+        """Return once at least `count` received bytes wait to be read (or the stream ended or was
+        reset: then whatever arrived is all there is)."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while self._buffered < count and not self._eof_received and self._read_error is None:
+            await self._lot.park()
+
     async def wait_send_all_might_not_block(self) -> None:
         while not self._closed and self._write_error is None and not self._eof_sent and (
                 self._conn.send_window(self.stream_id) == 0):

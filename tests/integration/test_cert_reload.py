@@ -138,8 +138,7 @@ async def test_the_node_dials_with_its_replaced_certificate_and_keeps_its_tunnel
     stack.cloud.revoked.replace([old_serial])
     with trio.fail_after(TIMEOUT):
         await held.wait_closed()
-        while node.session is None or node.session is held or node.registered_epoch is None:  # noqa: ASYNC110 - Node exposes no event for a new tunnel
-            await trio.sleep(0.01)
+        await node.wait_session(other_than=held)
     assert held.close_reason is not None and held.close_reason[1].startswith("certificate_revoked: ")
     assert stack.cloud.registry.master_of(SUBACCOUNT, "").node == "node-a"
 

@@ -68,8 +68,7 @@ async def test_a_node_renews_its_short_lived_certificate_keeps_its_tunnel_and_di
     stack.cloud.revoked.replace([old.serial_number])  # the old certificate's tunnel closes...
     with trio.fail_after(TIMEOUT):
         await held.wait_closed()
-        while node.session is None or node.session is held or node.registered_epoch is None:  # noqa: ASYNC110 - Node exposes no event for a new tunnel
-            await trio.sleep(0.01)
+        await node.wait_session(other_than=held)
     assert node.cloud_refusal is None  # ...and the node is back at once, with the new one
     assert stack.cloud.registry.master_of(SUBACCOUNT, "").node == "node-a"
 

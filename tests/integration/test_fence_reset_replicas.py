@@ -30,8 +30,6 @@ from tests.integration.test_cloud_shared import (
 )
 from tests.support.stack import SUBACCOUNT
 
-POLL = 0.01
-
 
 async def cloud_fence(*args: str) -> tuple[int, dict[str, Any] | None, str]:
     result = await trio.run_process([sys.executable, "-m", "connector", "cloud-fence", *args], capture_stdout=True,
@@ -43,8 +41,7 @@ async def cloud_fence(*args: str) -> tuple[int, dict[str, Any] | None, str]:
 async def wait_fence(replica: Replica, expected: Fence) -> None:
     """Until the replica's registry holds `expected` (its watch applied the write)."""
     with trio.fail_after(5):
-        while replica.registry.fence_of(LOCATION) != expected:  # noqa: ASYNC110 - the registry has no event for it
-            await trio.sleep(POLL)
+        await replica.registry.wait_fence(LOCATION, expected)
 
 
 async def wait_master_published(etcd: Any, published: bool) -> None:

@@ -470,8 +470,7 @@ async def test_a_read_returns_every_buffered_chunk_that_fits_max_bytes() -> None
             pair = await start_pair(nursery, node_handler=four_writes)
             stream = await pair.cloud.open_stream(TARGET)
             await sent.wait()
-            while stream.statistics().buffered < 100:  # noqa: ASYNC110 - bounded by the deadline
-                await trio.sleep(0.001)
+            await stream.wait_buffered(100)
             assert await stream.receive_some(5) == b"a" * 5  # less than one chunk: split it
             assert await stream.receive_some(35) == b"a" * 5 + b"b" * 20 + b"c" * 10
             assert await stream.receive_some(65536) == b"c" * 20 + b"d" * 40  # small chunks join
@@ -482,8 +481,7 @@ async def test_a_read_returns_every_buffered_chunk_that_fits_max_bytes() -> None
             sent = trio.Event()
             stream = await pair.cloud.open_stream(TARGET)
             await sent.wait()
-            while stream.statistics().buffered < 100:  # noqa: ASYNC110 - bounded by the deadline
-                await trio.sleep(0.001)
+            await stream.wait_buffered(100)
             assert await stream.receive_some(None) == b"a" * 10 + b"b" * 20 + b"c" * 30 + b"d" * 40
             assert stream.statistics().buffered == 0
             await stream.aclose()
@@ -507,8 +505,7 @@ async def test_a_read_splits_the_frame_that_does_not_fit() -> None:
             pair = await start_pair(nursery, node_handler=two_writes)
             stream = await pair.cloud.open_stream(TARGET)
             await sent.wait()
-            while stream.statistics().buffered < 1000 + big:  # noqa: ASYNC110 - bounded by the deadline
-                await trio.sleep(0.001)
+            await stream.wait_buffered(1000 + big)
             first = await stream.receive_some(big)
             assert first == b"x" * 1000 + b"y" * (big - 1000)
             assert await stream.receive_some(big) == b"y" * 1000

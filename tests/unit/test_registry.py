@@ -11,7 +11,7 @@ import trio.testing
 
 from connector.cloud.admission import AdmissionStatistics, StreamAdmission, StreamLimits
 from connector.cloud.clients import ClientConnection, Principal, current_client
-from connector.cloud.registry import Registry, RegistryStatistics, TunnelHandle
+from connector.cloud.registry import Fence, Registry, RegistryStatistics, TunnelHandle
 from connector.cloud.router import NoConnectorError
 from connector.tunnel.session import TunnelError
 from connector.tunnel.types import ErrorCode, Target
@@ -439,3 +439,26 @@ async def test_wait_no_master_returns_when_the_master_goes_and_at_once_if_there_
     await trio.testing.wait_all_tasks_blocked()
     assert gone == [1.0]
     assert [loc["location_id"] for loc in registry.snapshot()] == [""]  # waiting created no location
+
+
+async def test_wait_fence_returns_when_the_fence_is_reached_and_at_once_if_it_is(registry, nursery, autojump_clock):
+    key = ("acme", "")
+    with trio.fail_after(1.0):  # the fence of a location never registered: at once
+        await registry.wait_fence(key, Fence())
+    reached = []
+
+    async def wait():
+        await registry.wait_fence(key, Fence(5, "c1"))
+        reached.append(trio.current_time())
+
+    nursery.start_soon(wait)
+    await trio.sleep(1.0)
+    registry.apply_shared_fence(key, Fence(3, "c1"))  # another replica's write, not the one awaited
+    await trio.testing.wait_all_tasks_blocked()
+    assert reached == []
+    await trio.sleep(1.0)
+    registry.apply_shared_fence(key, Fence(5, "c1"))
+    await trio.testing.wait_all_tasks_blocked()
+    assert reached == [2.0]
+    with trio.fail_after(1.0):
+        await registry.wait_fence(key, Fence(5, "c1"))
