@@ -61,7 +61,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -74,15 +73,20 @@ from connector.cloud.auth import Authenticator
 from connector.cloud.drain import Drain
 from connector.cloud.exchange import ClientGone, ProxyExchange, ResponseNotRead, TooSlow
 from connector.cloud.jwtauth import JwtError
-from connector.cloud.principal import PRINCIPAL_HEADERS, PrincipalValidator
+from connector.cloud.principal import PrincipalValidator
 from connector.cloud.router import ProxyService, Router
+from connector.cloud.target import (
+    LOCATION_HEADER,
+    PROXY_ONLY,
+    BadTargetError,
+    forwarded_headers,
+    is_websocket_upgrade,
+    parse_proxy_target,
+)
 from connector.datarate import MinDataRate, RateBudget, receive_some_at_rate
 from connector.http1 import (
-    HOP_BY_HOP,
     Outbox,
     framing_error,
-    header_tokens,
-    strip_hop_by_hop,
 )
 from connector.httperrors import REASON_PHRASES, error_parts
 from connector.metrics import PROXY_REQUEST_SECONDS, PROXY_REQUESTS
@@ -92,16 +96,9 @@ from connector.tunnel.types import StreamProtocol, Target
 log = logging.getLogger(__name__)
 
 DEFAULT_HTTP_PROXY_PORT = 20003
-LOCATION_HEADER = b"sap-connectivity-scc-location_id"
 TLS_HANDSHAKE_RECORD = 0x16
 
-# hop-by-hop for the proxy: also its own routing header, which the node must not see
-PROXY_ONLY = frozenset({LOCATION_HEADER})
-# the principal headers travel validated in the head (connector.cloud.principal), never as headers
-_NOT_FORWARDED = HOP_BY_HOP | PROXY_ONLY | PRINCIPAL_HEADERS
 
-
-_HOST = re.compile(rb"[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\]")
 
 
 @attrs.frozen
@@ -117,97 +114,6 @@ class ProxySettings:
     response_write_timeout: float = 60.0  # one write the application does not take: disconnected
     linger_timeout: float = 2.0  # reading what the client still sends after a final error
     linger_bytes: int = 1 << 20
-
-
-class BadTargetError(ValueError):
-    """The request line does not name an http:// URL the proxy can route."""
-
-
-def parse_proxy_target(raw: bytes) -> tuple[str, int, bytes]:
-    """Split an absolute-form target into (virtual_host, port, origin-form target)."""
-    if raw.startswith(b"/") or raw == b"*":
-        raise BadTargetError(
-            "origin-form request sent to the proxy: send the absolute URL "
-            "(GET http://virtual-host:port/path) as HTTP proxy clients do"
-        )
-    scheme, sep, rest = raw.partition(b"://")
-    if not sep:
-        raise BadTargetError("request target is not an absolute http:// URL")
-    if scheme.lower() == b"https":
-        raise BadTargetError(
-            "https:// URLs are not proxied: send http://virtual-host:port/...; the connector node "
-            "uses TLS to the internal host when its mapping says HTTPS"
-        )
-    if scheme.lower() != b"http":
-        raise BadTargetError(f"unsupported URL scheme {scheme.decode('latin-1')!r}")
-    split = len(rest)
-    for delimiter in (b"/", b"?", b"#"):
-        index = rest.find(delimiter)
-        if index != -1:
-            split = min(split, index)
-    authority, path = rest[:split], rest[split:]
-    path = path.partition(b"#")[0]
-    if not path.startswith(b"/"):
-        path = b"/" + path
-    if b"@" in authority:
-        raise BadTargetError("user information in the URL is not allowed")
-    if authority.startswith(b"["):
-        host, _, port_part = authority.partition(b"]")
-        host += b"]"
-        if port_part and not port_part.startswith(b":"):
-            raise BadTargetError("malformed IPv6 authority")
-        port_text = port_part[1:]
-    else:
-        host, _, port_text = authority.partition(b":")
-    if not host:
-        raise BadTargetError("the URL names no host")
-    if not _HOST.fullmatch(host):
-        raise BadTargetError("the URL host contains characters not allowed in a host name")
-    if port_text:
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise BadTargetError("the URL port is not a number between 1 and 65535")
-        port = int(port_text)
-    else:
-        port = 80
-    return host.decode("ascii").lower(), port, path
-
-
-def is_websocket_upgrade(request: h11.Request) -> bool:
-    """True for an HTTP/1.1 GET with `Connection: Upgrade` and `Upgrade: websocket` (RFC 6455 4.1)."""
-    return (
-        request.method == b"GET"
-        and request.http_version == b"1.1"
-        and b"upgrade" in header_tokens(request.headers, b"connection")
-        and b"websocket" in header_tokens(request.headers, b"upgrade")
-    )
-
-
-# Framing headers: a Connection header naming one would have this hop drop it, and the node
-# would frame the request differently from the application and from us.
-def forwarded_headers(
-    headers: Sequence[tuple[bytes, bytes]], host: str, port: int, *, websocket: bool = False
-) -> list[tuple[bytes, bytes]]:
-    """Request headers to send to the node: proxy and hop-by-hop headers removed, Host kept.
-
-    With `websocket` the upgrade is forwarded (`Connection: upgrade`, `Upgrade: websocket`) and
-    the Sec-WebSocket-* headers are kept even if the application listed them in Connection; every
-    other upgrade (h2c, ...) is stripped like any hop-by-hop header.
-    """
-    listed = header_tokens(headers, b"connection")
-    if websocket:
-        listed = {token for token in listed if not token.startswith(b"sec-websocket-")}
-    result = [(name, value) for name, value in headers if name not in _NOT_FORWARDED and name not in listed]
-    if not any(name == b"host" for name, _ in result):
-        authority = host if port == 80 else f"{host}:{port}"
-        result.insert(0, (b"host", authority.encode("ascii")))
-    if websocket:
-        result += [(b"connection", b"upgrade"), (b"upgrade", b"websocket")]
-    return result
-
-
-def response_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """Response headers to relay to the application: hop-by-hop headers removed."""
-    return strip_hop_by_hop(headers, PROXY_ONLY)
 
 
 @attrs.define

@@ -29,15 +29,14 @@ from prometheus_client import REGISTRY
 
 from connector.agent.acl import Mapping, Resource
 from connector.cloud.auth import Authenticator, hash_token
-from connector.cloud.proxy import (
+from connector.cloud.proxy import HttpProxy, ProxySettings
+from connector.cloud.replay import MAX_ATTEMPTS
+from connector.cloud.target import (
     BadTargetError,
-    HttpProxy,
-    ProxySettings,
     forwarded_headers,
     is_websocket_upgrade,
     parse_proxy_target,
 )
-from connector.cloud.replay import MAX_ATTEMPTS
 from connector.tunnel.heads import RequestHead, ResponseHead
 from connector.tunnel.session import SessionStream
 from connector.tunnel.types import ErrorCode, StreamResetError, Target
