@@ -199,9 +199,9 @@ class Exchange:
             bytes_in=o.bytes_in, bytes_out=o.bytes_out,
             duration_seconds=round(trio.current_time() - o.started, 6), **extra,
         )
-        metrics.REQUESTS.labels(self.mapping.name, o.decision).inc()
+        metrics.child(metrics.REQUESTS, self.mapping.name, o.decision).inc()
         if o.decision == "denied":
-            metrics.DENIALS.labels(o.reason).inc()
+            metrics.child(metrics.DENIALS, o.reason).inc()
 
     async def _run(self) -> None:
         settings = self.settings
@@ -266,7 +266,7 @@ class Exchange:
 
     async def _origin_failed(self, head: RequestHead, reason: str, detail: str, label: str) -> None:
         """The internal host failed: 502/504 while no response head went up, else a reset."""
-        metrics.BACKEND_ERRORS.labels(self.mapping.name, label).inc()
+        metrics.child(metrics.BACKEND_ERRORS, self.mapping.name, label).inc()
         log.info("%s %s: %s", self.mapping.name, reason, detail)
         self.outcome.fail(label if self.head_sent else reason, detail)
         if self.origin is not None:
@@ -472,7 +472,7 @@ class Exchange:
                 self.request_ended = True
                 break
             self.outcome.bytes_in += len(data)
-            metrics.BYTES.labels(self.mapping.name, "in").inc(len(data))
+            metrics.child(metrics.BYTES, self.mapping.name, "in").inc(len(data))
             sent += len(data)
             if length is not None and sent >= length:
                 self.request_whole = True
@@ -514,7 +514,7 @@ class Exchange:
             await self._relay_head(response, end=True)
         else:
             await self._relay_head(response)
-            bytes_out = metrics.BYTES.labels(self.mapping.name, "out")
+            bytes_out = metrics.child(metrics.BYTES, self.mapping.name, "out")
             event = await self._next_origin_event() if first is h11.NEED_DATA else first
             while isinstance(event, h11.Data):
                 self.outcome.bytes_out += len(event.data)
@@ -524,7 +524,7 @@ class Exchange:
             if not isinstance(event, h11.EndOfMessage):
                 raise _OriginGone(f"unexpected {type(event).__name__} in the response body", "protocol_error")
             await self._end_answer(trailer_fields(event.headers))
-        metrics.REQUEST_SECONDS.labels(self.mapping.name, str(self.mapping.protocol)).observe(
+        metrics.child(metrics.REQUEST_SECONDS, self.mapping.name, str(self.mapping.protocol)).observe(
             trio.current_time() - self.outcome.started)
         await self._finish_origin()
 
@@ -556,8 +556,8 @@ class Exchange:
         self.outcome.status = 101
         await self._send_head(ResponseHead(101, response.reason, list(response.headers)))
         leftover = bytes(origin.conn.trailing_data[0])
-        bytes_in = metrics.BYTES.labels(self.mapping.name, "in")
-        bytes_out = metrics.BYTES.labels(self.mapping.name, "out")
+        bytes_in = metrics.child(metrics.BYTES, self.mapping.name, "in")
+        bytes_out = metrics.child(metrics.BYTES, self.mapping.name, "out")
         try:
             result = await relay(self.stream, origin.stream, chunk=self.settings.relay_chunk, b_first=leftover,
                                  count_a_to_b=bytes_in.inc, count_b_to_a=bytes_out.inc)
@@ -566,7 +566,7 @@ class Exchange:
                 await trio.aclose_forcefully(origin.stream)
         self.outcome.bytes_in += result.a_to_b
         self.outcome.bytes_out += result.b_to_a
-        metrics.REQUEST_SECONDS.labels(self.mapping.name, "websocket").observe(trio.current_time() - self.outcome.started)
+        metrics.child(metrics.REQUEST_SECONDS, self.mapping.name, "websocket").observe(trio.current_time() - self.outcome.started)
         if result.failed == "b":
             self.outcome.fail("backend_reset", str(result.error))
             await self._reset(ErrorCode.BACKEND_RESET, reset_error(ErrorCode.BACKEND_RESET)[2])

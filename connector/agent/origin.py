@@ -141,7 +141,7 @@ class OriginPool:
         one, never pooled: another user's request must not ride on this user's logon."""
         if context is not None:
             stream = await open_backend(mapping, connect_timeout, context=context)
-            metrics.ORIGIN_CONNECTIONS.labels(mapping.name, "new").inc()
+            metrics.child(metrics.ORIGIN_CONNECTIONS, mapping.name, "new").inc()
             return OriginConnection(stream, h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes),
                                     mapping, pooled=False)
         idle = self._idle.get(mapping)
@@ -150,18 +150,18 @@ class OriginPool:
             origin = idle.pop()  # the most recently used: the likeliest to be open still
             self._export(mapping)
             if now - origin.idle_since >= self.settings.idle_seconds:
-                metrics.ORIGIN_CONNECTIONS.labels(mapping.name, "expired").inc()
+                metrics.child(metrics.ORIGIN_CONNECTIONS, mapping.name, "expired").inc()
                 await trio.aclose_forcefully(origin.stream)
                 continue
             if not _still_open(origin.stream):
-                metrics.ORIGIN_CONNECTIONS.labels(mapping.name, "closed_by_origin").inc()
+                metrics.child(metrics.ORIGIN_CONNECTIONS, mapping.name, "closed_by_origin").inc()
                 await trio.aclose_forcefully(origin.stream)
                 continue
-            metrics.ORIGIN_CONNECTIONS.labels(mapping.name, "reused").inc()
+            metrics.child(metrics.ORIGIN_CONNECTIONS, mapping.name, "reused").inc()
             await trio.lowlevel.checkpoint_if_cancelled()
             return origin
         stream = await open_backend(mapping, connect_timeout, self.secrets)
-        metrics.ORIGIN_CONNECTIONS.labels(mapping.name, "new").inc()
+        metrics.child(metrics.ORIGIN_CONNECTIONS, mapping.name, "new").inc()
         return OriginConnection(stream, h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes),
                                 mapping)
 
@@ -177,7 +177,7 @@ class OriginPool:
         conn.start_next_cycle()
         idle = self._idle.setdefault(origin.mapping, collections.deque())
         if len(idle) >= self.settings.max_idle:
-            metrics.ORIGIN_CONNECTIONS.labels(origin.mapping.name, "pool_full").inc()
+            metrics.child(metrics.ORIGIN_CONNECTIONS, origin.mapping.name, "pool_full").inc()
             await trio.aclose_forcefully(origin.stream)
             return
         origin.reused = True
@@ -188,7 +188,7 @@ class OriginPool:
         await trio.lowlevel.checkpoint_if_cancelled()
 
     def _export(self, mapping: Mapping) -> None:
-        metrics.ORIGIN_IDLE.labels(mapping.name).set(len(self._idle.get(mapping, ())))
+        metrics.child(metrics.ORIGIN_IDLE, mapping.name).set(len(self._idle.get(mapping, ())))
 
     async def run(self) -> None:
         """Close idle connections once they are older than `idle_seconds` (runs for ever)."""
@@ -207,7 +207,7 @@ class OriginPool:
         for mapping, idle in list(self._idle.items()):
             while idle and now - idle[0].idle_since >= self.settings.idle_seconds:
                 expired.append(idle.popleft())
-                metrics.ORIGIN_CONNECTIONS.labels(mapping.name, "expired").inc()
+                metrics.child(metrics.ORIGIN_CONNECTIONS, mapping.name, "expired").inc()
             self._export(mapping)  # before the closes yield: the gauge never counts a closed one
             if not idle:
                 del self._idle[mapping]
