@@ -104,6 +104,7 @@ class RemoteJwks:
         self.fetches = 0  # begun, successful or not
         self.completed = 0  # ended, successful or not
         self.failures = 0
+        self.last_error: str | None = None  # why the last fetch failed (None: it succeeded)
         self._last_fetch = -math.inf  # when the last fetch began (trio's clock)
         self._next_refresh = -math.inf  # when `run` fetches next: at once at first
         self._lock = trio.Lock()
@@ -147,12 +148,14 @@ class RemoteJwks:
             keys = self.parse(document)
         except (TokenError, ValueError) as exc:
             self.failures += 1
+            self.last_error = str(exc)
             metrics.TRUSTED_ISSUER_KEY_FETCHES.labels(self.uri, "failed").inc()
             log.error("trusted issuer keys %s could not be fetched (keeping the %d keys of the last fetch, trying "
                       "again in %g s): %s", self.uri, len(self.keys), MIN_FETCH_INTERVAL, exc)
             self._next_refresh = self._last_fetch + MIN_FETCH_INTERVAL
         else:
             metrics.TRUSTED_ISSUER_KEY_FETCHES.labels(self.uri, "ok").inc()
+            self.last_error = None
             if set(keys) != set(self.keys):
                 log.info("trusted issuer keys %s: now %s", self.uri, sorted(keys))
             self.keys = keys
