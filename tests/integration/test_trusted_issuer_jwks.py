@@ -52,6 +52,12 @@ class JwksEndpoint:
         self._scope.cancel()
 
     async def _answer(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+        try:
+            await self._serve(stream)
+        except trio.BrokenResourceError:  # a client that refused our certificate hung up in the handshake
+            pass
+
+    async def _serve(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
         conn = h11.Connection(h11.SERVER)
         while not isinstance(event := conn.next_event(), h11.EndOfMessage):
             if event is h11.NEED_DATA:
