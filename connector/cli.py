@@ -354,7 +354,10 @@ def cmd_cloud_keys(args: argparse.Namespace) -> int:
     from connector.cloud.destination_store import load_or_create_key
     from connector.cloud.jwks import rotation
     from connector.cloud.oauth_shared import KEYRING_KEY, SharedKeyRing, decode_ring
+    from connector.config import load_cloud_config
 
+    if load_cloud_config(args.config).shared is None:
+        return _local_cloud_keys(args)
     config, store = _cloud_store(args.config)
     assert config.shared is not None
     key = config.shared.secrets_key
@@ -384,6 +387,38 @@ def cmd_cloud_keys(args: argparse.Namespace) -> int:
     except OSError as exc:  # a ring of another secrets key
         print(f"connector: {exc}", file=sys.stderr)
         return 2
+
+
+def _local_cloud_keys(args: argparse.Namespace) -> int:
+    """`connector cloud-keys` of a cloud without [shared]: the ring in [oauth] signing_keys, which
+    the running cloud reads again when the file changes (`jwks.LocalKeys`), as it does the bindings."""
+    import time
+
+    import trio
+
+    from connector.cloud.jwks import FileKeyStore, LocalKeys, rotation
+    from connector.config import load_cloud_config
+
+    config = load_cloud_config(args.config)
+    if config.oauth is None:
+        print(f"connector: {config.file} has no [oauth] section: no token service, no signing keys", file=sys.stderr)
+        return 2
+    overlap = config.oauth.settings.key_overlap if args.overlap is None else args.overlap
+    if overlap < 0:
+        print("connector: --overlap must be at least 0", file=sys.stderr)
+        return 2
+    try:
+        keyring = LocalKeys(FileKeyStore(config.oauth.signing_keys), time.time())
+        if args.action == "rotate":
+            print(json.dumps({"rotated": trio.run(keyring.update, rotation(time.time(), overlap))}))
+    except OSError as exc:
+        print(f"connector: {exc}", file=sys.stderr)
+        return 1
+    ring = keyring.ring
+    for signing_key in ring.keys:
+        print(json.dumps({"kid": signing_key.kid, "created": signing_key.created, "retires": signing_key.retires,
+                          "signs": signing_key is ring.current}))
+    return 0
 
 
 def cloud_replicas_status(config_path: str, *, as_json: bool) -> int:
@@ -866,14 +901,16 @@ def build_parser() -> argparse.ArgumentParser:
     cloud_revoke.add_argument("--reason", help="a note kept with the serial (why)")
     cloud_revoke.set_defaults(func=cmd_cloud_revoke)
     cloud_keys = sub.add_parser(
-        "cloud-keys", help="list or rotate the token service's signing keys in the cloud's etcd (every replica)",
-        description="The [oauth] token service's RS256 key ring, shared by the replicas ([shared]). A rotation makes "
-                    "a new key sign on every replica within moments; the old one stays in /token_keys and valid "
+        "cloud-keys", help="list or rotate the token service's signing keys (in the cloud's etcd with [shared]: "
+        "every replica; else in [oauth] signing_keys, read again by the running cloud)",
+        description="The [oauth] token service's RS256 key ring, shared by the replicas ([shared]), or of a single "
+                    "cloud in its [oauth] signing_keys file, which the running cloud reads again at its next use. "
+                    "A rotation makes a new key sign on every replica within moments; the old one stays in /token_keys and valid "
                     "for --overlap seconds (default [oauth] key_overlap; 0 after a key leak: its tokens are refused "
                     "at once).")
     cloud_keys.add_argument("action", nargs="?", choices=("list", "rotate"), default="list",
                             help="list (default): the keys (never the private halves); rotate: a new key now")
-    cloud_keys.add_argument("--config", required=True, help="cloud.toml (with [oauth] and [shared])")
+    cloud_keys.add_argument("--config", required=True, help="cloud.toml (with [oauth])")
     cloud_keys.add_argument("--overlap", type=float, help="seconds the replaced key stays valid (rotate)")
     cloud_keys.set_defaults(func=cmd_cloud_keys)
 

@@ -34,6 +34,7 @@ from connector.cloud.bindings import UserAccount
 from connector.cloud.clients import AuthThrottleSettings, ConnectionLimits
 from connector.cloud.destinations import DestinationLimits
 from connector.cloud.drain import DrainSettings
+from connector.cloud.idp_keys import DEFAULT_REFRESH, MIN_FETCH_INTERVAL
 from connector.cloud.jwtauth import TrustedIssuer
 from connector.cloud.oauth import OAuthSettings
 from connector.cloud.token_client import TokenClientSettings
@@ -324,16 +325,38 @@ def _users(subaccount: _Section) -> tuple[UserAccount, ...]:
 
 
 def _trusted_issuers(subaccount: _Section) -> tuple[TrustedIssuer, ...]:
-    """[[subaccounts.trusted_issuers]]: issuer, jwks (a JWKS file, read at load), audience (required)."""
+    """[[subaccounts.trusted_issuers]]: issuer, audience (required), and the provider's keys: jwks
+    (a JWKS file, read at load) or jwks_uri (fetched by the cloud, with ca, refresh_seconds, timeout)."""
     issuers: list[TrustedIssuer] = []
     for section in subaccount.subs("trusted_issuers"):
         issuer, audience = section.str("issuer", required=True), section.str("audience", required=True)
-        jwks = section.path("jwks", required=True)
-        try:
-            issuers.append(TrustedIssuer.from_jwks(subaccount.str("id", required=True), issuer,
-                                                   json.loads(jwks.read_bytes()), audience))
-        except (ValueError, OSError) as exc:
-            raise ConfigError(section.file, section.key("jwks"), f"{jwks}: {exc}") from None
+        sub = subaccount.str("id", required=True)
+        jwks, uri = section.path("jwks"), section.str("jwks_uri")
+        if (jwks is None) == (uri is None):
+            raise ConfigError(section.file, section.prefix, "needs exactly one of jwks (a file) and jwks_uri")
+        if jwks is not None:
+            for name in ("ca", "refresh_seconds", "timeout"):
+                if name in section.table:
+                    raise ConfigError(section.file, section.key(name), "applies to jwks_uri only")
+            try:
+                issuers.append(TrustedIssuer.from_jwks(sub, issuer, json.loads(jwks.read_bytes()), audience))
+            except (ValueError, OSError) as exc:
+                raise ConfigError(section.file, section.key("jwks"), f"{jwks}: {exc}") from None
+        else:
+            assert uri is not None
+            refresh = section.float("refresh_seconds", DEFAULT_REFRESH)
+            if refresh < MIN_FETCH_INTERVAL:
+                raise ConfigError(section.file, section.key("refresh_seconds"),
+                                  f"must be at least {MIN_FETCH_INTERVAL:g} (keys are fetched at most once a minute)")
+            settings = TokenClientSettings(ca=section.path("ca"), timeout=section.float("timeout", 10.0))
+            try:
+                settings.ssl_context()
+            except (ssl.SSLError, OSError) as exc:
+                raise ConfigError(section.file, section.key("ca"), f"holds no usable CA certificate: {exc}") from None
+            try:
+                issuers.append(TrustedIssuer.from_uri(sub, issuer, uri, audience, settings, refresh))
+            except ValueError as exc:
+                raise ConfigError(section.file, section.key("jwks_uri"), str(exc)) from None
         section.done()
     names = [issuer.issuer for issuer in issuers]
     if len(set(names)) != len(names):

@@ -182,6 +182,11 @@ PROXY_CONNECTIONS_REFUSED = Counter(
     NS + "_proxy_connections_refused_total",
     "Application connections closed at once: a connection limit was reached", ["reason"],
 )
+TRUSTED_ISSUER_KEY_FETCHES = Counter(
+    NS + "_trusted_issuer_key_fetches_total",
+    "Fetches of a trusted identity provider's JWKS (jwks_uri), by URL and result (ok, failed: the last keys kept)",
+    ["uri", "result"],
+)
 PROXY_AUTH_FAILING_ADDRESSES = Gauge(
     NS + "_proxy_auth_failing_addresses", "Client addresses with remembered authentication failures"
 )

@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import logging
 import os
 import secrets
 from collections.abc import Callable
@@ -37,6 +38,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 ALGORITHM = "RS256"
 RSA_BITS = 2048
+
+log = logging.getLogger(__name__)
 
 
 def _b64url_uint(value: int) -> str:
@@ -181,6 +184,14 @@ class FileKeyStore:
     def save(self, ring: KeyRing) -> None:
         write_private_atomically(self.path, json.dumps(ring.to_json(), indent=1).encode("utf-8"))
 
+    def stamp(self) -> tuple[int, int, int] | None:
+        """The file's identity (inode, size, mtime): `save` always makes a new one."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
 
 def write_private_atomically(path: Path, data: bytes) -> None:
     """Write `data` to a fresh 0600 file beside `path`, fsync it, rename it over `path`."""
@@ -250,19 +261,44 @@ class KeyKeeper(Protocol):
 
 
 class LocalKeys:
-    """A `KeyKeeper` over a `KeyStore` of this process alone (one replica)."""
+    """A `KeyKeeper` over a `KeyStore` of this replica alone. A store that has a `stamp()` (the
+    file's identity, `FileKeyStore`) is followed: when the file was replaced by someone else
+    (`connector cloud-keys rotate` of a cloud without [shared]), the next use reads it again,
+    as the bindings file is; an unreadable replacement is logged and the ring in use kept."""
 
     def __init__(self, store: KeyStore, now: float) -> None:
         self.store = store
         self._ring: KeyRing = load_or_create(store, now)
+        self._stamp = self._store_stamp()
+
+    def _store_stamp(self) -> object:
+        stamp = getattr(self.store, "stamp", None)
+        return stamp() if stamp is not None else None
+
+    def _follow(self) -> None:
+        stamp = self._store_stamp()
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        try:
+            ring = self.store.load()
+        except OSError as exc:
+            log.error("token signing keys: the changed key file is unusable (%s); the keys in use stay", exc)
+            return
+        if ring is not None and ring != self._ring:
+            log.info("token signing keys: read again (changed on disk): %s signs", ring.current.kid)
+            self._ring = ring
 
     @property
     def ring(self) -> KeyRing:
+        self._follow()
         return self._ring
 
     async def update(self, decide: Decision) -> str | None:
+        self._follow()
         ring, said = decide(self._ring)
         if ring is not None:
             self.store.save(ring)
             self._ring = ring
+            self._stamp = self._store_stamp()
         return said

@@ -14,10 +14,12 @@ service). `JwtValidator.validate` accepts it only if all of these hold, else rai
   leeway beyond `leeway`), `iss` is ours, `aud` names one of the audiences this service accepts;
 - its binding (`client_id`) is known and not revoked: revoking a binding ends its tokens too.
 
-`TrustedIssuer` checks the user tokens of an identity provider a subaccount trusts (its issuer
-and public keys configured, `[[subaccounts.trusted_issuers]]`), for the token service's
-jwt-bearer grant: the same rules (RS256 only, a configured `kid`, signature, `exp`, `iss`, `aud`
-naming the configured audience), without `zid` or a binding.
+`TrustedIssuer` checks the user tokens of an identity provider a subaccount trusts (its issuer,
+audience and public keys configured, `[[subaccounts.trusted_issuers]]`: a JWKS file, or the
+provider's `jwks_uri`, fetched and refreshed by `connector.cloud.idp_keys`), for the token
+service's jwt-bearer grant and principal propagation: the same rules (RS256 only, a `kid` of the
+provider's keys, signature, `exp`, `iss`, `aud` naming the configured audience), without `zid`
+or a binding.
 
 The subaccount is the token's `zid` (zone id, as XSUAA names the subaccount's identity zone),
 which we wrote when issuing it. `identify` turns a valid token into the `Principal` the
@@ -40,7 +42,9 @@ import attrs
 import jwt
 
 from connector.cloud.clients import Principal
+from connector.cloud.idp_keys import DEFAULT_REFRESH, KeySource, RemoteJwks, StaticKeys
 from connector.cloud.jwks import ALGORITHM, KeyRing
+from connector.cloud.token_client import TokenClientSettings
 
 log = logging.getLogger(__name__)
 
@@ -181,32 +185,49 @@ def unverified_issuer(token: str) -> str | None:
     return issuer if isinstance(issuer, str) else None
 
 
+def rsa_keys(jwks: Any) -> dict[str, Any]:
+    """{kid: RSA public key} of a JWKS document (`{"keys": [...]}`, as /token_keys serves it);
+    ValueError if it holds no RSA key with a `kid`."""
+    try:
+        keyset = jwt.PyJWKSet.from_dict(jwks)
+    except (jwt.PyJWTError, TypeError, AttributeError, KeyError) as exc:
+        raise ValueError(f"not a JWKS document: {exc}") from None
+    keys = {key.key_id: key.key for key in keyset.keys if key.key_type == "RSA" and key.key_id}
+    if not keys:
+        raise ValueError("the JWKS holds no RSA key with a kid")
+    return keys
+
+
 @attrs.frozen
 class TrustedIssuer:
     """An identity provider whose user tokens a subaccount's applications may exchange (see the
-    module docstring). `keys` maps each `kid` to its RSA public key."""
+    module docstring). `keys` gives the RSA public key of each `kid`: read from a JWKS file
+    (`StaticKeys`) or fetched from the provider's `jwks_uri` and refreshed (`RemoteJwks`, whose
+    `run` the cloud starts)."""
 
     subaccount: str
     issuer: str
-    keys: dict[str, Any] = attrs.field(eq=False, repr=False)
+    keys: KeySource = attrs.field(eq=False)
     audience: str  # `aud` must name it: a token the provider issued for another application is refused
+
+    def __attrs_post_init__(self) -> None:
+        if not self.audience:
+            raise ValueError("an audience is required (the application's client id at the provider)")
 
     @classmethod
     def from_jwks(cls, subaccount: str, issuer: str, jwks: Any, audience: str) -> TrustedIssuer:
-        """From a JWKS document (`{"keys": [...]}`, as /token_keys serves it); ValueError if it
-        holds no RSA key with a `kid`."""
-        try:
-            keyset = jwt.PyJWKSet.from_dict(jwks)
-        except (jwt.PyJWTError, TypeError, AttributeError, KeyError) as exc:
-            raise ValueError(f"not a JWKS document: {exc}") from None
-        keys = {key.key_id: key.key for key in keyset.keys if key.key_type == "RSA" and key.key_id}
-        if not keys:
-            raise ValueError("the JWKS holds no RSA key with a kid")
-        if not audience:
-            raise ValueError("an audience is required (the application's client id at the provider)")
-        return cls(subaccount, issuer, keys, audience)
+        """With the keys of a JWKS document; ValueError if it holds no RSA key with a `kid`."""
+        return cls(subaccount, issuer, StaticKeys(rsa_keys(jwks)), audience)
 
-    def validate(self, token: str, now: float) -> dict[str, Any]:
+    @classmethod
+    def from_uri(cls, subaccount: str, issuer: str, uri: str, audience: str, settings: TokenClientSettings,
+                 refresh_seconds: float = DEFAULT_REFRESH) -> TrustedIssuer:
+        """With the keys fetched from `uri` (nothing is fetched before `keys.run`)."""
+        if not uri.startswith("https://"):
+            raise ValueError(f"jwks_uri {uri!r} is not an https:// URL")
+        return cls(subaccount, issuer, RemoteJwks(uri, settings, rsa_keys, refresh_seconds=refresh_seconds), audience)
+
+    async def validate(self, token: str, now: float) -> dict[str, Any]:
         """The claims of a valid user token of this issuer at wall-clock `now`; JwtError otherwise."""
         if not looks_like_jwt(token):
             raise JwtError("malformed", "not a JWT (three base64url segments with a JSON header)")
@@ -214,9 +235,9 @@ class TrustedIssuer:
         if header.get("alg") != ALGORITHM:
             raise JwtError("wrong_algorithm", f"tokens are checked with {ALGORITHM}, not {header.get('alg')!r}")
         kid = header.get("kid")
-        key = self.keys.get(kid) if isinstance(kid, str) else None
+        key = await self.keys.key(kid) if isinstance(kid, str) else None
         if key is None:
-            raise JwtError("unknown_key", f"{self.issuer} has no configured key {kid!r}")
+            raise JwtError("unknown_key", f"{self.issuer} has no key {str(kid)[:64]!r}")
         try:
             claims: dict[str, Any] = jwt.decode(
                 token, key, algorithms=[ALGORITHM], issuer=self.issuer, audience=self.audience,

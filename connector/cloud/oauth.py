@@ -488,21 +488,21 @@ class TokenService:
             document = issue_token(self._signing_ring(), self.settings, binding, grant, now, user=account.claims())
         elif grant == GRANT_JWT_BEARER:
             document = issue_token(self._signing_ring(), self.settings, binding, grant, now,
-                                   user=self._assertion_user(binding, form.get("assertion", ""), now))
+                                   user=await self._assertion_user(binding, form.get("assertion", ""), now))
         else:
             raise OAuthError(400, "unsupported_grant_type", f"grant_type {grant!r} is not supported",
                              subaccount=binding.subaccount)
         log.info("token issued: %s for %s (subaccount %s)", grant, binding.client_id, binding.subaccount)
         return document
 
-    def _assertion_user(self, binding: Binding, assertion: str, now: float) -> dict[str, Any]:
+    async def _assertion_user(self, binding: Binding, assertion: str, now: float) -> dict[str, Any]:
         """The user claims of a jwt-bearer assertion: a user token of ours (same subaccount) or of
         an issuer the binding's subaccount trusts; OAuthError invalid_grant otherwise."""
         issuer = unverified_issuer(assertion)
         trusted = self.trusted_issuers.get((binding.subaccount, issuer or "")) if issuer != self.settings.issuer else None
         try:
             if trusted is not None:
-                claims = trusted.validate(assertion, now)
+                claims = await trusted.validate(assertion, now)
             elif issuer is None or issuer == self.settings.issuer:
                 claims = self.validator.validate(assertion)
             else:

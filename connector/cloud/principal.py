@@ -10,7 +10,8 @@ stream; they are never forwarded themselves. A token is accepted only if its iss
 - our token service (`JwtValidator`: RS256, a key of our ring, `aud`, `exp`, the binding still
   active) and its `zid` is that subaccount;
 - or an identity provider that subaccount trusts (`[[subaccounts.trusted_issuers]]`,
-  `TrustedIssuer`: RS256, a configured `kid`, `iss`, `aud`, `exp`).
+  `TrustedIssuer`: RS256, a `kid` of its keys (a JWKS file, or fetched from its `jwks_uri`: an
+  unknown `kid` may wait for one fetch, see `connector.cloud.idp_keys`), `iss`, `aud`, `exp`).
 
 Anything else (malformed, `alg: none`, an unknown `kid`, expired, another issuer, audience or
 subaccount) raises `JwtError`; the proxy answers 401 with a generic sentence and audits the
@@ -64,7 +65,7 @@ class PrincipalValidator:
         self.trusted = dict(trusted or {})
         self.clock = clock
 
-    def principal(self, subaccount: str, headers: Sequence[tuple[bytes, bytes]]) -> Principal | None:
+    async def principal(self, subaccount: str, headers: Sequence[tuple[bytes, bytes]]) -> Principal | None:
         """The principal of a request of `subaccount` (the user's if both headers are sent), None
         without either header; JwtError if one is present and not valid."""
         found: dict[bytes, list[bytes]] = {}
@@ -73,11 +74,11 @@ class PrincipalValidator:
                 found.setdefault(name, []).append(value)
         if any(len(values) > 1 for values in found.values()):
             raise JwtError("duplicate_header", "a principal header appears more than once")
-        principals = [self.validate(subaccount, found[name][0], kind)
+        principals = [await self.validate(subaccount, found[name][0], kind)
                       for name, kind in ((USER_HEADER, "user"), (TECHNICAL_HEADER, "technical")) if name in found]
         return principals[0] if principals else None
 
-    def validate(self, subaccount: str, value: bytes, kind: str) -> Principal:
+    async def validate(self, subaccount: str, value: bytes, kind: str) -> Principal:
         """The principal of one header value; JwtError if the token is not trusted for `subaccount`."""
         token = bearer_token(value)
         if not looks_like_jwt(token):
@@ -86,7 +87,7 @@ class PrincipalValidator:
         trusted = self.trusted.get((subaccount, issuer)) if issuer is not None else None
         claims: dict[str, Any]
         if trusted is not None:
-            claims = trusted.validate(token, self.clock())
+            claims = await trusted.validate(token, self.clock())
         elif self.ours is not None and issuer == self.ours.issuer:
             claims = self.ours.validate(token)
             if claims["zid"] != subaccount:

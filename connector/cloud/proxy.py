@@ -454,7 +454,7 @@ class _ProxyConnection:
             return await self._refuse(400, "bad_location_id", "the location id header must be ASCII")
         seen.location = location_id
         try:
-            principal = self.proxy.principals.principal(subaccount, headers)
+            principal = await self.proxy.principals.principal(subaccount, headers)
         except JwtError as exc:
             log.info("HTTP proxy: principal token of %s refused (%s): %s", self.peer, exc.reason, exc)
             return await self._refuse(

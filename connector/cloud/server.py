@@ -33,6 +33,7 @@ from connector.cloud.destination_store import EtcdDestinationStore, load_or_crea
 from connector.cloud.destinations import DestinationService, DestinationSettings
 from connector.cloud.drain import Drain
 from connector.cloud.endpoint import EndpointSettings, TunnelEndpoint
+from connector.cloud.idp_keys import RemoteJwks
 from connector.cloud.jwks import FileKeyStore
 from connector.cloud.oauth import TokenService, WallClock, server_ssl_context, wall_clock
 from connector.cloud.oauth_shared import OAuthSync
@@ -217,6 +218,9 @@ class CloudServer:
         config = self.config
         async with trio.open_nursery() as nursery:
             await nursery.start(self.registry.run)
+            for source in {id(t.keys): t.keys for s in config.subaccounts for t in s.trusted_issuers}.values():
+                if isinstance(source, RemoteJwks):  # an identity provider's jwks_uri: fetched now and kept fresh
+                    await nursery.start(source.run)
             tunnel = await nursery.start(self.endpoint.run, config.tunnel_listen.host, config.tunnel_listen.port)
             http_proxy = HttpProxy(self.registry, self.authenticator, settings=proxy_settings(config), audit=self.audit,
                                    drain=self.drain, principals=self.principals)

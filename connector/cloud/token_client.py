@@ -87,36 +87,12 @@ class TokenRequest:
 async def fetch_token(request: TokenRequest, settings: TokenClientSettings,
                       ssl_context: ssl.SSLContext | None = None) -> dict[str, Any]:
     """Post `request` to its token endpoint; the JSON answer (with `access_token`), or TokenError."""
-    parsed = urllib.parse.urlsplit(request.url)
-    if parsed.scheme != "https" or not parsed.hostname:
-        raise TokenError(f"tokenServiceURL {request.url!r} is not an https:// URL")
-    try:
-        port = parsed.port or 443
-    except ValueError as exc:
-        raise TokenError(f"tokenServiceURL {request.url!r}: {exc}") from None
-    host = parsed.hostname
-    target = (parsed.path or "/") + (f"?{parsed.query}" if parsed.query else "")
     body = request.form()
-    try:
-        with trio.fail_after(settings.timeout):
-            sock = await trio.open_tcp_stream(host, port)
-            stream = trio.SSLStream(sock, ssl_context or settings.ssl_context(), server_hostname=host,
-                                    https_compatible=True)
-            try:
-                status, payload = await _exchange(stream, h11.Request(method="POST", target=target, headers=[
-                    ("host", parsed.netloc.rpartition("@")[2]), ("connection", "close"),
-                    ("content-type", "application/x-www-form-urlencoded"), ("accept", "application/json"),
-                    ("authorization", request.authorization().decode("ascii")), ("content-length", str(len(body))),
-                ]), body, settings.max_response_bytes)
-            finally:
-                await trio.aclose_forcefully(stream)
-    except trio.TooSlowError:
-        raise TokenError(f"the token service at {host}:{port} did not answer within {settings.timeout:g} s") from None
-    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:  # ssl.SSLError is an OSError
-        reason = exc.__cause__ or exc  # trio wraps a TLS failure: its cause says what failed
-        raise TokenError(f"the token service at {host}:{port} could not be reached: {reason}") from None
-    except h11.ProtocolError as exc:
-        raise TokenError(f"the token service at {host}:{port} broke HTTP: {exc}") from None
+    status, _, payload = await https_exchange(
+        request.url, settings, method="POST", body=body, ssl_context=ssl_context, what="the token service",
+        url_name="tokenServiceURL", headers=[
+            ("content-type", "application/x-www-form-urlencoded"), ("accept", "application/json"),
+            ("authorization", request.authorization().decode("ascii")), ("content-length", str(len(body)))])
     try:
         document = json.loads(payload)
     except ValueError:
@@ -130,21 +106,59 @@ async def fetch_token(request: TokenRequest, settings: TokenClientSettings,
     return document
 
 
+async def https_exchange(url: str, settings: TokenClientSettings, *, method: str = "GET", body: bytes = b"",
+                         headers: list[tuple[str, str]] | None = None, ssl_context: ssl.SSLContext | None = None,
+                         what: str = "the server", url_name: str = "the URL",
+                         ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """One HTTPS request to `url` (its certificate verified, `Connection: close`), within
+    `settings.timeout` and `settings.max_response_bytes`: the status, headers and body of the
+    answer, or TokenError naming `what` failed. Token services and identity providers' JWKS
+    (`connector.cloud.idp_keys`) are fetched with it."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme != "https" or not parsed.hostname:
+        raise TokenError(f"{url_name} {url!r} is not an https:// URL")
+    try:
+        port = parsed.port or 443
+    except ValueError as exc:
+        raise TokenError(f"{url_name} {url!r}: {exc}") from None
+    host = parsed.hostname
+    target = (parsed.path or "/") + (f"?{parsed.query}" if parsed.query else "")
+    try:
+        with trio.fail_after(settings.timeout):
+            sock = await trio.open_tcp_stream(host, port)
+            stream = trio.SSLStream(sock, ssl_context or settings.ssl_context(), server_hostname=host,
+                                    https_compatible=True)
+            try:
+                return await _exchange(stream, h11.Request(method=method, target=target, headers=[
+                    ("host", parsed.netloc.rpartition("@")[2]), ("connection", "close"), *(headers or []),
+                ]), body, settings.max_response_bytes)
+            finally:
+                await trio.aclose_forcefully(stream)
+    except trio.TooSlowError:
+        raise TokenError(f"{what} at {host}:{port} did not answer within {settings.timeout:g} s") from None
+    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:  # ssl.SSLError is an OSError
+        reason = exc.__cause__ or exc  # trio wraps a TLS failure: its cause says what failed
+        raise TokenError(f"{what} at {host}:{port} could not be reached: {reason}") from None
+    except h11.ProtocolError as exc:
+        raise TokenError(f"{what} at {host}:{port} broke HTTP: {exc}") from None
+
+
 async def _exchange(stream: trio.SSLStream[trio.SocketStream], request: h11.Request, body: bytes,
-                    limit: int) -> tuple[int, bytes]:
+                    limit: int) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=limit)
-    await stream.send_all(conn.send(request) + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
-    status, payload = 0, bytearray()
+    await stream.send_all(conn.send(request) + (conn.send(h11.Data(data=body)) if body else b"")
+                          + conn.send(h11.EndOfMessage()))
+    status, headers, payload = 0, [], bytearray()
     while True:
         event = await next_event(conn, stream, _CHUNK)
         if isinstance(event, h11.Response):
-            status = event.status_code
+            status, headers = event.status_code, list(event.headers)
         elif isinstance(event, h11.Data):
             payload += event.data
             if len(payload) > limit:
                 raise h11.RemoteProtocolError(f"an answer over {limit} bytes")
         elif isinstance(event, h11.EndOfMessage):
-            return status, bytes(payload)
+            return status, headers, bytes(payload)
         elif isinstance(event, h11.ConnectionClosed):
             raise h11.RemoteProtocolError("the connection closed before the answer was whole")
 

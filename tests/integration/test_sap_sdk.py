@@ -174,9 +174,48 @@ def claims_of(jwt: str) -> dict[str, Any]:
     return dict(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))))
 
 
+def run_app(node: str, app: Path, vcap_text: str, state: dict[str, Any], calls: list[dict[str, str]],
+            ) -> tuple[dict[str, dict[str, Any]], str]:
+    """One run of the application (a fresh Node.js process: no token cached): its result per
+    destination, and its output."""
+    env = {key: value for key, value in os.environ.items() if key not in PROXY_VARIABLES}
+    env.update({"VCAP_SERVICES": vcap_text, "NODE_EXTRA_CA_CERTS": state["token_service"]["ca"],
+                "NO_PROXY": "*", "no_proxy": "*"})
+    done = subprocess.run([node, "app.js", json.dumps(calls)], cwd=app, env=env, capture_output=True, text=True,
+                          timeout=APP_TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    # one JSON object per call; the SDK's own log lines (its warnings) go to stdout too
+    results = {r["destination"]: r for r in (json.loads(line) for line in done.stdout.splitlines()
+                                              if line.startswith("{"))}
+    return results, done.stdout + done.stderr
+
+
+def token_keys(state: dict[str, Any]) -> list[str]:
+    """The kids /token_keys lists (what the SDK and xssec verify tokens with)."""
+    context = ssl.create_default_context(cafile=state["token_service"]["ca"])
+    with urllib.request.urlopen(f"{state['token_service']['url']}/token_keys", timeout=30, context=context) as answer:
+        return [key["kid"] for key in json.loads(answer.read())["keys"]]
+
+
+def rotate_signing_keys(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """`connector cloud-keys rotate` as an operator runs it against the demo's cloud: the ring after."""
+    done = subprocess.run(
+        [sys.executable, "-m", "connector", "cloud-keys", "rotate", "--config", state["cloud"]["config"]],
+        capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()[1:]]
+
+
+def kid_of(jwt: str) -> str:
+    header = jwt.split(".")[0]
+    return str(json.loads(base64.urlsafe_b64decode(header + "=" * (-len(header) % 4)))["kid"])
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """One demo, one binding, one run of the application calling each destination once."""
+    """One demo, one binding, one run of the application calling each destination once; then the
+    token service's signing keys rotated, and the application run again (with a user token
+    issued after the rotation, and once more with the one issued before)."""
     node, npm = node_tools()
     app = install_app(npm)
     demo = Demo(tmp_path_factory.mktemp("sdk"))
@@ -191,22 +230,24 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             {"destination": DESTINATIONS["CloudConnectorLocationId"], "path": "/sap/opu/odata/plant"},
             {"destination": MISSING, "path": "/sap/opu/odata/none"},
         ]
-        env = {key: value for key, value in os.environ.items() if key not in PROXY_VARIABLES}
-        env.update({"VCAP_SERVICES": vcap_text, "NODE_EXTRA_CA_CERTS": state["token_service"]["ca"],
-                    "NO_PROXY": "*", "no_proxy": "*"})
-        done = subprocess.run([node, "app.js", json.dumps(calls)], cwd=app, env=env, capture_output=True, text=True,
-                              timeout=APP_TIMEOUT)
-        assert done.returncode == 0, done.stderr
-        # one JSON object per call; the SDK's own log lines (its warnings) go to stdout too
-        results = {r["destination"]: r for r in (json.loads(line) for line in done.stdout.splitlines()
-                                                  if line.startswith("{"))}
-        yield {"state": state, "results": results, "user_jwt": user_jwt, "output": done.stdout + done.stderr}
+        results, output = run_app(node, app, vcap_text, state, calls)
+        keys_before = token_keys(state)
+        ring = rotate_signing_keys(state)
+        new_user_jwt = user_token(state, json.loads(vcap_text))
+        after, after_output = run_app(node, app, vcap_text, state, [
+            *calls[:2], {**calls[2], "jwt": new_user_jwt}, calls[3]])
+        old_jwt, old_output = run_app(node, app, vcap_text, state, [calls[2]])
+        yield {"state": state, "results": results, "user_jwt": user_jwt, "output": output,
+               "keys_before": keys_before, "ring": ring, "keys_after": token_keys(state),
+               "new_user_jwt": new_user_jwt, "after_rotation": {"results": after, "output": after_output},
+               "old_jwt_after_rotation": {"results": old_jwt, "output": old_output}}
     finally:
         demo.stop()
 
 
 def answered(run: dict[str, Any], kind: str) -> dict[str, Any]:
-    """What the internal host received for the destination of `kind` (it echoes path and headers)."""
+    """What the internal host received for the destination of `kind` (it echoes path and headers);
+    `run` is the fixture's, or one of its later runs (after_rotation...)."""
     result = run["results"][DESTINATIONS[kind]]
     assert "error" not in result, f"{kind}: {result['error']}\n{run['output']}"
     assert result["status"] == 200
@@ -262,3 +303,22 @@ def test_a_destination_that_does_not_exist_is_reported_as_not_found(run: dict[st
     # SAP's ErrorMessage sentence in the 404; any other 404 is "Failed to fetch destination"
     error = run["results"][MISSING]["error"]
     assert f"Failed to resolve the destination 'name: {MISSING}'" in error and "Failed to fetch" not in error
+
+
+def test_signing_keys_rotate_while_the_application_runs(run: dict[str, Any]) -> None:
+    old_kid, new_kid = kid_of(run["user_jwt"]), kid_of(run["new_user_jwt"])
+    assert run["keys_before"] == [old_kid]
+    # the rotation: a new key signs, the old one is listed (and trusted) for the overlap
+    assert [(k["kid"], k["signs"]) for k in run["ring"]] == [(new_kid, True), (old_kid, False)]
+    assert run["keys_after"] == [new_kid, old_kid]
+    # a fresh process of the application (its tokens fetched anew, signed with the new key) works
+    after = run["after_rotation"]
+    for kind in ("BasicAuthentication", "OAuth2ClientCredentials", "CloudConnectorLocationId"):
+        answered(after, kind)
+    user = claims_of(run["new_user_jwt"])["user_name"]
+    assert answered(after, "PrincipalPropagation")["client_certificate_subject"] == f"CN={user}"
+    oauth = answered(after, "OAuth2ClientCredentials")["headers"]["authorization"].partition(" ")[2]
+    assert kid_of(oauth) in (old_kid, new_kid)  # the destination service's cached token, or a new one
+    # a user token signed with the old key before the rotation is still accepted during the overlap
+    old = run["old_jwt_after_rotation"]
+    assert answered(old, "PrincipalPropagation")["client_certificate_subject"] == f"CN={user}"

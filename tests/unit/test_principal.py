@@ -74,36 +74,36 @@ def idp_token(key: SigningKey = IDP_KEY, **claims: object) -> str:
     return jwt.encode(body, key.private_key, algorithm="RS256", headers={"kid": key.kid})
 
 
-def refusal(value: bytes, header: bytes = USER_HEADER, now: float = T0 + 1) -> str:
+async def refusal(value: bytes, header: bytes = USER_HEADER, now: float = T0 + 1) -> str:
     with pytest.raises(JwtError) as caught:
-        checker(Clock(now)).principal("acme", [(header, value)])
+        await checker(Clock(now)).principal("acme", [(header, value)])
     return caught.value.reason
 
 
-def test_a_user_token_of_our_token_service_names_the_user_with_or_without_bearer() -> None:
+async def test_a_user_token_of_our_token_service_names_the_user_with_or_without_bearer() -> None:
     tok = user_token()
     for value in (f"Bearer {tok}".encode(), tok.encode(), f"bearer  {tok}".encode()):
-        principal = checker(Clock(T0 + 1)).principal("acme", [(USER_HEADER, value)])
+        principal = await checker(Clock(T0 + 1)).principal("acme", [(USER_HEADER, value)])
         assert principal is not None
         assert (principal.kind, principal.name) == ("user", "alice")
         assert principal.claims["email"] == "alice@example.com" and principal.claims["zid"] == "acme"
 
 
-def test_no_header_no_principal() -> None:
-    assert checker(Clock(T0 + 1)).principal("acme", [(b"host", b"erp")]) is None
+async def test_no_header_no_principal() -> None:
+    assert await checker(Clock(T0 + 1)).principal("acme", [(b"host", b"erp")]) is None
 
 
-def test_a_trusted_identity_providers_token_names_its_user() -> None:
-    principal = checker(Clock(T0 + 1)).principal("acme", [(USER_HEADER, idp_token().encode())])
+async def test_a_trusted_identity_providers_token_names_its_user() -> None:
+    principal = await checker(Clock(T0 + 1)).principal("acme", [(USER_HEADER, idp_token().encode())])
     assert principal is not None and principal.name == "bob@example.com"
 
 
-def test_a_technical_users_token_names_its_client() -> None:
+async def test_a_technical_users_token_names_its_client() -> None:
     tok = user_token(user=None, grant="client_credentials")
-    principal = checker(Clock(T0 + 1)).principal("acme", [(TECHNICAL_HEADER, tok.encode())])
+    principal = await checker(Clock(T0 + 1)).principal("acme", [(TECHNICAL_HEADER, tok.encode())])
     assert principal is not None and (principal.kind, principal.name) == ("technical", BINDING.client_id)
     # a client token is no user's: in the user header it names nobody
-    assert refusal(tok.encode()) == "no_principal"
+    assert await refusal(tok.encode()) == "no_principal"
 
 
 def unsigned(claims: dict[str, object]) -> str:
@@ -123,28 +123,28 @@ def unsigned(claims: dict[str, object]) -> str:
     (b"Bearer not-a-jwt", T0 + 1, "malformed"),
     ("Bearer caf\u00e9".encode(), T0 + 1, "malformed"),
 ])
-def test_a_token_that_is_not_valid_for_the_subaccount_is_refused_by_name(value: bytes, now: float,
+async def test_a_token_that_is_not_valid_for_the_subaccount_is_refused_by_name(value: bytes, now: float,
                                                                           reason: str) -> None:
-    assert refusal(value, now=now) == reason
+    assert await refusal(value, now=now) == reason
 
 
-def test_our_token_with_a_wrong_audience_is_refused() -> None:
+async def test_our_token_with_a_wrong_audience_is_refused() -> None:
     claims = jwt.decode(user_token(), options={"verify_signature": False})
     claims["aud"] = ["someone-else"]
     tok = jwt.encode(claims, KEY.private_key, algorithm="RS256", headers={"kid": KEY.kid})
-    assert refusal(tok.encode()) == "wrong_audience"
+    assert await refusal(tok.encode()) == "wrong_audience"
 
 
-def test_two_user_headers_are_refused() -> None:
+async def test_two_user_headers_are_refused() -> None:
     tok = user_token().encode()
     with pytest.raises(JwtError) as caught:
-        checker(Clock(T0 + 1)).principal("acme", [(USER_HEADER, tok), (USER_HEADER, tok)])
+        await checker(Clock(T0 + 1)).principal("acme", [(USER_HEADER, tok), (USER_HEADER, tok)])
     assert caught.value.reason == "duplicate_header"
 
 
-def test_without_a_token_service_or_trusted_issuer_every_token_is_refused() -> None:
+async def test_without_a_token_service_or_trusted_issuer_every_token_is_refused() -> None:
     with pytest.raises(JwtError) as caught:
-        PrincipalValidator().principal("acme", [(USER_HEADER, user_token().encode())])
+        await PrincipalValidator().principal("acme", [(USER_HEADER, user_token().encode())])
     assert caught.value.reason == "untrusted_issuer"
 
 
@@ -166,7 +166,7 @@ def request(*headers: tuple[bytes, bytes]) -> h11.Request:
     return h11.Request(method="GET", target="/", headers=[(b"host", b"erp"), *headers])
 
 
-def test_a_minted_certificate_names_the_user_is_short_lived_and_for_client_auth(pp_ca: pki.Issued) -> None:
+async def test_a_minted_certificate_names_the_user_is_short_lived_and_for_client_auth(pp_ca: pki.Issued) -> None:
     settings = PrincipalSettings(pp_ca.cert_path, pp_ca.key_path, subject="CN=${user_name},O=${origin}",
                                  validity_minutes=5)
     minter = CertificateMinter(settings, clock=Clock(T0))
@@ -186,7 +186,7 @@ def test_a_minted_certificate_names_the_user_is_short_lived_and_for_client_auth(
     assert isinstance(key, ec.EllipticCurvePrivateKey) and key.public_key() == cert.public_key()
 
 
-def test_claim_values_cannot_inject_names_into_the_subject(pp_ca: pki.Issued) -> None:
+async def test_claim_values_cannot_inject_names_into_the_subject(pp_ca: pki.Issued) -> None:
     subject = subject_of("CN=${user_name}", {"user_name": "eve,CN=admin+O=root"})
     assert subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "eve,CN=admin+O=root"
     assert len(subject.rdns) == 1
@@ -204,7 +204,7 @@ async def test_a_users_context_is_cached_until_shortly_before_its_end(pp_ca: pki
     assert await minter.context_for(alice, None) is not first and minter.minted == 3
 
 
-def test_a_ca_key_readable_by_others_is_refused(pp_ca: pki.Issued) -> None:
+async def test_a_ca_key_readable_by_others_is_refused(pp_ca: pki.Issued) -> None:
     os.chmod(pp_ca.key_path, 0o640)
     with pytest.raises(pki.CertificateError, match="chmod 600"):
         PrincipalSettings(pp_ca.cert_path, pp_ca.key_path).load_ca()
@@ -256,7 +256,7 @@ async def test_a_mapping_asking_for_users_without_the_section_refuses_them() -> 
     ({"header_value": "${"}, "header_value"),
     ({"ca_cert": Path("/x.pem")}, "go together"),
 ])
-def test_settings_are_checked(kwargs: dict[str, object], message: str) -> None:
+async def test_settings_are_checked(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         PrincipalSettings(**kwargs)  # type: ignore[arg-type]
 
@@ -266,12 +266,12 @@ def test_settings_are_checked(kwargs: dict[str, object], message: str) -> None:
     ("header", BackendProtocol.TCP, "HTTP or HTTPS"),
     ("sso", BackendProtocol.HTTPS, "is not one of"),
 ])
-def test_a_mapping_checks_its_mode(mode: str, protocol: BackendProtocol, message: str) -> None:
+async def test_a_mapping_checks_its_mode(mode: str, protocol: BackendProtocol, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         mapping(mode, protocol)
 
 
-def test_a_mapping_round_trips_its_mode() -> None:
+async def test_a_mapping_round_trips_its_mode() -> None:
     assert Mapping.from_dict(mapping("certificate").to_dict()).principal_propagation == "certificate"
     assert "principal_propagation" not in mapping("none").to_dict()
 
@@ -309,7 +309,7 @@ def load(files: Path, extra: str) -> Any:
     return load_node_config(node(files, GOOD_NODE + SSO_MAPPING + extra))
 
 
-def test_the_section_loads_with_its_defaults(node_files: Path) -> None:
+async def test_the_section_loads_with_its_defaults(node_files: Path) -> None:
     config = load(node_files, '[principal_propagation]\nca_cert = "pp-ca.pem"\nca_key = "pp-ca.key"\n')
     settings = config.principal_propagation
     assert (settings.ca_cert, settings.subject, settings.validity_minutes, settings.header_name) == (
@@ -327,7 +327,7 @@ def test_the_section_loads_with_its_defaults(node_files: Path) -> None:
     ('[principal_propagation]\nca_cert = "pp-ca.pem"\nca_key = "pp-ca.key"\nheader = "x"\n',
      "principal_propagation.header", "unknown key"),
 ])
-def test_the_section_is_checked_at_load(node_files: Path, extra: str, key: str, message: str) -> None:
+async def test_the_section_is_checked_at_load(node_files: Path, extra: str, key: str, message: str) -> None:
     from connector.config import ConfigError
 
     with pytest.raises(ConfigError, match=message) as caught:
@@ -335,7 +335,7 @@ def test_the_section_is_checked_at_load(node_files: Path, extra: str, key: str, 
     assert caught.value.key == key
 
 
-def test_a_readable_ca_key_stops_the_node_at_load(node_files: Path) -> None:
+async def test_a_readable_ca_key_stops_the_node_at_load(node_files: Path) -> None:
     from connector.config import ConfigError
 
     os.chmod(node_files / "pp-ca.key", 0o644)
@@ -343,7 +343,7 @@ def test_a_readable_ca_key_stops_the_node_at_load(node_files: Path) -> None:
         load(node_files, '[principal_propagation]\nca_cert = "pp-ca.pem"\nca_key = "pp-ca.key"\n')
 
 
-def test_acl_add_sets_the_mode() -> None:
+async def test_acl_add_sets_the_mode() -> None:
     from connector.cli import build_parser
     from connector.clusterctl import mapping_from_args
 
