@@ -254,6 +254,11 @@ SECURITY = {
                 "{{reason}}")], unit="ops"),
         ],
         [
+            panel("Identity providers' key fetches (cloud)", [q(
+                f"sum by (uri, result) (increase(connector_trusted_issuer_key_fetches_total[{RI}])) or on() vector(0)",
+                "{{uri}} {{result}}")], width=24),
+        ],
+        [
             panel("Refused application credentials (cloud)", [
                 q(f"sum(rate(connector_proxy_auth_failures_total[{RI}]))", "refused"),
                 q(f"sum(rate(connector_proxy_auth_failures_delayed_total[{RI}]))", "answered late")], unit="reqps"),
