@@ -11,6 +11,7 @@ import os
 import signal
 import string
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -677,7 +678,6 @@ def cmd_backup(args: argparse.Namespace) -> int:
     """`connector backup`: the shared state in etcd, into one encrypted archive (`connector.backup`)."""
     from connector import backup
     from connector.clusterctl import UsageError
-    from ha.store import StoreError
 
     try:
         secret = _backup_secret(args, new=True)
@@ -696,6 +696,15 @@ def cmd_backup(args: argparse.Namespace) -> int:
                           "revision": payload["revision"]}))
         return 0
 
+    return _run_backup_command(run)
+
+
+def _run_backup_command(run: Callable[[], Awaitable[int]]) -> int:
+    """Run a backup or restore; its errors are one line: 2 for the archive or the request, 1 for
+    the store (etcd unreachable, refused)."""
+    from connector import backup
+    from ha.store import StoreError
+
     try:
         return trio.run(run)
     except backup.BackupError as exc:
@@ -712,7 +721,6 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from connector import backup
     from connector.agent.sharedconfig import record_history
     from connector.clusterctl import UsageError
-    from ha.store import StoreError
 
     try:
         secret = _backup_secret(args, new=False)
@@ -737,14 +745,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
                           "revision": restored.revision_after}))
         return 0
 
-    try:
-        return trio.run(run)
-    except backup.BackupError as exc:
-        print(f"connector: {exc}", file=sys.stderr)
-        return 2
-    except StoreError as exc:
-        print(f"connector: {exc}", file=sys.stderr)
-        return 1
+    return _run_backup_command(run)
 
 
 # --- parser ------------------------------------------------------------------------------------

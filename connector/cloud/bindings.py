@@ -165,7 +165,24 @@ class BindingStore(Protocol):
     def revoke(self, client_id: str, now: float) -> Binding: ...
 
 
-class FileBindingStore:
+class BindingLookup:
+    """The reading side every binding store shares: its subclass says what `_current` holds."""
+
+    def _current(self) -> dict[str, Binding]:
+        raise NotImplementedError
+
+    def get(self, client_id: str) -> Binding | None:
+        return self._current().get(client_id)
+
+    def is_active(self, client_id: str) -> bool:
+        binding = self.get(client_id)
+        return binding is not None and binding.active
+
+    def all(self) -> list[Binding]:
+        return sorted(self._current().values(), key=lambda b: (b.subaccount, b.created, b.client_id))
+
+
+class FileBindingStore(BindingLookup):
     """A `BindingStore` in one JSON file (see the module docstring)."""
 
     def __init__(self, path: Path) -> None:
@@ -192,15 +209,6 @@ class FileBindingStore:
             self._seen = stamp
         return self._bindings
 
-    def get(self, client_id: str) -> Binding | None:
-        return self._current().get(client_id)
-
-    def is_active(self, client_id: str) -> bool:
-        binding = self.get(client_id)
-        return binding is not None and binding.active
-
-    def all(self) -> list[Binding]:
-        return sorted(self._current().values(), key=lambda b: (b.subaccount, b.created, b.client_id))
 
     def _save(self, bindings: dict[str, Binding]) -> None:
         data = {"bindings": [b.to_json() for b in bindings.values()]}

@@ -49,7 +49,7 @@ import attrs
 import trio
 from cryptography.fernet import Fernet, InvalidToken
 
-from connector.cloud.bindings import Binding, BindingError, FileBindingStore
+from connector.cloud.bindings import Binding, BindingError, BindingLookup, FileBindingStore
 from connector.cloud.jwks import Decision, FileKeyStore, KeyRing, SigningKey
 from connector.cloud.shared import RETRY, Reachability, _Revisions, encode, follow_prefix
 from ha.store import KeyValue, Store, StoreUnavailable
@@ -170,7 +170,7 @@ def bindings_from(kvs: Mapping[str, KeyValue]) -> dict[str, Binding]:
     return found
 
 
-class SharedBindings(_Revisions):
+class SharedBindings(_Revisions, BindingLookup):
     """The bindings in the cloud's etcd, followed into memory (a `bindings.BindingReader`)."""
 
     def __init__(self, store: Store) -> None:
@@ -182,16 +182,6 @@ class SharedBindings(_Revisions):
         if self._bindings is None:
             raise OSError("the bindings were not read from the cloud's etcd yet (unreachable)")
         return self._bindings
-
-    def get(self, client_id: str) -> Binding | None:
-        return self._current().get(client_id)
-
-    def is_active(self, client_id: str) -> bool:
-        binding = self.get(client_id)
-        return binding is not None and binding.active
-
-    def all(self) -> list[Binding]:
-        return sorted(self._current().values(), key=lambda b: (b.subaccount, b.created, b.client_id))
 
     async def run(self, reach: Reachability) -> None:
         await follow_prefix(self.store, BINDINGS_PREFIX, reach, "bindings", self._install)
