@@ -8,15 +8,11 @@ and wakes tasks. Three tasks run inside `run()`:
 * the **reader** takes websocket messages, feeds them to the Connection and dispatches each
   event through the `{EventType: handler}` table in `_handlers`. It never blocks on writing, so
   a peer that stops reading cannot wedge it. `control_handler` is awaited here, in order.
-* the **writer** owns the websocket's send side. Everybody else appends encoded frames to an
-  outgoing queue (PING/PONG/WINDOW_UPDATE to a small urgent queue that jumps ahead, since
-  they carry no ordering with stream data) and the writer sends whatever has gathered as one
-  binary message of up to `_MESSAGE_TARGET` bytes: small writes coalesce for free while a
-  large one is in flight, and frames from different streams never interleave badly because a
-  frame is only ever appended whole.
-* the **keepalive** sends PING every `ping_interval`; a PING not answered by PONG within
-  `ping_timeout` closes the tunnel with reason "ping timeout". Only PONG counts as an answer:
-  a peer whose reader is stuck can still send (its own pings), but cannot answer ours.
+* the **writer** owns the websocket's send side (`connector.tunnel.outgoing`): everybody else
+  queues whole encoded frames, control frames ahead of stream data, and the writer sends what
+  gathered as one message; senders wait while the queue is over its high-water mark.
+* the **keepalive** (`connector.tunnel.keepalive`) sends PING every `ping_interval`; a PING not
+  answered by PONG within `ping_timeout` closes the tunnel with reason "ping timeout".
 
 Memory is bounded twice. Per stream, the protocol's credit: a `SessionStream` never holds more
 than `initial_window` unread bytes, and `send_all` waits for credit, which the receiving end
@@ -52,9 +48,7 @@ the node; see `connector.tunnel.wsfast` for why that is safe inside mutually aut
 
 from __future__ import annotations
 
-import collections
 import logging
-import struct
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
@@ -66,6 +60,8 @@ from trio.lowlevel import ParkingLot
 from connector import metrics
 from connector.tunnel import protocol as p
 from connector.tunnel import wsfast
+from connector.tunnel.keepalive import Keepalive
+from connector.tunnel.outgoing import Outgoing
 from connector.tunnel.sessionstream import SessionStream
 from connector.tunnel.types import ErrorCode, StreamProtocol, StreamResetError, Target
 
@@ -134,26 +130,20 @@ class TunnelSession:
         self._closed_event = trio.Event()
         self._running = False
         self._streams: dict[int, SessionStream] = {}
-        self._queue: collections.deque[bytes] = collections.deque()
-        self._urgent: list[bytes] = []
-        self._queued = 0  # bytes in both queues
-        self._writing = False
-        self._writer_lot = ParkingLot()  # the writer waits here for frames
-        self._drain_lot = ParkingLot()  # writers wait here for the queue to drain
+        self._out = Outgoing(self._send_message, message_target=_MESSAGE_TARGET, high_water=_HIGH_WATER)
         self._streams_lot = ParkingLot()  # open_stream / wait_no_streams wait here
-        self._pings: dict[bytes, float] = {}
-        self._ping_counter = 0
         self._stream_handler: StreamHandler | None = None
         self._control_handler: ControlHandler | None = None
         self._handler_nursery: trio.Nursery | None = None
-        self._bytes_sent = 0
         self._bytes_received = 0
         self._streams_opened = 0
         self._last_processed = 0  # highest stream id of the peer's handed to the stream handler
-        self._last_rtt: float | None = None
         side = "node" if client else "cloud"
         self._side = side
-        self._rtt_metric = metrics.TUNNEL_PING_RTT.labels(side)
+        self._keepalive = Keepalive(interval=settings.ping_interval, timeout=settings.ping_timeout,
+                                    send_ping=lambda payload: self._send(p.Ping(payload), urgent=True),
+                                    on_timeout=lambda: self._mark_closed(ErrorCode.TUNNEL_LOST, "ping timeout"),
+                                    rtt_metric=metrics.TUNNEL_PING_RTT.labels(side))
         self._open_metric = metrics.STREAMS_OPEN.labels(side)
         self._opened_metrics = {protocol: metrics.STREAMS_OPENED.labels(side, str(protocol))
                                 for protocol in StreamProtocol}  # a labels() lookup per stream costs
@@ -200,7 +190,7 @@ class TunnelSession:
     async def _send_now(self, event: p.Event) -> None:
         data = self._conn.send(event)
         await self._ws.send_message(data)
-        self._bytes_sent += len(data)
+        self._out.sent += len(data)
 
     async def _receive_hello(self) -> p.Hello:
         while True:
@@ -251,7 +241,7 @@ class TunnelSession:
             async with trio.open_nursery() as nursery:
                 self._handler_nursery = nursery
                 nursery.start_soon(self._writer)
-                nursery.start_soon(self._keepalive)
+                nursery.start_soon(self._keepalive.run)
                 nursery.start_soon(self._reader)
                 task_status.started()
                 await self._closed_event.wait()
@@ -282,50 +272,14 @@ class TunnelSession:
             log.warning("tunnel peer broke the protocol: %s", exc)
             await self.aclose(exc.code, str(exc))
 
+    async def _send_message(self, message: bytes) -> None:
+        await self._ws.send_message(message)
+
     async def _writer(self) -> None:
-        ws, queue, urgent = self._ws, self._queue, self._urgent
         try:
-            while True:
-                while not queue and not urgent:
-                    await self._writer_lot.park()
-                parts: list[bytes] = urgent[:]
-                urgent.clear()
-                size = sum(map(len, parts))
-                while queue and size < _MESSAGE_TARGET:
-                    part = queue.popleft()
-                    parts.append(part)
-                    size += len(part)
-                message = parts[0] if len(parts) == 1 else b"".join(parts)
-                self._writing = True
-                try:
-                    await ws.send_message(message)
-                finally:
-                    self._writing = False
-                    self._queued -= size
-                self._bytes_sent += size
-                self._drain_lot.unpark_all()
+            await self._out.run()
         except trio_websocket.ConnectionClosed as exc:
             self._mark_closed(ErrorCode.TUNNEL_LOST, f"websocket closed: {exc.reason}")
-
-    async def _keepalive(self) -> None:
-        interval, timeout = self.settings.ping_interval, self.settings.ping_timeout
-        next_ping = trio.current_time() + interval
-        while True:
-            oldest = next(iter(self._pings.values()), None)
-            deadline = next_ping if oldest is None else min(next_ping, oldest + timeout)
-            await trio.sleep_until(deadline)
-            now = trio.current_time()
-            oldest = next(iter(self._pings.values()), None)
-            if oldest is not None and now >= oldest + timeout:
-                log.warning("tunnel ping timeout: no PONG within %.3f s", timeout)
-                self._mark_closed(ErrorCode.TUNNEL_LOST, "ping timeout")
-                return
-            if now >= next_ping:
-                self._ping_counter += 1
-                payload = struct.pack(">Q", self._ping_counter)
-                if self._send(p.Ping(payload), urgent=True):
-                    self._pings[payload] = now
-                next_ping = now + interval
 
     # --- frames out ----------------------------------------------------------------------------
 
@@ -335,24 +289,15 @@ class TunnelSession:
             return False
         data = self._conn.send(event)
         if data:
-            (self._urgent.append if urgent else self._queue.append)(data)
-            self._queued += len(data)
-            self._writer_lot.unpark_all()
+            self._out.put(data, urgent=urgent)
         return True
 
     async def _wait_writable(self) -> None:
-        """Back-pressure: wait while the outgoing queue is over the high-water mark."""
-        if self._queued <= _HIGH_WATER or self._closing:
-            # a cancel point but no yield: queueing a frame needs no trip through the scheduler
-            # (the writer runs at the caller's next wait; the queue's bound keeps that near)
+        """Back-pressure: wait while the outgoing queue is over its high-water mark."""
+        if self._closing:
             await trio.lowlevel.checkpoint_if_cancelled()
             return
-        while self._queued > _HIGH_WATER and not self._closing:
-            await self._drain_lot.park()
-
-    async def _wait_flushed(self) -> None:
-        while (self._queue or self._urgent or self._writing) and not self.closed:
-            await self._drain_lot.park()
+        await self._out.wait_writable()
 
     # --- events in -----------------------------------------------------------------------------
 
@@ -417,15 +362,7 @@ class TunnelSession:
         self._send(p.Pong(event.payload), urgent=True)
 
     async def _on_pong(self, event: p.Pong) -> None:
-        sent_at = self._pings.get(event.payload)
-        if sent_at is None:
-            return
-        for payload in list(self._pings):  # pongs come in order: earlier pings are answered too
-            del self._pings[payload]
-            if payload == event.payload:
-                break
-        self._last_rtt = trio.current_time() - sent_at
-        self._rtt_metric.observe(self._last_rtt)
+        self._keepalive.pong(event.payload)
 
     async def _on_goaway(self, event: p.GoAway) -> None:
         last = event.last_stream_id
@@ -519,11 +456,9 @@ class TunnelSession:
             data = self._conn.send(p.GoAway(code, reason, self._last_processed))
             self._closing = True
             if self._running:
-                self._queue.append(data)
-                self._queued += len(data)
-                self._writer_lot.unpark_all()
+                self._out.put(data)
                 with trio.move_on_after(self.settings.ping_timeout):
-                    await self._wait_flushed()
+                    await self._out.wait_flushed()
             else:
                 with trio.move_on_after(self.settings.ping_timeout):
                     try:
@@ -548,7 +483,7 @@ class TunnelSession:
         self._closing = True
         self.close_reason = (code, reason)
         self._fail_streams(reason or code.name)
-        self._drain_lot.unpark_all()
+        self._out.close()
         self._closed_event.set()
 
     async def _close_ws(self, *, graceful: bool) -> None:
@@ -567,5 +502,5 @@ class TunnelSession:
         await trio.lowlevel.checkpoint()
 
     def statistics(self) -> SessionStatistics:
-        return SessionStatistics(len(self._streams), self._streams_opened, self._bytes_sent,
-                                 self._bytes_received, self._last_rtt)
+        return SessionStatistics(len(self._streams), self._streams_opened, self._out.sent,
+                                 self._bytes_received, self._keepalive.last_rtt)
