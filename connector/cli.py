@@ -216,8 +216,7 @@ def cmd_cloud_token(args: argparse.Namespace) -> int:
         print("connector: cloud-token revoke needs --sha256 (see `connector cloud-token list`)", file=sys.stderr)
         return 2
     config, store = _cloud_store(args.config)
-    if args.subaccount is not None and args.subaccount not in {s.id for s in config.subaccounts}:
-        print(f"connector: subaccount {args.subaccount!r} is not in {config.file}", file=sys.stderr)
+    if args.subaccount is not None and _unknown_subaccount(config, args.subaccount):
         return 2
 
     async def run() -> int:
@@ -239,6 +238,14 @@ def cmd_cloud_token(args: argparse.Namespace) -> int:
     return _on_cloud_store(store, run)
 
 
+def _unknown_subaccount(config: Any, subaccount: str) -> bool:
+    """True (and the one-line error said) when cloud.toml does not name `subaccount`."""
+    if subaccount in {s.id for s in config.subaccounts}:
+        return False
+    print(f"connector: subaccount {subaccount!r} is not in {config.file}", file=sys.stderr)
+    return True
+
+
 def cmd_cloud_subaccount(args: argparse.Namespace) -> int:
     """`connector cloud-subaccount show|set`: a subaccount's live settings in the cloud's etcd."""
     import attrs
@@ -246,8 +253,7 @@ def cmd_cloud_subaccount(args: argparse.Namespace) -> int:
     from connector.cloud import shared
 
     config, store = _cloud_store(args.config)
-    if args.subaccount not in {s.id for s in config.subaccounts}:
-        print(f"connector: subaccount {args.subaccount!r} is not in {config.file}", file=sys.stderr)
+    if _unknown_subaccount(config, args.subaccount):
         return 2
     pins: dict[str, str | None] = {}
     for pin in args.pin or []:
@@ -289,8 +295,7 @@ def cmd_cloud_fence(args: argparse.Namespace) -> int:
         print("connector: cloud-fence reset needs --subaccount, --location ('' for none) and --epoch", file=sys.stderr)
         return 2
     config, store = _cloud_store(args.config)
-    if args.subaccount is not None and args.subaccount not in {s.id for s in config.subaccounts}:
-        print(f"connector: subaccount {args.subaccount!r} is not in {config.file}", file=sys.stderr)
+    if args.subaccount is not None and _unknown_subaccount(config, args.subaccount):
         return 2
 
     async def run() -> int:
