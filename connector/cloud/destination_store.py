@@ -447,6 +447,10 @@ class EtcdDestinationStore:
                         self._advance(event.revision)
             except RevisionCompacted:
                 log.info("destinations: watch compacted away; reading them again")
+            except StoreUnavailable as exc:  # gone between the read and the watch's start
+                log.warning("destinations: cannot watch the cloud's etcd (%s); reading again", exc)
+                failing = True
+                await trio.sleep(SHARED_RETRY)
 
     async def _check_key(self) -> None:
         found = await self._store.get(KEY_CHECK)

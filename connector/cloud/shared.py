@@ -213,6 +213,9 @@ class FenceSync:
                         self._apply(event)
             except RevisionCompacted:
                 log.info("shared fence: watch compacted away; reading the fence again")
+            except StoreUnavailable as exc:  # gone between the read and the watch's start: read again
+                self.reach.down(exc)
+                await trio.sleep(RETRY)
 
     def _apply(self, event: WatchEvent) -> None:
         self.reach.up()  # an event arrived: etcd answers
@@ -319,7 +322,8 @@ def merge_tokens(configured: Mapping[str, Mapping[str, tuple[str, ...]]],
 async def follow_prefix(store: Store, prefix: str, reach: Reachability, what: str,
                         install: Callable[[Mapping[str, KeyValue], int], None]) -> None:
     """Keep `install` fed with every key under `prefix` as etcd has it: read them all, then follow
-    the watch from the next revision; read them again after a compaction or while etcd is away.
+    the watch from the next revision; read them again after a compaction, or when etcd went away
+    before the watch started (a started watch resumes by itself).
     `install(kvs, revision)` gets the whole current map after the read and after each event."""
     while True:
         try:
@@ -340,6 +344,9 @@ async def follow_prefix(store: Store, prefix: str, reach: Reachability, what: st
                     install(kvs, event.revision)
         except RevisionCompacted:
             log.info("%s: watch compacted away; reading again", what)
+        except StoreUnavailable as exc:  # gone between the read and the watch's start: read again
+            reach.down(exc)
+            await trio.sleep(RETRY)
 
 
 class _Revisions:

@@ -158,7 +158,10 @@ def _one_request_server() -> tuple[socket.socket, list[h11.Request], threading.T
             while True:
                 event = conn.next_event()
                 if event is h11.NEED_DATA:
-                    data = connection.recv(65536)
+                    try:
+                        data = connection.recv(65536)
+                    except ConnectionResetError:  # wrk ends its connections abortively at its deadline
+                        return
                     if not data:
                         return
                     conn.receive_data(data)
