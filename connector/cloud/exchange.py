@@ -113,12 +113,8 @@ class ProxyExchange:
             try:
                 stream = await self.edge.proxy.router.open_stream(
                     self.subaccount, self.location_id, self.target, avoid=avoid)
-            except NoConnectorError as exc:
+            except NoConnectorError as exc:  # the Router's one failure: none opens a stream reset
                 return await self.edge._refuse(503, exc.code, exc.reason)
-            except StreamResetError as exc:
-                status, reason, message = reset_error(exc.code)
-                await self.edge._send_error(status, reason, message)
-                return status
             self.attempts += 1
             try:
                 return await self._attempt(stream)

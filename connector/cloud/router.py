@@ -3,7 +3,8 @@
 The HTTP proxy, the SOCKS5 proxy and anything else that reaches an internal host asks a `Router`
 for a stream to a virtual target of a (subaccount, location_id). The real router is
 `connector.cloud.registry` (it finds the master tunnel of that location, holds the request while
-no master is connected, and opens a stream on it); tests use a fake over in-memory streams.
+no master is connected, and opens a stream on it); tests use routers over real in-memory
+tunnel session pairs (`tests/support/tunnelrouter.py`).
 A router that cannot deliver a stream raises `NoConnectorError` (its `code` says why); a stream
 that the node refuses or that dies later raises `StreamResetError` from its I/O (see
 docs/CONTRACTS.md).

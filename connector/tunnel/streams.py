@@ -1,8 +1,8 @@
 """The stream interface the rest of the system sees: a trio HalfCloseableStream plus reset/accept.
 
-The cloud side *opens* streams (one per proxied client connection) and the node *accepts* them.
-`connector.tunnel.session` implements it over the real tunnel; `connector.tunnel.testing`
-implements it in memory so the proxy and the node's forwarder are tested without a tunnel.
+The cloud side *opens* streams (one per proxied request or SOCKS5 connection) and the node
+*accepts* them. `connector.tunnel.session` implements it over the real tunnel; tests use a real
+session pair in memory (`connector.tunnel.testing.session_pair`).
 """
 
 from __future__ import annotations
